@@ -1,0 +1,134 @@
+# SPDX-License-Identifier: MIT
+# agent-broker: plain Makefile. `make`, `make check`, `make check-asan`,
+# `make install DESTDIR=... PREFIX=...`, `make demo`.
+
+VERSION    := 0.1.0
+PREFIX     ?= /usr/local
+BINDIR     ?= $(PREFIX)/bin
+SBINDIR    ?= $(PREFIX)/sbin
+LIBDIR     ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+MANDIR     ?= $(PREFIX)/share/man
+DATADIR    ?= $(PREFIX)/share
+SYSCONFDIR ?= /etc
+UNITDIR    ?= /lib/systemd/system
+PAMDIR     ?= /lib/security
+
+B          ?= build
+CC         ?= cc
+PKG_CONFIG ?= pkg-config
+DEPS       := libsystemd libsodium jansson
+SAN        ?=
+
+WARN      := -Wall -Wextra -Werror -Wshadow -Wpointer-arith -Wformat=2 -Wstrict-prototypes \
+             -Wmissing-prototypes -Wno-unused-parameter -Wno-format-truncation
+HARDEN    := -fstack-protector-strong -D_FORTIFY_SOURCE=2 -fPIC
+OPT       ?= -O2 -g
+ifneq ($(SAN),)
+OPT       := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+HARDEN    := -fstack-protector-strong -fPIC
+endif
+CFLAGS    ?=
+CPPFLAGS  += -D_GNU_SOURCE
+ALL_CFLAGS = -std=gnu11 $(OPT) $(WARN) $(HARDEN) $(CPPFLAGS) $(shell $(PKG_CONFIG) --cflags $(DEPS)) $(CFLAGS)
+LDLIBS_ALL = $(shell $(PKG_CONFIG) --libs $(DEPS)) -llmdb
+LDFLAGS   += -Wl,-z,relro,-z,now -Wl,--as-needed
+ifneq ($(SAN),)
+LDFLAGS   += -fsanitize=address,undefined
+endif
+
+COMMON_SRC := $(wildcard common/*.c)
+BROKER_SRC := $(wildcard broker/*.c)
+CLIENT_SRC := client/client.c
+CTL_SRC    := client/agent-brokerctl.c
+
+COMMON_OBJ := $(COMMON_SRC:%.c=$(B)/obj/%.o)
+BROKER_OBJ := $(BROKER_SRC:%.c=$(B)/obj/%.o)
+CLIENT_OBJ := $(CLIENT_SRC:%.c=$(B)/obj/%.o)
+CTL_OBJ    := $(CTL_SRC:%.c=$(B)/obj/%.o)
+BROKER_LIB_OBJ := $(filter-out $(B)/obj/broker/main.o,$(BROKER_OBJ))
+
+SONAME     := libagentbroker.so.0
+PROGS      := $(B)/agent-brokerd $(B)/agent-brokerctl
+LIBS       := $(B)/libagentbroker.so $(B)/libagentbroker.a $(B)/agentbroker.pc $(B)/agentbroker.h
+
+UNIT_TESTS := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test-*.c))
+INT_TESTS  := $(patsubst tests/integration/%.c,$(B)/tests/%,$(wildcard tests/integration/test-*.c))
+TEST_HELPERS := $(patsubst tests/integration/%.c,$(B)/tests/%,$(wildcard tests/integration/helper-*.c))
+
+.PHONY: all check check-unit check-integration check-asan install clean demo
+all: $(PROGS) $(LIBS)
+
+$(B)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -MMD -MP -c -o $@ $<
+
+-include $(shell find $(B)/obj -name '*.d' 2>/dev/null)
+
+$(B)/agent-brokerd: $(BROKER_OBJ) $(COMMON_OBJ)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -pie -o $@ $^ $(LDLIBS_ALL)
+
+$(B)/libagentbroker.so.$(VERSION): $(CLIENT_OBJ) $(COMMON_OBJ) client/libagentbroker.map
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -shared -Wl,-soname,$(SONAME) \
+	    -Wl,--version-script=client/libagentbroker.map -o $@ $(CLIENT_OBJ) $(COMMON_OBJ) \
+	    $(shell $(PKG_CONFIG) --libs libsodium jansson)
+
+$(B)/libagentbroker.so: $(B)/libagentbroker.so.$(VERSION)
+	ln -sf libagentbroker.so.$(VERSION) $(B)/$(SONAME)
+	ln -sf $(SONAME) $@
+
+# Internal static archive: the CLI, the PAM module and tests link the same code.
+$(B)/libagentbroker.a: $(CLIENT_OBJ) $(COMMON_OBJ)
+	rm -f $@ && ar rcs $@ $^
+
+$(B)/agent-brokerctl: $(CTL_OBJ) $(B)/libagentbroker.a
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -pie -o $@ $^ $(shell $(PKG_CONFIG) --libs libsodium jansson)
+
+$(B)/agentbroker.pc: client/agentbroker.pc.in Makefile
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' \
+	    -e 's|@VERSION@|$(VERSION)|' $< > $@
+
+$(B)/agentbroker.h: client/agentbroker.h
+	cp $< $@
+
+# ---- tests -----------------------------------------------------------------
+TEST_CFLAGS = $(ALL_CFLAGS) -Wno-missing-prototypes $(shell $(PKG_CONFIG) --cflags cmocka)
+TEST_LIBS   = $(shell $(PKG_CONFIG) --libs cmocka) $(LDLIBS_ALL)
+
+$(B)/tests/test-%: tests/unit/test-%.c $(BROKER_LIB_OBJ) $(B)/libagentbroker.a
+	@mkdir -p $(dir $@)
+	$(CC) $(TEST_CFLAGS) $(LDFLAGS) -o $@ $^ $(TEST_LIBS)
+
+$(B)/tests/test-%: tests/integration/test-%.c tests/integration/harness.c tests/integration/harness.h $(B)/libagentbroker.a
+	@mkdir -p $(dir $@)
+	$(CC) $(TEST_CFLAGS) $(LDFLAGS) -o $@ $(filter %.c %.a,$^) $(TEST_LIBS)
+
+$(B)/tests/helper-%: tests/integration/helper-%.c $(B)/libagentbroker.a
+	@mkdir -p $(dir $@)
+	$(CC) $(TEST_CFLAGS) $(LDFLAGS) -o $@ $^ $(TEST_LIBS)
+
+check: all $(UNIT_TESTS) $(INT_TESTS) $(TEST_HELPERS)
+	@B=$(B) tests/run-tests.sh $(UNIT_TESTS) $(INT_TESTS)
+
+check-asan:
+	$(MAKE) B=build-asan SAN=1 check
+
+install: all
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+	install -m 0755 $(B)/agent-brokerd $(DESTDIR)$(SBINDIR)/agent-brokerd
+	install -m 0755 $(B)/agent-brokerctl $(DESTDIR)$(BINDIR)/agent-brokerctl
+	install -m 0644 $(B)/libagentbroker.so.$(VERSION) $(DESTDIR)$(LIBDIR)/
+	ln -sf libagentbroker.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libagentbroker.so
+	install -m 0644 $(B)/agentbroker.pc $(DESTDIR)$(LIBDIR)/pkgconfig/agentbroker.pc
+	install -m 0644 client/agentbroker.h $(DESTDIR)$(INCLUDEDIR)/agentbroker.h
+	install -d $(DESTDIR)$(SYSCONFDIR)/agent-broker/policy.d $(DESTDIR)$(DATADIR)/doc/agent-broker/examples
+	install -m 0644 examples/policy/*.json $(DESTDIR)$(DATADIR)/doc/agent-broker/examples/
+	if [ -d systemd ] && ls systemd/*.socket >/dev/null 2>&1; then \
+	    install -d $(DESTDIR)$(UNITDIR) && install -m 0644 systemd/*.socket systemd/*.service $(DESTDIR)$(UNITDIR)/; fi
+
+demo: all
+	examples/demo.sh
+
+clean:
+	rm -rf build build-asan

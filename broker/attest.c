@@ -1,0 +1,267 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <sodium.h>
+#include <systemd/sd-login.h>
+#include "attest.h"
+#include "../common/util.h"
+
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+#ifndef SO_PEERGROUPS
+#define SO_PEERGROUPS 59
+#endif
+#ifndef PIDFD_NONBLOCK
+#define PIDFD_NONBLOCK O_NONBLOCK
+#endif
+
+#define CACHE_SLOTS 256
+
+typedef struct cache_entry {
+        dev_t dev;
+        ino_t ino;
+        off_t size;
+        struct timespec mtime;
+        struct timespec ctime; /* cannot be set from user space, unlike mtime */
+        bool used;
+        char sha256[65];
+} cache_entry;
+
+struct ab_exe_cache {
+        uint64_t max_size;
+        cache_entry slot[CACHE_SLOTS];
+};
+
+int ab_exe_cache_new(uint64_t max_exe_size, ab_exe_cache **ret)
+{
+        ab_exe_cache *c = calloc(1, sizeof *c);
+        if (!c)
+                return -ENOMEM;
+        c->max_size = max_exe_size;
+        *ret = c;
+        return 0;
+}
+
+void ab_exe_cache_free(ab_exe_cache *c)
+{
+        free(c);
+}
+
+static int sys_pidfd_open(pid_t pid, unsigned flags)
+{
+        return (int)syscall(SYS_pidfd_open, pid, flags);
+}
+
+static int sys_pidfd_send_signal(int pidfd, int sig)
+{
+        return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
+}
+
+int ab_peer_from_socket(int fd, ab_peer *ret)
+{
+        struct ucred uc;
+        socklen_t len = sizeof uc;
+        ab_peer p = { .pidfd = -1 };
+        int pidfd = -1;
+
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &uc, &len) < 0)
+                return -errno;
+        if (len != sizeof uc || uc.pid <= 0)
+                return -ENOTCONN;
+        p.uid = uc.uid;
+        p.gid = uc.gid;
+        p.pid = uc.pid;
+
+        len = sizeof pidfd;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) == 0 && pidfd >= 0) {
+                p.pidfd_exact = true;
+        } else {
+                /* Older kernels: racy between connect and here, so the
+                 * identity read below is still re-checked against the pidfd. */
+                pidfd = sys_pidfd_open(uc.pid, 0);
+                if (pidfd < 0)
+                        return errno == ESRCH ? -ESRCH : -errno;
+        }
+        if (fcntl(pidfd, F_SETFD, FD_CLOEXEC) < 0) {
+                ab_close(pidfd);
+                return -errno;
+        }
+        p.pidfd = pidfd;
+
+        len = sizeof p.groups;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, p.groups, &len) == 0)
+                p.n_groups = (int)(len / sizeof(gid_t));
+        else
+                p.n_groups = 0; /* more than AB_MAX_GROUPS (ERANGE): match on gid only */
+        *ret = p;
+        return 0;
+}
+
+void ab_peer_done(ab_peer *p)
+{
+        if (p->pidfd >= 0)
+                close(p->pidfd);
+        p->pidfd = -1;
+}
+
+int ab_peer_alive(const ab_peer *p)
+{
+        if (sys_pidfd_send_signal(p->pidfd, 0) == 0 || errno == EPERM)
+                return 0;
+        return -ESRCH;
+}
+
+static cache_entry *cache_lookup(ab_exe_cache *c, const struct stat *st)
+{
+        uint64_t h = (uint64_t)st->st_dev * 0x9e3779b97f4a7c15ull ^ (uint64_t)st->st_ino * 0xc2b2ae3d27d4eb4full ^
+                     (uint64_t)st->st_mtim.tv_nsec ^ (uint64_t)st->st_size;
+        return &c->slot[(h ^ (h >> 29)) % CACHE_SLOTS];
+}
+
+static bool same_file(const cache_entry *e, const struct stat *st)
+{
+        return e->used && e->dev == st->st_dev && e->ino == st->st_ino && e->size == st->st_size &&
+               e->mtime.tv_sec == st->st_mtim.tv_sec && e->mtime.tv_nsec == st->st_mtim.tv_nsec &&
+               e->ctime.tv_sec == st->st_ctim.tv_sec && e->ctime.tv_nsec == st->st_ctim.tv_nsec;
+}
+
+static int hash_fd(int fd, uint64_t size, char out[65])
+{
+        crypto_hash_sha256_state st;
+        uint8_t digest[crypto_hash_sha256_BYTES];
+        static __thread uint8_t buf[1 << 16];
+        uint64_t total = 0;
+
+        crypto_hash_sha256_init(&st);
+        for (;;) {
+                ssize_t n = pread(fd, buf, sizeof buf, (off_t)total);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (n == 0)
+                        break;
+                total += (uint64_t)n;
+                if (total > size)
+                        return -EFBIG; /* grew while we read: do not trust */
+                crypto_hash_sha256_update(&st, buf, (unsigned long long)n);
+        }
+        crypto_hash_sha256_final(&st, digest);
+        sodium_bin2hex(out, 65, digest, sizeof digest);
+        return 0;
+}
+
+/* Hash the executable through an fd opened from the magic link. */
+static void exe_hash(ab_exe_cache *c, int exefd, char out[65])
+{
+        struct stat st, st2;
+        cache_entry *e;
+        char hex[65];
+
+        out[0] = '\0';
+        if (fstat(exefd, &st) < 0 || !S_ISREG(st.st_mode))
+                return;
+        e = cache_lookup(c, &st);
+        if (same_file(e, &st)) {
+                memcpy(out, e->sha256, 65);
+                return;
+        }
+        if ((uint64_t)st.st_size > c->max_size)
+                return;
+        if (hash_fd(exefd, (uint64_t)st.st_size, hex) < 0)
+                return;
+        if (fstat(exefd, &st2) < 0 || st2.st_size != st.st_size || st2.st_mtim.tv_sec != st.st_mtim.tv_sec ||
+            st2.st_mtim.tv_nsec != st.st_mtim.tv_nsec || st2.st_ctim.tv_sec != st.st_ctim.tv_sec ||
+            st2.st_ctim.tv_nsec != st.st_ctim.tv_nsec)
+                return; /* changed while hashing */
+        *e = (cache_entry){ .dev = st.st_dev, .ino = st.st_ino, .size = st.st_size, .mtime = st.st_mtim,
+                           .ctime = st.st_ctim, .used = true };
+        memcpy(e->sha256, hex, 65);
+        memcpy(out, hex, 65);
+}
+
+static int read_start_time(pid_t pid, uint64_t *ret)
+{
+        char path[64], buf[1024], *p;
+        ssize_t n;
+        int fd, field;
+
+        snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        n = read(fd, buf, sizeof buf - 1);
+        ab_close(fd);
+        if (n <= 0)
+                return -EIO;
+        buf[n] = '\0';
+        /* comm may contain spaces and parentheses: fields resume after the last ')' */
+        p = strrchr(buf, ')');
+        if (!p)
+                return -EIO;
+        p++;
+        for (field = 2; field < 22 && p; field++)
+                p = strchr(p + 1, ' ');
+        if (!p)
+                return -EIO;
+        *ret = strtoull(p + 1, NULL, 10);
+        return 0;
+}
+
+static void copy_bounded(char *dst, size_t max, const char *src)
+{
+        if (!src || strlen(src) >= max) {
+                dst[0] = '\0';
+                return;
+        }
+        memcpy(dst, src, strlen(src) + 1);
+}
+
+int ab_attest(const ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
+{
+        char path[64];
+        char *unit = NULL, *cgroup = NULL;
+        ssize_t n;
+        int exefd, r;
+
+        ret->uid = p->uid;
+        ret->gid = p->gid;
+        ret->pid = p->pid;
+        ret->peer = p;
+        ret->exe[0] = ret->sha256[0] = ret->unit[0] = ret->cgroup[0] = '\0';
+
+        snprintf(path, sizeof path, "/proc/%d/exe", (int)p->pid);
+        n = readlink(path, ret->exe, sizeof ret->exe - 1);
+        if (n < 0)
+                n = 0;
+        ret->exe[n] = '\0';
+        exefd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (exefd >= 0) {
+                exe_hash(cache, exefd, ret->sha256);
+                ab_close(exefd);
+        }
+        r = read_start_time(p->pid, &ret->start_time);
+        if (r < 0)
+                return ab_peer_alive(p) < 0 ? -ESRCH : r;
+        if (sd_pid_get_unit(p->pid, &unit) >= 0)
+                copy_bounded(ret->unit, sizeof ret->unit, unit);
+        if (sd_pid_get_cgroup(p->pid, &cgroup) >= 0)
+                copy_bounded(ret->cgroup, sizeof ret->cgroup, cgroup);
+        free(unit);
+        free(cgroup);
+
+        /* Everything above was read by PID. If the pidfd's process still
+         * exists, the PID was not recycled while we read. */
+        return ab_peer_alive(p);
+}

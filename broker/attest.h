@@ -1,0 +1,67 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Who is calling: everything here comes from the kernel (socket peer
+ * credentials, a pidfd, /proc), never from what the client says.
+ */
+#ifndef AB_ATTEST_H
+#define AB_ATTEST_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define AB_MAX_GROUPS 64
+#define AB_EXE_MAX 4096
+#define AB_UNIT_MAX 256
+#define AB_CGROUP_MAX 1024
+
+/* What is known about a connected peer from the moment it connected. */
+typedef struct ab_peer {
+        uid_t uid;
+        gid_t gid;
+        pid_t pid;
+        int pidfd;           /* refers to the connecting process, never a recycled PID */
+        bool pidfd_exact;    /* from SO_PEERPIDFD (exact) rather than pidfd_open (racy) */
+        int n_groups;
+        gid_t groups[AB_MAX_GROUPS]; /* supplementary groups at connect time */
+} ab_peer;
+
+/* The identity of a peer process, re-read for each request. */
+typedef struct ab_identity {
+        uid_t uid;
+        gid_t gid;
+        pid_t pid;
+        uint64_t start_time;          /* /proc/PID/stat starttime (clock ticks after boot) */
+        char exe[AB_EXE_MAX];         /* path for display; may end " (deleted)" */
+        char sha256[65];              /* hex, "" when not computed (too large, unreadable) */
+        char unit[AB_UNIT_MAX];       /* systemd unit, "" if none */
+        char cgroup[AB_CGROUP_MAX];   /* cgroup path, "" if none */
+        const ab_peer *peer;
+} ab_identity;
+
+typedef struct ab_exe_cache ab_exe_cache;
+
+/* A bounded cache of executable hashes keyed by (dev, ino, size, mtime). */
+int ab_exe_cache_new(uint64_t max_exe_size, ab_exe_cache **ret);
+void ab_exe_cache_free(ab_exe_cache *c);
+
+/*
+ * Read the peer credentials of a connected AF_UNIX socket and take a pidfd
+ * for the peer. Returns 0, or -errno (the peer is gone or not local).
+ */
+int ab_peer_from_socket(int fd, ab_peer *ret);
+void ab_peer_done(ab_peer *p);
+
+/*
+ * Attest a peer: read its executable (hashing the file opened through
+ * /proc/PID/exe, not the path), unit and cgroup, then check through the
+ * pidfd that the process is still the one that connected. Returns 0,
+ * -ESRCH (the peer exited or its PID may have been recycled), or -errno.
+ * /proc_root is normally "/proc" (tests may point elsewhere).
+ */
+int ab_attest(const ab_peer *p, ab_exe_cache *cache, ab_identity *ret);
+
+/* 0 if the pidfd's process still exists, -ESRCH if not. */
+int ab_peer_alive(const ab_peer *p);
+
+#endif

@@ -1,0 +1,166 @@
+/* SPDX-License-Identifier: MIT */
+/* agent-brokerd: the host's credential broker for AI agents. */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sodium.h>
+#include "log.h"
+#include "manager.h"
+#include "../common/util.h"
+
+static void help(void)
+{
+        printf("Usage: agent-brokerd [OPTIONS]\n"
+               "\n"
+               "Hand local agent processes short-lived, scoped tokens over a Unix socket,\n"
+               "after identifying them from the kernel.\n"
+               "\n"
+               "  --socket PATH            agent socket (default %s)\n"
+               "  --admin-socket PATH      admin socket, root only (default %s)\n"
+               "  --state-dir DIR          keys and state (default %s)\n"
+               "  --policy PATH            policy file or directory of *.json (default %s)\n"
+               "  --issuer ISS             token issuer (default urn:agent-broker:MACHINE-ID)\n"
+               "  --exit-idle SECONDS      exit after this long without connections (0: never)\n"
+               "  --max-connections N      connections in all (default 4096)\n"
+               "  --max-connections-per-uid N   (default 1024)\n"
+               "  --rate-limit N[/BURST]   requests per second per uid, 0 for none (default 5000/10000)\n"
+               "  --idle-timeout SECONDS   close connections idle this long (default 300)\n"
+               "  --debug                  log debug messages\n"
+               "  -h, --help               show this help\n"
+               "  --version                show the version\n"
+               "\n"
+               "Sockets passed by systemd (FileDescriptorName=agent / admin) are used\n"
+               "instead of --socket / --admin-socket. SIGTERM stops the broker cleanly.\n",
+               AB_DEFAULT_SOCKET, AB_DEFAULT_ADMIN_SOCKET, AB_DEFAULT_STATE_DIR, AB_DEFAULT_POLICY);
+}
+
+static int parse_uint(const char *s, unsigned long long max, unsigned long long *ret)
+{
+        char *end;
+        unsigned long long v;
+
+        if (!s || !*s || *s == '-')
+                return -EINVAL;
+        errno = 0;
+        v = strtoull(s, &end, 10);
+        if (errno || *end || v > max)
+                return -EINVAL;
+        *ret = v;
+        return 0;
+}
+
+static int parse_args(int argc, char **argv, ab_config *cfg)
+{
+        enum { O_SOCKET = 256, O_ADMIN, O_STATE, O_POLICY, O_ISSUER, O_EXIT_IDLE, O_MAXCONN, O_MAXCONN_UID,
+               O_RATE, O_IDLE, O_DEBUG, O_VERSION };
+        static const struct option opts[] = {
+                { "socket", required_argument, NULL, O_SOCKET },
+                { "admin-socket", required_argument, NULL, O_ADMIN },
+                { "state-dir", required_argument, NULL, O_STATE },
+                { "policy", required_argument, NULL, O_POLICY },
+                { "issuer", required_argument, NULL, O_ISSUER },
+                { "exit-idle", required_argument, NULL, O_EXIT_IDLE },
+                { "max-connections", required_argument, NULL, O_MAXCONN },
+                { "max-connections-per-uid", required_argument, NULL, O_MAXCONN_UID },
+                { "rate-limit", required_argument, NULL, O_RATE },
+                { "idle-timeout", required_argument, NULL, O_IDLE },
+                { "debug", no_argument, NULL, O_DEBUG },
+                { "help", no_argument, NULL, 'h' },
+                { "version", no_argument, NULL, O_VERSION },
+                { 0 },
+        };
+        unsigned long long v;
+        int c;
+
+        while ((c = getopt_long(argc, argv, "h", opts, NULL)) >= 0) {
+                switch (c) {
+                case O_SOCKET: cfg->socket_path = optarg; break;
+                case O_ADMIN: cfg->admin_socket_path = optarg; break;
+                case O_STATE: cfg->state_dir = optarg; break;
+                case O_POLICY: cfg->policy_path = optarg; break;
+                case O_ISSUER:
+                        if (!ab_is_printable(optarg, 120)) {
+                                fprintf(stderr, "agent-brokerd: --issuer must be printable ASCII, at most 120 bytes\n");
+                                return -EINVAL;
+                        }
+                        cfg->issuer = optarg;
+                        break;
+                case O_EXIT_IDLE:
+                        if (parse_uint(optarg, 86400, &v) < 0)
+                                goto bad;
+                        cfg->exit_idle_usec = v * 1000000ull;
+                        break;
+                case O_MAXCONN:
+                        if (parse_uint(optarg, 1000000, &v) < 0 || v == 0)
+                                goto bad;
+                        cfg->max_connections = (unsigned)v;
+                        break;
+                case O_MAXCONN_UID:
+                        if (parse_uint(optarg, 1000000, &v) < 0 || v == 0)
+                                goto bad;
+                        cfg->max_connections_per_uid = (unsigned)v;
+                        break;
+                case O_RATE: {
+                        char buf[64], *slash;
+                        unsigned long long burst;
+                        snprintf(buf, sizeof buf, "%s", optarg);
+                        slash = strchr(buf, '/');
+                        if (slash)
+                                *slash = '\0';
+                        if (parse_uint(buf, 10000000, &v) < 0)
+                                goto bad;
+                        burst = 2 * v;
+                        if (slash && (parse_uint(slash + 1, 100000000, &burst) < 0 || burst == 0))
+                                goto bad;
+                        cfg->rate_per_sec = (unsigned)v;
+                        cfg->rate_burst = (unsigned)burst;
+                        break;
+                }
+                case O_IDLE:
+                        if (parse_uint(optarg, 86400, &v) < 0 || v == 0)
+                                goto bad;
+                        cfg->idle_timeout_usec = v * 1000000ull;
+                        break;
+                case O_DEBUG: cfg->log_level = LOG_DEBUG; break;
+                case 'h': help(); return 1;
+                case O_VERSION: printf("agent-brokerd %s\n", AGENTBROKER_VERSION); return 1;
+                default: return -EINVAL;
+                }
+        }
+        if (optind < argc) {
+                fprintf(stderr, "agent-brokerd: unexpected argument \"%s\"\n", argv[optind]);
+                return -EINVAL;
+        }
+        return 0;
+bad:
+        fprintf(stderr, "agent-brokerd: invalid value \"%s\" for an option; see --help\n", optarg);
+        return -EINVAL;
+}
+
+int main(int argc, char **argv)
+{
+        ab_manager *m = NULL;
+        ab_config cfg;
+        int r;
+
+        ab_config_defaults(&cfg);
+        r = parse_args(argc, argv, &cfg);
+        if (r != 0)
+                return r > 0 ? EXIT_SUCCESS : 2;
+        ab_log_init(cfg.log_level);
+        if (sodium_init() < 0) {
+                ab_log(LOG_ERR, "libsodium failed to initialise");
+                return EXIT_FAILURE;
+        }
+        r = ab_manager_new(&cfg, &m);
+        if (r >= 0)
+                r = ab_manager_startup(m);
+        if (r >= 0)
+                r = ab_manager_run(m);
+        if (r < 0)
+                ab_log(LOG_ERR, "exiting: %s", ab_strerror(r));
+        ab_manager_free(m);
+        return r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -1,0 +1,746 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <sodium.h>
+#include <systemd/sd-daemon.h>
+#include <systemd/sd-id128.h>
+#include "log.h"
+#include "manager.h"
+#include "../common/util.h"
+
+#define OUT_HIGH_WATER (256 * 1024) /* stop reading requests while this much output is queued */
+#define MSGS_PER_TURN 16            /* fairness: messages handled per connection per loop turn */
+#define READ_PER_TURN (128 * 1024)
+
+void ab_config_defaults(ab_config *c)
+{
+        *c = (ab_config){
+                .socket_path = NULL,
+                .admin_socket_path = NULL,
+                .state_dir = AB_DEFAULT_STATE_DIR,
+                .policy_path = AB_DEFAULT_POLICY,
+                .max_connections = 4096,
+                .max_connections_per_uid = 1024,
+                .idle_timeout_usec = 300 * 1000000ull,
+                .io_timeout_usec = 10 * 1000000ull,
+                .exit_idle_usec = 0,
+                .max_exe_size = 512ull * 1024 * 1024,
+                .rate_per_sec = 5000,
+                .rate_burst = 10000,
+                .log_level = LOG_INFO,
+        };
+}
+
+int ab_manager_new(const ab_config *cfg, ab_manager **ret)
+{
+        ab_manager *m = calloc(1, sizeof *m);
+        int r;
+
+        if (!m)
+                return -ENOMEM;
+        m->cfg = *cfg;
+        m->listen_fd[0] = m->listen_fd[1] = -1;
+        m->state_fd = -1;
+        r = sd_event_default(&m->event);
+        if (r < 0) {
+                free(m);
+                return r;
+        }
+        *ret = m;
+        return 0;
+}
+
+/* ---- per-uid accounting ------------------------------------------------ */
+
+static ab_uid_slot *uid_get(ab_manager *m, uid_t uid)
+{
+        ab_uid_slot *u;
+
+        for (u = m->uids; u; u = u->next)
+                if (u->uid == uid)
+                        return u;
+        u = calloc(1, sizeof *u);
+        if (!u)
+                return NULL;
+        u->uid = uid;
+        u->tokens = m->cfg.rate_burst;
+        u->refill_usec = ab_mono_usec();
+        u->next = m->uids;
+        m->uids = u;
+        return u;
+}
+
+static void uid_put(ab_manager *m, ab_uid_slot *u)
+{
+        ab_uid_slot **pp;
+
+        if (--u->conns > 0)
+                return;
+        for (pp = &m->uids; *pp; pp = &(*pp)->next)
+                if (*pp == u) {
+                        *pp = u->next;
+                        free(u);
+                        return;
+                }
+}
+
+bool ab_rate_take(ab_manager *m, ab_uid_slot *u)
+{
+        uint64_t now;
+
+        if (m->cfg.rate_per_sec == 0)
+                return true;
+        now = ab_mono_usec();
+        u->tokens += (double)(now - u->refill_usec) * m->cfg.rate_per_sec / 1e6;
+        if (u->tokens > m->cfg.rate_burst)
+                u->tokens = m->cfg.rate_burst;
+        u->refill_usec = now;
+        if (u->tokens < 1.0)
+                return false;
+        u->tokens -= 1.0;
+        return true;
+}
+
+/* ---- connections ------------------------------------------------------- */
+
+static int conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata);
+static int conn_timer(sd_event_source *s, uint64_t usec, void *userdata);
+static int conn_defer(sd_event_source *s, void *userdata);
+static void conn_update_events(ab_conn *c);
+static void exit_timer_arm(ab_manager *m);
+
+static void conn_free(ab_conn *c)
+{
+        ab_manager *m = c->m;
+
+        if (c->prev)
+                c->prev->next = c->next;
+        else
+                m->conns = c->next;
+        if (c->next)
+                c->next->prev = c->prev;
+        m->n_conns--;
+        if (c->uslot)
+                uid_put(m, c->uslot);
+        sd_event_source_disable_unref(c->io);
+        sd_event_source_disable_unref(c->timer);
+        sd_event_source_disable_unref(c->defer);
+        ab_peer_done(&c->peer);
+        ab_frame_free(&c->in);
+        free(c->out);
+        ab_close(c->fd);
+        free(c);
+        if (m->n_conns == 0)
+                exit_timer_arm(m);
+}
+
+static uint64_t conn_deadline(const ab_conn *c)
+{
+        if (c->out_len > c->out_off || c->msg_started)
+                return (c->msg_started ? c->msg_started : c->last_active) + c->m->cfg.io_timeout_usec;
+        return c->last_active + c->m->cfg.idle_timeout_usec;
+}
+
+static int conn_timer(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        ab_conn *c = userdata;
+        uint64_t deadline = conn_deadline(c);
+
+        (void)usec;
+        if (ab_mono_usec() >= deadline) {
+                ab_log(LOG_DEBUG, "closing connection of uid %u: timeout", (unsigned)c->peer.uid);
+                conn_free(c);
+                return 0;
+        }
+        /* Deadlines move lazily: re-arm at the current one. */
+        sd_event_source_set_time(s, deadline);
+        sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        return 0;
+}
+
+static int out_append(ab_conn *c, const char *buf, size_t n)
+{
+        if (c->out_off == c->out_len)
+                c->out_off = c->out_len = 0;
+        if (n > c->out_cap - c->out_len) {
+                size_t need = c->out_len + n, ncap = c->out_cap ? c->out_cap : 4096;
+                char *nb;
+                if (c->out_off > 0) {
+                        memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
+                        c->out_len -= c->out_off;
+                        c->out_off = 0;
+                        need = c->out_len + n;
+                }
+                while (ncap < need)
+                        ncap *= 2;
+                if (ncap != c->out_cap) {
+                        nb = realloc(c->out, ncap);
+                        if (!nb)
+                                return -ENOMEM;
+                        c->out = nb;
+                        c->out_cap = ncap;
+                }
+        }
+        memcpy(c->out + c->out_len, buf, n);
+        c->out_len += n;
+        return 0;
+}
+
+/* Write what we can. Returns 0, or -errno when the connection is dead. */
+static int conn_flush(ab_conn *c)
+{
+        while (c->out_off < c->out_len) {
+                ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_DONTWAIT | MSG_NOSIGNAL);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        if (errno == EAGAIN)
+                                return 0;
+                        return -errno;
+                }
+                c->out_off += (size_t)n;
+                c->last_active = ab_mono_usec();
+        }
+        c->out_off = c->out_len = 0;
+        if (c->out_cap > 64 * 1024) { /* give back a buffer grown by a burst */
+                free(c->out);
+                c->out = NULL;
+                c->out_cap = 0;
+        }
+        return 0;
+}
+
+int ab_conn_reply(ab_conn *c, json_t *params, const char *error)
+{
+        char *msg = NULL;
+        size_t len = 0;
+        int r;
+
+        if (c->oneway) {
+                json_decref(params);
+                return 0;
+        }
+        r = ab_vl_encode_reply(params, error, &msg, &len);
+        if (r < 0)
+                return r;
+        r = out_append(c, msg, len);
+        free(msg);
+        return r;
+}
+
+int ab_conn_error(ab_conn *c, const char *error, const char *reason, json_t *extra)
+{
+        json_t *p = extra ? extra : json_object();
+
+        if (!p)
+                return -ENOMEM;
+        if (reason)
+                json_object_set_new(p, "reason", json_string(reason));
+        return ab_conn_reply(c, p, error);
+}
+
+/* Handle buffered messages, at most MSGS_PER_TURN. true if more may remain. */
+static bool conn_process(ab_conn *c)
+{
+        for (int i = 0; i < MSGS_PER_TURN; i++) {
+                const char *msg;
+                size_t len;
+                ab_vl_call call;
+                char reason[256];
+                int r;
+
+                if (c->closing || c->out_len - c->out_off > OUT_HIGH_WATER)
+                        return false;
+                r = ab_frame_next(&c->in, &msg, &len);
+                if (r == 0) {
+                        c->msg_started = ab_frame_pending(&c->in) ? (c->msg_started ? c->msg_started : ab_mono_usec()) : 0;
+                        return false;
+                }
+                if (r < 0) {
+                        ab_conn_error(c, "io.agentbroker.MessageTooLarge",
+                                      "message exceeds 65536 bytes; closing the connection", NULL);
+                        c->closing = true;
+                        return false;
+                }
+                c->msg_started = 0;
+                c->last_active = ab_mono_usec();
+                if (ab_vl_parse_call(msg, len, &call, reason, sizeof reason) < 0) {
+                        ab_conn_error(c, "io.agentbroker.InvalidMessage", reason, NULL);
+                        c->closing = true;
+                        return false;
+                }
+                ab_dispatch(c, &call);
+                ab_vl_call_done(&call);
+        }
+        return true;
+}
+
+static void conn_update_events(ab_conn *c)
+{
+        uint32_t ev = 0;
+
+        if (!c->closing && c->out_len - c->out_off <= OUT_HIGH_WATER)
+                ev |= EPOLLIN;
+        if (c->out_len > c->out_off)
+                ev |= EPOLLOUT;
+        sd_event_source_set_io_events(c->io, ev);
+}
+
+/* After reading or writing: process, flush, decide what to wait for. */
+static void conn_step(ab_conn *c)
+{
+        bool more = conn_process(c);
+
+        if (conn_flush(c) < 0) {
+                conn_free(c);
+                return;
+        }
+        if (c->closing && c->out_len == c->out_off) {
+                conn_free(c);
+                return;
+        }
+        if (more)
+                sd_event_source_set_enabled(c->defer, SD_EVENT_ONESHOT);
+        conn_update_events(c);
+}
+
+static int conn_defer(sd_event_source *s, void *userdata)
+{
+        (void)s;
+        conn_step(userdata);
+        return 0;
+}
+
+static int conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
+{
+        ab_conn *c = userdata;
+        size_t total = 0;
+
+        (void)s;
+        if (revents & EPOLLIN) {
+                while (total < READ_PER_TURN) {
+                        char *p;
+                        size_t avail;
+                        ssize_t n;
+
+                        if (ab_frame_space(&c->in, &p, &avail) < 0)
+                                break; /* full: process what is there first */
+                        n = recv(fd, p, avail, MSG_DONTWAIT);
+                        if (n < 0) {
+                                if (errno == EINTR)
+                                        continue;
+                                if (errno == EAGAIN)
+                                        break;
+                                conn_free(c);
+                                return 0;
+                        }
+                        if (n == 0) {
+                                /* Peer closed its side: answer what is complete, then close. */
+                                c->closing = true;
+                                break;
+                        }
+                        ab_frame_commit(&c->in, (size_t)n);
+                        total += (size_t)n;
+                        if (ab_frame_pending(&c->in) > c->in.max || (size_t)n < avail)
+                                break;
+                }
+                if (c->closing) {
+                        c->closing = false;
+                        while (conn_process(c))
+                                ;
+                        c->closing = true;
+                        if (conn_flush(c) < 0 || c->out_len == c->out_off) {
+                                conn_free(c);
+                                return 0;
+                        }
+                        conn_update_events(c);
+                        return 0;
+                }
+        } else if (revents & (EPOLLHUP | EPOLLERR)) {
+                conn_free(c);
+                return 0;
+        }
+        conn_step(c);
+        return 0;
+}
+
+static void accept_one(ab_manager *m, int lfd, bool admin)
+{
+        ab_conn *c;
+        int fd, r;
+
+        fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+                if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
+                        ab_log(LOG_WARNING, "accept: %s", strerror(errno));
+                return;
+        }
+        c = calloc(1, sizeof *c);
+        if (!c) {
+                ab_close(fd);
+                return;
+        }
+        c->m = m;
+        c->fd = fd;
+        c->admin = admin;
+        c->peer.pidfd = -1;
+        ab_frame_init(&c->in, AB_MAX_MESSAGE);
+        c->last_active = ab_mono_usec();
+        c->next = m->conns;
+        if (m->conns)
+                m->conns->prev = c;
+        m->conns = c;
+        m->n_conns++;
+        sd_event_source_set_enabled(m->exit_timer, SD_EVENT_OFF);
+
+        r = ab_peer_from_socket(fd, &c->peer);
+        if (r < 0) {
+                ab_log(LOG_DEBUG, "peer credentials unavailable: %s", strerror(-r));
+                conn_free(c);
+                return;
+        }
+        c->uslot = uid_get(m, c->peer.uid);
+        if (!c->uslot) {
+                conn_free(c);
+                return;
+        }
+        c->uslot->conns++;
+        if (sd_event_add_io(m->event, &c->io, fd, EPOLLIN, conn_io, c) < 0 ||
+            sd_event_add_time(m->event, &c->timer, CLOCK_MONOTONIC, conn_deadline(c), 0, conn_timer, c) < 0 ||
+            sd_event_add_defer(m->event, &c->defer, conn_defer, c) < 0) {
+                conn_free(c);
+                return;
+        }
+        sd_event_source_set_enabled(c->defer, SD_EVENT_OFF);
+        sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
+
+        /* Limits: answer with an error the client can read, then close. */
+        if (admin && c->peer.uid != 0) {
+                ab_conn_error(c, "io.agentbroker.PermissionDenied", "the admin socket is for root only", NULL);
+                c->closing = true;
+        } else if (m->n_conns > m->cfg.max_connections) {
+                ab_conn_error(c, "io.agentbroker.TooManyConnections", "the broker holds its maximum of connections",
+                              NULL);
+                c->closing = true;
+        } else if (c->uslot->conns > m->cfg.max_connections_per_uid) {
+                ab_conn_error(c, "io.agentbroker.TooManyConnections", "too many connections from this uid", NULL);
+                c->closing = true;
+        }
+        if (c->closing) {
+                if (conn_flush(c) < 0 || c->out_len == c->out_off) {
+                        conn_free(c);
+                        return;
+                }
+                conn_update_events(c);
+        }
+}
+
+static int on_listen(sd_event_source *s, int fd, uint32_t revents, void *userdata)
+{
+        ab_manager *m = userdata;
+        bool admin = s == m->listen_src[1];
+
+        (void)revents;
+        /* A few per wakeup, so that a connect storm cannot starve requests. */
+        for (int i = 0; i < 32; i++) {
+                unsigned before = m->n_conns;
+                accept_one(m, fd, admin);
+                if (m->n_conns == before)
+                        break;
+        }
+        return 0;
+}
+
+/* ---- startup ----------------------------------------------------------- */
+
+static int bind_socket(const char *path, mode_t mode, int *ret)
+{
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct stat st;
+        char dir[sizeof sa.sun_path];
+        char *slash;
+        int fd;
+
+        if (strlen(path) >= sizeof sa.sun_path)
+                return -ENAMETOOLONG;
+        memcpy(sa.sun_path, path, strlen(path) + 1);
+        memcpy(dir, path, strlen(path) + 1);
+        slash = strrchr(dir, '/');
+        if (slash && slash != dir) {
+                *slash = '\0';
+                if (mkdir(dir, 0755) < 0 && errno != EEXIST)
+                        return -errno;
+        }
+        if (lstat(path, &st) == 0) {
+                if (!S_ISSOCK(st.st_mode))
+                        return -EEXIST;
+                unlink(path); /* stale socket from an earlier run */
+        }
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || chmod(path, mode) < 0 || listen(fd, 4096) < 0) {
+                int r = -errno;
+                ab_close(fd);
+                return r;
+        }
+        *ret = fd;
+        return 0;
+}
+
+static int take_sockets(ab_manager *m)
+{
+        char **names = NULL;
+        int n, r = 0;
+
+        n = sd_listen_fds_with_names(1, &names);
+        if (n < 0)
+                return n;
+        for (int i = 0; i < n; i++) {
+                int fd = SD_LISTEN_FDS_START + i;
+                int which = -1;
+                if (names && names[i] && strcmp(names[i], "agent") == 0)
+                        which = 0;
+                else if (names && names[i] && strcmp(names[i], "admin") == 0)
+                        which = 1;
+                else if (n == 1 && names && names[i] && strcmp(names[i], "unknown") == 0)
+                        which = 0; /* a single unnamed socket is the agent socket */
+                if (which < 0 || m->listen_fd[which] >= 0 || sd_is_socket_unix(fd, SOCK_STREAM, 1, NULL, 0) <= 0) {
+                        ab_log(LOG_WARNING, "ignoring passed fd %d (name \"%s\")", fd,
+                               names && names[i] ? names[i] : "?");
+                        close(fd);
+                        continue;
+                }
+                fcntl(fd, F_SETFD, FD_CLOEXEC);
+                fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+                m->listen_fd[which] = fd;
+        }
+        for (int i = 0; names && i < n; i++)
+                free(names[i]);
+        free(names);
+        return r;
+}
+
+static int open_state(ab_manager *m)
+{
+        struct stat st;
+
+        if (mkdir(m->cfg.state_dir, 0700) < 0 && errno != EEXIST)
+                return -errno;
+        m->state_fd = open(m->cfg.state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+        if (m->state_fd < 0)
+                return -errno;
+        if (fstat(m->state_fd, &st) < 0)
+                return -errno;
+        if (st.st_uid != geteuid()) {
+                ab_log(LOG_ERR, "state directory %s is not owned by uid %u: refusing", m->cfg.state_dir,
+                       (unsigned)geteuid());
+                return -EPERM;
+        }
+        if (st.st_mode & 077) {
+                ab_log(LOG_WARNING, "state directory %s was accessible to others (mode %04o); tightening to 0700",
+                       m->cfg.state_dir, (unsigned)(st.st_mode & 07777));
+                if (fchmod(m->state_fd, 0700) < 0)
+                        return -errno;
+        }
+        return 0;
+}
+
+static void policy_diag(void *ud, int sev, const char *file, const char *path, const char *msg)
+{
+        (void)ud;
+        ab_log(sev == AB_DIAG_ERROR ? LOG_ERR : LOG_WARNING, "policy %s: %s: %s", file, path, msg);
+}
+
+int ab_manager_load_policy(ab_manager *m)
+{
+        ab_diag diag = { .emit = policy_diag };
+        ab_policy *p = NULL;
+        int r;
+
+        r = ab_policy_load_path(m->cfg.policy_path, &diag, &p);
+        if (r < 0) {
+                ab_log(LOG_ERR, "policy %s not loaded (%u errors); %s", m->cfg.policy_path, diag.errors,
+                       m->policy ? "the previous policy stays in force" : "denying every request");
+                return r;
+        }
+        ab_policy_free(m->policy);
+        m->policy = p;
+        ab_log(LOG_INFO, "policy loaded from %s: %zu agents", m->cfg.policy_path, p->n_agents);
+        return 0;
+}
+
+static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata)
+{
+        ab_manager *m = userdata;
+        (void)s;
+        (void)si;
+        sd_notify(0, "STOPPING=1\nSTATUS=Shutting down");
+        return sd_event_exit(m->event, 0);
+}
+
+static int on_exit_timer(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        ab_manager *m = userdata;
+        (void)s;
+        (void)usec;
+        if (m->n_conns > 0)
+                return 0;
+        ab_log(LOG_INFO, "idle for %llu s: exiting until the next connection",
+               (unsigned long long)(m->cfg.exit_idle_usec / 1000000));
+        sd_notify(0, "STOPPING=1\nSTATUS=Idle exit");
+        return sd_event_exit(m->event, 0);
+}
+
+static void exit_timer_arm(ab_manager *m)
+{
+        if (!m->exit_timer)
+                return;
+        sd_event_source_set_time(m->exit_timer, ab_mono_usec() + m->cfg.exit_idle_usec);
+        sd_event_source_set_enabled(m->exit_timer, SD_EVENT_ONESHOT);
+}
+
+static void default_issuer(ab_manager *m)
+{
+        sd_id128_t id;
+        char buf[SD_ID128_STRING_MAX];
+
+        if (m->cfg.issuer) {
+                snprintf(m->issuer, sizeof m->issuer, "%s", m->cfg.issuer);
+                return;
+        }
+        if (sd_id128_get_machine(&id) >= 0)
+                snprintf(m->issuer, sizeof m->issuer, "urn:agent-broker:%s", sd_id128_to_string(id, buf));
+        else {
+                char host[64] = "localhost";
+                gethostname(host, sizeof host - 1);
+                snprintf(m->issuer, sizeof m->issuer, "urn:agent-broker:%s", host);
+        }
+}
+
+static void raise_nofile(void)
+{
+        struct rlimit rl;
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+                rl.rlim_cur = rl.rlim_max;
+                setrlimit(RLIMIT_NOFILE, &rl);
+        }
+}
+
+int ab_manager_startup(ab_manager *m)
+{
+        bool created = false;
+        int r;
+
+        raise_nofile();
+        r = take_sockets(m);
+        if (r < 0) {
+                ab_log(LOG_ERR, "sd_listen_fds: %s", strerror(-r));
+                return r;
+        }
+        for (int i = 0; i < 2; i++) {
+                const char *path = i == 0 ? m->cfg.socket_path : m->cfg.admin_socket_path;
+                if (m->listen_fd[i] >= 0)
+                        continue;
+                if (!path)
+                        path = i == 0 ? AB_DEFAULT_SOCKET : AB_DEFAULT_ADMIN_SOCKET;
+                r = bind_socket(path, i == 0 ? 0666 : 0600, &m->listen_fd[i]);
+                if (r < 0) {
+                        ab_log(LOG_ERR, "cannot listen on %s: %s", path, strerror(-r));
+                        return r;
+                }
+                m->listen_bound[i] = true;
+                if (i == 0)
+                        m->cfg.socket_path = path;
+                else
+                        m->cfg.admin_socket_path = path;
+        }
+        r = open_state(m);
+        if (r < 0) {
+                ab_log(LOG_ERR, "state directory %s: %s", m->cfg.state_dir, strerror(-r));
+                return r;
+        }
+        default_issuer(m);
+        r = ab_signer_open(m->state_fd, m->issuer, &m->signer, &created);
+        if (r < 0) {
+                ab_log(LOG_ERR, "signing key %s/%s: %s", m->cfg.state_dir, AB_KEY_FILE,
+                       r == AB_ERR_CRYPTO ? "must be a 32-byte regular file owned by the broker, mode 0600"
+                                          : strerror(-r));
+                return r;
+        }
+        ab_log(LOG_INFO, "%s signing key %s", created ? "created" : "loaded", ab_signer_kid(m->signer));
+        r = ab_exe_cache_new(m->cfg.max_exe_size, &m->exe_cache);
+        if (r < 0)
+                return r;
+        r = ab_policy_new(&m->policy);
+        if (r < 0)
+                return r;
+        (void)ab_manager_load_policy(m); /* a bad policy denies all; the broker still answers */
+
+        for (int i = 0; i < 2; i++) {
+                r = sd_event_add_io(m->event, &m->listen_src[i], m->listen_fd[i], EPOLLIN, on_listen, m);
+                if (r < 0)
+                        return r;
+        }
+        sigset_t ss;
+        sigemptyset(&ss);
+        sigaddset(&ss, SIGTERM);
+        sigaddset(&ss, SIGINT);
+        sigprocmask(SIG_BLOCK, &ss, NULL);
+        signal(SIGPIPE, SIG_IGN);
+        r = sd_event_add_signal(m->event, &m->sigterm, SIGTERM, on_signal, m);
+        if (r >= 0)
+                r = sd_event_add_signal(m->event, &m->sigint, SIGINT, on_signal, m);
+        if (r < 0)
+                return r;
+        if (m->cfg.exit_idle_usec > 0) {
+                r = sd_event_add_time(m->event, &m->exit_timer, CLOCK_MONOTONIC, 0, 0, on_exit_timer, m);
+                if (r < 0)
+                        return r;
+                exit_timer_arm(m);
+        }
+        (void)sd_event_set_watchdog(m->event, true);
+        return 0;
+}
+
+int ab_manager_run(ab_manager *m)
+{
+        sd_notifyf(0, "READY=1\nSTATUS=Serving %zu agents", m->policy ? m->policy->n_agents : (size_t)0);
+        return sd_event_loop(m->event);
+}
+
+void ab_manager_free(ab_manager *m)
+{
+        if (!m)
+                return;
+        while (m->conns)
+                conn_free(m->conns);
+        for (int i = 0; i < 2; i++) {
+                sd_event_source_disable_unref(m->listen_src[i]);
+                if (m->listen_bound[i]) {
+                        const char *path = i == 0 ? m->cfg.socket_path : m->cfg.admin_socket_path;
+                        if (path)
+                                unlink(path);
+                }
+                ab_close(m->listen_fd[i]);
+        }
+        sd_event_source_disable_unref(m->sigterm);
+        sd_event_source_disable_unref(m->sigint);
+        sd_event_source_disable_unref(m->exit_timer);
+        m->exit_timer = NULL;
+        ab_policy_free(m->policy);
+        ab_signer_free(m->signer);
+        ab_exe_cache_free(m->exe_cache);
+        ab_close(m->state_fd);
+        sd_event_unref(m->event);
+        free(m);
+}

@@ -1,0 +1,107 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The Manager: the daemon's one object. It owns the event loop, the
+ * listening sockets, the connections, the policy, the signing key.
+ */
+#ifndef AB_MANAGER_H
+#define AB_MANAGER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <systemd/sd-event.h>
+#include <jansson.h>
+#include "attest.h"
+#include "policy.h"
+#include "token.h"
+#include "../common/frame.h"
+#include "../common/varlink.h"
+
+#define AB_DEFAULT_STATE_DIR "/var/lib/agent-broker"
+#define AB_DEFAULT_POLICY "/etc/agent-broker/policy.d"
+
+typedef struct ab_config {
+        const char *socket_path;
+        const char *admin_socket_path;
+        const char *state_dir;
+        const char *policy_path;
+        const char *issuer;            /* NULL: from the machine id */
+        unsigned max_connections;      /* in all */
+        unsigned max_connections_per_uid;
+        uint64_t idle_timeout_usec;    /* no request on an open connection */
+        uint64_t io_timeout_usec;      /* a started message or a pending reply */
+        uint64_t exit_idle_usec;       /* 0: never; else exit after this long without connections */
+        uint64_t max_exe_size;         /* larger executables are not hashed */
+        unsigned rate_per_sec;         /* per uid; 0: unlimited */
+        unsigned rate_burst;
+        int log_level;
+} ab_config;
+
+void ab_config_defaults(ab_config *c);
+
+typedef struct ab_manager ab_manager;
+typedef struct ab_conn ab_conn;
+
+/* Per-uid accounting: connections held and a token bucket. */
+typedef struct ab_uid_slot {
+        uid_t uid;
+        unsigned conns;
+        double tokens;
+        uint64_t refill_usec;
+        struct ab_uid_slot *next;
+} ab_uid_slot;
+
+struct ab_conn {
+        ab_manager *m;
+        int fd;
+        bool admin;
+        bool closing;        /* close once the output is flushed */
+        bool oneway;         /* the call being handled wants no reply */
+        sd_event_source *io, *timer, *defer;
+        ab_peer peer;
+        ab_uid_slot *uslot;
+        ab_frame in;
+        char *out;
+        size_t out_len, out_off, out_cap;
+        uint64_t last_active;   /* monotonic usec */
+        uint64_t msg_started;   /* when the pending partial message began, 0: none */
+        ab_conn *prev, *next;
+};
+
+struct ab_manager {
+        ab_config cfg;
+        sd_event *event;
+        sd_event_source *listen_src[2];
+        int listen_fd[2];         /* [0] agent, [1] admin */
+        bool listen_bound[2];     /* we bound it (unlink on exit) */
+        sd_event_source *sigterm, *sigint, *exit_timer;
+        ab_conn *conns;
+        unsigned n_conns;
+        ab_uid_slot *uids;
+        int state_fd;
+        ab_policy *policy;
+        ab_signer *signer;
+        ab_exe_cache *exe_cache;
+        char issuer[128];
+};
+
+int ab_manager_new(const ab_config *cfg, ab_manager **ret);
+/* Take or bind the sockets, open state, load policy, add signal sources. */
+int ab_manager_startup(ab_manager *m);
+int ab_manager_run(ab_manager *m);
+/* (Re)load policy from cfg.policy_path; on failure the old policy stays. */
+int ab_manager_load_policy(ab_manager *m);
+void ab_manager_free(ab_manager *m);
+
+/* Queue a reply on c (steals params). error NULL: success. */
+int ab_conn_reply(ab_conn *c, json_t *params, const char *error);
+/* Queue an error reply {"reason": reason} (plus extra, stolen, if not NULL). */
+int ab_conn_error(ab_conn *c, const char *error, const char *reason, json_t *extra);
+
+/* Method dispatch (methods.c). Handles one parsed call on c. */
+void ab_dispatch(ab_conn *c, ab_vl_call *call);
+
+/* Per-uid rate limit: true if the request may proceed. */
+bool ab_rate_take(ab_manager *m, ab_uid_slot *u);
+
+#endif

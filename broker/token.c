@@ -1,0 +1,185 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <sodium.h>
+#include "token.h"
+#include "../common/b64.h"
+
+struct ab_signer {
+        uint8_t *sk; /* sodium_malloc'd: guarded, locked, wiped on free */
+        uint8_t pk[crypto_sign_PUBLICKEYBYTES];
+        char kid[44];
+        char *issuer;
+        json_t *header;
+};
+
+static int write_all(int fd, const uint8_t *p, size_t n)
+{
+        while (n > 0) {
+                ssize_t w = write(fd, p, n);
+                if (w < 0 && errno == EINTR)
+                        continue;
+                if (w < 0)
+                        return -errno;
+                p += w;
+                n -= (size_t)w;
+        }
+        return 0;
+}
+
+static int create_key(int dirfd, uint8_t seed[crypto_sign_SEEDBYTES])
+{
+        char tmp[64];
+        int fd, r;
+
+        randombytes_buf(seed, crypto_sign_SEEDBYTES);
+        snprintf(tmp, sizeof tmp, ".%s.%ld.tmp", AB_KEY_FILE, (long)getpid());
+        fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (fd < 0)
+                return -errno;
+        r = write_all(fd, seed, crypto_sign_SEEDBYTES);
+        if (r == 0 && fsync(fd) < 0)
+                r = -errno;
+        close(fd);
+        if (r == 0 && renameat(dirfd, tmp, dirfd, AB_KEY_FILE) < 0)
+                r = -errno;
+        if (r < 0) {
+                unlinkat(dirfd, tmp, 0);
+                return r;
+        }
+        if (fsync(dirfd) < 0)
+                return -errno;
+        return 0;
+}
+
+static int read_key(int dirfd, uint8_t seed[crypto_sign_SEEDBYTES])
+{
+        struct stat st;
+        ssize_t n;
+        int fd, r = 0;
+
+        fd = openat(dirfd, AB_KEY_FILE, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
+        if (fd < 0)
+                return -errno;
+        if (fstat(fd, &st) < 0)
+                r = -errno;
+        else if (!S_ISREG(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077) != 0 ||
+                 st.st_size != crypto_sign_SEEDBYTES)
+                r = AB_ERR_CRYPTO;
+        if (r == 0) {
+                n = read(fd, seed, crypto_sign_SEEDBYTES);
+                if (n != crypto_sign_SEEDBYTES)
+                        r = AB_ERR_CRYPTO;
+        }
+        close(fd);
+        return r;
+}
+
+int ab_signer_open(int dirfd, const char *issuer, ab_signer **ret, bool *ret_created)
+{
+        uint8_t seed[crypto_sign_SEEDBYTES];
+        ab_signer *s;
+        bool created = false;
+        int r;
+
+        s = calloc(1, sizeof *s);
+        if (!s)
+                return -ENOMEM;
+        s->sk = sodium_malloc(crypto_sign_SECRETKEYBYTES);
+        s->issuer = strdup(issuer);
+        if (!s->sk || !s->issuer) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        r = read_key(dirfd, seed);
+        if (r == -ENOENT) {
+                r = create_key(dirfd, seed);
+                created = r == 0;
+        }
+        if (r < 0)
+                goto fail;
+        crypto_sign_seed_keypair(s->pk, s->sk, seed);
+        sodium_memzero(seed, sizeof seed);
+        sodium_mprotect_readonly(s->sk);
+        r = ab_jwk_thumbprint(s->pk, s->kid);
+        if (r < 0)
+                goto fail;
+        s->header = json_pack("{s:s, s:s, s:s}", "alg", "EdDSA", "typ", "at+jwt", "kid", s->kid);
+        if (!s->header) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        *ret = s;
+        if (ret_created)
+                *ret_created = created;
+        return 0;
+fail:
+        sodium_memzero(seed, sizeof seed);
+        ab_signer_free(s);
+        return r;
+}
+
+void ab_signer_free(ab_signer *s)
+{
+        if (!s)
+                return;
+        sodium_free(s->sk); /* wipes */
+        free(s->issuer);
+        json_decref(s->header);
+        free(s);
+}
+
+const char *ab_signer_kid(const ab_signer *s) { return s->kid; }
+const char *ab_signer_issuer(const ab_signer *s) { return s->issuer; }
+const uint8_t *ab_signer_public_key(const ab_signer *s) { return s->pk; }
+
+const uint8_t *ab_signer_find_key(const ab_signer *s, const char *kid)
+{
+        return strcmp(kid, s->kid) == 0 ? s->pk : NULL;
+}
+
+json_t *ab_signer_jwks(const ab_signer *s)
+{
+        char x[44];
+        if (ab_b64url_encode(s->pk, sizeof s->pk, x, sizeof x) < 0)
+                return NULL;
+        return json_pack("{s:[{s:s, s:s, s:s, s:s, s:s, s:s}]}", "keys", "kty", "OKP", "crv", "Ed25519", "x", x,
+                         "kid", s->kid, "alg", "EdDSA", "use", "sig");
+}
+
+void ab_random_id(char out[AB_JTI_LEN + 1])
+{
+        uint8_t raw[16];
+        randombytes_buf(raw, sizeof raw);
+        (void)ab_b64url_encode(raw, sizeof raw, out, AB_JTI_LEN + 1);
+}
+
+int ab_token_sign(const ab_signer *s, json_t *claims, char **ret_token, size_t *ret_len)
+{
+        uint8_t sig[crypto_sign_BYTES];
+        char *buf = NULL;
+        size_t len = 0;
+        int r;
+
+        if (json_object_set_new(claims, "iss", json_string(s->issuer)) < 0)
+                return -ENOMEM;
+        /* room for '.', 86 signature characters and the NUL */
+        r = ab_jwt_signing_input(s->header, claims, 1 + AB_B64_ENCODED_LEN(crypto_sign_BYTES) + 1, &buf, &len);
+        if (r < 0)
+                return r;
+        crypto_sign_detached(sig, NULL, (const unsigned char *)buf, len, s->sk);
+        buf[len++] = '.';
+        r = ab_b64url_encode(sig, sizeof sig, buf + len, AB_B64_ENCODED_LEN(crypto_sign_BYTES) + 1);
+        if (r < 0) {
+                free(buf);
+                return r;
+        }
+        *ret_token = buf;
+        *ret_len = len + (size_t)r;
+        return 0;
+}

@@ -1,0 +1,49 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The broker's signing key and the tokens it signs. This is the only file
+ * that touches the secret key.
+ */
+#ifndef AB_TOKEN_H
+#define AB_TOKEN_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <jansson.h>
+#include "../common/jwt.h"
+
+#define AB_KEY_FILE "signing.key"
+#define AB_JTI_LEN 22 /* base64url of 16 random bytes */
+
+typedef struct ab_signer ab_signer;
+
+/*
+ * Load the Ed25519 key from AB_KEY_FILE in the directory dirfd, creating it
+ * (mode 0600, written to a temporary file, fsynced, renamed) when absent.
+ * A key file that is not a regular file owned by us with mode 0600 or
+ * stricter, or of the wrong size, is refused. Returns 0, AB_ERR_CRYPTO
+ * (bad key file), -errno. *ret_created says whether a key was made.
+ */
+int ab_signer_open(int dirfd, const char *issuer, ab_signer **ret, bool *ret_created);
+void ab_signer_free(ab_signer *s);
+
+const char *ab_signer_kid(const ab_signer *s);
+const char *ab_signer_issuer(const ab_signer *s);
+const uint8_t *ab_signer_public_key(const ab_signer *s);
+
+/* The JWKS: {"keys":[{"kty":"OKP","crv":"Ed25519","x":..,"kid":..,"alg":"EdDSA","use":"sig"}]}. */
+json_t *ab_signer_jwks(const ab_signer *s);
+
+/*
+ * Sign claims (an object; "iss" is set here) as a compact JWS with header
+ * {"alg":"EdDSA","typ":"at+jwt","kid":...}. Returns 0, AB_ERR_TOO_LARGE,
+ * -ENOMEM; *ret_token is malloc'd.
+ */
+int ab_token_sign(const ab_signer *s, json_t *claims, char **ret_token, size_t *ret_len);
+
+/* A fresh random 128-bit identifier, base64url (jti, sid). */
+void ab_random_id(char out[AB_JTI_LEN + 1]);
+
+/* Public key of kid, or NULL if this broker does not know it. */
+const uint8_t *ab_signer_find_key(const ab_signer *s, const char *kid);
+
+#endif

@@ -1,0 +1,49 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
+#include "util.h"
+
+static uint64_t clock_usec(clockid_t id)
+{
+        struct timespec ts;
+        clock_gettime(id, &ts);
+        return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+uint64_t ab_now_usec(void) { return clock_usec(CLOCK_REALTIME); }
+uint64_t ab_mono_usec(void) { return clock_usec(CLOCK_MONOTONIC); }
+
+int ab_close(int fd)
+{
+        if (fd >= 0) {
+                int saved = errno;
+                close(fd);
+                errno = saved;
+        }
+        return -1;
+}
+
+int ab_is_scope_token(const char *s, size_t len)
+{
+        if (len == 0)
+                return 0;
+        for (size_t i = 0; i < len; i++) {
+                unsigned char c = (unsigned char)s[i];
+                if (c < 0x21 || c > 0x7e || c == '"' || c == '\\')
+                        return 0;
+        }
+        return 1;
+}
+
+int ab_is_printable(const char *s, size_t max)
+{
+        size_t i;
+        for (i = 0; s[i]; i++) {
+                if (i >= max)
+                        return 0;
+                if ((unsigned char)s[i] < 0x20 || (unsigned char)s[i] > 0x7e)
+                        return 0;
+        }
+        return i > 0;
+}

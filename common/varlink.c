@@ -1,0 +1,196 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "util.h"
+#include "varlink.h"
+
+#define LOAD_FLAGS (JSON_REJECT_DUPLICATES)
+
+static void set_reason(char *reason, size_t max, const char *s)
+{
+        if (reason && max > 0)
+                snprintf(reason, max, "%s", s);
+}
+
+bool ab_vl_valid_qualified_name(const char *name)
+{
+        /* interface: lowercase/digit/-/. segments; member: [A-Z][A-Za-z0-9]* */
+        const char *dot = strrchr(name, '.');
+        size_t n = strlen(name);
+
+        if (n == 0 || n > AB_VL_MAX_METHOD || !dot || dot == name)
+                return false;
+        for (const char *p = name; p < dot; p++) {
+                char c = *p;
+                if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                      (c >= '0' && c <= '9') || c == '-' || c == '.'))
+                        return false;
+        }
+        if (!(dot[1] >= 'A' && dot[1] <= 'Z'))
+                return false;
+        for (const char *p = dot + 1; *p; p++) {
+                char c = *p;
+                if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')))
+                        return false;
+        }
+        return true;
+}
+
+static int get_flag(json_t *root, const char *key, bool *ret)
+{
+        json_t *v = json_object_get(root, key);
+        if (!v) {
+                *ret = false;
+                return 0;
+        }
+        if (!json_is_boolean(v))
+                return -1;
+        *ret = json_is_true(v);
+        return 0;
+}
+
+int ab_vl_parse_call(const char *msg, size_t len, ab_vl_call *ret, char *reason, size_t reasonmax)
+{
+        json_error_t jerr;
+        json_t *root, *m, *p;
+        ab_vl_call c = { 0 };
+
+        root = json_loadb(msg, len, LOAD_FLAGS, &jerr);
+        if (!root) {
+                char buf[200];
+                snprintf(buf, sizeof buf, "invalid JSON at byte %d: %s", jerr.position, jerr.text);
+                set_reason(reason, reasonmax, buf);
+                return AB_ERR_PROTOCOL;
+        }
+        if (!json_is_object(root)) {
+                set_reason(reason, reasonmax, "message is not a JSON object");
+                goto fail;
+        }
+        m = json_object_get(root, "method");
+        if (!json_is_string(m) || !ab_vl_valid_qualified_name(json_string_value(m))) {
+                set_reason(reason, reasonmax, "\"method\" missing or not a qualified varlink name");
+                goto fail;
+        }
+        p = json_object_get(root, "parameters");
+        if (p && !json_is_object(p)) {
+                set_reason(reason, reasonmax, "\"parameters\" is not an object");
+                goto fail;
+        }
+        if (!p) {
+                p = json_object();
+                if (!p || json_object_set_new(root, "parameters", p) < 0)
+                        goto fail;
+        }
+        if (get_flag(root, "oneway", &c.oneway) < 0 || get_flag(root, "more", &c.more) < 0 ||
+            get_flag(root, "upgrade", &c.upgrade) < 0) {
+                set_reason(reason, reasonmax, "\"oneway\", \"more\" and \"upgrade\" must be booleans");
+                goto fail;
+        }
+        c.root = root;
+        c.method = json_string_value(m);
+        c.parameters = p;
+        *ret = c;
+        return 0;
+fail:
+        json_decref(root);
+        return AB_ERR_PROTOCOL;
+}
+
+void ab_vl_call_done(ab_vl_call *c)
+{
+        json_decref(c->root);
+        *c = (ab_vl_call){ 0 };
+}
+
+int ab_vl_parse_reply(const char *msg, size_t len, json_t **ret_params, char **ret_error)
+{
+        json_t *root, *p, *e;
+        char *err = NULL;
+
+        root = json_loadb(msg, len, LOAD_FLAGS, NULL);
+        if (!json_is_object(root))
+                goto fail;
+        p = json_object_get(root, "parameters");
+        if (p && !json_is_object(p))
+                goto fail;
+        e = json_object_get(root, "error");
+        if (e) {
+                if (!json_is_string(e) || !ab_vl_valid_qualified_name(json_string_value(e)))
+                        goto fail;
+                err = strdup(json_string_value(e));
+                if (!err)
+                        goto fail;
+        }
+        *ret_params = p ? json_incref(p) : json_object();
+        if (!*ret_params) {
+                free(err);
+                goto fail;
+        }
+        *ret_error = err;
+        json_decref(root);
+        return 0;
+fail:
+        json_decref(root);
+        return AB_ERR_PROTOCOL;
+}
+
+static int encode(json_t *root, char **ret_msg, size_t *ret_len)
+{
+        size_t n = json_dumpb(root, NULL, 0, JSON_COMPACT);
+        char *buf;
+
+        if (n == 0 || n == SIZE_MAX)
+                return -ENOMEM;
+        buf = malloc(n + 1);
+        if (!buf)
+                return -ENOMEM;
+        if (json_dumpb(root, buf, n, JSON_COMPACT) != n) {
+                free(buf);
+                return -ENOMEM;
+        }
+        buf[n] = '\0';
+        *ret_msg = buf;
+        *ret_len = n + 1;
+        return 0;
+}
+
+int ab_vl_encode_reply(json_t *params, const char *error, char **ret_msg, size_t *ret_len)
+{
+        json_t *root = json_object();
+        int r = -ENOMEM;
+
+        if (!params)
+                params = json_object();
+        if (!root || !params)
+                goto out;
+        if (error && json_object_set_new(root, "error", json_string(error)) < 0)
+                goto out;
+        if (json_object_set(root, "parameters", params) < 0)
+                goto out;
+        r = encode(root, ret_msg, ret_len);
+out:
+        json_decref(params);
+        json_decref(root);
+        return r;
+}
+
+int ab_vl_encode_call(const char *method, json_t *params, char **ret_msg, size_t *ret_len)
+{
+        json_t *root = json_object();
+        int r = -ENOMEM;
+
+        if (!params)
+                params = json_object();
+        if (!root || !params)
+                goto out;
+        if (json_object_set_new(root, "method", json_string(method)) < 0 ||
+            json_object_set(root, "parameters", params) < 0)
+                goto out;
+        r = encode(root, ret_msg, ret_len);
+out:
+        json_decref(params);
+        json_decref(root);
+        return r;
+}
