@@ -1,0 +1,191 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Integration test harness: runs the real agent-brokerd on a temporary
+ * directory, talks to it over raw varlink connections or through the CLI,
+ * and runs code as another uid. Every wait is bounded; everything a test
+ * starts is stopped and removed by hx_broker_cleanup() even when an
+ * assertion failed half-way (call it from the cmocka teardown).
+ *
+ * Conventions: functions return 0 or a negative errno unless they say
+ * otherwise. Nothing here calls cmocka assertions, so a forked child may
+ * use any of it.
+ */
+#ifndef AB_TEST_HARNESS_H
+#define AB_TEST_HARNESS_H
+
+#include <limits.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/types.h>
+#include <jansson.h>
+
+#define HX_NOBODY_UID 65534
+#define HX_NOBODY_GID 65534
+#define HX_MAX_CONNS 32
+#define HX_MAX_EXTRA_ARGS 16
+
+/* Bounds. Generous enough for ASan builds on a loaded machine. */
+#define HX_START_TIMEOUT_MS 15000 /* until the socket answers */
+#define HX_STOP_TIMEOUT_MS 10000  /* from SIGTERM until exit */
+#define HX_IO_TIMEOUT_MS 5000     /* one reply */
+#define HX_RUN_TIMEOUT_MS 20000   /* one child program */
+
+typedef struct hx_conn {
+        int fd;
+        char *buf;   /* bytes received and not yet returned */
+        size_t len, cap;
+} hx_conn;
+
+typedef struct hx_broker {
+        char dir[PATH_MAX];        /* mkdtemp'd, mode 0755 */
+        char sock[PATH_MAX];       /* DIR/agent.sock */
+        char admin_sock[PATH_MAX]; /* DIR/admin.sock */
+        char state[PATH_MAX];      /* DIR/state */
+        char policy[PATH_MAX];     /* DIR/policy.json */
+        char log[PATH_MAX];        /* DIR/broker.log: the daemon's stderr */
+        char notify[PATH_MAX];     /* DIR/notify.sock: NOTIFY_SOCKET for the daemon */
+        int notify_fd;             /* bound datagram socket, -1 if none */
+        bool use_notify;           /* pass NOTIFY_SOCKET to the next start (then read it: the
+                                      kernel queues only a few datagrams before sd_notify blocks) */
+        pid_t pid;                 /* running daemon (or activator), 0 if none */
+        int last_status;           /* wait status of the last daemon that exited, -1 if none */
+        /* Extra daemon arguments for the next start (pointers must outlive it). */
+        const char *extra_args[HX_MAX_EXTRA_ARGS];
+        size_t n_extra_args;
+        hx_conn *conns[HX_MAX_CONNS];
+} hx_broker;
+
+/* The build directory of this test binary: /proc/self/exe/../.. (or $B). */
+const char *hx_build_dir(void);
+/* Write hx_build_dir()/name into out (room for outmax bytes). */
+int hx_build_path(const char *name, char *out, size_t outmax);
+
+/* Milliseconds on the monotonic clock. */
+long long hx_now_ms(void);
+
+/* ---- files ---------------------------------------------------------------- */
+
+/* Write text to path (created or truncated) with mode. */
+int hx_write_file(const char *path, const char *text, mode_t mode);
+/* Read a whole file (at most max bytes) into a NUL-terminated malloc'd buffer. */
+int hx_read_file(const char *path, size_t max, char **ret, size_t *ret_len);
+/* Remove a tree (like rm -rf), not following symlinks. */
+int hx_rm_rf(const char *path);
+/* SHA-256 of a file as 64 lowercase hex digits (libsodium). */
+int hx_sha256_file(const char *path, char hex[65]);
+
+/* ---- the daemon ----------------------------------------------------------- */
+
+/* Create the temp dir and fill in the paths. Does not start anything. */
+int hx_broker_init(hx_broker *b);
+/* Write the policy file DIR/policy.json from a string. */
+int hx_broker_write_policy(hx_broker *b, const char *json);
+/*
+ * Start agent-brokerd (--socket, --admin-socket, --state-dir, --policy,
+ * plus b->extra_args) with stderr to b->log (and NOTIFY_SOCKET=b->notify if
+ * b->use_notify),
+ * and wait until GetInfo on the agent socket answers. Fails with -ECHILD
+ * if the daemon exited, -ETIMEDOUT if it did not answer in time.
+ */
+int hx_broker_start(hx_broker *b);
+/*
+ * Start argv (a full command line: the daemon, or an activator wrapping
+ * it) with the same stderr/notify plumbing, then wait until GetInfo on
+ * sock_path answers.
+ */
+int hx_broker_start_argv(hx_broker *b, char *const argv[], const char *sock_path);
+/* Poll until GetInfo on path answers or timeout_ms passes. */
+int hx_wait_answering(hx_broker *b, const char *path, int timeout_ms);
+/*
+ * SIGTERM the daemon and wait (bounded) for it to exit. *ret_status gets
+ * the wait status. On timeout SIGKILL and -ETIMEDOUT.
+ */
+int hx_broker_stop(hx_broker *b, int *ret_status);
+/* Print /proc/PID/{status,wchan,stack,syscall} to stderr (for a process that hangs). */
+void hx_proc_diag(pid_t pid);
+/* Stop the daemon if running (SIGKILL if need be), close conns, remove DIR. */
+void hx_broker_cleanup(hx_broker *b);
+/*
+ * Teardown: stop the daemon if it runs and require exit status 0, scan its
+ * log for sanitizer reports, then hx_broker_cleanup(). 0, or -1 (reported
+ * on stderr with the log) if the daemon did not end cleanly.
+ */
+int hx_broker_finish(hx_broker *b);
+/* Print the daemon's log to stderr (for failure diagnostics). */
+void hx_broker_dump_log(const hx_broker *b);
+/* Discard queued notify datagrams. */
+void hx_drain_notify(hx_broker *b);
+/* Receive notify datagrams until one contains needle or timeout. 0 or -ETIMEDOUT. */
+int hx_wait_notify(hx_broker *b, const char *needle, int timeout_ms, char *out, size_t outmax);
+
+/* ---- raw varlink ---------------------------------------------------------- */
+
+/* Connect to a Unix stream socket (registered with b for cleanup if b). */
+int hx_conn_open(hx_broker *b, const char *path, hx_conn **ret);
+void hx_conn_close(hx_broker *b, hx_conn *c);
+/* Send all of buf (MSG_NOSIGNAL). Returns 0 or -errno (e.g. -EPIPE). */
+int hx_conn_send(hx_conn *c, const void *buf, size_t len);
+/* Send text and its terminating NUL. */
+int hx_conn_send_msg(hx_conn *c, const char *text);
+/*
+ * Receive one message (up to the NUL) within timeout_ms. Returns 1 with
+ * *ret (malloc'd, NUL-terminated, without the varlink NUL) and *ret_len;
+ * 0 on orderly EOF with no partial message; -ECONNRESET; -ETIMEDOUT;
+ * -EPROTO if the peer closed in the middle of a message.
+ */
+int hx_conn_recv(hx_conn *c, int timeout_ms, char **ret, size_t *ret_len);
+/* Like hx_conn_recv, then parse: *ret_root is the whole reply object. */
+int hx_conn_recv_json(hx_conn *c, int timeout_ms, json_t **ret_root);
+/* Send text + NUL and receive the reply as JSON (1 on success, as recv_json). */
+int hx_conn_call(hx_conn *c, const char *text, json_t **ret_root);
+/*
+ * Wait until the peer closes: 0 if it did (EOF or reset) with no more
+ * messages, 1 if a message arrived instead, -ETIMEDOUT if still open.
+ */
+int hx_conn_wait_closed(hx_conn *c, int timeout_ms);
+/* true if nothing arrives within ms (the connection stays quiet and open). */
+bool hx_conn_quiet(hx_conn *c, int ms);
+
+/* Reply helpers: the "error" string or NULL; the "parameters" object (never NULL). */
+const char *hx_reply_error(const json_t *root);
+json_t *hx_reply_params(const json_t *root);
+/* String member of the parameters, or NULL. */
+const char *hx_reply_str(const json_t *root, const char *key);
+
+/* ---- child programs ------------------------------------------------------- */
+
+typedef struct hx_run_result {
+        int status;   /* wait status */
+        int exit_code;/* WEXITSTATUS, or -1 if killed */
+        char *out;    /* stdout, NUL-terminated (malloc'd) */
+        char *err;    /* stderr */
+        bool timed_out;
+} hx_run_result;
+
+void hx_run_result_done(hx_run_result *r);
+/*
+ * Run argv[0] (a path) with argv, stdin from stdin_text (NULL: /dev/null),
+ * capturing stdout and stderr, bounded by timeout_ms (SIGKILL after).
+ * uid (gid the same) >= 0: drop to it in the child before exec.
+ */
+int hx_run(char *const argv[], const char *stdin_text, int uid, int timeout_ms, hx_run_result *ret);
+/* Run build/agent-brokerctl --socket b->sock --admin-socket b->admin_sock ARGS... (NULL-ended). */
+int hx_ctl(hx_broker *b, int uid, hx_run_result *ret, ...) __attribute__((sentinel));
+
+/*
+ * Fork; the child drops to uid/gid (setgroups, setgid, setuid; refusing
+ * to go on unless the drop took), then runs fn(arg, out, outmax) whose
+ * return value becomes its exit code; what fn writes into out comes back
+ * through a pipe into ret_out. Bounded by timeout_ms. Returns 0 with
+ * *ret_exit (the exit code, or -1 if the child was killed by a signal).
+ */
+typedef int (*hx_child_fn)(void *arg, char *out, size_t outmax);
+int hx_run_as(uid_t uid, gid_t gid, hx_child_fn fn, void *arg, int timeout_ms, char *ret_out, size_t outmax,
+              int *ret_exit);
+
+/* ---- tokens --------------------------------------------------------------- */
+
+/* Decode one base64url JWT segment into a JSON object (new reference) or NULL. */
+json_t *hx_jwt_segment_json(const char *token, int index);
+
+#endif
