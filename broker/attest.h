@@ -61,6 +61,15 @@ void ab_peer_done(ab_peer *p);
  */
 int ab_attest(const ab_peer *p, ab_exe_cache *cache, ab_identity *ret);
 
+/* true if gid is among the peer's supplementary groups */
+static inline bool ab_peer_in_group(const ab_peer *p, gid_t gid)
+{
+        for (int i = 0; i < p->n_groups; i++)
+                if (p->groups[i] == gid)
+                        return true;
+        return false;
+}
+
 /* 0 if the pidfd's process still exists, -ESRCH if not. */
 int ab_peer_alive(const ab_peer *p);
 

@@ -2,6 +2,7 @@
 /* agent-brokerd: the host's credential broker for AI agents. */
 #include <errno.h>
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,9 @@ static void help(void)
                "  --admin-socket PATH      admin socket, root only (default %s)\n"
                "  --state-dir DIR          keys and state (default %s)\n"
                "  --policy PATH            policy file or directory of *.json (default %s)\n"
+               "  --config FILE            broker.conf (default %s)\n"
+               "  --trusted-keys DIR       control-plane public keys, *.pub (default %s)\n"
+               "  --require-signed         refuse policy sources without a valid .sig\n"
                "  --issuer ISS             token issuer (default urn:agent-broker:MACHINE-ID)\n"
                "  --exit-idle SECONDS      exit after this long without connections (0: never)\n"
                "  --max-connections N      connections in all (default 4096)\n"
@@ -32,8 +36,10 @@ static void help(void)
                "  --version                show the version\n"
                "\n"
                "Sockets passed by systemd (FileDescriptorName=agent / admin) are used\n"
-               "instead of --socket / --admin-socket. SIGTERM stops the broker cleanly.\n",
-               AB_DEFAULT_SOCKET, AB_DEFAULT_ADMIN_SOCKET, AB_DEFAULT_STATE_DIR, AB_DEFAULT_POLICY);
+               "instead of --socket / --admin-socket. SIGTERM stops the broker cleanly;\n"
+               "SIGHUP recompiles the policy.\n",
+               AB_DEFAULT_SOCKET, AB_DEFAULT_ADMIN_SOCKET, AB_DEFAULT_STATE_DIR, AB_DEFAULT_POLICY,
+               AB_DEFAULT_CONFIG, AB_DEFAULT_TRUSTED_KEYS);
 }
 
 static int parse_uint(const char *s, unsigned long long max, unsigned long long *ret)
@@ -51,10 +57,10 @@ static int parse_uint(const char *s, unsigned long long max, unsigned long long 
         return 0;
 }
 
-static int parse_args(int argc, char **argv, ab_config *cfg)
+static int parse_args(int argc, char **argv, ab_config *cfg, const char **trusted_flag, bool *signed_flag)
 {
         enum { O_SOCKET = 256, O_ADMIN, O_STATE, O_POLICY, O_ISSUER, O_EXIT_IDLE, O_MAXCONN, O_MAXCONN_UID,
-               O_RATE, O_IDLE, O_DEBUG, O_VERSION };
+               O_RATE, O_IDLE, O_DEBUG, O_VERSION, O_CONFIG, O_TRUSTED, O_REQSIGNED };
         static const struct option opts[] = {
                 { "socket", required_argument, NULL, O_SOCKET },
                 { "admin-socket", required_argument, NULL, O_ADMIN },
@@ -67,6 +73,9 @@ static int parse_args(int argc, char **argv, ab_config *cfg)
                 { "rate-limit", required_argument, NULL, O_RATE },
                 { "idle-timeout", required_argument, NULL, O_IDLE },
                 { "debug", no_argument, NULL, O_DEBUG },
+                { "config", required_argument, NULL, O_CONFIG },
+                { "trusted-keys", required_argument, NULL, O_TRUSTED },
+                { "require-signed", no_argument, NULL, O_REQSIGNED },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, O_VERSION },
                 { 0 },
@@ -124,6 +133,9 @@ static int parse_args(int argc, char **argv, ab_config *cfg)
                         cfg->idle_timeout_usec = v * 1000000ull;
                         break;
                 case O_DEBUG: cfg->log_level = LOG_DEBUG; break;
+                case O_CONFIG: cfg->config_path = optarg; break;
+                case O_TRUSTED: *trusted_flag = optarg; break;
+                case O_REQSIGNED: *signed_flag = true; break;
                 case 'h': help(); return 1;
                 case O_VERSION: printf("agent-brokerd %s\n", AGENTBROKER_VERSION); return 1;
                 default: return -EINVAL;
@@ -145,11 +157,21 @@ int main(int argc, char **argv)
         ab_config cfg;
         int r;
 
+        const char *trusted_flag = NULL;
+        bool signed_flag = false;
+
         ab_config_defaults(&cfg);
-        r = parse_args(argc, argv, &cfg);
+        r = parse_args(argc, argv, &cfg, &trusted_flag, &signed_flag);
         if (r != 0)
                 return r > 0 ? EXIT_SUCCESS : 2;
         ab_log_init(cfg.log_level);
+        /* broker.conf, then the command line wins */
+        if (ab_config_load_file(&cfg, cfg.config_path) < 0)
+                return EXIT_FAILURE;
+        if (trusted_flag)
+                cfg.trusted_keys_dir = trusted_flag;
+        if (signed_flag)
+                cfg.require_signed = true;
         if (sodium_init() < 0) {
                 ab_log(LOG_ERR, "libsodium failed to initialise");
                 return EXIT_FAILURE;

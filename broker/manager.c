@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
+#include <sys/inotify.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,6 +39,8 @@ void ab_config_defaults(ab_config *c)
                 .rate_per_sec = 5000,
                 .rate_burst = 10000,
                 .log_level = LOG_INFO,
+                .config_path = AB_DEFAULT_CONFIG,
+                .trusted_keys_dir = AB_DEFAULT_TRUSTED_KEYS,
         };
 }
 
@@ -61,6 +65,31 @@ int ab_manager_new(const ab_config *cfg, ab_manager **ret)
 
 /* ---- per-uid accounting ------------------------------------------------ */
 
+/* A slot with no connections is kept while its rate bucket is not full, so
+ * that closing and reopening connections does not reset the rate limit. */
+static bool uid_slot_idle(const ab_manager *m, const ab_uid_slot *u, uint64_t now)
+{
+        return u->conns == 0 &&
+               (m->cfg.rate_per_sec == 0 ||
+                u->tokens + (double)(now - u->refill_usec) * m->cfg.rate_per_sec / 1e6 >= m->cfg.rate_burst);
+}
+
+static void uid_sweep(ab_manager *m, bool all)
+{
+        uint64_t now = ab_mono_usec();
+        ab_uid_slot **pp = &m->uids;
+
+        while (*pp) {
+                ab_uid_slot *u = *pp;
+                if (all || uid_slot_idle(m, u, now)) {
+                        *pp = u->next;
+                        free(u);
+                } else {
+                        pp = &u->next;
+                }
+        }
+}
+
 static ab_uid_slot *uid_get(ab_manager *m, uid_t uid)
 {
         ab_uid_slot *u;
@@ -68,6 +97,7 @@ static ab_uid_slot *uid_get(ab_manager *m, uid_t uid)
         for (u = m->uids; u; u = u->next)
                 if (u->uid == uid)
                         return u;
+        uid_sweep(m, false);
         u = calloc(1, sizeof *u);
         if (!u)
                 return NULL;
@@ -81,16 +111,8 @@ static ab_uid_slot *uid_get(ab_manager *m, uid_t uid)
 
 static void uid_put(ab_manager *m, ab_uid_slot *u)
 {
-        ab_uid_slot **pp;
-
-        if (--u->conns > 0)
-                return;
-        for (pp = &m->uids; *pp; pp = &(*pp)->next)
-                if (*pp == u) {
-                        *pp = u->next;
-                        free(u);
-                        return;
-                }
+        (void)m;
+        u->conns--;
 }
 
 bool ab_rate_take(ab_manager *m, ab_uid_slot *u)
@@ -424,7 +446,8 @@ static void accept_one(ab_manager *m, int lfd, bool admin)
         sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
 
         /* Limits: answer with an error the client can read, then close. */
-        if (admin && c->peer.uid != 0) {
+        if (admin && c->peer.uid != 0 && !(m->has_admin_gid && (c->peer.gid == m->admin_gid ||
+                                                                 ab_peer_in_group(&c->peer, m->admin_gid)))) {
                 ab_conn_error(c, "io.agentbroker.PermissionDenied", "the admin socket is for root only", NULL);
                 c->closing = true;
         } else if (m->n_conns > m->cfg.max_connections) {
@@ -555,28 +578,208 @@ static int open_state(ab_manager *m)
         return 0;
 }
 
+typedef struct diag_sink {
+        json_t *findings;
+} diag_sink;
+
 static void policy_diag(void *ud, int sev, const char *file, const char *path, const char *msg)
 {
-        (void)ud;
+        diag_sink *d = ud;
+
         ab_log(sev == AB_DIAG_ERROR ? LOG_ERR : LOG_WARNING, "policy %s: %s: %s", file, path, msg);
+        if (d && d->findings && json_array_size(d->findings) < 64)
+                json_array_append_new(d->findings,
+                                      json_pack("{s:s, s:s, s:s, s:s}", "file", file, "path", path, "severity",
+                                                sev == AB_DIAG_ERROR ? "error" : "warning", "message", msg));
 }
 
-int ab_manager_load_policy(ab_manager *m)
+int ab_manager_reload_policy(ab_manager *m, json_t *findings, char *reason, size_t reasonmax)
 {
-        ab_diag diag = { .emit = policy_diag };
+        diag_sink sink = { .findings = findings };
+        ab_diag diag = { .emit = policy_diag, .userdata = &sink };
+        ab_compile_opts o = { .policy_path = m->cfg.policy_path, .trusted_keys_dir = m->cfg.trusted_keys_dir,
+                              .require_signed = m->cfg.require_signed };
         ab_policy *p = NULL;
         int r;
 
-        r = ab_policy_load_path(m->cfg.policy_path, &diag, &p);
+        r = ab_policy_compile(m->store, &o, &diag, &p, reason, reasonmax);
         if (r < 0) {
-                ab_log(LOG_ERR, "policy %s not loaded (%u errors); %s", m->cfg.policy_path, diag.errors,
-                       m->policy ? "the previous policy stays in force" : "denying every request");
+                ab_log(LOG_ERR, "policy not loaded: %s; %s", reason,
+                       m->policy->n_agents ? "the previous policy stays in force" : "no agent is served");
                 return r;
         }
         ab_policy_free(m->policy);
         m->policy = p;
-        ab_log(LOG_INFO, "policy loaded from %s: %zu agents", m->cfg.policy_path, p->n_agents);
+        snprintf(reason, reasonmax, "policy compiled from %s: %zu agents", m->cfg.policy_path, p->n_agents);
+        ab_log(LOG_INFO, "%s", reason);
+        sd_notifyf(0, "STATUS=Serving %zu agents", p->n_agents);
         return 0;
+}
+
+/* At start: answer from the store; compile only if the sources changed since. */
+static int startup_policy(ab_manager *m)
+{
+        ab_diag diag = { .emit = policy_diag };
+        char stored[65], now[65], reason[512];
+        ab_policy *p = NULL;
+        int r, k;
+
+        r = ab_policy_from_store(m->store, &diag, &p);
+        if (r == 0) {
+                ab_policy_free(m->policy);
+                m->policy = p;
+                ab_log(LOG_INFO, "policy from the store: %zu agents", p->n_agents);
+        } else if (r != -ENOENT) {
+                ab_log(LOG_ERR, "compiled policy in the store does not load (%s); recompiling", ab_strerror(r));
+        }
+        ab_policy_stored_fingerprint(m->store, stored);
+        k = ab_policy_fingerprint(m->cfg.policy_path, now);
+        if (k < 0) {
+                ab_log(LOG_WARNING, "policy sources %s unreadable; %s", m->cfg.policy_path,
+                       r == 0 ? "keeping the compiled policy" : "no agent is served");
+                return 0;
+        }
+        if (r == 0 && strcmp(stored, now) == 0)
+                return 0;
+        if (r == 0 && k == 0) {
+                /* No sources at all at start (not yet deployed, or wiped):
+                 * keep answering from the compiled policy. An explicit
+                 * reload, SIGHUP or a change seen by inotify applies an
+                 * empty set. */
+                ab_log(LOG_WARNING, "no policy sources in %s; keeping the compiled policy (%zu agents)",
+                       m->cfg.policy_path, m->policy->n_agents);
+                return 0;
+        }
+        (void)ab_manager_reload_policy(m, NULL, reason, sizeof reason);
+        return 0;
+}
+
+static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata)
+{
+        char reason[512];
+        (void)s;
+        (void)si;
+        sd_notify(0, "RELOADING=1");
+        (void)ab_manager_reload_policy(userdata, NULL, reason, sizeof reason);
+        sd_notify(0, "READY=1");
+        return 0;
+}
+
+static int on_reload_timer(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        char reason[512];
+        (void)s;
+        (void)usec;
+        (void)ab_manager_reload_policy(userdata, NULL, reason, sizeof reason);
+        return 0;
+}
+
+/* Changes in the policy directory: reload once things settle (debounce). */
+static int on_inotify(sd_event_source *s, const struct inotify_event *ev, void *userdata)
+{
+        ab_manager *m = userdata;
+        (void)s;
+        if (ev->len > 0 && ev->name[0] == '.')
+                return 0; /* temporary files of editors and atomic writers */
+        sd_event_source_set_time(m->reload_timer, ab_mono_usec() + 250 * 1000);
+        sd_event_source_set_enabled(m->reload_timer, SD_EVENT_ONESHOT);
+        return 0;
+}
+
+static int watch_policy(ab_manager *m)
+{
+        struct stat st;
+        char dir[4096];
+        int r;
+
+        r = sd_event_add_time(m->event, &m->reload_timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_reload_timer, m);
+        if (r < 0)
+                return r;
+        sd_event_source_set_enabled(m->reload_timer, SD_EVENT_OFF);
+        snprintf(dir, sizeof dir, "%s", m->cfg.policy_path);
+        if (stat(dir, &st) == 0 && !S_ISDIR(st.st_mode)) {
+                char *slash = strrchr(dir, '/');
+                if (slash && slash != dir)
+                        *slash = '\0';
+                else
+                        snprintf(dir, sizeof dir, ".");
+        }
+        r = sd_event_add_inotify(m->event, &m->inotify, dir,
+                                 IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CREATE | IN_ATTRIB,
+                                 on_inotify, m);
+        if (r < 0)
+                ab_log(LOG_WARNING, "cannot watch %s for policy changes (%s); use SIGHUP or 'policy reload'", dir,
+                       strerror(-r));
+        return 0;
+}
+
+int ab_config_load_file(ab_config *c, const char *path)
+{
+        char *text = NULL, *line, *save = NULL;
+        size_t len = 0;
+        int r, lineno = 0;
+
+        r = ab_read_file(path, 64 * 1024, &text, &len);
+        if (r == -ENOENT)
+                return 0;
+        if (r < 0) {
+                ab_log(LOG_ERR, "%s: %s", path, ab_strerror(r));
+                return r;
+        }
+        if (strlen(text) != len) {
+                free(text);
+                ab_log(LOG_ERR, "%s: contains a NUL byte", path);
+                return -EINVAL;
+        }
+        for (line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+                char *eq, *k, *v, *e;
+                lineno++;
+                while (*line == ' ' || *line == '\t')
+                        line++;
+                if (*line == '#' || *line == '\0' || *line == '\r')
+                        continue;
+                eq = strchr(line, '=');
+                if (!eq)
+                        goto bad;
+                *eq = '\0';
+                k = line;
+                v = eq + 1;
+                for (e = k + strlen(k); e > k && (e[-1] == ' ' || e[-1] == '\t'); e--)
+                        e[-1] = '\0';
+                while (*v == ' ' || *v == '\t')
+                        v++;
+                for (e = v + strlen(v); e > v && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\r'); e--)
+                        e[-1] = '\0';
+                if (strcmp(k, "require_signed") == 0) {
+                        if (!strcmp(v, "true") || !strcmp(v, "yes") || !strcmp(v, "1"))
+                                c->require_signed = true;
+                        else if (!strcmp(v, "false") || !strcmp(v, "no") || !strcmp(v, "0"))
+                                c->require_signed = false;
+                        else
+                                goto bad;
+                } else if (strcmp(k, "admin_group") == 0) {
+                        if (strlen(v) >= sizeof c->admin_group || !ab_is_scope_token(v, strlen(v)))
+                                goto bad;
+                        snprintf(c->admin_group, sizeof c->admin_group, "%s", v);
+                } else if (strcmp(k, "trusted_keys") == 0) {
+                        static char keys_dir[4096];
+                        if (v[0] != '/' || strlen(v) >= sizeof keys_dir)
+                                goto bad;
+                        snprintf(keys_dir, sizeof keys_dir, "%s", v);
+                        c->trusted_keys_dir = keys_dir;
+                } else {
+                        ab_log(LOG_ERR, "%s:%d: unknown setting \"%.64s\"", path, lineno, k);
+                        free(text);
+                        return -EINVAL;
+                }
+        }
+        free(text);
+        return 0;
+bad:
+        ab_log(LOG_ERR, "%s:%d: expected \"require_signed = true|false\", \"admin_group = NAME\" or "
+               "\"trusted_keys = /DIR\"", path, lineno);
+        free(text);
+        return -EINVAL;
 }
 
 static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata)
@@ -684,7 +887,35 @@ int ab_manager_startup(ab_manager *m)
         r = ab_policy_new(&m->policy);
         if (r < 0)
                 return r;
-        (void)ab_manager_load_policy(m); /* a bad policy denies all; the broker still answers */
+        {
+                unsigned schema = 0;
+                r = ab_store_open(m->cfg.state_dir, 0, &m->store, &schema);
+                if (r < 0) {
+                        if (schema > AB_SCHEMA_VERSION)
+                                ab_log(LOG_ERR, "the store in %s has schema %u, newer than this broker's %u: "
+                                       "refusing to start (upgrade agent-broker)", m->cfg.state_dir, schema,
+                                       AB_SCHEMA_VERSION);
+                        else
+                                ab_log(LOG_ERR, "cannot open the store in %s: %s", m->cfg.state_dir, ab_strerror(r));
+                        return r;
+                }
+        }
+        if (m->cfg.admin_group[0]) {
+                struct group gr, *res = NULL;
+                char buf[16384];
+                if (getgrnam_r(m->cfg.admin_group, &gr, buf, sizeof buf, &res) != 0 || !res) {
+                        ab_log(LOG_ERR, "admin_group \"%s\" does not exist", m->cfg.admin_group);
+                        return -EINVAL;
+                }
+                m->admin_gid = res->gr_gid;
+                m->has_admin_gid = true;
+        }
+        r = startup_policy(m);
+        if (r < 0)
+                return r;
+        r = watch_policy(m);
+        if (r < 0)
+                return r;
 
         for (int i = 0; i < 2; i++) {
                 r = sd_event_add_io(m->event, &m->listen_src[i], m->listen_fd[i], EPOLLIN, on_listen, m);
@@ -695,11 +926,14 @@ int ab_manager_startup(ab_manager *m)
         sigemptyset(&ss);
         sigaddset(&ss, SIGTERM);
         sigaddset(&ss, SIGINT);
+        sigaddset(&ss, SIGHUP);
         sigprocmask(SIG_BLOCK, &ss, NULL);
         signal(SIGPIPE, SIG_IGN);
         r = sd_event_add_signal(m->event, &m->sigterm, SIGTERM, on_signal, m);
         if (r >= 0)
                 r = sd_event_add_signal(m->event, &m->sigint, SIGINT, on_signal, m);
+        if (r >= 0)
+                r = sd_event_add_signal(m->event, &m->sighup, SIGHUP, on_sighup, m);
         if (r < 0)
                 return r;
         if (m->cfg.exit_idle_usec > 0) {
@@ -724,6 +958,7 @@ void ab_manager_free(ab_manager *m)
                 return;
         while (m->conns)
                 conn_free(m->conns);
+        uid_sweep(m, true);
         for (int i = 0; i < 2; i++) {
                 sd_event_source_disable_unref(m->listen_src[i]);
                 if (m->listen_bound[i]) {
@@ -735,11 +970,15 @@ void ab_manager_free(ab_manager *m)
         }
         sd_event_source_disable_unref(m->sigterm);
         sd_event_source_disable_unref(m->sigint);
+        sd_event_source_disable_unref(m->sighup);
+        sd_event_source_disable_unref(m->inotify);
+        sd_event_source_disable_unref(m->reload_timer);
         sd_event_source_disable_unref(m->exit_timer);
         m->exit_timer = NULL;
         ab_policy_free(m->policy);
         ab_signer_free(m->signer);
         ab_exe_cache_free(m->exe_cache);
+        ab_store_close(m->store);
         ab_close(m->state_fd);
         sd_event_unref(m->event);
         free(m);

@@ -12,13 +12,16 @@
 #include <systemd/sd-event.h>
 #include <jansson.h>
 #include "attest.h"
+#include "compile.h"
 #include "policy.h"
+#include "store.h"
 #include "token.h"
 #include "../common/frame.h"
 #include "../common/varlink.h"
 
 #define AB_DEFAULT_STATE_DIR "/var/lib/agent-broker"
 #define AB_DEFAULT_POLICY "/etc/agent-broker/policy.d"
+#define AB_DEFAULT_CONFIG "/etc/agent-broker/broker.conf"
 
 typedef struct ab_config {
         const char *socket_path;
@@ -26,6 +29,10 @@ typedef struct ab_config {
         const char *state_dir;
         const char *policy_path;
         const char *issuer;            /* NULL: from the machine id */
+        const char *config_path;       /* broker.conf */
+        const char *trusted_keys_dir;
+        bool require_signed;
+        char admin_group[64];          /* "" : root only on the admin socket */
         unsigned max_connections;      /* in all */
         unsigned max_connections_per_uid;
         uint64_t idle_timeout_usec;    /* no request on an open connection */
@@ -79,7 +86,11 @@ struct ab_manager {
         unsigned n_conns;
         ab_uid_slot *uids;
         int state_fd;
+        ab_store *store;
         ab_policy *policy;
+        sd_event_source *sighup, *inotify, *reload_timer;
+        gid_t admin_gid;
+        bool has_admin_gid;
         ab_signer *signer;
         ab_exe_cache *exe_cache;
         char issuer[128];
@@ -89,8 +100,15 @@ int ab_manager_new(const ab_config *cfg, ab_manager **ret);
 /* Take or bind the sockets, open state, load policy, add signal sources. */
 int ab_manager_startup(ab_manager *m);
 int ab_manager_run(ab_manager *m);
-/* (Re)load policy from cfg.policy_path; on failure the old policy stays. */
-int ab_manager_load_policy(ab_manager *m);
+/*
+ * Compile the policy sources into the store and answer from the result.
+ * On failure the policy in force stays; findings (if not NULL) receives
+ * up to 64 {file, path, severity, message} objects and reason a line.
+ */
+int ab_manager_reload_policy(ab_manager *m, json_t *findings, char *reason, size_t reasonmax);
+
+/* Read broker.conf (key = value lines). Missing file: defaults. */
+int ab_config_load_file(ab_config *c, const char *path);
 void ab_manager_free(ab_manager *m);
 
 /* Queue a reply on c (steals params). error NULL: success. */

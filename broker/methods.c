@@ -36,6 +36,12 @@ static const char interface_description[] =
         "# The broker's public keys as a JSON Web Key Set.\n"
         "method GetKeys() -> (keys: []Key)\n"
         "\n"
+        "type Grant (audience: string, scopes: []string, max_ttl: int, max_auth_age: ?int, users: ?[]string)\n"
+        "\n"
+        "# The caller's own agent entry, as attested now.\n"
+        "method WhoAmI() -> (agent: string, owner: string, description: ?string, uid: int, pid: int,\n"
+        "  exe: string, sha256: string, unit: ?string, grants: []Grant)\n"
+        "\n"
         "error NotAnAgent (reason: string)\n"
         "error AudienceNotGranted (reason: string)\n"
         "error ScopeNotGranted (reason: string)\n"
@@ -48,6 +54,22 @@ static const char interface_description[] =
         "error TooManyConnections (reason: string)\n"
         "error PermissionDenied (reason: string)\n"
         "error InternalError (reason: string)\n";
+
+static const char admin_description[] =
+        "# Administration of agent-broker: root (or admin_group) on the admin socket only.\n"
+        "interface io.agentbroker.admin\n"
+        "\n"
+        "type Source (name: string, path: string, version: int, sha256: string, signed_by: ?string)\n"
+        "type Finding (file: string, path: string, severity: string, message: string)\n"
+        "\n"
+        "# Compile the policy sources into the store; on failure the old policy stays.\n"
+        "method ReloadPolicy() -> (agents: int, message: string)\n"
+        "\n"
+        "# The compiled policy: sources and agents (one agent if named).\n"
+        "method ShowPolicy(agent: ?string) -> (sources: []Source, agents: []object)\n"
+        "\n"
+        "error PolicyRejected (reason: string, findings: []Finding)\n"
+        "error NoSuchAgent (reason: string)\n";
 
 static const char service_description[] =
         "# The Varlink Service Interface is provided by every varlink service.\n"
@@ -161,11 +183,12 @@ static void m_get_info(ab_conn *c, ab_vl_call *call)
         static const param_spec spec[] = { { 0 } };
         if (check_params(c, call->parameters, spec) < 0)
                 return;
-        ab_conn_reply(c,
-                      json_pack("{s:s, s:s, s:s, s:s, s:[s,s]}", "vendor", "agent-broker", "product", "agent-brokerd",
-                                "version", AGENTBROKER_VERSION, "url", "https://github.com/agent-broker/agent-broker",
-                                "interfaces", "org.varlink.service", "io.agentbroker"),
-                      NULL);
+        json_t *r = json_pack("{s:s, s:s, s:s, s:s, s:[s,s]}", "vendor", "agent-broker", "product", "agent-brokerd",
+                              "version", AGENTBROKER_VERSION, "url", "https://github.com/agent-broker/agent-broker",
+                              "interfaces", "org.varlink.service", "io.agentbroker");
+        if (r && c->admin)
+                json_array_append_new(json_object_get(r, "interfaces"), json_string("io.agentbroker.admin"));
+        ab_conn_reply(c, r, NULL);
 }
 
 static void m_get_interface_description(ab_conn *c, ab_vl_call *call)
@@ -176,7 +199,9 @@ static void m_get_interface_description(ab_conn *c, ab_vl_call *call)
         if (check_params(c, call->parameters, spec) < 0)
                 return;
         iface = json_string_value(json_object_get(call->parameters, "interface"));
-        if (strcmp(iface, "io.agentbroker") == 0)
+        if (strcmp(iface, "io.agentbroker.admin") == 0 && c->admin)
+                ab_conn_reply(c, json_pack("{s:s}", "description", admin_description), NULL);
+        else if (strcmp(iface, "io.agentbroker") == 0)
                 ab_conn_reply(c, json_pack("{s:s}", "description", interface_description), NULL);
         else if (strcmp(iface, "org.varlink.service") == 0)
                 ab_conn_reply(c, json_pack("{s:s}", "description", service_description), NULL);
@@ -306,6 +331,131 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
         free(token);
 }
 
+static json_t *strings_json(const char *const *v, size_t n)
+{
+        json_t *a = json_array();
+        for (size_t i = 0; a && i < n; i++)
+                json_array_append_new(a, json_string(v[i]));
+        return a;
+}
+
+static json_t *grants_json(const ab_agent *a)
+{
+        json_t *arr = json_array();
+        for (size_t i = 0; arr && i < a->n_grants; i++) {
+                const ab_grant *g = &a->grants[i];
+                json_t *j = json_pack("{s:s, s:o, s:i}", "audience", g->audience, "scopes",
+                                      strings_json(g->scopes, g->n_scopes), "max_ttl", (int)g->max_ttl);
+                if (j && g->max_auth_age)
+                        json_object_set_new(j, "max_auth_age", json_integer(g->max_auth_age));
+                if (j && g->users)
+                        json_object_set_new(j, "users", strings_json(g->users, g->n_users));
+                json_array_append_new(arr, j);
+        }
+        return arr;
+}
+
+static json_t *agent_json(const ab_agent *a)
+{
+        json_t *match = json_object(), *j;
+
+        if (a->user)
+                json_object_set_new(match, "user", json_string(a->user));
+        else if (a->has_uid)
+                json_object_set_new(match, "uid", json_integer(a->uid));
+        if (a->group)
+                json_object_set_new(match, "group", json_string(a->group));
+        else if (a->has_gid)
+                json_object_set_new(match, "gid", json_integer(a->gid));
+        if (a->exe)
+                json_object_set_new(match, "exe", json_string(a->exe));
+        if (a->sha256)
+                json_object_set_new(match, "sha256", json_string(a->sha256));
+        if (a->unit)
+                json_object_set_new(match, "unit", json_string(a->unit));
+        j = json_pack("{s:s, s:s, s:s?, s:s, s:o, s:{s:i, s:i}, s:i, s:o}", "id", a->id, "owner", a->owner,
+                      "description", a->description, "source", a->source, "match", match, "session",
+                      "max_lifetime", (int)a->max_lifetime, "reauth_interval", (int)a->reauth_interval,
+                      "max_delegation_depth", (int)a->max_delegation_depth, "grants", grants_json(a));
+        return j;
+}
+
+static void m_whoami(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = { { 0 } };
+        const ab_agent *a;
+        ab_identity id;
+        json_t *r;
+
+        if (check_params(c, call->parameters, spec) < 0)
+                return;
+        a = attest_agent(c, &id);
+        if (!a)
+                return;
+        r = json_pack("{s:s, s:s, s:s?, s:I, s:I, s:s, s:s, s:s?, s:o}", "agent", a->id, "owner", a->owner,
+                      "description", a->description, "uid", (json_int_t)id.uid, "pid", (json_int_t)id.pid, "exe",
+                      id.exe, "sha256", id.sha256, "unit", id.unit[0] ? id.unit : NULL, "grants", grants_json(a));
+        ab_conn_reply(c, r, NULL);
+}
+
+static void m_reload_policy(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = { { 0 } };
+        json_t *findings;
+        char reason[512];
+
+        if (check_params(c, call->parameters, spec) < 0)
+                return;
+        findings = json_array();
+        if (ab_manager_reload_policy(c->m, findings, reason, sizeof reason) < 0) {
+                ab_conn_error(c, "io.agentbroker.admin.PolicyRejected", reason,
+                              json_pack("{s:o}", "findings", findings));
+                return;
+        }
+        json_decref(findings);
+        ab_conn_reply(c, json_pack("{s:i, s:s}", "agents", (int)c->m->policy->n_agents, "message", reason), NULL);
+}
+
+static int source_json(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        json_t *arr = ud, *rec = json_loadb(val, vlen, 0, NULL);
+        if (!rec)
+                return 0;
+        json_object_del(rec, "document");
+        json_object_set_new(rec, "name", json_stringn_nocheck(key, klen));
+        json_array_append_new(arr, rec);
+        return 0;
+}
+
+static void m_show_policy(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = { { "agent", P_STRING, false, AB_ID_MAX, 0, 0 }, { 0 } };
+        const char *want;
+        json_t *agents, *sources;
+        ab_txn *t = NULL;
+
+        if (check_params(c, call->parameters, spec) < 0)
+                return;
+        want = json_string_value(json_object_get(call->parameters, "agent"));
+        agents = json_array();
+        sources = json_array();
+        for (size_t i = 0; i < c->m->policy->n_agents; i++)
+                if (!want || strcmp(want, c->m->policy->agents[i].id) == 0)
+                        json_array_append_new(agents, agent_json(&c->m->policy->agents[i]));
+        if (ab_store_begin(c->m->store, false, &t) == 0) {
+                (void)ab_txn_foreach(t, AB_DB_POLICY, NULL, 0, source_json, sources);
+                ab_txn_abort(t);
+        }
+        if (want && json_array_size(agents) == 0) {
+                json_decref(agents);
+                json_decref(sources);
+                ab_conn_error(c, "io.agentbroker.admin.NoSuchAgent", "no agent with this id in the compiled policy",
+                              NULL);
+                return;
+        }
+        ab_conn_reply(c, json_pack("{s:o, s:o}", "sources", sources, "agents", agents), NULL);
+}
+
 /* ---- dispatch ---------------------------------------------------------- */
 
 typedef struct method {
@@ -319,6 +469,9 @@ static const method methods[] = {
         { "org.varlink.service.GetInterfaceDescription", m_get_interface_description, SOCK_AGENT | SOCK_ADMIN },
         { "io.agentbroker.IssueToken", m_issue_token, SOCK_AGENT },
         { "io.agentbroker.GetKeys", m_get_keys, SOCK_AGENT | SOCK_ADMIN },
+        { "io.agentbroker.WhoAmI", m_whoami, SOCK_AGENT },
+        { "io.agentbroker.admin.ReloadPolicy", m_reload_policy, SOCK_ADMIN },
+        { "io.agentbroker.admin.ShowPolicy", m_show_policy, SOCK_ADMIN },
 };
 
 void ab_dispatch(ab_conn *c, ab_vl_call *call)
@@ -335,9 +488,21 @@ void ab_dispatch(ab_conn *c, ab_vl_call *call)
         if (!m || !(m->sockets & (c->admin ? SOCK_ADMIN : SOCK_AGENT))) {
                 const char *dot = strrchr(call->method, '.');
                 size_t ilen = (size_t)(dot - call->method);
-                bool known_iface = (ilen == strlen("io.agentbroker") && !strncmp(call->method, "io.agentbroker", ilen)) ||
-                                   (ilen == strlen("org.varlink.service") &&
-                                    !strncmp(call->method, "org.varlink.service", ilen));
+                static const char *const ifaces[] = { "io.agentbroker", "io.agentbroker.admin", "org.varlink.service" };
+                bool known_iface = false;
+                for (size_t i = 0; i < AB_ARRAY_SIZE(ifaces); i++)
+                        if (ilen == strlen(ifaces[i]) && strncmp(call->method, ifaces[i], ilen) == 0)
+                                known_iface = true;
+                if (m && !known_iface)
+                        known_iface = true;
+                if (m) {
+                        /* exists, but not on this socket */
+                        ab_conn_error(c, "io.agentbroker.PermissionDenied",
+                                      c->admin ? "this method is for the agent socket"
+                                               : "this method is only available on the admin socket",
+                                      NULL);
+                        goto out;
+                }
                 if (!known_iface) {
                         char iface[AB_VL_MAX_METHOD + 1];
                         snprintf(iface, sizeof iface, "%.*s", (int)ilen, call->method);

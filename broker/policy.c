@@ -635,7 +635,8 @@ int ab_read_file(const char *path, size_t max, char **ret_buf, size_t *ret_len)
         size_t len = 0;
         int fd, r;
 
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        /* O_NONBLOCK: a FIFO planted in the policy dir must not hang us */
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
         if (fd < 0)
                 return -errno;
         if (fstat(fd, &st) < 0) {
@@ -735,6 +736,9 @@ int ab_policy_load_path(const char *path, ab_diag *diag, ab_policy **ret)
                         if (n == cap) {
                                 char **nn;
                                 if (cap >= 1024) {
+                                        ctx c = { .diag = diag, .source = path };
+                                        report(&c, AB_DIAG_ERROR, "$",
+                                               "more than 1024 policy files in the directory");
                                         r = AB_ERR_TOO_LARGE;
                                         break;
                                 }
@@ -754,7 +758,8 @@ int ab_policy_load_path(const char *path, ab_diag *diag, ab_policy **ret)
                 }
                 closedir(d);
                 if (r == 0) {
-                        qsort(names, n, sizeof *names, cmp_names);
+                        if (n > 0)
+                                qsort(names, n, sizeof *names, cmp_names);
                         for (size_t i = 0; i < n; i++) {
                                 int k = add_file(p, names[i], diag);
                                 if (k < 0 && r == 0)
@@ -776,14 +781,6 @@ out:
         return 0;
 }
 
-static bool in_groups(const ab_peer *peer, gid_t gid)
-{
-        for (int i = 0; i < peer->n_groups; i++)
-                if (peer->groups[i] == gid)
-                        return true;
-        return false;
-}
-
 const ab_agent *ab_policy_match(const ab_policy *p, const ab_identity *id)
 {
         for (size_t i = 0; i < p->n_agents; i++) {
@@ -792,7 +789,7 @@ const ab_agent *ab_policy_match(const ab_policy *p, const ab_identity *id)
                         continue;
                 if (a->has_uid && a->uid != id->uid)
                         continue;
-                if (a->has_gid && a->gid != id->gid && !(id->peer && in_groups(id->peer, a->gid)))
+                if (a->has_gid && a->gid != id->gid && !(id->peer && ab_peer_in_group(id->peer, a->gid)))
                         continue;
                 if (a->exe && strcmp(a->exe, id->exe) != 0)
                         continue;
@@ -838,7 +835,8 @@ ab_deny ab_policy_decide(const ab_agent *a, const char *audience, const char *co
                         if (!scope_covered(g, scopes[i]))
                                 break;
                 if (i < n) {
-                        missing = scopes[i];
+                        if (!missing)
+                                missing = scopes[i];
                         continue;
                 }
                 if (ttl == 0 || ttl <= g->max_ttl) {
@@ -856,6 +854,17 @@ ab_deny ab_policy_decide(const ab_agent *a, const char *audience, const char *co
         if (best) {
                 snprintf(reason, reasonmax, "ttl %u s is above the grant's max_ttl of %u s", ttl, best->max_ttl);
                 return AB_DENY_TTL;
+        }
+        /* name a scope that no grant for this audience covers, if any */
+        for (size_t i = 0; i < n; i++) {
+                bool covered = false;
+                for (size_t gi = 0; gi < a->n_grants && !covered; gi++)
+                        covered = strcmp(a->grants[gi].audience, audience) == 0 &&
+                                  scope_covered(&a->grants[gi], scopes[i]);
+                if (!covered) {
+                        missing = scopes[i];
+                        break;
+                }
         }
         snprintf(reason, reasonmax, "scope \"%.128s\" is not granted to agent \"%s\" for audience \"%.200s\"",
                  missing, a->id, audience);

@@ -6,9 +6,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <jansson.h>
+#include <sodium.h>
 #include "agentbroker.h"
 #include "../common/util.h"
+#include "../broker/policy.h"
 
 enum {
         EXIT_OK = 0,
@@ -34,7 +39,14 @@ static void usage(FILE *f)
                 "                      print a token for this process (compact JWS, or the reply as JSON)\n"
                 "  keys                print the broker's JSON Web Key Set\n"
                 "  status              say whether the broker answers\n"
-                "  call METHOD [JSON]  call any varlink method and print the reply\n"
+                "  whoami              show the agent entry the broker attests this process as\n"
+                "  policy check [--json] PATH...   validate policy files (no broker needed);\n"
+                "                      exit 0 clean, 1 warnings, 2 errors\n"
+                "  policy show [AGENT] the compiled policy (admin socket)\n"
+                "  policy reload       recompile the policy sources now (admin socket)\n"
+                "  policy sign --key FILE PATH     write PATH.sig, as a control plane would\n"
+                "  keygen --out FILE   make a control-plane signing key (FILE, FILE.pub)\n"
+                "  call [--admin] METHOD [JSON]    call any varlink method and print the reply\n"
                 "\n"
                 "Options:\n"
                 "  --socket PATH        agent socket ($AGENT_BROKER_SOCKET, default %s)\n"
@@ -253,6 +265,248 @@ static int cmd_call(const opts *o, int argc, char **argv)
         return ex;
 }
 
+static int cmd_whoami(const opts *o, int argc, char **argv)
+{
+        json_t *reply = NULL;
+        int ex;
+
+        if (argc > 1 && strcmp(argv[1], "--json") != 0) {
+                fprintf(stderr, "agent-brokerctl: whoami: unexpected argument \"%s\"\n", argv[1]);
+                return EXIT_USAGE;
+        }
+        ex = simple_call(o, false, "io.agentbroker.WhoAmI", NULL, &reply);
+        if (ex)
+                return ex;
+        ex = print_json(reply);
+        json_decref(reply);
+        return ex;
+}
+
+typedef struct check_out {
+        json_t *findings;
+        bool as_json;
+} check_out;
+
+static void check_emit(void *ud, int sev, const char *file, const char *path, const char *msg)
+{
+        check_out *co = ud;
+        const char *s = sev == AB_DIAG_ERROR ? "error" : "warning";
+
+        if (co->as_json)
+                json_array_append_new(co->findings, json_pack("{s:s, s:s, s:s, s:s}", "file", file, "path", path,
+                                                              "severity", s, "message", msg));
+        else
+                printf("%s: %s: %s: %s\n", file, path, s, msg);
+}
+
+static int cmd_policy_check(int argc, char **argv)
+{
+        check_out co = { .findings = json_array() };
+        ab_diag diag = { .emit = check_emit, .userdata = &co, .lint = true };
+        ab_policy *p = NULL;
+        int i = 1, files = 0;
+
+        if (i < argc && strcmp(argv[i], "--json") == 0) {
+                co.as_json = true;
+                i++;
+        }
+        if (i >= argc) {
+                fprintf(stderr, "agent-brokerctl: policy check [--json] PATH...\n");
+                json_decref(co.findings);
+                return EXIT_USAGE;
+        }
+        if (ab_policy_new(&p) < 0)
+                return EXIT_ERROR;
+        for (; i < argc; i++) {
+                struct stat st;
+                if (stat(argv[i], &st) == 0 && S_ISDIR(st.st_mode)) {
+                        ab_policy *dp = NULL;
+                        /* a directory is compiled as the broker would: *.json in name order */
+                        if (ab_policy_load_path(argv[i], &diag, &dp) == 0)
+                                ab_policy_free(dp);
+                } else {
+                        char *text = NULL;
+                        size_t len = 0;
+                        int r = ab_read_file(argv[i], AB_POLICY_MAX_FILE, &text, &len);
+                        if (r < 0) {
+                                char msg[256];
+                                snprintf(msg, sizeof msg, "cannot read: %s", ab_strerror(r));
+                                diag.errors++;
+                                check_emit(&co, AB_DIAG_ERROR, argv[i], "$", msg);
+                        } else {
+                                (void)ab_policy_add_document(p, argv[i], text, len, &diag);
+                        }
+                        free(text);
+                }
+                files++;
+        }
+        ab_policy_free(p);
+        if (co.as_json) {
+                json_t *out = json_pack("{s:i, s:i, s:i, s:o}", "files", files, "errors", (int)diag.errors,
+                                        "warnings", (int)diag.warnings, "findings", co.findings);
+                print_json(out);
+                json_decref(out);
+        } else {
+                printf("%d file%s: %u error%s, %u warning%s\n", files, files == 1 ? "" : "s", diag.errors,
+                       diag.errors == 1 ? "" : "s", diag.warnings, diag.warnings == 1 ? "" : "s");
+                json_decref(co.findings);
+        }
+        return diag.errors ? 2 : diag.warnings ? 1 : 0;
+}
+
+static int write_file_mode(const char *path, const char *data, mode_t mode)
+{
+        char tmp[4200];
+        int fd;
+        size_t len = strlen(data);
+
+        snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode);
+        if (fd < 0)
+                return -errno;
+        if (write(fd, data, len) != (ssize_t)len || fsync(fd) < 0) {
+                int r = -errno;
+                close(fd);
+                unlink(tmp);
+                return r ? r : -EIO;
+        }
+        close(fd);
+        if (rename(tmp, path) < 0) {
+                int r = -errno;
+                unlink(tmp);
+                return r;
+        }
+        return 0;
+}
+
+static int b64_line(const uint8_t *bin, size_t n, char *out, size_t outmax)
+{
+        if (outmax < sodium_base64_ENCODED_LEN(n, sodium_base64_VARIANT_ORIGINAL) + 1)
+                return -1;
+        sodium_bin2base64(out, outmax, bin, n, sodium_base64_VARIANT_ORIGINAL);
+        strcat(out, "\n");
+        return 0;
+}
+
+static int cmd_keygen(int argc, char **argv)
+{
+        uint8_t pk[crypto_sign_PUBLICKEYBYTES], sk[crypto_sign_SECRETKEYBYTES], h[32];
+        char skb[128], pkb[64], pubpath[4200], id[17];
+        const char *out = NULL;
+        int r;
+
+        if (argc == 3 && strcmp(argv[1], "--out") == 0)
+                out = argv[2];
+        if (!out) {
+                fprintf(stderr, "agent-brokerctl: keygen --out FILE\n");
+                return EXIT_USAGE;
+        }
+        crypto_sign_keypair(pk, sk);
+        b64_line(sk, sizeof sk, skb, sizeof skb);
+        b64_line(pk, sizeof pk, pkb, sizeof pkb);
+        sodium_memzero(sk, sizeof sk);
+        snprintf(pubpath, sizeof pubpath, "%s.pub", out);
+        r = write_file_mode(out, skb, 0600);
+        sodium_memzero(skb, sizeof skb);
+        if (r == 0)
+                r = write_file_mode(pubpath, pkb, 0644);
+        if (r < 0) {
+                fprintf(stderr, "agent-brokerctl: keygen: %s\n", strerror(-r));
+                return EXIT_ERROR;
+        }
+        crypto_hash_sha256(h, pk, sizeof pk);
+        sodium_bin2hex(id, sizeof id, h, 8);
+        printf("secret key %s (keep it on the control plane), public key %s, key id %s\n"
+               "Install the public key as /etc/agent-broker/trusted-keys/NAME.pub on each host.\n",
+               out, pubpath, id);
+        return EXIT_OK;
+}
+
+static int cmd_policy_sign(int argc, char **argv)
+{
+        uint8_t sk[crypto_sign_SECRETKEYBYTES], sig[crypto_sign_BYTES];
+        char *text = NULL, *keytext = NULL, sigb[128], sigpath[4200];
+        size_t len = 0, klen = 0, got = 0;
+        int r;
+
+        if (argc != 4 || strcmp(argv[1], "--key") != 0) {
+                fprintf(stderr, "agent-brokerctl: policy sign --key FILE PATH\n");
+                return EXIT_USAGE;
+        }
+        r = ab_read_file(argv[2], 4096, &keytext, &klen);
+        if (r == 0 && (sodium_base642bin(sk, sizeof sk, keytext, klen, " \t\r\n", &got, NULL,
+                                         sodium_base64_VARIANT_ORIGINAL) != 0 || got != sizeof sk))
+                r = AB_ERR_CRYPTO;
+        if (keytext)
+                sodium_memzero(keytext, klen);
+        free(keytext);
+        if (r < 0) {
+                fprintf(stderr, "agent-brokerctl: %s: not a key made by 'agent-brokerctl keygen' (%s)\n", argv[2],
+                        ab_strerror(r));
+                return EXIT_ERROR;
+        }
+        r = ab_read_file(argv[3], AB_POLICY_MAX_FILE, &text, &len);
+        if (r < 0) {
+                sodium_memzero(sk, sizeof sk);
+                fprintf(stderr, "agent-brokerctl: %s: %s\n", argv[3], ab_strerror(r));
+                return EXIT_ERROR;
+        }
+        crypto_sign_detached(sig, NULL, (const uint8_t *)text, len, sk);
+        sodium_memzero(sk, sizeof sk);
+        free(text);
+        b64_line(sig, sizeof sig, sigb, sizeof sigb);
+        snprintf(sigpath, sizeof sigpath, "%s.sig", argv[3]);
+        r = write_file_mode(sigpath, sigb, 0644);
+        if (r < 0) {
+                fprintf(stderr, "agent-brokerctl: %s: %s\n", sigpath, strerror(-r));
+                return EXIT_ERROR;
+        }
+        printf("%s\n", sigpath);
+        return EXIT_OK;
+}
+
+static int cmd_keygen_o(const opts *o, int argc, char **argv)
+{
+        (void)o;
+        return cmd_keygen(argc, argv);
+}
+
+static int cmd_policy(const opts *o, int argc, char **argv)
+{
+        json_t *reply = NULL, *params = NULL;
+        int ex;
+
+        if (argc < 2) {
+                fprintf(stderr, "agent-brokerctl: policy check|show|reload|sign ...\n");
+                return EXIT_USAGE;
+        }
+        if (strcmp(argv[1], "check") == 0)
+                return cmd_policy_check(argc - 1, argv + 1);
+        if (strcmp(argv[1], "sign") == 0)
+                return cmd_policy_sign(argc - 1, argv + 1);
+        if (strcmp(argv[1], "reload") == 0 && argc == 2) {
+                ex = simple_call(o, true, "io.agentbroker.admin.ReloadPolicy", NULL, &reply);
+                if (ex)
+                        return ex;
+                printf("%s\n", json_string_value(json_object_get(reply, "message")));
+                json_decref(reply);
+                return EXIT_OK;
+        }
+        if (strcmp(argv[1], "show") == 0 && argc <= 4) {
+                for (int i = 2; i < argc; i++)
+                        if (strcmp(argv[i], "--json") != 0)
+                                params = json_pack("{s:s}", "agent", argv[i]);
+                ex = simple_call(o, true, "io.agentbroker.admin.ShowPolicy", params, &reply);
+                if (ex)
+                        return ex;
+                ex = print_json(reply);
+                json_decref(reply);
+                return ex;
+        }
+        fprintf(stderr, "agent-brokerctl: policy check|show|reload|sign ...; see --help\n");
+        return EXIT_USAGE;
+}
+
 int main(int argc, char **argv)
 {
         static const struct option lo[] = {
@@ -261,10 +515,15 @@ int main(int argc, char **argv)
                 { "version", no_argument, NULL, 'V' },      { 0 },
         };
         static const struct { const char *name; int (*fn)(const opts *, int, char **); } cmds[] = {
-                { "token", cmd_token }, { "keys", cmd_keys }, { "status", cmd_status }, { "call", cmd_call },
+                { "token", cmd_token },   { "keys", cmd_keys },     { "status", cmd_status },
+                { "call", cmd_call },     { "whoami", cmd_whoami }, { "policy", cmd_policy },
+                { "keygen", cmd_keygen_o },
         };
         opts o = { .timeout_ms = 5000 };
         int c;
+
+        if (sodium_init() < 0)
+                return EXIT_ERROR;
 
         while ((c = getopt_long(argc, argv, "+h", lo, NULL)) >= 0) {
                 switch (c) {

@@ -204,8 +204,13 @@ static int call_json(ab_client *c, const char *method, json_t *params, json_t **
         deadline = mono_ms() + c->timeout_ms;
         r = send_all(c, msg, len, deadline);
         free(msg);
-        if (r == 0)
-                r = recv_message(c, &in, &inlen, deadline);
+        /* a broker that refuses us (rate limit, too many connections)
+         * writes its reason and closes: read it even if our send failed */
+        if (r == 0 || r == AB_ERR_CLOSED) {
+                int k = recv_message(c, &in, &inlen, deadline);
+                if (r == 0 || k == 0)
+                        r = k;
+        }
         if (r == 0 && ab_vl_parse_reply(in, inlen, &reply, &err) < 0)
                 r = AB_ERR_PROTOCOL;
         if (r < 0) {

@@ -23,6 +23,13 @@ int ab_b64url_decode(const char *in, size_t n, uint8_t *out, size_t outmax, size
 
         if (n % 4 == 1)
                 return AB_ERR_INVALID;
+        /* libsodium skips some bytes outside the alphabet; be strict. */
+        for (size_t i = 0; i < n; i++) {
+                unsigned char c = (unsigned char)in[i];
+                if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+                      (c >= '0' && c <= '9') || c == '-' || c == '_'))
+                        return AB_ERR_INVALID;
+        }
         if (n / 4 * 3 + (n % 4 ? n % 4 - 1 : 0) > outmax)
                 return AB_ERR_TOO_LARGE;
         if (sodium_base642bin(out, outmax, in, n, NULL, &len, &end,

@@ -27,7 +27,9 @@ void ab_frame_free(ab_frame *f);
 /*
  * Room to read into: *ret_ptr, *ret_avail bytes (> 0). Compacts or grows
  * the buffer as needed, never beyond max + 1 bytes for one message plus
- * what is already held. Returns 0 or -ENOMEM.
+ * what is already held. Returns 0, -ENOMEM, or -ENOBUFS when the pending
+ * message already fills max + 1 bytes (call ab_frame_next first: it
+ * reports that case as AB_ERR_TOO_LARGE).
  */
 int ab_frame_space(ab_frame *f, char **ret_ptr, size_t *ret_avail);
 

@@ -16,19 +16,36 @@ static void set_reason(char *reason, size_t max, const char *s)
 
 bool ab_vl_valid_qualified_name(const char *name)
 {
-        /* interface: lowercase/digit/-/. segments; member: [A-Z][A-Za-z0-9]* */
+        /* interface: dot-separated labels, each starting with a letter,
+         * [A-Za-z0-9-] inside, no leading/trailing/double '-' or '.';
+         * member: [A-Z][A-Za-z0-9]* */
         const char *dot = strrchr(name, '.');
         size_t n = strlen(name);
+        bool label_start = true;
 
         if (n == 0 || n > AB_VL_MAX_METHOD || !dot || dot == name)
                 return false;
         for (const char *p = name; p < dot; p++) {
                 char c = *p;
-                if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-                      (c >= '0' && c <= '9') || c == '-' || c == '.'))
+                bool alpha = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+                if (label_start) {
+                        if (!alpha)
+                                return false;
+                        label_start = false;
+                        continue;
+                }
+                if (c == '.') {
+                        if (p[-1] == '-')
+                                return false;
+                        label_start = true;
+                } else if (c == '-') {
+                        if (p[-1] == '-' || p + 1 == dot)
+                                return false;
+                } else if (!alpha && !(c >= '0' && c <= '9')) {
                         return false;
+                }
         }
-        if (!(dot[1] >= 'A' && dot[1] <= 'Z'))
+        if (label_start || !(dot[1] >= 'A' && dot[1] <= 'Z'))
                 return false;
         for (const char *p = dot + 1; *p; p++) {
                 char c = *p;
