@@ -132,3 +132,9 @@ demo: all
 
 clean:
 	rm -rf build build-asan
+
+# Parts with their own rules: the PAM module, packaging, fuzzing, benchmarks.
+-include pam_module/pam.mk
+-include packaging/packaging.mk
+-include tests/fuzz/fuzz.mk
+-include tests/bench/bench.mk
