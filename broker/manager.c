@@ -654,6 +654,24 @@ static int startup_policy(ab_manager *m)
         return 0;
 }
 
+#define AB_PURGE_INTERVAL_USEC (10ull * 60 * 1000000)
+
+/* Drop expired sessions and stale revocation entries, now and every 10 min. */
+static int on_purge_timer(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        ab_manager *m = userdata;
+        unsigned n = 0;
+        int r = ab_session_purge(m->store, (int64_t)(ab_now_usec() / 1000000), &n);
+
+        if (r < 0)
+                ab_log(LOG_WARNING, "purging expired sessions failed: %s", ab_strerror(r));
+        else if (n > 0)
+                ab_log(LOG_INFO, "purged %u expired session and revocation records", n);
+        if (s)
+                sd_event_source_set_time(s, usec + AB_PURGE_INTERVAL_USEC);
+        return 0;
+}
+
 static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata)
 {
         char reason[512];
@@ -916,6 +934,12 @@ int ab_manager_startup(ab_manager *m)
         r = watch_policy(m);
         if (r < 0)
                 return r;
+        (void)on_purge_timer(NULL, 0, m);
+        r = sd_event_add_time_relative(m->event, &m->purge_timer, CLOCK_MONOTONIC, AB_PURGE_INTERVAL_USEC, 0,
+                                       on_purge_timer, m);
+        if (r < 0)
+                return r;
+        (void)sd_event_source_set_enabled(m->purge_timer, SD_EVENT_ON);
 
         for (int i = 0; i < 2; i++) {
                 r = sd_event_add_io(m->event, &m->listen_src[i], m->listen_fd[i], EPOLLIN, on_listen, m);
@@ -973,6 +997,7 @@ void ab_manager_free(ab_manager *m)
         sd_event_source_disable_unref(m->sighup);
         sd_event_source_disable_unref(m->inotify);
         sd_event_source_disable_unref(m->reload_timer);
+        sd_event_source_disable_unref(m->purge_timer);
         sd_event_source_disable_unref(m->exit_timer);
         m->exit_timer = NULL;
         ab_policy_free(m->policy);

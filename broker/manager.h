@@ -14,6 +14,7 @@
 #include "attest.h"
 #include "compile.h"
 #include "policy.h"
+#include "session.h"
 #include "store.h"
 #include "token.h"
 #include "../common/frame.h"
@@ -88,7 +89,7 @@ struct ab_manager {
         int state_fd;
         ab_store *store;
         ab_policy *policy;
-        sd_event_source *sighup, *inotify, *reload_timer;
+        sd_event_source *sighup, *inotify, *reload_timer, *purge_timer;
         gid_t admin_gid;
         bool has_admin_gid;
         ab_signer *signer;

@@ -11,13 +11,11 @@
 #include <sodium.h>
 #include "log.h"
 #include "manager.h"
+#include "methods.h"
 #include "../common/util.h"
 
 #define SOCK_AGENT 1u
 #define SOCK_ADMIN 2u
-#define AB_AUDIENCE_MAX 256
-#define AB_TASK_MAX 128
-#define AB_REQ_MAX_SCOPES 64
 
 static const char interface_description[] =
         "# The agent-broker interface: short-lived tokens for local agent processes.\n"
@@ -29,23 +27,63 @@ static const char interface_description[] =
         "\n"
         "# Issue a signed JWT (RFC 9068 profile, EdDSA) for one audience and some scopes.\n"
         "# ttl defaults to 300 s and is capped by the grant's max_ttl.\n"
+        "# Opens a session for the process on its first call.\n"
         "method IssueToken(audience: string, scopes: []string, ttl: ?int, task: ?string) -> (\n"
         "  token: string, token_type: string, expires_in: int, expires_at: int,\n"
-        "  jti: string, scope: string, agent: string)\n"
+        "  jti: string, scope: string, agent: string, sid: string, auth_time: int)\n"
         "\n"
         "# The broker's public keys as a JSON Web Key Set.\n"
         "method GetKeys() -> (keys: []Key)\n"
         "\n"
         "type Grant (audience: string, scopes: []string, max_ttl: int, max_auth_age: ?int, users: ?[]string)\n"
         "\n"
-        "# The caller's own agent entry, as attested now.\n"
+        "type PamSession (id: string, jti: string, service: string, user: string, tty: ?string,\n"
+        "  rhost: ?string, opened: int)\n"
+        "\n"
+        "type Session (sid: string, agent: string, uid: int, pid: int, exe: string, sha256: string,\n"
+        "  created: int, auth_time: int, expires: int, reauth_before: int, state: string,\n"
+        "  revoked_at: ?int, pam: ?[]PamSession)\n"
+        "\n"
+        "# The caller's own agent entry, as attested now, and its session (null before the first request).\n"
         "method WhoAmI() -> (agent: string, owner: string, description: ?string, uid: int, pid: int,\n"
-        "  exe: string, sha256: string, unit: ?string, grants: []Grant)\n"
+        "  exe: string, sha256: string, unit: ?string, grants: []Grant, session: ?Session)\n"
+        "\n"
+        "# Open a session for the calling process, or re-attest it and set auth_time to now.\n"
+        "method Authenticate() -> (sid: string, agent: string, uid: int, pid: int, exe: string,\n"
+        "  sha256: string, created: int, auth_time: int, expires: int, reauth_before: int, state: string)\n"
+        "\n"
+        "# RFC 7662-style check of a token. Active: the claims at top level. Inactive: reason is one of\n"
+        "# bad_signature, unknown_key, expired, not_yet_valid, revoked, session_ended, wrong_audience,\n"
+        "# scope_missing, auth_too_old, user_not_allowed. The reply has more fields when active\n"
+        "# (iss, sub, aud, scope, client_id, iat, nbf, exp, jti, sid, auth_time, owner, task, act, parent).\n"
+        "method Introspect(token: string, audience: ?string, scope: ?string, max_auth_age: ?int,\n"
+        "  user: ?string, service: ?string) -> (active: bool, reason: ?string, token_type: ?string)\n"
+        "\n"
+        "# A narrower token derived from one the caller's uid holds; never wider than the parent.\n"
+        "method Attenuate(token: string, audience: ?string, scopes: ?[]string, ttl: ?int, task: ?string) -> (\n"
+        "  token: string, token_type: string, expires_in: int, expires_at: int, jti: string,\n"
+        "  scope: string, agent: string, sid: string, parent: string, depth: int)\n"
+        "\n"
+        "# Revoke one of the caller's own tokens or sessions (exactly one parameter).\n"
+        "method Revoke(jti: ?string, sid: ?string, token: ?string) -> (revoked: int, message: string)\n"
+        "\n"
+        "# The caller's agent's sessions for the caller's uid.\n"
+        "method ListSessions() -> (sessions: []Session)\n"
+        "\n"
+        "# Record a PAM session opened with an active token (pam_agent_broker.so).\n"
+        "method OpenPamSession(token: string, service: string, user: string, tty: ?string,\n"
+        "  rhost: ?string) -> (id: string)\n"
+        "method ClosePamSession(id: string) -> ()\n"
         "\n"
         "error NotAnAgent (reason: string)\n"
         "error AudienceNotGranted (reason: string)\n"
         "error ScopeNotGranted (reason: string)\n"
         "error TtlTooLong (reason: string)\n"
+        "error ReauthRequired (reason: string, sid: string)\n"
+        "error SessionExpired (reason: string, sid: string)\n"
+        "error SessionRevoked (reason: string, sid: string)\n"
+        "error InvalidToken (reason: string, verdict: string)\n"
+        "error DelegationTooDeep (reason: string)\n"
         "error InvalidParameter (parameter: string, reason: string)\n"
         "error InvalidMessage (reason: string)\n"
         "error MessageTooLarge (reason: string)\n"
@@ -68,7 +106,19 @@ static const char admin_description[] =
         "# The compiled policy: sources and agents (one agent if named).\n"
         "method ShowPolicy(agent: ?string) -> (sources: []Source, agents: []object)\n"
         "\n"
+        "# Revoke by token, session, agent (all its sessions), or everything before an instant.\n"
+        "# Exactly one parameter; durable before the reply.\n"
+        "method Revoke(jti: ?string, sid: ?string, agent: ?string, before: ?int) -> (revoked: int, message: string)\n"
+        "\n"
+        "# Every session, or one agent's.\n"
+        "method ListSessions(agent: ?string) -> (sessions: []object)\n"
+        "\n"
+        "# As io.agentbroker.Introspect.\n"
+        "method Introspect(token: string, audience: ?string, scope: ?string, max_auth_age: ?int,\n"
+        "  user: ?string, service: ?string) -> (active: bool, reason: ?string, token_type: ?string)\n"
+        "\n"
         "error PolicyRejected (reason: string, findings: []Finding)\n"
+        "error NoSuchSession (reason: string)\n"
         "error NoSuchAgent (reason: string)\n";
 
 static const char service_description[] =
@@ -89,23 +139,12 @@ static const char service_description[] =
 
 /* ---- parameter checking ------------------------------------------------ */
 
-typedef enum { P_STRING, P_INT, P_STRINGS } ptype;
-
-typedef struct param_spec {
-        const char *name;
-        ptype type;
-        bool required;
-        size_t max;         /* string bytes, or array items */
-        long long min, imax; /* for P_INT */
-} param_spec;
-
-static int invalid_param(ab_conn *c, const char *name, const char *reason)
+int ab_invalid_param(ab_conn *c, const char *name, const char *reason)
 {
         return ab_conn_error(c, "io.agentbroker.InvalidParameter", reason, json_pack("{s:s}", "parameter", name));
 }
 
-/* Check params against spec; on failure reply and return -1. */
-static int check_params(ab_conn *c, json_t *params, const param_spec *spec)
+int ab_check_params(ab_conn *c, json_t *params, const param_spec *spec)
 {
         const char *key;
         json_t *v;
@@ -119,7 +158,7 @@ static int check_params(ab_conn *c, json_t *params, const param_spec *spec)
                 if (!s->name) {
                         char name[64];
                         snprintf(name, sizeof name, "%.60s", key);
-                        invalid_param(c, name, "unknown parameter");
+                        ab_invalid_param(c, name, "unknown parameter");
                         return -1;
                 }
         }
@@ -127,7 +166,7 @@ static int check_params(ab_conn *c, json_t *params, const param_spec *spec)
                 v = json_object_get(params, s->name);
                 if (!v || json_is_null(v)) {
                         if (s->required) {
-                                invalid_param(c, s->name, "required parameter missing");
+                                ab_invalid_param(c, s->name, "required parameter missing");
                                 return -1;
                         }
                         continue;
@@ -138,7 +177,7 @@ static int check_params(ab_conn *c, json_t *params, const param_spec *spec)
                             json_string_length(v) != strlen(json_string_value(v))) {
                                 snprintf(reason, sizeof reason, "must be a printable ASCII string of 1 to %zu bytes",
                                          s->max);
-                                invalid_param(c, s->name, reason);
+                                ab_invalid_param(c, s->name, reason);
                                 return -1;
                         }
                         break;
@@ -146,7 +185,7 @@ static int check_params(ab_conn *c, json_t *params, const param_spec *spec)
                         if (!json_is_integer(v) || json_integer_value(v) < s->min || json_integer_value(v) > s->imax) {
                                 snprintf(reason, sizeof reason, "must be an integer from %lld to %lld", s->min,
                                          s->imax);
-                                invalid_param(c, s->name, reason);
+                                ab_invalid_param(c, s->name, reason);
                                 return -1;
                         }
                         break;
@@ -155,7 +194,7 @@ static int check_params(ab_conn *c, json_t *params, const param_spec *spec)
                         json_t *e;
                         if (!json_is_array(v) || json_array_size(v) == 0 || json_array_size(v) > s->max) {
                                 snprintf(reason, sizeof reason, "must be an array of 1 to %zu strings", s->max);
-                                invalid_param(c, s->name, reason);
+                                ab_invalid_param(c, s->name, reason);
                                 return -1;
                         }
                         json_array_foreach(v, i, e) {
@@ -165,12 +204,18 @@ static int check_params(ab_conn *c, json_t *params, const param_spec *spec)
                                         snprintf(reason, sizeof reason,
                                                  "item %zu must be a scope: printable ASCII without spaces, "
                                                  "quotes or '*', at most %d bytes", i, AB_SCOPE_MAX);
-                                        invalid_param(c, s->name, reason);
+                                        ab_invalid_param(c, s->name, reason);
                                         return -1;
                                 }
                         }
                         break;
                 }
+                case P_BOOL:
+                        if (!json_is_boolean(v)) {
+                                ab_invalid_param(c, s->name, "must be true or false");
+                                return -1;
+                        }
+                        break;
                 }
         }
         return 0;
@@ -181,7 +226,7 @@ static int check_params(ab_conn *c, json_t *params, const param_spec *spec)
 static void m_get_info(ab_conn *c, ab_vl_call *call)
 {
         static const param_spec spec[] = { { 0 } };
-        if (check_params(c, call->parameters, spec) < 0)
+        if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
         json_t *r = json_pack("{s:s, s:s, s:s, s:s, s:[s,s]}", "vendor", "agent-broker", "product", "agent-brokerd",
                               "version", AGENTBROKER_VERSION, "url", "https://github.com/agent-broker/agent-broker",
@@ -196,7 +241,7 @@ static void m_get_interface_description(ab_conn *c, ab_vl_call *call)
         static const param_spec spec[] = { { "interface", P_STRING, true, 256, 0, 0 }, { 0 } };
         const char *iface;
 
-        if (check_params(c, call->parameters, spec) < 0)
+        if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
         iface = json_string_value(json_object_get(call->parameters, "interface"));
         if (strcmp(iface, "io.agentbroker.admin") == 0 && c->admin)
@@ -214,27 +259,28 @@ static void m_get_interface_description(ab_conn *c, ab_vl_call *call)
 static void m_get_keys(ab_conn *c, ab_vl_call *call)
 {
         static const param_spec spec[] = { { 0 } };
-        if (check_params(c, call->parameters, spec) < 0)
+        if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
         ab_conn_reply(c, ab_signer_jwks(c->m->signer), NULL);
 }
 
-/*
- * Attest the caller and find its agent entry. On failure replies and
- * returns NULL.
- */
-static const ab_agent *attest_agent(ab_conn *c, ab_identity *id)
+int ab_attest_peer(ab_conn *c, ab_identity *id)
+{
+        if (ab_attest(&c->peer, c->m->exe_cache, id) < 0) {
+                ab_conn_error(c, "io.agentbroker.PeerGone",
+                              "the calling process has exited or cannot be identified", NULL);
+                return -1;
+        }
+        return 0;
+}
+
+const ab_agent *ab_attest_agent(ab_conn *c, ab_identity *id)
 {
         const ab_agent *a;
         char reason[256];
-        int r;
 
-        r = ab_attest(&c->peer, c->m->exe_cache, id);
-        if (r < 0) {
-                ab_conn_error(c, "io.agentbroker.PeerGone",
-                              "the calling process has exited or cannot be identified", NULL);
+        if (ab_attest_peer(c, id) < 0)
                 return NULL;
-        }
         a = ab_policy_match(c->m->policy, id);
         if (!a) {
                 snprintf(reason, sizeof reason, "no agent in policy matches uid %u, executable %.180s",
@@ -266,14 +312,16 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
         const ab_agent *a;
         const ab_grant *g = NULL;
         ab_identity id;
-        char reason[512], jti[AB_JTI_LEN + 1], scope_str[AB_REQ_MAX_SCOPES * (AB_SCOPE_MAX + 1)];
+        char reason[512], jti[AB_TOKEN_JTI_LEN + 1], scope_str[AB_REQ_MAX_SCOPES * (AB_SCOPE_MAX + 1)];
         char *token = NULL;
         size_t n = 0, len = 0, off = 0, i;
         uint32_t ttl = 0;
-        uint64_t now;
+        int64_t now, exp;
+        json_t *reply;
+        ab_session sess;
         ab_deny d;
 
-        if (check_params(c, p, spec) < 0)
+        if (ab_check_params(c, p, spec) < 0)
                 return;
         if (!ab_rate_take(c->m, c->uslot)) {
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
@@ -300,7 +348,7 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
         }
         scope_str[off] = '\0';
 
-        a = attest_agent(c, &id);
+        a = ab_attest_agent(c, &id);
         if (!a)
                 return;
         d = ab_policy_decide(a, audience, scopes, n, ttl, &g, &ttl, reason, sizeof reason);
@@ -309,11 +357,17 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
                 ab_log(LOG_NOTICE, "deny agent %s pid %d: %s", a->id, (int)id.pid, reason);
                 return;
         }
-        now = ab_now_usec() / 1000000;
-        ab_random_id(jti);
-        claims = json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:s, s:s}", "sub", a->id, "aud", audience, "scope",
-                           scope_str, "client_id", a->id, "iat", (json_int_t)now, "nbf", (json_int_t)now, "exp",
-                           (json_int_t)(now + ttl), "jti", jti, "owner", a->owner);
+        if (ab_session_for_request(c, &id, a, &sess) < 0)
+                return;
+        now = ab_manager_now(c->m);
+        exp = now + (int64_t)ttl;
+        if (exp > ab_session_expires(&sess, a))
+                exp = ab_session_expires(&sess, a); /* a token never outlives its session */
+        ab_jti_new(sess.sid, jti);
+        claims = json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:s, s:s, s:s, s:I}", "sub", a->id, "aud", audience,
+                           "scope", scope_str, "client_id", a->id, "iat", (json_int_t)now, "nbf", (json_int_t)now,
+                           "exp", (json_int_t)exp, "jti", jti, "owner", a->owner, "sid", sess.sid, "auth_time",
+                           (json_int_t)sess.auth_time);
         if (claims && task)
                 json_object_set_new(claims, "task", json_string(task));
         if (!claims || ab_token_sign(c->m->signer, claims, &token, &len) < 0) {
@@ -322,11 +376,12 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
                 return;
         }
         json_decref(claims);
-        ab_conn_reply(c,
-                      json_pack("{s:s%, s:s, s:I, s:I, s:s, s:s, s:s}", "token", token, len, "token_type", "Bearer",
-                                "expires_in", (json_int_t)ttl, "expires_at", (json_int_t)(now + ttl), "jti", jti,
-                                "scope", scope_str, "agent", a->id),
-                      NULL);
+        reply = ab_token_reply(token, len, now, exp, jti, scope_str, a->id);
+        if (reply) {
+                json_object_set_new(reply, "sid", json_string(sess.sid));
+                json_object_set_new(reply, "auth_time", json_integer(sess.auth_time));
+        }
+        ab_conn_reply(c, reply, NULL);
         sodium_memzero(token, len);
         free(token);
 }
@@ -385,16 +440,30 @@ static void m_whoami(ab_conn *c, ab_vl_call *call)
         static const param_spec spec[] = { { 0 } };
         const ab_agent *a;
         ab_identity id;
+        ab_session s;
+        ab_session_verdict v;
+        int64_t now;
         json_t *r;
 
-        if (check_params(c, call->parameters, spec) < 0)
+        if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
-        a = attest_agent(c, &id);
+        a = ab_attest_agent(c, &id);
         if (!a)
                 return;
         r = json_pack("{s:s, s:s, s:s?, s:I, s:I, s:s, s:s, s:s?, s:o}", "agent", a->id, "owner", a->owner,
                       "description", a->description, "uid", (json_int_t)id.uid, "pid", (json_int_t)id.pid, "exe",
                       id.exe, "sha256", id.sha256, "unit", id.unit[0] ? id.unit : NULL, "grants", grants_json(a));
+        now = ab_manager_now(c->m);
+        v = ab_session_check(c->m->store, &id, a, now, &s);
+        if (r && v != AB_SESSION_NONE) {
+                json_t *sj = ab_session_json(&s, a, now);
+                if (sj && v == AB_SESSION_NEED_REAUTH)
+                        json_object_set_new(sj, "state", json_string("reauth_required"));
+                json_object_del(sj, "pam");
+                json_object_set_new(r, "session", sj);
+        } else if (r) {
+                json_object_set_new(r, "session", json_null());
+        }
         ab_conn_reply(c, r, NULL);
 }
 
@@ -404,7 +473,7 @@ static void m_reload_policy(ab_conn *c, ab_vl_call *call)
         json_t *findings;
         char reason[512];
 
-        if (check_params(c, call->parameters, spec) < 0)
+        if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
         findings = json_array();
         if (ab_manager_reload_policy(c->m, findings, reason, sizeof reason) < 0) {
@@ -434,7 +503,7 @@ static void m_show_policy(ab_conn *c, ab_vl_call *call)
         json_t *agents, *sources;
         ab_txn *t = NULL;
 
-        if (check_params(c, call->parameters, spec) < 0)
+        if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
         want = json_string_value(json_object_get(call->parameters, "agent"));
         agents = json_array();
@@ -470,6 +539,16 @@ static const method methods[] = {
         { "io.agentbroker.IssueToken", m_issue_token, SOCK_AGENT },
         { "io.agentbroker.GetKeys", m_get_keys, SOCK_AGENT | SOCK_ADMIN },
         { "io.agentbroker.WhoAmI", m_whoami, SOCK_AGENT },
+        { "io.agentbroker.Authenticate", ab_m_authenticate, SOCK_AGENT },
+        { "io.agentbroker.Introspect", ab_m_introspect, SOCK_AGENT | SOCK_ADMIN },
+        { "io.agentbroker.Attenuate", ab_m_attenuate, SOCK_AGENT },
+        { "io.agentbroker.Revoke", ab_m_revoke, SOCK_AGENT },
+        { "io.agentbroker.ListSessions", ab_m_list_sessions, SOCK_AGENT },
+        { "io.agentbroker.OpenPamSession", ab_m_open_pam_session, SOCK_AGENT },
+        { "io.agentbroker.ClosePamSession", ab_m_close_pam_session, SOCK_AGENT },
+        { "io.agentbroker.admin.Revoke", ab_m_admin_revoke, SOCK_ADMIN },
+        { "io.agentbroker.admin.ListSessions", ab_m_admin_list_sessions, SOCK_ADMIN },
+        { "io.agentbroker.admin.Introspect", ab_m_introspect, SOCK_ADMIN },
         { "io.agentbroker.admin.ReloadPolicy", m_reload_policy, SOCK_ADMIN },
         { "io.agentbroker.admin.ShowPolicy", m_show_policy, SOCK_ADMIN },
 };

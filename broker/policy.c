@@ -802,7 +802,7 @@ const ab_agent *ab_policy_match(const ab_policy *p, const ab_identity *id)
         return NULL;
 }
 
-static bool scope_covered(const ab_grant *g, const char *want)
+bool ab_grant_covers(const ab_grant *g, const char *want)
 {
         for (size_t i = 0; i < g->n_scopes; i++) {
                 const char *s = g->scopes[i];
@@ -832,7 +832,7 @@ ab_deny ab_policy_decide(const ab_agent *a, const char *audience, const char *co
                         continue;
                 audience_seen = true;
                 for (i = 0; i < n; i++)
-                        if (!scope_covered(g, scopes[i]))
+                        if (!ab_grant_covers(g, scopes[i]))
                                 break;
                 if (i < n) {
                         if (!missing)
@@ -860,7 +860,7 @@ ab_deny ab_policy_decide(const ab_agent *a, const char *audience, const char *co
                 bool covered = false;
                 for (size_t gi = 0; gi < a->n_grants && !covered; gi++)
                         covered = strcmp(a->grants[gi].audience, audience) == 0 &&
-                                  scope_covered(&a->grants[gi], scopes[i]);
+                                  ab_grant_covers(&a->grants[gi], scopes[i]);
                 if (!covered) {
                         missing = scopes[i];
                         break;
@@ -869,4 +869,12 @@ ab_deny ab_policy_decide(const ab_agent *a, const char *audience, const char *co
         snprintf(reason, reasonmax, "scope \"%.128s\" is not granted to agent \"%s\" for audience \"%.200s\"",
                  missing, a->id, audience);
         return AB_DENY_SCOPE;
+}
+
+const ab_agent *ab_policy_find(const ab_policy *p, const char *id)
+{
+        for (size_t i = 0; p && i < p->n_agents; i++)
+                if (strcmp(p->agents[i].id, id) == 0)
+                        return &p->agents[i];
+        return NULL;
 }

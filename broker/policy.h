@@ -93,6 +93,12 @@ int ab_read_file(const char *path, size_t max, char **ret_buf, size_t *ret_len);
 /* The first agent (in source order) whose selectors all match, or NULL. */
 const ab_agent *ab_policy_match(const ab_policy *p, const ab_identity *id);
 
+/* The agent with this id, or NULL. */
+const ab_agent *ab_policy_find(const ab_policy *p, const char *id);
+
+/* true if grant g covers scope want (exactly, or by a trailing-'*' prefix). */
+bool ab_grant_covers(const ab_grant *g, const char *want);
+
 /* Denials, each mapping to one varlink error. */
 typedef enum ab_deny {
         AB_GRANTED = 0,

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <jansson.h>
 #include <sodium.h>
@@ -46,6 +47,15 @@ static void usage(FILE *f)
                 "  policy reload       recompile the policy sources now (admin socket)\n"
                 "  policy sign --key FILE PATH     write PATH.sig, as a control plane would\n"
                 "  keygen --out FILE   make a control-plane signing key (FILE, FILE.pub)\n"
+                "  authenticate        open or re-authenticate this process's session\n"
+                "  introspect TOKEN|- [--audience A] [--scope S] [--max-auth-age N] [--user U]\n"
+                "                      print the verdict on a token; exit 0 only if it is active\n"
+                "  attenuate TOKEN|- [--audience A] [--scope S ...] [--ttl N] [--task ID] [--json]\n"
+                "                      print a narrower token derived from TOKEN\n"
+                "  revoke (--jti ID | --session SID | --token TOKEN | --agent ID | --before TIME)\n"
+                "                      revoke; --agent and --before need the admin socket, TIME is\n"
+                "                      Unix seconds, @SECONDS, \"now\" or YYYY-MM-DDTHH:MM:SSZ\n"
+                "  sessions [--agent ID] [--json]  list sessions (all on the admin socket, else your own)\n"
                 "  call [--admin] METHOD [JSON]    call any varlink method and print the reply\n"
                 "\n"
                 "Options:\n"
@@ -54,7 +64,11 @@ static void usage(FILE *f)
                 "  --timeout MS         connect and reply timeout (default 5000)\n"
                 "  -h, --help           this help;  --version  the version\n"
                 "\n"
-                "Exit status: 0 success; 1 denied by the broker (reason on stderr);\n"
+                "Commands that take the admin socket use it when this user can open it,\n"
+                "else the agent socket (revoke: only your own tokens and sessions).\n"
+                "\n"
+                "Exit status: 0 success; 1 denied by the broker (reason on stderr),\n"
+                "or an inactive token for introspect;\n"
                 "2 bad usage; 3 broker unreachable; 4 any other error.\n",
                 AB_DEFAULT_SOCKET, AB_DEFAULT_ADMIN_SOCKET);
 }
@@ -159,7 +173,7 @@ static int cmd_token(const opts *o, int argc, char **argv)
         if (!params || !scopes)
                 return EXIT_ERROR;
         json_object_set_new(params, "scopes", scopes);
-        optind = 1;
+        optind = 0;
         while ((c = getopt_long(argc, argv, "h", lo, NULL)) >= 0) {
                 switch (c) {
                 case 'a': json_object_set_new(params, "audience", json_string(optarg)); break;
@@ -465,6 +479,357 @@ static int cmd_policy_sign(int argc, char **argv)
         return EXIT_OK;
 }
 
+
+/* May this user talk to the admin socket? (root, or a group the socket is open to) */
+static bool admin_usable(const opts *o)
+{
+        const char *path = o->admin_socket ? o->admin_socket : getenv("AGENT_BROKER_ADMIN_SOCKET");
+        if (!path)
+                path = AB_DEFAULT_ADMIN_SOCKET;
+        return access(path, R_OK | W_OK) == 0;
+}
+
+/* A token from an argument, or from stdin when it is "-". */
+static char *token_arg(const char *arg)
+{
+        char buf[16384];
+        size_t n;
+
+        if (strcmp(arg, "-") != 0)
+                return strdup(arg);
+        n = fread(buf, 1, sizeof buf - 1, stdin);
+        buf[n] = '\0';
+        while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
+                buf[--n] = '\0';
+        char *t = strdup(buf);
+        sodium_memzero(buf, sizeof buf);
+        return t;
+}
+
+static int parse_uint_arg(const char *what, const char *v, long max, long *ret)
+{
+        char *end;
+        long x;
+        errno = 0;
+        x = strtol(v, &end, 10);
+        if (errno || *end || end == v || x < 0 || x > max) {
+                fprintf(stderr, "agent-brokerctl: %s takes a number from 0 to %ld\n", what, max);
+                return -1;
+        }
+        *ret = x;
+        return 0;
+}
+
+static int parse_time_arg(const char *v, long long *ret)
+{
+        struct tm tm = { 0 };
+        const char *e;
+        char *end;
+
+        if (strcmp(v, "now") == 0) {
+                /* everything up to and including this second */
+                *ret = (long long)time(NULL) + 1;
+                return 0;
+        }
+        if (*v == '@')
+                v++;
+        errno = 0;
+        *ret = strtoll(v, &end, 10);
+        if (!errno && *end == '\0' && end != v && *ret >= 0)
+                return 0;
+        e = strptime(v, "%Y-%m-%dT%H:%M:%S", &tm);
+        if (e && (strcmp(e, "Z") == 0 || *e == '\0')) {
+                *ret = (long long)timegm(&tm);
+                return 0;
+        }
+        fprintf(stderr, "agent-brokerctl: --before takes Unix seconds, @SECONDS, now, or YYYY-MM-DDTHH:MM:SSZ\n");
+        return -1;
+}
+
+static int cmd_authenticate(const opts *o, int argc, char **argv)
+{
+        json_t *reply = NULL;
+        int ex;
+
+        if (argc > 1 && strcmp(argv[1], "--json") != 0) {
+                fprintf(stderr, "agent-brokerctl: authenticate: unexpected argument \"%s\"\n", argv[1]);
+                return EXIT_USAGE;
+        }
+        ex = simple_call(o, false, "io.agentbroker.Authenticate", NULL, &reply);
+        if (ex)
+                return ex;
+        ex = print_json(reply);
+        json_decref(reply);
+        return ex;
+}
+
+static int cmd_introspect(const opts *o, int argc, char **argv)
+{
+        static const struct option lo[] = {
+                { "audience", required_argument, NULL, 'a' }, { "scope", required_argument, NULL, 's' },
+                { "max-auth-age", required_argument, NULL, 'm' }, { "user", required_argument, NULL, 'u' },
+                { "json", no_argument, NULL, 'j' }, { 0 },
+        };
+        json_t *params = json_object(), *reply = NULL;
+        char *token;
+        long v;
+        int c, ex;
+
+        optind = 0;
+        while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
+                switch (c) {
+                case 'a': json_object_set_new(params, "audience", json_string(optarg)); break;
+                case 's': json_object_set_new(params, "scope", json_string(optarg)); break;
+                case 'u': json_object_set_new(params, "user", json_string(optarg)); break;
+                case 'm':
+                        if (parse_uint_arg("--max-auth-age", optarg, 366L * 86400, &v) < 0) {
+                                json_decref(params);
+                                return EXIT_USAGE;
+                        }
+                        json_object_set_new(params, "max_auth_age", json_integer(v));
+                        break;
+                case 'j': break; /* the verdict is printed as JSON anyway */
+                default: json_decref(params); return EXIT_USAGE;
+                }
+        }
+        if (optind + 1 != argc) {
+                fprintf(stderr, "agent-brokerctl: introspect TOKEN|- [--audience A] [--scope S] [--max-auth-age N]\n");
+                json_decref(params);
+                return EXIT_USAGE;
+        }
+        token = token_arg(argv[optind]);
+        if (!token) {
+                json_decref(params);
+                return EXIT_ERROR;
+        }
+        json_object_set_new(params, "token", json_string(token));
+        sodium_memzero(token, strlen(token));
+        free(token);
+        ex = simple_call(o, false, "io.agentbroker.Introspect", params, &reply);
+        if (ex)
+                return ex;
+        ex = print_json(reply);
+        if (ex == EXIT_OK && !json_is_true(json_object_get(reply, "active")))
+                ex = EXIT_DENIED;
+        json_decref(reply);
+        return ex;
+}
+
+static int cmd_attenuate(const opts *o, int argc, char **argv)
+{
+        static const struct option lo[] = {
+                { "audience", required_argument, NULL, 'a' }, { "scope", required_argument, NULL, 's' },
+                { "ttl", required_argument, NULL, 't' }, { "task", required_argument, NULL, 'k' },
+                { "json", no_argument, NULL, 'j' }, { 0 },
+        };
+        json_t *params = json_object(), *scopes = json_array(), *reply = NULL;
+        bool as_json = false;
+        char *token;
+        long v;
+        int c, ex;
+
+        optind = 0;
+        while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
+                switch (c) {
+                case 'a': json_object_set_new(params, "audience", json_string(optarg)); break;
+                case 's': json_array_append_new(scopes, json_string(optarg)); break;
+                case 'k': json_object_set_new(params, "task", json_string(optarg)); break;
+                case 't':
+                        if (parse_uint_arg("--ttl", optarg, 86400, &v) < 0 || v == 0) {
+                                json_decref(params);
+                                json_decref(scopes);
+                                return EXIT_USAGE;
+                        }
+                        json_object_set_new(params, "ttl", json_integer(v));
+                        break;
+                case 'j': as_json = true; break;
+                default: json_decref(params); json_decref(scopes); return EXIT_USAGE;
+                }
+        }
+        if (optind + 1 != argc) {
+                fprintf(stderr, "agent-brokerctl: attenuate TOKEN|- [--audience A] [--scope S ...] [--ttl N]\n");
+                json_decref(params);
+                json_decref(scopes);
+                return EXIT_USAGE;
+        }
+        if (json_array_size(scopes) > 0)
+                json_object_set_new(params, "scopes", scopes);
+        else
+                json_decref(scopes);
+        token = token_arg(argv[optind]);
+        if (!token) {
+                json_decref(params);
+                return EXIT_ERROR;
+        }
+        json_object_set_new(params, "token", json_string(token));
+        sodium_memzero(token, strlen(token));
+        free(token);
+        ex = simple_call(o, false, "io.agentbroker.Attenuate", params, &reply);
+        if (ex)
+                return ex;
+        if (as_json)
+                ex = print_json(reply);
+        else
+                printf("%s\n", json_string_value(json_object_get(reply, "token")));
+        json_decref(reply);
+        return ex;
+}
+
+static int cmd_revoke(const opts *o, int argc, char **argv)
+{
+        static const struct option lo[] = {
+                { "jti", required_argument, NULL, 'j' }, { "session", required_argument, NULL, 's' },
+                { "sid", required_argument, NULL, 's' }, { "token", required_argument, NULL, 't' },
+                { "agent", required_argument, NULL, 'a' }, { "before", required_argument, NULL, 'b' },
+                { "json", no_argument, NULL, 'J' }, { 0 },
+        };
+        json_t *params = json_object(), *reply = NULL;
+        bool as_json = false, admin, needs_admin = false;
+        long long t;
+        int c, ex, n = 0;
+
+        optind = 0;
+        while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
+                switch (c) {
+                case 'j': json_object_set_new(params, "jti", json_string(optarg)); n++; break;
+                case 's': json_object_set_new(params, "sid", json_string(optarg)); n++; break;
+                case 't': {
+                        char *tok = token_arg(optarg);
+                        json_object_set_new(params, "token", json_string(tok ? tok : ""));
+                        if (tok) {
+                                sodium_memzero(tok, strlen(tok));
+                                free(tok);
+                        }
+                        n++;
+                        break;
+                }
+                case 'a': json_object_set_new(params, "agent", json_string(optarg)); n++; needs_admin = true; break;
+                case 'b':
+                        if (parse_time_arg(optarg, &t) < 0) {
+                                json_decref(params);
+                                return EXIT_USAGE;
+                        }
+                        json_object_set_new(params, "before", json_integer(t));
+                        n++;
+                        needs_admin = true;
+                        break;
+                case 'J': as_json = true; break;
+                default: json_decref(params); return EXIT_USAGE;
+                }
+        }
+        if (n != 1 || optind != argc) {
+                fprintf(stderr, "agent-brokerctl: revoke takes exactly one of --jti, --session, --token, --agent, --before\n");
+                json_decref(params);
+                return EXIT_USAGE;
+        }
+        admin = admin_usable(o);
+        if (needs_admin && !admin) {
+                fprintf(stderr, "agent-brokerctl: revoke --agent/--before need the admin socket (root)\n");
+                json_decref(params);
+                return EXIT_DENIED;
+        }
+        if (admin && json_object_get(params, "token")) {
+                /* the admin interface revokes by jti: take it from the token */
+                json_t *q = json_pack("{s:O}", "token", json_object_get(params, "token")), *v = NULL;
+                ex = simple_call(o, true, "io.agentbroker.admin.Introspect", q, &v);
+                if (ex) {
+                        json_decref(params);
+                        return ex;
+                }
+                if (!json_is_string(json_object_get(v, "jti"))) {
+                        fprintf(stderr, "agent-brokerctl: revoke: the token is not active (%s); nothing to revoke\n",
+                                json_string_value(json_object_get(v, "reason")));
+                        json_decref(v);
+                        json_decref(params);
+                        return EXIT_DENIED;
+                }
+                json_object_del(params, "token");
+                json_object_set(params, "jti", json_object_get(v, "jti"));
+                json_decref(v);
+        }
+        ex = simple_call(o, admin, admin ? "io.agentbroker.admin.Revoke" : "io.agentbroker.Revoke", params, &reply);
+        if (ex)
+                return ex;
+        if (as_json)
+                ex = print_json(reply);
+        else
+                printf("%s\n", json_string_value(json_object_get(reply, "message")));
+        json_decref(reply);
+        return ex;
+}
+
+static int cmd_sessions(const opts *o, int argc, char **argv)
+{
+        static const struct option lo[] = {
+                { "agent", required_argument, NULL, 'a' }, { "json", no_argument, NULL, 'j' }, { 0 },
+        };
+        json_t *params = NULL, *reply = NULL, *s;
+        bool as_json = false, admin = admin_usable(o);
+        size_t i;
+        int c, ex;
+
+        optind = 0;
+        while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
+                switch (c) {
+                case 'a':
+                        json_decref(params);
+                        params = json_pack("{s:s}", "agent", optarg);
+                        break;
+                case 'j': as_json = true; break;
+                default: json_decref(params); return EXIT_USAGE;
+                }
+        }
+        if (optind != argc) {
+                json_decref(params);
+                return EXIT_USAGE;
+        }
+        if (admin)
+                ex = simple_call(o, true, "io.agentbroker.admin.ListSessions", params, &reply);
+        else {
+                const char *want = params ? json_string_value(json_object_get(params, "agent")) : NULL;
+                ex = simple_call(o, false, "io.agentbroker.ListSessions", NULL, &reply);
+                if (!ex && want) {
+                        json_t *all = json_object_get(reply, "sessions");
+                        for (i = json_array_size(all); i-- > 0;)
+                                if (strcmp(json_string_value(json_object_get(json_array_get(all, i), "agent")), want))
+                                        json_array_remove(all, i);
+                }
+                json_decref(params);
+        }
+        if (ex)
+                return ex;
+        if (as_json) {
+                ex = print_json(reply);
+                json_decref(reply);
+                return ex;
+        }
+        printf("%-22s  %-20s  %6s  %7s  %-8s  %-20s  %s\n", "SID", "AGENT", "UID", "PID", "STATE", "EXPIRES", "PAM");
+        json_array_foreach(json_object_get(reply, "sessions"), i, s) {
+                time_t e = (time_t)json_integer_value(json_object_get(s, "expires"));
+                struct tm tm;
+                char when[32] = "";
+                json_t *pam = json_object_get(s, "pam"), *ps;
+                size_t k;
+                if (gmtime_r(&e, &tm))
+                        strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+                printf("%-22s  %-20s  %6lld  %7lld  %-8s  %-20s  %zu\n",
+                       json_string_value(json_object_get(s, "sid")), json_string_value(json_object_get(s, "agent")),
+                       (long long)json_integer_value(json_object_get(s, "uid")),
+                       (long long)json_integer_value(json_object_get(s, "pid")),
+                       json_string_value(json_object_get(s, "state")), when, json_array_size(pam));
+                json_array_foreach(pam, k, ps)
+                        printf("    pam %s  service %s  user %s%s%s%s%s\n", json_string_value(json_object_get(ps, "id")),
+                               json_string_value(json_object_get(ps, "service")),
+                               json_string_value(json_object_get(ps, "user")),
+                               json_object_get(ps, "tty") ? "  tty " : "",
+                               json_object_get(ps, "tty") ? json_string_value(json_object_get(ps, "tty")) : "",
+                               json_object_get(ps, "rhost") ? "  rhost " : "",
+                               json_object_get(ps, "rhost") ? json_string_value(json_object_get(ps, "rhost")) : "");
+        }
+        json_decref(reply);
+        return EXIT_OK;
+}
+
 static int cmd_keygen_o(const opts *o, int argc, char **argv)
 {
         (void)o;
@@ -517,7 +882,9 @@ int main(int argc, char **argv)
         static const struct { const char *name; int (*fn)(const opts *, int, char **); } cmds[] = {
                 { "token", cmd_token },   { "keys", cmd_keys },     { "status", cmd_status },
                 { "call", cmd_call },     { "whoami", cmd_whoami }, { "policy", cmd_policy },
-                { "keygen", cmd_keygen_o },
+                { "keygen", cmd_keygen_o }, { "authenticate", cmd_authenticate },
+                { "introspect", cmd_introspect }, { "attenuate", cmd_attenuate },
+                { "revoke", cmd_revoke },   { "sessions", cmd_sessions },
         };
         opts o = { .timeout_ms = 5000 };
         int c;

@@ -1,0 +1,609 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Varlink methods about sessions: Authenticate, Introspect, Attenuate,
+ * Revoke, ListSessions and the PAM session records. The rules they apply
+ * live in session.c; this file checks parameters, asks who is calling,
+ * and turns results into replies.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sodium.h>
+#include "log.h"
+#include "methods.h"
+#include "../common/util.h"
+
+int64_t ab_manager_now(const ab_manager *m)
+{
+        (void)m;
+        return (int64_t)(ab_now_usec() / 1000000);
+}
+
+static void store_error(ab_conn *c, int r, const char *what)
+{
+        char reason[256];
+        snprintf(reason, sizeof reason, "%s: %s", what,
+                 r == -ENOSPC ? "the broker's state store is full (disk or map)" : ab_strerror(r));
+        ab_log(LOG_ERR, "%s", reason);
+        ab_conn_error(c, "io.agentbroker.InternalError", reason, NULL);
+}
+
+static json_t *session_reply(const ab_session *s, const ab_agent *a, int64_t now)
+{
+        json_t *j = ab_session_json(s, a, now);
+        if (j)
+                json_object_del(j, "pam");
+        return j;
+}
+
+int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a, ab_session *ret)
+{
+        int64_t now = ab_manager_now(c->m);
+        char reason[256];
+        bool created;
+        int r;
+
+        switch (ab_session_check(c->m->store, id, a, now, ret)) {
+        case AB_SESSION_OK:
+                return 0;
+        case AB_SESSION_NONE:
+                r = ab_session_authenticate(c->m->store, id, a, now, ret, &created);
+                if (r < 0) {
+                        store_error(c, r, "cannot open a session");
+                        return -1;
+                }
+                ab_log(LOG_INFO, "session %s opened for agent %s pid %d uid %u", ret->sid, a->id, (int)id->pid,
+                       (unsigned)id->uid);
+                return 0;
+        case AB_SESSION_NEED_REAUTH:
+                if (strcmp(ret->sha256, id->sha256) != 0 || strcmp(ret->agent, a->id) != 0)
+                        snprintf(reason, sizeof reason,
+                                 "the process changed its executable or agent entry since session %s was "
+                                 "authenticated; call Authenticate",
+                                 ret->sid);
+                else
+                        snprintf(reason, sizeof reason,
+                                 "session %s was last authenticated %lld s ago (reauth_interval %u s); call "
+                                 "Authenticate",
+                                 ret->sid, (long long)(now - ret->auth_time),
+                                 AB_MIN(ret->reauth_interval, a->reauth_interval));
+                ab_conn_error(c, "io.agentbroker.ReauthRequired", reason, json_pack("{s:s}", "sid", ret->sid));
+                return -1;
+        case AB_SESSION_EXPIRED:
+                snprintf(reason, sizeof reason, "session %s reached its max_lifetime; call Authenticate for a new one",
+                         ret->sid);
+                ab_conn_error(c, "io.agentbroker.SessionExpired", reason, json_pack("{s:s}", "sid", ret->sid));
+                return -1;
+        case AB_SESSION_IS_REVOKED:
+                snprintf(reason, sizeof reason, "session %s of this process was revoked", ret->sid);
+                ab_conn_error(c, "io.agentbroker.SessionRevoked", reason, json_pack("{s:s}", "sid", ret->sid));
+                return -1;
+        }
+        return -1;
+}
+
+json_t *ab_token_reply(const char *token, size_t len, int64_t now, int64_t exp, const char *jti, const char *scope,
+                       const char *agent)
+{
+        return json_pack("{s:s%, s:s, s:I, s:I, s:s, s:s, s:s}", "token", token, len, "token_type", "Bearer",
+                         "expires_in", (json_int_t)(exp - now), "expires_at", (json_int_t)exp, "jti", jti, "scope",
+                         scope, "agent", agent);
+}
+
+void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = { { 0 } };
+        const ab_agent *a;
+        ab_identity id;
+        ab_session s;
+        bool created = false;
+        int64_t now;
+        int r;
+
+        if (ab_check_params(c, call->parameters, spec) < 0)
+                return;
+        if (!ab_rate_take(c->m, c->uslot)) {
+                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+                return;
+        }
+        a = ab_attest_agent(c, &id);
+        if (!a)
+                return;
+        now = ab_manager_now(c->m);
+        r = ab_session_authenticate(c->m->store, &id, a, now, &s, &created);
+        if (r == -EPERM) {
+                char reason[128];
+                snprintf(reason, sizeof reason, "session %s of this process was revoked", s.sid);
+                ab_conn_error(c, "io.agentbroker.SessionRevoked", reason, json_pack("{s:s}", "sid", s.sid));
+                return;
+        }
+        if (r < 0) {
+                store_error(c, r, "cannot record the session");
+                return;
+        }
+        ab_log(LOG_INFO, "session %s %s for agent %s pid %d uid %u", s.sid, created ? "opened" : "re-authenticated",
+               a->id, (int)id.pid, (unsigned)id.uid);
+        ab_conn_reply(c, session_reply(&s, a, now), NULL);
+}
+
+/* ---- Introspect --------------------------------------------------------- */
+
+static const param_spec introspect_spec[] = {
+        { "token", P_STRING, true, AB_JWT_MAX, 0, 0 },
+        { "audience", P_STRING, false, AB_AUDIENCE_MAX, 0, 0 },
+        { "scope", P_STRING, false, AB_SCOPE_MAX, 0, 0 },
+        { "max_auth_age", P_INT, false, 0, 0, 366LL * 24 * 3600 },
+        { "user", P_STRING, false, AB_USER_MAX, 0, 0 },
+        { "service", P_STRING, false, AB_SERVICE_MAX, 0, 0 },
+        { 0 },
+};
+
+static int introspect_token(ab_conn *c, json_t *p, const char *token_key, ab_introspect_res *res)
+{
+        json_t *tok = json_object_get(p, token_key);
+        ab_introspect_req req = {
+                .token = json_string_value(tok),
+                .token_len = json_string_length(tok),
+        };
+        if (token_key == introspect_spec[0].name) {
+                json_t *age = json_object_get(p, "max_auth_age");
+                req.audience = json_string_value(json_object_get(p, "audience"));
+                req.scope = json_string_value(json_object_get(p, "scope"));
+                req.user = json_string_value(json_object_get(p, "user"));
+                req.max_auth_age = json_is_integer(age) ? json_integer_value(age) : 0;
+        }
+        int r = ab_introspect(c->m->store, c->m->signer, c->m->policy, &req, ab_manager_now(c->m), res);
+        if (r < 0) {
+                json_decref(res->claims);
+                res->claims = NULL;
+                store_error(c, r, "cannot read the session store");
+        }
+        return r;
+}
+
+void ab_m_introspect(ab_conn *c, ab_vl_call *call)
+{
+        ab_introspect_res res;
+        json_t *reply;
+        const char *service;
+
+        if (ab_check_params(c, call->parameters, introspect_spec) < 0)
+                return;
+        if (!ab_rate_take(c->m, c->uslot)) {
+                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+                return;
+        }
+        if (introspect_token(c, call->parameters, introspect_spec[0].name, &res) < 0)
+                return;
+        service = json_string_value(json_object_get(call->parameters, "service"));
+        if (res.active) {
+                reply = json_deep_copy(res.claims);
+                if (reply) {
+                        json_object_set_new(reply, "active", json_true());
+                        json_object_set_new(reply, "token_type", json_string("access_token"));
+                }
+        } else {
+                reply = json_pack("{s:b, s:s}", "active", 0, "reason", res.reason);
+        }
+        ab_log(LOG_DEBUG, "introspect by uid %u%s%s: %s", (unsigned)c->peer.uid, service ? " for " : "",
+               service ? service : "", res.active ? "active" : res.reason);
+        json_decref(res.claims);
+        ab_conn_reply(c, reply, NULL);
+}
+
+/* ---- Attenuate ------------------------------------------------------------ */
+
+static bool scope_list_has(const char *scope, const char *want)
+{
+        size_t n = strlen(want);
+        for (const char *p = scope; *p;) {
+                const char *e = strchr(p, ' ');
+                size_t l = e ? (size_t)(e - p) : strlen(p);
+                if (l == n && memcmp(p, want, n) == 0)
+                        return true;
+                if (!e)
+                        break;
+                p = e + 1;
+        }
+        return false;
+}
+
+static void token_invalid(ab_conn *c, const char *verdict)
+{
+        char reason[128];
+        snprintf(reason, sizeof reason, "the token is not active: %s", verdict);
+        ab_conn_error(c, "io.agentbroker.InvalidToken", reason, json_pack("{s:s}", "verdict", verdict));
+}
+
+void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = {
+                { "token", P_STRING, true, AB_JWT_MAX, 0, 0 },
+                { "audience", P_STRING, false, AB_AUDIENCE_MAX, 0, 0 },
+                { "scopes", P_STRINGS, false, AB_REQ_MAX_SCOPES, 0, 0 },
+                { "ttl", P_INT, false, 0, 1, AB_TTL_MAX },
+                { "task", P_STRING, false, AB_TASK_MAX, 0, 0 },
+                { 0 },
+        };
+        json_t *p = call->parameters, *pc, *claims = NULL, *anc = NULL, *act, *e;
+        const char *aud, *pscope, *audience, *task;
+        char scope[AB_REQ_MAX_SCOPES * (AB_SCOPE_MAX + 1)], reason[512], jti[AB_TOKEN_JTI_LEN + 1];
+        const ab_agent *a, *delegator;
+        ab_introspect_res res;
+        ab_identity id;
+        int64_t now = ab_manager_now(c->m), pexp, exp;
+        size_t off = 0, i, depth;
+        char *token = NULL;
+        size_t len = 0;
+
+        if (ab_check_params(c, p, spec) < 0)
+                return;
+        if (!ab_rate_take(c->m, c->uslot)) {
+                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+                return;
+        }
+        if (ab_attest_peer(c, &id) < 0)
+                return;
+        if (introspect_token(c, p, "token", &res) < 0)
+                return;
+        if (!res.active) {
+                token_invalid(c, res.reason);
+                goto out;
+        }
+        if (res.session.uid != id.uid) {
+                ab_conn_error(c, "io.agentbroker.PermissionDenied",
+                              "the token's session belongs to another user; only its holder may attenuate it", NULL);
+                ab_log(LOG_NOTICE, "attenuate refused: pid %d uid %u holds a token of uid %u", (int)id.pid,
+                       (unsigned)id.uid, (unsigned)res.session.uid);
+                goto out;
+        }
+        pc = res.claims;
+        aud = json_string_value(json_object_get(pc, "aud"));
+        pscope = json_string_value(json_object_get(pc, "scope"));
+        pexp = json_integer_value(json_object_get(pc, "exp"));
+        a = ab_policy_find(c->m->policy, json_string_value(json_object_get(pc, "sub")));
+        if (!a) {
+                ab_conn_error(c, "io.agentbroker.NotAnAgent", "the token's agent is no longer in policy", NULL);
+                goto out;
+        }
+        anc = json_object_get(pc, "ancestors");
+        depth = json_is_array(anc) ? json_array_size(anc) + 1 : 1;
+        if (depth > a->max_delegation_depth) {
+                snprintf(reason, sizeof reason, "delegation depth %zu exceeds max_delegation_depth %u of agent \"%s\"",
+                         depth, a->max_delegation_depth, a->id);
+                ab_conn_error(c, "io.agentbroker.DelegationTooDeep", reason, NULL);
+                goto out;
+        }
+        audience = json_string_value(json_object_get(p, "audience"));
+        if (audience && strcmp(audience, aud) != 0) {
+                snprintf(reason, sizeof reason, "audience \"%.200s\" is not the parent token's audience", audience);
+                ab_conn_error(c, "io.agentbroker.AudienceNotGranted", reason, NULL);
+                goto out;
+        }
+        if (json_is_array(json_object_get(p, "scopes"))) {
+                json_array_foreach(json_object_get(p, "scopes"), i, e) {
+                        const char *s = json_string_value(e);
+                        if (!scope_list_has(pscope, s)) {
+                                snprintf(reason, sizeof reason, "scope \"%.128s\" is not in the parent token", s);
+                                ab_conn_error(c, "io.agentbroker.ScopeNotGranted", reason, NULL);
+                                goto out;
+                        }
+                        if (scope_list_has(off ? scope : "", s))
+                                continue;
+                        if (off)
+                                scope[off++] = ' ';
+                        memcpy(scope + off, s, json_string_length(e));
+                        off += json_string_length(e);
+                        scope[off] = '\0';
+                }
+        } else {
+                snprintf(scope, sizeof scope, "%s", pscope);
+        }
+        exp = pexp;
+        if (json_is_integer(json_object_get(p, "ttl"))) {
+                exp = now + json_integer_value(json_object_get(p, "ttl"));
+                if (exp > pexp) {
+                        snprintf(reason, sizeof reason, "ttl reaches past the parent token's expiry (%lld s left)",
+                                 (long long)(pexp - now));
+                        ab_conn_error(c, "io.agentbroker.TtlTooLong", reason, NULL);
+                        goto out;
+                }
+        }
+        delegator = ab_policy_match(c->m->policy, &id);
+        act = json_pack("{s:s}", "sub", delegator ? delegator->id : a->id);
+        if (act && json_is_object(json_object_get(pc, "act")))
+                json_object_set(act, "act", json_object_get(pc, "act"));
+        anc = json_is_array(anc) ? json_copy(anc) : json_array();
+        json_array_append(anc, json_object_get(pc, "jti"));
+        task = json_string_value(json_object_get(p, "task"));
+        if (!task)
+                task = json_string_value(json_object_get(pc, "task"));
+        ab_jti_new(res.session.sid, jti);
+        claims = json_pack("{s:O, s:O, s:s, s:O, s:I, s:I, s:I, s:s, s:O, s:O, s:O, s:o, s:O, s:o}", "sub",
+                           json_object_get(pc, "sub"), "aud", json_object_get(pc, "aud"), "scope", scope,
+                           "client_id", json_object_get(pc, "client_id"), "iat", (json_int_t)now, "nbf",
+                           (json_int_t)now, "exp", (json_int_t)exp, "jti", jti, "sid", json_object_get(pc, "sid"),
+                           "auth_time", json_object_get(pc, "auth_time"), "owner", json_object_get(pc, "owner"),
+                           "act", act, "parent", json_object_get(pc, "jti"), "ancestors", anc);
+        if (claims && task)
+                json_object_set_new(claims, "task", json_string(task));
+        if (!claims || ab_token_sign(c->m->signer, claims, &token, &len) < 0) {
+                ab_conn_error(c, "io.agentbroker.InternalError", "could not sign the token", NULL);
+                goto out;
+        }
+        json_t *reply = ab_token_reply(token, len, now, exp, jti, scope, a->id);
+        if (reply) {
+                json_object_set(reply, "parent", json_object_get(pc, "jti"));
+                json_object_set_new(reply, "depth", json_integer((json_int_t)depth));
+                json_object_set(reply, "sid", json_object_get(pc, "sid"));
+        }
+        ab_log(LOG_INFO, "attenuated %s -> %s (depth %zu) by pid %d", json_string_value(json_object_get(pc, "jti")),
+               jti, depth, (int)id.pid);
+        ab_conn_reply(c, reply, NULL);
+out:
+        if (token) {
+                sodium_memzero(token, len);
+                free(token);
+        }
+        json_decref(claims);
+        json_decref(res.claims);
+}
+
+/* ---- Revoke --------------------------------------------------------------- */
+
+static int one_of(ab_conn *c, json_t *p, const char *const *names, size_t n, const char **ret)
+{
+        size_t found = 0;
+        for (size_t i = 0; i < n; i++)
+                if (json_object_get(p, names[i]) && !json_is_null(json_object_get(p, names[i]))) {
+                        *ret = names[i];
+                        found++;
+                }
+        if (found != 1) {
+                ab_invalid_param(c, names[0], "give exactly one of the revocation parameters");
+                return -1;
+        }
+        return 0;
+}
+
+static void revoked_reply(ab_conn *c, unsigned n, const char *what)
+{
+        char msg[256];
+        snprintf(msg, sizeof msg, "revoked %s", what);
+        ab_log(LOG_NOTICE, "uid %u %s", (unsigned)c->peer.uid, msg);
+        ab_conn_reply(c, json_pack("{s:i, s:s}", "revoked", (int)n, "message", msg), NULL);
+}
+
+void ab_m_revoke(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = {
+                { "jti", P_STRING, false, AB_TOKEN_JTI_LEN, 0, 0 },
+                { "sid", P_STRING, false, AB_SID_LEN, 0, 0 },
+                { "token", P_STRING, false, AB_JWT_MAX, 0, 0 },
+                { 0 },
+        };
+        static const char *const names[] = { "jti", "sid", "token" };
+        json_t *p = call->parameters;
+        const char *which = NULL, *jti = NULL;
+        char sid[AB_SID_LEN + 1], what[128];
+        ab_introspect_res res = { 0 };
+        const ab_agent *a;
+        ab_identity id;
+        ab_session s;
+        int r;
+
+        if (ab_check_params(c, p, spec) < 0 || one_of(c, p, names, 3, &which) < 0)
+                return;
+        if (!ab_rate_take(c->m, c->uslot)) {
+                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+                return;
+        }
+        a = ab_attest_agent(c, &id);
+        if (!a)
+                return;
+        if (strcmp(which, "sid") == 0) {
+                snprintf(sid, sizeof sid, "%s", json_string_value(json_object_get(p, "sid")));
+        } else {
+                if (strcmp(which, "token") == 0) {
+                        if (introspect_token(c, p, "token", &res) < 0)
+                                return;
+                        if (!res.claims) {
+                                token_invalid(c, res.reason);
+                                return;
+                        }
+                        jti = json_string_value(json_object_get(res.claims, "jti"));
+                } else {
+                        jti = json_string_value(json_object_get(p, "jti"));
+                }
+                if (!jti || ab_jti_sid(jti, sid) < 0) {
+                        json_decref(res.claims);
+                        ab_invalid_param(c, which, "not a token identifier issued by this broker");
+                        return;
+                }
+        }
+        r = ab_session_get(c->m->store, sid, &s);
+        if (r < 0 || strcmp(s.agent, a->id) != 0 || s.uid != id.uid) {
+                json_decref(res.claims);
+                ab_conn_error(c, "io.agentbroker.PermissionDenied",
+                              "no session of this agent and user by that identifier; an agent revokes only its own",
+                              NULL);
+                return;
+        }
+        if (jti) {
+                r = ab_revoke_jti(c->m->store, jti, s.expires);
+                snprintf(what, sizeof what, "token %s", jti);
+        } else {
+                r = ab_revoke_session(c->m->store, sid, ab_manager_now(c->m));
+                snprintf(what, sizeof what, "session %s", sid);
+        }
+        json_decref(res.claims);
+        if (r < 0) {
+                store_error(c, r, "cannot record the revocation");
+                return;
+        }
+        revoked_reply(c, 1, what);
+}
+
+void ab_m_admin_revoke(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = {
+                { "jti", P_STRING, false, AB_TOKEN_JTI_LEN, 0, 0 },
+                { "sid", P_STRING, false, AB_SID_LEN, 0, 0 },
+                { "agent", P_STRING, false, AB_ID_MAX, 0, 0 },
+                { "before", P_INT, false, 0, 0, 1LL << 40 },
+                { 0 },
+        };
+        static const char *const names[] = { "jti", "sid", "agent", "before" };
+        json_t *p = call->parameters;
+        const char *which = NULL;
+        int64_t now = ab_manager_now(c->m);
+        char what[160];
+        unsigned n = 1;
+        int r;
+
+        if (ab_check_params(c, p, spec) < 0 || one_of(c, p, names, 4, &which) < 0)
+                return;
+        if (strcmp(which, "jti") == 0) {
+                const char *jti = json_string_value(json_object_get(p, "jti"));
+                char sid[AB_SID_LEN + 1];
+                ab_session s;
+                int64_t keep = now + AB_TTL_MAX;
+                if (ab_jti_sid(jti, sid) < 0) {
+                        ab_invalid_param(c, "jti", "not a token identifier issued by this broker");
+                        return;
+                }
+                if (ab_session_get(c->m->store, sid, &s) == 0 && s.expires > now)
+                        keep = s.expires;
+                r = ab_revoke_jti(c->m->store, jti, keep);
+                snprintf(what, sizeof what, "token %s", jti);
+        } else if (strcmp(which, "sid") == 0) {
+                const char *sid = json_string_value(json_object_get(p, "sid"));
+                r = ab_revoke_session(c->m->store, sid, now);
+                if (r == -ENOENT) {
+                        ab_conn_error(c, "io.agentbroker.admin.NoSuchSession", "no session with this id", NULL);
+                        return;
+                }
+                snprintf(what, sizeof what, "session %s", sid);
+        } else if (strcmp(which, "agent") == 0) {
+                const char *agent = json_string_value(json_object_get(p, "agent"));
+                r = ab_revoke_agent(c->m->store, agent, now, &n);
+                snprintf(what, sizeof what, "%u sessions of agent %s", n, agent);
+        } else {
+                int64_t t = json_integer_value(json_object_get(p, "before"));
+                r = ab_revoke_before(c->m->store, t, now, &n);
+                snprintf(what, sizeof what, "every token and session (%u) before %lld", n, (long long)t);
+                n++;
+        }
+        if (r < 0) {
+                store_error(c, r, "cannot record the revocation");
+                return;
+        }
+        revoked_reply(c, n, what);
+}
+
+/* ---- ListSessions ------------------------------------------------------- */
+
+void ab_m_list_sessions(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = { { 0 } };
+        const ab_agent *a;
+        ab_identity id;
+        json_t *list = NULL;
+        int r;
+
+        if (ab_check_params(c, call->parameters, spec) < 0)
+                return;
+        a = ab_attest_agent(c, &id);
+        if (!a)
+                return;
+        r = ab_session_list(c->m->store, c->m->policy, a->id, &id.uid, ab_manager_now(c->m), &list);
+        if (r < 0) {
+                store_error(c, r, "cannot list sessions");
+                return;
+        }
+        ab_conn_reply(c, json_pack("{s:o}", "sessions", list), NULL);
+}
+
+void ab_m_admin_list_sessions(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = { { "agent", P_STRING, false, AB_ID_MAX, 0, 0 }, { 0 } };
+        json_t *list = NULL;
+        int r;
+
+        if (ab_check_params(c, call->parameters, spec) < 0)
+                return;
+        r = ab_session_list(c->m->store, c->m->policy, json_string_value(json_object_get(call->parameters, "agent")),
+                            NULL, ab_manager_now(c->m), &list);
+        if (r < 0) {
+                store_error(c, r, "cannot list sessions");
+                return;
+        }
+        ab_conn_reply(c, json_pack("{s:o}", "sessions", list), NULL);
+}
+
+/* ---- PAM sessions ---------------------------------------------------------- */
+
+void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = {
+                { "token", P_STRING, true, AB_JWT_MAX, 0, 0 },
+                { "service", P_STRING, true, AB_SERVICE_MAX, 0, 0 },
+                { "user", P_STRING, true, AB_USER_MAX, 0, 0 },
+                { "tty", P_STRING, false, 256, 0, 0 },
+                { "rhost", P_STRING, false, 256, 0, 0 },
+                { 0 },
+        };
+        json_t *p = call->parameters;
+        ab_introspect_res res;
+        char id[AB_PAM_ID_LEN + 1];
+        int r;
+
+        if (ab_check_params(c, p, spec) < 0)
+                return;
+        if (!ab_rate_take(c->m, c->uslot)) {
+                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+                return;
+        }
+        if (introspect_token(c, p, "token", &res) < 0)
+                return;
+        if (!res.active) {
+                token_invalid(c, res.reason);
+                json_decref(res.claims);
+                return;
+        }
+        r = ab_pam_open(c->m->store, res.session.sid, json_string_value(json_object_get(res.claims, "jti")),
+                        json_string_value(json_object_get(p, "service")), json_string_value(json_object_get(p, "user")),
+                        json_string_value(json_object_get(p, "tty")), json_string_value(json_object_get(p, "rhost")),
+                        c->peer.uid, ab_manager_now(c->m), id);
+        json_decref(res.claims);
+        if (r < 0) {
+                store_error(c, r, "cannot record the PAM session");
+                return;
+        }
+        ab_log(LOG_INFO, "PAM session %s opened (service %s, user %s)", id,
+               json_string_value(json_object_get(p, "service")), json_string_value(json_object_get(p, "user")));
+        ab_conn_reply(c, json_pack("{s:s}", "id", id), NULL);
+}
+
+void ab_m_close_pam_session(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = { { "id", P_STRING, true, AB_PAM_ID_LEN, 0, 0 }, { 0 } };
+        const char *id;
+        int r;
+
+        if (ab_check_params(c, call->parameters, spec) < 0)
+                return;
+        id = json_string_value(json_object_get(call->parameters, "id"));
+        r = ab_pam_close(c->m->store, id, c->peer.uid);
+        if (r == -EPERM) {
+                ab_conn_error(c, "io.agentbroker.PermissionDenied", "this PAM session was opened by another user",
+                              NULL);
+                return;
+        }
+        if (r < 0) {
+                store_error(c, r, "cannot close the PAM session");
+                return;
+        }
+        ab_conn_reply(c, json_object(), NULL);
+}

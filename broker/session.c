@@ -1,0 +1,812 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <pwd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sodium.h>
+#include "session.h"
+#include "../common/b64.h"
+#include "../common/jwt.h"
+#include "../common/util.h"
+
+#define SESSION_VERSION 1
+#define PKEY_LEN (1 + 4 + 8)
+#define MAX_ANCESTORS 16
+
+/* ---- keys and records ----------------------------------------------------- */
+
+static void put_be64(uint8_t *p, uint64_t v)
+{
+        for (int i = 7; i >= 0; i--, v >>= 8)
+                p[i] = (uint8_t)v;
+}
+
+static uint64_t get_be64(const uint8_t *p)
+{
+        uint64_t v = 0;
+        for (int i = 0; i < 8; i++)
+                v = v << 8 | p[i];
+        return v;
+}
+
+static void proc_key(uint8_t k[PKEY_LEN], pid_t pid, uint64_t start)
+{
+        uint32_t u = (uint32_t)pid;
+        k[0] = 'p';
+        k[1] = (uint8_t)(u >> 24);
+        k[2] = (uint8_t)(u >> 16);
+        k[3] = (uint8_t)(u >> 8);
+        k[4] = (uint8_t)u;
+        put_be64(k + 5, start);
+}
+
+static size_t sess_key(char k[1 + AB_SID_LEN], const char *sid)
+{
+        k[0] = 's';
+        memcpy(k + 1, sid, AB_SID_LEN);
+        return 1 + AB_SID_LEN;
+}
+
+static bool valid_id(const char *s, size_t len)
+{
+        if (strlen(s) != len)
+                return false;
+        for (size_t i = 0; i < len; i++) {
+                char c = s[i];
+                if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' ||
+                      c == '_'))
+                        return false;
+        }
+        return true;
+}
+
+static int load_session(ab_txn *t, const char *sid, ab_session *ret)
+{
+        char k[1 + AB_SID_LEN];
+        const void *v;
+        size_t vl;
+        int r;
+
+        if (!valid_id(sid, AB_SID_LEN))
+                return -ENOENT;
+        r = ab_txn_get(t, AB_DB_SESSIONS, k, sess_key(k, sid), &v, &vl);
+        if (r < 0)
+                return r;
+        if (vl != sizeof *ret)
+                return AB_ERR_STORE;
+        memcpy(ret, v, sizeof *ret); /* LMDB values are not aligned */
+        if (ret->version != SESSION_VERSION)
+                return AB_ERR_STORE;
+        ret->sid[AB_SID_LEN] = ret->agent[AB_ID_MAX] = ret->sha256[64] = ret->exe[AB_SESSION_EXE_MAX - 1] = '\0';
+        return 0;
+}
+
+static int store_session(ab_txn *t, const ab_session *s)
+{
+        char k[1 + AB_SID_LEN];
+        return ab_txn_put(t, AB_DB_SESSIONS, k, sess_key(k, s->sid), s, sizeof *s);
+}
+
+int ab_session_get(ab_store *st, const char *sid, ab_session *ret)
+{
+        ab_txn *t = NULL;
+        int r = ab_store_begin(st, false, &t);
+        if (r < 0)
+                return r;
+        r = load_session(t, sid, ret);
+        ab_txn_abort(t);
+        return r;
+}
+
+int ab_jti_sid(const char *jti, char sid[AB_SID_LEN + 1])
+{
+        uint8_t raw[32];
+        size_t n = 0;
+
+        sid[0] = '\0';
+        if (!valid_id(jti, AB_TOKEN_JTI_LEN) || ab_b64url_decode(jti, AB_TOKEN_JTI_LEN, raw, sizeof raw, &n) < 0 ||
+            n != 32)
+                return -EINVAL;
+        (void)ab_b64url_encode(raw, 16, sid, AB_SID_LEN + 1);
+        return 0;
+}
+
+void ab_jti_new(const char *sid, char out[AB_TOKEN_JTI_LEN + 1])
+{
+        uint8_t raw[32];
+        size_t n = 0;
+
+        if (ab_b64url_decode(sid, AB_SID_LEN, raw, 16, &n) < 0 || n != 16)
+                randombytes_buf(raw, 16); /* not one of ours: still unique */
+        randombytes_buf(raw + 16, 16);
+        (void)ab_b64url_encode(raw, sizeof raw, out, AB_TOKEN_JTI_LEN + 1);
+}
+
+int64_t ab_session_expires(const ab_session *s, const ab_agent *a)
+{
+        int64_t e = s->expires;
+        if (a && s->created + (int64_t)a->max_lifetime < e)
+                e = s->created + (int64_t)a->max_lifetime; /* a tightened policy applies at once */
+        return e;
+}
+
+int64_t ab_session_reauth_before(const ab_session *s, const ab_agent *a)
+{
+        int64_t iv = s->reauth_interval, e;
+        if (a && a->reauth_interval < iv)
+                iv = a->reauth_interval;
+        e = s->auth_time + iv;
+        return AB_MIN(e, ab_session_expires(s, a));
+}
+
+ab_session_verdict ab_session_check(ab_store *st, const ab_identity *id, const ab_agent *a, int64_t now,
+                                    ab_session *ret)
+{
+        uint8_t k[PKEY_LEN];
+        char sid[AB_SID_LEN + 1];
+        const void *v;
+        size_t vl;
+        ab_txn *t = NULL;
+        int r;
+
+        memset(ret, 0, sizeof *ret);
+        if (ab_store_begin(st, false, &t) < 0)
+                return AB_SESSION_NONE;
+        proc_key(k, id->pid, id->start_time);
+        r = ab_txn_get(t, AB_DB_SESSIONS, k, sizeof k, &v, &vl);
+        if (r == 0 && vl == AB_SID_LEN) {
+                memcpy(sid, v, AB_SID_LEN);
+                sid[AB_SID_LEN] = '\0';
+                r = load_session(t, sid, ret);
+        } else if (r == 0) {
+                r = -ENOENT;
+        }
+        ab_txn_abort(t);
+        if (r < 0 || ret->uid != id->uid)
+                return AB_SESSION_NONE;
+        if (ret->state == AB_SESSION_REVOKED)
+                return AB_SESSION_IS_REVOKED;
+        if (now >= ab_session_expires(ret, a))
+                return AB_SESSION_EXPIRED;
+        /* the same pid and start time but another agent entry or another
+         * executable (the process exec'd): it must prove itself again */
+        if (strcmp(ret->agent, a->id) != 0 || strcmp(ret->sha256, id->sha256) != 0)
+                return AB_SESSION_NEED_REAUTH;
+        if (now >= ab_session_reauth_before(ret, a))
+                return AB_SESSION_NEED_REAUTH;
+        return AB_SESSION_OK;
+}
+
+int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent *a, int64_t now,
+                            ab_session *ret, bool *ret_new)
+{
+        ab_session cur;
+        ab_session_verdict v = ab_session_check(st, id, a, now, &cur);
+        uint8_t k[PKEY_LEN];
+        ab_txn *t = NULL;
+        int r;
+
+        if (v == AB_SESSION_IS_REVOKED) {
+                *ret = cur;
+                return -EPERM;
+        }
+        if (v == AB_SESSION_OK ||
+            (v == AB_SESSION_NEED_REAUTH && strcmp(cur.agent, a->id) == 0 && strcmp(cur.sha256, id->sha256) == 0)) {
+                cur.auth_time = now;
+                cur.pid = id->pid;
+                *ret_new = false;
+        } else {
+                uint8_t raw[16];
+                memset(&cur, 0, sizeof cur);
+                cur.version = SESSION_VERSION;
+                cur.state = AB_SESSION_ACTIVE;
+                cur.uid = id->uid;
+                cur.pid = id->pid;
+                cur.start_time = id->start_time;
+                cur.created = cur.auth_time = now;
+                cur.expires = now + (int64_t)a->max_lifetime;
+                cur.reauth_interval = a->reauth_interval;
+                randombytes_buf(raw, sizeof raw);
+                (void)ab_b64url_encode(raw, sizeof raw, cur.sid, sizeof cur.sid);
+                snprintf(cur.agent, sizeof cur.agent, "%s", a->id);
+                snprintf(cur.sha256, sizeof cur.sha256, "%s", id->sha256);
+                snprintf(cur.exe, sizeof cur.exe, "%s", id->exe);
+                *ret_new = true;
+        }
+        r = ab_store_begin(st, true, &t);
+        if (r < 0)
+                return r;
+        r = store_session(t, &cur);
+        if (r == 0 && *ret_new) {
+                proc_key(k, id->pid, id->start_time);
+                r = ab_txn_put(t, AB_DB_SESSIONS, k, sizeof k, cur.sid, AB_SID_LEN);
+        }
+        if (r < 0) {
+                ab_txn_abort(t);
+                return r;
+        }
+        r = ab_txn_commit(t);
+        if (r < 0)
+                return r;
+        *ret = cur;
+        return 0;
+}
+
+/* ---- revocation --------------------------------------------------------- */
+
+static int revoke_session_txn(ab_txn *t, const char *sid, int64_t now)
+{
+        ab_session s;
+        int r = load_session(t, sid, &s);
+        if (r < 0)
+                return r;
+        if (s.state == AB_SESSION_REVOKED)
+                return 0;
+        s.state = AB_SESSION_REVOKED;
+        s.revoked_at = now;
+        return store_session(t, &s);
+}
+
+int ab_revoke_jti(ab_store *st, const char *jti, int64_t keep_until)
+{
+        char k[1 + AB_TOKEN_JTI_LEN];
+        uint8_t v[8];
+        ab_txn *t = NULL;
+        int r;
+
+        if (!valid_id(jti, AB_TOKEN_JTI_LEN))
+                return -EINVAL;
+        k[0] = 'j';
+        memcpy(k + 1, jti, AB_TOKEN_JTI_LEN);
+        put_be64(v, (uint64_t)keep_until);
+        r = ab_store_begin(st, true, &t);
+        if (r < 0)
+                return r;
+        r = ab_txn_put(t, AB_DB_REVOCATIONS, k, sizeof k, v, sizeof v);
+        if (r < 0) {
+                ab_txn_abort(t);
+                return r;
+        }
+        return ab_txn_commit(t);
+}
+
+int ab_revoke_session(ab_store *st, const char *sid, int64_t now)
+{
+        ab_txn *t = NULL;
+        int r = ab_store_begin(st, true, &t);
+        if (r < 0)
+                return r;
+        r = revoke_session_txn(t, sid, now);
+        if (r < 0) {
+                ab_txn_abort(t);
+                return r;
+        }
+        return ab_txn_commit(t);
+}
+
+typedef struct sweep {
+        ab_txn *t;
+        const char *agent;   /* revoke sessions of this agent */
+        int64_t before;      /* or opened before this */
+        int64_t now;
+        unsigned n;
+        char (*sids)[AB_SID_LEN + 1];
+        size_t n_sids, cap;
+} sweep;
+
+static int collect(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        sweep *w = ud;
+        ab_session s;
+
+        if (klen != 1 + AB_SID_LEN || vlen != sizeof s)
+                return 0;
+        memcpy(&s, val, sizeof s);
+        s.agent[AB_ID_MAX] = '\0';
+        if (s.state == AB_SESSION_REVOKED)
+                return 0;
+        if (w->agent ? strcmp(s.agent, w->agent) != 0 : s.created >= w->before)
+                return 0;
+        if (w->n_sids == w->cap) {
+                size_t nc = w->cap ? w->cap * 2 : 64;
+                void *p = realloc(w->sids, nc * sizeof *w->sids);
+                if (!p)
+                        return -ENOMEM;
+                w->sids = p;
+                w->cap = nc;
+        }
+        memcpy(w->sids[w->n_sids], (const char *)key + 1, AB_SID_LEN);
+        w->sids[w->n_sids][AB_SID_LEN] = '\0';
+        w->n_sids++;
+        return 0;
+}
+
+/* Revoke the sessions that match w, and (before-cutoff) record the cut-off, in one durable txn. */
+static int revoke_sweep(ab_store *st, sweep *w, unsigned *ret_n)
+{
+        int r = ab_store_begin(st, true, &w->t);
+        if (r < 0)
+                return r;
+        r = ab_txn_foreach(w->t, AB_DB_SESSIONS, "s", 1, collect, w);
+        for (size_t i = 0; r >= 0 && i < w->n_sids; i++)
+                r = revoke_session_txn(w->t, w->sids[i], w->now);
+        if (r >= 0 && !w->agent) {
+                uint8_t v[8];
+                const void *old;
+                size_t ol;
+                /* the cut-off only moves forward */
+                if (ab_txn_get(w->t, AB_DB_REVOCATIONS, "b", 1, &old, &ol) == 0 && ol == 8 &&
+                    (int64_t)get_be64(old) > w->before)
+                        put_be64(v, get_be64(old));
+                else
+                        put_be64(v, (uint64_t)w->before);
+                r = ab_txn_put(w->t, AB_DB_REVOCATIONS, "b", 1, v, sizeof v);
+        }
+        free(w->sids);
+        if (r < 0) {
+                ab_txn_abort(w->t);
+                return r;
+        }
+        r = ab_txn_commit(w->t);
+        if (r == 0 && ret_n)
+                *ret_n = (unsigned)w->n_sids;
+        return r;
+}
+
+int ab_revoke_agent(ab_store *st, const char *agent, int64_t now, unsigned *ret_n)
+{
+        sweep w = { .agent = agent, .now = now };
+        return revoke_sweep(st, &w, ret_n);
+}
+
+int ab_revoke_before(ab_store *st, int64_t t, int64_t now, unsigned *ret_n)
+{
+        sweep w = { .before = t, .now = now };
+        return revoke_sweep(st, &w, ret_n);
+}
+
+/* ---- introspection ---------------------------------------------------------- */
+
+static bool claim_int(json_t *c, const char *k, int64_t *ret)
+{
+        json_t *v = json_object_get(c, k);
+        if (!json_is_integer(v))
+                return false;
+        *ret = json_integer_value(v);
+        return true;
+}
+
+static const char *claim_str(json_t *c, const char *k)
+{
+        return json_string_value(json_object_get(c, k));
+}
+
+static bool jti_revoked(ab_txn *t, const char *jti)
+{
+        char k[1 + AB_TOKEN_JTI_LEN];
+        const void *v;
+        size_t vl;
+
+        if (!jti || strlen(jti) != AB_TOKEN_JTI_LEN)
+                return false;
+        k[0] = 'j';
+        memcpy(k + 1, jti, AB_TOKEN_JTI_LEN);
+        return ab_txn_get(t, AB_DB_REVOCATIONS, k, sizeof k, &v, &vl) == 0;
+}
+
+static bool scope_has(const char *scope, const char *want)
+{
+        size_t n = strlen(want);
+        for (const char *p = scope; *p;) {
+                const char *e = strchr(p, ' ');
+                size_t l = e ? (size_t)(e - p) : strlen(p);
+                if (l == n && memcmp(p, want, n) == 0)
+                        return true;
+                if (!e)
+                        break;
+                p = e + 1;
+        }
+        return false;
+}
+
+/* The grant under which a token for aud with these scopes was issued (first covering one). */
+static const ab_grant *grant_for(const ab_agent *a, const char *aud, const char *scope)
+{
+        for (size_t gi = 0; a && gi < a->n_grants; gi++) {
+                const ab_grant *g = &a->grants[gi];
+                bool all = true;
+                char buf[AB_SCOPE_MAX + 1];
+                if (strcmp(g->audience, aud) != 0)
+                        continue;
+                for (const char *p = scope; *p && all;) {
+                        const char *e = strchr(p, ' ');
+                        size_t l = e ? (size_t)(e - p) : strlen(p);
+                        if (l > AB_SCOPE_MAX)
+                                return NULL;
+                        memcpy(buf, p, l);
+                        buf[l] = '\0';
+                        all = ab_grant_covers(g, buf);
+                        p = e ? e + 1 : p + l;
+                }
+                if (all)
+                        return g;
+        }
+        return NULL;
+}
+
+static bool user_allowed(const ab_grant *g, const ab_session *s, const char *user)
+{
+        struct passwd pw, *res = NULL;
+        char buf[4096];
+
+        if (g && g->users) {
+                for (size_t i = 0; i < g->n_users; i++)
+                        if (strcmp(g->users[i], user) == 0)
+                                return true;
+                return false;
+        }
+        /* no users list: only the user the agent runs as */
+        if (getpwnam_r(user, &pw, buf, sizeof buf, &res) != 0 || !res)
+                return false;
+        return res->pw_uid == s->uid;
+}
+
+static int inactive(ab_introspect_res *res, const char *reason)
+{
+        res->active = false;
+        res->reason = reason;
+        return 0;
+}
+
+int ab_introspect(ab_store *st, const ab_signer *signer, const ab_policy *policy, const ab_introspect_req *req,
+                  int64_t now, ab_introspect_res *res)
+{
+        ab_jwt j;
+        const uint8_t *pk;
+        const char *aud, *scope, *sid, *jti, *sub;
+        int64_t exp, nbf, iat, auth_time, cutoff = 0, max_age = req->max_auth_age;
+        const ab_agent *a;
+        const ab_grant *g;
+        json_t *anc;
+        ab_txn *t = NULL;
+        const void *v;
+        size_t vl, i;
+        int r;
+
+        memset(res, 0, sizeof *res);
+        if (ab_jwt_parse(req->token, req->token_len, &j) < 0)
+                return inactive(res, "bad_signature");
+        pk = ab_signer_find_key(signer, j.kid);
+        if (!pk) {
+                ab_jwt_done(&j);
+                return inactive(res, "unknown_key");
+        }
+        if (ab_jwt_verify(&j, req->token, pk) < 0) {
+                ab_jwt_done(&j);
+                return inactive(res, "bad_signature");
+        }
+        res->claims = json_incref(j.claims);
+        ab_jwt_done(&j);
+
+        aud = claim_str(res->claims, "aud");
+        scope = claim_str(res->claims, "scope");
+        sid = claim_str(res->claims, "sid");
+        jti = claim_str(res->claims, "jti");
+        sub = claim_str(res->claims, "sub");
+        if (!aud || !scope || !sid || !jti || !sub || !claim_int(res->claims, "exp", &exp) ||
+            !claim_int(res->claims, "iat", &iat) || !claim_int(res->claims, "auth_time", &auth_time))
+                return inactive(res, "bad_signature"); /* not a token this broker issues */
+        if (!claim_int(res->claims, "nbf", &nbf))
+                nbf = iat;
+        if (now >= exp)
+                return inactive(res, "expired");
+        if (nbf > now + AB_NBF_LEEWAY || iat > now + AB_NBF_LEEWAY)
+                return inactive(res, "not_yet_valid");
+
+        r = ab_store_begin(st, false, &t);
+        if (r < 0)
+                return r;
+        if (ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &v, &vl) == 0 && vl == 8)
+                cutoff = (int64_t)get_be64(v);
+        bool revoked = iat < cutoff || jti_revoked(t, jti);
+        anc = json_object_get(res->claims, "ancestors");
+        for (i = 0; !revoked && json_is_array(anc) && i < json_array_size(anc) && i < MAX_ANCESTORS; i++)
+                revoked = jti_revoked(t, json_string_value(json_array_get(anc, i)));
+        r = revoked ? 0 : load_session(t, sid, &res->session);
+        ab_txn_abort(t);
+        if (revoked)
+                return inactive(res, "revoked");
+        if (r == -ENOENT)
+                return inactive(res, "session_ended");
+        if (r < 0)
+                return r;
+        res->has_session = true;
+        if (res->session.state == AB_SESSION_REVOKED)
+                return inactive(res, "revoked");
+        a = ab_policy_find(policy, sub);
+        if (now >= ab_session_expires(&res->session, a))
+                return inactive(res, "session_ended");
+        if (req->audience && strcmp(req->audience, aud) != 0)
+                return inactive(res, "wrong_audience");
+        if (req->scope && !scope_has(scope, req->scope))
+                return inactive(res, "scope_missing");
+        g = grant_for(a, aud, scope);
+        if (g && g->max_auth_age && (max_age <= 0 || (int64_t)g->max_auth_age < max_age))
+                max_age = g->max_auth_age;
+        if (max_age > 0 && now - auth_time > max_age)
+                return inactive(res, "auth_too_old");
+        if (req->user && !user_allowed(g, &res->session, req->user))
+                return inactive(res, "user_not_allowed");
+        res->active = true;
+        return 0;
+}
+
+/* ---- PAM sessions ------------------------------------------------------------- */
+
+static size_t pam_key(char k[1 + AB_SID_LEN + AB_PAM_ID_LEN], const char *sid, const char *id)
+{
+        k[0] = 'm';
+        memcpy(k + 1, sid, AB_SID_LEN);
+        memcpy(k + 1 + AB_SID_LEN, id, AB_PAM_ID_LEN);
+        return 1 + AB_SID_LEN + AB_PAM_ID_LEN;
+}
+
+int ab_pam_open(ab_store *st, const char *sid, const char *jti, const char *service, const char *user,
+                const char *tty, const char *rhost, uid_t opener, int64_t now, char id[AB_PAM_ID_LEN + 1])
+{
+        char k[1 + AB_SID_LEN + AB_PAM_ID_LEN];
+        json_t *rec;
+        char *text;
+        ab_txn *t = NULL;
+        int r;
+
+        ab_jti_new(sid, id);
+        rec = json_pack("{s:s, s:s, s:s, s:s, s:s?, s:s?, s:I, s:I}", "id", id, "jti", jti, "service", service,
+                        "user", user, "tty", tty, "rhost", rhost, "opened", (json_int_t)now, "opener_uid",
+                        (json_int_t)opener);
+        text = rec ? json_dumps(rec, JSON_COMPACT) : NULL;
+        json_decref(rec);
+        if (!text)
+                return -ENOMEM;
+        r = ab_store_begin(st, true, &t);
+        if (r == 0) {
+                r = ab_txn_put(t, AB_DB_SESSIONS, k, pam_key(k, sid, id), text, strlen(text));
+                if (r < 0)
+                        ab_txn_abort(t);
+                else
+                        r = ab_txn_commit(t);
+        }
+        free(text);
+        return r;
+}
+
+int ab_pam_close(ab_store *st, const char *id, uid_t caller)
+{
+        char k[1 + AB_SID_LEN + AB_PAM_ID_LEN], sid[AB_SID_LEN + 1];
+        const void *v;
+        size_t vl;
+        ab_txn *t = NULL;
+        json_t *rec;
+        int r;
+
+        if (ab_jti_sid(id, sid) < 0)
+                return 0; /* not one of ours: nothing to close */
+        r = ab_store_begin(st, true, &t);
+        if (r < 0)
+                return r;
+        r = ab_txn_get(t, AB_DB_SESSIONS, k, pam_key(k, sid, id), &v, &vl);
+        if (r == -ENOENT) {
+                ab_txn_abort(t);
+                return 0;
+        }
+        if (r < 0) {
+                ab_txn_abort(t);
+                return r;
+        }
+        rec = json_loadb(v, vl, 0, NULL);
+        if (caller != 0 && (!rec || json_integer_value(json_object_get(rec, "opener_uid")) != (json_int_t)caller)) {
+                json_decref(rec);
+                ab_txn_abort(t);
+                return -EPERM;
+        }
+        json_decref(rec);
+        r = ab_txn_del(t, AB_DB_SESSIONS, k, sizeof k);
+        if (r < 0) {
+                ab_txn_abort(t);
+                return r;
+        }
+        return ab_txn_commit(t);
+}
+
+/* ---- listing and purging --------------------------------------------------------- */
+
+json_t *ab_session_json(const ab_session *s, const ab_agent *a, int64_t now)
+{
+        int64_t exp = ab_session_expires(s, a);
+        const char *state = s->state == AB_SESSION_REVOKED ? "revoked" : now >= exp ? "expired" : "active";
+        json_t *j = json_pack("{s:s, s:s, s:I, s:I, s:s, s:s, s:I, s:I, s:I, s:I, s:s, s:[]}", "sid", s->sid,
+                              "agent", s->agent, "uid", (json_int_t)s->uid, "pid", (json_int_t)s->pid, "exe",
+                              s->exe, "sha256", s->sha256, "created", (json_int_t)s->created, "auth_time",
+                              (json_int_t)s->auth_time, "expires", (json_int_t)exp, "reauth_before",
+                              (json_int_t)ab_session_reauth_before(s, a), "state", state, "pam");
+        if (j && s->state == AB_SESSION_REVOKED)
+                json_object_set_new(j, "revoked_at", json_integer(s->revoked_at));
+        return j;
+}
+
+typedef struct lister {
+        ab_txn *t;
+        const ab_policy *policy;
+        const char *agent;
+        const uid_t *uid;
+        int64_t now;
+        json_t *out;
+} lister;
+
+static int add_pam(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        json_t *arr = ud, *rec = json_loadb(val, vlen, 0, NULL);
+        (void)key;
+        (void)klen;
+        if (rec) {
+                json_object_del(rec, "opener_uid");
+                json_array_append_new(arr, rec);
+        }
+        return 0;
+}
+
+static int list_one(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        lister *l = ud;
+        ab_session s;
+        json_t *j;
+        char pk[1 + AB_SID_LEN];
+
+        (void)key;
+        if (klen != 1 + AB_SID_LEN || vlen != sizeof s)
+                return 0;
+        memcpy(&s, val, sizeof s);
+        s.sid[AB_SID_LEN] = s.agent[AB_ID_MAX] = s.sha256[64] = s.exe[AB_SESSION_EXE_MAX - 1] = '\0';
+        if ((l->agent && strcmp(s.agent, l->agent) != 0) || (l->uid && s.uid != *l->uid))
+                return 0;
+        j = ab_session_json(&s, ab_policy_find(l->policy, s.agent), l->now);
+        if (!j)
+                return -ENOMEM;
+        pk[0] = 'm';
+        memcpy(pk + 1, s.sid, AB_SID_LEN);
+        (void)ab_txn_foreach(l->t, AB_DB_SESSIONS, pk, sizeof pk, add_pam, json_object_get(j, "pam"));
+        json_array_append_new(l->out, j);
+        return json_array_size(l->out) >= 100000 ? 1 : 0;
+}
+
+int ab_session_list(ab_store *st, const ab_policy *policy, const char *agent, const uid_t *uid, int64_t now,
+                    json_t **ret)
+{
+        lister l = { .policy = policy, .agent = agent, .uid = uid, .now = now, .out = json_array() };
+        int r;
+
+        if (!l.out)
+                return -ENOMEM;
+        r = ab_store_begin(st, false, &l.t);
+        if (r < 0) {
+                json_decref(l.out);
+                return r;
+        }
+        r = ab_txn_foreach(l.t, AB_DB_SESSIONS, "s", 1, list_one, &l);
+        ab_txn_abort(l.t);
+        if (r < 0) {
+                json_decref(l.out);
+                return r;
+        }
+        *ret = l.out;
+        return 0;
+}
+
+typedef struct purger {
+        ab_txn *t;
+        int64_t now;
+        uint8_t (*keys)[1 + AB_SID_LEN + AB_PAM_ID_LEN];
+        size_t *lens;
+        size_t n, cap;
+} purger;
+
+static int purge_add(purger *p, const void *key, size_t klen)
+{
+        if (klen > sizeof p->keys[0])
+                return 0;
+        if (p->n == p->cap) {
+                size_t nc = p->cap ? p->cap * 2 : 64;
+                void *k = realloc(p->keys, nc * sizeof *p->keys), *l;
+                if (!k)
+                        return -ENOMEM;
+                p->keys = k;
+                l = realloc(p->lens, nc * sizeof *p->lens);
+                if (!l)
+                        return -ENOMEM;
+                p->lens = l;
+                p->cap = nc;
+        }
+        memcpy(p->keys[p->n], key, klen);
+        p->lens[p->n++] = klen;
+        return p->n >= 100000 ? 1 : 0; /* bounded per pass */
+}
+
+static int purge_pam(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        (void)val;
+        (void)vlen;
+        return purge_add(ud, key, klen);
+}
+
+static int purge_session(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        purger *p = ud;
+        ab_session s;
+        uint8_t pk[PKEY_LEN];
+        char mk[1 + AB_SID_LEN];
+        const void *bound;
+        size_t bl;
+        int r;
+
+        if (klen != 1 + AB_SID_LEN || vlen != sizeof s)
+                return 0;
+        memcpy(&s, val, sizeof s);
+        if (s.expires > p->now)
+                return 0;
+        r = purge_add(p, key, klen);
+        if (r != 0)
+                return r;
+        /* its PAM records go with it */
+        mk[0] = 'm';
+        memcpy(mk + 1, (const char *)key + 1, AB_SID_LEN);
+        r = ab_txn_foreach(p->t, AB_DB_SESSIONS, mk, sizeof mk, purge_pam, p);
+        if (r != 0)
+                return r;
+        /* and the process binding, unless it names a newer session by now */
+        proc_key(pk, s.pid, s.start_time);
+        if (ab_txn_get(p->t, AB_DB_SESSIONS, pk, sizeof pk, &bound, &bl) == 0 && bl == AB_SID_LEN &&
+            memcmp(bound, (const char *)key + 1, AB_SID_LEN) == 0)
+                return purge_add(p, pk, sizeof pk);
+        return 0;
+}
+
+static int purge_jti(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        purger *p = ud;
+        if (vlen != 8 || (int64_t)get_be64(val) > p->now)
+                return 0;
+        return purge_add(p, key, klen);
+}
+
+int ab_session_purge(ab_store *st, int64_t now, unsigned *ret_n)
+{
+        purger p = { .now = now };
+        ab_txn *t = NULL;
+        size_t n_sess;
+        int r = ab_store_begin(st, true, &t);
+
+        if (r < 0)
+                return r;
+        p.t = t;
+        r = ab_txn_foreach(t, AB_DB_SESSIONS, "s", 1, purge_session, &p);
+        n_sess = p.n;
+        if (r >= 0)
+                r = ab_txn_foreach(t, AB_DB_REVOCATIONS, "j", 1, purge_jti, &p);
+        for (size_t i = 0; r >= 0 && i < p.n; i++) {
+                ab_db db = i < n_sess ? AB_DB_SESSIONS : AB_DB_REVOCATIONS;
+                r = ab_txn_del(t, db, p.keys[i], p.lens[i]);
+        }
+        free(p.keys);
+        free(p.lens);
+        if (r < 0 || p.n == 0) {
+                ab_txn_abort(t);
+                if (ret_n)
+                        *ret_n = 0;
+                return r < 0 ? r : 0;
+        }
+        r = ab_txn_commit(t);
+        if (r == 0 && ret_n)
+                *ret_n = (unsigned)p.n;
+        return r;
+}
