@@ -40,7 +40,7 @@ endif
 COMMON_SRC := $(wildcard common/*.c)
 BROKER_SRC := $(wildcard broker/*.c)
 CLIENT_SRC := client/client.c
-CTL_SRC    := client/agent-brokerctl.c broker/policy.c
+CTL_SRC    := client/agent-brokerctl.c $(wildcard client/ctl-*.c) broker/policy.c
 
 COMMON_OBJ := $(COMMON_SRC:%.c=$(B)/obj/%.o)
 BROKER_OBJ := $(BROKER_SRC:%.c=$(B)/obj/%.o)

@@ -15,20 +15,7 @@
 #include "agentbroker.h"
 #include "../common/util.h"
 #include "../broker/policy.h"
-
-enum {
-        EXIT_OK = 0,
-        EXIT_DENIED = 1,      /* the broker said no */
-        EXIT_USAGE = 2,
-        EXIT_UNREACHABLE = 3, /* no broker answering */
-        EXIT_ERROR = 4,       /* any other failure */
-};
-
-typedef struct opts {
-        const char *socket;
-        const char *admin_socket;
-        int timeout_ms;
-} opts;
+#include "ctl.h"
 
 static void usage(FILE *f)
 {
@@ -73,7 +60,7 @@ static void usage(FILE *f)
                 AB_DEFAULT_SOCKET, AB_DEFAULT_ADMIN_SOCKET);
 }
 
-static int exit_for(int r)
+int ctl_exit_for(int r)
 {
         switch (r) {
         case 0: return EXIT_OK;
@@ -84,7 +71,7 @@ static int exit_for(int r)
         }
 }
 
-static int fail(ab_client *c, int r, const char *what)
+int ctl_fail(ab_client *c, int r, const char *what)
 {
         const char *name = c ? ab_client_error_name(c) : "";
         const char *msg = c ? ab_client_error_message(c) : "";
@@ -93,10 +80,10 @@ static int fail(ab_client *c, int r, const char *what)
                 fprintf(stderr, "agent-brokerctl: %s: %s%s%s\n", what, name, *msg ? ": " : "", msg);
         else
                 fprintf(stderr, "agent-brokerctl: %s: %s\n", what, ab_strerror(r));
-        return exit_for(r);
+        return ctl_exit_for(r);
 }
 
-static int connect_to(const opts *o, bool admin, ab_client **ret)
+int ctl_connect(const opts *o, bool admin, ab_client **ret)
 {
         const char *path = admin ? o->admin_socket : o->socket;
         int r;
@@ -115,14 +102,13 @@ static int connect_to(const opts *o, bool admin, ab_client **ret)
         return 0;
 }
 
-/* Call method on the agent (or admin) socket; prints nothing; returns an exit code. */
-static int simple_call(const opts *o, bool admin, const char *method, json_t *params, json_t **ret)
+int simple_call(const opts *o, bool admin, const char *method, json_t *params, json_t **ret)
 {
         ab_client *c = NULL;
         char *in = NULL, *out = NULL;
         int r, ex;
 
-        ex = connect_to(o, admin, &c);
+        ex = ctl_connect(o, admin, &c);
         if (ex) {
                 json_decref(params);
                 return ex;
@@ -138,7 +124,7 @@ static int simple_call(const opts *o, bool admin, const char *method, json_t *pa
         r = ab_client_call(c, method, in, &out);
         free(in);
         if (r < 0) {
-                ex = fail(c, r, method);
+                ex = ctl_fail(c, r, method);
                 ab_client_free(c);
                 return ex;
         }
@@ -148,7 +134,7 @@ static int simple_call(const opts *o, bool admin, const char *method, json_t *pa
         return *ret ? EXIT_OK : EXIT_ERROR;
 }
 
-static int print_json(json_t *v)
+int print_json(json_t *v)
 {
         char *s = json_dumps(v, JSON_INDENT(2));
         if (!s)
@@ -480,8 +466,7 @@ static int cmd_policy_sign(int argc, char **argv)
 }
 
 
-/* May this user talk to the admin socket? (root, or a group the socket is open to) */
-static bool admin_usable(const opts *o)
+bool admin_usable(const opts *o)
 {
         const char *path = o->admin_socket ? o->admin_socket : getenv("AGENT_BROKER_ADMIN_SOCKET");
         if (!path)

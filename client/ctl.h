@@ -1,0 +1,45 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Shared pieces of agent-brokerctl: its options, exit codes and the
+ * helpers every command file (client/ctl-*.c) uses.
+ */
+#ifndef AB_CTL_H
+#define AB_CTL_H
+
+#include <stdbool.h>
+#include <jansson.h>
+#include "agentbroker.h"
+
+enum {
+        EXIT_OK = 0,
+        EXIT_DENIED = 1,      /* the broker said no (or: findings, a broken chain) */
+        EXIT_USAGE = 2,
+        EXIT_UNREACHABLE = 3, /* no broker answering */
+        EXIT_ERROR = 4,       /* any other failure */
+};
+
+typedef struct opts {
+        const char *socket;
+        const char *admin_socket;
+        int timeout_ms;
+} opts;
+
+/* The exit code for a library error code. */
+int ctl_exit_for(int r);
+/* Print "agent-brokerctl: what: error: reason" and return the exit code. */
+int ctl_fail(ab_client *c, int r, const char *what);
+/* Connect to the agent (or admin) socket; prints why not; returns an exit code. */
+int ctl_connect(const opts *o, bool admin, ab_client **ret);
+/* Call method (params stolen, may be NULL); *ret is the reply's parameters. Returns an exit code. */
+int simple_call(const opts *o, bool admin, const char *method, json_t *params, json_t **ret);
+/* Print v as indented JSON on stdout. */
+int print_json(json_t *v);
+/* May this user open the admin socket (root, or a group it is open to)? */
+bool admin_usable(const opts *o);
+
+/* Commands in other files: argv[0] is the command name. */
+int cmd_audit(const opts *o, int argc, char **argv);     /* ctl-audit.c */
+int cmd_review(const opts *o, int argc, char **argv);    /* ctl-review.c */
+int cmd_coverage(const opts *o, int argc, char **argv);  /* ctl-review.c */
+
+#endif
