@@ -25,6 +25,9 @@ static void help(void)
                "  --config FILE            broker.conf (default %s)\n"
                "  --trusted-keys DIR       control-plane public keys, *.pub (default %s)\n"
                "  --require-signed         refuse policy sources without a valid .sig\n"
+               "  --audit-log PATH         hash-chained audit file (default " AB_AUDIT_DEFAULT_PATH ",\n"
+               "                           or audit.jsonl in --state-dir when that is given)\n"
+               "  --audit-max-size MIB     rotate the audit file past this size (default 64, 0: never)\n"
                "  --issuer ISS             token issuer (default urn:agent-broker:MACHINE-ID)\n"
                "  --exit-idle SECONDS      exit after this long without connections (0: never)\n"
                "  --max-connections N      connections in all (default 4096)\n"
@@ -59,8 +62,9 @@ static int parse_uint(const char *s, unsigned long long max, unsigned long long 
 
 static int parse_args(int argc, char **argv, ab_config *cfg, const char **trusted_flag, bool *signed_flag)
 {
+        bool state_given = false;
         enum { O_SOCKET = 256, O_ADMIN, O_STATE, O_POLICY, O_ISSUER, O_EXIT_IDLE, O_MAXCONN, O_MAXCONN_UID,
-               O_RATE, O_IDLE, O_DEBUG, O_VERSION, O_CONFIG, O_TRUSTED, O_REQSIGNED };
+               O_RATE, O_IDLE, O_DEBUG, O_VERSION, O_CONFIG, O_TRUSTED, O_REQSIGNED, O_AUDIT, O_AUDIT_MAX };
         static const struct option opts[] = {
                 { "socket", required_argument, NULL, O_SOCKET },
                 { "admin-socket", required_argument, NULL, O_ADMIN },
@@ -76,6 +80,8 @@ static int parse_args(int argc, char **argv, ab_config *cfg, const char **truste
                 { "config", required_argument, NULL, O_CONFIG },
                 { "trusted-keys", required_argument, NULL, O_TRUSTED },
                 { "require-signed", no_argument, NULL, O_REQSIGNED },
+                { "audit-log", required_argument, NULL, O_AUDIT },
+                { "audit-max-size", required_argument, NULL, O_AUDIT_MAX },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, O_VERSION },
                 { 0 },
@@ -87,7 +93,13 @@ static int parse_args(int argc, char **argv, ab_config *cfg, const char **truste
                 switch (c) {
                 case O_SOCKET: cfg->socket_path = optarg; break;
                 case O_ADMIN: cfg->admin_socket_path = optarg; break;
-                case O_STATE: cfg->state_dir = optarg; break;
+                case O_STATE: cfg->state_dir = optarg; state_given = true; break;
+                case O_AUDIT: cfg->audit_path = optarg; break;
+                case O_AUDIT_MAX:
+                        if (parse_uint(optarg, 1ull << 40, &v) < 0)
+                                goto bad;
+                        cfg->audit_max_size = v * 1024 * 1024;
+                        break;
                 case O_POLICY: cfg->policy_path = optarg; break;
                 case O_ISSUER:
                         if (!ab_is_printable(optarg, 120)) {
@@ -140,6 +152,12 @@ static int parse_args(int argc, char **argv, ab_config *cfg, const char **truste
                 case O_VERSION: printf("agent-brokerd %s\n", AGENTBROKER_VERSION); return 1;
                 default: return -EINVAL;
                 }
+        }
+        if (!cfg->audit_path && state_given) {
+                /* a broker with its own state dir keeps its audit trail there too */
+                static char path[4096];
+                snprintf(path, sizeof path, "%s/%s", cfg->state_dir, AB_AUDIT_FILE);
+                cfg->audit_path = path;
         }
         if (optind < argc) {
                 fprintf(stderr, "agent-brokerd: unexpected argument \"%s\"\n", argv[optind]);

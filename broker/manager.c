@@ -17,6 +17,7 @@
 #include <systemd/sd-id128.h>
 #include "log.h"
 #include "manager.h"
+#include "methods.h"
 #include "../common/util.h"
 
 #define OUT_HIGH_WATER (256 * 1024) /* stop reading requests while this much output is queued */
@@ -41,6 +42,7 @@ void ab_config_defaults(ab_config *c)
                 .log_level = LOG_INFO,
                 .config_path = AB_DEFAULT_CONFIG,
                 .trusted_keys_dir = AB_DEFAULT_TRUSTED_KEYS,
+                .audit_max_size = AB_AUDIT_DEFAULT_MAX_SIZE,
         };
 }
 
@@ -151,6 +153,12 @@ static void conn_free(ab_conn *c)
         if (c->next)
                 c->next->prev = c->prev;
         m->n_conns--;
+        if (c->held)
+                for (ab_conn **pp = &m->held; *pp; pp = &(*pp)->held_next)
+                        if (*pp == c) {
+                                *pp = c->held_next;
+                                break;
+                        }
         if (c->uslot)
                 uid_put(m, c->uslot);
         sd_event_source_disable_unref(c->io);
@@ -191,12 +199,15 @@ static int conn_timer(sd_event_source *s, uint64_t usec, void *userdata)
 
 static int out_append(ab_conn *c, const char *buf, size_t n)
 {
-        if (c->out_off == c->out_len)
+        if (c->out_off == c->out_len) {
+                c->held_from -= c->held ? c->out_off : 0;
                 c->out_off = c->out_len = 0;
+        }
         if (n > c->out_cap - c->out_len) {
                 size_t need = c->out_len + n, ncap = c->out_cap ? c->out_cap : 4096;
                 char *nb;
                 if (c->out_off > 0) {
+                        c->held_from -= c->held ? c->out_off : 0;
                         memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
                         c->out_len -= c->out_off;
                         c->out_off = 0;
@@ -220,8 +231,10 @@ static int out_append(ab_conn *c, const char *buf, size_t n)
 /* Write what we can. Returns 0, or -errno when the connection is dead. */
 static int conn_flush(ab_conn *c)
 {
-        while (c->out_off < c->out_len) {
-                ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_DONTWAIT | MSG_NOSIGNAL);
+        size_t lim = c->held ? c->held_from : c->out_len; /* held replies wait for the audit sync */
+
+        while (c->out_off < lim) {
+                ssize_t n = send(c->fd, c->out + c->out_off, lim - c->out_off, MSG_DONTWAIT | MSG_NOSIGNAL);
                 if (n < 0) {
                         if (errno == EINTR)
                                 continue;
@@ -232,6 +245,8 @@ static int conn_flush(ab_conn *c)
                 c->out_off += (size_t)n;
                 c->last_active = ab_mono_usec();
         }
+        if (c->out_off < c->out_len)
+                return 0; /* held */
         c->out_off = c->out_len = 0;
         if (c->out_cap > 64 * 1024) { /* give back a buffer grown by a burst */
                 free(c->out);
@@ -254,8 +269,17 @@ int ab_conn_reply(ab_conn *c, json_t *params, const char *error)
         r = ab_vl_encode_reply(params, error, &msg, &len);
         if (r < 0)
                 return r;
+        if (!c->held && ab_audit_pending(c->m->audit)) {
+                c->held = true;
+                c->held_calls = 0;
+                c->held_from = c->out_len;
+                c->held_next = c->m->held;
+                c->m->held = c;
+        }
         r = out_append(c, msg, len);
         free(msg);
+        if (r == 0 && c->held)
+                c->held_calls++;
         return r;
 }
 
@@ -268,6 +292,93 @@ int ab_conn_error(ab_conn *c, const char *error, const char *reason, json_t *ext
         if (reason)
                 json_object_set_new(p, "reason", json_string(reason));
         return ab_conn_reply(c, p, error);
+}
+
+/*
+ * Once per event loop turn (idle priority: after every ready connection was
+ * served): make the queued audit records durable with one sync, then let
+ * the held replies go. If the sync failed, no record of this turn exists,
+ * so the replies that depended on them become errors (fail closed).
+ */
+static int on_audit_defer(sd_event_source *s, void *userdata)
+{
+        ab_manager *m = userdata;
+        int r = ab_audit_sync(m->audit);
+        ab_conn *c, *next;
+
+        (void)s;
+        if (r < 0)
+                ab_log(LOG_ERR, "audit trail %s cannot be written (%s): refusing the requests of this turn",
+                       ab_audit_path(m->audit), ab_strerror(r));
+        for (c = m->held, m->held = NULL; c; c = next) {
+                unsigned n = c->held_calls;
+                next = c->held_next;
+                c->held = false;
+                c->held_next = NULL;
+                if (r < 0) {
+                        char reason[256];
+                        c->out_len = c->held_from;
+                        snprintf(reason, sizeof reason,
+                                 "the audit trail cannot be written (%s); nothing was issued", ab_strerror(r));
+                        for (unsigned i = 0; i < n; i++)
+                                ab_conn_error(c, "io.agentbroker.AuditUnavailable", reason, NULL);
+                }
+                if (conn_flush(c) < 0) {
+                        conn_free(c);
+                        continue;
+                }
+                if (c->closing && c->out_len == c->out_off) {
+                        conn_free(c);
+                        continue;
+                }
+                conn_update_events(c);
+        }
+        return 0;
+}
+
+#define AB_USAGE_FLUSH_USEC (5ull * 1000000)
+
+static int on_usage_timer(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        ab_manager *m = userdata;
+        int r = ab_usage_flush(m->usage, m->store);
+        (void)s;
+        (void)usec;
+        if (r < 0)
+                ab_log(LOG_WARNING, "usage counters not saved: %s", ab_strerror(r));
+        return 0;
+}
+
+void ab_usage_note(ab_manager *m, const char *agent, const char *audience, const char *const *scopes, size_t n,
+                   int64_t now)
+{
+        bool full = false;
+        for (size_t i = 0; i < n; i++)
+                full |= ab_usage_add(m->usage, agent, audience, scopes[i], now);
+        if (full)
+                (void)on_usage_timer(NULL, 0, m);
+        else if (m->usage_timer && sd_event_source_get_enabled(m->usage_timer, NULL) == 0) {
+                sd_event_source_set_time(m->usage_timer, ab_mono_usec() + AB_USAGE_FLUSH_USEC);
+                sd_event_source_set_enabled(m->usage_timer, SD_EVENT_ONESHOT);
+        }
+}
+
+int ab_manager_audit(ab_manager *m, const char *event, json_t *rec)
+{
+        int r;
+
+        if (!m->audit) {
+                json_decref(rec);
+                return 0;
+        }
+        if (rec && m->policy_version[0] && !json_object_get(rec, "policy"))
+                json_object_set_new(rec, "policy", json_string(m->policy_version));
+        r = ab_audit_add(m->audit, event, rec);
+        if (r < 0)
+                ab_log(LOG_ERR, "audit record %s could not be queued: %s", event, ab_strerror(r));
+        if (m->audit_defer)
+                sd_event_source_set_enabled(m->audit_defer, SD_EVENT_ONESHOT);
+        return r;
 }
 
 /* Handle buffered messages, at most MSGS_PER_TURN. true if more may remain. */
@@ -312,7 +423,7 @@ static void conn_update_events(ab_conn *c)
 
         if (!c->closing && c->out_len - c->out_off <= OUT_HIGH_WATER)
                 ev |= EPOLLIN;
-        if (c->out_len > c->out_off)
+        if ((c->held ? c->held_from : c->out_len) > c->out_off)
                 ev |= EPOLLOUT;
         sd_event_source_set_io_events(c->io, ev);
 }
@@ -593,6 +704,13 @@ static void policy_diag(void *ud, int sev, const char *file, const char *path, c
                                                 sev == AB_DIAG_ERROR ? "error" : "warning", "message", msg));
 }
 
+static void set_policy_version(ab_manager *m)
+{
+        char fp[65];
+        ab_policy_stored_fingerprint(m->store, fp);
+        snprintf(m->policy_version, sizeof m->policy_version, "%.16s", fp);
+}
+
 int ab_manager_reload_policy(ab_manager *m, json_t *findings, char *reason, size_t reasonmax)
 {
         diag_sink sink = { .findings = findings };
@@ -606,12 +724,19 @@ int ab_manager_reload_policy(ab_manager *m, json_t *findings, char *reason, size
         if (r < 0) {
                 ab_log(LOG_ERR, "policy not loaded: %s; %s", reason,
                        m->policy->n_agents ? "the previous policy stays in force" : "no agent is served");
+                ab_manager_audit(m, "policy.rejected",
+                                 json_pack("{s:s, s:s, s:s}", "decision", "reject", "reason", reason, "source",
+                                           m->cfg.policy_path));
                 return r;
         }
         ab_policy_free(m->policy);
         m->policy = p;
+        set_policy_version(m);
         snprintf(reason, reasonmax, "policy compiled from %s: %zu agents", m->cfg.policy_path, p->n_agents);
         ab_log(LOG_INFO, "%s", reason);
+        ab_manager_audit(m, "policy.loaded",
+                         json_pack("{s:s, s:s, s:s, s:i}", "decision", "accept", "reason", reason, "source",
+                                   m->cfg.policy_path, "agents", (int)p->n_agents));
         sd_notifyf(0, "STATUS=Serving %zu agents", p->n_agents);
         return 0;
 }
@@ -628,6 +753,7 @@ static int startup_policy(ab_manager *m)
         if (r == 0) {
                 ab_policy_free(m->policy);
                 m->policy = p;
+                set_policy_version(m);
                 ab_log(LOG_INFO, "policy from the store: %zu agents", p->n_agents);
         } else if (r != -ENOENT) {
                 ab_log(LOG_ERR, "compiled policy in the store does not load (%s); recompiling", ab_strerror(r));
@@ -899,6 +1025,28 @@ int ab_manager_startup(ab_manager *m)
                 return r;
         }
         ab_log(LOG_INFO, "%s signing key %s", created ? "created" : "loaded", ab_signer_kid(m->signer));
+        {
+                const char *apath = m->cfg.audit_path ? m->cfg.audit_path : AB_AUDIT_DEFAULT_PATH;
+                r = ab_audit_open(apath, m->signer, m->cfg.audit_max_size, &m->audit);
+                if (r < 0) {
+                        ab_log(LOG_ERR, "audit trail %s: %s", apath,
+                               r == -EBADMSG ? "the last record is not a valid audit record" : ab_strerror(r));
+                        return r;
+                }
+                r = sd_event_add_defer(m->event, &m->audit_defer, on_audit_defer, m);
+                if (r < 0)
+                        return r;
+                (void)sd_event_source_set_priority(m->audit_defer, SD_EVENT_PRIORITY_IDLE);
+                (void)sd_event_source_set_enabled(m->audit_defer, SD_EVENT_OFF);
+                if (created)
+                        ab_manager_audit(m, "key.created", json_pack("{s:s, s:s}", "decision", "accept", "kid",
+                                                                     ab_signer_kid(m->signer)));
+                r = ab_audit_sync(m->audit);
+                if (r < 0) {
+                        ab_log(LOG_ERR, "audit trail %s cannot be written: %s", apath, ab_strerror(r));
+                        return r;
+                }
+        }
         r = ab_exe_cache_new(m->cfg.max_exe_size, &m->exe_cache);
         if (r < 0)
                 return r;
@@ -935,6 +1083,13 @@ int ab_manager_startup(ab_manager *m)
         if (r < 0)
                 return r;
         (void)on_purge_timer(NULL, 0, m);
+        r = ab_usage_new(&m->usage);
+        if (r < 0)
+                return r;
+        r = sd_event_add_time(m->event, &m->usage_timer, CLOCK_MONOTONIC, 0, 0, on_usage_timer, m);
+        if (r < 0)
+                return r;
+        (void)sd_event_source_set_enabled(m->usage_timer, SD_EVENT_OFF);
         r = sd_event_add_time_relative(m->event, &m->purge_timer, CLOCK_MONOTONIC, AB_PURGE_INTERVAL_USEC, 0,
                                        on_purge_timer, m);
         if (r < 0)
@@ -998,6 +1153,14 @@ void ab_manager_free(ab_manager *m)
         sd_event_source_disable_unref(m->inotify);
         sd_event_source_disable_unref(m->reload_timer);
         sd_event_source_disable_unref(m->purge_timer);
+        sd_event_source_disable_unref(m->audit_defer);
+        m->audit_defer = NULL;
+        sd_event_source_disable_unref(m->usage_timer);
+        if (m->usage && m->store)
+                (void)ab_usage_flush(m->usage, m->store);
+        ab_usage_free(m->usage);
+        ab_audit_close(m->audit);
+        m->audit = NULL;
         sd_event_source_disable_unref(m->exit_timer);
         m->exit_timer = NULL;
         ab_policy_free(m->policy);

@@ -12,11 +12,13 @@
 #include <systemd/sd-event.h>
 #include <jansson.h>
 #include "attest.h"
+#include "audit.h"
 #include "compile.h"
 #include "policy.h"
 #include "session.h"
 #include "store.h"
 #include "token.h"
+#include "usage.h"
 #include "../common/frame.h"
 #include "../common/varlink.h"
 
@@ -32,6 +34,8 @@ typedef struct ab_config {
         const char *issuer;            /* NULL: from the machine id */
         const char *config_path;       /* broker.conf */
         const char *trusted_keys_dir;
+        const char *audit_path;        /* NULL: AB_AUDIT_DEFAULT_PATH */
+        uint64_t audit_max_size;
         bool require_signed;
         char admin_group[64];          /* "" : root only on the admin socket */
         unsigned max_connections;      /* in all */
@@ -73,6 +77,11 @@ struct ab_conn {
         size_t out_len, out_off, out_cap;
         uint64_t last_active;   /* monotonic usec */
         uint64_t msg_started;   /* when the pending partial message began, 0: none */
+        /* Replies held until the audit records queued before them are durable. */
+        bool held;
+        size_t held_from;       /* offset in out where held replies begin */
+        unsigned held_calls;    /* replies held */
+        ab_conn *held_next;
         ab_conn *prev, *next;
 };
 
@@ -95,6 +104,12 @@ struct ab_manager {
         ab_signer *signer;
         ab_exe_cache *exe_cache;
         char issuer[128];
+        ab_audit *audit;
+        sd_event_source *audit_defer;
+        ab_conn *held;            /* connections with held replies */
+        char policy_version[17];  /* short fingerprint of the compiled policy, for audit */
+        ab_usage *usage;
+        sd_event_source *usage_timer;
 };
 
 int ab_manager_new(const ab_config *cfg, ab_manager **ret);
@@ -116,6 +131,12 @@ void ab_manager_free(ab_manager *m);
 int ab_conn_reply(ab_conn *c, json_t *params, const char *error);
 /* Queue an error reply {"reason": reason} (plus extra, stolen, if not NULL). */
 int ab_conn_error(ab_conn *c, const char *error, const char *reason, json_t *extra);
+
+/*
+ * Queue an audit record (rec stolen; see audit.h). Replies queued after
+ * this are held until the record is durable.
+ */
+int ab_manager_audit(ab_manager *m, const char *event, json_t *rec);
 
 /* Method dispatch (methods.c). Handles one parsed call on c. */
 void ab_dispatch(ab_conn *c, ab_vl_call *call);

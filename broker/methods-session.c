@@ -37,7 +37,19 @@ static json_t *session_reply(const ab_session *s, const ab_agent *a, int64_t now
         return j;
 }
 
-int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a, ab_session *ret)
+static void audit_session(ab_conn *c, const char *event, const char *decision, const char *reason,
+                          const ab_identity *id, const ab_agent *a, const ab_session *s, json_t *fields)
+{
+        json_t *rec = ab_audit_rec(c, decision, reason, id, a);
+        if (rec && s && s->sid[0])
+                json_object_set_new(rec, "sid", json_string(s->sid));
+        if (rec && fields)
+                json_object_update(rec, fields);
+        ab_manager_audit(c->m, event, rec);
+}
+
+int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a, ab_session *ret,
+                           json_t *deny_fields)
 {
         int64_t now = ab_manager_now(c->m);
         char reason[256];
@@ -51,10 +63,12 @@ int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a,
                 r = ab_session_authenticate(c->m->store, id, a, now, ret, &created);
                 if (r < 0) {
                         store_error(c, r, "cannot open a session");
+                        audit_session(c, "token.denied", "deny", "cannot open a session", id, a, NULL, deny_fields);
                         return -1;
                 }
                 ab_log(LOG_INFO, "session %s opened for agent %s pid %d uid %u", ret->sid, a->id, (int)id->pid,
                        (unsigned)id->uid);
+                audit_session(c, "session.opened", "grant", NULL, id, a, ret, NULL);
                 return 0;
         case AB_SESSION_NEED_REAUTH:
                 if (strcmp(ret->sha256, id->sha256) != 0 || strcmp(ret->agent, a->id) != 0)
@@ -68,15 +82,19 @@ int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a,
                                  "Authenticate",
                                  ret->sid, (long long)(now - ret->auth_time),
                                  AB_MIN(ret->reauth_interval, a->reauth_interval));
+                audit_session(c, "token.denied", "deny", reason, id, a, ret, deny_fields);
                 ab_conn_error(c, "io.agentbroker.ReauthRequired", reason, json_pack("{s:s}", "sid", ret->sid));
                 return -1;
         case AB_SESSION_EXPIRED:
                 snprintf(reason, sizeof reason, "session %s reached its max_lifetime; call Authenticate for a new one",
                          ret->sid);
+                audit_session(c, "session.expired", "deny", reason, id, a, ret, NULL);
+                audit_session(c, "token.denied", "deny", reason, id, a, ret, deny_fields);
                 ab_conn_error(c, "io.agentbroker.SessionExpired", reason, json_pack("{s:s}", "sid", ret->sid));
                 return -1;
         case AB_SESSION_IS_REVOKED:
                 snprintf(reason, sizeof reason, "session %s of this process was revoked", ret->sid);
+                audit_session(c, "token.denied", "deny", reason, id, a, ret, deny_fields);
                 ab_conn_error(c, "io.agentbroker.SessionRevoked", reason, json_pack("{s:s}", "sid", ret->sid));
                 return -1;
         }
@@ -107,7 +125,7 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
                 return;
         }
-        a = ab_attest_agent(c, &id);
+        a = ab_attest_agent_audited(c, &id, "session.opened", NULL);
         if (!a)
                 return;
         now = ab_manager_now(c->m);
@@ -115,6 +133,7 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
         if (r == -EPERM) {
                 char reason[128];
                 snprintf(reason, sizeof reason, "session %s of this process was revoked", s.sid);
+                audit_session(c, "session.reauthenticated", "deny", reason, &id, a, &s, NULL);
                 ab_conn_error(c, "io.agentbroker.SessionRevoked", reason, json_pack("{s:s}", "sid", s.sid));
                 return;
         }
@@ -122,6 +141,7 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
                 store_error(c, r, "cannot record the session");
                 return;
         }
+        audit_session(c, created ? "session.opened" : "session.reauthenticated", "grant", NULL, &id, a, &s, NULL);
         ab_log(LOG_INFO, "session %s %s for agent %s pid %d uid %u", s.sid, created ? "opened" : "re-authenticated",
                a->id, (int)id.pid, (unsigned)id.uid);
         ab_conn_reply(c, session_reply(&s, a, now), NULL);
@@ -188,6 +208,30 @@ void ab_m_introspect(ab_conn *c, ab_vl_call *call)
         }
         ab_log(LOG_DEBUG, "introspect by uid %u%s%s: %s", (unsigned)c->peer.uid, service ? " for " : "",
                service ? service : "", res.active ? "active" : res.reason);
+        {
+                json_t *rec = ab_audit_rec(c, res.active ? "active" : "inactive", res.active ? NULL : res.reason, NULL,
+                                           NULL);
+                const char *keys[] = { "sub", "aud", "jti", "sid", "parent" };
+                const char *as[] = { "agent", "audience", "jti", "sid", "parent" };
+                for (size_t i = 0; rec && res.claims && i < AB_ARRAY_SIZE(keys); i++) {
+                        json_t *v = json_object_get(res.claims, keys[i]);
+                        if (json_is_string(v))
+                                json_object_set(rec, as[i], v);
+                }
+                if (rec && res.claims && json_is_string(json_object_get(res.claims, "owner")))
+                        json_object_set(rec, "owner", json_object_get(res.claims, "owner"));
+                if (rec && res.claims && json_is_string(json_object_get(res.claims, "scope")))
+                        json_object_set(rec, "scopes", json_object_get(res.claims, "scope"));
+                if (rec && service)
+                        json_object_set_new(rec, "service", json_string(service));
+                if (ab_manager_audit(c->m, "token.introspected", rec) < 0) {
+                        json_decref(reply);
+                        json_decref(res.claims);
+                        ab_conn_error(c, "io.agentbroker.AuditUnavailable",
+                                      "the audit record could not be written", NULL);
+                        return;
+                }
+        }
         json_decref(res.claims);
         ab_conn_reply(c, reply, NULL);
 }
@@ -340,6 +384,26 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
         }
         ab_log(LOG_INFO, "attenuated %s -> %s (depth %zu) by pid %d", json_string_value(json_object_get(pc, "jti")),
                jti, depth, (int)id.pid);
+        {
+                json_t *rec = ab_audit_rec(c, "grant", NULL, &id, a);
+                if (rec) {
+                        json_object_set(rec, "audience", json_object_get(pc, "aud"));
+                        json_object_set_new(rec, "scopes", json_string(scope));
+                        json_object_set_new(rec, "jti", json_string(jti));
+                        json_object_set(rec, "sid", json_object_get(pc, "sid"));
+                        json_object_set(rec, "parent", json_object_get(pc, "jti"));
+                        json_object_set_new(rec, "depth", json_integer((json_int_t)depth));
+                        json_object_set_new(rec, "exp", json_integer(exp));
+                        if (delegator)
+                                json_object_set_new(rec, "delegator", json_string(delegator->id));
+                }
+                if (ab_manager_audit(c->m, "token.attenuated", rec) < 0) {
+                        json_decref(reply);
+                        ab_conn_error(c, "io.agentbroker.AuditUnavailable",
+                                      "the audit record could not be written; nothing was issued", NULL);
+                        goto out;
+                }
+        }
         ab_conn_reply(c, reply, NULL);
 out:
         if (token) {
@@ -442,6 +506,15 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
                 store_error(c, r, "cannot record the revocation");
                 return;
         }
+        {
+                json_t *rec = ab_audit_rec(c, "revoke", what, &id, a);
+                if (rec) {
+                        json_object_set_new(rec, "sid", json_string(sid));
+                        if (jti)
+                                json_object_set_new(rec, "jti", json_string(jti));
+                }
+                ab_manager_audit(c->m, jti ? "token.revoked" : "session.revoked", rec);
+        }
         revoked_reply(c, 1, what);
 }
 
@@ -498,6 +571,26 @@ void ab_m_admin_revoke(ab_conn *c, ab_vl_call *call)
         if (r < 0) {
                 store_error(c, r, "cannot record the revocation");
                 return;
+        }
+        {
+                static const char *const events[] = { "token.revoked", "session.revoked", "agent.revoked",
+                                                       "revocation.before" };
+                json_t *rec = ab_audit_rec(c, "revoke", what, NULL, NULL);
+                size_t k;
+                for (k = 0; k < AB_ARRAY_SIZE(names); k++)
+                        if (strcmp(names[k], which) == 0)
+                                break;
+                if (rec) {
+                        json_t *v = json_object_get(p, which);
+                        json_object_set(rec, strcmp(which, "agent") == 0 ? "agent" : which, v);
+                        if (strcmp(which, "jti") == 0) {
+                                char sid[AB_SID_LEN + 1];
+                                if (ab_jti_sid(json_string_value(v), sid) == 0)
+                                        json_object_set_new(rec, "sid", json_string(sid));
+                        }
+                        json_object_set_new(rec, "count", json_integer(n));
+                }
+                ab_manager_audit(c->m, events[k], rec);
         }
         revoked_reply(c, n, what);
 }
@@ -576,13 +669,29 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
                         json_string_value(json_object_get(p, "service")), json_string_value(json_object_get(p, "user")),
                         json_string_value(json_object_get(p, "tty")), json_string_value(json_object_get(p, "rhost")),
                         c->peer.uid, ab_manager_now(c->m), id);
-        json_decref(res.claims);
         if (r < 0) {
+                json_decref(res.claims);
                 store_error(c, r, "cannot record the PAM session");
                 return;
         }
         ab_log(LOG_INFO, "PAM session %s opened (service %s, user %s)", id,
                json_string_value(json_object_get(p, "service")), json_string_value(json_object_get(p, "user")));
+        {
+                json_t *rec = ab_audit_rec(c, "open", NULL, NULL, NULL);
+                if (rec) {
+                        json_object_set_new(rec, "pam_id", json_string(id));
+                        json_object_set(rec, "service", json_object_get(p, "service"));
+                        json_object_set(rec, "user", json_object_get(p, "user"));
+                        if (json_object_get(p, "tty"))
+                                json_object_set(rec, "tty", json_object_get(p, "tty"));
+                        if (json_object_get(p, "rhost"))
+                                json_object_set(rec, "rhost", json_object_get(p, "rhost"));
+                        json_object_set_new(rec, "sid", json_string(res.session.sid));
+                        json_object_set_new(rec, "agent", json_string(res.session.agent));
+                }
+                ab_manager_audit(c->m, "pam.opened", rec);
+        }
+        json_decref(res.claims);
         ab_conn_reply(c, json_pack("{s:s}", "id", id), NULL);
 }
 
@@ -604,6 +713,16 @@ void ab_m_close_pam_session(ab_conn *c, ab_vl_call *call)
         if (r < 0) {
                 store_error(c, r, "cannot close the PAM session");
                 return;
+        }
+        {
+                json_t *rec = ab_audit_rec(c, "close", NULL, NULL, NULL);
+                char sid[AB_SID_LEN + 1];
+                if (rec) {
+                        json_object_set_new(rec, "pam_id", json_string(id));
+                        if (ab_jti_sid(id, sid) == 0)
+                                json_object_set_new(rec, "sid", json_string(sid));
+                }
+                ab_manager_audit(c->m, "pam.closed", rec);
         }
         ab_conn_reply(c, json_object(), NULL);
 }

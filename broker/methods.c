@@ -91,7 +91,8 @@ static const char interface_description[] =
         "error RateLimited (reason: string)\n"
         "error TooManyConnections (reason: string)\n"
         "error PermissionDenied (reason: string)\n"
-        "error InternalError (reason: string)\n";
+        "error InternalError (reason: string)\n"
+        "error AuditUnavailable (reason: string)\n";
 
 static const char admin_description[] =
         "# Administration of agent-broker: root (or admin_group) on the admin socket only.\n"
@@ -116,6 +117,15 @@ static const char admin_description[] =
         "# As io.agentbroker.Introspect.\n"
         "method Introspect(token: string, audience: ?string, scope: ?string, max_auth_age: ?int,\n"
         "  user: ?string, service: ?string) -> (active: bool, reason: ?string, token_type: ?string)\n"
+        "\n"
+        "type Usage (agent: string, audience: string, scope: string, count: int, last_issued: int)\n"
+        "\n"
+        "# Usage counters: tokens issued per agent, audience and scope.\n"
+        "method GetUsage(agent: ?string) -> (usage: []Usage)\n"
+        "\n"
+        "# Audit records of the current file, oldest first, with seq > after_seq; page with next_seq.\n"
+        "method ReadAudit(after_seq: ?int, since: ?int, agent: ?string, event: ?string, limit: ?int) -> (\n"
+        "  records: []object, next_seq: int, more: bool, file: string)\n"
         "\n"
         "error PolicyRejected (reason: string, findings: []Finding)\n"
         "error NoSuchSession (reason: string)\n"
@@ -274,22 +284,66 @@ int ab_attest_peer(ab_conn *c, ab_identity *id)
         return 0;
 }
 
-const ab_agent *ab_attest_agent(ab_conn *c, ab_identity *id)
+json_t *ab_audit_rec(ab_conn *c, const char *decision, const char *reason, const ab_identity *id,
+                     const ab_agent *a)
+{
+        json_t *r = json_pack("{s:s, s:I, s:I, s:I}", "decision", decision, "uid",
+                              (json_int_t)(id ? id->uid : c->peer.uid), "gid", (json_int_t)(id ? id->gid : c->peer.gid),
+                              "pid", (json_int_t)(id ? id->pid : c->peer.pid));
+        if (!r)
+                return NULL;
+        if (reason)
+                json_object_set_new(r, "reason", json_string(reason));
+        if (id) {
+                json_object_set_new(r, "exe", json_string(id->exe));
+                if (id->sha256[0])
+                        json_object_set_new(r, "sha256", json_string(id->sha256));
+                if (id->unit[0])
+                        json_object_set_new(r, "unit", json_string(id->unit));
+        }
+        if (a) {
+                json_object_set_new(r, "agent", json_string(a->id));
+                json_object_set_new(r, "owner", json_string(a->owner));
+        }
+        if (c->admin)
+                json_object_set_new(r, "via", json_string("admin"));
+        return r;
+}
+
+const ab_agent *ab_attest_agent_audited(ab_conn *c, ab_identity *id, const char *deny_event, json_t *deny_fields)
 {
         const ab_agent *a;
         char reason[256];
 
-        if (ab_attest_peer(c, id) < 0)
+        if (ab_attest_peer(c, id) < 0) {
+                if (deny_event) {
+                        json_t *r = ab_audit_rec(c, "deny", "the caller exited or cannot be identified", NULL, NULL);
+                        if (r && deny_fields)
+                                json_object_update(r, deny_fields);
+                        ab_manager_audit(c->m, deny_event, r);
+                }
                 return NULL;
+        }
         a = ab_policy_match(c->m->policy, id);
         if (!a) {
                 snprintf(reason, sizeof reason, "no agent in policy matches uid %u, executable %.180s",
                          (unsigned)id->uid, id->exe[0] ? id->exe : "(unknown)");
+                if (deny_event) {
+                        json_t *r = ab_audit_rec(c, "deny", reason, id, NULL);
+                        if (r && deny_fields)
+                                json_object_update(r, deny_fields);
+                        ab_manager_audit(c->m, deny_event, r);
+                }
                 ab_conn_error(c, "io.agentbroker.NotAnAgent", reason, NULL);
                 ab_log(LOG_NOTICE, "deny pid %d uid %u exe %s: not an agent", (int)id->pid, (unsigned)id->uid, id->exe);
                 return NULL;
         }
         return a;
+}
+
+const ab_agent *ab_attest_agent(ab_conn *c, ab_identity *id)
+{
+        return ab_attest_agent_audited(c, id, NULL, NULL);
 }
 
 static void m_issue_token(ab_conn *c, ab_vl_call *call)
@@ -317,7 +371,7 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
         size_t n = 0, len = 0, off = 0, i;
         uint32_t ttl = 0;
         int64_t now, exp;
-        json_t *reply;
+        json_t *reply, *req;
         ab_session sess;
         ab_deny d;
 
@@ -348,17 +402,27 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
         }
         scope_str[off] = '\0';
 
-        a = ab_attest_agent(c, &id);
-        if (!a)
+        req = json_pack("{s:s, s:s}", "audience", audience, "scopes", scope_str);
+        a = ab_attest_agent_audited(c, &id, "token.denied", req);
+        if (!a) {
+                json_decref(req);
                 return;
+        }
         d = ab_policy_decide(a, audience, scopes, n, ttl, &g, &ttl, reason, sizeof reason);
         if (d != AB_GRANTED) {
+                json_t *rec = ab_audit_rec(c, "deny", reason, &id, a);
+                if (rec)
+                        json_object_update(rec, req);
+                ab_manager_audit(c->m, "token.denied", rec);
+                json_decref(req);
                 ab_conn_error(c, deny_names[d], reason, NULL);
                 ab_log(LOG_NOTICE, "deny agent %s pid %d: %s", a->id, (int)id.pid, reason);
                 return;
         }
-        if (ab_session_for_request(c, &id, a, &sess) < 0)
+        if (ab_session_for_request(c, &id, a, &sess, req) < 0) {
+                json_decref(req);
                 return;
+        }
         now = ab_manager_now(c->m);
         exp = now + (int64_t)ttl;
         if (exp > ab_session_expires(&sess, a))
@@ -376,6 +440,26 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
                 return;
         }
         json_decref(claims);
+        {
+                json_t *rec = ab_audit_rec(c, "grant", NULL, &id, a);
+                if (rec) {
+                        json_object_update(rec, req);
+                        json_object_set_new(rec, "jti", json_string(jti));
+                        json_object_set_new(rec, "sid", json_string(sess.sid));
+                        json_object_set_new(rec, "exp", json_integer(exp));
+                        if (task)
+                                json_object_set_new(rec, "task", json_string(task));
+                }
+                json_decref(req);
+                if (ab_manager_audit(c->m, "token.issued", rec) < 0) {
+                        sodium_memzero(token, len);
+                        free(token);
+                        ab_conn_error(c, "io.agentbroker.AuditUnavailable",
+                                      "the audit record could not be written; nothing was issued", NULL);
+                        return;
+                }
+        }
+        ab_usage_note(c->m, a->id, audience, scopes, n, now);
         reply = ab_token_reply(token, len, now, exp, jti, scope_str, a->id);
         if (reply) {
                 json_object_set_new(reply, "sid", json_string(sess.sid));
@@ -525,6 +609,56 @@ static void m_show_policy(ab_conn *c, ab_vl_call *call)
         ab_conn_reply(c, json_pack("{s:o, s:o}", "sources", sources, "agents", agents), NULL);
 }
 
+static void m_get_usage(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = { { "agent", P_STRING, false, AB_ID_MAX, 0, 0 }, { 0 } };
+        json_t *rows = NULL;
+        int r;
+
+        if (ab_check_params(c, call->parameters, spec) < 0)
+                return;
+        (void)ab_usage_flush(c->m->usage, c->m->store); /* show what was counted up to now */
+        r = ab_usage_list(c->m->store, json_string_value(json_object_get(call->parameters, "agent")), &rows);
+        if (r < 0) {
+                ab_conn_error(c, "io.agentbroker.InternalError", "cannot read the usage counters", NULL);
+                return;
+        }
+        ab_conn_reply(c, json_pack("{s:o}", "usage", rows), NULL);
+}
+
+static void m_read_audit(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = {
+                { "after_seq", P_INT, false, 0, 0, 1LL << 62 },
+                { "since", P_INT, false, 0, 0, 1LL << 62 },
+                { "agent", P_STRING, false, AB_ID_MAX, 0, 0 },
+                { "event", P_STRING, false, 64, 0, 0 },
+                { "limit", P_INT, false, 0, 1, 200 },
+                { 0 },
+        };
+        json_t *p = call->parameters, *recs = NULL;
+        uint64_t next = 0;
+        bool more = false;
+        int r;
+
+        if (ab_check_params(c, p, spec) < 0)
+                return;
+        r = ab_audit_read(c->m->audit, (uint64_t)json_integer_value(json_object_get(p, "after_seq")),
+                          (uint64_t)json_integer_value(json_object_get(p, "since")) * 1000000u,
+                          json_string_value(json_object_get(p, "agent")), json_string_value(json_object_get(p, "event")),
+                          json_is_integer(json_object_get(p, "limit")) ? (size_t)json_integer_value(json_object_get(p, "limit")) : 200,
+                          48 * 1024, &recs, &next, &more);
+        if (r < 0) {
+                char reason[256];
+                snprintf(reason, sizeof reason, "cannot read the audit trail: %s", ab_strerror(r));
+                ab_conn_error(c, "io.agentbroker.InternalError", reason, NULL);
+                return;
+        }
+        ab_conn_reply(c, json_pack("{s:o, s:I, s:b, s:s}", "records", recs, "next_seq", (json_int_t)next, "more", more,
+                                   "file", ab_audit_path(c->m->audit)),
+                      NULL);
+}
+
 /* ---- dispatch ---------------------------------------------------------- */
 
 typedef struct method {
@@ -549,6 +683,8 @@ static const method methods[] = {
         { "io.agentbroker.admin.Revoke", ab_m_admin_revoke, SOCK_ADMIN },
         { "io.agentbroker.admin.ListSessions", ab_m_admin_list_sessions, SOCK_ADMIN },
         { "io.agentbroker.admin.Introspect", ab_m_introspect, SOCK_ADMIN },
+        { "io.agentbroker.admin.GetUsage", m_get_usage, SOCK_ADMIN },
+        { "io.agentbroker.admin.ReadAudit", m_read_audit, SOCK_ADMIN },
         { "io.agentbroker.admin.ReloadPolicy", m_reload_policy, SOCK_ADMIN },
         { "io.agentbroker.admin.ShowPolicy", m_show_policy, SOCK_ADMIN },
 };

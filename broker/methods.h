@@ -31,6 +31,15 @@ int ab_invalid_param(ab_conn *c, const char *name, const char *reason);
 
 /* Attest the caller and find its agent entry. On failure replies and returns NULL. */
 const ab_agent *ab_attest_agent(ab_conn *c, ab_identity *id);
+/* The same; a refusal is also recorded as deny_event (with deny_fields, borrowed) when not NULL. */
+const ab_agent *ab_attest_agent_audited(ab_conn *c, ab_identity *id, const char *deny_event, json_t *deny_fields);
+/* An audit record with the caller's identity (id may be NULL: peer credentials only) and agent. */
+json_t *ab_audit_rec(ab_conn *c, const char *decision, const char *reason, const ab_identity *id,
+                     const ab_agent *a);
+/* Count an issued token in the usage counters (flushed to LMDB in batches). */
+void ab_usage_note(ab_manager *m, const char *agent, const char *audience, const char *const *scopes, size_t n,
+                   int64_t now);
+
 /* Attest the caller only. On failure replies PeerGone and returns -1. */
 int ab_attest_peer(ab_conn *c, ab_identity *id);
 
@@ -52,7 +61,8 @@ void ab_m_close_pam_session(ab_conn *c, ab_vl_call *call);
  * The caller's session, opened on first use. On any refusal (reauth,
  * expired, revoked, store failure) replies and returns -1.
  */
-int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a, ab_session *ret);
+int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a, ab_session *ret,
+                           json_t *deny_fields);
 
 /* Reply fields shared by IssueToken and Attenuate. */
 json_t *ab_token_reply(const char *token, size_t len, int64_t now, int64_t exp, const char *jti,

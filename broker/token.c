@@ -183,3 +183,8 @@ int ab_token_sign(const ab_signer *s, json_t *claims, char **ret_token, size_t *
         *ret_len = len + (size_t)r;
         return 0;
 }
+
+void ab_signer_sign(const ab_signer *s, const void *data, size_t len, uint8_t sig[64])
+{
+        crypto_sign_detached(sig, NULL, data, len, s->sk);
+}

@@ -40,6 +40,9 @@ json_t *ab_signer_jwks(const ab_signer *s);
  */
 int ab_token_sign(const ab_signer *s, json_t *claims, char **ret_token, size_t *ret_len);
 
+/* A detached Ed25519 signature of data with the broker key (audit checkpoints). */
+void ab_signer_sign(const ab_signer *s, const void *data, size_t len, uint8_t sig[64]);
+
 /* A fresh random 128-bit identifier, base64url (jti, sid). */
 void ab_random_id(char out[AB_JTI_LEN + 1]);
 

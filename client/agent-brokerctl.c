@@ -43,6 +43,11 @@ static void usage(FILE *f)
                 "                      revoke; --agent and --before need the admin socket, TIME is\n"
                 "                      Unix seconds, @SECONDS, \"now\" or YYYY-MM-DDTHH:MM:SSZ\n"
                 "  sessions [--agent ID] [--json]  list sessions (all on the admin socket, else your own)\n"
+                "  audit [--since T] [--agent A] [--event E] [--json] [--file PATH]\n"
+                "                      the audit trail (admin socket, or a file)\n"
+                "  audit verify [--file PATH ...] [--keys JWKS]\n"
+                "                      check the hash chain and signed checkpoints; exit 1 and name\n"
+                "                      the first broken record if any\n"
                 "  call [--admin] METHOD [JSON]    call any varlink method and print the reply\n"
                 "\n"
                 "Options:\n"
@@ -505,7 +510,7 @@ static int parse_uint_arg(const char *what, const char *v, long max, long *ret)
         return 0;
 }
 
-static int parse_time_arg(const char *v, long long *ret)
+int parse_time_arg(const char *v, long long *ret)
 {
         struct tm tm = { 0 };
         const char *e;
@@ -527,7 +532,7 @@ static int parse_time_arg(const char *v, long long *ret)
                 *ret = (long long)timegm(&tm);
                 return 0;
         }
-        fprintf(stderr, "agent-brokerctl: --before takes Unix seconds, @SECONDS, now, or YYYY-MM-DDTHH:MM:SSZ\n");
+        fprintf(stderr, "agent-brokerctl: a time takes Unix seconds, @SECONDS, now, or YYYY-MM-DDTHH:MM:SSZ\n");
         return -1;
 }
 
@@ -870,6 +875,7 @@ int main(int argc, char **argv)
                 { "keygen", cmd_keygen_o }, { "authenticate", cmd_authenticate },
                 { "introspect", cmd_introspect }, { "attenuate", cmd_attenuate },
                 { "revoke", cmd_revoke },   { "sessions", cmd_sessions },
+                { "audit", cmd_audit },
         };
         opts o = { .timeout_ms = 5000 };
         int c;

@@ -37,6 +37,9 @@ int print_json(json_t *v);
 /* May this user open the admin socket (root, or a group it is open to)? */
 bool admin_usable(const opts *o);
 
+/* Unix seconds from "now" (the next second), "@S", "S" or "YYYY-MM-DDTHH:MM:SSZ"; prints why not. */
+int parse_time_arg(const char *v, long long *ret);
+
 /* Commands in other files: argv[0] is the command name. */
 int cmd_audit(const opts *o, int argc, char **argv);     /* ctl-audit.c */
 int cmd_review(const opts *o, int argc, char **argv);    /* ctl-review.c */

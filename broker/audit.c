@@ -1,0 +1,512 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <sodium.h>
+#define SD_JOURNAL_SUPPRESS_LOCATION
+#include <systemd/sd-journal.h>
+#include "audit.h"
+#include "log.h"
+#include "../common/b64.h"
+#include "../common/util.h"
+
+static const struct { const char *event, *id; } message_ids[] = {
+        { "token.issued", "d7c7f49142834d7a85019bb9b86a7ab2" },
+        { "token.denied", "ce4d9aa3c6fa4f208b1cae18008266be" },
+        { "token.attenuated", "a0c0cedf1329455fa12483f838e21879" },
+        { "token.introspected", "0b1b70251a00456989c4b1a26316efbc" },
+        { "token.revoked", "7c47004258e64895bb0d50b3291adb26" },
+        { "session.opened", "604e1524ba564dbda15e3fe26a2aad91" },
+        { "session.reauthenticated", "a5d7bbfa7ca14af09c80a142b833b648" },
+        { "session.expired", "24f88908151742f3a77392a9d8d997b2" },
+        { "session.revoked", "db6acd6c281143dcbad942edfe99dfbc" },
+        { "agent.revoked", "6b65074916784c3196e38b17a1b547cd" },
+        { "revocation.before", "47222bc8f0404f4abb3e4e45955adde2" },
+        { "pam.opened", "916097e998b846f9b7e0c38238951a2d" },
+        { "pam.closed", "33be8a880ace4ae5ad61bec67d074182" },
+        { "policy.loaded", "bf3cd64a764d4f71b1d525ef84848925" },
+        { "policy.rejected", "10061e414a744c3a8c6acaa9cac73f96" },
+        { "key.created", "6794e94e2bbf459c8955bb1fcdbde3a7" },
+        { "key.rotated", "088b33190b1e438bb4ec72a461801fa6" },
+        { "audit.checkpoint", "9b4a93722e0b411f8b7cf7fffab7c1b9" },
+        { "audit.rotated", "0d40d1c9911f4881a2700aa63d25b283" },
+        { "broker.started", "386c72618540400b8baae6fe08e58afa" },
+        { "broker.stopped", "21ac19dde7154811b32ae404566b1deb" },
+};
+
+struct ab_audit {
+        char *path;
+        int fd;
+        const ab_signer *signer;
+        uint64_t max_size;
+        /* durable state */
+        uint64_t size;        /* bytes of the file known durable */
+        uint64_t seq;         /* seq of the last durable record */
+        char prev[65];        /* hash of the last durable record, hex */
+        uint64_t since_checkpoint;
+        /* queued, not yet durable */
+        char *buf;
+        size_t len, cap;
+        uint64_t q_seq;
+        char q_prev[65];
+        size_t q_records;
+        bool q_checkpoint;    /* the last queued record is a checkpoint */
+        bool journal;
+};
+
+const char *ab_audit_message_id(const char *event)
+{
+        for (size_t i = 0; i < AB_ARRAY_SIZE(message_ids); i++)
+                if (strcmp(message_ids[i].event, event) == 0)
+                        return message_ids[i].id;
+        return NULL;
+}
+
+const char *ab_audit_path(const ab_audit *a)
+{
+        return a->path;
+}
+
+static void hash_hex(const char *data, size_t len, char out[65])
+{
+        uint8_t h[crypto_hash_sha256_BYTES];
+        crypto_hash_sha256(h, (const uint8_t *)data, len);
+        sodium_bin2hex(out, 65, h, sizeof h);
+}
+
+
+/* Read the last complete line of fd (size bytes): its hash and seq. Cut a torn tail. */
+static int recover(ab_audit *a)
+{
+        struct stat st;
+        char *tail = NULL;
+        size_t want, n = 0;
+        off_t from;
+
+        if (fstat(a->fd, &st) < 0)
+                return -errno;
+        a->size = (uint64_t)st.st_size;
+        memset(a->prev, '0', 64);
+        a->prev[64] = '\0';
+        a->seq = 0;
+        if (st.st_size == 0)
+                return 0;
+        want = (size_t)AB_MIN((uint64_t)st.st_size, (uint64_t)AB_AUDIT_MAX_RECORD * 2 + 2);
+        from = st.st_size - (off_t)want;
+        tail = malloc(want + 1);
+        if (!tail)
+                return -ENOMEM;
+        while (n < want) {
+                ssize_t k = pread(a->fd, tail + n, want - n, from + (off_t)n);
+                if (k < 0 && errno == EINTR)
+                        continue;
+                if (k <= 0) {
+                        free(tail);
+                        return k < 0 ? -errno : -EIO;
+                }
+                n += (size_t)k;
+        }
+        tail[n] = '\0';
+        /* a torn last line (crash mid-write before the sync) is cut off */
+        size_t end = n;
+        while (end > 0 && tail[end - 1] != '\n')
+                end--;
+        if (end < n) {
+                ab_log(LOG_WARNING, "audit log %s ends with a torn record (%zu bytes); cutting it off", a->path,
+                       n - end);
+                if (ftruncate(a->fd, from + (off_t)end) < 0 || fdatasync(a->fd) < 0) {
+                        free(tail);
+                        return -errno;
+                }
+                a->size = (uint64_t)(from + (off_t)end);
+        }
+        if (end == 0) {
+                free(tail);
+                return a->size == 0 ? 0 : -EBADMSG;
+        }
+        size_t start = end - 1;
+        while (start > 0 && tail[start - 1] != '\n')
+                start--;
+        if (start == 0 && from > 0) {
+                free(tail);
+                return -EBADMSG; /* a line longer than any record we write */
+        }
+        json_t *rec = json_loadb(tail + start, end - 1 - start, 0, NULL);
+        json_t *seq = json_object_get(rec, "seq");
+        if (!json_is_integer(seq)) {
+                json_decref(rec);
+                free(tail);
+                return -EBADMSG;
+        }
+        a->seq = (uint64_t)json_integer_value(seq);
+        hash_hex(tail + start, end - 1 - start, a->prev);
+        json_decref(rec);
+        free(tail);
+        return 0;
+}
+
+static int open_file(ab_audit *a)
+{
+        a->fd = open(a->path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0640);
+        if (a->fd < 0)
+                return -errno;
+        /* recover needs to read: reopen read-write */
+        int rw = open(a->path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
+        if (rw < 0)
+                return -errno;
+        ab_close(a->fd);
+        a->fd = rw;
+        if (lseek(a->fd, 0, SEEK_END) < 0)
+                return -errno;
+        return recover(a);
+}
+
+int ab_audit_open(const char *path, const ab_signer *signer, uint64_t max_size, ab_audit **ret)
+{
+        ab_audit *a = calloc(1, sizeof *a);
+        int r;
+
+        if (!a)
+                return -ENOMEM;
+        a->fd = -1;
+        a->signer = signer;
+        a->max_size = max_size;
+        a->journal = true;
+        a->path = strdup(path);
+        if (!a->path) {
+                free(a);
+                return -ENOMEM;
+        }
+        r = open_file(a);
+        if (r < 0) {
+                ab_close(a->fd);
+                free(a->path);
+                free(a);
+                return r;
+        }
+        a->q_seq = a->seq;
+        memcpy(a->q_prev, a->prev, sizeof a->prev);
+        *ret = a;
+        return 0;
+}
+
+static int buf_append(ab_audit *a, const char *s, size_t n)
+{
+        if (a->len + n > a->cap) {
+                size_t nc = a->cap ? a->cap : 16384;
+                while (nc < a->len + n)
+                        nc *= 2;
+                char *b = realloc(a->buf, nc);
+                if (!b)
+                        return -ENOMEM;
+                a->buf = b;
+                a->cap = nc;
+        }
+        memcpy(a->buf + a->len, s, n);
+        a->len += n;
+        return 0;
+}
+
+/* Send the record to journald with one AGENT_BROKER_* field per member. */
+static void to_journal(ab_audit *a, const char *event, json_t *rec)
+{
+        struct iovec iov[40];
+        char *fields[40];
+        size_t n = 0;
+        const char *key, *id = ab_audit_message_id(event);
+        json_t *v;
+        char msg[512];
+
+        if (!a->journal)
+                return;
+        const char *agent = json_string_value(json_object_get(rec, "agent"));
+        const char *reason = json_string_value(json_object_get(rec, "reason"));
+        snprintf(msg, sizeof msg, "MESSAGE=%s%s%s%s%s", event, agent ? " agent " : "", agent ? agent : "",
+                 reason ? ": " : "", reason ? reason : "");
+        fields[n] = strdup(msg);
+        if (id && asprintf(&fields[n + 1], "MESSAGE_ID=%s", id) >= 0)
+                n++;
+        else
+                fields[n + 1] = NULL;
+        n++;
+        json_object_foreach(rec, key, v) {
+                char *f = NULL, up[64];
+                size_t i;
+                if (n >= AB_ARRAY_SIZE(iov))
+                        break;
+                for (i = 0; key[i] && i < sizeof up - 1; i++)
+                        up[i] = (key[i] >= 'a' && key[i] <= 'z') ? (char)(key[i] - 32) : (key[i] == '.' ? '_' : key[i]);
+                up[i] = '\0';
+                if (json_is_string(v)) {
+                        if (asprintf(&f, "AGENT_BROKER_%s=%s", up, json_string_value(v)) < 0)
+                                f = NULL;
+                } else {
+                        char *d = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+                        if (d && asprintf(&f, "AGENT_BROKER_%s=%s", up, d) < 0)
+                                f = NULL;
+                        free(d);
+                }
+                if (f)
+                        fields[n++] = f;
+        }
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++)
+                if (fields[i]) {
+                        iov[k].iov_base = fields[i];
+                        iov[k].iov_len = strlen(fields[i]);
+                        k++;
+                }
+        if (k > 0 && sd_journal_sendv(iov, (int)k) < 0)
+                a->journal = false; /* no journald here: the file is the record */
+        for (size_t i = 0; i < n; i++)
+                free(fields[i]);
+}
+
+static int queue_record(ab_audit *a, const char *event, json_t *rec)
+{
+        char *line;
+        size_t len;
+        int r;
+
+        if (!json_object_get(rec, "time"))
+                json_object_set_new(rec, "time", json_integer((json_int_t)ab_now_usec()));
+        json_object_set_new(rec, "event", json_string(event));
+        json_object_set_new(rec, "seq", json_integer((json_int_t)(a->q_seq + 1)));
+        json_object_set_new(rec, "prev", json_string(a->q_prev));
+        line = json_dumps(rec, JSON_COMPACT);
+        if (!line)
+                return -ENOMEM;
+        len = strlen(line);
+        if (len > AB_AUDIT_MAX_RECORD) {
+                free(line);
+                return -E2BIG;
+        }
+        r = buf_append(a, line, len);
+        if (r == 0)
+                r = buf_append(a, "\n", 1);
+        if (r < 0) {
+                free(line);
+                return r;
+        }
+        hash_hex(line, len, a->q_prev);
+        free(line);
+        a->q_seq++;
+        a->q_records++;
+        to_journal(a, event, rec);
+        return 0;
+}
+
+int ab_audit_add(ab_audit *a, const char *event, json_t *rec)
+{
+        int r;
+
+        if (!rec)
+                return -ENOMEM;
+        /* never a token or a key: callers pass identifiers only */
+        json_object_del(rec, "token");
+        r = queue_record(a, event, rec);
+        json_decref(rec);
+        return r;
+}
+
+bool ab_audit_pending(const ab_audit *a)
+{
+        return a && a->q_records > 0;
+}
+
+static int add_checkpoint(ab_audit *a)
+{
+        char input[160], sig_b64[AB_B64_ENCODED_LEN(64) + 1];
+        uint8_t sig[64];
+        int n = ab_audit_checkpoint_input(a->q_seq + 1, a->q_prev, input, sizeof input);
+
+        if (n < 0)
+                return n;
+        ab_signer_sign(a->signer, input, (size_t)n, sig);
+        (void)ab_b64url_encode(sig, sizeof sig, sig_b64, sizeof sig_b64);
+        a->q_checkpoint = true;
+        return ab_audit_add(a, "audit.checkpoint",
+                            json_pack("{s:s, s:s, s:s}", "kid", ab_signer_kid(a->signer), "sig", sig_b64, "alg",
+                                      "EdDSA"));
+}
+
+static void drop_queue(ab_audit *a);
+
+static int write_all(int fd, const char *p, size_t n)
+{
+        while (n > 0) {
+                ssize_t k = write(fd, p, n);
+                if (k < 0 && errno == EINTR)
+                        continue;
+                if (k < 0)
+                        return -errno;
+                if (k == 0)
+                        return -EIO;
+                p += k;
+                n -= (size_t)k;
+        }
+        return 0;
+}
+
+static void drop_queue(ab_audit *a)
+{
+        a->len = 0;
+        a->q_records = 0;
+        a->q_seq = a->seq;
+        memcpy(a->q_prev, a->prev, sizeof a->prev);
+        if (a->cap > 1024 * 1024) {
+                free(a->buf);
+                a->buf = NULL;
+                a->cap = 0;
+        }
+}
+
+static int rotate(ab_audit *a)
+{
+        char from[4200], to[4200];
+        /* audit.jsonl.7 goes, .6 -> .7, ..., audit.jsonl -> .1 */
+        for (int i = AB_AUDIT_KEEP_FILES - 1; i >= 1; i--) {
+                snprintf(from, sizeof from, "%s.%d", a->path, i);
+                snprintf(to, sizeof to, "%s.%d", a->path, i + 1);
+                (void)rename(from, to);
+        }
+        snprintf(to, sizeof to, "%s.1", a->path);
+        if (rename(a->path, to) < 0)
+                return -errno;
+        ab_close(a->fd);
+        a->fd = open(a->path, O_RDWR | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0640);
+        if (a->fd < 0)
+                return -errno;
+        a->size = 0;
+        /* the new file continues the chain: its first record names the last one */
+        return ab_audit_add(a, "audit.rotated", json_pack("{s:s}", "previous_file", to));
+}
+
+/* Write and sync the queue once. On failure cut the file back and drop the queue. */
+static int sync_once(ab_audit *a)
+{
+        int r = a->fd < 0 ? -EBADF : write_all(a->fd, a->buf, a->len);
+
+        if (r == 0 && fdatasync(a->fd) < 0)
+                r = -errno;
+        if (r < 0) {
+                /* keep the chain whole: forget what was not made durable */
+                if (a->fd >= 0 && ftruncate(a->fd, (off_t)a->size) < 0)
+                        ab_log(LOG_ERR, "audit log %s: cannot cut back to %llu bytes: %s", a->path,
+                               (unsigned long long)a->size, strerror(errno));
+                drop_queue(a);
+                a->q_checkpoint = false;
+                return r;
+        }
+        a->size += a->len;
+        a->seq = a->q_seq;
+        memcpy(a->prev, a->q_prev, sizeof a->prev);
+        a->since_checkpoint = a->q_checkpoint ? 0 : a->since_checkpoint + a->q_records;
+        a->q_checkpoint = false;
+        a->len = 0;
+        a->q_records = 0;
+        return 0;
+}
+
+int ab_audit_sync(ab_audit *a)
+{
+        int r;
+
+        if (!a || a->q_records == 0)
+                return 0;
+        if (a->since_checkpoint + a->q_records >= AB_AUDIT_CHECKPOINT_EVERY) {
+                r = add_checkpoint(a);
+                if (r < 0) {
+                        drop_queue(a);
+                        return r;
+                }
+        }
+        r = sync_once(a);
+        if (r < 0)
+                return r;
+        if (a->max_size && a->size >= a->max_size) {
+                r = add_checkpoint(a);
+                if (r == 0)
+                        r = sync_once(a);
+                if (r == 0)
+                        r = rotate(a);
+                if (r == 0)
+                        r = sync_once(a);
+                if (r < 0)
+                        ab_log(LOG_ERR, "audit log rotation failed: %s", ab_strerror(r));
+        }
+        return 0; /* the caller's records are durable either way */
+}
+
+void ab_audit_close(ab_audit *a)
+{
+        if (!a)
+                return;
+        if (a->fd >= 0 && (a->q_records > 0 || a->since_checkpoint > 0)) {
+                if (add_checkpoint(a) == 0)
+                        (void)ab_audit_sync(a);
+        }
+        ab_close(a->fd);
+        free(a->buf);
+        free(a->path);
+        free(a);
+}
+
+int ab_audit_read(const ab_audit *a, uint64_t after_seq, uint64_t since_usec, const char *agent, const char *event,
+                  size_t limit, size_t max_bytes, json_t **ret_records, uint64_t *ret_next_seq, bool *ret_more)
+{
+        FILE *f;
+        char *line = NULL;
+        size_t cap = 0, bytes = 0;
+        ssize_t n;
+        json_t *out = json_array();
+        uint64_t next = after_seq;
+        bool more = false;
+
+        if (!out)
+                return -ENOMEM;
+        f = fopen(a->path, "re");
+        if (!f) {
+                json_decref(out);
+                return -errno;
+        }
+        while ((n = getline(&line, &cap, f)) > 0) {
+                json_t *rec, *seq;
+                if (line[n - 1] != '\n')
+                        break; /* being written */
+                rec = json_loadb(line, (size_t)n - 1, 0, NULL);
+                seq = json_object_get(rec, "seq");
+                if (!json_is_integer(seq) || (uint64_t)json_integer_value(seq) <= after_seq ||
+                    (uint64_t)json_integer_value(seq) > a->seq ||
+                    (uint64_t)json_integer_value(json_object_get(rec, "time")) < since_usec ||
+                    (agent && (!json_is_string(json_object_get(rec, "agent")) ||
+                               strcmp(json_string_value(json_object_get(rec, "agent")), agent) != 0)) ||
+                    (event && (!json_is_string(json_object_get(rec, "event")) ||
+                               strcmp(json_string_value(json_object_get(rec, "event")), event) != 0))) {
+                        if (json_is_integer(seq) && (uint64_t)json_integer_value(seq) > next &&
+                            (uint64_t)json_integer_value(seq) <= a->seq)
+                                next = (uint64_t)json_integer_value(seq); /* skipped records count as read */
+                        json_decref(rec);
+                        continue;
+                }
+                if (json_array_size(out) >= limit || bytes + (size_t)n > max_bytes) {
+                        json_decref(rec);
+                        more = true;
+                        break;
+                }
+                next = (uint64_t)json_integer_value(seq);
+                bytes += (size_t)n;
+                json_array_append_new(out, rec);
+        }
+        free(line);
+        fclose(f);
+        *ret_records = out;
+        *ret_next_seq = next;
+        *ret_more = more;
+        return 0;
+}

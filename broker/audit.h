@@ -1,0 +1,78 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The audit trail: one record per decision, to journald (structured
+ * fields, a MESSAGE_ID per event) and to an append-only JSON-lines file in
+ * which each record carries the SHA-256 of the previous line ("prev") and a
+ * sequence number ("seq"); every AB_AUDIT_CHECKPOINT_EVERY records (and at
+ * rotation and shutdown) a checkpoint record signs the chain head with the
+ * broker key.
+ *
+ * Records are appended to memory by ab_audit_add and made durable together
+ * by ab_audit_sync (write + fdatasync): the daemon calls it once per event
+ * loop turn and holds every reply until it returns (group commit). A sync
+ * that fails drops the unsynced records and cuts the file back to its last
+ * durable end, so the chain stays whole; the held replies become errors.
+ */
+#ifndef AB_AUDIT_H
+#define AB_AUDIT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <jansson.h>
+#include "token.h"
+
+#define AB_AUDIT_DEFAULT_PATH "/var/log/agent-broker/audit.jsonl"
+#define AB_AUDIT_FILE "audit.jsonl"
+#define AB_AUDIT_CHECKPOINT_EVERY 1000
+#define AB_AUDIT_DEFAULT_MAX_SIZE (64ull * 1024 * 1024)
+#define AB_AUDIT_KEEP_FILES 8
+#define AB_AUDIT_MAX_RECORD 16384
+
+typedef struct ab_audit ab_audit;
+
+/*
+ * Open (creating, mode 0640) the log at path; recover the chain head from
+ * its last complete line, cutting off a torn last line. max_size: rotate
+ * when the file grows past it (0: never). The signer is borrowed.
+ */
+int ab_audit_open(const char *path, const ab_signer *signer, uint64_t max_size, ab_audit **ret);
+/* Write a checkpoint, sync, close. Accepts NULL. */
+void ab_audit_close(ab_audit *a);
+
+/*
+ * Queue a record for event (rec stolen; "time" in µs is set when absent,
+ * "seq" and "prev" are set here). It is sent to journald now and written
+ * to the file by the next ab_audit_sync.
+ */
+int ab_audit_add(ab_audit *a, const char *event, json_t *rec);
+/* Records queued and not yet durable. */
+bool ab_audit_pending(const ab_audit *a);
+/*
+ * Write and fdatasync the queued records (and rotate or checkpoint when
+ * due). 0, or -errno: then none of the queued records was kept.
+ */
+int ab_audit_sync(ab_audit *a);
+const char *ab_audit_path(const ab_audit *a);
+
+/* The MESSAGE_ID (32 hex digits) of an event name, or NULL if unknown. */
+const char *ab_audit_message_id(const char *event);
+
+/*
+ * Records from the current file, oldest first: those with seq > after_seq,
+ * time >= since_usec, and matching agent / event (NULL: any), at most
+ * limit and about max_bytes of JSON. *ret_more says whether more remain.
+ */
+int ab_audit_read(const ab_audit *a, uint64_t after_seq, uint64_t since_usec, const char *agent,
+                  const char *event, size_t limit, size_t max_bytes, json_t **ret_records, uint64_t *ret_next_seq,
+                  bool *ret_more);
+
+/* The checkpoint signature input for (seq, prev hash hex): what the broker signs and verifiers check. */
+static inline int ab_audit_checkpoint_input(uint64_t seq, const char *prev, char *out, size_t outmax)
+{
+        int n = snprintf(out, outmax, "agent-broker audit checkpoint\n%llu\n%s\n", (unsigned long long)seq, prev);
+        return n < 0 || (size_t)n >= outmax ? -1 : n;
+}
+
+#endif

@@ -1,0 +1,350 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * agent-brokerctl audit: read the audit trail (from the running broker over
+ * the admin socket, or from a file) and verify its hash chain and signed
+ * checkpoints.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sodium.h>
+#include "ctl.h"
+#include "../broker/audit.h"
+#include "../common/b64.h"
+
+typedef struct filter {
+        long long since;     /* seconds, 0: any */
+        const char *agent, *event;
+} filter;
+
+static bool matches(json_t *rec, const filter *f)
+{
+        const char *a = json_string_value(json_object_get(rec, "agent"));
+        const char *e = json_string_value(json_object_get(rec, "event"));
+        if (f->since && json_integer_value(json_object_get(rec, "time")) < f->since * 1000000LL)
+                return false;
+        if (f->agent && (!a || strcmp(a, f->agent) != 0))
+                return false;
+        if (f->event && (!e || strcmp(e, f->event) != 0))
+                return false;
+        return true;
+}
+
+static void print_record(json_t *rec, bool as_json)
+{
+        static const char *const keys[] = { "agent", "uid", "pid", "audience", "scopes", "jti", "sid", "parent",
+                                            "service", "user", "pam_id", "source" };
+        long long us = json_integer_value(json_object_get(rec, "time"));
+        time_t t = (time_t)(us / 1000000);
+        struct tm tm;
+        char when[40] = "?";
+        json_t *v;
+
+        if (as_json) {
+                char *s = json_dumps(rec, JSON_COMPACT);
+                if (s)
+                        printf("%s\n", s);
+                free(s);
+                return;
+        }
+        if (gmtime_r(&t, &tm))
+                strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S", &tm);
+        printf("%s.%06lldZ %6lld %-24s %-8s", when, us % 1000000, (long long)json_integer_value(json_object_get(rec, "seq")),
+               json_string_value(json_object_get(rec, "event")) ? json_string_value(json_object_get(rec, "event")) : "?",
+               json_string_value(json_object_get(rec, "decision")) ? json_string_value(json_object_get(rec, "decision")) : "");
+        for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+                v = json_object_get(rec, keys[i]);
+                if (json_is_string(v))
+                        printf(" %s=%s", keys[i], json_string_value(v));
+                else if (json_is_integer(v))
+                        printf(" %s=%lld", keys[i], (long long)json_integer_value(v));
+        }
+        v = json_object_get(rec, "reason");
+        if (json_is_string(v))
+                printf(" reason=\"%s\"", json_string_value(v));
+        printf("\n");
+}
+
+static int list_file(const char *path, const filter *f, bool as_json)
+{
+        FILE *in = fopen(path, "re");
+        char *line = NULL;
+        size_t cap = 0;
+        ssize_t n;
+
+        if (!in) {
+                fprintf(stderr, "agent-brokerctl: audit: %s: %s\n", path, strerror(errno));
+                return EXIT_ERROR;
+        }
+        while ((n = getline(&line, &cap, in)) > 0) {
+                json_t *rec = json_loadb(line, (size_t)n, 0, NULL);
+                if (rec && matches(rec, f))
+                        print_record(rec, as_json);
+                json_decref(rec);
+        }
+        free(line);
+        fclose(in);
+        return EXIT_OK;
+}
+
+static int list_broker(const opts *o, const filter *f, bool as_json)
+{
+        long long after = 0;
+
+        for (;;) {
+                json_t *p = json_pack("{s:I}", "after_seq", (json_int_t)after), *reply = NULL, *rec;
+                size_t i;
+                int ex;
+                if (f->since)
+                        json_object_set_new(p, "since", json_integer(f->since));
+                if (f->agent)
+                        json_object_set_new(p, "agent", json_string(f->agent));
+                if (f->event)
+                        json_object_set_new(p, "event", json_string(f->event));
+                ex = simple_call(o, true, "io.agentbroker.admin.ReadAudit", p, &reply);
+                if (ex)
+                        return ex;
+                json_array_foreach(json_object_get(reply, "records"), i, rec)
+                        print_record(rec, as_json);
+                after = json_integer_value(json_object_get(reply, "next_seq"));
+                bool more = json_is_true(json_object_get(reply, "more"));
+                json_decref(reply);
+                if (!more)
+                        return EXIT_OK;
+        }
+}
+
+/* ---- verify ---------------------------------------------------------------- */
+
+typedef struct verifier {
+        json_t *keys;        /* JWKS "keys" array, or NULL */
+        long long seq;       /* last seq seen, -1 before the first */
+        char prev[65];       /* hash of the last line */
+        unsigned records, checkpoints, unchecked;
+} verifier;
+
+static int fail_at(const char *file, size_t line, long long seq, const char *what)
+{
+        printf("%s:%zu: seq %lld: %s\n", file, line, seq, what);
+        return EXIT_DENIED;
+}
+
+static const uint8_t *find_key(verifier *v, const char *kid, uint8_t out[32])
+{
+        size_t i, n = 0;
+        json_t *k;
+
+        json_array_foreach(v->keys, i, k) {
+                const char *x = json_string_value(json_object_get(k, "x"));
+                const char *id = json_string_value(json_object_get(k, "kid"));
+                if (id && x && kid && strcmp(id, kid) == 0 &&
+                    ab_b64url_decode(x, strlen(x), out, 32, &n) == 0 && n == 32)
+                        return out;
+        }
+        return NULL;
+}
+
+static int verify_file(verifier *v, const char *path)
+{
+        FILE *in = fopen(path, "re");
+        char *line = NULL;
+        size_t cap = 0, lineno = 0;
+        ssize_t n;
+        int ex = EXIT_OK;
+
+        if (!in) {
+                fprintf(stderr, "agent-brokerctl: audit verify: %s: %s\n", path, strerror(errno));
+                return EXIT_ERROR;
+        }
+        while (ex == EXIT_OK && (n = getline(&line, &cap, in)) > 0) {
+                json_error_t jerr;
+                json_t *rec, *jseq;
+                const char *prev, *event;
+                long long seq;
+                uint8_t h[crypto_hash_sha256_BYTES];
+                char hex[65];
+
+                lineno++;
+                if (line[n - 1] != '\n') {
+                        ex = fail_at(path, lineno, v->seq + 1, "the last record is incomplete (torn write)");
+                        break;
+                }
+                rec = json_loadb(line, (size_t)n - 1, JSON_REJECT_DUPLICATES, &jerr);
+                jseq = json_object_get(rec, "seq");
+                prev = json_string_value(json_object_get(rec, "prev"));
+                event = json_string_value(json_object_get(rec, "event"));
+                if (!json_is_object(rec) || !json_is_integer(jseq) || !prev || !event) {
+                        ex = fail_at(path, lineno, v->seq + 1, "not an audit record (bad JSON or missing seq/prev/event)");
+                        json_decref(rec);
+                        break;
+                }
+                seq = json_integer_value(jseq);
+                if (v->seq >= 0 && seq != v->seq + 1) {
+                        char what[128];
+                        snprintf(what, sizeof what, "expected seq %lld: a record is missing, repeated or out of order",
+                                 v->seq + 1);
+                        ex = fail_at(path, lineno, seq, what);
+                } else if (v->seq >= 0 ? strcmp(prev, v->prev) != 0
+                                       : (seq == 1 && strspn(prev, "0") != 64)) {
+                        char what[200];
+                        snprintf(what, sizeof what,
+                                 "prev does not match the hash of the record before it (line %zu): that record was "
+                                 "edited, or records were removed or reordered",
+                                 lineno - 1);
+                        ex = fail_at(path, lineno, seq, what);
+                } else if (strcmp(event, "audit.checkpoint") == 0) {
+                        char input[160];
+                        uint8_t pk[32], sig[64];
+                        size_t sl = 0;
+                        const char *sig64 = json_string_value(json_object_get(rec, "sig"));
+                        const char *kid = json_string_value(json_object_get(rec, "kid"));
+                        int in_len = ab_audit_checkpoint_input((uint64_t)seq, prev, input, sizeof input);
+                        if (!v->keys) {
+                                v->unchecked++;
+                        } else if (!find_key(v, kid, pk)) {
+                                ex = fail_at(path, lineno, seq, "checkpoint signed by a key the broker does not list");
+                        } else if (!sig64 || ab_b64url_decode(sig64, strlen(sig64), sig, sizeof sig, &sl) < 0 ||
+                                   sl != 64 || in_len < 0 ||
+                                   crypto_sign_verify_detached(sig, (const uint8_t *)input, (size_t)in_len, pk) != 0) {
+                                ex = fail_at(path, lineno, seq, "checkpoint signature does not verify");
+                        } else {
+                                v->checkpoints++;
+                        }
+                }
+                crypto_hash_sha256(h, (const uint8_t *)line, (size_t)n - 1);
+                sodium_bin2hex(hex, sizeof hex, h, sizeof h);
+                memcpy(v->prev, hex, sizeof hex);
+                v->seq = seq;
+                v->records++;
+                json_decref(rec);
+        }
+        free(line);
+        fclose(in);
+        return ex;
+}
+
+static int load_keys(const opts *o, const char *keys_file, verifier *v)
+{
+        json_t *jwks = NULL;
+
+        if (keys_file) {
+                json_error_t e;
+                jwks = json_load_file(keys_file, 0, &e);
+                if (!jwks) {
+                        fprintf(stderr, "agent-brokerctl: audit verify: %s: %s\n", keys_file, e.text);
+                        return EXIT_USAGE;
+                }
+        } else {
+                ab_client *c = NULL;
+                char *out = NULL;
+                if (ctl_connect(o, admin_usable(o), &c) != 0)
+                        return EXIT_OK; /* no keys: checkpoints are reported unchecked */
+                if (ab_client_call(c, "io.agentbroker.GetKeys", NULL, &out) == 0)
+                        jwks = json_loads(out, 0, NULL);
+                ab_token_free(out);
+                ab_client_free(c);
+        }
+        if (jwks && json_is_array(json_object_get(jwks, "keys")))
+                v->keys = json_incref(json_object_get(jwks, "keys"));
+        json_decref(jwks);
+        return EXIT_OK;
+}
+
+/* The broker's current audit file, asked over the admin socket; NULL if it cannot say. */
+static char *broker_file(const opts *o)
+{
+        json_t *reply = NULL;
+        char *path = NULL;
+        if (!admin_usable(o) || simple_call(o, true, "io.agentbroker.admin.ReadAudit", json_pack("{s:i}", "limit", 1),
+                                            &reply) != 0)
+                return NULL;
+        if (json_is_string(json_object_get(reply, "file")))
+                path = strdup(json_string_value(json_object_get(reply, "file")));
+        json_decref(reply);
+        return path;
+}
+
+static int cmd_audit_verify(const opts *o, int argc, char **argv)
+{
+        static const struct option lo[] = {
+                { "file", required_argument, NULL, 'f' }, { "keys", required_argument, NULL, 'k' }, { 0 },
+        };
+        const char *files[64], *keys_file = NULL;
+        size_t n = 0;
+        char *auto_file = NULL;
+        verifier v = { .seq = -1 };
+        int c, ex = EXIT_OK;
+
+        optind = 0;
+        while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
+                switch (c) {
+                case 'f':
+                        if (n == sizeof files / sizeof files[0])
+                                return EXIT_USAGE;
+                        files[n++] = optarg;
+                        break;
+                case 'k': keys_file = optarg; break;
+                default: return EXIT_USAGE;
+                }
+        }
+        for (; optind < argc && n < sizeof files / sizeof files[0]; optind++)
+                files[n++] = argv[optind];
+        if (n == 0) {
+                auto_file = broker_file(o);
+                files[n++] = auto_file ? auto_file : AB_AUDIT_DEFAULT_PATH;
+        }
+        ex = load_keys(o, keys_file, &v);
+        for (size_t i = 0; ex == EXIT_OK && i < n; i++)
+                ex = verify_file(&v, files[i]);
+        if (ex == EXIT_OK) {
+                printf("audit chain intact: %u records", v.records);
+                if (v.records)
+                        printf(" (seq up to %lld)", v.seq);
+                printf(", %u signed checkpoints verified", v.checkpoints);
+                if (v.unchecked)
+                        printf(", %u not checked (no keys: run with --keys JWKS or a reachable broker)", v.unchecked);
+                printf("\n");
+        }
+        json_decref(v.keys);
+        free(auto_file);
+        return ex;
+}
+
+int cmd_audit(const opts *o, int argc, char **argv)
+{
+        static const struct option lo[] = {
+                { "since", required_argument, NULL, 's' }, { "agent", required_argument, NULL, 'a' },
+                { "event", required_argument, NULL, 'e' }, { "json", no_argument, NULL, 'j' },
+                { "file", required_argument, NULL, 'f' },  { 0 },
+        };
+        filter f = { 0 };
+        const char *file = NULL;
+        bool as_json = false;
+        int c;
+
+        if (argc > 1 && strcmp(argv[1], "verify") == 0)
+                return cmd_audit_verify(o, argc - 1, argv + 1);
+        optind = 0;
+        while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
+                switch (c) {
+                case 's':
+                        if (parse_time_arg(optarg, &f.since) < 0)
+                                return EXIT_USAGE;
+                        break;
+                case 'a': f.agent = optarg; break;
+                case 'e': f.event = optarg; break;
+                case 'j': as_json = true; break;
+                case 'f': file = optarg; break;
+                default: return EXIT_USAGE;
+                }
+        }
+        if (optind != argc) {
+                fprintf(stderr, "agent-brokerctl: audit [--since T] [--agent A] [--event E] [--json] [--file PATH] | "
+                                "audit verify [--file PATH ...] [--keys JWKS]\n");
+                return EXIT_USAGE;
+        }
+        return file ? list_file(file, &f, as_json) : list_broker(o, &f, as_json);
+}
