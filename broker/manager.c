@@ -704,6 +704,70 @@ static void policy_diag(void *ud, int sev, const char *file, const char *path, c
                                                 sev == AB_DIAG_ERROR ? "error" : "warning", "message", msg));
 }
 
+#define RETIRED_PREFIX "retired_key:"
+
+typedef struct retired_rec {
+        uint8_t pk[32];
+        int64_t retired_at, until;
+} retired_rec;
+
+static int load_retired(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        ab_manager *m = ud;
+        retired_rec r;
+        (void)key;
+        (void)klen;
+        if (vlen != sizeof r)
+                return 0;
+        memcpy(&r, val, sizeof r);
+        (void)ab_signer_add_retired(m->signer, r.pk, r.retired_at, r.until);
+        return 0;
+}
+
+static void load_retired_keys(ab_manager *m)
+{
+        ab_txn *t = NULL;
+        if (ab_store_begin(m->store, false, &t) < 0)
+                return;
+        (void)ab_txn_foreach(t, AB_DB_META, RETIRED_PREFIX, strlen(RETIRED_PREFIX), load_retired, m);
+        ab_txn_abort(t);
+}
+
+int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t old_kid_max, int64_t *ret_until)
+{
+        retired_rec rec;
+        char key[64];
+        ab_txn *t = NULL;
+        int64_t now = (int64_t)(ab_now_usec() / 1000000);
+        int r;
+
+        memcpy(rec.pk, ab_signer_public_key(m->signer), 32);
+        rec.retired_at = now;
+        rec.until = now + overlap;
+        snprintf(old_kid, old_kid_max, "%s", ab_signer_kid(m->signer));
+        snprintf(key, sizeof key, RETIRED_PREFIX "%s", old_kid);
+        /* the old public key is durable before the new key replaces it */
+        r = ab_store_begin(m->store, true, &t);
+        if (r < 0)
+                return r;
+        r = ab_txn_put(t, AB_DB_META, key, strlen(key), &rec, sizeof rec);
+        if (r < 0) {
+                ab_txn_abort(t);
+                return r;
+        }
+        r = ab_txn_commit(t);
+        if (r < 0)
+                return r;
+        r = ab_signer_rotate(m->signer, m->state_fd);
+        if (r < 0)
+                return r;
+        (void)ab_signer_add_retired(m->signer, rec.pk, rec.retired_at, rec.until);
+        *ret_until = rec.until;
+        ab_log(LOG_NOTICE, "signing key rotated: %s replaces %s (verifiable until %lld)", ab_signer_kid(m->signer),
+               old_kid, (long long)rec.until);
+        return 0;
+}
+
 static void set_policy_version(ab_manager *m)
 {
         char fp[65];
@@ -1066,6 +1130,7 @@ int ab_manager_startup(ab_manager *m)
                         return r;
                 }
         }
+        load_retired_keys(m);
         if (m->cfg.admin_group[0]) {
                 struct group gr, *res = NULL;
                 char buf[16384];

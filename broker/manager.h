@@ -123,6 +123,12 @@ int ab_manager_run(ab_manager *m);
  */
 int ab_manager_reload_policy(ab_manager *m, json_t *findings, char *reason, size_t reasonmax);
 
+/*
+ * Replace the signing key; the old public key stays in the JWKS for
+ * overlap seconds (kept in LMDB meta, durable first).
+ */
+int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t old_kid_max, int64_t *ret_until);
+
 /* Read broker.conf (key = value lines). Missing file: defaults. */
 int ab_config_load_file(ab_config *c, const char *path);
 void ab_manager_free(ab_manager *m);

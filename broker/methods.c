@@ -127,6 +127,13 @@ static const char admin_description[] =
         "method ReadAudit(after_seq: ?int, since: ?int, agent: ?string, event: ?string, limit: ?int) -> (\n"
         "  records: []object, next_seq: int, more: bool, file: string)\n"
         "\n"
+        "# A new signing key; the previous public key stays in the JWKS for overlap seconds\n"
+        "# (default: the longest token lifetime, 24 h, plus 5 s).\n"
+        "method RotateKey(overlap: ?int) -> (kid: string, previous_kid: string, previous_valid_until: int)\n"
+        "\n"
+        "# Every key with its status (current, retiring, retired), for audit checkpoint verification.\n"
+        "method ListKeys() -> (keys: []object)\n"
+        "\n"
         "error PolicyRejected (reason: string, findings: []Finding)\n"
         "error NoSuchSession (reason: string)\n"
         "error NoSuchAgent (reason: string)\n";
@@ -659,6 +666,44 @@ static void m_read_audit(ab_conn *c, ab_vl_call *call)
                       NULL);
 }
 
+static void m_rotate_key(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = { { "overlap", P_INT, false, 0, 0, 366LL * 86400 }, { 0 } };
+        json_t *ov = json_object_get(call->parameters, "overlap");
+        char old[64], reason[256];
+        int64_t until = 0;
+        int r;
+
+        if (ab_check_params(c, call->parameters, spec) < 0)
+                return;
+        /* default overlap: the longest a token can live, plus the clock leeway */
+        r = ab_manager_rotate_key(c->m, json_is_integer(ov) ? json_integer_value(ov) : AB_TTL_MAX + AB_NBF_LEEWAY,
+                                  old, sizeof old, &until);
+        if (r < 0) {
+                snprintf(reason, sizeof reason, "key rotation failed: %s", ab_strerror(r));
+                ab_conn_error(c, "io.agentbroker.InternalError", reason, NULL);
+                return;
+        }
+        json_t *rec = ab_audit_rec(c, "accept", NULL, NULL, NULL);
+        if (rec) {
+                json_object_set_new(rec, "kid", json_string(ab_signer_kid(c->m->signer)));
+                json_object_set_new(rec, "previous_kid", json_string(old));
+                json_object_set_new(rec, "previous_valid_until", json_integer(until));
+        }
+        ab_manager_audit(c->m, "key.rotated", rec);
+        ab_conn_reply(c, json_pack("{s:s, s:s, s:I}", "kid", ab_signer_kid(c->m->signer), "previous_kid", old,
+                                   "previous_valid_until", (json_int_t)until),
+                      NULL);
+}
+
+static void m_list_keys(ab_conn *c, ab_vl_call *call)
+{
+        static const param_spec spec[] = { { 0 } };
+        if (ab_check_params(c, call->parameters, spec) < 0)
+                return;
+        ab_conn_reply(c, ab_signer_all_keys(c->m->signer), NULL);
+}
+
 /* ---- dispatch ---------------------------------------------------------- */
 
 typedef struct method {
@@ -685,6 +730,8 @@ static const method methods[] = {
         { "io.agentbroker.admin.Introspect", ab_m_introspect, SOCK_ADMIN },
         { "io.agentbroker.admin.GetUsage", m_get_usage, SOCK_ADMIN },
         { "io.agentbroker.admin.ReadAudit", m_read_audit, SOCK_ADMIN },
+        { "io.agentbroker.admin.RotateKey", m_rotate_key, SOCK_ADMIN },
+        { "io.agentbroker.admin.ListKeys", m_list_keys, SOCK_ADMIN },
         { "io.agentbroker.admin.ReloadPolicy", m_reload_policy, SOCK_ADMIN },
         { "io.agentbroker.admin.ShowPolicy", m_show_policy, SOCK_ADMIN },
 };

@@ -5,10 +5,17 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <sodium.h>
 #include "token.h"
 #include "../common/b64.h"
+
+typedef struct retired {
+        uint8_t pk[crypto_sign_PUBLICKEYBYTES];
+        char kid[44];
+        int64_t retired_at, until;
+} retired;
 
 struct ab_signer {
         uint8_t *sk; /* sodium_malloc'd: guarded, locked, wiped on free */
@@ -16,6 +23,8 @@ struct ab_signer {
         char kid[44];
         char *issuer;
         json_t *header;
+        retired old[AB_MAX_RETIRED_KEYS]; /* earlier keys, newest first */
+        size_t n_old;
 };
 
 static int write_all(int fd, const uint8_t *p, size_t n)
@@ -138,18 +147,114 @@ const char *ab_signer_kid(const ab_signer *s) { return s->kid; }
 const char *ab_signer_issuer(const ab_signer *s) { return s->issuer; }
 const uint8_t *ab_signer_public_key(const ab_signer *s) { return s->pk; }
 
+static int64_t now_sec(void)
+{
+        return (int64_t)time(NULL);
+}
+
 const uint8_t *ab_signer_find_key(const ab_signer *s, const char *kid)
 {
-        return strcmp(kid, s->kid) == 0 ? s->pk : NULL;
+        if (!kid)
+                return NULL;
+        if (strcmp(kid, s->kid) == 0)
+                return s->pk;
+        for (size_t i = 0; i < s->n_old; i++)
+                if (strcmp(kid, s->old[i].kid) == 0 && s->old[i].until > now_sec())
+                        return s->old[i].pk;
+        return NULL;
+}
+
+static json_t *jwk(const uint8_t pk[32], const char *kid)
+{
+        char x[44];
+        if (ab_b64url_encode(pk, 32, x, sizeof x) < 0)
+                return NULL;
+        return json_pack("{s:s, s:s, s:s, s:s, s:s, s:s}", "kty", "OKP", "crv", "Ed25519", "x", x, "kid", kid, "alg",
+                         "EdDSA", "use", "sig");
 }
 
 json_t *ab_signer_jwks(const ab_signer *s)
 {
-        char x[44];
-        if (ab_b64url_encode(s->pk, sizeof s->pk, x, sizeof x) < 0)
+        json_t *keys = json_array();
+        if (!keys)
                 return NULL;
-        return json_pack("{s:[{s:s, s:s, s:s, s:s, s:s, s:s}]}", "keys", "kty", "OKP", "crv", "Ed25519", "x", x,
-                         "kid", s->kid, "alg", "EdDSA", "use", "sig");
+        json_array_append_new(keys, jwk(s->pk, s->kid));
+        for (size_t i = 0; i < s->n_old; i++)
+                if (s->old[i].until > now_sec())
+                        json_array_append_new(keys, jwk(s->old[i].pk, s->old[i].kid));
+        return json_pack("{s:o}", "keys", keys);
+}
+
+json_t *ab_signer_all_keys(const ab_signer *s)
+{
+        json_t *keys = json_array(), *k;
+        if (!keys)
+                return NULL;
+        k = jwk(s->pk, s->kid);
+        if (k)
+                json_object_set_new(k, "status", json_string("current"));
+        json_array_append_new(keys, k);
+        for (size_t i = 0; i < s->n_old; i++) {
+                k = jwk(s->old[i].pk, s->old[i].kid);
+                if (!k)
+                        continue;
+                json_object_set_new(k, "status", json_string(s->old[i].until > now_sec() ? "retiring" : "retired"));
+                json_object_set_new(k, "retired_at", json_integer(s->old[i].retired_at));
+                json_object_set_new(k, "valid_until", json_integer(s->old[i].until));
+                json_array_append_new(keys, k);
+        }
+        return json_pack("{s:o}", "keys", keys);
+}
+
+int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at, int64_t until)
+{
+        retired r = { .retired_at = retired_at, .until = until };
+        size_t i;
+
+        memcpy(r.pk, pk, 32);
+        if (ab_jwk_thumbprint(pk, r.kid) < 0)
+                return -EINVAL;
+        if (strcmp(r.kid, s->kid) == 0)
+                return 0;
+        for (i = 0; i < s->n_old; i++)
+                if (strcmp(s->old[i].kid, r.kid) == 0)
+                        return 0;
+        /* newest first; the oldest falls off when full */
+        if (s->n_old == AB_MAX_RETIRED_KEYS)
+                s->n_old--;
+        for (i = 0; i < s->n_old && s->old[i].retired_at >= retired_at; i++)
+                ;
+        memmove(&s->old[i + 1], &s->old[i], (s->n_old - i) * sizeof s->old[0]);
+        s->old[i] = r;
+        s->n_old++;
+        return 0;
+}
+
+int ab_signer_rotate(ab_signer *s, int dirfd)
+{
+        uint8_t seed[crypto_sign_SEEDBYTES], pk[crypto_sign_PUBLICKEYBYTES];
+        char kid[44];
+        json_t *header;
+        int r = create_key(dirfd, seed);
+
+        if (r < 0) {
+                sodium_memzero(seed, sizeof seed);
+                return r;
+        }
+        sodium_mprotect_readwrite(s->sk);
+        crypto_sign_seed_keypair(pk, s->sk, seed);
+        sodium_mprotect_readonly(s->sk);
+        sodium_memzero(seed, sizeof seed);
+        memcpy(s->pk, pk, sizeof pk);
+        if (ab_jwk_thumbprint(pk, kid) < 0)
+                return -EINVAL;
+        memcpy(s->kid, kid, sizeof kid);
+        header = json_pack("{s:s, s:s, s:s}", "alg", "EdDSA", "typ", "at+jwt", "kid", s->kid);
+        if (!header)
+                return -ENOMEM;
+        json_decref(s->header);
+        s->header = header;
+        return 0;
 }
 
 void ab_random_id(char out[AB_JTI_LEN + 1])

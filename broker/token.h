@@ -13,6 +13,7 @@
 
 #define AB_KEY_FILE "signing.key"
 #define AB_JTI_LEN 22 /* base64url of 16 random bytes */
+#define AB_MAX_RETIRED_KEYS 16
 
 typedef struct ab_signer ab_signer;
 
@@ -46,7 +47,14 @@ void ab_signer_sign(const ab_signer *s, const void *data, size_t len, uint8_t si
 /* A fresh random 128-bit identifier, base64url (jti, sid). */
 void ab_random_id(char out[AB_JTI_LEN + 1]);
 
-/* Public key of kid, or NULL if this broker does not know it. */
+/* Every key: current, retiring (still in the JWKS) and retired, with times (admin view). */
+json_t *ab_signer_all_keys(const ab_signer *s);
+/* Remember an earlier public key, valid for verification until `until`. */
+int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at, int64_t until);
+/* Replace the signing key with a new one (written to AB_KEY_FILE atomically). */
+int ab_signer_rotate(ab_signer *s, int dirfd);
+
+/* Public key of kid (current, or retired and still valid), or NULL if this broker does not know it. */
 const uint8_t *ab_signer_find_key(const ab_signer *s, const char *kid);
 
 #endif

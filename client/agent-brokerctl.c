@@ -24,8 +24,16 @@ static void usage(FILE *f)
                 "\n"
                 "Commands:\n"
                 "  token --audience AUD --scope S [--scope S ...] [--ttl N] [--task ID] [--json]\n"
-                "                      print a token for this process (compact JWS, or the reply as JSON)\n"
-                "  keys                print the broker's JSON Web Key Set\n"
+                "        [--out FILE [--refresh]]\n"
+                "                      print a token for this process (compact JWS, or the reply as JSON);\n"
+                "                      --out writes FILE (mode 0600, atomic); --refresh keeps renewing it\n"
+                "                      at 2/3 of its lifetime until SIGTERM\n"
+                "  exec --audience AUD --scope S [--ttl N] [--env NAME] -- CMD [ARGS]\n"
+                "                      run CMD with a fresh token in $NAME (default AGENT_BROKER_TOKEN)\n"
+                "  keys [--jwks]       print the broker's JSON Web Key Set (publish it for verifiers)\n"
+                "  keys list           every key with its status (admin socket)\n"
+                "  keys rotate [--overlap SECONDS]  new signing key; the old one stays in the JWKS\n"
+                "                      for the overlap (default 24 h + 5 s, the longest token life)\n"
                 "  status              say whether the broker answers\n"
                 "  whoami              show the agent entry the broker attests this process as\n"
                 "  policy check [--json] PATH...   validate policy files (no broker needed);\n"
@@ -139,6 +147,8 @@ int simple_call(const opts *o, bool admin, const char *method, json_t *params, j
         return *ret ? EXIT_OK : EXIT_ERROR;
 }
 
+static int parse_uint_arg(const char *what, const char *v, long max, long *ret);
+
 int print_json(json_t *v)
 {
         char *s = json_dumps(v, JSON_INDENT(2));
@@ -155,10 +165,12 @@ static int cmd_token(const opts *o, int argc, char **argv)
                 { "audience", required_argument, NULL, 'a' }, { "scope", required_argument, NULL, 's' },
                 { "ttl", required_argument, NULL, 't' },      { "task", required_argument, NULL, 'k' },
                 { "json", no_argument, NULL, 'j' },           { "help", no_argument, NULL, 'h' },
+                { "out", required_argument, NULL, 'o' },      { "refresh", no_argument, NULL, 'r' },
                 { 0 },
         };
         json_t *params = json_object(), *scopes = json_array(), *reply = NULL;
-        bool as_json = false;
+        bool as_json = false, refresh = false;
+        const char *out = NULL;
         int c, ex;
 
         if (!params || !scopes)
@@ -182,6 +194,8 @@ static int cmd_token(const opts *o, int argc, char **argv)
                 }
                 case 'k': json_object_set_new(params, "task", json_string(optarg)); break;
                 case 'j': as_json = true; break;
+                case 'o': out = optarg; break;
+                case 'r': refresh = true; break;
                 case 'h': usage(stdout); json_decref(params); return EXIT_OK;
                 default: json_decref(params); return EXIT_USAGE;
                 }
@@ -190,6 +204,16 @@ static int cmd_token(const opts *o, int argc, char **argv)
                 fprintf(stderr, "agent-brokerctl: token needs --audience and at least one --scope\n");
                 json_decref(params);
                 return EXIT_USAGE;
+        }
+        if (refresh && !out) {
+                fprintf(stderr, "agent-brokerctl: token --refresh needs --out FILE\n");
+                json_decref(params);
+                return EXIT_USAGE;
+        }
+        if (out) {
+                ex = ctl_token_to_file(o, params, out, refresh);
+                json_decref(params);
+                return ex;
         }
         ex = simple_call(o, false, "io.agentbroker.IssueToken", params, &reply);
         if (ex)
@@ -206,15 +230,58 @@ static int cmd_token(const opts *o, int argc, char **argv)
 
 static int cmd_keys(const opts *o, int argc, char **argv)
 {
-        json_t *reply = NULL;
+        json_t *reply = NULL, *params = NULL;
+        const char *method = "io.agentbroker.GetKeys";
+        bool admin = false;
         int ex;
 
-        (void)argv;
+        if (argc > 1 && strcmp(argv[1], "rotate") == 0) {
+                /* keys rotate [--overlap SECONDS] [--json] */
+                bool as_json = false;
+                for (int i = 2; i < argc; i++) {
+                        long v;
+                        if (strcmp(argv[i], "--json") == 0)
+                                as_json = true;
+                        else if (strcmp(argv[i], "--overlap") == 0 && i + 1 < argc &&
+                                 parse_uint_arg("--overlap", argv[i + 1], 366L * 86400, &v) == 0) {
+                                json_decref(params);
+                                params = json_pack("{s:i}", "overlap", (int)v);
+                                i++;
+                        } else {
+                                fprintf(stderr, "agent-brokerctl: keys rotate [--overlap SECONDS] [--json]\n");
+                                json_decref(params);
+                                return EXIT_USAGE;
+                        }
+                }
+                ex = simple_call(o, true, "io.agentbroker.admin.RotateKey", params, &reply);
+                if (ex)
+                        return ex;
+                if (as_json) {
+                        ex = print_json(reply);
+                } else {
+                        time_t until = (time_t)json_integer_value(json_object_get(reply, "previous_valid_until"));
+                        struct tm tm;
+                        char when[32] = "?";
+                        if (gmtime_r(&until, &tm))
+                                strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+                        printf("new signing key %s; %s stays in the JWKS until %s\n",
+                               json_string_value(json_object_get(reply, "kid")),
+                               json_string_value(json_object_get(reply, "previous_kid")), when);
+                }
+                json_decref(reply);
+                return ex;
+        }
+        if (argc > 1 && strcmp(argv[1], "list") == 0) {
+                method = "io.agentbroker.admin.ListKeys";
+                admin = true;
+                argc--;
+                argv++;
+        }
         if (argc > 1 && strcmp(argv[1], "--jwks") != 0 && strcmp(argv[1], "--json") != 0) {
-                fprintf(stderr, "agent-brokerctl: keys: unexpected argument \"%s\"\n", argv[1]);
+                fprintf(stderr, "agent-brokerctl: keys [--jwks|--json] | keys list [--json] | keys rotate\n");
                 return EXIT_USAGE;
         }
-        ex = simple_call(o, false, "io.agentbroker.GetKeys", NULL, &reply);
+        ex = simple_call(o, admin, method, NULL, &reply);
         if (ex)
                 return ex;
         ex = print_json(reply);
@@ -227,13 +294,18 @@ static int cmd_status(const opts *o, int argc, char **argv)
         json_t *reply = NULL;
         int ex;
 
-        if (argc > 1) {
+        if (argc > 2 || (argc == 2 && strcmp(argv[1], "--json") != 0)) {
                 fprintf(stderr, "agent-brokerctl: status: unexpected argument \"%s\"\n", argv[1]);
                 return EXIT_USAGE;
         }
         ex = simple_call(o, false, "org.varlink.service.GetInfo", NULL, &reply);
         if (ex)
                 return ex;
+        if (argc == 2) {
+                ex = print_json(reply);
+                json_decref(reply);
+                return ex;
+        }
         printf("%s %s is answering\n", json_string_value(json_object_get(reply, "product")),
                json_string_value(json_object_get(reply, "version")));
         json_decref(reply);
@@ -839,11 +911,14 @@ static int cmd_policy(const opts *o, int argc, char **argv)
                 return cmd_policy_check(argc - 1, argv + 1);
         if (strcmp(argv[1], "sign") == 0)
                 return cmd_policy_sign(argc - 1, argv + 1);
-        if (strcmp(argv[1], "reload") == 0 && argc == 2) {
+        if (strcmp(argv[1], "reload") == 0 && (argc == 2 || (argc == 3 && strcmp(argv[2], "--json") == 0))) {
                 ex = simple_call(o, true, "io.agentbroker.admin.ReloadPolicy", NULL, &reply);
                 if (ex)
                         return ex;
-                printf("%s\n", json_string_value(json_object_get(reply, "message")));
+                if (argc == 3)
+                        print_json(reply);
+                else
+                        printf("%s\n", json_string_value(json_object_get(reply, "message")));
                 json_decref(reply);
                 return EXIT_OK;
         }
@@ -875,7 +950,7 @@ int main(int argc, char **argv)
                 { "keygen", cmd_keygen_o }, { "authenticate", cmd_authenticate },
                 { "introspect", cmd_introspect }, { "attenuate", cmd_attenuate },
                 { "revoke", cmd_revoke },   { "sessions", cmd_sessions },
-                { "audit", cmd_audit },
+                { "audit", cmd_audit },     { "exec", cmd_exec },
         };
         opts o = { .timeout_ms = 5000 };
         int c;

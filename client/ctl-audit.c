@@ -240,9 +240,12 @@ static int load_keys(const opts *o, const char *keys_file, verifier *v)
         } else {
                 ab_client *c = NULL;
                 char *out = NULL;
-                if (ctl_connect(o, admin_usable(o), &c) != 0)
+                bool admin = admin_usable(o);
+                if (ctl_connect(o, admin, &c) != 0)
                         return EXIT_OK; /* no keys: checkpoints are reported unchecked */
-                if (ab_client_call(c, "io.agentbroker.GetKeys", NULL, &out) == 0)
+                /* the admin list keeps retired keys too, so old checkpoints still verify */
+                if (ab_client_call(c, admin ? "io.agentbroker.admin.ListKeys" : "io.agentbroker.GetKeys", NULL,
+                                   &out) == 0)
                         jwks = json_loads(out, 0, NULL);
                 ab_token_free(out);
                 ab_client_free(c);

@@ -44,5 +44,8 @@ int parse_time_arg(const char *v, long long *ret);
 int cmd_audit(const opts *o, int argc, char **argv);     /* ctl-audit.c */
 int cmd_review(const opts *o, int argc, char **argv);    /* ctl-review.c */
 int cmd_coverage(const opts *o, int argc, char **argv);  /* ctl-review.c */
+int cmd_exec(const opts *o, int argc, char **argv);      /* ctl-token.c */
+/* Issue with params (borrowed) and keep path holding the token; with refresh, until SIGTERM. */
+int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refresh);
 
 #endif

@@ -1,0 +1,231 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Token delivery for tools: `token --out FILE [--refresh]` keeps a file
+ * holding a valid token, and `exec` runs a command with a fresh token in
+ * its environment.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/stat.h>
+#include <sodium.h>
+#include "ctl.h"
+
+/* Write text to path atomically: a temporary file in the same directory, mode 0600, fsync, rename. */
+static int write_atomic(const char *path, const char *text)
+{
+        char tmp[PATH_MAX];
+        size_t len = strlen(text);
+        int fd, r = 0;
+
+        if (snprintf(tmp, sizeof tmp, "%s.XXXXXX", path) >= (int)sizeof tmp)
+                return -ENAMETOOLONG;
+        fd = mkostemp(tmp, O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        if (fchmod(fd, 0600) < 0)
+                r = -errno;
+        for (size_t off = 0; r == 0 && off < len;) {
+                ssize_t n = write(fd, text + off, len - off);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n <= 0)
+                        r = n < 0 ? -errno : -EIO;
+                else
+                        off += (size_t)n;
+        }
+        if (r == 0 && write(fd, "\n", 1) != 1)
+                r = -EIO;
+        if (r == 0 && fsync(fd) < 0)
+                r = -errno;
+        if (close(fd) < 0 && r == 0)
+                r = -errno;
+        if (r == 0 && rename(tmp, path) < 0)
+                r = -errno;
+        if (r < 0)
+                unlink(tmp);
+        return r;
+}
+
+static volatile sig_atomic_t stop_signal;
+
+static void on_stop(int sig)
+{
+        stop_signal = sig;
+}
+
+/* Sleep up to ms, waking early on SIGTERM/SIGINT. false when told to stop. */
+static bool nap(long long ms)
+{
+        struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000 };
+        sigset_t empty;
+
+        sigemptyset(&empty);
+        if (!stop_signal)
+                (void)ppoll(NULL, 0, &ts, &empty); /* signals are blocked except here */
+        return !stop_signal;
+}
+
+/*
+ * One issuance on c, re-authenticating when the broker asks for it.
+ * Returns 0 with *ret_reply, or a library error.
+ */
+static int issue(ab_client *c, json_t *params, json_t **ret_reply)
+{
+        for (int attempt = 0; attempt < 2; attempt++) {
+                char *in = json_dumps(params, JSON_COMPACT), *out = NULL;
+                int r;
+                if (!in)
+                        return -ENOMEM;
+                r = ab_client_call(c, "io.agentbroker.IssueToken", in, &out);
+                free(in);
+                if (r == 0) {
+                        *ret_reply = json_loads(out, 0, NULL);
+                        ab_token_free(out);
+                        return *ret_reply ? 0 : AB_ERR_PROTOCOL;
+                }
+                const char *name = ab_client_error_name(c);
+                if (attempt == 0 && (strcmp(name, "io.agentbroker.ReauthRequired") == 0 ||
+                                     strcmp(name, "io.agentbroker.SessionExpired") == 0)) {
+                        char *a = NULL;
+                        if (ab_client_call(c, "io.agentbroker.Authenticate", NULL, &a) == 0) {
+                                ab_token_free(a);
+                                continue;
+                        }
+                }
+                return r;
+        }
+        return AB_ERR_DENIED;
+}
+
+int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refresh)
+{
+        struct sigaction sa = { .sa_handler = on_stop };
+        sigset_t block;
+        ab_client *c = NULL;
+        long long backoff = 1000;
+        int ex = EXIT_OK;
+
+        sigemptyset(&block);
+        sigaddset(&block, SIGTERM);
+        sigaddset(&block, SIGINT);
+        sigaction(SIGTERM, &sa, NULL);
+        sigaction(SIGINT, &sa, NULL);
+        sigprocmask(SIG_BLOCK, &block, NULL);
+        for (;;) {
+                json_t *reply = NULL;
+                int r;
+
+                if (!c && (ex = ctl_connect(o, false, &c)) != 0) {
+                        if (!refresh)
+                                break;
+                        c = NULL;
+                        goto retry;
+                }
+                r = issue(c, params, &reply);
+                if (r < 0) {
+                        ex = ctl_fail(c, r, "io.agentbroker.IssueToken");
+                        if (!refresh || r == AB_ERR_DENIED)
+                                break; /* a denial will not heal by retrying */
+                        ab_client_free(c);
+                        c = NULL;
+                        goto retry;
+                }
+                r = write_atomic(path, json_string_value(json_object_get(reply, "token")));
+                if (r < 0) {
+                        fprintf(stderr, "agent-brokerctl: cannot write %s: %s\n", path, strerror(-r));
+                        json_decref(reply);
+                        ex = EXIT_ERROR;
+                        break;
+                }
+                long long ttl = json_integer_value(json_object_get(reply, "expires_in"));
+                json_decref(reply);
+                ex = EXIT_OK;
+                backoff = 1000;
+                if (!refresh)
+                        break;
+                /* renew at two thirds of the lifetime */
+                if (!nap(ttl > 0 ? ttl * 2000 / 3 : 1000))
+                        break;
+                continue;
+        retry:
+                if (!nap(backoff))
+                        break;
+                backoff = backoff < 30000 ? backoff * 2 : 30000;
+        }
+        ab_client_free(c);
+        if (stop_signal)
+                return EXIT_OK; /* stopped cleanly; the file keeps its last valid token */
+        return ex;
+}
+
+int cmd_exec(const opts *o, int argc, char **argv)
+{
+        static const struct option lo[] = {
+                { "audience", required_argument, NULL, 'a' }, { "scope", required_argument, NULL, 's' },
+                { "ttl", required_argument, NULL, 't' },      { "task", required_argument, NULL, 'k' },
+                { "env", required_argument, NULL, 'e' },      { 0 },
+        };
+        json_t *params = json_object(), *scopes = json_array(), *reply = NULL;
+        const char *env = "AGENT_BROKER_TOKEN";
+        ab_client *c = NULL;
+        int ch, ex, r;
+
+        json_object_set_new(params, "scopes", scopes);
+        optind = 0;
+        while ((ch = getopt_long(argc, argv, "+", lo, NULL)) >= 0) {
+                switch (ch) {
+                case 'a': json_object_set_new(params, "audience", json_string(optarg)); break;
+                case 's': json_array_append_new(scopes, json_string(optarg)); break;
+                case 'k': json_object_set_new(params, "task", json_string(optarg)); break;
+                case 'e': env = optarg; break;
+                case 't': {
+                        char *end;
+                        long v = strtol(optarg, &end, 10);
+                        if (*end || v <= 0 || v > 86400) {
+                                fprintf(stderr, "agent-brokerctl: --ttl takes seconds from 1 to 86400\n");
+                                json_decref(params);
+                                return EXIT_USAGE;
+                        }
+                        json_object_set_new(params, "ttl", json_integer(v));
+                        break;
+                }
+                default: json_decref(params); return EXIT_USAGE;
+                }
+        }
+        if (!json_object_get(params, "audience") || json_array_size(scopes) == 0 || optind >= argc || !*env ||
+            strchr(env, '=')) {
+                fprintf(stderr, "agent-brokerctl: exec --audience A --scope S [--ttl N] [--env NAME] -- CMD [ARGS]\n");
+                json_decref(params);
+                return EXIT_USAGE;
+        }
+        ex = ctl_connect(o, false, &c);
+        if (ex) {
+                json_decref(params);
+                return ex;
+        }
+        r = issue(c, params, &reply);
+        json_decref(params);
+        if (r < 0) {
+                ex = ctl_fail(c, r, "io.agentbroker.IssueToken");
+                ab_client_free(c);
+                return ex;
+        }
+        ab_client_free(c);
+        if (setenv(env, json_string_value(json_object_get(reply, "token")), 1) < 0) {
+                json_decref(reply);
+                return EXIT_ERROR;
+        }
+        json_decref(reply);
+        execvp(argv[optind], argv + optind);
+        fprintf(stderr, "agent-brokerctl: exec %s: %s\n", argv[optind], strerror(errno));
+        return errno == ENOENT ? 127 : 126;
+}
