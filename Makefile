@@ -122,6 +122,8 @@ install: all
 	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libagentbroker.so
 	install -m 0644 $(B)/agentbroker.pc $(DESTDIR)$(LIBDIR)/pkgconfig/agentbroker.pc
 	install -m 0644 client/agentbroker.h $(DESTDIR)$(INCLUDEDIR)/agentbroker.h
+	install -d $(DESTDIR)$(DATADIR)/bash-completion/completions
+	install -m 0644 client/agent-brokerctl.bash $(DESTDIR)$(DATADIR)/bash-completion/completions/agent-brokerctl
 	install -d $(DESTDIR)$(SYSCONFDIR)/agent-broker/policy.d $(DESTDIR)$(DATADIR)/doc/agent-broker/examples
 	install -m 0644 examples/policy/*.json $(DESTDIR)$(DATADIR)/doc/agent-broker/examples/
 	if [ -d systemd ] && ls systemd/*.socket >/dev/null 2>&1; then \
