@@ -56,7 +56,7 @@ UNIT_TESTS := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test-
 INT_TESTS  := $(patsubst tests/integration/%.c,$(B)/tests/%,$(wildcard tests/integration/test-*.c))
 TEST_HELPERS := $(patsubst tests/integration/%.c,$(B)/tests/%,$(wildcard tests/integration/helper-*.c))
 
-.PHONY: all check check-unit check-integration check-asan install clean demo
+.PHONY: all check check-unit check-integration check-asan check-valgrind install clean demo
 all: $(PROGS) $(LIBS)
 
 $(B)/obj/%.o: %.c
@@ -112,6 +112,13 @@ check: all $(UNIT_TESTS) $(INT_TESTS) $(TEST_HELPERS)
 
 check-asan:
 	$(MAKE) B=build-asan SAN=1 check
+
+# The whole suite with valgrind: test programs (and the PAM module they load)
+# under memcheck, and every daemon the integration tests start as well.
+VALGRIND := valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
+            --track-fds=no --child-silent-after-fork=yes
+check-valgrind: all $(UNIT_TESTS) $(INT_TESTS) $(TEST_HELPERS)
+	@B=$(B) HX_DAEMON_WRAPPER="$(VALGRIND)" AB_TEST_WRAPPER="$(VALGRIND)" tests/run-tests.sh $(UNIT_TESTS) $(INT_TESTS)
 
 install: all
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)

@@ -7,7 +7,8 @@ failed=0
 failed_names=""
 for t in "$@"; do
         echo "=== $t"
-        if "$t" 2>&1; then
+        # AB_TEST_WRAPPER (make check-valgrind) runs each test program under a tool
+        if ${AB_TEST_WRAPPER:-} "$t" 2>&1; then
                 passed=$((passed + 1))
         else
                 failed=$((failed + 1))

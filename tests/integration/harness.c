@@ -370,6 +370,22 @@ int hx_broker_start_argv(hx_broker *b, char *const argv[], const char *sock_path
                 unsetenv("LISTEN_PID");
                 unsetenv("LISTEN_FDNAMES");
                 unsetenv("AGENT_BROKER_SOCKET");
+                /* make check-valgrind: HX_DAEMON_WRAPPER="valgrind ..." runs the daemon under it */
+                const char *wrap = getenv("HX_DAEMON_WRAPPER");
+                if (wrap && *wrap && strstr(argv[0], "agent-brokerd")) {
+                        char *sh[HX_MAX_EXTRA_ARGS + 16];
+                        char script[512];
+                        size_t k = 0;
+                        snprintf(script, sizeof script, "exec %s \"$@\"", wrap);
+                        sh[k++] = (char *)"/bin/sh";
+                        sh[k++] = (char *)"-c";
+                        sh[k++] = script;
+                        sh[k++] = (char *)"sh";
+                        for (size_t i = 0; argv[i] && k < sizeof sh / sizeof sh[0] - 1; i++)
+                                sh[k++] = argv[i];
+                        sh[k] = NULL;
+                        execv(sh[0], sh);
+                }
                 execv(argv[0], argv);
                 dprintf(2, "harness: exec %s: %s\n", argv[0], strerror(errno));
                 _exit(127);
