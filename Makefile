@@ -147,3 +147,4 @@ clean:
 -include packaging/packaging.mk
 -include tests/fuzz/fuzz.mk
 -include tests/bench/bench.mk
+-include tests/torture/torture.mk
