@@ -1,0 +1,258 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Attestation under attack: a connection whose process has exited, a PID
+ * recycled (forced through /proc/sys/kernel/ns_last_pid) by a process that
+ * policy would grant, and a process that execs another binary after
+ * connecting.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <grp.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <cmocka.h>
+#include "harness.h"
+
+static const char issue_msg[] =
+        "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"mcp://t\",\"scopes\":[\"r\"]}}";
+
+static int setup(void **state)
+{
+        hx_broker *b = calloc(1, sizeof *b);
+        char policy[1024];
+
+        /* root is granted; nobody is not */
+        snprintf(policy, sizeof policy,
+                 "{\"version\":1,\"agents\":[{\"id\":\"root-agent\",\"owner\":\"ops@example.com\","
+                 "\"match\":{\"uid\":0},\"grants\":[{\"audience\":\"mcp://t\",\"scopes\":[\"r\"],\"max_ttl\":60}]}]}");
+        if (!b || hx_broker_init(b) < 0 || hx_broker_write_policy(b, policy) < 0 || hx_broker_start(b) < 0)
+                return -1;
+        *state = b;
+        return 0;
+}
+
+static int teardown(void **state)
+{
+        hx_broker *b = *state;
+        int r = hx_broker_finish(b);
+        free(b);
+        return r;
+}
+
+static int connect_to(const char *path)
+{
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+        if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+                return -1;
+        return fd;
+}
+
+static int send_fd(int chan, int fd)
+{
+        char c = 'x', cbuf[CMSG_SPACE(sizeof(int))];
+        struct iovec iov = { &c, 1 };
+        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf };
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cm), &fd, sizeof fd);
+        return sendmsg(chan, &mh, 0) == 1 ? 0 : -1;
+}
+
+static int recv_fd(int chan)
+{
+        char c, cbuf[CMSG_SPACE(sizeof(int))];
+        struct iovec iov = { &c, 1 };
+        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf };
+        struct cmsghdr *cm;
+        int fd = -1;
+        if (recvmsg(chan, &mh, MSG_CMSG_CLOEXEC) != 1)
+                return -1;
+        cm = CMSG_FIRSTHDR(&mh);
+        if (cm && cm->cmsg_type == SCM_RIGHTS)
+                memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+        return fd;
+}
+
+/* A child (as uid) connects, hands the connection to us over chan and exits; returns its pid. */
+static pid_t connect_in_child(const char *sock, uid_t uid, int *ret_fd)
+{
+        int sp[2];
+        pid_t pid;
+
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp) < 0)
+                return -1;
+        pid = fork();
+        if (pid == 0) {
+                int fd;
+                close(sp[0]);
+                if (uid != 0 && (setgroups(0, NULL) < 0 || setresgid(uid, uid, uid) < 0 || setresuid(uid, uid, uid) < 0))
+                        _exit(2);
+                fd = connect_to(sock);
+                if (fd < 0 || send_fd(sp[1], fd) < 0)
+                        _exit(3);
+                _exit(0);
+        }
+        close(sp[1]);
+        *ret_fd = recv_fd(sp[0]);
+        close(sp[0]);
+        waitpid(pid, NULL, 0);
+        return pid;
+}
+
+static json_t *call_fd(int fd, const char *msg)
+{
+        char buf[16384];
+        size_t got = 0;
+        if (send(fd, msg, strlen(msg) + 1, MSG_NOSIGNAL) < 0)
+                return NULL;
+        while (got < sizeof buf - 1) {
+                ssize_t n = recv(fd, buf + got, sizeof buf - 1 - got, 0);
+                if (n <= 0)
+                        return NULL;
+                got += (size_t)n;
+                if (memchr(buf, '\0', got))
+                        break;
+        }
+        buf[got] = '\0';
+        return json_loads(buf, 0, NULL);
+}
+
+/* The connecting process exited: nobody inherits its connection's identity. */
+static void test_peer_gone(void **state)
+{
+        hx_broker *b = *state;
+        int fd = -1;
+        json_t *r;
+
+        /* root (granted) connects and exits; we (also root) use its connection */
+        assert_true(connect_in_child(b->sock, 0, &fd) > 0);
+        assert_true(fd >= 0);
+        r = call_fd(fd, issue_msg);
+        assert_non_null(r);
+        assert_string_equal(json_string_value(json_object_get(r, "error")), "io.agentbroker.PeerGone");
+        json_decref(r);
+        close(fd);
+}
+
+/* Force the PID of an exited, unprivileged peer onto a new root process. */
+static void test_recycled_pid(void **state)
+{
+        hx_broker *b = *state;
+        int fd = -1, lp;
+        pid_t victim, again = 0;
+        int sync[2];
+        json_t *r;
+        char v[32];
+
+        lp = open("/proc/sys/kernel/ns_last_pid", O_RDWR | O_CLOEXEC);
+        if (lp < 0) {
+                fprintf(stderr, "skip: /proc/sys/kernel/ns_last_pid not writable here (%s)\n", strerror(errno));
+                skip();
+        }
+        victim = connect_in_child(b->sock, HX_NOBODY_UID, &fd);
+        assert_true(victim > 0 && fd >= 0);
+        assert_int_equal(pipe(sync), 0);
+        /* a root process (which policy grants) now takes the victim's PID */
+        for (int tries = 0; tries < 50 && again != victim; tries++) {
+                if (again > 0) {
+                        kill(again, SIGKILL);
+                        waitpid(again, NULL, 0);
+                }
+                snprintf(v, sizeof v, "%d", (int)victim - 1);
+                assert_true(pwrite(lp, v, strlen(v), 0) > 0);
+                again = fork();
+                if (again == 0) {
+                        char c;
+                        close(sync[1]);
+                        (void)!read(sync[0], &c, 1); /* stay alive while the request is made */
+                        _exit(0);
+                }
+        }
+        close(lp);
+        close(sync[0]);
+        if (again != victim) {
+                fprintf(stderr, "skip: could not recycle pid %d (got %d)\n", (int)victim, (int)again);
+                kill(again, SIGKILL);
+                waitpid(again, NULL, 0);
+                close(sync[1]);
+                close(fd);
+                skip();
+        }
+        printf("    pid %d recycled by a root process\n", (int)victim);
+        r = call_fd(fd, issue_msg);
+        close(sync[1]);
+        waitpid(again, NULL, 0);
+        assert_non_null(r);
+        /* never a token: the connection belongs to the exited nobody process */
+        assert_null(json_object_get(json_object_get(r, "parameters"), "token"));
+        assert_string_equal(json_string_value(json_object_get(r, "error")), "io.agentbroker.PeerGone");
+        json_decref(r);
+        close(fd);
+}
+
+/* A process that execs another binary after connecting is attested as the new binary. */
+static void test_exec_after_connect(void **state)
+{
+        hx_broker *b = *state;
+        char policy[2048], sha[65], self[4096];
+        int st;
+        ssize_t n;
+
+        /* grant only this test binary's hash; then exec /bin/sh on the same connection */
+        n = readlink("/proc/self/exe", self, sizeof self - 1);
+        assert_true(n > 0);
+        self[n] = '\0';
+        assert_int_equal(hx_sha256_file(self, sha), 0);
+        snprintf(policy, sizeof policy,
+                 "{\"version\":1,\"agents\":[{\"id\":\"pinned\",\"owner\":\"ops@example.com\","
+                 "\"match\":{\"uid\":0,\"sha256\":\"%s\"},\"grants\":[{\"audience\":\"mcp://t\",\"scopes\":[\"r\"],"
+                 "\"max_ttl\":60}]}]}", sha);
+        assert_int_equal(hx_broker_stop(b, &st), 0);
+        assert_int_equal(hx_broker_write_policy(b, policy), 0);
+        assert_int_equal(hx_broker_start(b), 0);
+
+        pid_t pid = fork();
+        if (pid == 0) {
+                /* connect as the granted binary, then exec sh, which asks on the same connection */
+                int c2 = connect_to(b->sock);
+                char cmd[4096];
+                if (c2 < 0 || fcntl(c2, F_SETFD, 0) < 0)
+                        _exit(3);
+                snprintf(cmd, sizeof cmd,
+                         "printf '%%s\\0' '%s' >&%d; dd bs=4096 count=1 <&%d 2>/dev/null | tr -d '\\0' > %s/exec.out",
+                         issue_msg, c2, c2, b->dir);
+                execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+                _exit(127);
+        }
+        waitpid(pid, NULL, 0);
+        char path[4200], *text = NULL;
+        snprintf(path, sizeof path, "%s/exec.out", b->dir);
+        assert_int_equal(hx_read_file(path, 1 << 16, &text, NULL), 0);
+        printf("    after exec of /bin/sh on its own connection: %.100s\n", text);
+        assert_null(strstr(text, "\"token\""));
+        assert_non_null(strstr(text, "io.agentbroker.NotAnAgent"));
+        free(text);
+}
+
+int main(void)
+{
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test_setup_teardown(test_peer_gone, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_recycled_pid, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_exec_after_connect, setup, teardown),
+        };
+        return cmocka_run_group_tests(tests, NULL, NULL);
+}
