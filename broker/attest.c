@@ -112,6 +112,8 @@ void ab_peer_done(ab_peer *p)
         if (p->pidfd >= 0)
                 close(p->pidfd);
         p->pidfd = -1;
+        free(p->cache);
+        p->cache = NULL;
 }
 
 int ab_peer_alive(const ab_peer *p)
@@ -228,40 +230,134 @@ static void copy_bounded(char *dst, size_t max, const char *src)
         memcpy(dst, src, strlen(src) + 1);
 }
 
-int ab_attest(const ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
+/*
+ * What was read about a connection's peer, reused while it provably still
+ * holds: the start time never changes for a process (and the pidfd pins the
+ * process); the executable is re-identified by stat()ing /proc/PID/exe
+ * (the kernel's link to the running image: a new exec gives another inode,
+ * and the file's size/mtime/ctime change if it is rewritten); the unit and
+ * cgroup are re-derived whenever /proc/PID/cgroup reads differently.
+ */
+struct ab_peer_cache {
+        bool have_start, have_exe, have_cgroup;
+        uint64_t start_time;
+        dev_t dev;
+        ino_t ino;
+        off_t size;
+        struct timespec mtime, ctime;
+        char exe[AB_EXE_MAX];
+        char sha256[65];
+        char cgroup_raw[AB_CGROUP_MAX + 64];
+        size_t cgroup_raw_len;
+        char unit[AB_UNIT_MAX];
+        char cgroup[AB_CGROUP_MAX];
+};
+
+static bool same_stat(const ab_peer_cache *c, const struct stat *st)
+{
+        return c->have_exe && c->dev == st->st_dev && c->ino == st->st_ino && c->size == st->st_size &&
+               c->mtime.tv_sec == st->st_mtim.tv_sec && c->mtime.tv_nsec == st->st_mtim.tv_nsec &&
+               c->ctime.tv_sec == st->st_ctim.tv_sec && c->ctime.tv_nsec == st->st_ctim.tv_nsec;
+}
+
+static void read_exe(const ab_peer *p, ab_exe_cache *cache, ab_peer_cache *pc)
 {
         char path[64];
+        struct stat st;
+        ssize_t n;
+        int exefd;
+
+        snprintf(path, sizeof path, "/proc/%d/exe", (int)p->pid);
+        exefd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (exefd < 0 || fstat(exefd, &st) < 0) {
+                ab_close(exefd);
+                pc->have_exe = false;
+                pc->exe[0] = pc->sha256[0] = '\0';
+                return;
+        }
+        n = readlink(path, pc->exe, sizeof pc->exe - 1);
+        pc->exe[n > 0 ? n : 0] = '\0';
+        exe_hash(cache, exefd, pc->sha256);
+        ab_close(exefd);
+        pc->have_exe = pc->sha256[0] != '\0';
+        pc->dev = st.st_dev;
+        pc->ino = st.st_ino;
+        pc->size = st.st_size;
+        pc->mtime = st.st_mtim;
+        pc->ctime = st.st_ctim;
+}
+
+/* Read /proc/PID/cgroup; re-derive unit and cgroup only when it changed. */
+static void read_cgroup(const ab_peer *p, ab_peer_cache *pc)
+{
+        char path[64], buf[sizeof pc->cgroup_raw];
         char *unit = NULL, *cgroup = NULL;
         ssize_t n;
-        int exefd, r;
+        int fd;
 
+        snprintf(path, sizeof path, "/proc/%d/cgroup", (int)p->pid);
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0)
+                return;
+        n = read(fd, buf, sizeof buf);
+        ab_close(fd);
+        if (n < 0)
+                n = 0;
+        if (pc->have_cgroup && (size_t)n < sizeof buf && (size_t)n == pc->cgroup_raw_len &&
+            memcmp(buf, pc->cgroup_raw, (size_t)n) == 0)
+                return;
+        pc->unit[0] = pc->cgroup[0] = '\0';
+        if (sd_pid_get_unit(p->pid, &unit) >= 0)
+                copy_bounded(pc->unit, sizeof pc->unit, unit);
+        if (sd_pid_get_cgroup(p->pid, &cgroup) >= 0)
+                copy_bounded(pc->cgroup, sizeof pc->cgroup, cgroup);
+        free(unit);
+        free(cgroup);
+        /* cache only what fits entirely: a longer file is read anew each time */
+        pc->have_cgroup = (size_t)n < sizeof buf;
+        memcpy(pc->cgroup_raw, buf, (size_t)n);
+        pc->cgroup_raw_len = (size_t)n;
+}
+
+int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
+{
+        ab_peer_cache *pc = p->cache;
+        char path[64];
+        struct stat st;
+        int r;
+
+        if (!pc) {
+                pc = p->cache = calloc(1, sizeof *pc);
+                if (!pc)
+                        return -ENOMEM;
+        }
         ret->uid = p->uid;
         ret->gid = p->gid;
         ret->pid = p->pid;
         ret->peer = p;
-        ret->exe[0] = ret->sha256[0] = ret->unit[0] = ret->cgroup[0] = '\0';
 
         snprintf(path, sizeof path, "/proc/%d/exe", (int)p->pid);
-        n = readlink(path, ret->exe, sizeof ret->exe - 1);
-        if (n < 0)
-                n = 0;
-        ret->exe[n] = '\0';
-        exefd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
-        if (exefd >= 0) {
-                exe_hash(cache, exefd, ret->sha256);
-                ab_close(exefd);
+        if (stat(path, &st) < 0 || !same_stat(pc, &st))
+                read_exe(p, cache, pc);
+        if (!pc->have_start) {
+                r = read_start_time(p->pid, &pc->start_time);
+                if (r < 0)
+                        return ab_peer_alive(p) < 0 ? -ESRCH : r;
+                pc->have_start = true;
         }
-        r = read_start_time(p->pid, &ret->start_time);
-        if (r < 0)
-                return ab_peer_alive(p) < 0 ? -ESRCH : r;
-        if (sd_pid_get_unit(p->pid, &unit) >= 0)
-                copy_bounded(ret->unit, sizeof ret->unit, unit);
-        if (sd_pid_get_cgroup(p->pid, &cgroup) >= 0)
-                copy_bounded(ret->cgroup, sizeof ret->cgroup, cgroup);
-        free(unit);
-        free(cgroup);
+        read_cgroup(p, pc);
 
         /* Everything above was read by PID. If the pidfd's process still
          * exists, the PID was not recycled while we read. */
-        return ab_peer_alive(p);
+        r = ab_peer_alive(p);
+        if (r < 0) {
+                pc->have_exe = pc->have_cgroup = false;
+                return r;
+        }
+        ret->start_time = pc->start_time;
+        memcpy(ret->exe, pc->exe, strlen(pc->exe) + 1);
+        memcpy(ret->sha256, pc->sha256, sizeof ret->sha256);
+        memcpy(ret->unit, pc->unit, strlen(pc->unit) + 1);
+        memcpy(ret->cgroup, pc->cgroup, strlen(pc->cgroup) + 1);
+        return 0;
 }

@@ -15,6 +15,8 @@
 #define AB_UNIT_MAX 256
 #define AB_CGROUP_MAX 1024
 
+typedef struct ab_peer_cache ab_peer_cache;
+
 /* What is known about a connected peer from the moment it connected. */
 typedef struct ab_peer {
         uid_t uid;
@@ -24,6 +26,7 @@ typedef struct ab_peer {
         bool pidfd_exact;    /* from SO_PEERPIDFD (exact) rather than pidfd_open (racy) */
         int n_groups;
         gid_t groups[AB_MAX_GROUPS]; /* supplementary groups at connect time */
+        ab_peer_cache *cache;        /* identity read earlier, see ab_attest (lazy) */
 } ab_peer;
 
 /* The identity of a peer process, re-read for each request. */
@@ -59,7 +62,7 @@ void ab_peer_done(ab_peer *p);
  * -ESRCH (the peer exited or its PID may have been recycled), or -errno.
  * /proc_root is normally "/proc" (tests may point elsewhere).
  */
-int ab_attest(const ab_peer *p, ab_exe_cache *cache, ab_identity *ret);
+int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret);
 
 /* true if gid is among the peer's supplementary groups */
 static inline bool ab_peer_in_group(const ab_peer *p, gid_t gid)
