@@ -245,6 +245,9 @@ static void to_journal(ab_audit *a, const char *event, json_t *rec)
                 if (json_is_string(v)) {
                         if (asprintf(&f, "AGENT_BROKER_%s=%s", up, json_string_value(v)) < 0)
                                 f = NULL;
+                } else if (json_is_integer(v)) {
+                        if (asprintf(&f, "AGENT_BROKER_%s=%lld", up, (long long)json_integer_value(v)) < 0)
+                                f = NULL;
                 } else {
                         char *d = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
                         if (d && asprintf(&f, "AGENT_BROKER_%s=%s", up, d) < 0)
