@@ -1,0 +1,1725 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Integration tests for the audit trail of issue 6 (docs/audit.md): a
+ * scripted day read back with `agent-brokerctl audit`, tampering caught by
+ * `audit verify`, kill -9 in the middle of a burst of issuance, a tiny
+ * filesystem that fills up (tmpfs, size=), size-based rotation, signed
+ * checkpoints checked against the JWKS, usage counters, journald.
+ *
+ * Every test starts the real agent-brokerd on a temporary directory. Scratch
+ * files the test writes live in DIR/work: the broker watches the directory
+ * of its policy file (DIR) and would reload on any write there.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <cmocka.h>
+#include <sodium.h>
+#include "harness.h"
+#include "../../client/agentbroker.h"
+#include "../../common/b64.h"
+
+#define AUD_GIT "mcp://git.internal"
+#define AUD_TICKETS "https://tickets.internal/api"
+#define AGENT_ID "day-agent"
+#define OWNER "alice@example.com"
+#define ZERO64 "0000000000000000000000000000000000000000000000000000000000000000"
+#define ISSUE_GIT_READ                                                                                               \
+        "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT                          \
+        "\",\"scopes\":[\"repo:read\"]}}"
+
+/* ---- fixtures ------------------------------------------------------------- */
+
+typedef struct fx {
+        hx_broker b;
+        char work[PATH_MAX]; /* DIR/work: the test's own files */
+        char mnt[PATH_MAX];  /* a tmpfs this test mounted, unmounted in teardown */
+} fx;
+
+static int setup(void **state)
+{
+        fx *f = calloc(1, sizeof *f);
+        if (!f)
+                return -1;
+        if (hx_broker_init(&f->b) < 0) {
+                hx_broker_cleanup(&f->b);
+                free(f);
+                return -1;
+        }
+        snprintf(f->work, sizeof f->work, "%s/work", f->b.dir);
+        if (mkdir(f->work, 0755) < 0) {
+                hx_broker_cleanup(&f->b);
+                free(f);
+                return -1;
+        }
+        *state = f;
+        return 0;
+}
+
+static int teardown(void **state)
+{
+        fx *f = *state;
+        int r = 0;
+
+        if (!f)
+                return 0;
+        /* lazily: the broker may still hold files open on it; it is stopped next */
+        if (f->mnt[0] && umount2(f->mnt, MNT_DETACH) < 0)
+                fprintf(stderr, "teardown: umount %s: %s\n", f->mnt, strerror(errno));
+        r = hx_broker_finish(&f->b);
+        free(f);
+        return r;
+}
+
+/* One agent (root, any executable) with two audiences; extra_grant is appended to its grants. */
+static void write_policy(hx_broker *b, const char *extra_grant)
+{
+        char policy[2048];
+        int n = snprintf(policy, sizeof policy,
+                         "{\"version\": 1,\n"
+                         " \"agents\": [\n"
+                         "  {\"id\": \"" AGENT_ID "\", \"owner\": \"" OWNER "\",\n"
+                         "   \"match\": {\"uid\": 0}, \"max_delegation_depth\": 2,\n"
+                         "   \"grants\": [\n"
+                         "     {\"audience\": \"" AUD_GIT "\", \"scopes\": [\"repo:read\", \"repo:write\"], \"max_ttl\": 600},\n"
+                         "     {\"audience\": \"" AUD_TICKETS "\", \"scopes\": [\"tickets:read\"], \"max_ttl\": 60}%s%s]}]}\n",
+                         extra_grant ? ",\n     " : "", extra_grant ? extra_grant : "");
+        assert_true(n > 0 && (size_t)n < sizeof policy);
+        assert_int_equal(hx_broker_write_policy(b, policy), 0);
+}
+
+static void add_arg(hx_broker *b, const char *a)
+{
+        assert_true(b->n_extra_args < HX_MAX_EXTRA_ARGS);
+        b->extra_args[b->n_extra_args++] = a;
+}
+
+static void start(hx_broker *b)
+{
+        int r = hx_broker_start(b);
+        if (r < 0) {
+                fprintf(stderr, "broker did not start: %s\n", strerror(-r));
+                hx_broker_dump_log(b);
+        }
+        assert_int_equal(r, 0);
+}
+
+static void stop_clean(hx_broker *b)
+{
+        int st = -1, r = hx_broker_stop(b, &st);
+        if (r < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+                fprintf(stderr, "broker stop: r=%d status=0x%x\n", r, (unsigned)st);
+                hx_broker_dump_log(b);
+        }
+        assert_int_equal(r, 0);
+        assert_true(WIFEXITED(st));
+        assert_int_equal(WEXITSTATUS(st), 0);
+}
+
+static void kill9(hx_broker *b)
+{
+        int st = 0;
+        assert_true(b->pid > 0);
+        assert_int_equal(kill(b->pid, SIGKILL), 0);
+        assert_int_equal(waitpid(b->pid, &st, 0), b->pid);
+        assert_true(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
+        b->last_status = st;
+        b->pid = 0;
+}
+
+static hx_conn *conn(hx_broker *b, const char *path)
+{
+        hx_conn *c = NULL;
+        assert_int_equal(hx_conn_open(b, path, &c), 0);
+        return c;
+}
+
+static json_t *call(hx_conn *c, const char *text)
+{
+        json_t *root = NULL;
+        int r = hx_conn_call(c, text, &root);
+        if (r != 1)
+                fprintf(stderr, "call %.200s: %d (%s)\n", text, r, r < 0 ? strerror(-r) : "eof");
+        assert_int_equal(r, 1);
+        return root;
+}
+
+static json_t *callf(hx_conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static json_t *callf(hx_conn *c, const char *fmt, ...)
+{
+        char buf[8192];
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(buf, sizeof buf, fmt, ap);
+        va_end(ap);
+        assert_true(n > 0 && (size_t)n < sizeof buf);
+        return call(c, buf);
+}
+
+static void assert_ok(const json_t *root)
+{
+        const char *e = hx_reply_error(root);
+        if (e) {
+                char *s = json_dumps(root, JSON_COMPACT);
+                fprintf(stderr, "unexpected error reply %s\n", s ? s : "?");
+                free(s);
+        }
+        assert_null(e);
+}
+
+static void assert_error(const json_t *root, const char *name)
+{
+        const char *e = hx_reply_error(root);
+        if (!e || strcmp(e, name) != 0) {
+                char *s = json_dumps(root, JSON_COMPACT);
+                fprintf(stderr, "expected error %s, got %s\n", name, s ? s : "?");
+                free(s);
+        }
+        assert_non_null(e);
+        assert_string_equal(e, name);
+}
+
+static void path_in(char *out, size_t outmax, const char *dir, const char *name)
+{
+        int n = snprintf(out, outmax, "%s/%s", dir, name);
+        assert_true(n > 0 && (size_t)n < outmax);
+}
+
+/* agent-brokerctl --socket --admin-socket ARGS (NULL-ended array), as root. */
+static void ctlv(hx_broker *b, const char *const *args, hx_run_result *res)
+{
+        char ctl[PATH_MAX];
+        char *argv[64];
+        size_t n = 0;
+
+        assert_int_equal(hx_build_path("agent-brokerctl", ctl, sizeof ctl), 0);
+        argv[n++] = ctl;
+        argv[n++] = (char *)"--socket";
+        argv[n++] = b->sock;
+        argv[n++] = (char *)"--admin-socket";
+        argv[n++] = b->admin_sock;
+        for (size_t i = 0; args[i]; i++) {
+                assert_true(n < 63);
+                argv[n++] = (char *)args[i];
+        }
+        argv[n] = NULL;
+        assert_int_equal(hx_run(argv, NULL, -1, HX_RUN_TIMEOUT_MS, res), 0);
+        assert_false(res->timed_out);
+}
+
+/* ---- reading the trail ---------------------------------------------------- */
+
+/* Every line of a JSON-lines text as a parsed object (a line that is not JSON fails the test). */
+static json_t *parse_lines(const char *text, const char *what)
+{
+        json_t *arr = json_array();
+        const char *p = text;
+        size_t lineno = 0;
+
+        assert_non_null(arr);
+        while (*p) {
+                const char *e = strchr(p, '\n');
+                size_t len = e ? (size_t)(e - p) : strlen(p);
+                json_error_t err;
+                json_t *rec;
+                lineno++;
+                if (len == 0) {
+                        p = e ? e + 1 : p + len;
+                        continue;
+                }
+                rec = json_loadb(p, len, 0, &err);
+                if (!json_is_object(rec))
+                        fprintf(stderr, "%s line %zu is not a JSON object: %s: %.200s\n", what, lineno, err.text, p);
+                assert_true(json_is_object(rec));
+                json_array_append_new(arr, rec);
+                p = e ? e + 1 : p + len;
+        }
+        return arr;
+}
+
+static char *read_text(const char *path, size_t *ret_len)
+{
+        char *text = NULL;
+        size_t len = 0;
+        int r = hx_read_file(path, 64u << 20, &text, &len);
+        if (r < 0)
+                fprintf(stderr, "read %s: %s\n", path, strerror(-r));
+        assert_int_equal(r, 0);
+        if (ret_len)
+                *ret_len = len;
+        return text;
+}
+
+/* The records of an audit file. Also requires that it holds no NUL byte and ends with a newline. */
+static json_t *file_records(const char *path)
+{
+        size_t len = 0;
+        char *text = read_text(path, &len);
+        if (memchr(text, '\0', len)) {
+                size_t at = (size_t)((char *)memchr(text, '\0', len) - text);
+                fprintf(stderr, "%s: NUL byte at offset %zu of %zu (a hole in the file)\n", path, at, len);
+        }
+        assert_null(memchr(text, '\0', len));
+        assert_true(len == 0 || text[len - 1] == '\n');
+        json_t *arr = parse_lines(text, path);
+        free(text);
+        return arr;
+}
+
+static const char *rs(const json_t *rec, const char *key)
+{
+        return json_string_value(json_object_get(rec, key));
+}
+
+static long long ri(const json_t *rec, const char *key)
+{
+        return (long long)json_integer_value(json_object_get(rec, key));
+}
+
+static size_t count_event(const json_t *recs, const char *event)
+{
+        size_t i, n = 0;
+        json_t *r;
+        json_array_foreach(recs, i, r)
+                if (rs(r, "event") && strcmp(rs(r, "event"), event) == 0)
+                        n++;
+        return n;
+}
+
+/* The only record of event whose key equals value (value NULL: any); fails unless exactly one. */
+static json_t *one_record(const json_t *recs, const char *event, const char *key, const char *value)
+{
+        size_t i, n = 0;
+        json_t *r, *found = NULL;
+        json_array_foreach(recs, i, r) {
+                if (!rs(r, "event") || strcmp(rs(r, "event"), event) != 0)
+                        continue;
+                if (key && (!rs(r, key) || strcmp(rs(r, key), value) != 0))
+                        continue;
+                n++;
+                found = r;
+        }
+        if (n != 1)
+                fprintf(stderr, "expected exactly one %s record%s%s%s%s, found %zu\n", event, key ? " with " : "",
+                        key ? key : "", key ? "=" : "", value ? value : "", n);
+        assert_int_equal(n, 1);
+        return found;
+}
+
+/* The seq numbers run 1, 2, 3, ... and each prev is the SHA-256 of the line before. */
+static void assert_chain(const char *path)
+{
+        size_t len = 0;
+        char *text = read_text(path, &len), *p = text, prev[65] = ZERO64;
+        long long seq = 0;
+
+        while (*p) {
+                char *e = strchr(p, '\n');
+                uint8_t h[crypto_hash_sha256_BYTES];
+                assert_non_null(e);
+                json_t *rec = json_loadb(p, (size_t)(e - p), 0, NULL);
+                assert_non_null(rec);
+                if (seq > 0 || ri(rec, "seq") == 1) {
+                        assert_int_equal(ri(rec, "seq"), seq + 1);
+                        assert_string_equal(rs(rec, "prev"), prev);
+                }
+                seq = ri(rec, "seq");
+                crypto_hash_sha256(h, (const uint8_t *)p, (size_t)(e - p));
+                sodium_bin2hex(prev, sizeof prev, h, sizeof h);
+                json_decref(rec);
+                p = e + 1;
+        }
+        free(text);
+}
+
+/* `agent-brokerctl audit --json ARGS...` over the admin socket. */
+static json_t *ctl_audit_json(hx_broker *b, const char *a1, const char *a2)
+{
+        const char *args[] = { "audit", "--json", a1, a2, NULL };
+        hx_run_result res;
+        ctlv(b, args, &res);
+        if (res.exit_code != 0)
+                fprintf(stderr, "audit --json: exit %d: %s\n", res.exit_code, res.err);
+        assert_int_equal(res.exit_code, 0);
+        json_t *arr = parse_lines(res.out, "agent-brokerctl audit --json");
+        hx_run_result_done(&res);
+        return arr;
+}
+
+/* `agent-brokerctl audit verify ARGS...`: the exit code; stdout+stderr in out. */
+static int ctl_verify(hx_broker *b, const char *const *args, char *out, size_t outmax)
+{
+        const char *argv[32] = { "audit", "verify" };
+        size_t n = 2;
+        hx_run_result res;
+        for (size_t i = 0; args[i]; i++) {
+                assert_true(n < 31);
+                argv[n++] = args[i];
+        }
+        argv[n] = NULL;
+        ctlv(b, argv, &res);
+        snprintf(out, outmax, "%s%s", res.out, res.err);
+        int ex = res.exit_code;
+        hx_run_result_done(&res);
+        return ex;
+}
+
+static void verify_ok(hx_broker *b, const char *const *args)
+{
+        char out[4096];
+        int ex = ctl_verify(b, args, out, sizeof out);
+        if (ex != 0)
+                fprintf(stderr, "audit verify failed (exit %d):\n%s\n", ex, out);
+        assert_int_equal(ex, 0);
+        assert_non_null(strstr(out, "audit chain intact"));
+}
+
+/* `agent-brokerctl keys` into work/jwks.json. */
+static void save_jwks(fx *f, char *path, size_t pathmax)
+{
+        const char *args[] = { "keys", NULL };
+        hx_run_result res;
+        path_in(path, pathmax, f->work, "jwks.json");
+        ctlv(&f->b, args, &res);
+        assert_int_equal(res.exit_code, 0);
+        assert_int_equal(hx_write_file(path, res.out, 0644), 0);
+        hx_run_result_done(&res);
+}
+
+static void audit_file(const hx_broker *b, char *out, size_t outmax)
+{
+        path_in(out, outmax, b->state, "audit.jsonl");
+}
+
+/* ---- issuing ---------------------------------------------------------------- */
+
+/*
+ * n IssueToken calls (repo:read) pipelined on c in batches; each jti
+ * received is appended to jtis (if not NULL). Returns how many succeeded;
+ * the first error name goes to err.
+ */
+static unsigned issue_many(hx_conn *c, unsigned n, json_t *jtis, char *err, size_t errmax)
+{
+        static const char msg[] = ISSUE_GIT_READ;
+        unsigned ok = 0;
+
+        if (err)
+                err[0] = '\0';
+        while (n > 0) {
+                unsigned k = n < 64 ? n : 64;
+                char *buf = malloc(k * sizeof msg);
+                assert_non_null(buf);
+                for (unsigned i = 0; i < k; i++)
+                        memcpy(buf + i * sizeof msg, msg, sizeof msg); /* with its NUL */
+                assert_int_equal(hx_conn_send(c, buf, k * sizeof msg), 0);
+                free(buf);
+                for (unsigned i = 0; i < k; i++) {
+                        json_t *root = NULL;
+                        assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS * 2, &root), 1);
+                        if (hx_reply_error(root)) {
+                                if (err && !err[0])
+                                        snprintf(err, errmax, "%s", hx_reply_error(root));
+                        } else {
+                                assert_non_null(hx_reply_str(root, "token"));
+                                if (jtis)
+                                        json_array_append_new(jtis, json_string(hx_reply_str(root, "jti")));
+                                ok++;
+                        }
+                        json_decref(root);
+                }
+                n -= k;
+        }
+        return ok;
+}
+
+/* Every jti in jtis has exactly one token.issued record in recs. */
+static void assert_all_issued_recorded(const json_t *recs, const json_t *jtis)
+{
+        json_t *seen = json_object(), *r, *j;
+        size_t i, missing = 0;
+
+        json_array_foreach(recs, i, r)
+                if (rs(r, "event") && strcmp(rs(r, "event"), "token.issued") == 0 && rs(r, "jti")) {
+                        json_t *c = json_object_get(seen, rs(r, "jti"));
+                        json_object_set_new(seen, rs(r, "jti"), json_integer(c ? json_integer_value(c) + 1 : 1));
+                }
+        json_array_foreach(jtis, i, j) {
+                json_t *c = json_object_get(seen, json_string_value(j));
+                if (!c || json_integer_value(c) != 1) {
+                        if (missing++ < 5)
+                                fprintf(stderr, "jti %s received by a client: %lld token.issued records\n",
+                                        json_string_value(j), c ? (long long)json_integer_value(c) : 0LL);
+                }
+        }
+        json_decref(seen);
+        assert_int_equal(missing, 0);
+}
+
+/* ---- the scripted day ------------------------------------------------------ */
+
+typedef struct child_report {
+        char out[512];
+} child_report;
+
+/* As nobody: ask for a token; prints "PID ERRNAME". */
+static int child_issue_nobody(void *arg, char *out, size_t outmax)
+{
+        const char *sock = arg;
+        ab_client *c = NULL;
+        char *token = NULL;
+        const char *scopes[] = { "repo:read" };
+        int r = ab_client_connect(sock, HX_IO_TIMEOUT_MS, &c);
+        if (r < 0) {
+                snprintf(out, outmax, "%d connect", (int)getpid());
+                return 3;
+        }
+        r = ab_issue_token(c, AUD_GIT, scopes, 1, 0, NULL, &token);
+        snprintf(out, outmax, "%d %s", (int)getpid(), r == 0 ? "OK" : ab_client_error_name(c));
+        ab_token_free(token);
+        ab_client_free(c);
+        return r == 0 ? 0 : 1;
+}
+
+static void assert_identity(const json_t *rec, const char *exe, const char *sha)
+{
+        assert_int_equal(ri(rec, "uid"), 0);
+        assert_int_equal(ri(rec, "gid"), 0);
+        assert_int_equal(ri(rec, "pid"), getpid());
+        assert_string_equal(rs(rec, "exe"), exe);
+        assert_string_equal(rs(rec, "sha256"), sha);
+}
+
+static void assert_agent(const json_t *rec)
+{
+        assert_string_equal(rs(rec, "agent"), AGENT_ID);
+        assert_string_equal(rs(rec, "owner"), OWNER);
+}
+
+/*
+ * Issue, deny (scope; not an agent), attenuate, introspect for a service,
+ * PAM open/close, revoke, reload: then `audit --json` shows each once with
+ * its fields, no token anywhere in the file, and `audit verify` passes.
+ */
+static void test_scripted_day(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char exe[PATH_MAX], sha[65], apath[PATH_MAX], jwks[PATH_MAX], out[512], verify_out[4096];
+        char *token, *child, jti[64], sid[64], cjti[64], pam_id[64], policy_version[32];
+        json_t *root, *recs, *r;
+        hx_conn *c, *adm;
+        int ex = -1;
+        ssize_t n;
+
+        n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        assert_true(n > 0);
+        exe[n] = '\0';
+        assert_int_equal(hx_sha256_file(exe, sha), 0);
+        write_policy(b, NULL);
+        start(b);
+        audit_file(b, apath, sizeof apath);
+        c = conn(b, b->sock);
+        adm = conn(b, b->admin_sock);
+
+        /* issue */
+        root = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
+                       "\",\"scopes\":[\"repo:read\",\"repo:write\"],\"task\":\"review PR 7\"}}");
+        assert_ok(root);
+        token = strdup(hx_reply_str(root, "token"));
+        snprintf(jti, sizeof jti, "%s", hx_reply_str(root, "jti"));
+        snprintf(sid, sizeof sid, "%s", hx_reply_str(root, "sid"));
+        json_decref(root);
+
+        /* deny: a scope that is not granted */
+        root = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
+                       "\",\"scopes\":[\"repo:admin\"]}}");
+        assert_error(root, "io.agentbroker.ScopeNotGranted");
+        json_decref(root);
+
+        /* deny: nobody is not an agent */
+        assert_int_equal(hx_run_as(HX_NOBODY_UID, HX_NOBODY_GID, child_issue_nobody, b->sock, HX_RUN_TIMEOUT_MS, out,
+                                   sizeof out, &ex),
+                         0);
+        assert_int_equal(ex, 1);
+        assert_non_null(strstr(out, " io.agentbroker.NotAnAgent"));
+        int nobody_pid = atoi(out);
+        assert_true(nobody_pid > 0);
+
+        /* attenuate */
+        root = callf(c,
+                     "{\"method\":\"io.agentbroker.Attenuate\",\"parameters\":{\"token\":\"%s\",\"scopes\":[\"repo:"
+                     "read\"],\"ttl\":60}}",
+                     token);
+        assert_ok(root);
+        child = strdup(hx_reply_str(root, "token"));
+        snprintf(cjti, sizeof cjti, "%s", hx_reply_str(root, "jti"));
+        assert_string_equal(hx_reply_str(root, "parent"), jti);
+        json_decref(root);
+
+        /* introspect, as a service would */
+        root = callf(c,
+                     "{\"method\":\"io.agentbroker.Introspect\",\"parameters\":{\"token\":\"%s\",\"audience\":\"" AUD_GIT
+                     "\",\"service\":\"pam:sshd\"}}",
+                     child);
+        assert_ok(root);
+        assert_true(json_is_true(json_object_get(hx_reply_params(root), "active")));
+        json_decref(root);
+
+        /* a PAM session, as pam_agent_broker.so would open and close it */
+        root = callf(c,
+                     "{\"method\":\"io.agentbroker.OpenPamSession\",\"parameters\":{\"token\":\"%s\",\"service\":"
+                     "\"sshd\",\"user\":\"root\",\"tty\":\"pts/3\",\"rhost\":\"10.0.0.7\"}}",
+                     child);
+        assert_ok(root);
+        snprintf(pam_id, sizeof pam_id, "%s", hx_reply_str(root, "id"));
+        json_decref(root);
+        root = callf(c, "{\"method\":\"io.agentbroker.ClosePamSession\",\"parameters\":{\"id\":\"%s\"}}", pam_id);
+        assert_ok(root);
+        json_decref(root);
+
+        /* revoke the child */
+        root = callf(c, "{\"method\":\"io.agentbroker.Revoke\",\"parameters\":{\"jti\":\"%s\"}}", cjti);
+        assert_ok(root);
+        json_decref(root);
+
+        /* reload (unchanged sources: no inotify event competes with it) */
+        root = call(adm, "{\"method\":\"io.agentbroker.admin.ReloadPolicy\"}");
+        assert_ok(root);
+        json_decref(root);
+        usleep(600 * 1000); /* past the broker's 250 ms inotify debounce: nothing else may arrive */
+
+        /* ---- read back over the admin socket ---- */
+        recs = ctl_audit_json(b, NULL, NULL);
+        {
+                json_t *disk = file_records(apath);
+                assert_int_equal(json_array_size(recs), json_array_size(disk));
+                assert_true(json_equal(recs, disk));
+                json_decref(disk);
+        }
+        assert_int_equal(count_event(recs, "key.created"), 1);
+        assert_int_equal(count_event(recs, "policy.loaded"), 2);
+        assert_int_equal(count_event(recs, "session.opened"), 1);
+        assert_int_equal(count_event(recs, "token.issued"), 1);
+        assert_int_equal(count_event(recs, "token.denied"), 2);
+        assert_int_equal(count_event(recs, "token.attenuated"), 1);
+        assert_int_equal(count_event(recs, "token.introspected"), 1);
+        assert_int_equal(count_event(recs, "pam.opened"), 1);
+        assert_int_equal(count_event(recs, "pam.closed"), 1);
+        assert_int_equal(count_event(recs, "token.revoked"), 1);
+        assert_int_equal(count_event(recs, "audit.checkpoint"), 0);
+        assert_int_equal(json_array_size(recs), 12);
+
+        /* common to all: time (µs, recent), seq, prev, decision */
+        {
+                size_t i;
+                long long now_us = (long long)time(NULL) * 1000000LL;
+                json_array_foreach(recs, i, r) {
+                        assert_int_equal(ri(r, "seq"), (long long)i + 1);
+                        assert_true(rs(r, "prev") && strlen(rs(r, "prev")) == 64);
+                        assert_true(ri(r, "time") > now_us - 120 * 1000000LL && ri(r, "time") <= now_us + 2000000LL);
+                        assert_non_null(rs(r, "decision"));
+                        if (i > 0)
+                                assert_true(ri(r, "time") >= ri(json_array_get(recs, i - 1), "time"));
+                }
+        }
+        r = one_record(recs, "key.created", NULL, NULL);
+        assert_string_equal(rs(r, "decision"), "accept");
+        assert_true(rs(r, "kid") && strlen(rs(r, "kid")) == 43);
+        assert_string_equal(rs(r, "prev"), ZERO64);
+
+        r = json_array_get(recs, 1);
+        assert_string_equal(rs(r, "event"), "policy.loaded");
+        assert_string_equal(rs(r, "source"), b->policy);
+        assert_int_equal(ri(r, "agents"), 1);
+        assert_true(rs(r, "policy") && strlen(rs(r, "policy")) == 16);
+        snprintf(policy_version, sizeof policy_version, "%s", rs(r, "policy"));
+
+        r = one_record(recs, "session.opened", NULL, NULL);
+        assert_identity(r, exe, sha);
+        assert_agent(r);
+        assert_string_equal(rs(r, "sid"), sid);
+        assert_string_equal(rs(r, "decision"), "grant");
+
+        r = one_record(recs, "token.issued", "jti", jti);
+        assert_identity(r, exe, sha);
+        assert_agent(r);
+        assert_string_equal(rs(r, "decision"), "grant");
+        assert_string_equal(rs(r, "audience"), AUD_GIT);
+        assert_string_equal(rs(r, "scopes"), "repo:read repo:write");
+        assert_string_equal(rs(r, "sid"), sid);
+        assert_string_equal(rs(r, "task"), "review PR 7");
+        assert_string_equal(rs(r, "policy"), policy_version);
+        assert_true(ri(r, "exp") > time(NULL));
+        assert_null(json_object_get(r, "reason"));
+
+        r = one_record(recs, "token.denied", "scopes", "repo:admin");
+        assert_identity(r, exe, sha);
+        assert_agent(r);
+        assert_string_equal(rs(r, "decision"), "deny");
+        assert_string_equal(rs(r, "audience"), AUD_GIT);
+        assert_non_null(strstr(rs(r, "reason"), "repo:admin"));
+        assert_string_equal(rs(r, "policy"), policy_version);
+        assert_null(json_object_get(r, "jti"));
+
+        r = one_record(recs, "token.denied", "scopes", "repo:read");
+        assert_int_equal(ri(r, "uid"), HX_NOBODY_UID);
+        assert_int_equal(ri(r, "gid"), HX_NOBODY_GID);
+        assert_int_equal(ri(r, "pid"), nobody_pid);
+        assert_string_equal(rs(r, "exe"), exe); /* the forked test binary */
+        assert_string_equal(rs(r, "sha256"), sha);
+        assert_null(json_object_get(r, "agent"));
+        assert_non_null(strstr(rs(r, "reason"), "uid 65534"));
+        assert_string_equal(rs(r, "audience"), AUD_GIT);
+
+        r = one_record(recs, "token.attenuated", NULL, NULL);
+        assert_identity(r, exe, sha);
+        assert_agent(r);
+        assert_string_equal(rs(r, "jti"), cjti);
+        assert_string_equal(rs(r, "parent"), jti);
+        assert_string_equal(rs(r, "sid"), sid);
+        assert_string_equal(rs(r, "scopes"), "repo:read");
+        assert_string_equal(rs(r, "audience"), AUD_GIT);
+        assert_int_equal(ri(r, "depth"), 1);
+
+        r = one_record(recs, "token.introspected", NULL, NULL);
+        assert_string_equal(rs(r, "decision"), "active");
+        assert_string_equal(rs(r, "service"), "pam:sshd");
+        assert_string_equal(rs(r, "jti"), cjti);
+        assert_string_equal(rs(r, "parent"), jti);
+        assert_string_equal(rs(r, "sid"), sid);
+        assert_agent(r);
+        assert_string_equal(rs(r, "audience"), AUD_GIT);
+        assert_int_equal(ri(r, "uid"), 0);
+        assert_int_equal(ri(r, "pid"), getpid());
+
+        r = one_record(recs, "pam.opened", NULL, NULL);
+        assert_string_equal(rs(r, "pam_id"), pam_id);
+        assert_string_equal(rs(r, "service"), "sshd");
+        assert_string_equal(rs(r, "user"), "root");
+        assert_string_equal(rs(r, "tty"), "pts/3");
+        assert_string_equal(rs(r, "rhost"), "10.0.0.7");
+        assert_string_equal(rs(r, "sid"), sid);
+        assert_string_equal(rs(r, "agent"), AGENT_ID);
+        assert_int_equal(ri(r, "pid"), getpid());
+
+        r = one_record(recs, "pam.closed", NULL, NULL);
+        assert_string_equal(rs(r, "pam_id"), pam_id);
+        assert_string_equal(rs(r, "sid"), sid);
+        assert_int_equal(ri(r, "pid"), getpid());
+
+        r = one_record(recs, "token.revoked", NULL, NULL);
+        assert_string_equal(rs(r, "decision"), "revoke");
+        assert_string_equal(rs(r, "jti"), cjti);
+        assert_string_equal(rs(r, "sid"), sid);
+        assert_agent(r);
+        assert_identity(r, exe, sha);
+
+        r = json_array_get(recs, json_array_size(recs) - 1);
+        assert_string_equal(rs(r, "event"), "policy.loaded");
+        assert_string_equal(rs(r, "policy"), policy_version);
+        json_decref(recs);
+
+        /* filters, over the admin socket */
+        recs = ctl_audit_json(b, "--event", "token.denied");
+        assert_int_equal(json_array_size(recs), 2);
+        json_decref(recs);
+        recs = ctl_audit_json(b, "--agent", AGENT_ID);
+        assert_int_equal(json_array_size(recs), 7); /* session, issued, denied, attenuated, introspected, pam.opened, revoked */
+        json_decref(recs);
+        recs = ctl_audit_json(b, "--since", "2099-01-01T00:00:00Z");
+        assert_int_equal(json_array_size(recs), 0);
+        json_decref(recs);
+        {
+                const char *args[] = { "audit", "--agent", AGENT_ID, NULL };
+                hx_run_result res;
+                ctlv(b, args, &res);
+                assert_int_equal(res.exit_code, 0);
+                assert_non_null(strstr(res.out, "token.issued"));
+                assert_non_null(strstr(res.out, jti));
+                assert_null(strstr(res.out, "eyJ"));
+                hx_run_result_done(&res);
+        }
+
+        /* never a token (a JWS starts with eyJ), never the key */
+        {
+                char *text = read_text(apath, NULL), keyp[PATH_MAX], *key = NULL, kb64[64];
+                size_t klen = 0;
+                assert_null(strstr(text, "eyJ"));
+                assert_null(strstr(text, strrchr(token, '.') + 1)); /* nor a signature alone */
+                path_in(keyp, sizeof keyp, b->state, "signing.key");
+                assert_int_equal(hx_read_file(keyp, 4096, &key, &klen), 0);
+                assert_int_equal(klen, 32);
+                assert_int_equal(ab_b64url_encode((const uint8_t *)key, klen, kb64, sizeof kb64), 43);
+                assert_null(strstr(text, kb64));
+                sodium_bin2hex(kb64, sizeof kb64, (const uint8_t *)key, 16);
+                assert_null(strstr(text, kb64));
+                free(key);
+                free(text);
+        }
+
+        /* verify through the running broker (its file, its keys) */
+        {
+                const char *none[] = { NULL };
+                verify_ok(b, none);
+        }
+        save_jwks(f, jwks, sizeof jwks);
+        stop_clean(b);
+
+        /* shut down: a signed checkpoint closes the file; offline verify with the JWKS */
+        recs = file_records(apath);
+        assert_int_equal(json_array_size(recs), 13);
+        r = json_array_get(recs, 12);
+        assert_string_equal(rs(r, "event"), "audit.checkpoint");
+        assert_string_equal(rs(r, "alg"), "EdDSA");
+        json_decref(recs);
+        assert_chain(apath);
+        {
+                const char *args[] = { "--file", apath, "--keys", jwks, NULL };
+                assert_int_equal(ctl_verify(b, args, verify_out, sizeof verify_out), 0);
+                assert_non_null(strstr(verify_out, "13 records"));
+                assert_non_null(strstr(verify_out, "1 signed checkpoints verified"));
+        }
+        free(token);
+        free(child);
+}
+
+/* ---- tampering ---------------------------------------------------------------- */
+
+/* A small trail of n issuances (plus key, policy, session, shutdown checkpoint): its path and JWKS. */
+static void make_trail(fx *f, unsigned n, char *apath, size_t amax, char *jwks, size_t jmax)
+{
+        hx_broker *b = &f->b;
+        write_policy(b, NULL);
+        start(b);
+        hx_conn *c = conn(b, b->sock);
+        assert_int_equal(issue_many(c, n, NULL, NULL, 0), n);
+        hx_conn_close(b, c);
+        save_jwks(f, jwks, jmax);
+        stop_clean(b);
+        audit_file(b, apath, amax);
+}
+
+/* Lines of a file (each with its newline), to rebuild variants from. */
+typedef struct lines {
+        char *text;
+        char *line[256];
+        size_t len[256];
+        size_t n;
+} lines;
+
+static void lines_load(lines *l, const char *path)
+{
+        size_t len = 0;
+        char *p;
+        memset(l, 0, sizeof *l);
+        l->text = read_text(path, &len);
+        for (p = l->text; *p;) {
+                char *e = strchr(p, '\n');
+                assert_non_null(e);
+                assert_true(l->n < 256);
+                l->line[l->n] = p;
+                l->len[l->n] = (size_t)(e - p) + 1;
+                l->n++;
+                p = e + 1;
+        }
+}
+
+/* Write lines[order[0]], lines[order[1]], ... (order ends with -1) to path. */
+static void lines_write(const lines *l, const int *order, const char *path)
+{
+        FILE *out = fopen(path, "we");
+        assert_non_null(out);
+        for (size_t i = 0; order[i] >= 0; i++)
+                assert_int_equal(fwrite(l->line[order[i]], 1, l->len[order[i]], out), l->len[order[i]]);
+        assert_int_equal(fclose(out), 0);
+}
+
+static void expect_broken(hx_broker *b, const char *file, const char *jwks, const char *where, const char *what)
+{
+        char out[4096];
+        const char *args[] = { "--file", file, jwks ? "--keys" : NULL, jwks, NULL };
+        int ex = ctl_verify(b, args, out, sizeof out);
+        if (ex != 1 || !strstr(out, where) || (what && !strstr(out, what)))
+                fprintf(stderr, "audit verify %s: exit %d, expected 1 naming \"%s\"%s%s:\n%s\n", file, ex, where,
+                        what ? " and " : "", what ? what : "", out);
+        assert_int_equal(ex, 1);
+        assert_non_null(strstr(out, where));
+        if (what)
+                assert_non_null(strstr(out, what));
+}
+
+/* Editing one byte, deleting a line, swapping two lines: verify fails (exit 1) and names the line. */
+static void test_tamper_detected(void **state)
+{
+        fx *f = *state;
+        char apath[PATH_MAX], jwks[PATH_MAX], copy[PATH_MAX], where[PATH_MAX + 32];
+        int order[300];
+        lines l;
+
+        make_trail(f, 8, apath, sizeof apath, jwks, sizeof jwks);
+        lines_load(&l, apath);
+        assert_int_equal(l.n, 12); /* key, policy, session, 8 issued, checkpoint */
+        {
+                const char *args[] = { "--file", apath, "--keys", jwks, NULL };
+                verify_ok(&f->b, args);
+        }
+        path_in(copy, sizeof copy, f->work, "tampered.jsonl");
+
+        /* one byte of line 5 (a digit of its pid): line 6 no longer chains to it */
+        {
+                char *pid = strstr(l.line[4], "\"pid\":");
+                assert_non_null(pid);
+                pid += 6;
+                char saved = *pid;
+                *pid = saved == '9' ? '1' : (char)(saved + 1);
+                for (int i = 0; i < (int)l.n; i++)
+                        order[i] = i;
+                order[l.n] = -1;
+                lines_write(&l, order, copy);
+                *pid = saved;
+                snprintf(where, sizeof where, "%s:6: seq 6:", copy);
+                expect_broken(&f->b, copy, NULL, where, "(line 5)");
+                expect_broken(&f->b, copy, jwks, where, "(line 5)");
+        }
+        /* line 5 deleted: line 5 of the copy carries seq 6 */
+        {
+                int k = 0;
+                for (int i = 0; i < (int)l.n; i++)
+                        if (i != 4)
+                                order[k++] = i;
+                order[k] = -1;
+                lines_write(&l, order, copy);
+                snprintf(where, sizeof where, "%s:5: seq 6:", copy);
+                expect_broken(&f->b, copy, NULL, where, "expected seq 5");
+        }
+        /* lines 4 and 5 swapped */
+        {
+                for (int i = 0; i < (int)l.n; i++)
+                        order[i] = i;
+                order[3] = 4;
+                order[4] = 3;
+                order[l.n] = -1;
+                lines_write(&l, order, copy);
+                snprintf(where, sizeof where, "%s:4: seq 5:", copy);
+                expect_broken(&f->b, copy, NULL, where, "expected seq 4");
+        }
+        /* a line repeated */
+        {
+                int k = 0;
+                for (int i = 0; i < (int)l.n; i++) {
+                        order[k++] = i;
+                        if (i == 6)
+                                order[k++] = i;
+                }
+                order[k] = -1;
+                lines_write(&l, order, copy);
+                snprintf(where, sizeof where, "%s:8: seq 7:", copy);
+                expect_broken(&f->b, copy, NULL, where, "expected seq 8");
+        }
+        /* a torn last line (no newline) */
+        {
+                FILE *out = fopen(copy, "we");
+                assert_non_null(out);
+                for (size_t i = 0; i < l.n; i++)
+                        fwrite(l.line[i], 1, l.len[i], out);
+                fputs("{\"decision\":\"grant\",\"uid\":0", out);
+                fclose(out);
+                snprintf(where, sizeof where, "%s:13:", copy);
+                expect_broken(&f->b, copy, NULL, where, "torn");
+        }
+        /* a line that is not JSON */
+        {
+                FILE *out = fopen(copy, "we");
+                assert_non_null(out);
+                for (size_t i = 0; i < 3; i++)
+                        fwrite(l.line[i], 1, l.len[i], out);
+                fputs("this is not a record\n", out);
+                fclose(out);
+                snprintf(where, sizeof where, "%s:4:", copy);
+                expect_broken(&f->b, copy, NULL, where, "not an audit record");
+        }
+        free(l.text);
+}
+
+/*
+ * The first record deleted: the file then starts at seq 2, which only a
+ * file begun by rotation may do (its first record is audit.rotated).
+ */
+static void test_verify_detects_missing_head(void **state)
+{
+        fx *f = *state;
+        char apath[PATH_MAX], jwks[PATH_MAX], copy[PATH_MAX], where[PATH_MAX + 32];
+        int order[300], k = 0;
+        lines l;
+
+        make_trail(f, 3, apath, sizeof apath, jwks, sizeof jwks);
+        lines_load(&l, apath);
+        path_in(copy, sizeof copy, f->work, "headless.jsonl");
+        for (int i = 1; i < (int)l.n; i++)
+                order[k++] = i;
+        order[k] = -1;
+        lines_write(&l, order, copy);
+        snprintf(where, sizeof where, "%s:1: seq 2:", copy);
+        expect_broken(&f->b, copy, jwks, where, NULL);
+        /* the first two: the same */
+        k = 0;
+        for (int i = 2; i < (int)l.n; i++)
+                order[k++] = i;
+        order[k] = -1;
+        lines_write(&l, order, copy);
+        snprintf(where, sizeof where, "%s:1: seq 3:", copy);
+        expect_broken(&f->b, copy, jwks, where, NULL);
+        free(l.text);
+}
+
+/*
+ * Rewriting history properly (edit a record, recompute every prev after
+ * it) defeats the hash chain alone; only the signed checkpoint catches it,
+ * so verify with the JWKS fails at the checkpoint line. A checkpoint whose
+ * signature or kid is changed fails too.
+ */
+static void test_checkpoint_signatures(void **state)
+{
+        fx *f = *state;
+        char apath[PATH_MAX], jwks[PATH_MAX], copy[PATH_MAX], where[PATH_MAX + 32], out[4096];
+        lines l;
+        FILE *w;
+
+        make_trail(f, 4, apath, sizeof apath, jwks, sizeof jwks);
+        lines_load(&l, apath);
+        assert_int_equal(l.n, 8);
+        path_in(copy, sizeof copy, f->work, "forged.jsonl");
+
+        /* a changed signature on the (last) checkpoint */
+        {
+                char *sig = strstr(l.line[7], "\"sig\":\"");
+                assert_non_null(sig);
+                sig += 7 + 10;
+                char saved = *sig;
+                *sig = saved == 'A' ? 'B' : 'A';
+                int order[] = { 0, 1, 2, 3, 4, 5, 6, 7, -1 };
+                lines_write(&l, order, copy);
+                *sig = saved;
+                snprintf(where, sizeof where, "%s:8: seq 8:", copy);
+                expect_broken(&f->b, copy, jwks, where, "signature does not verify");
+        }
+        /* a kid the broker never had */
+        {
+                char *kid = strstr(l.line[7], "\"kid\":\"");
+                assert_non_null(kid);
+                kid += 7 + 5;
+                char saved = *kid;
+                *kid = saved == 'A' ? 'B' : 'A';
+                int order[] = { 0, 1, 2, 3, 4, 5, 6, 7, -1 };
+                lines_write(&l, order, copy);
+                *kid = saved;
+                snprintf(where, sizeof where, "%s:8: seq 8:", copy);
+                expect_broken(&f->b, copy, jwks, where, "does not list");
+        }
+        /* a rewritten chain: record 4 (a token.issued) names another audience; prevs recomputed */
+        {
+                char prev[65] = ZERO64;
+                w = fopen(copy, "we");
+                assert_non_null(w);
+                for (size_t i = 0; i < l.n; i++) {
+                        json_t *rec = json_loadb(l.line[i], l.len[i] - 1, 0, NULL);
+                        uint8_t h[crypto_hash_sha256_BYTES];
+                        assert_non_null(rec);
+                        if (i == 3)
+                                json_object_set_new(rec, "audience", json_string("https://evil.example"));
+                        json_object_set_new(rec, "prev", json_string(prev));
+                        char *s = json_dumps(rec, JSON_COMPACT);
+                        assert_non_null(s);
+                        fprintf(w, "%s\n", s);
+                        crypto_hash_sha256(h, (const uint8_t *)s, strlen(s));
+                        sodium_bin2hex(prev, sizeof prev, h, sizeof h);
+                        free(s);
+                        json_decref(rec);
+                }
+                assert_int_equal(fclose(w), 0);
+                /* without keys the chain alone looks intact: verify says the checkpoint went unchecked */
+                const char *args[] = { "--file", copy, NULL };
+                assert_int_equal(ctl_verify(&f->b, args, out, sizeof out), 0);
+                assert_non_null(strstr(out, "1 not checked"));
+                snprintf(where, sizeof where, "%s:8: seq 8:", copy);
+                expect_broken(&f->b, copy, jwks, where, "signature does not verify");
+        }
+        free(l.text);
+}
+
+/*
+ * Key rotation: checkpoints signed by the old key still verify, through the
+ * running broker (which lists retired keys) and with `keys` as JWKS.
+ */
+static void test_checkpoints_across_key_rotation(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], jwks[PATH_MAX], out[4096];
+        hx_run_result res;
+        json_t *recs;
+
+        make_trail(f, 2, apath, sizeof apath, jwks, sizeof jwks); /* checkpoint 1: old key */
+        start(b);
+        {
+                const char *args[] = { "keys", "rotate", NULL };
+                ctlv(b, args, &res);
+                assert_int_equal(res.exit_code, 0);
+                hx_run_result_done(&res);
+        }
+        hx_conn *c = conn(b, b->sock);
+        assert_int_equal(issue_many(c, 2, NULL, NULL, 0), 2);
+        hx_conn_close(b, c);
+        {
+                const char *none[] = { NULL };
+                assert_int_equal(ctl_verify(b, none, out, sizeof out), 0);
+                assert_non_null(strstr(out, "1 signed checkpoints verified"));
+        }
+        save_jwks(f, jwks, sizeof jwks);
+        stop_clean(b); /* checkpoint 2: new key */
+        recs = file_records(apath);
+        assert_int_equal(count_event(recs, "key.rotated"), 1);
+        assert_int_equal(count_event(recs, "audit.checkpoint"), 2);
+        {
+                const char *kids[2];
+                size_t i, k = 0;
+                json_t *r;
+                json_array_foreach(recs, i, r)
+                        if (strcmp(rs(r, "event"), "audit.checkpoint") == 0)
+                                kids[k++] = rs(r, "kid");
+                assert_string_not_equal(kids[0], kids[1]);
+        }
+        json_decref(recs);
+        const char *args[] = { "--file", apath, "--keys", jwks, NULL };
+        assert_int_equal(ctl_verify(b, args, out, sizeof out), 0);
+        assert_non_null(strstr(out, "2 signed checkpoints verified"));
+}
+
+/* A checkpoint every 1000 records: signed, and the chain verifies with them. */
+static void test_periodic_checkpoints(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], jwks[PATH_MAX], out[4096];
+        json_t *recs, *r;
+        long long last = 0;
+        size_t i, n = 0;
+
+        add_arg(b, "--rate-limit");
+        add_arg(b, "0");
+        make_trail(f, 2100, apath, sizeof apath, jwks, sizeof jwks);
+        recs = file_records(apath);
+        json_array_foreach(recs, i, r) {
+                if (strcmp(rs(r, "event"), "audit.checkpoint") != 0)
+                        continue;
+                n++;
+                /* at most 1000 records since the last one (plus one group commit's worth) */
+                assert_true(ri(r, "seq") - last <= 1000 + 64 + 1);
+                last = ri(r, "seq");
+        }
+        assert_int_equal(n, 3); /* two periodic, one at shutdown */
+        json_decref(recs);
+        const char *args[] = { "--file", apath, "--keys", jwks, NULL };
+        assert_int_equal(ctl_verify(b, args, out, sizeof out), 0);
+        assert_non_null(strstr(out, "3 signed checkpoints verified"));
+}
+
+/* ---- crashes ---------------------------------------------------------------- */
+
+/* A torn last line (a crash mid-write) is cut at start; the records after it chain on. */
+static void test_torn_tail_cut_on_restart(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], jwks[PATH_MAX];
+        json_t *recs;
+        size_t before;
+        int fd;
+
+        make_trail(f, 3, apath, sizeof apath, jwks, sizeof jwks);
+        recs = file_records(apath);
+        before = json_array_size(recs);
+        json_decref(recs);
+        fd = open(apath, O_WRONLY | O_APPEND | O_CLOEXEC);
+        assert_true(fd >= 0);
+        static const char torn[] = "{\"decision\":\"grant\",\"uid\":0,\"gid\":0,\"pid\":4";
+        assert_int_equal(write(fd, torn, sizeof torn - 1), (ssize_t)(sizeof torn - 1));
+        close(fd);
+
+        start(b);
+        hx_conn *c = conn(b, b->sock);
+        assert_int_equal(issue_many(c, 3, NULL, NULL, 0), 3);
+        hx_conn_close(b, c);
+        stop_clean(b);
+        recs = file_records(apath); /* no NUL bytes where the torn line was */
+        assert_int_equal(json_array_size(recs), before + 1 + 3 + 1); /* session, 3 issued, checkpoint */
+        json_decref(recs);
+        assert_chain(apath);
+        const char *args[] = { "--file", apath, "--keys", jwks, NULL };
+        verify_ok(b, args);
+}
+
+/* A complete last line that is not a record: the broker refuses to start and says why. */
+static void test_garbage_tail_refused(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], jwks[PATH_MAX], *log;
+        int fd;
+
+        make_trail(f, 1, apath, sizeof apath, jwks, sizeof jwks);
+        fd = open(apath, O_WRONLY | O_APPEND | O_CLOEXEC);
+        assert_true(fd >= 0);
+        assert_int_equal(write(fd, "garbage\n", 8), 8);
+        close(fd);
+        assert_int_equal(hx_broker_start(b), -ECHILD);
+        b->pid = 0;
+        log = read_text(b->log, NULL);
+        assert_non_null(strstr(log, "not a valid audit record"));
+        free(log);
+}
+
+#define BURST_CLIENTS 4
+#define BURST_MS 1500
+
+/* A client issuing as fast as it can, appending each jti it receives to its file. */
+static int burst_client(const char *sock, const char *jtifile)
+{
+        hx_conn *c = NULL;
+        int fd = open(jtifile, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+        unsigned got = 0;
+
+        if (fd < 0 || hx_conn_open(NULL, sock, &c) < 0)
+                return 2;
+        for (;;) {
+                json_t *root = NULL;
+                char line[128];
+                int r = hx_conn_call(c, ISSUE_GIT_READ, &root);
+                if (r != 1)
+                        break; /* the broker is gone */
+                if (!hx_reply_error(root) && hx_reply_str(root, "token") && hx_reply_str(root, "jti")) {
+                        int n = snprintf(line, sizeof line, "%s\n", hx_reply_str(root, "jti"));
+                        if (write(fd, line, (size_t)n) != n)
+                                return 4;
+                        got++;
+                }
+                json_decref(root);
+        }
+        hx_conn_close(NULL, c);
+        close(fd);
+        return got > 0 ? 0 : 3;
+}
+
+/*
+ * kill -9 in the middle of a burst: every token a client received has its
+ * token.issued record in the file after the restart, and the chain verifies.
+ */
+static void test_kill9_during_burst(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], jwks[PATH_MAX], jf[BURST_CLIENTS][PATH_MAX];
+        pid_t kids[BURST_CLIENTS];
+        json_t *jtis = json_array(), *recs;
+        long long t0, t1;
+
+        add_arg(b, "--rate-limit");
+        add_arg(b, "0");
+        write_policy(b, NULL);
+        start(b);
+        save_jwks(f, jwks, sizeof jwks);
+        audit_file(b, apath, sizeof apath);
+        t0 = hx_now_ms();
+        for (int i = 0; i < BURST_CLIENTS; i++) {
+                char name[32];
+                snprintf(name, sizeof name, "jtis.%d", i);
+                path_in(jf[i], sizeof jf[i], f->work, name);
+                fflush(NULL);
+                kids[i] = fork();
+                assert_true(kids[i] >= 0);
+                if (kids[i] == 0) {
+                        alarm(30);
+                        _exit(burst_client(b->sock, jf[i]));
+                }
+        }
+        usleep(BURST_MS * 1000);
+        kill9(b);
+        t1 = hx_now_ms();
+        for (int i = 0; i < BURST_CLIENTS; i++) {
+                int st = 0;
+                assert_int_equal(waitpid(kids[i], &st, 0), kids[i]);
+                assert_true(WIFEXITED(st));
+                assert_int_equal(WEXITSTATUS(st), 0);
+                char *text = read_text(jf[i], NULL);
+                json_t *got = json_array();
+                for (char *p = text, *e; (e = strchr(p, '\n')); p = e + 1) {
+                        *e = '\0';
+                        assert_int_equal(strlen(p), 43);
+                        json_array_append_new(got, json_string(p));
+                }
+                json_array_extend(jtis, got);
+                json_decref(got);
+                free(text);
+        }
+        fprintf(stderr, "burst: %zu tokens received by %d clients in %lld ms before kill -9 (%.0f tokens/s)\n",
+                json_array_size(jtis), BURST_CLIENTS, t1 - t0, json_array_size(jtis) * 1000.0 / (double)(t1 - t0));
+        assert_true(json_array_size(jtis) >= BURST_CLIENTS);
+
+        /* restart: it recovers the chain head (cutting any torn tail), and we stop it cleanly */
+        start(b);
+        {
+                const char *none[] = { NULL };
+                verify_ok(b, none);
+        }
+        stop_clean(b);
+        recs = file_records(apath);
+        assert_all_issued_recorded(recs, jtis);
+        fprintf(stderr, "burst: %zu token.issued records in the file (%zu received: replies lost in flight are "
+                        "recorded but were never seen)\n",
+                count_event(recs, "token.issued"), json_array_size(jtis));
+        assert_true(count_event(recs, "token.issued") >= json_array_size(jtis));
+        json_decref(recs);
+        assert_chain(apath);
+        const char *args[] = { "--file", apath, "--keys", jwks, NULL };
+        verify_ok(b, args);
+        json_decref(jtis);
+}
+
+/* ---- a tiny filesystem -------------------------------------------------------- */
+
+static void mount_tiny(fx *f, const char *where, const char *size)
+{
+        char opts[64];
+        snprintf(opts, sizeof opts, "size=%s,mode=0700", size);
+        (void)mkdir(where, 0700);
+        if (mount("tmpfs", where, "tmpfs", MS_NOSUID | MS_NODEV, opts) < 0) {
+                fprintf(stderr, "mount tmpfs on %s: %s\n", where, strerror(errno));
+                fail();
+        }
+        snprintf(f->mnt, sizeof f->mnt, "%s", where);
+}
+
+/* Fill the filesystem of dir with dir/filler, leaving about leave bytes. */
+static void fill(const char *dir, char *filler, size_t fmax, size_t leave)
+{
+        struct statvfs sv;
+        char buf[4096];
+        memset(buf, 'x', sizeof buf);
+        path_in(filler, fmax, dir, "filler");
+        assert_int_equal(statvfs(dir, &sv), 0);
+        size_t avail = (size_t)sv.f_bavail * sv.f_frsize;
+        int fd = open(filler, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        assert_true(fd >= 0);
+        for (size_t done = 0; done + leave < avail; done += sizeof buf)
+                if (write(fd, buf, sizeof buf) != (ssize_t)sizeof buf)
+                        break;
+        close(fd);
+}
+
+/*
+ * Issue one at a time on c until refused. Returns the number issued;
+ * the refusal's error name and reason go to err / reason.
+ */
+static unsigned issue_until_refused(hx_conn *c, json_t *jtis, unsigned max, char *err, size_t errmax, char *reason,
+                                    size_t rmax)
+{
+        unsigned ok = 0;
+        err[0] = reason[0] = '\0';
+        for (unsigned i = 0; i < max; i++) {
+                json_t *root = call(c, ISSUE_GIT_READ);
+                if (hx_reply_error(root)) {
+                        snprintf(err, errmax, "%s", hx_reply_error(root));
+                        snprintf(reason, rmax, "%s", hx_reply_str(root, "reason") ? hx_reply_str(root, "reason") : "");
+                        assert_null(json_object_get(hx_reply_params(root), "token"));
+                        json_decref(root);
+                        return ok;
+                }
+                json_array_append_new(jtis, json_string(hx_reply_str(root, "jti")));
+                ok++;
+                json_decref(root);
+        }
+        return ok;
+}
+
+static void assert_serving(hx_broker *b, hx_conn *c)
+{
+        json_t *root = call(c, "{\"method\":\"org.varlink.service.GetInfo\"}");
+        assert_ok(root);
+        json_decref(root);
+        hx_conn *c2 = conn(b, b->sock);
+        root = call(c2, "{\"method\":\"org.varlink.service.GetInfo\"}");
+        assert_ok(root);
+        json_decref(root);
+        hx_conn_close(b, c2);
+}
+
+/*
+ * The audit file on a tiny tmpfs (state elsewhere): issuance is refused with
+ * AuditUnavailable and a clear reason, nothing else breaks, and when space
+ * returns issuance works again and the chain still verifies.
+ */
+static void test_tiny_fs_audit_log(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char tiny[PATH_MAX], apath[PATH_MAX], filler[PATH_MAX], jwks[PATH_MAX], err[128], reason[512];
+        json_t *jtis = json_array(), *recs, *root;
+        unsigned ok, later = 0;
+        hx_conn *c, *adm;
+
+        path_in(tiny, sizeof tiny, f->work, "tiny");
+        mount_tiny(f, tiny, "128k");
+        path_in(apath, sizeof apath, tiny, "audit.jsonl");
+        add_arg(b, "--audit-log");
+        add_arg(b, apath);
+        add_arg(b, "--rate-limit");
+        add_arg(b, "0");
+        write_policy(b, NULL);
+        start(b);
+        save_jwks(f, jwks, sizeof jwks);
+        fill(tiny, filler, sizeof filler, 16 * 1024);
+        c = conn(b, b->sock);
+        ok = issue_until_refused(c, jtis, 400, err, sizeof err, reason, sizeof reason);
+        fprintf(stderr, "tiny fs (audit log): %u tokens, then %s: %s\n", ok, err, reason);
+        assert_true(ok > 0);
+        assert_string_equal(err, "io.agentbroker.AuditUnavailable");
+        assert_non_null(strstr(reason, "No space left on device"));
+        assert_non_null(strstr(reason, "nothing was issued"));
+        /* still full: still refused, never a token */
+        for (int i = 0; i < 5; i++) {
+                root = call(c, ISSUE_GIT_READ);
+                if (!hx_reply_error(root)) {
+                        json_array_append_new(jtis, json_string(hx_reply_str(root, "jti")));
+                        later++;
+                } else {
+                        assert_error(root, "io.agentbroker.AuditUnavailable");
+                        assert_null(json_object_get(hx_reply_params(root), "token"));
+                }
+                json_decref(root);
+        }
+        assert_true(later < 5);
+        /* everything else still answers */
+        assert_serving(b, c);
+        adm = conn(b, b->admin_sock);
+        root = call(adm, "{\"method\":\"io.agentbroker.admin.ReadAudit\",\"parameters\":{\"limit\":1}}");
+        assert_ok(root);
+        json_decref(root);
+
+        /* space returns */
+        assert_int_equal(unlink(filler), 0);
+        assert_int_equal(issue_many(c, 5, jtis, NULL, 0), 5);
+        {
+                const char *none[] = { NULL };
+                verify_ok(b, none);
+        }
+        stop_clean(b);
+        recs = file_records(apath);
+        assert_all_issued_recorded(recs, jtis);
+        /* no record of a refused token survives */
+        assert_int_equal(count_event(recs, "token.issued"), json_array_size(jtis));
+        json_decref(recs);
+        assert_chain(apath);
+        const char *args[] = { "--file", apath, "--keys", jwks, NULL };
+        verify_ok(b, args);
+        json_decref(jtis);
+}
+
+/*
+ * The whole state dir (LMDB, key, audit file) on a tiny tmpfs. Each request
+ * comes from a new process (a new session: an LMDB write). Whichever fills
+ * first, issuance is refused with a clear error, the broker keeps serving,
+ * and it recovers.
+ */
+static void test_tiny_fs_state_dir(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char helper[PATH_MAX], filler[PATH_MAX], apath[PATH_MAX], jwks[PATH_MAX], refusal[512] = "";
+        char *argv[] = { helper, b->sock, (char *)AUD_GIT, (char *)"repo:read", NULL };
+        json_t *jtis = json_array(), *recs, *root;
+        unsigned ok = 0, i;
+        hx_run_result res;
+
+        assert_int_equal(hx_build_path("tests/helper-issue", helper, sizeof helper), 0);
+        mount_tiny(f, b->state, "256k");
+        add_arg(b, "--rate-limit");
+        add_arg(b, "0");
+        write_policy(b, NULL);
+        start(b);
+        save_jwks(f, jwks, sizeof jwks);
+        audit_file(b, apath, sizeof apath);
+        fill(b->state, filler, sizeof filler, 12 * 1024);
+        for (i = 0; i < 200; i++) {
+                assert_int_equal(hx_run(argv, NULL, -1, HX_RUN_TIMEOUT_MS, &res), 0);
+                if (res.exit_code != 0) {
+                        snprintf(refusal, sizeof refusal, "%s", res.out);
+                        assert_int_equal(res.exit_code, 1);
+                        assert_null(strstr(res.out, "eyJ"));
+                        hx_run_result_done(&res);
+                        break;
+                }
+                assert_true(strncmp(res.out, "OK eyJ", 6) == 0);
+                json_t *claims = hx_jwt_segment_json(res.out + 3, 1);
+                assert_non_null(claims);
+                json_array_append_new(jtis, json_string(rs(claims, "jti")));
+                json_decref(claims);
+                ok++;
+                hx_run_result_done(&res);
+        }
+        refusal[strcspn(refusal, "\n")] = '\0';
+        fprintf(stderr, "tiny fs (state dir): %u tokens, then: %s\n", ok, refusal);
+        assert_true(ok > 0);
+        assert_true(i < 200);
+        assert_true(strstr(refusal, "ERR io.agentbroker.AuditUnavailable: ") ||
+                    strstr(refusal, "ERR io.agentbroker.InternalError: "));
+        assert_true(strstr(refusal, "No space left on device") || strstr(refusal, "full"));
+        hx_conn *c = conn(b, b->sock);
+        assert_serving(b, c);
+
+        assert_int_equal(unlink(filler), 0);
+        for (i = 0; i < 3; i++) {
+                assert_int_equal(hx_run(argv, NULL, -1, HX_RUN_TIMEOUT_MS, &res), 0);
+                if (res.exit_code != 0)
+                        fprintf(stderr, "after freeing space: %s", res.out);
+                assert_int_equal(res.exit_code, 0);
+                json_t *claims = hx_jwt_segment_json(res.out + 3, 1);
+                json_array_append_new(jtis, json_string(rs(claims, "jti")));
+                json_decref(claims);
+                hx_run_result_done(&res);
+        }
+        /* the usage counters made it to LMDB once there was room */
+        hx_conn *adm = conn(b, b->admin_sock);
+        root = call(adm, "{\"method\":\"io.agentbroker.admin.GetUsage\",\"parameters\":{}}");
+        assert_ok(root);
+        json_t *row = json_array_get(json_object_get(hx_reply_params(root), "usage"), 0);
+        fprintf(stderr, "tiny fs (state dir): usage count %lld for %zu tokens received\n", ri(row, "count"),
+                json_array_size(jtis));
+        assert_true(ri(row, "count") >= (long long)json_array_size(jtis));
+        json_decref(root);
+        stop_clean(b);
+        recs = file_records(apath);
+        assert_all_issued_recorded(recs, jtis);
+        json_decref(recs);
+        assert_chain(apath);
+        const char *args[] = { "--file", apath, "--keys", jwks, NULL };
+        verify_ok(b, args);
+        json_decref(jtis);
+}
+
+/* ---- rotation ----------------------------------------------------------------- */
+
+/* --audit-max-size 1: past 1 MiB the file rotates; the chain goes on across both files. */
+static void test_rotation(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], old[PATH_MAX], old2[PATH_MAX], jwks[PATH_MAX], out[4096];
+        json_t *recs, *first, *listed;
+        struct stat st;
+        unsigned total = 0;
+        hx_conn *c;
+
+        add_arg(b, "--audit-max-size");
+        add_arg(b, "1");
+        add_arg(b, "--rate-limit");
+        add_arg(b, "0");
+        write_policy(b, NULL);
+        start(b);
+        save_jwks(f, jwks, sizeof jwks);
+        audit_file(b, apath, sizeof apath);
+        snprintf(old, sizeof old, "%s.1", apath);
+        snprintf(old2, sizeof old2, "%s.2", apath);
+        c = conn(b, b->sock);
+        while (stat(old, &st) < 0 && total < 6000) {
+                assert_int_equal(issue_many(c, 256, NULL, NULL, 0), 256);
+                total += 256;
+        }
+        assert_int_equal(stat(old, &st), 0);
+        assert_true(st.st_size >= 1024 * 1024);
+        assert_true(st.st_size < 1024 * 1024 + 128 * 1024);
+        assert_true(stat(old2, &st) < 0);
+        assert_int_equal(issue_many(c, 10, NULL, NULL, 0), 10);
+
+        /* the broker reads (and pages through) its current file only */
+        listed = ctl_audit_json(b, NULL, NULL);
+        recs = file_records(apath);
+        assert_true(json_equal(listed, recs));
+        json_decref(listed);
+        json_decref(recs);
+        stop_clean(b);
+
+        recs = file_records(old);
+        assert_string_equal(rs(json_array_get(recs, json_array_size(recs) - 1), "event"), "audit.checkpoint");
+        long long last_seq = ri(json_array_get(recs, json_array_size(recs) - 1), "seq");
+        json_decref(recs);
+        recs = file_records(apath);
+        first = json_array_get(recs, 0);
+        assert_string_equal(rs(first, "event"), "audit.rotated");
+        assert_string_equal(rs(first, "previous_file"), old);
+        assert_int_equal(ri(first, "seq"), last_seq + 1);
+        json_decref(recs);
+        assert_chain(old);
+
+        {
+                const char *args[] = { "--file", old, "--file", apath, "--keys", jwks, NULL };
+                assert_int_equal(ctl_verify(b, args, out, sizeof out), 0);
+                assert_non_null(strstr(out, "audit chain intact"));
+                fprintf(stderr, "rotation after %u tokens: %s", total, out);
+        }
+        {
+                /* the current file alone starts mid-chain, at its audit.rotated record */
+                const char *args[] = { "--file", apath, "--keys", jwks, NULL };
+                verify_ok(b, args);
+        }
+        {
+                /* the wrong order */
+                const char *args[] = { "--file", apath, "--file", old, "--keys", jwks, NULL };
+                char where[PATH_MAX + 8];
+                snprintf(where, sizeof where, "%s:1:", old);
+                assert_int_equal(ctl_verify(b, args, out, sizeof out), 1);
+                assert_non_null(strstr(out, where));
+        }
+}
+
+/* ---- usage counters -------------------------------------------------------------- */
+
+static long long usage_count(hx_broker *b, const char *scope)
+{
+        hx_conn *adm = conn(b, b->admin_sock);
+        json_t *root = call(adm, "{\"method\":\"io.agentbroker.admin.GetUsage\",\"parameters\":{\"agent\":\"" AGENT_ID
+                                 "\"}}"),
+               *row;
+        size_t i;
+        long long n = -1;
+        assert_ok(root);
+        json_array_foreach(json_object_get(hx_reply_params(root), "usage"), i, row)
+                if (strcmp(rs(row, "audience"), AUD_GIT) == 0 && strcmp(rs(row, "scope"), scope) == 0) {
+                        n = ri(row, "count");
+                        assert_string_equal(rs(row, "agent"), AGENT_ID);
+                        assert_true(ri(row, "last_issued") >= time(NULL) - 60 && ri(row, "last_issued") <= time(NULL));
+                }
+        json_decref(root);
+        hx_conn_close(b, adm);
+        return n;
+}
+
+/*
+ * Usage counters: exact across a clean restart; a kill -9 may lose the
+ * last few seconds of counts (they are flushed every 5 s), never an audit
+ * record.
+ */
+static void test_usage_counters(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX];
+        json_t *recs;
+        hx_conn *c;
+
+        write_policy(b, NULL);
+        start(b);
+        audit_file(b, apath, sizeof apath);
+        c = conn(b, b->sock);
+        assert_int_equal(issue_many(c, 4, NULL, NULL, 0), 4);
+        json_decref(call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
+                            "\",\"scopes\":[\"repo:read\",\"repo:write\"]}}"));
+        assert_int_equal(usage_count(b, "repo:read"), 5);
+        assert_int_equal(usage_count(b, "repo:write"), 1);
+        assert_int_equal(usage_count(b, "tickets:read"), -1);
+        stop_clean(b);
+        start(b);
+        assert_int_equal(usage_count(b, "repo:read"), 5);
+        c = conn(b, b->sock);
+        assert_int_equal(issue_many(c, 3, NULL, NULL, 0), 3);
+        kill9(b); /* within the 5 s flush interval */
+        start(b);
+        long long n = usage_count(b, "repo:read");
+        fprintf(stderr, "usage after kill -9: %lld of 8 counted (the last %lld lost)\n", n, 8 - n);
+        assert_true(n >= 5 && n <= 8);
+        stop_clean(b);
+        recs = file_records(apath);
+        assert_int_equal(count_event(recs, "token.issued"), 8);
+        json_decref(recs);
+}
+
+/* ---- journald --------------------------------------------------------------------- */
+
+static void test_journald(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        hx_run_result res;
+        char jti[64];
+
+        if (access("/run/systemd/journal/socket", F_OK) < 0 || access("/usr/bin/journalctl", X_OK) < 0) {
+                fprintf(stderr, "SKIP journald: /run/systemd/journal/socket (or journalctl) does not exist here; the "
+                                "journald records cannot be checked on this machine\n");
+                skip();
+        }
+        write_policy(b, NULL);
+        start(b);
+        hx_conn *c = conn(b, b->sock);
+        json_t *root = call(c, ISSUE_GIT_READ);
+        assert_ok(root);
+        snprintf(jti, sizeof jti, "%s", hx_reply_str(root, "jti"));
+        json_decref(root);
+        char match[128];
+        snprintf(match, sizeof match, "AGENT_BROKER_JTI=%s", jti);
+        char *argv[] = { (char *)"/usr/bin/journalctl", (char *)"-o", (char *)"json", (char *)"--no-pager",
+                         (char *)"MESSAGE_ID=d7c7f49142834d7a85019bb9b86a7ab2", match, NULL };
+        json_t *entries = NULL;
+        for (int i = 0; i < 50; i++) { /* journald writes asynchronously */
+                assert_int_equal(hx_run(argv, NULL, -1, HX_RUN_TIMEOUT_MS, &res), 0);
+                entries = parse_lines(res.out, "journalctl");
+                hx_run_result_done(&res);
+                if (json_array_size(entries) > 0)
+                        break;
+                json_decref(entries);
+                entries = NULL;
+                usleep(100 * 1000);
+        }
+        assert_non_null(entries);
+        assert_int_equal(json_array_size(entries), 1);
+        json_t *e = json_array_get(entries, 0);
+        assert_string_equal(rs(e, "AGENT_BROKER_AGENT"), AGENT_ID);
+        assert_string_equal(rs(e, "AGENT_BROKER_AUDIENCE"), AUD_GIT);
+        assert_string_equal(rs(e, "AGENT_BROKER_OWNER"), OWNER);
+        assert_non_null(rs(e, "AGENT_BROKER_SEQ"));
+        assert_null(strstr(json_dumps(e, 0), "eyJ"));
+        json_decref(entries);
+}
+
+int main(void)
+{
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test_setup_teardown(test_scripted_day, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_tamper_detected, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_verify_detects_missing_head, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_checkpoint_signatures, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_checkpoints_across_key_rotation, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_periodic_checkpoints, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_torn_tail_cut_on_restart, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_garbage_tail_refused, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_kill9_during_burst, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_tiny_fs_audit_log, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_tiny_fs_state_dir, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_rotation, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_usage_counters, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_journald, setup, teardown),
+        };
+        return cmocka_run_group_tests(tests, NULL, NULL);
+}
