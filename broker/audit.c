@@ -155,14 +155,17 @@ static int open_file(ab_audit *a)
         a->fd = open(a->path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0640);
         if (a->fd < 0)
                 return -errno;
-        /* recover needs to read: reopen read-write */
-        int rw = open(a->path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
+        /*
+         * recover needs to read: reopen read-write, and still O_APPEND: after
+         * ftruncate (a torn tail cut here, a failed sync cut back) the file
+         * offset would otherwise stay past the end and the next write leave
+         * a hole of NUL bytes in the chain.
+         */
+        int rw = open(a->path, O_RDWR | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
         if (rw < 0)
                 return -errno;
         ab_close(a->fd);
         a->fd = rw;
-        if (lseek(a->fd, 0, SEEK_END) < 0)
-                return -errno;
         return recover(a);
 }
 
