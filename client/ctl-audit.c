@@ -182,7 +182,12 @@ static int verify_file(verifier *v, const char *path)
                         break;
                 }
                 seq = json_integer_value(jseq);
-                if (v->seq >= 0 && seq != v->seq + 1) {
+                if (v->seq < 0 && seq != 1 && strcmp(event, "audit.rotated") != 0) {
+                        /* only a file begun by rotation may start mid-chain */
+                        ex = fail_at(path, lineno, seq,
+                                     "the chain does not start here (seq 1, or audit.rotated after a rotation): "
+                                     "the records before it are missing");
+                } else if (v->seq >= 0 && seq != v->seq + 1) {
                         char what[128];
                         snprintf(what, sizeof what, "expected seq %lld: a record is missing, repeated or out of order",
                                  v->seq + 1);
