@@ -273,10 +273,40 @@ static void to_journal(ab_audit *a, const char *event, json_t *rec)
                 free(fields[i]);
 }
 
+/*
+ * Cut every string member longer than max bytes (at a UTF-8 boundary) and
+ * mark the record "truncated". The caller controls some sizes (its
+ * executable's path, escaped six-fold if made of control characters): its
+ * record must be shortened, never dropped. false if nothing was longer.
+ */
+static bool shorten_strings(json_t *rec, size_t max)
+{
+        const char *key;
+        json_t *v;
+        bool cut = false;
+
+        json_object_foreach(rec, key, v) {
+                size_t n = json_string_length(v);
+                char *copy;
+                if (!json_is_string(v) || n <= max)
+                        continue;
+                n = max;
+                while (n > 0 && ((unsigned char)json_string_value(v)[n] & 0xC0) == 0x80)
+                        n--;
+                copy = strndup(json_string_value(v), n);
+                if (copy && json_string_setn(v, copy, n) == 0)
+                        cut = true;
+                free(copy);
+        }
+        if (cut)
+                json_object_set_new(rec, "truncated", json_true());
+        return cut;
+}
+
 static int queue_record(ab_audit *a, const char *event, json_t *rec)
 {
         char *line;
-        size_t len;
+        size_t len, max = 1024;
         int r;
 
         if (!json_object_get(rec, "time"))
@@ -284,13 +314,17 @@ static int queue_record(ab_audit *a, const char *event, json_t *rec)
         json_object_set_new(rec, "event", json_string(event));
         json_object_set_new(rec, "seq", json_integer((json_int_t)(a->q_seq + 1)));
         json_object_set_new(rec, "prev", json_string(a->q_prev));
-        line = json_dumps(rec, JSON_COMPACT);
-        if (!line)
-                return -ENOMEM;
-        len = strlen(line);
-        if (len > AB_AUDIT_MAX_RECORD) {
+        for (;;) {
+                line = json_dumps(rec, JSON_COMPACT);
+                if (!line)
+                        return -ENOMEM;
+                len = strlen(line);
+                if (len <= AB_AUDIT_MAX_RECORD)
+                        break;
                 free(line);
-                return -E2BIG;
+                if (max < 64 || !shorten_strings(rec, max))
+                        return -E2BIG;
+                max /= 4;
         }
         r = buf_append(a, line, len);
         if (r == 0)
