@@ -1635,6 +1635,68 @@ static void test_rotation(void **state)
         }
 }
 
+/*
+ * Rotation when the new file cannot be created (no inode left on the
+ * audit filesystem): issuance must not stay broken; once an inode is free
+ * again it works and the chain verifies across the files.
+ */
+static void test_rotation_without_inode(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char tiny[PATH_MAX], apath[PATH_MAX], old[PATH_MAX], filler[PATH_MAX], jwks[PATH_MAX], err[128] = "";
+        unsigned total = 0, ok = 0;
+        struct stat st;
+        hx_conn *c;
+
+        path_in(tiny, sizeof tiny, f->work, "tiny");
+        (void)mkdir(tiny, 0700);
+        if (mount("tmpfs", tiny, "tmpfs", MS_NOSUID | MS_NODEV, "size=8m,nr_inodes=3,mode=0700") < 0) {
+                fprintf(stderr, "mount tmpfs: %s\n", strerror(errno));
+                fail();
+        }
+        snprintf(f->mnt, sizeof f->mnt, "%s", tiny);
+        path_in(apath, sizeof apath, tiny, "audit.jsonl");
+        snprintf(old, sizeof old, "%s.1", apath);
+        add_arg(b, "--audit-log");
+        add_arg(b, apath);
+        add_arg(b, "--audit-max-size");
+        add_arg(b, "1");
+        add_arg(b, "--rate-limit");
+        add_arg(b, "0");
+        write_policy(b, NULL);
+        start(b);
+        save_jwks(f, jwks, sizeof jwks);
+        path_in(filler, sizeof filler, tiny, "filler"); /* the last inode: root, audit.jsonl, this */
+        assert_int_equal(hx_write_file(filler, "x", 0600), 0);
+        c = conn(b, b->sock);
+        /* past 1 MiB the broker tries to rotate */
+        while (total < 4096) {
+                ok += issue_many(c, 256, NULL, err, sizeof err);
+                total += 256;
+                if (stat(old, &st) == 0 && ok < total)
+                        break;
+                if (stat(old, &st) == 0 && total > 2400)
+                        break;
+        }
+        fprintf(stderr, "rotation without an inode: %u of %u issued%s%s\n", ok, total, err[0] ? "; then " : "", err);
+        assert_int_equal(unlink(filler), 0);
+        ok = issue_many(c, 20, NULL, err, sizeof err);
+        if (ok != 20)
+                fprintf(stderr, "GAP: with the inode back, %u of 20 issued (%s): the broker lost its audit file "
+                                "descriptor in the failed rotation and never reopens it\n",
+                        ok, err);
+        assert_int_equal(ok, 20);
+        stop_clean(b);
+        if (stat(old, &st) == 0) {
+                const char *args[] = { "--file", old, "--file", apath, "--keys", jwks, NULL };
+                verify_ok(b, args);
+        } else {
+                const char *args[] = { "--file", apath, "--keys", jwks, NULL };
+                verify_ok(b, args);
+        }
+}
+
 /* ---- usage counters -------------------------------------------------------------- */
 
 static long long usage_count(hx_broker *b, const char *scope)
@@ -2283,6 +2345,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_tiny_fs_audit_log, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_tiny_fs_state_dir, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_rotation, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_rotation_without_inode, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_usage_counters, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_journald, setup, teardown),
                 /* gaps found while writing these: decisions missing from the record */
