@@ -191,14 +191,21 @@ static const param_spec introspect_spec[] = {
         { 0 },
 };
 
-static int introspect_token(ab_conn *c, json_t *p, const char *token_key, ab_introspect_res *res)
+/*
+ * Introspect p's "token". With request_checks, p's audience, scope,
+ * max_auth_age and user constrain the verdict as Introspect's parameters
+ * do (Introspect; OpenPamSession, whose "user" is the PAM user). Attenuate
+ * passes false: its "audience" names the child's, and asking for another
+ * one is AudienceNotGranted, not an inactive parent.
+ */
+static int introspect_token(ab_conn *c, json_t *p, bool request_checks, ab_introspect_res *res)
 {
-        json_t *tok = json_object_get(p, token_key);
+        json_t *tok = json_object_get(p, "token");
         ab_introspect_req req = {
                 .token = json_string_value(tok),
                 .token_len = json_string_length(tok),
         };
-        if (token_key == introspect_spec[0].name) {
+        if (request_checks) {
                 json_t *age = json_object_get(p, "max_auth_age");
                 req.audience = json_string_value(json_object_get(p, "audience"));
                 req.scope = json_string_value(json_object_get(p, "scope"));
@@ -226,7 +233,7 @@ void ab_m_introspect(ab_conn *c, ab_vl_call *call)
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
                 return;
         }
-        if (introspect_token(c, call->parameters, introspect_spec[0].name, &res) < 0)
+        if (introspect_token(c, call->parameters, true, &res) < 0)
                 return;
         service = json_string_value(json_object_get(call->parameters, "service"));
         if (res.active) {
@@ -321,7 +328,7 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
         }
         if (ab_attest_peer(c, &id) < 0)
                 return;
-        if (introspect_token(c, p, "token", &res) < 0)
+        if (introspect_token(c, p, false, &res) < 0)
                 return;
         if (!res.active) {
                 token_invalid(c, res.reason);
@@ -502,7 +509,7 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
                 snprintf(sid, sizeof sid, "%s", json_string_value(json_object_get(p, "sid")));
         } else {
                 if (strcmp(which, "token") == 0) {
-                        if (introspect_token(c, p, "token", &res) < 0)
+                        if (introspect_token(c, p, false, &res) < 0)
                                 return;
                         if (!res.claims) {
                                 token_invalid(c, res.reason);
@@ -690,7 +697,7 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
                 return;
         }
-        if (introspect_token(c, p, "token", &res) < 0)
+        if (introspect_token(c, p, true, &res) < 0)
                 return;
         if (!res.active) {
                 token_invalid(c, res.reason);

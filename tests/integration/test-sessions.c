@@ -2521,6 +2521,12 @@ static void test_pam_sessions(void **state)
         assert_null(strstr(res.out, id));
         hx_run_result_done(&res);
 
+        /* the PAM user must be one the token's grant allows (as Introspect's user) */
+        r = rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "sshd", "user", "bob"));
+        assert_error(r, E_INVALID_TOKEN);
+        assert_string_equal(hx_reply_str(r, "verdict"), "user_not_allowed");
+        json_decref(r);
+
         /* an inactive token opens nothing */
         char *bad = tamper(t, 2);
         r = rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", bad, "service", "sshd", "user", "alice"));
