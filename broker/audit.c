@@ -49,6 +49,7 @@ struct ab_audit {
         uint64_t seq;         /* seq of the last durable record */
         char prev[65];        /* hash of the last durable record, hex */
         uint64_t since_checkpoint;
+        uint64_t rotate_at;   /* after a failed rotation: not before this size */
         /* queued, not yet durable */
         char *buf;
         size_t len, cap;
@@ -406,25 +407,82 @@ static void drop_queue(ab_audit *a)
         }
 }
 
+/* Make a rename in the log's directory durable. */
+static void sync_dir(const char *path)
+{
+        char dir[4200];
+        const char *slash = strrchr(path, '/');
+        int fd;
+
+        if (!slash)
+                snprintf(dir, sizeof dir, ".");
+        else
+                snprintf(dir, sizeof dir, "%.*s", (int)(slash == path ? 1 : slash - path), path);
+        fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd >= 0) {
+                (void)fsync(fd);
+                ab_close(fd);
+        }
+}
+
+static int sync_once(ab_audit *a);
+
+/*
+ * The next file is made whole under a temporary name first (created, its
+ * first record audit.rotated durable), and only then renamed into place:
+ * if any step fails (no inode, no space) this file stays current and
+ * nothing is lost; rotation is tried again later.
+ */
 static int rotate(ab_audit *a)
 {
-        char from[4200], to[4200];
+        char from[4200], to[4200], fresh[4200], prev[65];
+        int old_fd = a->fd, fd, r;
+        uint64_t old_size = a->size, old_seq = a->seq, old_since = a->since_checkpoint;
+
+        memcpy(prev, a->prev, sizeof prev);
+        snprintf(to, sizeof to, "%s.1", a->path);
+        snprintf(fresh, sizeof fresh, "%s.new", a->path);
+        (void)unlink(fresh); /* left by a crash mid-rotation */
+        fd = open(fresh, O_RDWR | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0640);
+        if (fd < 0)
+                return -errno;
+        a->fd = fd;
+        a->size = 0;
+        /* the new file continues the chain: its first record names the last one */
+        r = ab_audit_add(a, "audit.rotated", json_pack("{s:s}", "previous_file", to));
+        if (r == 0)
+                r = sync_once(a);
+        if (r < 0)
+                goto undo;
         /* audit.jsonl.7 goes, .6 -> .7, ..., audit.jsonl -> .1 */
         for (int i = AB_AUDIT_KEEP_FILES - 1; i >= 1; i--) {
                 snprintf(from, sizeof from, "%s.%d", a->path, i);
-                snprintf(to, sizeof to, "%s.%d", a->path, i + 1);
-                (void)rename(from, to);
+                char next[4200];
+                snprintf(next, sizeof next, "%s.%d", a->path, i + 1);
+                (void)rename(from, next);
         }
-        snprintf(to, sizeof to, "%s.1", a->path);
-        if (rename(a->path, to) < 0)
-                return -errno;
-        ab_close(a->fd);
-        a->fd = open(a->path, O_RDWR | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0640);
-        if (a->fd < 0)
-                return -errno;
-        a->size = 0;
-        /* the new file continues the chain: its first record names the last one */
-        return ab_audit_add(a, "audit.rotated", json_pack("{s:s}", "previous_file", to));
+        if (rename(a->path, to) < 0) {
+                r = -errno;
+                goto undo;
+        }
+        if (rename(fresh, a->path) < 0) {
+                r = -errno;
+                (void)rename(to, a->path);
+                goto undo;
+        }
+        ab_close(old_fd);
+        sync_dir(a->path);
+        return 0;
+undo:
+        ab_close(fd);
+        (void)unlink(fresh);
+        a->fd = old_fd;
+        a->size = old_size;
+        a->seq = old_seq;
+        a->since_checkpoint = old_since;
+        memcpy(a->prev, prev, sizeof prev);
+        drop_queue(a);
+        return r;
 }
 
 /* Write and sync the queue once. On failure cut the file back and drop the queue. */
@@ -469,16 +527,19 @@ int ab_audit_sync(ab_audit *a)
         r = sync_once(a);
         if (r < 0)
                 return r;
-        if (a->max_size && a->size >= a->max_size) {
+        if (a->max_size && a->size >= a->max_size && a->size >= a->rotate_at) {
                 r = add_checkpoint(a);
                 if (r == 0)
                         r = sync_once(a);
                 if (r == 0)
                         r = rotate(a);
-                if (r == 0)
-                        r = sync_once(a);
-                if (r < 0)
-                        ab_log(LOG_ERR, "audit log rotation failed: %s", ab_strerror(r));
+                if (r < 0) {
+                        /* keep writing here; try again after another sixteenth of max_size */
+                        a->rotate_at = a->size + a->max_size / 16;
+                        ab_log(LOG_ERR, "audit log rotation failed (%s); %s stays current", ab_strerror(r), a->path);
+                } else {
+                        a->rotate_at = 0;
+                }
         }
         return 0; /* the caller's records are durable either way */
 }
