@@ -181,10 +181,11 @@ ab_session_verdict ab_session_check(ab_store *st, const ab_identity *id, const a
 int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent *a, int64_t now,
                             ab_session *ret, bool *ret_new)
 {
-        ab_session cur;
+        ab_session cur, old;
         ab_session_verdict v = ab_session_check(st, id, a, now, &cur);
         uint8_t k[PKEY_LEN];
         ab_txn *t = NULL;
+        bool end_old = false;
         int r;
 
         if (v == AB_SESSION_IS_REVOKED) {
@@ -198,6 +199,13 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
                 *ret_new = false;
         } else {
                 uint8_t raw[16];
+                if (v == AB_SESSION_NEED_REAUTH) {
+                        /* another agent entry or executable: the live session
+                         * of this process ends here, and its tokens with it */
+                        old = cur;
+                        old.expires = now;
+                        end_old = true;
+                }
                 memset(&cur, 0, sizeof cur);
                 cur.version = SESSION_VERSION;
                 cur.state = AB_SESSION_ACTIVE;
@@ -218,6 +226,8 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
         if (r < 0)
                 return r;
         r = store_session(t, &cur);
+        if (r == 0 && end_old)
+                r = store_session(t, &old);
         if (r == 0 && *ret_new) {
                 proc_key(k, id->pid, id->start_time);
                 r = ab_txn_put(t, AB_DB_SESSIONS, k, sizeof k, cur.sid, AB_SID_LEN);

@@ -1219,6 +1219,108 @@ static void agent_grow(agent_proc *p, int mb)
 }
 
 /*
+ * "Authenticate ... the same agent entry must still match and the
+ * executable hash must be unchanged, otherwise the old session ends and a
+ * new one opens" (docs/protocol.md). A process exec's a copy of the helper
+ * with another SHA-256; it must re-authenticate, gets a new session, and
+ * the tokens of the old session are no longer active.
+ */
+static void test_exec_then_authenticate_ends_old_session(void **state)
+{
+        hx_broker *b = *state;
+        char helper[PATH_MAX], copy[PATH_MAX], cmd[3 * PATH_MAX], *bin = NULL, *line, sid[32], *t_old;
+        size_t n = 0;
+        agent_proc *p;
+        json_t *r;
+        hx_conn *c;
+        int fd;
+
+        start_with(b, NULL, -1);
+        c = conn(b, b->sock);
+        assert_int_equal(hx_build_path("tests/helper-agent", helper, sizeof helper), 0);
+        snprintf(copy, sizeof copy, "%s/helper-agent-copy", b->dir);
+        assert_int_equal(hx_read_file(helper, 64 << 20, &bin, &n), 0);
+        fd = open(copy, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0755);
+        assert_true(fd >= 0);
+        assert_int_equal(write(fd, bin, n), (ssize_t)n);
+        assert_int_equal(write(fd, "\n", 1), 1); /* another SHA-256, the same program */
+        assert_int_equal(close(fd), 0);
+        free(bin);
+
+        p = agent_spawn(b, -1);
+        agent_ready(p);
+        r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 600));
+        assert_ok(r);
+        snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
+        t_old = strdup(hx_reply_str(r, "token"));
+        json_decref(r);
+
+        snprintf(cmd, sizeof cmd, "exec %s %s\n", copy, b->sock);
+        agent_send(p, cmd);
+        line = agent_line(p, HX_RUN_TIMEOUT_MS);
+        assert_non_null(line);
+        assert_memory_equal(line, "READY ", 6);
+        assert_int_equal(atoi(line + 6), p->pid); /* the same process */
+        free(line);
+        r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+        assert_error(r, "io.agentbroker.ReauthRequired");
+        json_decref(r);
+        r = agent_rpc(p, M_AUTH, NULL);
+        assert_ok(r);
+        assert_string_not_equal(hx_reply_str(r, "sid"), sid);
+        assert_non_null(strstr(hx_reply_str(r, "exe"), "helper-agent-copy"));
+        json_decref(r);
+        r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+        assert_ok(r);
+        json_decref(r);
+
+        const char *v = verdict(c, t_old, NULL);
+        if (strcmp(v, "active") == 0)
+                fprintf(stderr, "session %s was replaced after exec + Authenticate, yet its token is active\n", sid);
+        assert_string_not_equal(v, "active");
+        free(t_old);
+}
+
+/*
+ * A revoked session stays bound to its process: "that process gets
+ * SessionRevoked". Also once the session's lifetime is over and the
+ * purge (at start-up) removed the record.
+ */
+static void test_revoked_process_stays_revoked_after_purge(void **state)
+{
+        hx_broker *b = *state;
+        char clock_path[PATH_MAX], sid[32];
+        agent_proc *p;
+        json_t *r;
+
+        use_test_clock(b, clock_path, sizeof clock_path);
+        start_with(b, "\"max_lifetime\": 60", -1);
+        p = agent_spawn(b, -1);
+        agent_ready(p);
+        r = agent_rpc(p, M_AUTH, NULL);
+        assert_ok(r);
+        snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
+        json_decref(r);
+        r = agent_rpc(p, M_REVOKE, jti_param("sid", sid));
+        assert_ok(r);
+        json_decref(r);
+        r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+        assert_error(r, "io.agentbroker.SessionRevoked");
+        json_decref(r);
+
+        set_clock(clock_path, 61);
+        r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+        assert_error(r, "io.agentbroker.SessionRevoked");
+        json_decref(r);
+        restart(b, false); /* purges the expired session record */
+        r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+        if (!hx_reply_error(r))
+                fprintf(stderr, "after the purge the revoked process got session %s\n", hx_reply_str(r, "sid"));
+        assert_error(r, "io.agentbroker.SessionRevoked");
+        json_decref(r);
+}
+
+/*
  * A session is bound to the process (pid and start time), so a process
  * whose session was revoked stays refused, however its memory use
  * changes: mapping more memory must not buy it a new session.
@@ -2899,7 +3001,9 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_expired_sessions_purged, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_other_process_own_session, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_exec_needs_reauth, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_exec_then_authenticate_ends_old_session, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revoked_process_stays_revoked, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_revoked_process_stays_revoked_after_purge, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_reauth_cannot_be_skipped, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_sessions_survive_restart, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_introspect_active_claims, setup, teardown),
