@@ -540,8 +540,8 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
                 r = ab_revoke_session(c->m->store, sid, ab_manager_now(c->m));
                 snprintf(what, sizeof what, "session %s", sid);
         }
-        json_decref(res.claims);
         if (r < 0) {
+                json_decref(res.claims);
                 store_error(c, r, "cannot record the revocation");
                 return;
         }
@@ -554,6 +554,7 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
                 }
                 ab_manager_audit(c->m, jti ? "token.revoked" : "session.revoked", rec);
         }
+        json_decref(res.claims); /* jti points into it when revoking by token */
         revoked_reply(c, 1, what);
 }
 

@@ -664,7 +664,7 @@ static void agent_ready(agent_proc *p)
 /* Have the helper call method with params (stolen); the whole reply. */
 static json_t *agent_rpc(agent_proc *p, const char *method, json_t *params)
 {
-        char *ptext = json_dumps(params ? params : json_object(), JSON_COMPACT), *cmd, *line;
+        char *ptext = params ? json_dumps(params, JSON_COMPACT) : strdup("{}"), *cmd, *line;
         json_t *root;
         size_t n;
 
@@ -704,7 +704,7 @@ static void script_add(script *s, const char *socket, const char *method, json_t
         assert_true(s->n < 16);
         s->steps[s->n].socket = socket;
         s->steps[s->n].method = method;
-        s->steps[s->n].params = json_dumps(params ? params : json_object(), JSON_COMPACT);
+        s->steps[s->n].params = params ? json_dumps(params, JSON_COMPACT) : strdup("{}");
         json_decref(params);
         assert_non_null(s->steps[s->n].params);
         s->n++;
@@ -2660,12 +2660,12 @@ static void test_pam_id_matches_protocol(void **state)
         c = conn(b, b->sock);
         t = issue(c, AUD_PAM, "login", NULL, 0, NULL);
         r = expect_ok(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "sshd", "user", "alice"));
-        if (strlen(hx_reply_str(r, "id")) != 22)
-                fprintf(stderr, "OpenPamSession id is %zu characters, docs/protocol.md says 22\n",
-                        strlen(hx_reply_str(r, "id")));
-        assert_int_equal(strlen(hx_reply_str(r, "id")), 22);
-        json_decref(r);
         free(t);
+        size_t n = strlen(hx_reply_str(r, "id"));
+        json_decref(r);
+        if (n != 22)
+                fprintf(stderr, "OpenPamSession id is %zu characters, docs/protocol.md says 22\n", n);
+        assert_int_equal(n, 22);
 }
 
 /* =============================================================================
