@@ -1110,13 +1110,17 @@ static void test_other_process_own_session(void **state)
         assert_string_equal(hx_reply_str(again, "sid"), sid);
         json_decref(again);
 
-        /* a forked child (same uid, same executable): its own session, twice the same */
+        /* a forked child (same uid, same executable): no session before its first request,
+         * then its own, twice the same */
+        script_add(&sc, b->sock, M_WHOAMI, NULL);
         script_add(&sc, b->sock, M_AUTH, NULL);
         script_add(&sc, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
         script_add(&sc, b->sock, M_AUTH, NULL);
         arr = run_script(&sc, 0);
-        for (i = 0; i < 3; i++)
+        for (i = 0; i < 4; i++)
                 assert_ok(json_array_get(arr, i));
+        assert_true(json_is_null(json_object_get(hx_reply_params(json_array_get(arr, 0)), "session")));
+        json_array_remove(arr, 0);
         const char *csid = hx_reply_str(json_array_get(arr, 0), "sid");
         assert_string_not_equal(csid, sid);
         assert_string_equal(hx_reply_str(json_array_get(arr, 1), "sid"), csid);
@@ -1968,6 +1972,15 @@ static void test_revoke_admin(void **state)
         assert_string_equal(verdict(c, tn, NULL), "revoked");
         assert_string_equal(verdict(c, tnew, NULL), "active");
 
+        /* all of it durable: kill -9 and look again */
+        restart(b, true);
+        c = conn(b, b->sock);
+        assert_string_equal(verdict(c, t1, NULL), "revoked");
+        assert_string_equal(verdict(c, tc, NULL), "revoked");
+        assert_string_equal(verdict(c, t2, NULL), "revoked");
+        assert_string_equal(verdict(c, tn, NULL), "revoked");
+        assert_string_equal(verdict(c, tnew, NULL), "active");
+
         json_decref(child);
         free(tnew);
         free(j1);
@@ -2030,9 +2043,68 @@ static void test_revoke_before(void **state)
         assert_string_equal(verdict(c, late, NULL), "active");
         assert_string_equal(verdict(c, t1, NULL), "revoked");
 
+        /* the cut-off is durable */
+        restart(b, true);
+        c = conn(b, b->sock);
+        assert_string_equal(verdict(c, t1, NULL), "revoked");
+        assert_string_equal(verdict(c, tc, NULL), "revoked");
+        assert_string_equal(verdict(c, late, NULL), "active");
+
         free(late);
         free(t1);
         free(tc);
+}
+
+/*
+ * docs/protocol.md on admin Revoke(before): "revoke --before now sends the
+ * next second, so everything issued up to the command is covered; for that
+ * one second new tokens are refused too: fail closed", and "every session
+ * opened before it" is revoked. A process that first asks in that second
+ * must be refused, and stays refused after the second.
+ */
+static void test_revoke_before_same_second_fails_closed(void **state)
+{
+        hx_broker *b = *state;
+        hx_run_result res;
+        agent_proc *p;
+        json_t *r;
+        long long t0, t1;
+        bool refused, refused_later;
+
+        start_with(b, NULL, -1);
+        for (int attempt = 0; attempt < 3; attempt++) {
+                /* start right after a second begins, so the window is nearly a whole second */
+                wait_wall((long long)time(NULL) + 1);
+                p = agent_spawn(b, -1);
+                agent_ready(p);
+                t0 = (long long)time(NULL);
+                assert_int_equal(hx_ctl(b, -1, &res, "revoke", "--before", "now", NULL), 0);
+                ctl_expect(&res, 0);
+                hx_run_result_done(&res);
+                r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+                t1 = (long long)time(NULL);
+                if (t1 != t0) { /* the second ended before we asked: try again */
+                        json_decref(r);
+                        continue;
+                }
+                refused = hx_reply_error(r) != NULL;
+                if (!refused)
+                        fprintf(stderr, "IssueToken in the cut-off second (before=%lld) granted a token, iat %lld\n",
+                                t0 + 1, claim_int(hx_reply_str(r, "token"), "iat"));
+                json_decref(r);
+                /* its session, if one was opened, was opened before the cut-off: revoked */
+                wait_wall(t0 + 2);
+                r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+                refused_later = hx_reply_error(r) != NULL;
+                if (!refused_later)
+                        fprintf(stderr, "after the cut-off, the session %s opened in the cut-off second is active\n",
+                                hx_reply_str(r, "sid"));
+                json_decref(r);
+                assert_true(refused);
+                assert_true(refused_later);
+                return;
+        }
+        fail_msg("could not ask within the cut-off second in three tries");
 }
 
 /*
@@ -3013,6 +3085,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_revoke_own_on_agent_socket, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revoke_admin, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revoke_before, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_revoke_before_same_second_fails_closed, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_other_uid_cannot_touch, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revocations_survive_kill9, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_delegation_subset, setup, teardown),
