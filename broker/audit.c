@@ -58,6 +58,11 @@ struct ab_audit {
         size_t q_records;
         bool q_checkpoint;    /* the last queued record is a checkpoint */
         bool journal;
+        /* where the last ReadAudit page ended, so the next one need not rescan the file */
+        struct read_hint {
+                uint64_t seq; /* every line before off has a seq <= this */
+                off_t off;
+        } *hint;
 };
 
 const char *ab_audit_message_id(const char *event)
@@ -182,7 +187,10 @@ int ab_audit_open(const char *path, const ab_signer *signer, uint64_t max_size, 
         a->max_size = max_size;
         a->journal = true;
         a->path = strdup(path);
-        if (!a->path) {
+        a->hint = calloc(1, sizeof *a->hint);
+        if (!a->path || !a->hint) {
+                free(a->path);
+                free(a->hint);
                 free(a);
                 return -ENOMEM;
         }
@@ -190,6 +198,7 @@ int ab_audit_open(const char *path, const ab_signer *signer, uint64_t max_size, 
         if (r < 0) {
                 ab_close(a->fd);
                 free(a->path);
+                free(a->hint);
                 free(a);
                 return r;
         }
@@ -472,6 +481,7 @@ static int rotate(ab_audit *a)
         }
         ab_close(old_fd);
         sync_dir(a->path);
+        memset(a->hint, 0, sizeof *a->hint); /* offsets of the old file */
         return 0;
 undo:
         ab_close(fd);
@@ -555,6 +565,7 @@ void ab_audit_close(ab_audit *a)
         ab_close(a->fd);
         free(a->buf);
         free(a->path);
+        free(a->hint);
         free(a);
 }
 
@@ -576,8 +587,15 @@ int ab_audit_read(const ab_audit *a, uint64_t after_seq, uint64_t since_usec, co
                 json_decref(out);
                 return -errno;
         }
+        /* the next page of a listing starts where the last one ended (a durable line: never cut) */
+        off_t pos = 0;
+        if (a->hint->off > 0 && after_seq >= a->hint->seq && (uint64_t)a->hint->off <= a->size &&
+            fseeko(f, a->hint->off, SEEK_SET) == 0)
+                pos = a->hint->off;
         while ((n = getline(&line, &cap, f)) > 0) {
                 json_t *rec, *seq;
+                off_t start = pos;
+                pos += n;
                 if (line[n - 1] != '\n')
                         break; /* being written */
                 rec = json_loadb(line, (size_t)n - 1, 0, NULL);
@@ -598,6 +616,8 @@ int ab_audit_read(const ab_audit *a, uint64_t after_seq, uint64_t since_usec, co
                 if (json_array_size(out) >= limit || bytes + (size_t)n > max_bytes) {
                         json_decref(rec);
                         more = true;
+                        a->hint->seq = next;
+                        a->hint->off = start;
                         break;
                 }
                 next = (uint64_t)json_integer_value(seq);
