@@ -3016,7 +3016,6 @@ static void test_cli_revoke_and_sessions(void **state)
         t = strdup(res.out);
         hx_run_result_done(&res);
         jti = claim(t, "jti");
-        child = NULL;
         {
                 char *s2 = claim(t, "sid");
                 snprintf(sid, sizeof sid, "%s", s2);
