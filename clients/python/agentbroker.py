@@ -1,0 +1,498 @@
+# SPDX-License-Identifier: MIT
+"""Client for agent-brokerd, the host's credential broker for AI agents.
+
+Standard library only (Python 3.9+). The broker speaks Varlink: one JSON
+object followed by a NUL byte per message over a Unix stream socket. It
+identifies the calling *process* from the kernel, so there is nothing to log
+in with: connect and ask.
+
+    import agentbroker
+
+    with agentbroker.connect() as broker:       # $AGENT_BROKER_SOCKET or the default
+        tok = broker.issue("mcp://git.internal", ["repo:read"], ttl=300)
+        headers = {"Authorization": "Bearer " + tok.token}
+
+        # or let the client keep one fresh token per (audience, scopes):
+        headers = {"Authorization": "Bearer " + broker.token("mcp://git.internal", ["repo:read"])}
+
+Every error the broker returns is raised as a subclass of BrokerError named
+after the varlink error (ScopeNotGranted, ReauthRequired, ...); a broker that
+cannot be reached raises BrokerUnavailable. See docs/clients.md.
+"""
+
+import json
+import os
+import socket
+import threading
+import time
+
+__all__ = [
+    "DEFAULT_SOCKET", "DEFAULT_ADMIN_SOCKET", "MAX_MESSAGE", "connect", "Client", "Token",
+    "BrokerError", "BrokerUnavailable", "ProtocolError", "NotAnAgent", "AudienceNotGranted",
+    "ScopeNotGranted", "TtlTooLong", "ReauthRequired", "SessionExpired", "SessionRevoked",
+    "InvalidToken", "DelegationTooDeep", "InvalidParameter", "InvalidMessage", "MessageTooLarge",
+    "PeerGone", "RateLimited", "TooManyConnections", "PermissionDenied", "InternalError",
+    "AuditUnavailable", "MethodNotFound",
+]
+
+DEFAULT_SOCKET = "/run/agent-broker/io.agentbroker"
+DEFAULT_ADMIN_SOCKET = "/run/agent-broker/io.agentbroker.admin"
+MAX_MESSAGE = 64 * 1024  # largest varlink message, without its NUL
+DEFAULT_TIMEOUT = 5.0
+REFRESH_FRACTION = 2.0 / 3.0  # the cache renews a token after this share of its lifetime
+
+
+# ---- errors -------------------------------------------------------------------
+
+class BrokerError(Exception):
+    """The broker answered with a varlink error, or the call failed.
+
+    error: the full varlink error name ("io.agentbroker.ScopeNotGranted"),
+    reason: the broker's sentence, parameters: the error's whole parameters
+    object (for example sid, verdict, parameter).
+    """
+
+    def __init__(self, error, reason=None, parameters=None):
+        self.error = error
+        self.parameters = dict(parameters or {})
+        self.reason = reason if reason is not None else self.parameters.get("reason")
+        super().__init__("%s: %s" % (error, self.reason) if self.reason else error)
+
+
+class BrokerUnavailable(BrokerError):
+    """No broker answers on the socket (missing, refused, closed, timed out)."""
+
+    def __init__(self, reason, path=None):
+        self.path = path
+        super().__init__("BrokerUnavailable", reason)
+
+
+class ProtocolError(BrokerError):
+    """The broker's reply was not valid varlink (malformed, oversized)."""
+
+    def __init__(self, reason):
+        super().__init__("ProtocolError", reason)
+
+
+class NotAnAgent(BrokerError):
+    """No policy entry matches the calling process."""
+
+
+class AudienceNotGranted(BrokerError):
+    """The agent may not have tokens for this audience (or a wider one on Attenuate)."""
+
+
+class ScopeNotGranted(BrokerError):
+    """A requested scope is not granted for the audience."""
+
+
+class TtlTooLong(BrokerError):
+    """The ttl asked for is above the grant's max_ttl (or past the parent's exp)."""
+
+
+class ReauthRequired(BrokerError):
+    """The session's reauth_interval passed: call authenticate() (the client does so once)."""
+
+
+class SessionExpired(BrokerError):
+    """The session reached its max_lifetime: authenticate() opens a new one."""
+
+
+class SessionRevoked(BrokerError):
+    """This process's session was revoked; this process gets no new one."""
+
+
+class InvalidToken(BrokerError):
+    """The token given (Attenuate, OpenPamSession) is not active; .verdict says why."""
+
+    @property
+    def verdict(self):
+        return self.parameters.get("verdict")
+
+
+class DelegationTooDeep(BrokerError):
+    """Attenuating further would pass the agent's max_delegation_depth."""
+
+
+class InvalidParameter(BrokerError):
+    """A parameter is missing, of the wrong type or over its limit; .parameter names it."""
+
+    @property
+    def parameter(self):
+        return self.parameters.get("parameter")
+
+
+class InvalidMessage(BrokerError):
+    """The broker could not parse the request."""
+
+
+class MessageTooLarge(BrokerError):
+    """The request was over 64 KiB."""
+
+
+class PeerGone(BrokerError):
+    """The broker could not attest the calling process (it went away)."""
+
+
+class RateLimited(BrokerError):
+    """Too many requests from this uid; retry shortly."""
+
+
+class TooManyConnections(BrokerError):
+    """The broker's connection limit is reached."""
+
+
+class PermissionDenied(BrokerError):
+    """The caller may not do this (another agent's token or session, admin method)."""
+
+
+class InternalError(BrokerError):
+    """The broker failed (storage, signing)."""
+
+
+class AuditUnavailable(BrokerError):
+    """The audit trail cannot record the decision, so the broker refuses (fail closed)."""
+
+
+class MethodNotFound(BrokerError):
+    """The broker does not know the method (an older broker, or a typo)."""
+
+
+_ERRORS = {cls.__name__: cls for cls in (
+    NotAnAgent, AudienceNotGranted, ScopeNotGranted, TtlTooLong, ReauthRequired, SessionExpired,
+    SessionRevoked, InvalidToken, DelegationTooDeep, InvalidParameter, InvalidMessage, MessageTooLarge,
+    PeerGone, RateLimited, TooManyConnections, PermissionDenied, InternalError, AuditUnavailable,
+    MethodNotFound)}
+
+
+def error_from_reply(name, parameters):
+    """The exception for a varlink error reply: the class named after the error's last part for
+    io.agentbroker[.admin] and org.varlink.service errors we know, else BrokerError."""
+    if not isinstance(parameters, dict):
+        parameters = {}
+    reason = parameters.get("reason")
+    if not isinstance(reason, str):
+        reason = None
+    iface, _, short = name.rpartition(".")
+    cls = None
+    if iface in ("io.agentbroker", "io.agentbroker.admin", "org.varlink.service"):
+        cls = _ERRORS.get(short)
+    return (cls or BrokerError)(name, reason, parameters)
+
+
+# ---- tokens -------------------------------------------------------------------
+
+class Token:
+    """A token the broker issued (IssueToken or Attenuate reply).
+
+    token is the compact JWT to send as "Authorization: Bearer <token>";
+    the other attributes are the reply's fields (expires_at, jti, scope, sid,
+    agent, auth_time; parent and depth for attenuated tokens). raw is the
+    whole reply. str() and repr() never show the token itself.
+    """
+
+    __slots__ = ("token", "token_type", "expires_in", "expires_at", "jti", "scope", "scopes", "agent",
+                 "sid", "auth_time", "parent", "depth", "obtained_at", "raw")
+
+    def __init__(self, reply, obtained_at=None):
+        if not isinstance(reply, dict) or not isinstance(reply.get("token"), str):
+            raise ProtocolError("token reply without a token")
+        self.raw = reply
+        self.token = reply["token"]
+        self.token_type = reply.get("token_type", "Bearer")
+        self.expires_in = int(reply.get("expires_in", 0))
+        self.expires_at = int(reply.get("expires_at", 0))
+        self.jti = reply.get("jti")
+        self.scope = reply.get("scope", "")
+        self.scopes = self.scope.split() if isinstance(self.scope, str) else []
+        self.agent = reply.get("agent")
+        self.sid = reply.get("sid")
+        self.auth_time = reply.get("auth_time")
+        self.parent = reply.get("parent")
+        self.depth = reply.get("depth")
+        self.obtained_at = time.time() if obtained_at is None else obtained_at
+
+    def expired(self, now=None):
+        return (time.time() if now is None else now) >= self.expires_at
+
+    def __str__(self):
+        return "Token(jti=%s, scope=%r, expires_at=%d)" % (self.jti, self.scope, self.expires_at)
+
+    __repr__ = __str__
+
+
+def _token_text(token):
+    if isinstance(token, Token):
+        return token.token
+    if isinstance(token, str):
+        return token
+    raise TypeError("token must be a str or a Token")
+
+
+def _scope_list(scopes):
+    if isinstance(scopes, str):
+        return [scopes]
+    out = list(scopes)
+    if not all(isinstance(s, str) for s in out):
+        raise TypeError("scopes must be strings")
+    return out
+
+
+# ---- connection ---------------------------------------------------------------
+
+def default_socket_path():
+    """$AGENT_BROKER_SOCKET, else /run/agent-broker/io.agentbroker."""
+    return os.environ.get("AGENT_BROKER_SOCKET") or DEFAULT_SOCKET
+
+
+class Client:
+    """One connection to the broker, shared safely between threads (calls are serialized).
+
+    The broker keeps one session per process, not per connection: several
+    clients in one process share it, and the client reconnects by itself if
+    the broker closed an idle connection.
+    """
+
+    def __init__(self, path=None, timeout=DEFAULT_TIMEOUT, clock=time.time, refresh_fraction=REFRESH_FRACTION):
+        self.path = path or default_socket_path()
+        self.timeout = timeout
+        self._clock = clock
+        if not 0.0 < refresh_fraction <= 1.0:
+            raise ValueError("refresh_fraction must be in (0, 1]")
+        self._refresh_fraction = refresh_fraction
+        self._sock = None
+        self._buf = b""
+        self._lock = threading.RLock()
+        self._cache = {}
+
+    # -- transport --
+
+    def open(self):
+        """Connect now (the first call does it otherwise). Raises BrokerUnavailable."""
+        with self._lock:
+            if self._sock is None:
+                self._sock = self._connect()
+        return self
+
+    def _connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | getattr(socket, "SOCK_CLOEXEC", 0))
+        try:
+            s.settimeout(self.timeout)
+            s.connect(self.path)
+        except OSError as e:
+            s.close()
+            raise BrokerUnavailable("cannot connect to %s: %s" % (self.path, e.strerror or e), self.path) from None
+        self._buf = b""
+        return s
+
+    def close(self):
+        with self._lock:
+            if self._sock is not None:
+                try:
+                    self._sock.close()
+                finally:
+                    self._sock = None
+                    self._buf = b""
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _recv_message(self):
+        while True:
+            nul = self._buf.find(b"\0")
+            if nul >= 0:
+                msg, self._buf = self._buf[:nul], self._buf[nul + 1:]
+                if len(msg) > MAX_MESSAGE:
+                    raise ProtocolError("reply over %d bytes" % MAX_MESSAGE)
+                return msg
+            if len(self._buf) > MAX_MESSAGE:
+                raise ProtocolError("reply over %d bytes" % MAX_MESSAGE)
+            try:
+                chunk = self._sock.recv(MAX_MESSAGE + 1)
+            except socket.timeout:
+                raise BrokerUnavailable("no reply within %g s" % self.timeout, self.path) from None
+            except OSError as e:
+                raise ConnectionError(e.strerror or str(e)) from None
+            if not chunk:
+                if self._buf:
+                    raise ProtocolError("the broker closed the connection in the middle of a reply")
+                raise ConnectionError("the broker closed the connection")
+            self._buf += chunk
+
+    def _exchange(self, data):
+        try:
+            self._sock.sendall(data)
+        except socket.timeout:
+            raise BrokerUnavailable("could not send within %g s" % self.timeout, self.path) from None
+        except OSError as e:
+            raise ConnectionError(e.strerror or str(e)) from None
+        return self._recv_message()
+
+    def call(self, method, parameters=None):
+        """Send one varlink call and return the reply's parameters (a dict).
+
+        Raises the BrokerError subclass for an error reply, BrokerUnavailable
+        when no broker answers, ProtocolError for a malformed reply. A
+        connection the broker closed while idle is reopened once.
+        """
+        msg = {"method": method}
+        if parameters:
+            msg["parameters"] = {k: v for k, v in parameters.items() if v is not None}
+        data = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(data) > MAX_MESSAGE:
+            raise MessageTooLarge("io.agentbroker.MessageTooLarge", "request over %d bytes" % MAX_MESSAGE)
+        data += b"\0"
+        with self._lock:
+            fresh = self._sock is None
+            if fresh:
+                self._sock = self._connect()
+            try:
+                raw = self._exchange(data)
+            except ConnectionError as e:
+                self.close()
+                if fresh:
+                    raise BrokerUnavailable(str(e), self.path) from None
+                # The broker closes idle connections; the session belongs to the process, so
+                # asking again on a new connection is the same request.
+                self._sock = self._connect()
+                try:
+                    raw = self._exchange(data)
+                except ConnectionError as e2:
+                    self.close()
+                    raise BrokerUnavailable(str(e2), self.path) from None
+            except BaseException:
+                self.close()  # a reply may still be in flight: the stream is out of step
+                raise
+        try:
+            reply = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            self.close()
+            raise ProtocolError("reply is not JSON") from None
+        if not isinstance(reply, dict):
+            raise ProtocolError("reply is not a JSON object")
+        params = reply.get("parameters", {})
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ProtocolError("reply parameters are not an object")
+        err = reply.get("error")
+        if err is not None:
+            if not isinstance(err, str):
+                raise ProtocolError("reply error is not a string")
+            raise error_from_reply(err, params)
+        return params
+
+    def _call_session(self, method, parameters):
+        """call(), re-authenticating once on ReauthRequired or SessionExpired and retrying."""
+        try:
+            return self.call(method, parameters)
+        except (ReauthRequired, SessionExpired):
+            self.authenticate()
+            return self.call(method, parameters)
+
+    # -- io.agentbroker --
+
+    def authenticate(self):
+        """Open or re-attest this process's session; returns the session (sid, auth_time, expires, ...)."""
+        return self.call("io.agentbroker.Authenticate")
+
+    def issue(self, audience, scopes, ttl=None, task=None):
+        """A new token for audience and scopes (a list, or one scope as a str). Returns a Token."""
+        now = self._clock()
+        reply = self._call_session("io.agentbroker.IssueToken", {
+            "audience": audience, "scopes": _scope_list(scopes), "ttl": ttl, "task": task})
+        return Token(reply, now)
+
+    def attenuate(self, token, audience=None, scopes=None, ttl=None, task=None):
+        """A narrower child of token (str or Token): a subset of its scopes, a shorter ttl."""
+        now = self._clock()
+        reply = self._call_session("io.agentbroker.Attenuate", {
+            "token": _token_text(token), "audience": audience,
+            "scopes": None if scopes is None else _scope_list(scopes), "ttl": ttl, "task": task})
+        return Token(reply, now)
+
+    def introspect(self, token, audience=None, scope=None, max_auth_age=None, user=None, service=None):
+        """RFC 7662-style verdict: {"active": True, claims...} or {"active": False, "reason": ...}."""
+        return self.call("io.agentbroker.Introspect", {
+            "token": _token_text(token), "audience": audience, "scope": scope,
+            "max_auth_age": max_auth_age, "user": user, "service": service})
+
+    def revoke(self, jti=None, sid=None, token=None):
+        """Revoke one of this agent's own tokens (jti or token) or sessions (sid). Returns the count."""
+        given = [(k, v) for k, v in (("jti", jti), ("sid", sid), ("token", token)) if v is not None]
+        if len(given) != 1:
+            raise ValueError("revoke takes exactly one of jti, sid, token")
+        k, v = given[0]
+        if k == "token":
+            v = _token_text(v)
+        reply = self.call("io.agentbroker.Revoke", {k: v})
+        self._forget(lambda t: (k == "token" and t.token == v) or (k == "jti" and t.jti == v) or
+                     (k == "sid" and t.sid == v))
+        return int(reply.get("revoked", 0))
+
+    def get_keys(self):
+        """The broker's JSON Web Key Set: {"keys": [...]}, for verifying its tokens."""
+        return self.call("io.agentbroker.GetKeys")
+
+    def whoami(self):
+        """The caller's agent entry as attested now (agent, owner, grants, session, ...)."""
+        return self.call("io.agentbroker.WhoAmI")
+
+    def list_sessions(self):
+        """This agent's sessions for this uid."""
+        return self.call("io.agentbroker.ListSessions").get("sessions", [])
+
+    # -- token cache --
+
+    def token(self, audience, scopes, ttl=None, task=None):
+        """A valid token string for (audience, scopes) from the cache, issuing a new one when the
+        cached one has used refresh_fraction (2/3) of its lifetime."""
+        return self.cached_token(audience, scopes, ttl, task).token
+
+    def cached_token(self, audience, scopes, ttl=None, task=None):
+        """As token(), but returns the Token."""
+        scopes = _scope_list(scopes)
+        key = (audience, tuple(sorted(set(scopes))))
+        with self._lock:
+            t = self._cache.get(key)
+            if t is not None and self._clock() < self._refresh_at(t):
+                return t
+            t = self.issue(audience, scopes, ttl=ttl, task=task)
+            self._cache[key] = t
+            return t
+
+    def _refresh_at(self, t):
+        # obtained_at is the clock before the request, so this errs towards renewing early
+        return t.obtained_at + max(0, t.expires_in) * self._refresh_fraction
+
+    def invalidate(self, audience=None, scopes=None):
+        """Drop cached tokens: all, one audience's, or one (audience, scopes)."""
+        with self._lock:
+            if audience is None:
+                self._cache.clear()
+            elif scopes is None:
+                for k in [k for k in self._cache if k[0] == audience]:
+                    del self._cache[k]
+            else:
+                self._cache.pop((audience, tuple(sorted(set(_scope_list(scopes))))), None)
+
+    def _forget(self, pred):
+        with self._lock:
+            for k in [k for k, t in self._cache.items() if pred(t)]:
+                del self._cache[k]
+
+
+def connect(path=None, timeout=DEFAULT_TIMEOUT, **kwargs):
+    """A connected Client. path: the socket, else $AGENT_BROKER_SOCKET, else
+    /run/agent-broker/io.agentbroker. timeout bounds connect and each reply (seconds).
+    Raises BrokerUnavailable."""
+    return Client(path, timeout, **kwargs).open()

@@ -1,0 +1,460 @@
+# SPDX-License-Identifier: MIT
+"""agentbroker.py against a scripted fake varlink server: framing, error
+mapping, retries, limits and the token cache. Needs no broker."""
+
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import agentbroker as ab  # noqa: E402
+
+
+class FakeBroker:
+    """A Unix socket server in a thread. handler(request_dict, conn_index) returns the
+    bytes to send (without the NUL: str/dict are encoded and NUL-terminated), or None to
+    close the connection without a reply, or ("close", bytes) to send and then close."""
+
+    def __init__(self, handler):
+        self.dir = tempfile.mkdtemp(prefix="ab-fake-")
+        self.path = os.path.join(self.dir, "sock")
+        self.handler = handler
+        self.requests = []
+        self.connections = 0
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(self.path)
+        self.srv.listen(8)
+        self.stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stop:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._conn, args=(conn, self.connections), daemon=True).start()
+
+    def _conn(self, conn, index):
+        buf = b""
+        with conn:
+            while not self.stop:
+                try:
+                    chunk = conn.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buf += chunk
+                while b"\0" in buf:
+                    raw, buf = buf.split(b"\0", 1)
+                    req = json.loads(raw.decode())
+                    self.requests.append(req)
+                    out = self.handler(req, index)
+                    if out is None:
+                        return
+                    close_after = isinstance(out, tuple)
+                    if close_after:
+                        out = out[1]
+                    if isinstance(out, dict):
+                        out = json.dumps(out).encode() + b"\0"
+                    elif isinstance(out, str):
+                        out = out.encode() + b"\0"
+                    try:
+                        conn.sendall(out)
+                    except OSError:
+                        return
+                    if close_after:
+                        return
+
+    def close(self):
+        self.stop = True
+        try:
+            self.srv.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        self.srv.close()
+        self.thread.join(2)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.rmdir(self.dir)
+
+
+def token_reply(jti="j1", expires_in=300, scope="a b", now=None):
+    now = int(time.time() if now is None else now)
+    return {"parameters": {"token": "h.p." + jti, "token_type": "Bearer", "expires_in": expires_in,
+                           "expires_at": now + expires_in, "jti": jti, "scope": scope, "agent": "x",
+                           "sid": "s" * 22, "auth_time": now}}
+
+
+def err(name, **params):
+    return {"error": name, "parameters": params}
+
+
+class Base(unittest.TestCase):
+    def serve(self, handler):
+        fb = FakeBroker(handler)
+        self.addCleanup(fb.close)
+        return fb
+
+
+class TestFraming(Base):
+    def test_request_is_json_and_nul_and_omits_none(self):
+        fb = self.serve(lambda req, i: token_reply())
+        with ab.connect(fb.path) as c:
+            t = c.issue("aud://x", ["b", "a"], ttl=60)
+            c.issue("aud://x", "single")
+        self.assertEqual(fb.requests[0], {"method": "io.agentbroker.IssueToken",
+                                          "parameters": {"audience": "aud://x", "scopes": ["b", "a"], "ttl": 60}})
+        self.assertEqual(fb.requests[1]["parameters"]["scopes"], ["single"])
+        self.assertEqual(t.token, "h.p.j1")
+        self.assertEqual(t.scopes, ["a", "b"])
+        self.assertEqual(fb.connections, 1, "one connection for several calls")
+
+    def test_method_names(self):
+        fb = self.serve(lambda req, i: {"parameters": {"keys": [], "revoked": 1, "active": False,
+                                                       "sessions": [{"sid": "x"}]}})
+        with ab.connect(fb.path) as c:
+            c.authenticate()
+            c.whoami()
+            self.assertEqual(c.get_keys(), {"keys": [], "revoked": 1, "active": False, "sessions": [{"sid": "x"}]})
+            c.introspect("tok", audience="a", scope="s", max_auth_age=5)
+            self.assertEqual(c.revoke(jti="J"), 1)
+            c.revoke(sid="S")
+            c.revoke(token="T")
+            self.assertEqual(c.list_sessions(), [{"sid": "x"}])
+        got = [(r["method"].rsplit(".", 1)[1], r.get("parameters")) for r in fb.requests]
+        self.assertEqual(got, [
+            ("Authenticate", None), ("WhoAmI", None), ("GetKeys", None),
+            ("Introspect", {"token": "tok", "audience": "a", "scope": "s", "max_auth_age": 5}),
+            ("Revoke", {"jti": "J"}), ("Revoke", {"sid": "S"}), ("Revoke", {"token": "T"}),
+            ("ListSessions", None)])
+
+    def test_attenuate_parameters(self):
+        fb = self.serve(lambda req, i: token_reply(jti="child"))
+        with ab.connect(fb.path) as c:
+            parent = c.issue("aud", ["a", "b"])
+            child = c.attenuate(parent, scopes="a", ttl=10, task="t")
+        self.assertEqual(fb.requests[1]["parameters"], {"token": "h.p.child", "scopes": ["a"], "ttl": 10, "task": "t"})
+        self.assertEqual(child.jti, "child")
+
+    def test_revoke_needs_exactly_one(self):
+        fb = self.serve(lambda req, i: {"parameters": {"revoked": 1}})
+        c = ab.Client(fb.path)
+        self.assertRaises(ValueError, c.revoke)
+        self.assertRaises(ValueError, c.revoke, jti="a", sid="b")
+        self.assertEqual(fb.requests, [])
+
+    def test_two_replies_in_one_read(self):
+        # A reply may arrive together with the next: the client keeps what follows the NUL.
+        def handler(req, i):
+            if req["method"].endswith("WhoAmI"):
+                return b'{"parameters":{"n":1}}\0'
+            return {"parameters": {"n": 2}}
+        fb = self.serve(handler)
+        with ab.connect(fb.path) as c:
+            self.assertEqual(c.whoami(), {"n": 1})
+            self.assertEqual(c.authenticate(), {"n": 2})
+
+    def test_threads_share_one_client(self):
+        fb = self.serve(lambda req, i: {"parameters": {"echo": req["parameters"]["token"]}})
+        c = ab.connect(fb.path)
+        self.addCleanup(c.close)
+        bad = []
+
+        def worker(n):
+            for k in range(50):
+                v = "%d-%d" % (n, k)
+                if c.introspect(v)["echo"] != v:
+                    bad.append(v)
+        ts = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        self.assertEqual(bad, [])
+
+    def test_token_repr_hides_the_token(self):
+        t = ab.Token(token_reply()["parameters"])
+        self.assertNotIn("h.p.j1", repr(t))
+        self.assertNotIn("h.p.j1", str(t))
+
+
+class TestErrors(Base):
+    def test_every_agent_error_has_its_class(self):
+        names = ["NotAnAgent", "AudienceNotGranted", "ScopeNotGranted", "TtlTooLong", "ReauthRequired",
+                 "SessionExpired", "SessionRevoked", "InvalidToken", "DelegationTooDeep", "InvalidParameter",
+                 "InvalidMessage", "MessageTooLarge", "PeerGone", "RateLimited", "TooManyConnections",
+                 "PermissionDenied", "InternalError", "AuditUnavailable"]
+        box = {}
+        fb = self.serve(lambda req, i: err("io.agentbroker." + box["name"], reason="because", sid="S",
+                                           verdict="expired", parameter="ttl"))
+        c = ab.connect(fb.path)
+        self.addCleanup(c.close)
+        for name in names:
+            box["name"] = name
+            with self.assertRaises(ab.BrokerError) as cm:
+                c.whoami()
+            e = cm.exception
+            self.assertIs(type(e), getattr(ab, name))
+            self.assertEqual(e.error, "io.agentbroker." + name)
+            self.assertEqual(e.reason, "because")
+            self.assertEqual(e.parameters["sid"], "S")
+            self.assertIn("because", str(e))
+        box["name"] = "InvalidToken"
+        with self.assertRaises(ab.InvalidToken) as cm:
+            c.whoami()
+        self.assertEqual(cm.exception.verdict, "expired")
+        box["name"] = "InvalidParameter"
+        with self.assertRaises(ab.InvalidParameter) as cm:
+            c.whoami()
+        self.assertEqual(cm.exception.parameter, "ttl")
+
+    def test_other_interfaces(self):
+        box = {}
+        fb = self.serve(lambda req, i: err(box["name"], method="x"))
+        c = ab.connect(fb.path)
+        self.addCleanup(c.close)
+        for name, cls in [("org.varlink.service.MethodNotFound", ab.MethodNotFound),
+                          ("org.varlink.service.InvalidParameter", ab.InvalidParameter),
+                          ("io.agentbroker.admin.PermissionDenied", ab.PermissionDenied),
+                          ("io.agentbroker.admin.NoSuchAgent", ab.BrokerError),
+                          ("io.agentbroker.SomethingNew", ab.BrokerError),
+                          ("com.example.NotAnAgent", ab.BrokerError)]:
+            box["name"] = name
+            with self.assertRaises(ab.BrokerError) as cm:
+                c.call("x.Y")
+            self.assertIs(type(cm.exception), cls, name)
+            self.assertEqual(cm.exception.error, name)
+            self.assertIsNone(cm.exception.reason)
+
+    def test_no_socket_is_unavailable(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(os.rmdir, d)
+        with self.assertRaises(ab.BrokerUnavailable) as cm:
+            ab.connect(os.path.join(d, "none"))
+        self.assertIn("none", str(cm.exception))
+        c = ab.Client(os.path.join(d, "none"))
+        self.assertRaises(ab.BrokerUnavailable, c.whoami)
+
+    def test_default_path_and_env(self):
+        old = os.environ.pop("AGENT_BROKER_SOCKET", None)
+        try:
+            self.assertEqual(ab.Client().path, "/run/agent-broker/io.agentbroker")
+            os.environ["AGENT_BROKER_SOCKET"] = "/tmp/some/where"
+            self.assertEqual(ab.Client().path, "/tmp/some/where")
+            self.assertEqual(ab.Client("/x").path, "/x")
+        finally:
+            if old is None:
+                os.environ.pop("AGENT_BROKER_SOCKET", None)
+            else:
+                os.environ["AGENT_BROKER_SOCKET"] = old
+
+    def test_malformed_replies(self):
+        box = {}
+        fb = self.serve(lambda req, i: box["out"])
+        c = ab.Client(fb.path)
+        self.addCleanup(c.close)
+        for out in [b"not json\0", b"[1,2]\0", b'{"parameters": 5}\0', b'{"error": 7}\0', b"\xff\xfe\0",
+                    b'{"parameters": {"token": 1}}\0']:
+            box["out"] = out
+            with self.assertRaises(ab.ProtocolError, msg=repr(out)):
+                c.issue("a", ["s"])
+
+    def test_reply_over_64k(self):
+        big = b'{"parameters":{"x":"' + b"a" * ab.MAX_MESSAGE + b'"}}\0'
+        fb = self.serve(lambda req, i: big)
+        c = ab.Client(fb.path)
+        self.addCleanup(c.close)
+        with self.assertRaises(ab.ProtocolError):
+            c.whoami()
+
+    def test_reply_at_64k_is_fine(self):
+        head, tail = b'{"parameters":{"x":"', b'"}}'
+        exact = head + b"a" * (ab.MAX_MESSAGE - len(head) - len(tail)) + tail
+        self.assertEqual(len(exact), ab.MAX_MESSAGE)
+        fb = self.serve(lambda req, i: exact + b"\0")
+        with ab.connect(fb.path) as c:
+            self.assertEqual(len(c.whoami()["x"]), ab.MAX_MESSAGE - len(head) - len(tail))
+
+    def test_request_over_64k_is_refused_locally(self):
+        fb = self.serve(lambda req, i: {"parameters": {}})
+        c = ab.Client(fb.path)
+        with self.assertRaises(ab.MessageTooLarge):
+            c.introspect("x" * ab.MAX_MESSAGE)
+        self.assertEqual(fb.requests, [])
+
+    def test_close_in_the_middle_of_a_reply(self):
+        fb = self.serve(lambda req, i: b'{"parameters":')  # no NUL, and the connection stays open
+        c = ab.Client(fb.path, timeout=0.5)
+        self.addCleanup(c.close)
+        with self.assertRaises(ab.BrokerUnavailable) as cm:
+            c.whoami()
+        self.assertIn("no reply", str(cm.exception))
+
+    def test_half_reply_then_eof(self):
+        fb = self.serve(lambda req, i: ("close", b'{"parameters":'))
+        c = ab.Client(fb.path, timeout=2)
+        self.addCleanup(c.close)
+        with self.assertRaises(ab.ProtocolError) as cm:
+            c.whoami()
+        self.assertIn("middle", str(cm.exception))
+
+    def test_timeout(self):
+        fb = self.serve(lambda req, i: (time.sleep(1.0), b"")[1])
+        c = ab.Client(fb.path, timeout=0.3)
+        self.addCleanup(c.close)
+        t0 = time.monotonic()
+        self.assertRaises(ab.BrokerUnavailable, c.whoami)
+        self.assertLess(time.monotonic() - t0, 0.9)
+
+    def test_idle_close_reconnects_once(self):
+        # The broker closes idle connections; the next call opens a new one.
+        def handler(req, i):
+            return {"parameters": {"conn": i}}
+        fb = self.serve(handler)
+        c = ab.connect(fb.path)
+        self.addCleanup(c.close)
+        self.assertEqual(c.whoami(), {"conn": 1})
+        fb.handler = lambda req, i: None if i == 1 else handler(req, i)
+        self.assertEqual(c.whoami(), {"conn": 2})
+        # but a fresh connection that is closed at once is an error, not a loop
+        fb.handler = lambda req, i: None
+        c.close()
+        self.assertRaises(ab.BrokerUnavailable, c.whoami)
+
+
+class TestReauth(Base):
+    def test_reauth_required_authenticates_once_and_retries(self):
+        state = {"authed": False}
+
+        def handler(req, i):
+            m = req["method"]
+            if m.endswith("Authenticate"):
+                state["authed"] = True
+                return {"parameters": {"sid": "s" * 22, "state": "active"}}
+            if not state["authed"]:
+                return err("io.agentbroker.ReauthRequired", reason="call Authenticate", sid="s" * 22)
+            return token_reply()
+        fb = self.serve(handler)
+        with ab.connect(fb.path) as c:
+            t = c.issue("aud", ["a"])
+        self.assertEqual(t.jti, "j1")
+        self.assertEqual([r["method"] for r in fb.requests],
+                         ["io.agentbroker.IssueToken", "io.agentbroker.Authenticate", "io.agentbroker.IssueToken"])
+
+    def test_only_once(self):
+        def handler(req, i):
+            if req["method"].endswith("Authenticate"):
+                return {"parameters": {}}
+            return err("io.agentbroker.ReauthRequired", reason="again", sid="x")
+        fb = self.serve(handler)
+        with ab.connect(fb.path) as c:
+            with self.assertRaises(ab.ReauthRequired) as cm:
+                c.issue("aud", ["a"])
+        self.assertEqual(cm.exception.parameters["sid"], "x")
+        self.assertEqual(len(fb.requests), 3)
+
+    def test_session_expired_opens_a_new_session(self):
+        state = {"n": 0}
+
+        def handler(req, i):
+            state["n"] += 1
+            if state["n"] == 1:
+                return err("io.agentbroker.SessionExpired", reason="max_lifetime", sid="old")
+            if req["method"].endswith("Authenticate"):
+                return {"parameters": {"sid": "new"}}
+            return token_reply(jti="after")
+        fb = self.serve(handler)
+        with ab.connect(fb.path) as c:
+            self.assertEqual(c.attenuate("parent", scopes=["a"]).jti, "after")
+
+    def test_revoked_and_denials_are_not_retried(self):
+        box = {}
+        fb = self.serve(lambda req, i: err(box["name"], reason="no", sid="x"))
+        c = ab.connect(fb.path)
+        self.addCleanup(c.close)
+        for name, cls in [("io.agentbroker.SessionRevoked", ab.SessionRevoked),
+                          ("io.agentbroker.ScopeNotGranted", ab.ScopeNotGranted),
+                          ("io.agentbroker.RateLimited", ab.RateLimited)]:
+            box["name"] = name
+            del fb.requests[:]
+            self.assertRaises(cls, c.issue, "aud", ["a"])
+            self.assertEqual(len(fb.requests), 1)
+
+
+class TestCache(Base):
+    def setUp(self):
+        self.now = time.time()
+        self.n = 0
+
+        def handler(req, i):
+            self.n += 1
+            p = req.get("parameters", {})
+            ttl = p.get("ttl") or 300
+            return token_reply(jti="t%d" % self.n, expires_in=ttl, scope=" ".join(p.get("scopes", [])),
+                               now=self.now)
+        self.fb = self.serve(handler)
+        self.c = ab.connect(self.fb.path, clock=lambda: self.now)
+        self.addCleanup(self.c.close)
+
+    def test_reuses_until_two_thirds(self):
+        c = self.c
+        t1 = c.token("aud", ["b", "a"], ttl=300)
+        self.assertEqual(t1, "h.p.t1")
+        self.now += 199
+        self.assertEqual(c.token("aud", ["a", "b", "a"], ttl=300), t1, "same key: sorted, deduplicated scopes")
+        self.now += 1.5  # past 200 s = 2/3 of 300
+        t2 = c.token("aud", ["a", "b"], ttl=300)
+        self.assertEqual(t2, "h.p.t2")
+        self.assertEqual(self.n, 2)
+
+    def test_keys_are_audience_and_scopes(self):
+        c = self.c
+        a = c.token("aud", ["a"])
+        b = c.token("aud", ["a", "b"])
+        d = c.token("other", ["a"])
+        self.assertEqual(len({a, b, d}), 3)
+        self.assertEqual(c.token("aud", "a"), a)
+
+    def test_invalidate_and_revoke_forget(self):
+        c = self.c
+        t1 = c.cached_token("aud", ["a"])
+        c.invalidate("aud", ["a"])
+        t2 = c.cached_token("aud", ["a"])
+        self.assertNotEqual(t1.jti, t2.jti)
+        c.revoke(jti=t2.jti)
+        t3 = c.cached_token("aud", ["a"])
+        self.assertNotEqual(t3.jti, t2.jti)
+        c.cached_token("x", ["a"])
+        c.invalidate("aud")
+        self.assertNotEqual(c.cached_token("aud", ["a"]).jti, t3.jti)
+        n = self.n
+        c.invalidate()
+        c.token("x", ["a"])
+        self.assertEqual(self.n, n + 1)
+
+    def test_short_tokens(self):
+        c = self.c
+        t1 = c.token("aud", ["a"], ttl=3)
+        self.now += 1.9
+        self.assertEqual(c.token("aud", ["a"], ttl=3), t1)
+        self.now += 0.2
+        self.assertNotEqual(c.token("aud", ["a"], ttl=3), t1)
+
+    def test_bad_fraction(self):
+        self.assertRaises(ValueError, ab.Client, "/x", refresh_fraction=0)
+        self.assertRaises(ValueError, ab.Client, "/x", refresh_fraction=1.5)
+
+
+if __name__ == "__main__":
+    unittest.main()
