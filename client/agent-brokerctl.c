@@ -56,6 +56,8 @@ static void usage(FILE *f)
                 "  audit verify [--file PATH ...] [--keys JWKS]\n"
                 "                      check the hash chain and signed checkpoints; exit 1 and name\n"
                 "                      the first broken record if any\n"
+                "  review [--json|--csv] [--unused-days N] [--policy PATH]  access review per agent; exit 1 on findings\n"
+                "  coverage [--pam-dir DIR] [--policy PATH] [--json]  PAM services that bypass the broker; exit 1 if any\n"
                 "  call [--admin] METHOD [JSON]    call any varlink method and print the reply\n"
                 "\n"
                 "Options:\n"
@@ -951,6 +953,7 @@ int main(int argc, char **argv)
                 { "introspect", cmd_introspect }, { "attenuate", cmd_attenuate },
                 { "revoke", cmd_revoke },   { "sessions", cmd_sessions },
                 { "audit", cmd_audit },     { "exec", cmd_exec },
+                { "review", cmd_review }, { "coverage", cmd_coverage },
         };
         opts o = { .timeout_ms = 5000 };
         int c;
