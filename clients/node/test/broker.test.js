@@ -55,11 +55,11 @@ function inChild(body, uid = undefined) {
     // a copy anyone may read: the child may run as another uid
     childDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ab-node-test-'));
     fs.chmodSync(childDir, 0o755);
-    fs.copyFileSync(CLIENT_JS, path.join(childDir, 'agentbroker.js'));
-    fs.chmodSync(path.join(childDir, 'agentbroker.js'), 0o644);
+    fs.copyFileSync(CLIENT_JS, path.join(childDir, 'agentbroker.mjs'));
+    fs.chmodSync(path.join(childDir, 'agentbroker.mjs'), 0o644);
   }
   const script = `
-    import * as ab from ${JSON.stringify(path.join(childDir, 'agentbroker.js'))};
+    import * as ab from ${JSON.stringify(path.join(childDir, 'agentbroker.mjs'))};
     const fn = ${body};
     let out;
     try { out = await fn(ab); } catch (e) { out = { exception: e.name, error: e.error, message: e.message }; }
