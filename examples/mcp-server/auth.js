@@ -1,0 +1,190 @@
+// SPDX-License-Identifier: MIT
+// An OAuth 2.0 resource server's view of agent-broker tokens.
+//
+// 1. Offline, with jose: the signature against the broker's JWKS (from a
+//    file, or fetched once over the broker socket), alg EdDSA, typ at+jwt
+//    (RFC 9068), exp, aud equal to this server's resource id, and iss if
+//    one is configured. Failure: 401 invalid_token.
+// 2. Scope: every scope the request needs (per tool) must be in the token's
+//    "scope" claim. Failure: 403 insufficient_scope.
+// 3. Revocation: a signature cannot say that a token was revoked, so when a
+//    broker socket is configured every request is also introspected there
+//    (agent-broker's Introspect, RFC 7662 style). Inactive: 401
+//    invalid_token. Broker unreachable: 503 (fail closed).
+//
+// Failures carry a WWW-Authenticate header in the manner of RFC 6750 §3 with
+// the resource_metadata parameter of RFC 9728 (as MCP clients expect).
+import './webcrypto.js';
+import fs from 'node:fs';
+import { createLocalJWKSet, jwtVerify } from 'jose';
+import { BrokerError } from 'agentbroker';
+
+/** A refusal: HTTP status, RFC 6750 error code (or undefined: no credentials), description, scope. */
+export class AuthError extends Error {
+  constructor(status, code, description, scope = undefined) {
+    super(description);
+    this.status = status;
+    this.code = code;
+    this.scope = scope;
+  }
+}
+
+// RFC 6750 §3: error_description and scope are %x20-21 / %x23-5B / %x5D-7E.
+const quoted = (s) => `"${String(s).replace(/[^\x20\x21\x23-\x5b\x5d-\x7e]/g, '?')}"`;
+
+/** The WWW-Authenticate value for a refusal. */
+export function wwwAuthenticate({ realm, resourceMetadata, error }) {
+  const parts = [`realm=${quoted(realm)}`];
+  if (resourceMetadata) parts.push(`resource_metadata=${quoted(resourceMetadata)}`);
+  if (error?.code) {
+    parts.push(`error=${quoted(error.code)}`);
+    if (error.message) parts.push(`error_description=${quoted(error.message)}`);
+    if (error.scope) parts.push(`scope=${quoted(error.scope)}`);
+  }
+  return `Bearer ${parts.join(', ')}`;
+}
+
+/** The bearer token of an Authorization header (RFC 6750 §2.1), or throws a 401 without an error code. */
+export function bearerToken(header) {
+  const m = /^Bearer +([A-Za-z0-9\-._~+/]+=*) *$/i.exec(header ?? '');
+  if (!header) throw new AuthError(401, undefined, 'no bearer token');
+  if (!m) throw new AuthError(401, 'invalid_request', 'the Authorization header is not "Bearer <token>"');
+  return m[1];
+}
+
+function describeJoseError(e) {
+  switch (e?.code) {
+    case 'ERR_JWT_EXPIRED':
+      return 'the token expired';
+    case 'ERR_JWT_CLAIM_VALIDATION_FAILED':
+      if (e.claim === 'aud') return 'the token is for another audience';
+      if (e.claim === 'iss') return 'the token is from another issuer';
+      if (e.claim === 'typ') return 'the token is not an access token (typ at+jwt)';
+      return `the token's "${e.claim}" claim is not acceptable`;
+    case 'ERR_JWS_SIGNATURE_VERIFICATION_FAILED':
+      return 'the signature does not verify';
+    case 'ERR_JWKS_NO_MATCHING_KEY':
+      return 'the token is signed with a key this server does not know';
+    case 'ERR_JOSE_ALG_NOT_ALLOWED':
+      return 'the token is not signed with EdDSA';
+    default:
+      return 'the token is malformed';
+  }
+}
+
+/**
+ * Verifies broker tokens for one resource.
+ *
+ * options: resource (required: the audience tokens must name), issuer
+ * (optional: required iss), jwksFile (a JWKS as `agent-brokerctl keys
+ * --jwks` prints it) and/or broker (an agentbroker Client: keys via
+ * GetKeys when there is no file, and revocation via Introspect unless
+ * introspect is false), service (names this server in the broker's audit
+ * trail), log (a function for one-line decisions; never given a token).
+ */
+export class TokenVerifier {
+  #keys = null;
+  #loadedAt = 0;
+
+  constructor({ resource, issuer, jwksFile, broker, introspect = true, service = 'mcp-server', log = () => {} }) {
+    if (!resource) throw new Error('a resource id is required');
+    if (!jwksFile && !broker) throw new Error('give a JWKS file or a broker client (or both)');
+    this.resource = resource;
+    this.issuer = issuer;
+    this.jwksFile = jwksFile;
+    this.broker = broker;
+    this.introspect = Boolean(broker) && introspect;
+    this.service = service;
+    this.log = log;
+  }
+
+  /** Load the key set (file, else the broker). Called again when a token names an unknown kid. */
+  async loadKeys() {
+    const jwks = this.jwksFile ? JSON.parse(fs.readFileSync(this.jwksFile, 'utf8')) : await this.broker.getKeys();
+    if (!Array.isArray(jwks?.keys)) throw new Error('the JWKS has no "keys" array');
+    this.#keys = createLocalJWKSet({ keys: jwks.keys });
+    this.#loadedAt = Date.now();
+    return jwks.keys.length;
+  }
+
+  async #verifyJwt(token) {
+    const options = {
+      audience: this.resource,
+      algorithms: ['EdDSA'],
+      typ: 'at+jwt',
+      requiredClaims: ['exp', 'iat', 'jti', 'sub'],
+    };
+    if (this.issuer) options.issuer = this.issuer;
+    if (!this.#keys) await this.loadKeys();
+    try {
+      return (await jwtVerify(token, this.#keys, options)).payload;
+    } catch (e) {
+      // A key rotated in since we loaded: reload once (at most every 10 s) and try again.
+      if (e?.code !== 'ERR_JWKS_NO_MATCHING_KEY' || Date.now() - this.#loadedAt < 10000) throw e;
+      await this.loadKeys();
+      return (await jwtVerify(token, this.#keys, options)).payload;
+    }
+  }
+
+  /** Step 1: the token's signature and claims. Resolves with the claims; throws AuthError (401). */
+  async authenticate(token) {
+    try {
+      return await this.#verifyJwt(token);
+    } catch (e) {
+      if (e instanceof AuthError) throw e;
+      if (!e?.code?.startsWith?.('ERR_J')) throw e; // not a verdict on the token: a fault
+      throw new AuthError(401, 'invalid_token', describeJoseError(e));
+    }
+  }
+
+  /**
+   * Steps 2 and 3: the scopes the request needs, and (with a broker) that
+   * the token is still active. Resolves with the MCP SDK's AuthInfo; throws
+   * AuthError (403 insufficient_scope, 401 invalid_token, 503).
+   */
+  async authorize(token, claims, requiredScopes = []) {
+    const scopes = typeof claims.scope === 'string' ? claims.scope.split(' ').filter(Boolean) : [];
+    const missing = requiredScopes.filter((s) => !scopes.includes(s));
+    if (missing.length) {
+      throw new AuthError(403, 'insufficient_scope', `this call needs the scope ${missing.join(' ')}`,
+        requiredScopes.join(' '));
+    }
+    if (this.introspect) {
+      let verdict;
+      try {
+        verdict = await this.broker.introspect(token, {
+          audience: this.resource,
+          scope: requiredScopes.length === 1 ? requiredScopes[0] : undefined,
+          service: this.service,
+        });
+      } catch (e) {
+        if (!(e instanceof BrokerError)) throw e;
+        this.log(`introspection failed: ${e.message}`);
+        throw new AuthError(503, undefined, 'the token broker cannot be asked; try again shortly');
+      }
+      if (!verdict.active) {
+        if (verdict.reason === 'scope_missing') {
+          throw new AuthError(403, 'insufficient_scope', 'the broker says the token lacks the scope',
+            requiredScopes.join(' '));
+        }
+        throw new AuthError(401, 'invalid_token', `the broker says the token is not active: ${verdict.reason}`);
+      }
+    }
+    return {
+      token,
+      clientId: String(claims.client_id ?? claims.sub),
+      scopes,
+      expiresAt: claims.exp,
+      resource: safeUrl(this.resource),
+      extra: { sub: claims.sub, sid: claims.sid, jti: claims.jti, owner: claims.owner, act: claims.act },
+    };
+  }
+}
+
+function safeUrl(s) {
+  try {
+    return new URL(s);
+  } catch {
+    return undefined;
+  }
+}
