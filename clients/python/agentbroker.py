@@ -264,12 +264,29 @@ class Client:
         self._buf = b""
         self._lock = threading.RLock()
         self._cache = {}
+        self._pid = os.getpid()
 
     # -- transport --
+
+    def _after_fork(self):
+        # The broker attests the process that opened the connection: a forked child must not
+        # speak on its parent's socket (it would be taken for the parent), nor use the parent's
+        # tokens. Drop both; the child opens its own connection and gets its own session.
+        if self._pid != os.getpid():
+            if self._sock is not None:
+                try:
+                    self._sock.close()  # the child's copy of the descriptor only
+                except OSError:
+                    pass
+            self._sock = None
+            self._buf = b""
+            self._cache = {}
+            self._pid = os.getpid()
 
     def open(self):
         """Connect now (the first call does it otherwise). Raises BrokerUnavailable."""
         with self._lock:
+            self._after_fork()
             if self._sock is None:
                 self._sock = self._connect()
         return self
@@ -352,6 +369,7 @@ class Client:
             raise MessageTooLarge("io.agentbroker.MessageTooLarge", "request over %d bytes" % MAX_MESSAGE)
         data += b"\0"
         with self._lock:
+            self._after_fork()
             fresh = self._sock is None
             if fresh:
                 self._sock = self._connect()
@@ -463,6 +481,7 @@ class Client:
         scopes = _scope_list(scopes)
         key = (audience, tuple(sorted(set(scopes))))
         with self._lock:
+            self._after_fork()
             t = self._cache.get(key)
             if t is not None and self._clock() < self._refresh_at(t):
                 return t

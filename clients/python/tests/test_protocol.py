@@ -183,6 +183,31 @@ class TestFraming(Base):
             t.join()
         self.assertEqual(bad, [])
 
+    def test_a_forked_child_opens_its_own_connection(self):
+        # The broker attests whoever opened the connection: a child must not use its parent's.
+        fb = self.serve(lambda req, i: {"parameters": {"conn": i}} if "WhoAmI" in req["method"] else token_reply(jti="c%d" % i))
+        c = ab.connect(fb.path)
+        self.addCleanup(c.close)
+        self.assertEqual(c.whoami(), {"conn": 1})
+        parent_token = c.token("aud", ["a"])
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                out = {"conn": c.whoami()["conn"], "token": c.token("aud", ["a"])}
+                os.write(w, json.dumps(out).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            out = json.loads(f.read().decode())
+        os.waitpid(pid, 0)
+        self.assertEqual(out["conn"], 2)
+        self.assertNotEqual(out["token"], parent_token, "the parent's cached token stays with the parent")
+        self.assertEqual(c.whoami(), {"conn": 1}, "the parent keeps its connection")
+        self.assertEqual(c.token("aud", ["a"]), parent_token)
+
     def test_token_repr_hides_the_token(self):
         t = ab.Token(token_reply()["parameters"])
         self.assertNotIn("h.p.j1", repr(t))
