@@ -495,10 +495,11 @@ static json_t *review_agent(const review_ctx *rc, json_t *ag)
                 goto out;
 
         /* agent-wide findings */
-        if (owner_missing(owner))
-                add_finding(findings, "no-owner", -1, NULL, NULL, owner ? "owner \"%s\" names nobody: nobody certifies this agent's access"
-                                                                         : "no owner%s: nobody certifies this agent's access",
-                            owner ? owner : "");
+        if (owner_missing(owner) && owner && owner[strspn(owner, " \t")])
+                add_finding(findings, "no-owner", -1, NULL, NULL,
+                            "owner \"%s\" names nobody: nobody certifies this agent's access", owner);
+        else if (owner_missing(owner))
+                add_finding(findings, "no-owner", -1, NULL, NULL, "no owner: nobody certifies this agent's access");
         if (!json_object_get(match, "sha256") && !json_object_get(match, "unit")) {
                 selectors_text(match, sel, sizeof sel);
                 add_finding(findings, "weak-selectors", -1, NULL, NULL,
@@ -1074,11 +1075,11 @@ static void pam_follow(pam_walk *w, const char *target, const char *file, unsign
                                 name = target + dl + 1;
                 }
                 if (!name) {
-                        pam_problem(w, file, line, "includes %s, outside %s: not followed", target, w->dir);
+                        pam_problem(w, file, line, "includes %s, outside the PAM directory: not followed", target);
                         return;
                 }
         } else if (strchr(target, '/') || strcmp(target, ".") == 0 || strcmp(target, "..") == 0) {
-                pam_problem(w, file, line, "includes %s, not a file of %s: not followed", target, w->dir);
+                pam_problem(w, file, line, "includes %s, not a file of the PAM directory: not followed", target);
                 return;
         }
         if (w->depth == 1)
