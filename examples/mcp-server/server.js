@@ -89,19 +89,28 @@ export function requiredScopes(body) {
 
 // ---- HTTP ------------------------------------------------------------------------
 
+/** The methods of a JSON-RPC body for the log: untrusted text, so only a safe alphabet, bounded. */
+function describe(body) {
+  const safe = (v) => String(v ?? '?').replace(/[^\w./:-]/g, '?').slice(0, 64);
+  const msgs = [].concat(body).slice(0, 8);
+  return msgs.map((m) => (m?.method === 'tools/call' ? `tools/call ${safe(m.params?.name)}` : safe(m?.method))).join(',');
+}
+
 function readBody(req) {
   return new Promise((resolve, reject) => {
     const chunks = [];
     let size = 0;
-    req.on('data', (d) => {
+    const onData = (d) => {
       size += d.length;
       if (size > MAX_BODY) {
+        req.off('data', onData);
+        req.resume(); // discard the rest; the reply closes the connection
         reject(Object.assign(new Error('request body too large'), { status: 413 }));
-        req.destroy();
         return;
       }
       chunks.push(d);
-    });
+    };
+    req.on('data', onData);
     req.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
     req.on('error', reject);
   });
@@ -162,13 +171,12 @@ export async function startServer({ port = 8787, resource, jwksFile, brokerSocke
       try {
         body = JSON.parse(await readBody(req));
       } catch (e) {
-        if (e.status) return sendJson(res, e.status, { error: e.message });
+        if (e.status) return sendJson(res, e.status, { error: e.message }, { connection: 'close' });
         return sendJson(res, 400, { jsonrpc: '2.0', error: { code: -32700, message: 'Parse error' }, id: null });
       }
       const scopes = requiredScopes(body);
       req.auth = await verifier.authorize(token, claims, scopes);
-      log(`POST /mcp ${[].concat(body).map((m) => m?.method === 'tools/call' ? `tools/call ${m.params?.name}` : m?.method).join(',')}` +
-          ` by ${claims.sub} (jti ${claims.jti})`);
+      log(`POST /mcp ${describe(body)} by ${claims.sub} (jti ${claims.jti})`);
 
       const mcp = buildMcpServer();
       const transport = new StreamableHTTPServerTransport({ sessionIdGenerator: undefined, enableJsonResponse: true });

@@ -293,6 +293,21 @@ describe('MCP server with broker tokens', { skip }, () => {
     assert.equal(status, 403);
   });
 
+  test('request limits: body over 1 MiB 413, not JSON 400, GET 405', async () => {
+    const tok = await broker.issue(RESOURCE, ['notes:read'], { ttl: 60 });
+    const headers = { authorization: `Bearer ${tok.token}`, 'content-type': 'application/json',
+      accept: 'application/json, text/event-stream' };
+    const big = await fetch(online.url, { method: 'POST', headers, body: `"${'x'.repeat(1024 * 1024)}"` });
+    assert.equal(big.status, 413);
+    const bad = await fetch(online.url, { method: 'POST', headers, body: '{"jsonrpc": ' });
+    assert.equal(bad.status, 400);
+    assert.equal((await bad.json()).error.code, -32700);
+    const get = await fetch(online.url, { headers });
+    assert.equal(get.status, 405);
+    assert.equal(get.headers.get('allow'), 'POST');
+    assert.equal((await fetch(online.url, { headers: { accept: headers.accept } })).status, 401, 'no token first');
+  });
+
   test('the server never logs a token', async () => {
     await sleep(100);
     for (const s of [online, offline, closedBroker]) assert.doesNotMatch(s.log(), /eyJ[A-Za-z0-9_-]{10,}\./);
