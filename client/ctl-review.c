@@ -55,7 +55,7 @@ static void fmt_time(long long t, char *out, size_t outmax)
         time_t tt = (time_t)t;
         struct tm tm;
 
-        if (t <= 0 || !gmtime_r(&tt, &tm) || strftime(out, outmax, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+        if (!gmtime_r(&tt, &tm) || strftime(out, outmax, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
                 snprintf(out, outmax, "?");
 }
 
@@ -521,8 +521,10 @@ static json_t *review_agent(const review_ctx *rc, json_t *ag)
                                json_object_get(g, "audience"), "scopes", scopes, "max_ttl",
                                json_object_get(g, "max_ttl"), "max_auth_age", json_object_get(g, "max_auth_age"),
                                "users", json_object_get(g, "users"));
-                if (!og || !jstr(og, "audience"))
+                if (!og || !jstr(og, "audience")) {
+                        json_decref(og);
                         goto out;
+                }
                 json_array_append_new(grants, og);
         }
 
