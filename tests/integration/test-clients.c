@@ -354,7 +354,7 @@ static void test_mcp_e2e(void **state)
 
         /* npm ci: exactly the committed lockfile. npm runs on node, so name it through the shell. */
         snprintf(script, sizeof script,
-                 "cd \"$1/examples/mcp-server\" && exec \"$2\" ci --no-audit --no-fund --loglevel=warn");
+                 "cd \"$1/examples/mcp-server\" && exec \"$2\" ci --prefer-offline --no-audit --no-fund --loglevel=warn");
         char *ci[] = { (char *)"/bin/sh", (char *)"-c", script, (char *)"sh", work, npm, NULL };
         if (run_suite("npm ci", ci, NPM_TIMEOUT_MS, &res) != 0)
                 fail_msg("npm ci failed in %s/examples/mcp-server: the npm registry must be reachable", work);
