@@ -213,7 +213,7 @@ static int read_start_time(pid_t pid, uint64_t *ret)
         if (!p)
                 return -EIO;
         p++;
-        for (field = 2; field < 22 && p; field++)
+        for (field = 2; field < 21 && p; field++)
                 p = strchr(p + 1, ' ');
         if (!p)
                 return -EIO;
