@@ -602,6 +602,12 @@ static double proc_cpu_s(pid_t pid)
         return (double)(ut + stime) / (double)sysconf(_SC_CLK_TCK);
 }
 
+static int cmp_u32_fwd(const void *a, const void *b)
+{
+        uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+        return x < y ? -1 : x > y;
+}
+
 /* ---- raw Ed25519 ---------------------------------------------------------- */
 
 static double raw_rate(bool verify, double seconds)
@@ -636,6 +642,49 @@ static double raw_rate(bool verify, double seconds)
         sodium_memzero(sk, sizeof sk);
         free(msg);
         return (double)n / ((double)(t - t0) / 1e9);
+}
+
+/*
+ * The disk's part: append 512 bytes to a file next to the state dirs and
+ * fdatasync, for `seconds`; the median latency in ms (-1 on error). What
+ * one audit group commit costs at least on this filesystem.
+ */
+static double fsync_p50(double seconds, double *ret_rate)
+{
+        char path[PATH_MAX + 16], rec[512];
+        uint32_t *v = NULL;
+        size_t n = 0, cap = 0;
+        int64_t t0 = now_ns(), end = t0 + (int64_t)(seconds * 1e9);
+        double p50 = -1;
+        int fd;
+
+        snprintf(path, sizeof path, "%s/fsync-probe", dir);
+        fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+        if (fd < 0)
+                return -1;
+        memset(rec, 'a', sizeof rec);
+        rec[sizeof rec - 1] = '\n';
+        while (now_ns() < end) {
+                int64_t a = now_ns(), b;
+                if (write(fd, rec, sizeof rec) != (ssize_t)sizeof rec || fdatasync(fd) < 0)
+                        goto out;
+                b = now_ns();
+                if (n == cap) {
+                        uint32_t *nv = realloc(v, (cap = cap ? cap * 2 : 4096) * sizeof *v);
+                        if (!nv)
+                                goto out;
+                        v = nv;
+                }
+                v[n++] = (uint32_t)(b - a > (int64_t)UINT32_MAX ? UINT32_MAX : b - a);
+        }
+        qsort(v, n, sizeof *v, cmp_u32_fwd);
+        p50 = n ? v[n / 2] / 1e6 : -1;
+        *ret_rate = (double)n / ((double)(now_ns() - t0) / 1e9);
+out:
+        free(v);
+        close(fd);
+        unlink(path);
+        return p50;
 }
 
 /* ---- load phases ---------------------------------------------------------- */
@@ -877,11 +926,6 @@ static int client_main(const load *L, unsigned idx, int ready_w, int go_r)
         _exit(r < 0 ? 1 : 0);
 }
 
-static int cmp_u32(const void *a, const void *b)
-{
-        uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-        return x < y ? -1 : x > y;
-}
 
 static double pct(const uint32_t *v, size_t n, double p)
 {
@@ -1009,7 +1053,7 @@ static int run_load(load *L, result *res)
                 memcpy(all + all_n, L->samples + (size_t)i * L->cap, L->sh->slot[i].recorded * sizeof *all);
                 all_n += L->sh->slot[i].recorded;
         }
-        qsort(all, all_n, sizeof *all, cmp_u32);
+        qsort(all, all_n, sizeof *all, cmp_u32_fwd);
         res->measured = true;
         res->requests = done;
         res->rps = (double)done / opt.seconds;
@@ -1508,7 +1552,7 @@ int main(int argc, char **argv)
         static const char *const phase_names[] = { "IssueToken, kept connection", "Introspect, kept connection" };
         static const unsigned client_counts[] = { 1, 8, 64 };
         char policy[8192], path[PATH_MAX + 64], cpu[256], load0[32], pam_module[PATH_MAX + 32];
-        double sign = 0, verify = 0, raw_s, sign0, verify0, sign1 = 0, verify1 = 0;
+        double sign = 0, verify = 0, raw_s, sign0, verify0, sign1 = 0, verify1 = 0, fsync_ms, fsync_rate = 0;
         result issue[3], intro[3], conn, pam;
         cold_result cold;
         sess_result sess;
@@ -1592,6 +1636,7 @@ int main(int argc, char **argv)
         note("raw Ed25519 sign and verify, %zu-byte message, %.1f s each", opt.msg_bytes, raw_s);
         sign = sign0 = raw_rate(false, raw_s);
         verify = verify0 = raw_rate(true, raw_s);
+        fsync_ms = fsync_p50(raw_s < 1 ? raw_s : 1, &fsync_rate);
 
         /* 2. the load phases, on one broker */
         broker_paths(&b, "main");
@@ -1790,9 +1835,10 @@ int main(int argc, char **argv)
                                                             (json_int_t)sysconf(_SC_NPROCESSORS_ONLN), "loadavg_at_start",
                                                             load0, "state_fs", fs_name(dir)));
                 json_object_set_new(o, "seconds", json_real(opt.seconds));
-                json_object_set_new(o, "raw", json_pack("{s:f,s:f,s:f,s:f,s:f,s:f,s:I}", "sign_per_s", sign, "verify_per_s", verify,
+                json_object_set_new(o, "raw", json_pack("{s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:I}", "sign_per_s", sign, "verify_per_s", verify,
                                                         "sign_before", sign0, "verify_before", verify0,
                                                         "sign_after", sign1, "verify_after", verify1,
+                                                        "fdatasync_p50_ms", fsync_ms,
                                                         "message_bytes", (json_int_t)opt.msg_bytes));
                 json_object_set_new(o, "rows", rows);
                 json_object_set_new(o, "cold_start", cold.measured ?
@@ -1832,7 +1878,8 @@ int main(int argc, char **argv)
         if (sign1 > 0)
                 printf("\n         (mean of before the load phases: %.0f and %.0f, and after: %.0f and %.0f)", sign0,
                        verify0, sign1, verify1);
-        printf("\n\n");
+        printf("\n  disk: append 512 B + fdatasync in the state dir's filesystem: p50 %.3f ms (%.0f/s in a loop)\n\n",
+               fsync_ms, fsync_rate);
         printf("  %-30s %7s %8s %8s %8s %8s %8s %6s %6s   %s\n", "", "clients", "req/s", "p50 ms", "p99 ms",
                "p99.9 ms", "max ms", "broker", "us/req", "vs limit");
         for (unsigned i = 0; i < 3; i++)

@@ -21,7 +21,7 @@ BENCH_PAM := $(if $(wildcard pam_module/pam.mk),$(B)/pam_agent_broker.so)
 
 .PHONY: bench bench-smoke
 bench: $(B)/agent-brokerd $(BENCH_BIN) $(BENCH_PAM)
-	$(BENCH_BIN) $(BENCH_FLAGS)
+	@$(BENCH_BIN) $(BENCH_FLAGS)
 
 bench-smoke: $(B)/agent-brokerd $(BENCH_BIN) $(BENCH_PAM)
-	$(BENCH_BIN) --seconds 0.3 --sessions 300 --cold-runs 3 $(BENCH_ARGS)
+	@$(BENCH_BIN) --seconds 0.3 --sessions 300 --cold-runs 3 $(BENCH_ARGS)
