@@ -1729,9 +1729,17 @@ int main(int argc, char **argv)
                 }
         }
         if (b.pid > 0) {
-                struct stat st;
-                if (stat(b.audit, &st) == 0)
-                        audit_bytes = (long long)st.st_size;
+                /* the file and its rotated predecessors (audit.jsonl.1, ...) */
+                for (int i = 0; i < 10; i++) {
+                        struct stat st;
+                        char f[PATH_MAX + 16];
+                        if (i == 0)
+                                snprintf(f, sizeof f, "%s", b.audit);
+                        else
+                                snprintf(f, sizeof f, "%s.%d", b.audit, i);
+                        if (stat(f, &st) == 0)
+                                audit_bytes += (long long)st.st_size;
+                }
                 broker_stop(&b);
                 log_scan(b.log, &log_lines, &log_bad, log_first_bad, sizeof log_first_bad);
                 if (log_bad)
