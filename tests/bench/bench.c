@@ -36,6 +36,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -727,6 +728,7 @@ typedef struct result {
         double ratio;
         double broker_cpu;   /* broker CPU time / window: 1.0 is one core busy */
         double cpu_us;       /* broker CPU microseconds per request */
+        double client_us;    /* the load generator's CPU microseconds per request (all clients, whole run) */
 } result;
 
 static void slot_fail(slot *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -949,6 +951,7 @@ static int run_load(load *L, result *res)
         pid_t pids[MAX_CLIENTS];
         unsigned n_started = 0, n_ready = 0, n_bad = 0;
         uint64_t done = 0, cycles = 0;
+        double client_s = 0;
         uint32_t *all = NULL;
         char c;
 
@@ -1018,6 +1021,8 @@ static int run_load(load *L, result *res)
         }
         {
                 unsigned n_failed = 0, first = 0;
+                struct rusage ru0, ru1;
+                getrusage(RUSAGE_CHILDREN, &ru0);
                 for (unsigned i = 0; i < n_started; i++) {
                         int st;
                         while (waitpid(pids[i], &st, 0) < 0 && errno == EINTR)
@@ -1029,6 +1034,11 @@ static int run_load(load *L, result *res)
                                         slot_fail(&L->sh->slot[i], "exited abnormally (status 0x%x)", (unsigned)st);
                         }
                 }
+                getrusage(RUSAGE_CHILDREN, &ru1);
+                client_s = (double)(ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + ru1.ru_stime.tv_sec -
+                                    ru0.ru_stime.tv_sec) +
+                           (double)(ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec + ru1.ru_stime.tv_usec -
+                                    ru0.ru_stime.tv_usec) / 1e6;
                 if (n_failed) {
                         fail("%u of %u clients failed; client %u: %s", n_failed, n_started, first,
                              L->sh->slot[first].err);
@@ -1058,6 +1068,7 @@ static int run_load(load *L, result *res)
         res->requests = done;
         res->rps = (double)done / opt.seconds;
         res->cpu_us = done ? res->broker_cpu * opt.seconds / (double)done * 1e6 : 0;
+        res->client_us = all_n ? client_s / (double)all_n * 1e6 : 0;
         res->p50 = pct(all, all_n, 0.50);
         res->p99 = pct(all, all_n, 0.99);
         res->p999 = pct(all, all_n, 0.999);
@@ -1327,8 +1338,8 @@ static void print_row(const char *name, const result *r, const char *limit)
                 printf("  %-30s %7u  %s\n", name, r->clients, r->status[0] ? r->status : "not run");
                 return;
         }
-        printf("  %-30s %7u %8.0f %8.3f %8.3f %8.3f %8.3f %5.0f%% %6.0f", name, r->clients, r->rps, r->p50, r->p99,
-               r->p999, r->max, r->broker_cpu * 100, r->cpu_us);
+        printf("  %-30s %7u %8.0f %8.3f %8.3f %8.3f %8.3f %5.0f%% %6.0f %6.0f", name, r->clients, r->rps, r->p50,
+               r->p99, r->p999, r->max, r->broker_cpu * 100, r->cpu_us, r->client_us);
         if (limit)
                 printf("   %5.1f%% of %s", r->ratio * 100, limit);
         if (r->status[0])
@@ -1352,6 +1363,7 @@ static json_t *row_json(const char *name, const result *r, const char *limit)
         json_object_set_new(o, "max_ms", json_real(r->max));
         json_object_set_new(o, "broker_cpu_cores", json_real(r->broker_cpu));
         json_object_set_new(o, "broker_cpu_us_per_request", json_real(r->cpu_us));
+        json_object_set_new(o, "client_cpu_us_per_request", json_real(r->client_us));
         if (limit) {
                 json_object_set_new(o, "ratio", json_real(r->ratio));
                 json_object_set_new(o, "limit", json_string(limit));
@@ -1393,6 +1405,24 @@ static void loadavg(char *out, size_t outmax)
                 snprintf(out, outmax, "%.2f", a);
         if (f)
                 fclose(f);
+}
+
+/* Whole-machine CPU ticks from /proc/stat: total and stolen by the hypervisor. */
+static void cpu_ticks(unsigned long long *ret_total, unsigned long long *ret_steal)
+{
+        unsigned long long v[8] = { 0 };
+        FILE *f = fopen("/proc/stat", "re");
+
+        *ret_total = *ret_steal = 0;
+        if (!f)
+                return;
+        if (fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6],
+                   &v[7]) == 8) {
+                for (int i = 0; i < 8; i++)
+                        *ret_total += v[i];
+                *ret_steal = v[7];
+        }
+        fclose(f);
 }
 
 /* ---- main ----------------------------------------------------------------- */
@@ -1567,6 +1597,8 @@ int main(int argc, char **argv)
         uint64_t audited_requests = 0;
         target tg[6];
         int r, n_hold = 0, n_measured = 0;
+        unsigned long long tick0, steal0, tick1, steal1;
+        double steal_pct;
 
         if (parse_args(argc, argv) < 0)
                 return 2;
@@ -1629,6 +1661,7 @@ int main(int argc, char **argv)
         }
         cpu_model(cpu, sizeof cpu);
         loadavg(load0, sizeof load0);
+        cpu_ticks(&tick0, &steal0);
 
         /* 1. the limit */
         raw_s = opt.seconds < 0.5 ? 0.5 : opt.seconds > 3 ? 3 : opt.seconds;
@@ -1777,6 +1810,9 @@ int main(int argc, char **argv)
                 snprintf(sess.status, sizeof sess.status, "not run");
         }
 
+        cpu_ticks(&tick1, &steal1);
+        steal_pct = tick1 > tick0 ? 100.0 * (double)(steal1 - steal0) / (double)(tick1 - tick0) : 0;
+
         /* targets */
         memset(tg, 0, sizeof tg);
         tg[0].name = "IssueToken, 8 clients";
@@ -1839,9 +1875,9 @@ int main(int argc, char **argv)
                 for (size_t i = 0; i < n_rss; i++)
                         json_array_append_new(rss, json_pack("{s:s,s:I}", "after", rss_when[i], "vmrss_kb",
                                                              (json_int_t)rss_after[i]));
-                json_object_set_new(o, "machine", json_pack("{s:s,s:I,s:s,s:s}", "cpu", cpu, "cpus",
+                json_object_set_new(o, "machine", json_pack("{s:s,s:I,s:s,s:s,s:f}", "cpu", cpu, "cpus",
                                                             (json_int_t)sysconf(_SC_NPROCESSORS_ONLN), "loadavg_at_start",
-                                                            load0, "state_fs", fs_name(dir)));
+                                                            load0, "state_fs", fs_name(dir), "cpu_steal_pct", steal_pct));
                 json_object_set_new(o, "seconds", json_real(opt.seconds));
                 json_object_set_new(o, "raw", json_pack("{s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:I}", "sign_per_s", sign, "verify_per_s", verify,
                                                         "sign_before", sign0, "verify_before", verify0,
@@ -1880,7 +1916,9 @@ int main(int argc, char **argv)
 
         printf("\nagent-broker benchmark: %ld x %s, load average %s at start, %.1f s per measurement\n",
                sysconf(_SC_NPROCESSORS_ONLN), cpu, load0, opt.seconds);
-        printf("durable audit on (one fdatasync per event-loop turn); state dir on %s\n\n", fs_name(dir));
+        printf("durable audit on (one fdatasync per event-loop turn); state dir on %s; CPU steal during the run "
+               "%.1f%%\n\n",
+               fs_name(dir), steal_pct);
         printf("  limit: libsodium Ed25519 on one core, %zu-byte message:  sign %.0f/s   verify %.0f/s", opt.msg_bytes,
                sign, verify);
         if (sign1 > 0)
@@ -1888,8 +1926,8 @@ int main(int argc, char **argv)
                        verify0, sign1, verify1);
         printf("\n  disk: append 512 B + fdatasync in the state dir's filesystem: p50 %.3f ms (%.0f/s in a loop)\n\n",
                fsync_ms, fsync_rate);
-        printf("  %-30s %7s %8s %8s %8s %8s %8s %6s %6s   %s\n", "", "clients", "req/s", "p50 ms", "p99 ms",
-               "p99.9 ms", "max ms", "broker", "us/req", "vs limit");
+        printf("  %-30s %7s %8s %8s %8s %8s %8s %6s %6s %6s   %s\n", "", "clients", "req/s", "p50 ms", "p99 ms",
+               "p99.9 ms", "max ms", "broker", "us/req", "cli us", "vs limit");
         for (unsigned i = 0; i < 3; i++)
                 print_row(i == 0 ? "IssueToken (kept connection)" : "", &issue[i], "sign");
         for (unsigned i = 0; i < 3; i++)
@@ -1898,7 +1936,8 @@ int main(int argc, char **argv)
         print_row("PAM pam_authenticate", &pam, NULL);
         if (pam.measured)
                 printf("  %-30s mean pam_start_confdir+authenticate+end cycle %.3f ms\n", "", pam.mean_cycle);
-        printf("  (broker: its CPU time over the window, 100%% = one core busy; us/req: broker CPU per request)\n\n");
+        printf("  (broker: its CPU time over the window, 100%% = one core busy; us/req: broker CPU per request;\n"
+               "   cli us: the load generator's CPU per request, for what is left of the machine)\n\n");
         if (cold.measured)
                 printf("  cold start (socket-activated, connect to IssueToken reply): median %.1f ms of %u "
                        "restarts (min %.1f, max %.1f); first boot on an empty state dir %.1f ms\n",
