@@ -1205,6 +1205,13 @@ static int cmp_sid(const void *a, const void *b)
         return strcmp(a, b);
 }
 
+/* The first of many concurrent session processes to fail names the error. */
+static void first_fail(slot *err, const char *what, const char *detail)
+{
+        if (__atomic_exchange_n(&err->failed, 1, __ATOMIC_SEQ_CST) == 0)
+                snprintf(err->err, sizeof err->err, "%s: %.200s", what, detail);
+}
+
 static int session_child(const char *sock, char *sid_out, slot *err)
 {
         char *buf = malloc(REPLY_MAX + 1);
@@ -1212,16 +1219,16 @@ static int session_child(const char *sock, char *sid_out, slot *err)
         ssize_t n;
 
         if (!buf || fd < 0) {
-                slot_fail(err, "connect: %s", fd < 0 ? strerror(-fd) : "out of memory");
+                first_fail(err, "connect", fd < 0 ? strerror(-fd) : "out of memory");
                 return 1;
         }
         n = vcall(fd, issue_req, sizeof issue_req - 1, buf);
         if (n < 0) {
-                slot_fail(err, "IssueToken: %s", ecode(n));
+                first_fail(err, "IssueToken", ecode(n));
                 return 1;
         }
         if (strncmp(buf, "{\"parameters\":", 14) != 0 || !reply_str(buf, "sid", sid_out, SID_MAX)) {
-                slot_fail(err, "IssueToken: %.200s", buf);
+                first_fail(err, "IssueToken", buf);
                 return 1;
         }
         return 0;
@@ -1289,7 +1296,7 @@ static void run_sessions(sess_result *sr)
                 if (WIFEXITED(wst) && WEXITSTATUS(wst) == 0)
                         ok++;
                 else if (!errs->failed)
-                        slot_fail(errs, "a session process died (status 0x%x)", (unsigned)wst);
+                        first_fail(errs, "a session process died", "killed or crashed");
         }
         sr->seconds = (double)(now_ns() - t0) / 1e9;
         if (errs->failed)
