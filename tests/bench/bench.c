@@ -21,6 +21,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <dirent.h>
 #include <ftw.h>
 #include <getopt.h>
 #include <limits.h>
@@ -609,6 +610,39 @@ static int cmp_u32_fwd(const void *a, const void *b)
         return x < y ? -1 : x > y;
 }
 
+/* Seconds the process's threads waited on a run queue (runnable, not running), -1 if unknown. */
+static double proc_runq_wait_s(pid_t pid)
+{
+        char path[64];
+        unsigned long long sum = 0;
+        bool any = false;
+        struct dirent *de;
+        DIR *d;
+
+        snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+        d = opendir(path);
+        if (!d)
+                return -1;
+        while ((de = readdir(d))) {
+                char p[128];
+                unsigned long long run, wait;
+                FILE *f;
+                if (de->d_name[0] == '.')
+                        continue;
+                snprintf(p, sizeof p, "/proc/%d/task/%s/schedstat", (int)pid, de->d_name);
+                f = fopen(p, "re");
+                if (!f)
+                        continue;
+                if (fscanf(f, "%llu %llu", &run, &wait) == 2) {
+                        sum += wait;
+                        any = true;
+                }
+                fclose(f);
+        }
+        closedir(d);
+        return any ? (double)sum / 1e9 : -1;
+}
+
 /* ---- raw Ed25519 ---------------------------------------------------------- */
 
 static double raw_rate(bool verify, double seconds)
@@ -729,6 +763,7 @@ typedef struct result {
         double broker_cpu;   /* broker CPU time / window: 1.0 is one core busy */
         double cpu_us;       /* broker CPU microseconds per request */
         double client_us;    /* the load generator's CPU microseconds per request (all clients, whole run) */
+        double runq_wait;    /* share of the window the broker was runnable but waited for a CPU */
 } result;
 
 static void slot_fail(slot *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -1011,13 +1046,17 @@ static int run_load(load *L, result *res)
         close(go[1]); /* go */
         go[1] = -1;
         if (L->broker_pid > 0) {
-                double c0, c1;
+                double c0, c1, w0, w1;
                 sleep_until(L->sh->start);
                 c0 = proc_cpu_s(L->broker_pid);
+                w0 = proc_runq_wait_s(L->broker_pid);
                 sleep_until(L->sh->deadline);
                 c1 = proc_cpu_s(L->broker_pid);
+                w1 = proc_runq_wait_s(L->broker_pid);
                 if (c0 >= 0 && c1 >= c0)
                         res->broker_cpu = (c1 - c0) / opt.seconds;
+                if (w0 >= 0 && w1 >= w0)
+                        res->runq_wait = (w1 - w0) / opt.seconds;
         }
         {
                 unsigned n_failed = 0, first = 0;
@@ -1351,6 +1390,8 @@ static void print_row(const char *name, const result *r, const char *limit)
                 printf("   %5.1f%% of %s", r->ratio * 100, limit);
         if (r->status[0])
                 printf("  [%s]", r->status);
+        if (r->runq_wait >= 0.05)
+                printf("  [broker waited for a CPU %.0f%% of the time]", r->runq_wait * 100);
         putchar('\n');
 }
 
@@ -1371,6 +1412,7 @@ static json_t *row_json(const char *name, const result *r, const char *limit)
         json_object_set_new(o, "broker_cpu_cores", json_real(r->broker_cpu));
         json_object_set_new(o, "broker_cpu_us_per_request", json_real(r->cpu_us));
         json_object_set_new(o, "client_cpu_us_per_request", json_real(r->client_us));
+        json_object_set_new(o, "broker_runqueue_wait_share", json_real(r->runq_wait));
         if (limit) {
                 json_object_set_new(o, "ratio", json_real(r->ratio));
                 json_object_set_new(o, "limit", json_string(limit));
