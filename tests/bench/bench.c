@@ -16,8 +16,9 @@
  *
  * Usage: bench [--seconds S] [--json] [--sessions N] [--cold-runs N]
  *              [--only LIST] [--build DIR] [--keep]
- * BENCH_BROKER_WRAPPER="perf record -g -o FILE --" runs the main broker
- * (the one the load phases use) under a profiler.
+ * BENCH_BROKER_WRAPPER="strace -f -c -o FILE" runs the main broker (the
+ * one the load phases use) under a tool; for perf, attach to the pid it
+ * prints (docs/performance.md).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -84,7 +85,7 @@ static struct {
 static char dir[PATH_MAX];   /* temporary directory, removed at exit unless --keep */
 static char user[256];       /* the user running the bench (and the broker) */
 static pid_t main_pid;       /* the benchmark process (children must not clean up) */
-static pid_t live_brokers[4];
+static pid_t live_brokers[8]; /* what we started, and the daemons inside wrappers */
 static int n_errors;
 
 typedef struct broker {
@@ -509,6 +510,8 @@ static int broker_start(broker *b, const char *wrapper)
                         if (n > 0 && strstr(buf, "\"interfaces\"")) {
                                 pid_t d = find_daemon(b->pid, 4);
                                 b->daemon_pid = d > 0 ? d : b->pid;
+                                if (b->daemon_pid != b->pid)
+                                        track_broker(b->daemon_pid, true);
                                 r = 0;
                                 break;
                         }
@@ -531,12 +534,17 @@ static int broker_stop(broker *b)
 
         if (b->pid <= 0)
                 return -ECHILD;
-        kill(b->pid, SIGTERM);
+        /* a wrapper (strace, valgrind, perf) ends when the daemon inside it does */
+        kill(b->daemon_pid > 0 ? b->daemon_pid : b->pid, SIGTERM);
         for (;;) {
                 pid_t w = waitpid(b->pid, &st, WNOHANG);
                 if (w == b->pid)
                         break;
                 if (now_ns() > deadline) {
+                        if (b->daemon_pid > 0 && b->daemon_pid != b->pid) {
+                                kill(b->daemon_pid, SIGKILL);
+                                track_broker(b->daemon_pid, false);
+                        }
                         kill(b->pid, SIGKILL);
                         waitpid(b->pid, &st, 0);
                         track_broker(b->pid, false);
@@ -547,6 +555,8 @@ static int broker_stop(broker *b)
                 sleep_ms(5);
         }
         track_broker(b->pid, false);
+        if (b->daemon_pid > 0 && b->daemon_pid != b->pid)
+                track_broker(b->daemon_pid, false);
         b->pid = 0;
         if (b->wrapped) {
                 if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
@@ -1483,7 +1493,7 @@ static void cleanup(void)
         for (size_t i = 0; i < sizeof live_brokers / sizeof live_brokers[0]; i++)
                 if (live_brokers[i] > 0) {
                         kill(live_brokers[i], SIGKILL);
-                        waitpid(live_brokers[i], NULL, 0);
+                        waitpid(live_brokers[i], NULL, WNOHANG); /* reaped later if it is our child */
                         live_brokers[i] = 0;
                 }
         if (dir[0] && !opt.keep)
@@ -1508,11 +1518,13 @@ static void usage(FILE *f)
                    "  --sessions-timeout S   stop forking session processes after S s (default 180)\n"
                    "  --cold-runs N      socket-activated restarts for the cold-start median (default 7)\n"
                    "  --msg-bytes N      message size for the raw sign/verify figure (default 300)\n"
-                   "  --only LIST        run only these phases: raw,issue,introspect,connect,pam,cold,sessions\n"
+                   "  --only LIST        run only these phases: issue,introspect,connect,pam,cold,sessions\n"
+                   "                     (the raw Ed25519 limit is always measured)\n"
                    "  --build DIR        build directory with agent-brokerd (default: this program's)\n"
                    "  --pam-module PATH  absolute path of the PAM module (default: DIR/pam_agent_broker.so)\n"
                    "  --keep             keep the temporary directory (logs, state, audit)\n\n"
-                   "BENCH_BROKER_WRAPPER (e.g. \"perf record -g -o FILE --\") runs the load-phase broker under it.\n"
+                   "BENCH_BROKER_WRAPPER (e.g. \"strace -f -c -o FILE\") runs the load-phase broker under a tool\n"
+                   "that passes SIGTERM on; for perf, attach with perf record -p to the pid printed at start.\n"
                    "Exit status: 0, 1 if anything failed (never because of a slow figure), 2 usage.\n");
 }
 
