@@ -66,6 +66,12 @@ typedef struct ab_client ab_client;
  */
 int ab_client_connect(const char *path, int timeout_ms, ab_client **ret);
 
+/*
+ * Bound each later call on c by timeout_ms (> 0) instead of the value
+ * given to ab_client_connect. Returns 0 or AB_ERR_INVALID.
+ */
+int ab_client_set_timeout(ab_client *c, int timeout_ms);
+
 /* Close the connection and free the handle. Accepts NULL. */
 void ab_client_free(ab_client *c);
 

@@ -114,6 +114,14 @@ fail:
         return r;
 }
 
+AB_EXPORT int ab_client_set_timeout(ab_client *c, int timeout_ms)
+{
+        if (!c || timeout_ms <= 0)
+                return AB_ERR_INVALID;
+        c->timeout_ms = timeout_ms;
+        return 0;
+}
+
 AB_EXPORT void ab_client_free(ab_client *c)
 {
         if (!c)
@@ -203,6 +211,7 @@ static int call_json(ab_client *c, const char *method, json_t *params, json_t **
         }
         deadline = mono_ms() + c->timeout_ms;
         r = send_all(c, msg, len, deadline);
+        sodium_memzero(msg, len); /* requests may hold tokens */
         free(msg);
         /* a broker that refuses us (rate limit, too many connections)
          * writes its reason and closes: read it even if our send failed */

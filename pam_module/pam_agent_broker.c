@@ -1,0 +1,437 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * pam_agent_broker.so: PAM services accept agent-broker tokens.
+ *
+ * Thin by design: the module reads its arguments, asks the broker
+ * (Introspect, OpenPamSession, ClosePamSession over the agent socket) and
+ * maps the answer to a PAM code. Every decision, and the audit record of
+ * it, is the broker's. The module keeps no global state, installs no signal
+ * handler, never exits, opens its socket O_CLOEXEC and closes it before
+ * returning, and wipes every copy of the token it makes.
+ *
+ * Between the stages of one PAM handle the accepted token and the PAM
+ * session id travel as pam_set_data() items, wiped when libpam drops them.
+ */
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <syslog.h>
+#include <time.h>
+#include <jansson.h>
+#include <sodium.h>
+#include <security/pam_ext.h>
+#include <security/pam_modules.h>
+#include "../client/agentbroker.h"
+#include "../common/jwt.h"
+#include "args.h"
+
+#define DATA_TOKEN "pam_agent_broker:token"
+#define DATA_PAM_ID "pam_agent_broker:pam_session"
+#define ENV_PAM_ID "AGENT_BROKER_PAM_SESSION"
+#define PROMPT "Agent token: "
+#define REAUTH_MESSAGE "re-authentication required: authenticate at agent-broker, then retry"
+#define USER_MAX 256   /* the broker's limit for a PAM user */
+#define ITEM_MAX 256   /* tty, rhost */
+#define SERVICE_MAX 123 /* "pam:" + service within the broker's 128 */
+
+#define M_INTROSPECT "io.agentbroker.Introspect"
+#define M_OPEN "io.agentbroker.OpenPamSession"
+#define M_CLOSE "io.agentbroker.ClosePamSession"
+
+typedef struct ctx {
+        pam_handle_t *pamh;
+        ab_pam_args args;
+        const char *service;
+        char audience[AB_PAM_AUDIENCE_MAX + 1];
+        char reason[64];     /* Introspect's reason when inactive */
+        char error[128];     /* varlink error name of a failed call */
+        char agent[128];     /* client_id of an active token, for the log */
+        char jti[64];
+} ctx;
+
+static void warn_arg(void *userdata, const char *arg, const char *why)
+{
+        pam_syslog(userdata, LOG_WARNING, "ignoring argument \"%.80s\": %s", arg, why);
+}
+
+/* A string fit to send: non-empty, at most max bytes, no control characters. */
+static bool sane(const char *s, size_t max)
+{
+        size_t n;
+        if (!s)
+                return false;
+        n = strnlen(s, max + 1);
+        if (n == 0 || n > max)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f)
+                        return false;
+        return true;
+}
+
+/* Arguments and service: PAM_SUCCESS or PAM_SERVICE_ERR. */
+static int ctx_init(ctx *x, pam_handle_t *pamh, int argc, const char **argv)
+{
+        const void *item = NULL;
+        int n;
+
+        memset(x, 0, sizeof *x);
+        x->pamh = pamh;
+        ab_pam_args_parse(argc, argv, &x->args, warn_arg, pamh);
+        if (pam_get_item(pamh, PAM_SERVICE, &item) != PAM_SUCCESS || !sane(item, SERVICE_MAX)) {
+                pam_syslog(pamh, LOG_ERR, "no usable PAM service name");
+                return PAM_SERVICE_ERR;
+        }
+        x->service = item;
+        if (x->args.audience[0])
+                memcpy(x->audience, x->args.audience, sizeof x->audience);
+        else {
+                n = snprintf(x->audience, sizeof x->audience, "pam:%s", x->service);
+                if (n < 0 || (size_t)n >= sizeof x->audience)
+                        return PAM_SERVICE_ERR;
+        }
+        return PAM_SUCCESS;
+}
+
+/*
+ * Plainly a broker token: a compact JWS no longer than the broker issues,
+ * three non-empty base64url segments, the header a JSON object ("eyJ").
+ * Anything else (a password, garbage, a megabyte) is not sent anywhere.
+ */
+static bool looks_like_token(const char *t)
+{
+        size_t n = 0, dots = 0, seg = 0;
+
+        if (!t || strncmp(t, "eyJ", 3) != 0)
+                return false;
+        for (; t[n]; n++) {
+                unsigned char ch = (unsigned char)t[n];
+                if (n >= AB_JWT_MAX)
+                        return false;
+                if (ch == '.') {
+                        if (seg == 0 || ++dots > 2)
+                                return false;
+                        seg = 0;
+                        continue;
+                }
+                if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
+                      ch == '-' || ch == '_'))
+                        return false;
+                seg++;
+        }
+        return dots == 2 && seg > 0;
+}
+
+static void wipe_cleanup(pam_handle_t *pamh, void *data, int status)
+{
+        (void)pamh;
+        (void)status;
+        if (data) {
+                sodium_memzero(data, strlen(data));
+                free(data);
+        }
+}
+
+/*
+ * One call to the broker, bounded as a whole (connect and reply) by
+ * timeout_ms. params is stolen. 0 with *ret_reply (a new reference), or a
+ * negative AB_ERR_* code with x->error naming the varlink error if there
+ * was one. Every buffer that held the request is wiped.
+ */
+static int broker_call(ctx *x, const char *method, json_t *params, json_t **ret_reply)
+{
+        const char *path = x->args.socket[0] ? x->args.socket : AB_DEFAULT_SOCKET;
+        ab_client *c = NULL;
+        char *text = NULL, *reply_text = NULL;
+        json_t *reply = NULL;
+        struct timespec t0, t1;
+        long long left;
+        int r;
+
+        x->error[0] = 0;
+        if (!params)
+                return -ENOMEM;
+        text = json_dumps(params, JSON_COMPACT);
+        json_decref(params);
+        if (!text)
+                return -ENOMEM;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        r = ab_client_connect(path, x->args.timeout_ms, &c);
+        if (r == 0) {
+                clock_gettime(CLOCK_MONOTONIC, &t1);
+                left = x->args.timeout_ms - ((long long)(t1.tv_sec - t0.tv_sec) * 1000 +
+                                             (t1.tv_nsec - t0.tv_nsec) / 1000000);
+                r = left > 0 ? ab_client_set_timeout(c, (int)left) : AB_ERR_TIMEOUT;
+        }
+        if (r == 0)
+                r = ab_client_call(c, method, text, &reply_text);
+        if (r < 0)
+                snprintf(x->error, sizeof x->error, "%s", ab_client_error_name(c));
+        ab_client_free(c);
+        sodium_memzero(text, strlen(text));
+        free(text);
+        if (r < 0)
+                return r;
+        reply = json_loads(reply_text, 0, NULL);
+        ab_token_free(reply_text);
+        if (!json_is_object(reply)) {
+                json_decref(reply);
+                return AB_ERR_PROTOCOL;
+        }
+        *ret_reply = reply;
+        return 0;
+}
+
+/* A failed call: the broker could not be asked (fail closed), or it refused the request itself. */
+static bool call_unavailable(const ctx *x, int r)
+{
+        if (r == AB_ERR_DENIED)
+                return strcmp(x->error, "io.agentbroker.RateLimited") == 0;
+        if (r == AB_ERR_REMOTE)
+                return strcmp(x->error, "io.agentbroker.InvalidParameter") != 0;
+        return true;
+}
+
+static void log_call_failure(const ctx *x, const char *what, int r)
+{
+        pam_syslog(x->pamh, LOG_ERR, "%s: broker at %s: %s%s%s", what,
+                   x->args.socket[0] ? x->args.socket : AB_DEFAULT_SOCKET, ab_strerror(r), x->error[0] ? ": " : "",
+                   x->error);
+}
+
+/*
+ * Introspect token for this service and user. 1 active, 0 inactive
+ * (x->reason says why), or a negative AB_ERR_* code.
+ */
+static int introspect(ctx *x, const char *token, const char *user)
+{
+        json_t *params, *reply = NULL, *v;
+        int r;
+
+        params = json_pack("{s:s, s:s, s:s, s:s, s:s}", "token", token, "audience", x->audience, "scope",
+                           x->args.scope, "user", user, "service", x->audience);
+        if (params && x->args.max_auth_age > 0 &&
+            json_object_set_new(params, "max_auth_age", json_integer(x->args.max_auth_age)) < 0) {
+                json_decref(params);
+                params = NULL;
+        }
+        r = broker_call(x, M_INTROSPECT, params, &reply);
+        if (r < 0)
+                return r;
+        v = json_object_get(reply, "active");
+        if (!json_is_boolean(v)) {
+                json_decref(reply);
+                return AB_ERR_PROTOCOL;
+        }
+        r = json_is_true(v) ? 1 : 0;
+        if (r) {
+                snprintf(x->agent, sizeof x->agent, "%s", json_string_value(json_object_get(reply, "client_id")) ?: "?");
+                snprintf(x->jti, sizeof x->jti, "%s", json_string_value(json_object_get(reply, "jti")) ?: "?");
+        } else
+                snprintf(x->reason, sizeof x->reason, "%s",
+                         json_string_value(json_object_get(reply, "reason")) ?: "unknown");
+        json_decref(reply);
+        return r;
+}
+
+/* PAM_USER as set (never prompting), if it is fit to send. */
+static const char *current_user(pam_handle_t *pamh)
+{
+        const void *item = NULL;
+        if (pam_get_item(pamh, PAM_USER, &item) != PAM_SUCCESS || !sane(item, USER_MAX))
+                return NULL;
+        return item;
+}
+
+static void tell_reauth(ctx *x, int flags)
+{
+        if (!(flags & PAM_SILENT))
+                pam_info(x->pamh, "%s", REAUTH_MESSAGE);
+}
+
+PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, const char **argv)
+{
+        const char *user = NULL, *tok = NULL;
+        char *copy;
+        ctx x;
+        int r;
+
+        r = ctx_init(&x, pamh, argc, argv);
+        if (r != PAM_SUCCESS)
+                return r;
+        r = pam_get_user(pamh, &user, NULL);
+        if (r == PAM_CONV_AGAIN)
+                return PAM_INCOMPLETE;
+        if (r != PAM_SUCCESS) {
+                pam_syslog(pamh, LOG_NOTICE, "cannot determine the user: %s", pam_strerror(pamh, r));
+                return r == PAM_USER_UNKNOWN ? r : PAM_USER_UNKNOWN;
+        }
+        if (!sane(user, USER_MAX)) {
+                pam_syslog(pamh, LOG_NOTICE, "refusing an empty, overlong or unprintable user name");
+                return PAM_USER_UNKNOWN;
+        }
+        r = pam_get_authtok(pamh, PAM_AUTHTOK, &tok, PROMPT);
+        if (r == PAM_CONV_AGAIN)
+                return PAM_INCOMPLETE;
+        if (r != PAM_SUCCESS || !tok) {
+                if (x.args.debug)
+                        pam_syslog(pamh, LOG_DEBUG, "no token: %s", pam_strerror(pamh, r));
+                return x.args.ignore_non_token ? PAM_IGNORE : PAM_AUTH_ERR;
+        }
+        if (!looks_like_token(tok)) {
+                if (x.args.ignore_non_token) {
+                        if (x.args.debug)
+                                pam_syslog(pamh, LOG_DEBUG, "user %s: not an agent token, ignored", user);
+                        return PAM_IGNORE;
+                }
+                pam_syslog(pamh, LOG_NOTICE, "user %s: refused: not an agent token", user);
+                return PAM_AUTH_ERR;
+        }
+        r = introspect(&x, tok, user);
+        if (r < 0) {
+                log_call_failure(&x, "cannot check a token", r);
+                return call_unavailable(&x, r) ? PAM_AUTHINFO_UNAVAIL : PAM_AUTH_ERR;
+        }
+        if (r == 0) {
+                pam_syslog(pamh, LOG_NOTICE, "user %s: token refused by the broker: %s (audience %s, scope %s)", user,
+                           x.reason, x.audience, x.args.scope);
+                if (strcmp(x.reason, "auth_too_old") == 0)
+                        tell_reauth(&x, flags);
+                return PAM_AUTH_ERR;
+        }
+        copy = strdup(tok);
+        if (!copy)
+                return PAM_BUF_ERR;
+        r = pam_set_data(pamh, DATA_TOKEN, copy, wipe_cleanup);
+        if (r != PAM_SUCCESS) {
+                wipe_cleanup(pamh, copy, 0);
+                return PAM_BUF_ERR;
+        }
+        pam_syslog(pamh, LOG_INFO, "user %s: accepted the token of agent %s (jti %s)", user, x.agent, x.jti);
+        return PAM_SUCCESS;
+}
+
+PAM_EXTERN int pam_sm_setcred(pam_handle_t *pamh, int flags, int argc, const char **argv)
+{
+        const void *data = NULL;
+        (void)flags;
+        (void)argc;
+        (void)argv;
+        return pam_get_data(pamh, DATA_TOKEN, &data) == PAM_SUCCESS && data ? PAM_SUCCESS : PAM_IGNORE;
+}
+
+PAM_EXTERN int pam_sm_acct_mgmt(pam_handle_t *pamh, int flags, int argc, const char **argv)
+{
+        const void *token = NULL;
+        const char *user;
+        ctx x;
+        int r;
+
+        if (pam_get_data(pamh, DATA_TOKEN, &token) != PAM_SUCCESS || !token)
+                return PAM_IGNORE; /* not authenticated by this module */
+        r = ctx_init(&x, pamh, argc, argv);
+        if (r != PAM_SUCCESS)
+                return r;
+        user = current_user(pamh);
+        if (!user)
+                return PAM_USER_UNKNOWN;
+        r = introspect(&x, token, user);
+        if (r < 0) {
+                log_call_failure(&x, "cannot re-check the token", r);
+                return call_unavailable(&x, r) ? PAM_AUTHINFO_UNAVAIL : PAM_PERM_DENIED;
+        }
+        if (r == 0) {
+                pam_syslog(pamh, LOG_NOTICE, "user %s: account refused: the token is no longer valid: %s", user,
+                           x.reason);
+                if (strcmp(x.reason, "auth_too_old") == 0)
+                        tell_reauth(&x, flags);
+                return PAM_PERM_DENIED;
+        }
+        if (x.args.debug)
+                pam_syslog(pamh, LOG_DEBUG, "user %s: token still active (jti %s)", user, x.jti);
+        return PAM_SUCCESS;
+}
+
+/* An optional PAM item worth recording (tty, rhost), or NULL. */
+static const char *optional_item(pam_handle_t *pamh, int type)
+{
+        const void *item = NULL;
+        if (pam_get_item(pamh, type, &item) != PAM_SUCCESS || !sane(item, ITEM_MAX))
+                return NULL;
+        return item;
+}
+
+PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, const char **argv)
+{
+        const void *token = NULL;
+        const char *user, *tty, *rhost, *id;
+        json_t *params, *reply = NULL;
+        char env[sizeof ENV_PAM_ID + 64], *copy;
+        ctx x;
+        int r;
+
+        (void)flags;
+        if (pam_get_data(pamh, DATA_TOKEN, &token) != PAM_SUCCESS || !token)
+                return PAM_IGNORE;
+        r = ctx_init(&x, pamh, argc, argv);
+        if (r != PAM_SUCCESS)
+                return r;
+        user = current_user(pamh);
+        if (!user)
+                return PAM_SESSION_ERR;
+        tty = optional_item(pamh, PAM_TTY);
+        rhost = optional_item(pamh, PAM_RHOST);
+        params = json_pack("{s:s, s:s, s:s}", "token", (const char *)token, "service", x.service, "user", user);
+        if (params && ((tty && json_object_set_new(params, "tty", json_string(tty)) < 0) ||
+                       (rhost && json_object_set_new(params, "rhost", json_string(rhost)) < 0))) {
+                json_decref(params);
+                params = NULL;
+        }
+        r = broker_call(&x, M_OPEN, params, &reply);
+        if (r < 0) {
+                log_call_failure(&x, "cannot record the PAM session", r);
+                return PAM_SESSION_ERR;
+        }
+        id = json_string_value(json_object_get(reply, "id"));
+        if (!sane(id, 63) || !(copy = strdup(id))) {
+                json_decref(reply);
+                pam_syslog(pamh, LOG_ERR, "the broker answered OpenPamSession without a usable id");
+                return PAM_SESSION_ERR;
+        }
+        json_decref(reply);
+        if (pam_set_data(pamh, DATA_PAM_ID, copy, wipe_cleanup) != PAM_SUCCESS) {
+                free(copy);
+                return PAM_BUF_ERR;
+        }
+        snprintf(env, sizeof env, "%s=%s", ENV_PAM_ID, copy);
+        (void)pam_putenv(pamh, env); /* informational: the session's processes can name their record */
+        pam_syslog(pamh, LOG_INFO, "user %s: PAM session %s recorded with the broker", user, copy);
+        return PAM_SUCCESS;
+}
+
+PAM_EXTERN int pam_sm_close_session(pam_handle_t *pamh, int flags, int argc, const char **argv)
+{
+        const void *id = NULL;
+        json_t *reply = NULL;
+        ctx x;
+        int r;
+
+        (void)flags;
+        if (pam_get_data(pamh, DATA_PAM_ID, &id) != PAM_SUCCESS || !id)
+                return PAM_IGNORE;
+        r = ctx_init(&x, pamh, argc, argv);
+        if (r != PAM_SUCCESS)
+                return r;
+        r = broker_call(&x, M_CLOSE, json_pack("{s:s}", "id", (const char *)id), &reply);
+        if (r < 0) {
+                log_call_failure(&x, "cannot close the PAM session record", r);
+                return PAM_SESSION_ERR;
+        }
+        json_decref(reply);
+        if (x.args.debug)
+                pam_syslog(pamh, LOG_DEBUG, "PAM session %s closed", (const char *)id);
+        (void)pam_set_data(pamh, DATA_PAM_ID, NULL, NULL);
+        return PAM_SUCCESS;
+}
