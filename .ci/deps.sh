@@ -8,6 +8,7 @@ apt-get install -y -qq --no-install-recommends \
         build-essential pkg-config clang \
         libsystemd-dev libsodium-dev liblmdb-dev libpam0g-dev libjansson-dev libcmocka-dev \
         systemd python3 python3-jwt python3-cryptography python3-nacl pamtester lmdb-utils \
+        openssh-server openssh-client sshpass \
         valgrind ca-certificates >/dev/null
 # Node.js for the client tests: a machine that has one (NodeSource's nodejs
 # carries its own npm and conflicts with Debian's npm package) keeps it;

@@ -30,6 +30,7 @@
 #define DATA_TOKEN "pam_agent_broker:token"
 #define DATA_PAM_ID "pam_agent_broker:pam_session"
 #define ENV_PAM_ID "AGENT_BROKER_PAM_SESSION"
+#define ENV_JTI "AGENT_BROKER_JTI"
 #define PROMPT "Agent token: "
 #define REAUTH_MESSAGE "re-authentication required: authenticate at agent-broker, then retry"
 #define USER_MAX 256   /* the broker's limit for a PAM user */
@@ -309,17 +310,41 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
                 wipe_cleanup(pamh, copy, 0);
                 return PAM_BUF_ERR;
         }
+        /*
+         * The jti (not a secret) in the PAM environment: it names the token
+         * to the login's processes, and it survives the fork that sshd
+         * authenticates in, which PAM data does not (see setcred).
+         */
+        if (sane(x.jti, sizeof x.jti - 1)) {
+                char env[sizeof ENV_JTI + sizeof x.jti + 1];
+                snprintf(env, sizeof env, "%s=%s", ENV_JTI, x.jti);
+                (void)pam_putenv(pamh, env);
+        }
         pam_syslog(pamh, LOG_INFO, "user %s: accepted the token of agent %s (jti %s)", user, x.agent, x.jti);
         return PAM_SUCCESS;
 }
 
-PAM_EXTERN int pam_sm_setcred(pam_handle_t *pamh, int flags, int argc, const char **argv)
+/*
+ * Whether this module accepted a token for this handle: its PAM data, or
+ * (sshd runs pam_authenticate in a forked child and copies only the PAM
+ * environment back) the jti it put in the environment.
+ */
+static bool authenticated_here(pam_handle_t *pamh, bool *ret_elsewhere)
 {
         const void *data = NULL;
+        if (pam_get_data(pamh, DATA_TOKEN, &data) == PAM_SUCCESS && data)
+                return true;
+        *ret_elsewhere = pam_getenv(pamh, ENV_JTI) != NULL;
+        return false;
+}
+
+PAM_EXTERN int pam_sm_setcred(pam_handle_t *pamh, int flags, int argc, const char **argv)
+{
+        bool elsewhere = false;
         (void)flags;
         (void)argc;
         (void)argv;
-        return pam_get_data(pamh, DATA_TOKEN, &data) == PAM_SUCCESS && data ? PAM_SUCCESS : PAM_IGNORE;
+        return authenticated_here(pamh, &elsewhere) || elsewhere ? PAM_SUCCESS : PAM_IGNORE;
 }
 
 PAM_EXTERN int pam_sm_acct_mgmt(pam_handle_t *pamh, int flags, int argc, const char **argv)
@@ -373,8 +398,15 @@ PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, cons
         int r;
 
         (void)flags;
-        if (pam_get_data(pamh, DATA_TOKEN, &token) != PAM_SUCCESS || !token)
+        if (pam_get_data(pamh, DATA_TOKEN, &token) != PAM_SUCCESS || !token) {
+                bool elsewhere = false;
+                if (!authenticated_here(pamh, &elsewhere) && elsewhere)
+                        pam_syslog(pamh, LOG_NOTICE,
+                                   "the token (jti %.64s) was accepted in another process (as sshd authenticates): "
+                                   "this PAM session is not recorded with the broker",
+                                   pam_getenv(pamh, ENV_JTI));
                 return PAM_IGNORE;
+        }
         r = ctx_init(&x, pamh, argc, argv);
         if (r != PAM_SUCCESS)
                 return r;

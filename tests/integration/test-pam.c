@@ -26,6 +26,8 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -40,6 +42,12 @@
 #define TEST_CLOCK_ENV "AGENT_BROKER_TEST_CLOCK"
 #define PAMTESTER "/usr/bin/pamtester"
 #define ETC_PAM_FILE "/etc/pam.d/" SERVICE_TESTER
+#define SERVICE_SSHD "agent-broker-sshd" /* sshd's PAM service is its program name */
+#define ETC_PAM_SSHD "/etc/pam.d/" SERVICE_SSHD
+#define SSHD "/usr/sbin/sshd"
+#define SSH "/usr/bin/ssh"
+#define SSHPASS "/usr/bin/sshpass"
+#define SSH_KEYGEN "/usr/bin/ssh-keygen"
 
 #define M_ISSUE "io.agentbroker.IssueToken"
 #define M_AUTH "io.agentbroker.Authenticate"
@@ -53,6 +61,8 @@ typedef struct fixture {
         char module[PATH_MAX];
         hx_conn *c;
         bool wrote_etc; /* ETC_PAM_FILE is ours to remove */
+        bool wrote_sshd; /* ETC_PAM_SSHD too */
+        pid_t sshd;
 } fixture;
 
 static const char POLICY[] =
@@ -62,6 +72,8 @@ static const char POLICY[] =
         "   {\"audience\": \"" AUD "\", \"scopes\": [\"login\", \"deploy\"], \"max_ttl\": 300,\n"
         "    \"users\": [\"root\", \"nobody\"]},\n"
         "   {\"audience\": \"pam:" SERVICE_TESTER "\", \"scopes\": [\"login\"], \"max_ttl\": 300,\n"
+        "    \"users\": [\"root\"]},\n"
+        "   {\"audience\": \"pam:" SERVICE_SSHD "\", \"scopes\": [\"login\"], \"max_ttl\": 300,\n"
         "    \"users\": [\"root\"]},\n"
         "   {\"audience\": \"" AUD_OTHER "\", \"scopes\": [\"login\"], \"max_ttl\": 300,\n"
         "    \"users\": [\"root\"]}]},\n"
@@ -102,6 +114,12 @@ static int teardown(void **state)
         int r = hx_broker_finish(&f->b);
         if (f->wrote_etc)
                 unlink(ETC_PAM_FILE);
+        if (f->wrote_sshd)
+                unlink(ETC_PAM_SSHD);
+        if (f->sshd > 0) {
+                kill(f->sshd, SIGTERM);
+                waitpid(f->sshd, NULL, 0);
+        }
         unsetenv(TEST_CLOCK_ENV);
         free(f);
         return r;
@@ -734,6 +752,148 @@ static void test_pamtester(void **state)
         free(tok);
 }
 
+
+/* A free TCP port on 127.0.0.1 (bound, then released). */
+static int free_port(void)
+{
+        struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+        socklen_t len = sizeof sa;
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), port;
+        assert_true(fd >= 0);
+        assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+        assert_int_equal(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
+        port = ntohs(sa.sin_port);
+        close(fd);
+        return port;
+}
+
+static bool port_answers(int port)
+{
+        struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        bool ok = fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
+        if (fd >= 0)
+                close(fd);
+        return ok;
+}
+
+/* ssh -p port root@127.0.0.1 CMD, answering the keyboard-interactive prompt with answer. */
+static void ssh_login(fixture *f, int port, const char *answer, hx_run_result *res)
+{
+        char ports[16], known[PATH_MAX];
+        snprintf(ports, sizeof ports, "%d", port);
+        snprintf(known, sizeof known, "UserKnownHostsFile=%s/known_hosts", f->b.dir);
+        char *argv[] = { SSHPASS, "-e", "-P", "Agent token", SSH, "-p", ports, "-o", "StrictHostKeyChecking=no",
+                         "-o", known, "-o", "PreferredAuthentications=keyboard-interactive", "-o",
+                         "NumberOfPasswordPrompts=1", "-o", "BatchMode=no", "-F", "/dev/null", "root@127.0.0.1",
+                         "echo LOGGED-IN; echo jti=$AGENT_BROKER_JTI", NULL };
+        setenv("SSHPASS", answer, 1);
+        assert_int_equal(hx_run(argv, NULL, -1, HX_RUN_TIMEOUT_MS, res), 0);
+        unsetenv("SSHPASS");
+}
+
+/*
+ * The real sshd: keyboard-interactive through the module stacked before
+ * Debian's common-auth, as docs/pam.md shows. sshd authenticates in a
+ * forked child, so this also covers a handle whose stages run in two
+ * processes.
+ */
+static void test_sshd(void **state)
+{
+        fixture *f = *state;
+        char link[PATH_MAX], conf[PATH_MAX], key[PATH_MAX], text[PATH_MAX * 4], *tok, *jti, want[128];
+        hx_run_result res = { 0 };
+        struct stat st;
+        int port;
+
+#if defined(__SANITIZE_ADDRESS__)
+        skip(); /* sshd cannot load a module built with AddressSanitizer */
+#endif
+        if (geteuid() != 0 || access(SSHD, X_OK) < 0 || access(SSH, X_OK) < 0 || access(SSHPASS, X_OK) < 0 ||
+            access("/etc/pam.d/common-auth", R_OK) < 0) {
+                fprintf(stderr, "SKIP: needs root, openssh-server, openssh-client, sshpass and Debian's PAM config\n");
+                skip();
+        }
+        assert_true(lstat(ETC_PAM_SSHD, &st) < 0);
+        snprintf(text, sizeof text,
+                 "auth [success=done ignore=ignore default=die] %s socket=%s ignore_non_token\n"
+                 "@include common-auth\n@include common-account\n"
+                 "session required %s socket=%s\n@include common-session-noninteractive\n",
+                 f->module, f->b.sock, f->module, f->b.sock);
+        f->wrote_sshd = true;
+        assert_int_equal(hx_write_file(ETC_PAM_SSHD, text, 0644), 0);
+
+        snprintf(key, sizeof key, "%s/hostkey", f->b.dir);
+        {
+                char *argv[] = { SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", key, NULL };
+                assert_int_equal(hx_run(argv, NULL, -1, HX_RUN_TIMEOUT_MS, &res), 0);
+                assert_int_equal(res.exit_code, 0);
+                hx_run_result_done(&res);
+        }
+        port = free_port();
+        snprintf(conf, sizeof conf, "%s/sshd_config", f->b.dir);
+        snprintf(text, sizeof text,
+                 "Port %d\nListenAddress 127.0.0.1\nHostKey %s\nUsePAM yes\nKbdInteractiveAuthentication yes\n"
+                 "PasswordAuthentication no\nPubkeyAuthentication no\nPermitRootLogin yes\n"
+                 "AuthenticationMethods keyboard-interactive\nPidFile none\n",
+                 port, key);
+        assert_int_equal(hx_write_file(conf, text, 0600), 0);
+        snprintf(link, sizeof link, "%s/" SERVICE_SSHD, f->b.dir);
+        assert_int_equal(symlink(SSHD, link), 0);
+        mkdir("/run/sshd", 0755); /* privilege separation directory */
+
+        f->sshd = fork();
+        assert_true(f->sshd >= 0);
+        if (f->sshd == 0) {
+                char log[PATH_MAX];
+                snprintf(log, sizeof log, "%s/sshd.log", f->b.dir);
+                execl(link, link, "-D", "-f", conf, "-E", log, (char *)NULL);
+                _exit(127);
+        }
+        for (long long t0 = hx_now_ms(); !port_answers(port); ) {
+                struct timespec ts = { 0, 20000000 };
+                assert_true(hx_now_ms() - t0 < HX_START_TIMEOUT_MS);
+                nanosleep(&ts, NULL);
+        }
+
+        tok = issue(f, "pam:" SERVICE_SSHD, "login", 0);
+        jti = claim(tok, "jti");
+        ssh_login(f, port, tok, &res);
+        if (res.exit_code != 0)
+                fprintf(stderr, "ssh: %d\n%s\n%s\n", res.exit_code, res.out, res.err);
+        assert_int_equal(res.exit_code, 0);
+        assert_non_null(strstr(res.out, "LOGGED-IN"));
+        snprintf(want, sizeof want, "jti=%s", jti);
+        assert_non_null(strstr(res.out, want)); /* the login knows which token let it in */
+        hx_run_result_done(&res);
+
+        /* a password goes past the module to pam_unix, which refuses it */
+        ssh_login(f, port, "not-a-token-and-not-the-password", &res);
+        assert_int_not_equal(res.exit_code, 0);
+        assert_null(strstr(res.out, "LOGGED-IN"));
+        hx_run_result_done(&res);
+
+        /* a token for another service, then the revoked token */
+        {
+                char *other = issue(f, AUD, "login", 0);
+                ssh_login(f, port, other, &res);
+                assert_int_not_equal(res.exit_code, 0);
+                hx_run_result_done(&res);
+                free(other);
+        }
+        revoke_jti(f, tok);
+        ssh_login(f, port, tok, &res);
+        assert_int_not_equal(res.exit_code, 0);
+        assert_null(strstr(res.out, "LOGGED-IN"));
+        hx_run_result_done(&res);
+
+        assert_int_equal(unlink(ETC_PAM_SSHD), 0);
+        f->wrote_sshd = false;
+        free(jti);
+        free(tok);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -750,6 +910,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_unknown_arguments_ignored, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_threads, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_pamtester, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_sshd, setup, teardown),
         };
         signal(SIGPIPE, SIG_IGN);
         return cmocka_run_group_tests_name("pam", tests, NULL, NULL);
