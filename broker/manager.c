@@ -275,6 +275,9 @@ int ab_conn_reply(ab_conn *c, json_t *params, const char *error)
                 c->held_from = c->out_len;
                 c->held_next = c->m->held;
                 c->m->held = c;
+                /* records queued earlier (and not by this call) must not hold it forever */
+                if (c->m->audit_defer)
+                        sd_event_source_set_enabled(c->m->audit_defer, SD_EVENT_ONESHOT);
         }
         r = out_append(c, msg, len);
         free(msg);
@@ -294,6 +297,8 @@ int ab_conn_error(ab_conn *c, const char *error, const char *reason, json_t *ext
         return ab_conn_reply(c, p, error);
 }
 
+static void usage_pending_settle(ab_manager *m, bool ok);
+
 /*
  * Once per event loop turn (idle priority: after every ready connection was
  * served): make the queued audit records durable with one sync, then let
@@ -310,6 +315,7 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
         if (r < 0)
                 ab_log(LOG_ERR, "audit trail %s cannot be written (%s): refusing the requests of this turn",
                        ab_audit_path(m->audit), ab_strerror(r));
+        usage_pending_settle(m, r >= 0);
         for (c = m->held, m->held = NULL; c; c = next) {
                 unsigned n = c->held_calls;
                 next = c->held_next;
@@ -333,6 +339,17 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
                 }
                 conn_update_events(c);
         }
+        if (r >= 0)
+                json_array_clear(m->turn_sessions);
+        else {
+                /* Their sessions exist in LMDB: their records go with the next
+                 * turn that syncs, before any token of those sessions. Queued
+                 * after the refusals above were sent, so that those are not held. */
+                size_t i;
+                json_t *rec;
+                json_array_foreach(m->turn_sessions, i, rec)
+                        (void)ab_audit_add(m->audit, "session.opened", json_deep_copy(rec));
+        }
         return 0;
 }
 
@@ -349,17 +366,79 @@ static int on_usage_timer(sd_event_source *s, uint64_t usec, void *userdata)
         return 0;
 }
 
-void ab_usage_note(ab_manager *m, const char *agent, const char *audience, const char *const *scopes, size_t n,
-                   int64_t now)
+struct ab_usage_pending {
+        char *agent, *audience, *scope;
+        int64_t now;
+};
+
+static void usage_pending_free(ab_manager *m)
 {
-        bool full = false;
-        for (size_t i = 0; i < n; i++)
-                full |= ab_usage_add(m->usage, agent, audience, scopes[i], now);
+        for (size_t i = 0; i < m->n_usage_pending; i++) {
+                free(m->usage_pending[i].agent);
+                free(m->usage_pending[i].audience);
+                free(m->usage_pending[i].scope);
+        }
+        m->n_usage_pending = 0;
+}
+
+static void usage_count(ab_manager *m, bool full)
+{
         if (full)
                 (void)on_usage_timer(NULL, 0, m);
         else if (m->usage_timer && sd_event_source_get_enabled(m->usage_timer, NULL) == 0) {
                 sd_event_source_set_time(m->usage_timer, ab_mono_usec() + AB_USAGE_FLUSH_USEC);
                 sd_event_source_set_enabled(m->usage_timer, SD_EVENT_ONESHOT);
+        }
+}
+
+/* The turn's audit records are durable (ok) or lost: count their tokens' usage, or drop it. */
+static void usage_pending_settle(ab_manager *m, bool ok)
+{
+        bool full = false;
+        if (m->n_usage_pending == 0)
+                return;
+        for (size_t i = 0; ok && i < m->n_usage_pending; i++) {
+                struct ab_usage_pending *u = &m->usage_pending[i];
+                full |= ab_usage_add(m->usage, u->agent, u->audience, u->scope, u->now);
+        }
+        usage_pending_free(m);
+        if (ok)
+                usage_count(m, full);
+}
+
+void ab_usage_note(ab_manager *m, const char *agent, const char *audience, const char *const *scopes, size_t n,
+                   int64_t now)
+{
+        bool full = false;
+
+        if (!m->audit) { /* no audit trail: nothing to wait for */
+                for (size_t i = 0; i < n; i++)
+                        full |= ab_usage_add(m->usage, agent, audience, scopes[i], now);
+                usage_count(m, full);
+                return;
+        }
+        for (size_t i = 0; i < n; i++) {
+                struct ab_usage_pending *u;
+                if (m->n_usage_pending == m->cap_usage_pending) {
+                        size_t cap = m->cap_usage_pending ? 2 * m->cap_usage_pending : 64;
+                        void *p = reallocarray(m->usage_pending, cap, sizeof *m->usage_pending);
+                        if (!p)
+                                return; /* a count lost, never a token refused for it */
+                        m->usage_pending = p;
+                        m->cap_usage_pending = cap;
+                }
+                u = &m->usage_pending[m->n_usage_pending];
+                u->agent = strdup(agent);
+                u->audience = strdup(audience);
+                u->scope = strdup(scopes[i]);
+                u->now = now;
+                if (!u->agent || !u->audience || !u->scope) {
+                        free(u->agent);
+                        free(u->audience);
+                        free(u->scope);
+                        return;
+                }
+                m->n_usage_pending++;
         }
 }
 
@@ -373,6 +452,9 @@ int ab_manager_audit(ab_manager *m, const char *event, json_t *rec)
         }
         if (rec && m->policy_version[0] && !json_object_get(rec, "policy"))
                 json_object_set_new(rec, "policy", json_string(m->policy_version));
+        if (rec && strcmp(event, "session.opened") == 0 &&
+            (m->turn_sessions || (m->turn_sessions = json_array())))
+                json_array_append_new(m->turn_sessions, json_deep_copy(rec));
         r = ab_audit_add(m->audit, event, rec);
         if (r < 0)
                 ab_log(LOG_ERR, "audit record %s could not be queued: %s", event, ab_strerror(r));
@@ -775,8 +857,11 @@ static void set_policy_version(ab_manager *m)
         snprintf(m->policy_version, sizeof m->policy_version, "%.16s", fp);
 }
 
-int ab_manager_reload_policy(ab_manager *m, json_t *findings, char *reason, size_t reasonmax)
+int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char *reason, size_t reasonmax)
 {
+        char old_version[sizeof m->policy_version];
+        const char *via = json_string_value(json_object_get(who, "via"));
+        json_t *rec;
         diag_sink sink = { .findings = findings };
         ab_diag diag = { .emit = policy_diag, .userdata = &sink };
         ab_compile_opts o = { .policy_path = m->cfg.policy_path, .trusted_keys_dir = m->cfg.trusted_keys_dir,
@@ -788,19 +873,31 @@ int ab_manager_reload_policy(ab_manager *m, json_t *findings, char *reason, size
         if (r < 0) {
                 ab_log(LOG_ERR, "policy not loaded: %s; %s", reason,
                        m->policy->n_agents ? "the previous policy stays in force" : "no agent is served");
-                ab_manager_audit(m, "policy.rejected",
-                                 json_pack("{s:s, s:s, s:s}", "decision", "reject", "reason", reason, "source",
-                                           m->cfg.policy_path));
+                rec = json_pack("{s:s, s:s, s:s}", "decision", "reject", "reason", reason, "source",
+                                m->cfg.policy_path);
+                if (rec && who)
+                        json_object_update(rec, who);
+                json_decref(who);
+                ab_manager_audit(m, "policy.rejected", rec);
                 return r;
         }
+        snprintf(old_version, sizeof old_version, "%s", m->policy_version);
         ab_policy_free(m->policy);
         m->policy = p;
         set_policy_version(m);
         snprintf(reason, reasonmax, "policy compiled from %s: %zu agents", m->cfg.policy_path, p->n_agents);
+        if (via && strcmp(via, "inotify") == 0 && strcmp(old_version, m->policy_version) == 0) {
+                ab_log(LOG_DEBUG, "policy directory changed, policy unchanged (%s)", m->policy_version);
+                json_decref(who);
+                return 0;
+        }
         ab_log(LOG_INFO, "%s", reason);
-        ab_manager_audit(m, "policy.loaded",
-                         json_pack("{s:s, s:s, s:s, s:i}", "decision", "accept", "reason", reason, "source",
-                                   m->cfg.policy_path, "agents", (int)p->n_agents));
+        rec = json_pack("{s:s, s:s, s:s, s:i}", "decision", "accept", "reason", reason, "source", m->cfg.policy_path,
+                        "agents", (int)p->n_agents);
+        if (rec && who)
+                json_object_update(rec, who);
+        json_decref(who);
+        ab_manager_audit(m, "policy.loaded", rec);
         sd_notifyf(0, "STATUS=Serving %zu agents", p->n_agents);
         return 0;
 }
@@ -840,7 +937,7 @@ static int startup_policy(ab_manager *m)
                        m->cfg.policy_path, m->policy->n_agents);
                 return 0;
         }
-        (void)ab_manager_reload_policy(m, NULL, reason, sizeof reason);
+        (void)ab_manager_reload_policy(m, NULL, json_pack("{s:s}", "via", "startup"), reason, sizeof reason);
         return 0;
 }
 
@@ -868,7 +965,8 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
         (void)s;
         (void)si;
         sd_notify(0, "RELOADING=1");
-        (void)ab_manager_reload_policy(userdata, NULL, reason, sizeof reason);
+        (void)ab_manager_reload_policy(userdata, NULL, json_pack("{s:s, s:I}", "via", "sighup", "pid", (json_int_t)si->ssi_pid),
+                                       reason, sizeof reason);
         sd_notify(0, "READY=1");
         return 0;
 }
@@ -878,7 +976,7 @@ static int on_reload_timer(sd_event_source *s, uint64_t usec, void *userdata)
         char reason[512];
         (void)s;
         (void)usec;
-        (void)ab_manager_reload_policy(userdata, NULL, reason, sizeof reason);
+        (void)ab_manager_reload_policy(userdata, NULL, json_pack("{s:s}", "via", "inotify"), reason, sizeof reason);
         return 0;
 }
 
@@ -1221,6 +1319,9 @@ void ab_manager_free(ab_manager *m)
         sd_event_source_disable_unref(m->audit_defer);
         m->audit_defer = NULL;
         sd_event_source_disable_unref(m->usage_timer);
+        usage_pending_free(m); /* records of a turn that never synced */
+        json_decref(m->turn_sessions);
+        free(m->usage_pending);
         if (m->usage && m->store)
                 (void)ab_usage_flush(m->usage, m->store);
         ab_usage_free(m->usage);

@@ -110,6 +110,13 @@ struct ab_manager {
         char policy_version[17];  /* short fingerprint of the compiled policy, for audit */
         ab_usage *usage;
         sd_event_source *usage_timer;
+        /* Usage of tokens whose audit records wait for this turn's sync:
+         * counted only once the sync succeeds (a refused token is not used). */
+        struct ab_usage_pending *usage_pending;
+        size_t n_usage_pending, cap_usage_pending;
+        /* session.opened records of this turn: a session stays in LMDB even
+         * when the turn's audit sync fails, so its record is queued again. */
+        json_t *turn_sessions;
 };
 
 int ab_manager_new(const ab_config *cfg, ab_manager **ret);
@@ -120,8 +127,12 @@ int ab_manager_run(ab_manager *m);
  * Compile the policy sources into the store and answer from the result.
  * On failure the policy in force stays; findings (if not NULL) receives
  * up to 64 {file, path, severity, message} objects and reason a line.
+ * who (stolen, may be NULL) is merged into the audit record: what asked
+ * ("via": admin, sighup, inotify, startup) and, for admin, its uid and
+ * pid. A reload by inotify that leaves the policy as it was writes no
+ * policy.loaded record (a write next to the sources is not a policy change).
  */
-int ab_manager_reload_policy(ab_manager *m, json_t *findings, char *reason, size_t reasonmax);
+int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char *reason, size_t reasonmax);
 
 /*
  * Replace the signing key; the old public key stays in the JWKS for

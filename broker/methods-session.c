@@ -299,6 +299,29 @@ static void token_invalid(ab_conn *c, const char *verdict)
         ab_conn_error(c, "io.agentbroker.InvalidToken", reason, json_pack("{s:s}", "verdict", verdict));
 }
 
+/*
+ * A refused Attenuate: a deny record (event token.attenuated) naming the
+ * parent token when it parsed, what was asked and why, then the error.
+ */
+static void attenuate_refuse(ab_conn *c, const ab_identity *id, const ab_agent *a, const json_t *pc, const json_t *p,
+                             const char *error, const char *reason, json_t *data)
+{
+        json_t *rec = ab_audit_rec(c, "deny", reason, id, a);
+        if (rec && pc) {
+                const char *keys[] = { "jti", "sid", "aud" };
+                const char *as[] = { "parent", "sid", "audience" };
+                for (size_t i = 0; i < AB_ARRAY_SIZE(keys); i++)
+                        if (json_is_string(json_object_get(pc, keys[i])))
+                                json_object_set(rec, as[i], json_object_get(pc, keys[i]));
+        }
+        if (rec && json_is_array(json_object_get(p, "scopes")))
+                json_object_set(rec, "scopes", json_object_get(p, "scopes"));
+        if (rec && json_is_string(json_object_get(p, "audience")))
+                json_object_set(rec, "audience", json_object_get(p, "audience"));
+        ab_manager_audit(c->m, "token.attenuated", rec);
+        ab_conn_error(c, error, reason, data);
+}
+
 void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
 {
         static const param_spec spec[] = {
@@ -331,12 +354,15 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
         if (introspect_token(c, p, false, &res) < 0)
                 return;
         if (!res.active) {
-                token_invalid(c, res.reason);
+                snprintf(reason, sizeof reason, "the token is not active: %s", res.reason);
+                attenuate_refuse(c, &id, NULL, res.claims, p, "io.agentbroker.InvalidToken", reason,
+                                 json_pack("{s:s}", "verdict", res.reason));
                 goto out;
         }
         if (res.session.uid != id.uid) {
-                ab_conn_error(c, "io.agentbroker.PermissionDenied",
-                              "the token's session belongs to another user; only its holder may attenuate it", NULL);
+                attenuate_refuse(c, &id, NULL, res.claims, p, "io.agentbroker.PermissionDenied",
+                                 "the token's session belongs to another user; only its holder may attenuate it",
+                                 NULL);
                 ab_log(LOG_NOTICE, "attenuate refused: pid %d uid %u holds a token of uid %u", (int)id.pid,
                        (unsigned)id.uid, (unsigned)res.session.uid);
                 goto out;
@@ -347,7 +373,8 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
         pexp = json_integer_value(json_object_get(pc, "exp"));
         a = ab_policy_find(c->m->policy, json_string_value(json_object_get(pc, "sub")));
         if (!a) {
-                ab_conn_error(c, "io.agentbroker.NotAnAgent", "the token's agent is no longer in policy", NULL);
+                attenuate_refuse(c, &id, NULL, pc, p, "io.agentbroker.NotAnAgent",
+                                 "the token's agent is no longer in policy", NULL);
                 goto out;
         }
         anc = json_object_get(pc, "ancestors");
@@ -355,13 +382,13 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
         if (depth > a->max_delegation_depth) {
                 snprintf(reason, sizeof reason, "delegation depth %zu exceeds max_delegation_depth %u of agent \"%s\"",
                          depth, a->max_delegation_depth, a->id);
-                ab_conn_error(c, "io.agentbroker.DelegationTooDeep", reason, NULL);
+                attenuate_refuse(c, &id, a, pc, p, "io.agentbroker.DelegationTooDeep", reason, NULL);
                 goto out;
         }
         audience = json_string_value(json_object_get(p, "audience"));
         if (audience && strcmp(audience, aud) != 0) {
                 snprintf(reason, sizeof reason, "audience \"%.200s\" is not the parent token's audience", audience);
-                ab_conn_error(c, "io.agentbroker.AudienceNotGranted", reason, NULL);
+                attenuate_refuse(c, &id, a, pc, p, "io.agentbroker.AudienceNotGranted", reason, NULL);
                 goto out;
         }
         if (json_is_array(json_object_get(p, "scopes"))) {
@@ -369,7 +396,7 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
                         const char *s = json_string_value(e);
                         if (!scope_list_has(pscope, s)) {
                                 snprintf(reason, sizeof reason, "scope \"%.128s\" is not in the parent token", s);
-                                ab_conn_error(c, "io.agentbroker.ScopeNotGranted", reason, NULL);
+                                attenuate_refuse(c, &id, a, pc, p, "io.agentbroker.ScopeNotGranted", reason, NULL);
                                 goto out;
                         }
                         if (scope_list_has(off ? scope : "", s))
@@ -389,7 +416,7 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
                 if (exp > pexp) {
                         snprintf(reason, sizeof reason, "ttl reaches past the parent token's expiry (%lld s left)",
                                  (long long)(pexp - now));
-                        ab_conn_error(c, "io.agentbroker.TtlTooLong", reason, NULL);
+                        attenuate_refuse(c, &id, a, pc, p, "io.agentbroker.TtlTooLong", reason, NULL);
                         goto out;
                 }
         }
@@ -701,6 +728,25 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
         if (introspect_token(c, p, true, &res) < 0)
                 return;
         if (!res.active) {
+                /* a refused login is a decision: on the record, as a denial */
+                char reason[128];
+                json_t *rec;
+                snprintf(reason, sizeof reason, "the token is not active: %s", res.reason);
+                rec = ab_audit_rec(c, "deny", reason, NULL, NULL);
+                if (rec) {
+                        const char *keys[] = { "jti", "sid", "sub", "owner" };
+                        const char *as[] = { "jti", "sid", "agent", "owner" };
+                        for (size_t i = 0; res.claims && i < AB_ARRAY_SIZE(keys); i++)
+                                if (json_is_string(json_object_get(res.claims, keys[i])))
+                                        json_object_set(rec, as[i], json_object_get(res.claims, keys[i]));
+                        json_object_set(rec, "service", json_object_get(p, "service"));
+                        json_object_set(rec, "user", json_object_get(p, "user"));
+                        if (json_object_get(p, "tty"))
+                                json_object_set(rec, "tty", json_object_get(p, "tty"));
+                        if (json_object_get(p, "rhost"))
+                                json_object_set(rec, "rhost", json_object_get(p, "rhost"));
+                }
+                ab_manager_audit(c->m, "pam.opened", rec);
                 token_invalid(c, res.reason);
                 json_decref(res.claims);
                 return;
@@ -728,6 +774,9 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
                                 json_object_set(rec, "rhost", json_object_get(p, "rhost"));
                         json_object_set_new(rec, "sid", json_string(res.session.sid));
                         json_object_set_new(rec, "agent", json_string(res.session.agent));
+                        json_object_set(rec, "jti", json_object_get(res.claims, "jti"));
+                        if (json_is_string(json_object_get(res.claims, "owner")))
+                                json_object_set(rec, "owner", json_object_get(res.claims, "owner"));
                 }
                 ab_manager_audit(c->m, "pam.opened", rec);
         }
@@ -759,8 +808,13 @@ void ab_m_close_pam_session(ab_conn *c, ab_vl_call *call)
                 char sid[AB_SID_LEN + 1];
                 if (rec) {
                         json_object_set_new(rec, "pam_id", json_string(id));
-                        if (ab_jti_sid(id, sid) == 0)
+                        if (ab_jti_sid(id, sid) == 0) {
+                                ab_session sess;
                                 json_object_set_new(rec, "sid", json_string(sid));
+                                /* the agent, so that audit --agent finds the close too */
+                                if (ab_session_get(c->m->store, sid, &sess) == 0)
+                                        json_object_set_new(rec, "agent", json_string(sess.agent));
+                        }
                 }
                 ab_manager_audit(c->m, "pam.closed", rec);
         }

@@ -738,7 +738,7 @@ static void test_scripted_day(void **state)
         assert_int_equal(json_array_size(recs), 2);
         json_decref(recs);
         recs = ctl_audit_json(b, "--agent", AGENT_ID);
-        assert_int_equal(json_array_size(recs), 7); /* session, issued, denied, attenuated, introspected, pam.opened, revoked */
+        assert_int_equal(json_array_size(recs), 8); /* session, issued, denied, attenuated, introspected, pam.opened, pam.closed, revoked */
         json_decref(recs);
         recs = ctl_audit_json(b, "--since", "2099-01-01T00:00:00Z");
         assert_int_equal(json_array_size(recs), 0);
@@ -1867,12 +1867,6 @@ static size_t count_denials(const json_t *recs, const char *event, const char *k
  */
 static void test_attenuate_denial_audited(void **state)
 {
-        /* An open bug (see the closing note of this stop): skipped unless
-         * AB_RUN_KNOWN_BUGS=1, so that CI stays meaningful; the test is real. */
-        if (!getenv("AB_RUN_KNOWN_BUGS")) {
-                fprintf(stderr, "known open bug, skipped: test_attenuate_denial_audited\n");
-                skip();
-        }
         fx *f = *state;
         hx_broker *b = &f->b;
         char apath[PATH_MAX], jti[64];
@@ -1913,12 +1907,6 @@ static void test_attenuate_denial_audited(void **state)
 /* pam.opened names the token that opened it (jti) and its owner; pam.closed names the agent. */
 static void test_pam_records_name_token_and_agent(void **state)
 {
-        /* An open bug (see the closing note of this stop): skipped unless
-         * AB_RUN_KNOWN_BUGS=1, so that CI stays meaningful; the test is real. */
-        if (!getenv("AB_RUN_KNOWN_BUGS")) {
-                fprintf(stderr, "known open bug, skipped: test_pam_records_name_token_and_agent\n");
-                skip();
-        }
         fx *f = *state;
         hx_broker *b = &f->b;
         char apath[PATH_MAX], jti[64], id[64];
@@ -1961,12 +1949,6 @@ static void test_pam_records_name_token_and_agent(void **state)
 /* A PAM session refused (the token was revoked) is on the record, as a denial. */
 static void test_pam_refusal_audited(void **state)
 {
-        /* An open bug (see the closing note of this stop): skipped unless
-         * AB_RUN_KNOWN_BUGS=1, so that CI stays meaningful; the test is real. */
-        if (!getenv("AB_RUN_KNOWN_BUGS")) {
-                fprintf(stderr, "known open bug, skipped: test_pam_refusal_audited\n");
-                skip();
-        }
         fx *f = *state;
         hx_broker *b = &f->b;
         char apath[PATH_MAX], jti[64];
@@ -2005,12 +1987,6 @@ static void test_pam_refusal_audited(void **state)
 /* An unrelated file written next to the policy file: no reload, no policy.loaded record. */
 static void test_unrelated_write_no_policy_record(void **state)
 {
-        /* An open bug (see the closing note of this stop): skipped unless
-         * AB_RUN_KNOWN_BUGS=1, so that CI stays meaningful; the test is real. */
-        if (!getenv("AB_RUN_KNOWN_BUGS")) {
-                fprintf(stderr, "known open bug, skipped: test_unrelated_write_no_policy_record\n");
-                skip();
-        }
         fx *f = *state;
         hx_broker *b = &f->b;
         char apath[PATH_MAX], other[PATH_MAX];
@@ -2040,12 +2016,6 @@ static void test_unrelated_write_no_policy_record(void **state)
 /* Editing the policy and asking for a reload: one policy.loaded record for the new version. */
 static void test_policy_change_recorded_once(void **state)
 {
-        /* An open bug (see the closing note of this stop): skipped unless
-         * AB_RUN_KNOWN_BUGS=1, so that CI stays meaningful; the test is real. */
-        if (!getenv("AB_RUN_KNOWN_BUGS")) {
-                fprintf(stderr, "known open bug, skipped: test_policy_change_recorded_once\n");
-                skip();
-        }
         fx *f = *state;
         hx_broker *b = &f->b;
         char apath[PATH_MAX];
@@ -2115,12 +2085,6 @@ static void test_policy_rejected_recorded(void **state)
 /* ReloadPolicy over the admin socket: the record says who asked (uid, pid, via admin). */
 static void test_reload_names_admin(void **state)
 {
-        /* An open bug (see the closing note of this stop): skipped unless
-         * AB_RUN_KNOWN_BUGS=1, so that CI stays meaningful; the test is real. */
-        if (!getenv("AB_RUN_KNOWN_BUGS")) {
-                fprintf(stderr, "known open bug, skipped: test_reload_names_admin\n");
-                skip();
-        }
         fx *f = *state;
         hx_broker *b = &f->b;
         char apath[PATH_MAX];
@@ -2233,12 +2197,6 @@ static void test_oversized_denial_still_recorded(void **state)
 /* An executable path that is not UTF-8: the record still names it (escaped somehow), and the reason too. */
 static void test_non_utf8_exe_recorded(void **state)
 {
-        /* An open bug (see the closing note of this stop): skipped unless
-         * AB_RUN_KNOWN_BUGS=1, so that CI stays meaningful; the test is real. */
-        if (!getenv("AB_RUN_KNOWN_BUGS")) {
-                fprintf(stderr, "known open bug, skipped: test_non_utf8_exe_recorded\n");
-                skip();
-        }
         fx *f = *state;
         hx_broker *b = &f->b;
         char apath[PATH_MAX], exe[PATH_MAX];
@@ -2335,7 +2293,9 @@ static void refused_then_recovered(fx *f, refusal_run *run)
                 close(from_child[1]);
                 FILE *in = fdopen(from_child[0], "r");
                 assert_non_null(in);
-                assert_non_null(fgets(line, sizeof line, in));
+                if (!fgets(line, sizeof line, in))
+                        hx_broker_dump_log(b);
+                assert_true(line[0] != 0);
                 if (strncmp(line, "ISSUED", 6) == 0) {
                         run->issued++;
                 } else {
@@ -2363,12 +2323,6 @@ static void refused_then_recovered(fx *f, refusal_run *run)
 /* ... the refused request's session is on the record before that session's first token. */
 static void test_session_opened_recorded_after_refusal(void **state)
 {
-        /* An open bug (see the closing note of this stop): skipped unless
-         * AB_RUN_KNOWN_BUGS=1, so that CI stays meaningful; the test is real. */
-        if (!getenv("AB_RUN_KNOWN_BUGS")) {
-                fprintf(stderr, "known open bug, skipped: test_session_opened_recorded_after_refusal\n");
-                skip();
-        }
         fx *f = *state;
         refusal_run run;
         json_t *recs;
@@ -2392,12 +2346,6 @@ static void test_session_opened_recorded_after_refusal(void **state)
 /* ... and the usage counters count only tokens that were issued. */
 static void test_usage_not_counted_when_refused(void **state)
 {
-        /* An open bug (see the closing note of this stop): skipped unless
-         * AB_RUN_KNOWN_BUGS=1, so that CI stays meaningful; the test is real. */
-        if (!getenv("AB_RUN_KNOWN_BUGS")) {
-                fprintf(stderr, "known open bug, skipped: test_usage_not_counted_when_refused\n");
-                skip();
-        }
         fx *f = *state;
         refusal_run run;
 
