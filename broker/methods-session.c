@@ -101,6 +101,14 @@ int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a,
                 ab_log(LOG_INFO, "session %s opened for agent %s pid %d uid %u", ret->sid, a->id, (int)id->pid,
                        (unsigned)id->uid);
                 audit_session(c, "session.opened", "grant", NULL, id, a, ret, NULL);
+                /* opened in the second of a host-wide cut-off: revoked at birth (fail closed) */
+                if (ab_session_check(c->m->store, id, a, now, ret) == AB_SESSION_IS_REVOKED) {
+                        snprintf(reason, sizeof reason,
+                                 "session %s was opened before the host-wide revocation cut-off", ret->sid);
+                        audit_session(c, "token.denied", "deny", reason, id, a, ret, deny_fields);
+                        ab_conn_error(c, "io.agentbroker.SessionRevoked", reason, json_pack("{s:s}", "sid", ret->sid));
+                        return -1;
+                }
                 return 0;
         case AB_SESSION_NEED_REAUTH:
                 if (strcmp(ret->sha256, id->sha256) != 0 || strcmp(ret->agent, a->id) != 0)
@@ -664,42 +672,49 @@ void ab_m_admin_revoke(ab_conn *c, ab_vl_call *call)
 
 /* ---- ListSessions ------------------------------------------------------- */
 
+/* One page of ListSessions: {sessions, next}, next being the `after` of the following page or null. */
+static void reply_sessions(ab_conn *c, const char *agent, const uid_t *uid, const char *after)
+{
+        json_t *list = NULL;
+        char next[AB_SID_LEN + 1];
+        int r = ab_session_list(c->m->store, c->m->policy, agent, uid, ab_manager_now(c->m), after, &list, next);
+        if (r == -EINVAL) {
+                ab_conn_error(c, "io.agentbroker.InvalidParameter", "after must be a session id (22 characters)",
+                              json_pack("{s:s}", "parameter", "after"));
+                return;
+        }
+        if (r < 0) {
+                store_error(c, r, "cannot list sessions");
+                return;
+        }
+        ab_conn_reply(c, json_pack("{s:o, s:o}", "sessions", list, "next", next[0] ? json_string(next) : json_null()),
+                      NULL);
+}
+
 void ab_m_list_sessions(ab_conn *c, ab_vl_call *call)
 {
-        static const param_spec spec[] = { { 0 } };
+        static const param_spec spec[] = { { "after", P_STRING, false, AB_SID_LEN, 0, 0 }, { 0 } };
         const ab_agent *a;
         ab_identity id;
-        json_t *list = NULL;
-        int r;
 
         if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
         a = ab_attest_agent(c, &id);
         if (!a)
                 return;
-        r = ab_session_list(c->m->store, c->m->policy, a->id, &id.uid, ab_manager_now(c->m), &list);
-        if (r < 0) {
-                store_error(c, r, "cannot list sessions");
-                return;
-        }
-        ab_conn_reply(c, json_pack("{s:o}", "sessions", list), NULL);
+        reply_sessions(c, a->id, &id.uid, json_string_value(json_object_get(call->parameters, "after")));
 }
 
 void ab_m_admin_list_sessions(ab_conn *c, ab_vl_call *call)
 {
-        static const param_spec spec[] = { { "agent", P_STRING, false, AB_ID_MAX, 0, 0 }, { 0 } };
-        json_t *list = NULL;
-        int r;
+        static const param_spec spec[] = { { "agent", P_STRING, false, AB_ID_MAX, 0, 0 },
+                                           { "after", P_STRING, false, AB_SID_LEN, 0, 0 },
+                                           { 0 } };
 
         if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
-        r = ab_session_list(c->m->store, c->m->policy, json_string_value(json_object_get(call->parameters, "agent")),
-                            NULL, ab_manager_now(c->m), &list);
-        if (r < 0) {
-                store_error(c, r, "cannot list sessions");
-                return;
-        }
-        ab_conn_reply(c, json_pack("{s:o}", "sessions", list), NULL);
+        reply_sessions(c, json_string_value(json_object_get(call->parameters, "agent")), NULL,
+                       json_string_value(json_object_get(call->parameters, "after")));
 }
 
 /* ---- PAM sessions ---------------------------------------------------------- */
@@ -755,6 +770,12 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
                         json_string_value(json_object_get(p, "service")), json_string_value(json_object_get(p, "user")),
                         json_string_value(json_object_get(p, "tty")), json_string_value(json_object_get(p, "rhost")),
                         c->peer.uid, ab_manager_now(c->m), id);
+        if (r == -EUSERS) {
+                json_decref(res.claims);
+                ab_conn_error(c, "io.agentbroker.LimitReached",
+                              "this session has too many open PAM sessions; close some first", NULL);
+                return;
+        }
         if (r < 0) {
                 json_decref(res.claims);
                 store_error(c, r, "cannot record the PAM session");

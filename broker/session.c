@@ -162,6 +162,12 @@ ab_session_verdict ab_session_check(ab_store *st, const ab_identity *id, const a
         } else if (r == 0) {
                 r = -ENOENT;
         }
+        /* A session opened before the host-wide cut-off is revoked by it,
+         * also one opened in the cut-off's own second, after the sweep that
+         * marked the others (revoke --before now fails closed). */
+        if (r == 0 && ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &v, &vl) == 0 && vl == 8 &&
+            ret->created < (int64_t)get_be64(v))
+                ret->state = AB_SESSION_REVOKED;
         ab_txn_abort(t);
         if (r < 0 || ret->uid != id->uid)
                 return AB_SESSION_NONE;
@@ -562,6 +568,16 @@ static size_t pam_key(char k[1 + AB_SID_LEN + AB_PAM_ID_LEN], const char *sid, c
         return 1 + AB_SID_LEN + AB_PAM_ID_LEN;
 }
 
+static int count_one(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        (void)key;
+        (void)klen;
+        (void)val;
+        (void)vlen;
+        ++*(unsigned *)ud;
+        return 0;
+}
+
 int ab_pam_open(ab_store *st, const char *sid, const char *jti, const char *service, const char *user,
                 const char *tty, const char *rhost, uid_t opener, int64_t now, char id[AB_PAM_ID_LEN + 1])
 {
@@ -581,6 +597,19 @@ int ab_pam_open(ab_store *st, const char *sid, const char *jti, const char *serv
                 return -ENOMEM;
         r = ab_store_begin(st, true, &t);
         if (r == 0) {
+                /* bounded: an agent cannot fill the store with PAM records */
+                char pk[1 + AB_SID_LEN];
+                unsigned n = 0;
+                pk[0] = 'm';
+                memcpy(pk + 1, sid, AB_SID_LEN);
+                r = ab_txn_foreach(t, AB_DB_SESSIONS, pk, sizeof pk, count_one, &n);
+                if (r >= 0 && n >= AB_PAM_PER_SESSION_MAX)
+                        r = -EUSERS;
+                if (r < 0) {
+                        ab_txn_abort(t);
+                        free(text);
+                        return r;
+                }
                 r = ab_txn_put(t, AB_DB_SESSIONS, k, pam_key(k, sid, id), text, strlen(text));
                 if (r < 0)
                         ab_txn_abort(t);
@@ -650,19 +679,43 @@ typedef struct lister {
         const ab_policy *policy;
         const char *agent;
         const uid_t *uid;
+        const char *after;
         int64_t now;
         json_t *out;
+        size_t used;                /* bytes of JSON in out */
+        char last[AB_SID_LEN + 1];  /* the last sid in out */
+        bool more;                  /* a matching session did not fit */
 } lister;
+
+typedef struct pam_adder {
+        json_t *arr;
+        size_t used;
+        unsigned omitted;
+} pam_adder;
 
 static int add_pam(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
 {
-        json_t *arr = ud, *rec = json_loadb(val, vlen, 0, NULL);
+        pam_adder *pa = ud;
+        json_t *rec;
+        size_t n;
         (void)key;
         (void)klen;
-        if (rec) {
-                json_object_del(rec, "opener_uid");
-                json_array_append_new(arr, rec);
+        if (pa->omitted) {
+                pa->omitted++;
+                return 0;
         }
+        rec = json_loadb(val, vlen, 0, NULL);
+        if (!rec)
+                return 0;
+        json_object_del(rec, "opener_uid");
+        n = json_dumpb(rec, NULL, 0, JSON_COMPACT) + 1;
+        if (pa->used + n > AB_LIST_PAM_BUDGET) {
+                json_decref(rec);
+                pa->omitted = 1;
+                return 0;
+        }
+        pa->used += n;
+        json_array_append_new(pa->arr, rec);
         return 0;
 }
 
@@ -672,9 +725,12 @@ static int list_one(void *ud, const void *key, size_t klen, const void *val, siz
         ab_session s;
         json_t *j;
         char pk[1 + AB_SID_LEN];
+        pam_adder pa = { 0 };
+        size_t n;
 
-        (void)key;
         if (klen != 1 + AB_SID_LEN || vlen != sizeof s)
+                return 0;
+        if (l->after && memcmp((const char *)key + 1, l->after, AB_SID_LEN) <= 0)
                 return 0;
         memcpy(&s, val, sizeof s);
         s.sid[AB_SID_LEN] = s.agent[AB_ID_MAX] = s.sha256[64] = s.exe[AB_SESSION_EXE_MAX - 1] = '\0';
@@ -685,19 +741,36 @@ static int list_one(void *ud, const void *key, size_t klen, const void *val, siz
                 return -ENOMEM;
         pk[0] = 'm';
         memcpy(pk + 1, s.sid, AB_SID_LEN);
-        (void)ab_txn_foreach(l->t, AB_DB_SESSIONS, pk, sizeof pk, add_pam, json_object_get(j, "pam"));
+        pa.arr = json_object_get(j, "pam");
+        (void)ab_txn_foreach(l->t, AB_DB_SESSIONS, pk, sizeof pk, add_pam, &pa);
+        if (pa.omitted)
+                json_object_set_new(j, "pam_omitted", json_integer(pa.omitted));
+        n = json_dumpb(j, NULL, 0, JSON_COMPACT) + 1;
+        if (l->used + n > AB_LIST_BUDGET && json_array_size(l->out) > 0) {
+                json_decref(j);
+                l->more = true;
+                return 1;
+        }
+        l->used += n;
+        memcpy(l->last, s.sid, sizeof l->last);
         json_array_append_new(l->out, j);
-        return json_array_size(l->out) >= 100000 ? 1 : 0;
+        return 0;
 }
 
 int ab_session_list(ab_store *st, const ab_policy *policy, const char *agent, const uid_t *uid, int64_t now,
-                    json_t **ret)
+                    const char *after, json_t **ret, char ret_next[AB_SID_LEN + 1])
 {
         lister l = { .policy = policy, .agent = agent, .uid = uid, .now = now, .out = json_array() };
         int r;
 
         if (!l.out)
                 return -ENOMEM;
+        if (after && strlen(after) == AB_SID_LEN)
+                l.after = after;
+        else if (after && *after) {
+                json_decref(l.out);
+                return -EINVAL;
+        }
         r = ab_store_begin(st, false, &l.t);
         if (r < 0) {
                 json_decref(l.out);
@@ -710,6 +783,7 @@ int ab_session_list(ab_store *st, const ab_policy *policy, const char *agent, co
                 return r;
         }
         *ret = l.out;
+        snprintf(ret_next, AB_SID_LEN + 1, "%s", l.more ? l.last : "");
         return 0;
 }
 

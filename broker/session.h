@@ -136,9 +136,20 @@ int ab_pam_close(ab_store *st, const char *id, uid_t caller);
 
 /* ---- listing and housekeeping ---------------------------------------------- */
 
-/* Sessions as JSON objects (filtered by agent and/or uid when given), with open PAM sessions. */
+#define AB_LIST_BUDGET (56 * 1024)      /* bytes of sessions per ListSessions reply */
+#define AB_LIST_PAM_BUDGET (24 * 1024)  /* bytes of PAM records per session in it */
+#define AB_PAM_PER_SESSION_MAX 256      /* open PAM sessions per agent session */
+
+/*
+ * One page of sessions as JSON objects (filtered by agent and/or uid when
+ * given), with their open PAM sessions, in sid order starting after the
+ * sid `after` (NULL: from the start), at most AB_LIST_BUDGET bytes of
+ * JSON. A session's PAM records beyond AB_LIST_PAM_BUDGET bytes are left
+ * out and counted in its "pam_omitted". *ret_next is the sid to pass as
+ * `after` for the next page, or "" when this page is the last.
+ */
 int ab_session_list(ab_store *st, const ab_policy *policy, const char *agent, const uid_t *uid, int64_t now,
-                    json_t **ret);
+                    const char *after, json_t **ret, char ret_next[AB_SID_LEN + 1]);
 json_t *ab_session_json(const ab_session *s, const ab_agent *a, int64_t now);
 
 /* Drop expired sessions and stale revocation entries. *ret_n: records dropped. */

@@ -822,6 +822,51 @@ static int cmd_revoke(const opts *o, int argc, char **argv)
         return ex;
 }
 
+/*
+ * Every page of ListSessions (the broker answers under 64 KiB at a time),
+ * as {"sessions": [...]}; agent filters (on the agent socket, here).
+ */
+static int list_all_sessions(const opts *o, bool admin, const char *agent, json_t **ret)
+{
+        json_t *all = json_array(), *reply = NULL;
+        char after[64] = "";
+        size_t i;
+        int ex = EXIT_OK;
+
+        if (!all)
+                return EXIT_ERROR;
+        for (unsigned page = 0; page < 1000000; page++) {
+                json_t *p = json_object();
+                const char *next;
+                if (p && admin && agent)
+                        json_object_set_new(p, "agent", json_string(agent));
+                if (p && after[0])
+                        json_object_set_new(p, "after", json_string(after));
+                ex = simple_call(o, admin, admin ? "io.agentbroker.admin.ListSessions" : "io.agentbroker.ListSessions",
+                                 p, &reply);
+                if (ex)
+                        break;
+                json_array_extend(all, json_object_get(reply, "sessions"));
+                next = json_string_value(json_object_get(reply, "next"));
+                if (!next || !*next || strlen(next) >= sizeof after || strcmp(next, after) == 0) {
+                        json_decref(reply);
+                        break;
+                }
+                snprintf(after, sizeof after, "%s", next);
+                json_decref(reply);
+        }
+        if (ex) {
+                json_decref(all);
+                return ex;
+        }
+        if (!admin && agent)
+                for (i = json_array_size(all); i-- > 0;)
+                        if (strcmp(json_string_value(json_object_get(json_array_get(all, i), "agent")), agent))
+                                json_array_remove(all, i);
+        *ret = json_pack("{s:o}", "sessions", all);
+        return *ret ? EXIT_OK : EXIT_ERROR;
+}
+
 static int cmd_sessions(const opts *o, int argc, char **argv)
 {
         static const struct option lo[] = {
@@ -847,19 +892,9 @@ static int cmd_sessions(const opts *o, int argc, char **argv)
                 json_decref(params);
                 return EXIT_USAGE;
         }
-        if (admin)
-                ex = simple_call(o, true, "io.agentbroker.admin.ListSessions", params, &reply);
-        else {
-                const char *want = params ? json_string_value(json_object_get(params, "agent")) : NULL;
-                ex = simple_call(o, false, "io.agentbroker.ListSessions", NULL, &reply);
-                if (!ex && want) {
-                        json_t *all = json_object_get(reply, "sessions");
-                        for (i = json_array_size(all); i-- > 0;)
-                                if (strcmp(json_string_value(json_object_get(json_array_get(all, i), "agent")), want))
-                                        json_array_remove(all, i);
-                }
-                json_decref(params);
-        }
+        ex = list_all_sessions(o, admin, params ? json_string_value(json_object_get(params, "agent")) : NULL,
+                               &reply);
+        json_decref(params);
         if (ex)
                 return ex;
         if (as_json) {
@@ -880,7 +915,8 @@ static int cmd_sessions(const opts *o, int argc, char **argv)
                        json_string_value(json_object_get(s, "sid")), json_string_value(json_object_get(s, "agent")),
                        (long long)json_integer_value(json_object_get(s, "uid")),
                        (long long)json_integer_value(json_object_get(s, "pid")),
-                       json_string_value(json_object_get(s, "state")), when, json_array_size(pam));
+                       json_string_value(json_object_get(s, "state")), when,
+                       json_array_size(pam) + (size_t)json_integer_value(json_object_get(s, "pam_omitted")));
                 json_array_foreach(pam, k, ps)
                         printf("    pam %s  service %s  user %s%s%s%s%s\n", json_string_value(json_object_get(ps, "id")),
                                json_string_value(json_object_get(ps, "service")),
@@ -889,6 +925,9 @@ static int cmd_sessions(const opts *o, int argc, char **argv)
                                json_object_get(ps, "tty") ? json_string_value(json_object_get(ps, "tty")) : "",
                                json_object_get(ps, "rhost") ? "  rhost " : "",
                                json_object_get(ps, "rhost") ? json_string_value(json_object_get(ps, "rhost")) : "");
+                if (json_integer_value(json_object_get(s, "pam_omitted")) > 0)
+                        printf("    (%lld more PAM sessions not listed)\n",
+                               (long long)json_integer_value(json_object_get(s, "pam_omitted")));
         }
         json_decref(reply);
         return EXIT_OK;

@@ -208,8 +208,25 @@ static int fetch_rows(admin *a, const char *method, const char *key, const json_
                         snprintf(a->msg, sizeof a->msg, "the reply has no \"%s\" array", key);
                         return AB_ERR_PROTOCOL;
                 }
-                *ret_rows = json_incref(rows);
+                rows = json_incref(rows);
+                /* paged replies (ListSessions): follow "next" */
+                for (unsigned page = 0; page < 1000000 && json_is_string(json_object_get(reply, "next")); page++) {
+                        json_t *p = json_pack("{s:O}", "after", json_object_get(reply, "next")), *more;
+                        json_decref(reply);
+                        reply = NULL;
+                        r = p ? admin_call(a, method, p, &reply) : -ENOMEM;
+                        json_decref(p);
+                        more = r == 0 ? json_object_get(reply, key) : NULL;
+                        if (r < 0 || !json_is_array(more) || json_array_extend(rows, more) < 0) {
+                                json_decref(reply);
+                                json_decref(rows);
+                                if (r == 0)
+                                        snprintf(a->msg, sizeof a->msg, "the reply has no \"%s\" array", key);
+                                return r < 0 ? r : AB_ERR_PROTOCOL;
+                        }
+                }
                 json_decref(reply);
+                *ret_rows = rows;
                 return 0;
         }
         if (r != AB_ERR_PROTOCOL && r != AB_ERR_TOO_LARGE)

@@ -2077,12 +2077,6 @@ static void test_revoke_before(void **state)
  */
 static void test_revoke_before_same_second_fails_closed(void **state)
 {
-        /* An open bug (see the closing note of this stop): skipped unless
-         * AB_RUN_KNOWN_BUGS=1, so that CI stays meaningful; the test is real. */
-        if (!getenv("AB_RUN_KNOWN_BUGS")) {
-                fprintf(stderr, "known open bug, skipped: test_revoke_before_same_second_fails_closed\n");
-                skip();
-        }
         hx_broker *b = *state;
         hx_run_result res;
         agent_proc *p;
@@ -2747,12 +2741,6 @@ static void test_pam_sessions(void **state)
 #define N_PAM 120
 static void test_list_sessions_within_message_limit(void **state)
 {
-        /* An open bug (see the closing note of this stop): skipped unless
-         * AB_RUN_KNOWN_BUGS=1, so that CI stays meaningful; the test is real. */
-        if (!getenv("AB_RUN_KNOWN_BUGS")) {
-                fprintf(stderr, "known open bug, skipped: test_list_sessions_within_message_limit\n");
-                skip();
-        }
         hx_broker *b = *state;
         char *t, *msg, *reply = NULL, pad[201];
         size_t len = 0;
@@ -2793,6 +2781,128 @@ static void test_list_sessions_within_message_limit(void **state)
         ctl_expect(&res, 0);
         hx_run_result_done(&res);
         assert_true(len <= 64 * 1024);
+
+        /* every PAM record is accounted for: listed, or counted as omitted */
+        assert_int_equal(hx_ctl(b, -1, &res, "sessions", "--json", NULL), 0);
+        ctl_expect(&res, 0);
+        {
+                json_t *j = json_loads(res.out, 0, NULL), *s;
+                size_t i;
+                long long pam = 0;
+                assert_non_null(j);
+                json_array_foreach(json_object_get(j, "sessions"), i, s)
+                        pam += (long long)json_array_size(json_object_get(s, "pam")) +
+                               json_integer_value(json_object_get(s, "pam_omitted"));
+                assert_int_equal(pam, N_PAM);
+                json_decref(j);
+        }
+        hx_run_result_done(&res);
+}
+
+/* A session holds at most 256 open PAM sessions: the next is refused with a clear error. */
+static void test_pam_records_bounded(void **state)
+{
+        hx_broker *b = *state;
+        char *t, *msg;
+        hx_conn *c;
+        json_t *r;
+
+        start_with(b, NULL, -1);
+        c = conn(b, b->sock);
+        t = issue(c, AUD_PAM, "login", NULL, 0, NULL);
+        msg = call_msg(M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "sshd", "user", "alice"));
+        for (int i = 0; i < 256; i += 32) {
+                for (int k = 0; k < 32; k++)
+                        assert_int_equal(hx_conn_send_msg(c, msg), 0);
+                for (int k = 0; k < 32; k++) {
+                        json_t *root = NULL;
+                        assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
+                        assert_ok(root);
+                        json_decref(root);
+                }
+        }
+        r = call_text(c, msg);
+        assert_error(r, "io.agentbroker.LimitReached");
+        json_decref(r);
+        free(msg);
+        free(t);
+}
+
+/* Many sessions: ListSessions pages under 64 KiB, and the CLI follows the pages to the end. */
+#define N_SESS 300
+static int child_authenticate(void *arg, char *out, size_t outmax)
+{
+        hx_broker *b = arg;
+        hx_conn *c = NULL;
+        json_t *root = NULL;
+        int ok;
+        (void)out;
+        (void)outmax;
+        if (hx_conn_open(NULL, b->sock, &c) < 0 || hx_conn_call(c, "{\"method\":\"" M_AUTH "\"}", &root) != 1)
+                return 2;
+        ok = hx_reply_error(root) == NULL;
+        json_decref(root);
+        hx_conn_close(NULL, c);
+        return ok ? 0 : 3;
+}
+
+static void test_list_sessions_pages(void **state)
+{
+        hx_broker *b = *state;
+        hx_run_result res;
+        hx_conn *a;
+        json_t *root, *seen = json_object();
+        char *reply = NULL, out[8];
+        size_t len = 0, pages = 0, i;
+        const char *next = NULL;
+        char after[64] = "";
+        int ex;
+
+        start_with(b, NULL, -1);
+        for (int k = 0; k < N_SESS; k++) {
+                assert_int_equal(hx_run_as(0, 0, child_authenticate, b, HX_RUN_TIMEOUT_MS, out, sizeof out, &ex), 0);
+                assert_int_equal(ex, 0);
+        }
+        a = conn(b, b->admin_sock);
+        do {
+                char msg[256];
+                json_t *s;
+                snprintf(msg, sizeof msg, "{\"method\":\"" M_ALIST "\"%s%s%s}",
+                         after[0] ? ",\"parameters\":{\"after\":\"" : "", after, after[0] ? "\"}" : "");
+                assert_int_equal(hx_conn_send_msg(a, msg), 0);
+                assert_int_equal(hx_conn_recv(a, HX_IO_TIMEOUT_MS, &reply, &len), 1);
+                assert_true(len <= 64 * 1024);
+                root = json_loads(reply, 0, NULL);
+                free(reply);
+                assert_non_null(root);
+                assert_ok(root);
+                json_array_foreach(json_object_get(hx_reply_params(root), "sessions"), i, s) {
+                        const char *sid = json_string_value(json_object_get(s, "sid"));
+                        assert_null(json_object_get(seen, sid)); /* no session twice */
+                        json_object_set_new(seen, sid, json_true());
+                }
+                next = hx_reply_str(root, "next");
+                snprintf(after, sizeof after, "%s", next ? next : "");
+                json_decref(root);
+                pages++;
+                assert_true(pages < 100);
+        } while (after[0]);
+        assert_true(pages >= 2);
+        assert_true(json_object_size(seen) >= N_SESS);
+
+        /* a bad cursor is a clear error */
+        root = call_text(a, "{\"method\":\"" M_ALIST "\",\"parameters\":{\"after\":\"short\"}}");
+        assert_error(root, E_PARAM);
+        json_decref(root);
+
+        assert_int_equal(hx_ctl(b, -1, &res, "sessions", "--json", NULL), 0);
+        ctl_expect(&res, 0);
+        root = json_loads(res.out, 0, NULL);
+        assert_non_null(root);
+        assert_int_equal(json_array_size(json_object_get(root, "sessions")), json_object_size(seen));
+        json_decref(root);
+        hx_run_result_done(&res);
+        json_decref(seen);
 }
 
 /* docs/protocol.md: OpenPamSession replies "id (22 characters)". */
@@ -3189,6 +3299,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_pam_sessions, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_pam_id_matches_protocol, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_list_sessions_within_message_limit, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_pam_records_bounded, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_list_sessions_pages, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_hostile_params, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_cli_revoke_and_sessions, setup, teardown),
         };
