@@ -499,9 +499,18 @@ export class Client {
     return this.call('io.agentbroker.WhoAmI');
   }
 
-  /** This agent's sessions for this uid. */
+  /** This agent's sessions for this uid (every page: the broker answers a page at a time). */
   async listSessions() {
-    return (await this.call('io.agentbroker.ListSessions')).sessions ?? [];
+    const out = [];
+    let after;
+    for (let page = 0; page < 1000000; page++) {
+      const reply = await this.call('io.agentbroker.ListSessions', after ? { after } : undefined);
+      out.push(...(reply.sessions ?? []));
+      const next = reply.next;
+      if (typeof next !== 'string' || next === '' || next === after) break;
+      after = next;
+    }
+    return out;
   }
 
   // -- token cache --

@@ -466,8 +466,16 @@ class Client:
         return self.call("io.agentbroker.WhoAmI")
 
     def list_sessions(self):
-        """This agent's sessions for this uid."""
-        return self.call("io.agentbroker.ListSessions").get("sessions", [])
+        """This agent's sessions for this uid (every page: the broker answers a page at a time)."""
+        out, after = [], None
+        for _ in range(1000000):
+            reply = self.call("io.agentbroker.ListSessions", {"after": after} if after else None)
+            out.extend(reply.get("sessions", []))
+            nxt = reply.get("next")
+            if not isinstance(nxt, str) or not nxt or nxt == after:
+                break
+            after = nxt
+        return out
 
     # -- token cache --
 
