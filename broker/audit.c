@@ -185,7 +185,10 @@ int ab_audit_open(const char *path, const ab_signer *signer, uint64_t max_size, 
         a->fd = -1;
         a->signer = signer;
         a->max_size = max_size;
-        a->journal = true;
+        /* sd_journal_sendv() reports success when journald is absent (it
+         * drops the message on ENOENT), so ask once: without journald the
+         * copy would cost every record an asprintf per field and a sendmsg. */
+        a->journal = access("/run/systemd/journal/socket", F_OK) == 0;
         a->path = strdup(path);
         a->hint = calloc(1, sizeof *a->hint);
         if (!a->path || !a->hint) {
