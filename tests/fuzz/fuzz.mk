@@ -9,7 +9,7 @@ FUZZ_B       := $(B)/fuzz
 FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -D_GNU_SOURCE \
                 $(shell $(PKG_CONFIG) --cflags $(DEPS))
 FUZZ_LIBS    := $(shell $(PKG_CONFIG) --libs $(DEPS)) -llmdb
-FUZZ_TARGETS := varlink jwt policy $(FUZZ_EXTRA_TARGETS)
+FUZZ_TARGETS := varlink jwt policy pam_args $(FUZZ_EXTRA_TARGETS)
 FUZZ_COMMON  := common/frame.c common/varlink.c common/jwt.c common/b64.c common/util.c common/error.c
 
 $(FUZZ_B)/fuzz-varlink: tests/fuzz/fuzz-varlink.c $(FUZZ_COMMON)
@@ -23,6 +23,13 @@ $(FUZZ_B)/fuzz-jwt: tests/fuzz/fuzz-jwt.c $(FUZZ_COMMON)
 $(FUZZ_B)/fuzz-policy: tests/fuzz/fuzz-policy.c broker/policy.c $(FUZZ_COMMON)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ $(FUZZ_LIBS)
+
+$(FUZZ_B)/fuzz-pam_args: tests/fuzz/fuzz-pam_args.c pam_module/args.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ $(FUZZ_LIBS)
+
+# test-fuzz-corpus replays the pam_args corpus too: it links the parser.
+$(B)/tests/test-fuzz-corpus: $(B)/obj/pam_module/args.o
 
 .PHONY: fuzz fuzz-build
 fuzz-build: $(FUZZ_TARGETS:%=$(FUZZ_B)/fuzz-%)

@@ -23,6 +23,9 @@
 #define FUZZ_ENTRY fuzz_policy
 #include "../fuzz/fuzz-policy.c"
 #undef FUZZ_ENTRY
+#define FUZZ_ENTRY fuzz_pam_args
+#include "../fuzz/fuzz-pam_args.c"
+#undef FUZZ_ENTRY
 
 static const char *corpus_root(void)
 {
@@ -86,12 +89,19 @@ static void test_policy_corpus(void **state)
         run_dir("policy", fuzz_policy);
 }
 
+static void test_pam_args_corpus(void **state)
+{
+        (void)state;
+        run_dir("pam_args", fuzz_pam_args);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_varlink_corpus),
                 cmocka_unit_test(test_jwt_corpus),
                 cmocka_unit_test(test_policy_corpus),
+                cmocka_unit_test(test_pam_args_corpus),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
