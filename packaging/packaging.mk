@@ -49,10 +49,17 @@ deb: pkg-source
 	    $(PKG_DIR)/deb/ 2>/dev/null || true
 	ls $(PKG_DIR)/deb/*.deb
 
+# Debian's rpm runs brp-compress (bash: "read -d") with /bin/sh, which leaves
+# the man pages uncompressed: run the same post-install steps with bash there.
+ifneq ($(wildcard /etc/debian_version),)
+RPM_LOCAL_DEFS = --define "__os_install_post $$(rpm --eval '%{__os_install_post}' | \
+    sed -e '/^ *$$/d' -e 's|^ */usr/lib/rpm/brp-compress|bash /usr/lib/rpm/brp-compress|' | paste -sd';')"
+endif
+
 rpm: pkg-source
 	rm -rf $(PKG_DIR)/rpm && mkdir -p $(PKG_DIR)/rpm/SOURCES
 	cp $(PKG_DIR)/src/$(PKG_NAME).tar.gz $(PKG_DIR)/rpm/SOURCES/
-	rpmbuild -bb --nodeps --define "_topdir $(abspath $(PKG_DIR)/rpm)" packaging/rpm/agent-broker.spec
+	rpmbuild -bb --nodeps --define "_topdir $(abspath $(PKG_DIR)/rpm)" $(RPM_LOCAL_DEFS) packaging/rpm/agent-broker.spec
 	ls $(PKG_DIR)/rpm/RPMS/*/*.rpm
 
 check-packaging:
