@@ -134,7 +134,10 @@ install: all
 	install -d $(DESTDIR)$(SYSCONFDIR)/agent-broker/policy.d $(DESTDIR)$(DATADIR)/doc/agent-broker/examples
 	install -m 0644 examples/policy/*.json $(DESTDIR)$(DATADIR)/doc/agent-broker/examples/
 	if [ -d systemd ] && ls systemd/*.socket >/dev/null 2>&1; then \
-	    install -d $(DESTDIR)$(UNITDIR) && install -m 0644 systemd/*.socket systemd/*.service $(DESTDIR)$(UNITDIR)/; fi
+	    install -d $(DESTDIR)$(UNITDIR) && install -m 0644 systemd/*.socket $(DESTDIR)$(UNITDIR)/ && \
+	    for u in systemd/*.service; do \
+	        sed 's|=/usr/sbin/agent-brokerd|=$(SBINDIR)/agent-brokerd|' $$u > $(DESTDIR)$(UNITDIR)/$${u#systemd/} && \
+	        chmod 0644 $(DESTDIR)$(UNITDIR)/$${u#systemd/} || exit 1; done; fi
 
 demo: all
 	examples/demo.sh
