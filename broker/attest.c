@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -114,13 +115,6 @@ void ab_peer_done(ab_peer *p)
         p->pidfd = -1;
         free(p->cache);
         p->cache = NULL;
-}
-
-int ab_peer_alive(const ab_peer *p)
-{
-        if (sys_pidfd_send_signal(p->pidfd, 0) == 0 || errno == EPERM)
-                return 0;
-        return -ESRCH;
 }
 
 static cache_entry *cache_lookup(ab_exe_cache *c, const struct stat *st)
@@ -317,6 +311,58 @@ static void read_cgroup(const ab_peer *p, ab_peer_cache *pc)
         pc->have_cgroup = (size_t)n < sizeof buf;
         memcpy(pc->cgroup_raw, buf, (size_t)n);
         pc->cgroup_raw_len = (size_t)n;
+}
+
+/*
+ * Is the process behind the pidfd still running? A running process keeps its
+ * PID, so what was read through /proc/PID before this check belongs to it.
+ *
+ * The first test is pidfd_send_signal(pidfd, 0): 0 means the process exists
+ * (a zombie counts: it cannot be recycled until reaped), ESRCH that it is
+ * gone. Any other error proves nothing either way, and is answered by
+ * poll() on the pidfd, which the kernel makes readable (POLLIN) once the
+ * whole process has exited (already as a zombie: stricter, and a zombie
+ * sends no requests); like the signal, it can only ever refer to the process
+ * the pidfd was taken for, so a recycled PID cannot pass it:
+ *   - ENOSYS: valgrind (3.19, Debian 12) does not know the syscall and fails
+ *     it without asking the kernel; remembered, so it is not retried;
+ *   - EPERM: usually the permission check (the broker runs as root without
+ *     CAP_KILL, so a peer of another uid cannot be signalled), which only
+ *     happens once the process was found; but a seccomp filter
+ *     (SystemCallErrorNumber=EPERM) says the same without looking, so EPERM
+ *     alone is not taken as proof of life.
+ * If poll() itself fails, the last resort is the start time in /proc/PID/stat
+ * against the one recorded at the first attestation (a recycled PID has a
+ * later one); with none recorded the answer is "gone" (fail closed).
+ */
+int ab_peer_alive(const ab_peer *p)
+{
+        static bool no_send_signal;
+        struct pollfd pfd = { .fd = p->pidfd, .events = POLLIN };
+        uint64_t start;
+        int r;
+
+        if (p->pidfd < 0)
+                return -ESRCH;
+        if (!no_send_signal) {
+                if (sys_pidfd_send_signal(p->pidfd, 0) == 0)
+                        return 0;
+                if (errno == ESRCH)
+                        return -ESRCH;
+                if (errno == ENOSYS)
+                        no_send_signal = true;
+        }
+        do
+                r = poll(&pfd, 1, 0);
+        while (r < 0 && errno == EINTR);
+        if (r == 0)
+                return 0;      /* not readable: still running */
+        if (r > 0)
+                return -ESRCH; /* POLLIN: exited; POLLHUP: reaped; POLLERR/POLLNVAL: not a live pidfd */
+        if (p->cache && p->cache->have_start && read_start_time(p->pid, &start) == 0 &&
+            start == p->cache->start_time)
+                return 0;
+        return -ESRCH;
 }
 
 int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)

@@ -73,7 +73,11 @@ static inline bool ab_peer_in_group(const ab_peer *p, gid_t gid)
         return false;
 }
 
-/* 0 if the pidfd's process still exists, -ESRCH if not. */
+/*
+ * 0 if the pidfd's process still exists, -ESRCH if not: pidfd_send_signal(0),
+ * or poll() on the pidfd where that cannot tell (ENOSYS under valgrind,
+ * EPERM without CAP_KILL or from seccomp); see attest.c.
+ */
 int ab_peer_alive(const ab_peer *p);
 
 #endif
