@@ -85,6 +85,31 @@ static int list_sources(const char *path, source **ret, size_t *ret_n)
         return 0;
 }
 
+/* Printable UTF-8 (no control characters): what JSON, logs and the store can carry. */
+static bool printable_utf8(const char *s)
+{
+        json_t *j;
+
+        for (const unsigned char *q = (const unsigned char *)s; *q; q++)
+                if (*q < 0x20 || *q == 0x7f)
+                        return false;
+        j = json_string(s); /* NULL: not valid UTF-8 */
+        if (!j)
+                return false;
+        json_decref(j);
+        return true;
+}
+
+/* s with every byte outside printable ASCII replaced by '?'. */
+static void ascii_copy(const char *s, char *out, size_t outmax)
+{
+        size_t i = 0;
+
+        for (; *s && i + 1 < outmax; s++)
+                out[i++] = *s >= 0x20 && *s < 0x7f ? *s : '?';
+        out[i] = '\0';
+}
+
 static int decode_b64_file(const char *path, uint8_t *out, size_t want)
 {
         char *text = NULL;
@@ -265,6 +290,18 @@ int ab_policy_compile(ab_store *st, const ab_compile_opts *o, ab_diag *diag, ab_
                 json_int_t hw = 0;
                 json_t *doc;
 
+                if (!printable_utf8(s[i].path)) {
+                        /* it could not be named in a reply, a log line or the store */
+                        char msg[160];
+                        snprintf(msg, sizeof msg, "the file name is not printable UTF-8 (shown with '?'); rename it");
+                        ascii_copy(s[i].path, sigpath, sizeof sigpath);
+                        if (diag->emit)
+                                diag->emit(diag->userdata, AB_DIAG_ERROR, sigpath, "$", msg);
+                        diag->errors++;
+                        snprintf(reason, reasonmax, "%s: %s", sigpath, msg);
+                        r = AB_ERR_POLICY;
+                        goto out;
+                }
                 r = ab_read_file(s[i].path, AB_POLICY_MAX_FILE, &s[i].text, &s[i].len);
                 if (r < 0) {
                         snprintf(reason, reasonmax, "%s: cannot read: %s", s[i].path, ab_strerror(r));

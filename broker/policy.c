@@ -528,6 +528,32 @@ static void lint_overlaps(ctx *c, const ab_agent *agents, size_t n, size_t first
                 }
 }
 
+/*
+ * A source name (a path) must be printable UTF-8: it goes into findings,
+ * log lines, audit records and the compiled store, all of them JSON or
+ * text. *safe gets a printable-ASCII copy ('?' for anything else) to name
+ * it in an error.
+ */
+static bool source_name_ok(const char *name, char *safe, size_t safemax)
+{
+        bool ok = true;
+        size_t i = 0;
+        json_t *j;
+
+        for (const unsigned char *q = (const unsigned char *)name; *q; q++) {
+                if (*q < 0x20 || *q == 0x7f)
+                        ok = false;
+                if (i + 1 < safemax)
+                        safe[i++] = *q >= 0x20 && *q < 0x7f ? (char)*q : '?';
+        }
+        if (safemax)
+                safe[i] = '\0';
+        j = ok ? json_string(name) : NULL; /* NULL: not valid UTF-8 */
+        ok = j != NULL;
+        json_decref(j);
+        return ok;
+}
+
 int ab_policy_add_document(ab_policy *p, const char *source, const char *text, size_t len, ab_diag *diag)
 {
         static const char *const keys[] = { "version", "scope_groups", "agents", "$schema", NULL };
@@ -537,7 +563,13 @@ int ab_policy_add_document(ab_policy *p, const char *source, const char *text, s
         ab_agent *all = NULL;
         size_t i, n_old = p->n_agents;
         int r = AB_ERR_POLICY;
+        char safe[512];
 
+        if (!source_name_ok(source, safe, sizeof safe)) {
+                c.source = safe;
+                report(&c, AB_DIAG_ERROR, "$", "the file name is not printable UTF-8 (shown with '?'); rename it");
+                return AB_ERR_POLICY;
+        }
         if (len > AB_POLICY_MAX_FILE) {
                 report(&c, AB_DIAG_ERROR, "$", "document larger than %d bytes", AB_POLICY_MAX_FILE);
                 return AB_ERR_TOO_LARGE;

@@ -20,7 +20,11 @@
 #include <cmocka.h>
 #include <jansson.h>
 
+#include <sodium.h>
+
+#include "../../broker/compile.h"
 #include "../../broker/policy.h"
+#include "../../broker/store.h"
 #include "../../common/util.h"
 
 /* ---- recording findings -------------------------------------------------- */
@@ -1386,6 +1390,433 @@ static void test_load_path_not_regular(void **state)
         assert_int_equal(WEXITSTATUS(status), 0);
 }
 
+/* ---- hostile documents ------------------------------------------------------ */
+
+/* A document of head, then n copies of item (joined by commas; %zu is the index), then tail. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+static const char *repeated(const char *head, const char *item, size_t n, const char *tail)
+{
+        char *buf = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&buf, &len);
+
+        assert_non_null(f);
+        fputs(head, f);
+        for (size_t i = 0; i < n; i++) {
+                if (i)
+                        fputc(',', f);
+                fprintf(f, item, i);
+        }
+        fputs(tail, f);
+        assert_int_equal(fclose(f), 0);
+        assert_true(len < AB_POLICY_MAX_FILE); /* huge in count, still under the size limit */
+        return keep(buf);
+}
+#pragma GCC diagnostic pop
+
+/*
+ * Arrays far past their limits (hundreds of thousands of elements, each
+ * cheap): refused with one error that names the limit, fast, nothing kept.
+ */
+static void test_huge_arrays(void **state)
+{
+        const char *doc;
+        ab_policy *p;
+
+        doc = repeated("{\"version\":1,\"agents\":[", "{}", 200000, "]}");
+        expect_error_at(doc, "$.agents");
+        assert_finding(AB_DIAG_ERROR, "$.agents", "more than 4096 agents");
+        assert_int_equal(rec_count(AB_DIAG_ERROR), 1);
+
+        doc = repeated("{\"version\":1,\"agents\":[{\"id\":\"a\",\"owner\":\"o\",\"match\":{\"uid\":1},\"grants\":[",
+                       "{}", 200000, "]}]}");
+        expect_error_at(doc, "$.agents[0].grants");
+        assert_finding(AB_DIAG_ERROR, "$.agents[0].grants", "more than 64 grants");
+        assert_int_equal(rec_count(AB_DIAG_ERROR), 1);
+
+        doc = repeated("{\"version\":1,\"agents\":[{\"id\":\"a\",\"owner\":\"o\",\"match\":{\"uid\":1},\"grants\":"
+                       "[{\"audience\":\"x\",\"scopes\":[",
+                       "\"s\"", 150000, "]}]}]}");
+        expect_error_at(doc, "$.agents[0].grants[0].scopes");
+        assert_finding(AB_DIAG_ERROR, "$.agents[0].grants[0].scopes", "more than 64 scopes");
+        assert_int_equal(rec_count(AB_DIAG_ERROR), 1);
+
+        doc = repeated("{\"version\":1,\"agents\":[{\"id\":\"a\",\"owner\":\"o\",\"match\":{\"uid\":1},\"grants\":"
+                       "[{\"audience\":\"x\",\"scopes\":[\"s\"],\"users\":[",
+                       "\"u\"", 150000, "]}]}]}");
+        expect_error_at(doc, "$.agents[0].grants[0].users");
+        assert_finding(AB_DIAG_ERROR, "$.agents[0].grants[0].users", "at most 64");
+
+        doc = repeated("{\"version\":1,\"scope_groups\":{\"g\":[", "\"s%zu\"", 100000, "]},\"agents\":[]}");
+        expect_error_at(doc, "$.scope_groups.g");
+        assert_finding(AB_DIAG_ERROR, "$.scope_groups.g", "at most 64 scopes");
+
+        /* a group used in a grant expands within the grant's limit too */
+        doc = repeated("{\"version\":1,\"scope_groups\":{\"g\":[", "\"s%zu\"", 64,
+                       "]},\"agents\":[{\"id\":\"a\",\"owner\":\"o\",\"match\":{\"uid\":1},\"grants\":"
+                       "[{\"audience\":\"x\",\"scopes\":[\"@g\",\"one-more\"]}]}]}");
+        expect_error_at(doc, "$.agents[0].grants[0].scopes");
+        assert_finding(AB_DIAG_ERROR, "$.agents[0].grants[0].scopes", "more than 64 scopes");
+
+        /* many small groups are only data: accepted, and the policy stays usable */
+        doc = repeated("{\"version\":1,\"scope_groups\":{", "\"g%zu\":[\"s\"]", 40000,
+                       "},\"agents\":[{\"id\":\"a\",\"owner\":\"o\",\"match\":{\"uid\":1},\"grants\":"
+                       "[{\"audience\":\"x\",\"scopes\":[\"@g39999\"]}]}]}");
+        p = load_ok(doc, false);
+        assert_int_equal(p->n_agents, 1);
+        assert_string_equal(p->agents[0].grants[0].scopes[0], "s");
+        drop(p);
+
+        /* an object with eighty thousand unknown keys: refused, every key named, no crash */
+        doc = repeated("{\"version\":1,\"agents\":[{\"id\":\"a\",\"owner\":\"o\",\"match\":{\"uid\":1},\"grants\":[],",
+                       "\"k%zu\":0", 80000, "}]}");
+        expect_error_at(doc, "$.agents[0]");
+        assert_finding(AB_DIAG_ERROR, "$.agents[0]", "unknown key \"k79999\"");
+}
+
+/* The error for each kind of hostile document says what is wrong, and where. */
+static void test_hostile_messages(void **state)
+{
+        const size_t depth = 5000;
+        char *s = keep(malloc(depth + 1));
+        ab_policy *p = new_policy();
+
+        memset(s, '[', depth);
+        s[depth] = '\0';
+        assert_int_equal(add_doc(p, "deep.json", s, false, NULL), AB_ERR_POLICY);
+        assert_int_equal(rec.n, 1);
+        assert_true(strncmp(rec.f[0].path, "line 1 column ", 14) == 0);
+        assert_non_null(strstr(rec.f[0].msg, "invalid JSON"));
+        assert_non_null(strstr(rec.f[0].msg, "depth"));
+
+        assert_int_equal(add_doc(p, "utf8.json",
+                                 "{\"version\":1,\n\"agents\":[{\"id\":\"a\",\"owner\":\"\xc3\x28\",\"match\":{\"uid\":1},"
+                                 "\"grants\":[]}]}",
+                                 false, NULL),
+                         AB_ERR_POLICY);
+        assert_int_equal(rec.n, 1);
+        assert_true(strncmp(rec.f[0].path, "line 2 column ", 14) == 0);
+        assert_non_null(strstr(rec.f[0].msg, "invalid JSON"));
+        assert_non_null(strstr(rec.f[0].msg, "0xc3"));
+
+        /* invalid UTF-8 in a key */
+        assert_int_equal(add_doc(p, "utf8.json", "{\"version\":1,\"agents\":[],\"\xff\":1}", false, NULL),
+                         AB_ERR_POLICY);
+        assert_int_equal(rec.n, 1);
+        assert_non_null(strstr(rec.f[0].msg, "invalid JSON"));
+
+        assert_int_equal(add_doc(p, "dup.json", "{\"version\":1,\"agents\":[],\"version\":2}", false, NULL),
+                         AB_ERR_POLICY);
+        assert_int_equal(rec.n, 1);
+        assert_non_null(strstr(rec.f[0].msg, "duplicate"));
+        assert_non_null(strstr(rec.f[0].msg, "version"));
+
+        assert_int_equal(add_doc(p, "type.json", "{\"version\":\"2\",\"agents\":[]}", false, NULL), AB_ERR_POLICY);
+        assert_int_equal(rec.n, 1);
+        assert_string_equal(rec.f[0].path, "$.version");
+        assert_non_null(strstr(rec.f[0].msg, "integer"));
+        assert_int_equal(p->n_agents, 0);
+        assert_int_equal(p->serial, 0);
+        drop(p);
+}
+
+/* A 10 MB file among the sources: refused before it is read, with a finding that names it. */
+static void test_load_path_ten_megabytes(void **state)
+{
+        const size_t size = 10 * 1024 * 1024;
+        char *big = malloc(size);
+        ab_diag d = mkdiag(false);
+        ab_policy *p = NULL;
+        char path[PATH_MAX * 2];
+        const char *ok = J("{'version':1,'agents':[{'id':'a','owner':'o','match':{'uid':1},'grants':[]}]}");
+
+        assert_non_null(big);
+        memset(big, ' ', size);
+        memcpy(big, "{\"version\":1,\"agents\":[]}", 25);
+        mk_tmpdir();
+        write_file("10-ok.json", ok, strlen(ok));
+        write_file("20-huge.json", big, size);
+        free(big);
+        snprintf(path, sizeof path, "%s/20-huge.json", tmpdir);
+        rec_reset();
+        assert_int_equal(ab_policy_load_path(tmpdir, &d, &p), AB_ERR_TOO_LARGE);
+        assert_null(p);
+        assert_int_equal(rec_count(AB_DIAG_ERROR), 1);
+        assert_finding(AB_DIAG_ERROR, "$", "too large");
+        assert_string_equal(rec.f[0].file, path);
+        rec_reset();
+        assert_int_equal(ab_policy_load_path(path, &d, &p), AB_ERR_TOO_LARGE);
+        assert_null(p);
+        assert_finding(AB_DIAG_ERROR, "$", "too large");
+        rm_tmpdir();
+}
+
+/*
+ * A source whose name is not printable UTF-8 is refused with an error that
+ * names it in ASCII: such a name cannot go into a finding, a reply or the
+ * store (compiling one used to fail with "Cannot allocate memory").
+ */
+static void test_source_name_not_utf8(void **state)
+{
+        static const char *const names[] = { "\xff.json", "caf\xc3.json", "a\nb.json", "tab\t.json" };
+        const char *doc = J("{'version':1,'agents':[]}");
+        ab_diag d;
+        ab_policy *p = new_policy();
+
+        for (size_t i = 0; i < AB_ARRAY_SIZE(names); i++) {
+                assert_int_equal(add_doc(p, names[i], doc, false, NULL), AB_ERR_POLICY);
+                assert_int_equal(rec.n, 1);
+                assert_non_null(strstr(rec.f[0].msg, "not printable UTF-8"));
+                assert_non_null(strchr(rec.f[0].file, '?'));
+                for (const char *c = rec.f[0].file; *c; c++)
+                        assert_true(*c >= 0x20 && *c < 0x7f);
+        }
+        /* printable UTF-8 is a fine name */
+        assert_int_equal(add_doc(p, "caf\xc3\xa9.json", doc, false, NULL), 0);
+        assert_int_equal(p->serial, 1);
+        drop(p);
+
+        mk_tmpdir();
+        write_file("10-ok.json", doc, strlen(doc));
+        write_file("\xfe\xff.json", doc, strlen(doc));
+        p = NULL;
+        d = mkdiag(false);
+        rec_reset();
+        assert_int_equal(ab_policy_load_path(tmpdir, &d, &p), AB_ERR_POLICY);
+        assert_null(p);
+        assert_int_equal(rec_count(AB_DIAG_ERROR), 1);
+        assert_non_null(strstr(rec.f[0].file, "/??.json"));
+        rm_tmpdir();
+}
+
+/* ---- compiling into the store (broker/compile.c) ---------------------------- */
+
+typedef struct compile_env {
+        char pol[PATH_MAX * 2], keys[PATH_MAX * 2], state[PATH_MAX * 2];
+        unsigned char pk[crypto_sign_PUBLICKEYBYTES], sk[crypto_sign_SECRETKEYBYTES];
+        ab_store *st;
+} compile_env;
+
+static void cenv_init(compile_env *e)
+{
+        char b64[128];
+        FILE *f;
+        char path[PATH_MAX * 3];
+
+        memset(e, 0, sizeof *e);
+        assert_true(sodium_init() >= 0);
+        mk_tmpdir();
+        snprintf(e->pol, sizeof e->pol, "%s/policy.d", tmpdir);
+        snprintf(e->keys, sizeof e->keys, "%s/keys", tmpdir);
+        snprintf(e->state, sizeof e->state, "%s/state", tmpdir);
+        assert_int_equal(mkdir(e->pol, 0755), 0);
+        assert_int_equal(mkdir(e->keys, 0755), 0);
+        assert_int_equal(mkdir(e->state, 0700), 0);
+        crypto_sign_keypair(e->pk, e->sk);
+        sodium_bin2base64(b64, sizeof b64, e->pk, sizeof e->pk, sodium_base64_VARIANT_ORIGINAL);
+        snprintf(path, sizeof path, "%s/cp.pub", e->keys);
+        f = fopen(path, "w");
+        assert_non_null(f);
+        fprintf(f, "%s\n", b64);
+        assert_int_equal(fclose(f), 0);
+        assert_int_equal(ab_store_open(e->state, 0, &e->st, NULL), 0);
+}
+
+static void cenv_done(compile_env *e)
+{
+        ab_store_close(e->st);
+        e->st = NULL;
+        rm_tmpdir();
+}
+
+/* Write policy.d/name with text and (if sign) name.sig made with the trusted key. */
+static void cenv_put(compile_env *e, const char *name, const char *text, size_t len, bool sign)
+{
+        char path[PATH_MAX * 3];
+        FILE *f;
+
+        snprintf(path, sizeof path, "%s/%s", e->pol, name);
+        f = fopen(path, "w");
+        assert_non_null(f);
+        assert_int_equal(fwrite(text, 1, len, f), len);
+        assert_int_equal(fclose(f), 0);
+        if (sign) {
+                unsigned char sig[crypto_sign_BYTES];
+                char b64[128];
+                crypto_sign_detached(sig, NULL, (const unsigned char *)text, len, e->sk);
+                sodium_bin2base64(b64, sizeof b64, sig, sizeof sig, sodium_base64_VARIANT_ORIGINAL);
+                strcat(path, ".sig");
+                f = fopen(path, "w");
+                assert_non_null(f);
+                fprintf(f, "%s\n", b64);
+                assert_int_equal(fclose(f), 0);
+        }
+}
+
+static void cenv_rm(compile_env *e, const char *name)
+{
+        char path[PATH_MAX * 3];
+        snprintf(path, sizeof path, "%s/%s", e->pol, name);
+        assert_int_equal(unlink(path), 0);
+}
+
+static int cenv_compile(compile_env *e, bool require_signed, char *reason, size_t reasonmax)
+{
+        ab_compile_opts o = { .policy_path = e->pol, .trusted_keys_dir = e->keys, .require_signed = require_signed };
+        ab_diag d = mkdiag(false);
+        ab_policy *p = NULL;
+        int r;
+
+        rec_reset();
+        r = ab_policy_compile(e->st, &o, &d, &p, reason, reasonmax);
+        if (r == 0) {
+                assert_non_null(p);
+                ab_policy_free(p);
+        } else {
+                assert_null(p);
+                assert_true(strlen(reason) > 0);
+        }
+        return r;
+}
+
+/* The agents compiled into the store, as the broker loads them at start ("" if none). */
+static const char *stored_agent(compile_env *e)
+{
+        ab_diag d = mkdiag(false);
+        ab_policy *p = NULL;
+        const char *id;
+
+        assert_int_equal(ab_policy_from_store(e->st, &d, &p), 0);
+        id = p->n_agents ? fmt("%s", p->agents[0].id) : "";
+        ab_policy_free(p);
+        return id;
+}
+
+static const char *agent_doc(int version, const char *id)
+{
+        return fmt("{\"version\":%d,\"agents\":[{\"id\":\"%s\",\"owner\":\"o\",\"match\":{\"uid\":1},\"grants\":[]}]}",
+                   version, id);
+}
+
+/* Hostile sources in the compiled directory: each refused with a reason, the store unchanged. */
+static void test_compile_hostile_sources(void **state)
+{
+        compile_env e;
+        char reason[512];
+        const char *doc;
+        char *big;
+        const size_t size = 10 * 1024 * 1024;
+
+        cenv_init(&e);
+        doc = agent_doc(2, "first");
+        cenv_put(&e, "10-a.json", doc, strlen(doc), true);
+        assert_int_equal(cenv_compile(&e, true, reason, sizeof reason), 0);
+        assert_string_equal(stored_agent(&e), "first");
+
+        /* 10 MB */
+        big = malloc(size);
+        assert_non_null(big);
+        memset(big, ' ', size);
+        memcpy(big, "{\"version\":1,\"agents\":[]}", 25);
+        cenv_put(&e, "20-huge.json", big, size, false);
+        free(big);
+        assert_int_equal(cenv_compile(&e, false, reason, sizeof reason), AB_ERR_TOO_LARGE);
+        assert_non_null(strstr(reason, "20-huge.json"));
+        assert_non_null(strstr(reason, "too large"));
+        assert_string_equal(stored_agent(&e), "first");
+        cenv_rm(&e, "20-huge.json");
+
+        /* a name that is not UTF-8 */
+        doc = agent_doc(1, "named-badly");
+        cenv_put(&e, "\xff.json", doc, strlen(doc), true);
+        assert_int_equal(cenv_compile(&e, true, reason, sizeof reason), AB_ERR_POLICY);
+        assert_non_null(strstr(reason, "/?.json"));
+        assert_non_null(strstr(reason, "not printable UTF-8"));
+        assert_int_equal(rec_count(AB_DIAG_ERROR), 1);
+        assert_string_equal(stored_agent(&e), "first");
+        cenv_rm(&e, "\xff.json");
+        cenv_rm(&e, "\xff.json.sig");
+
+        /* deep nesting, invalid UTF-8, duplicate keys, wrong types: invalid policy */
+        {
+                static const char *const bad[] = {
+                        "{\"version\":3,\"agents\":[],\"$schema\":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["
+                        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["
+                        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["
+                        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
+                        "{\"version\":3,\"agents\":[{\"id\":\"x\",\"owner\":\"\xc3\x28\",\"match\":{\"uid\":1},\"grants\":[]}]}",
+                        "{\"version\":3,\"version\":4,\"agents\":[]}",
+                        "{\"version\":3,\"agents\":{}}",
+                };
+                for (size_t i = 0; i < AB_ARRAY_SIZE(bad); i++) {
+                        cenv_put(&e, "30-bad.json", bad[i], strlen(bad[i]), true);
+                        assert_int_equal(cenv_compile(&e, true, reason, sizeof reason), AB_ERR_POLICY);
+                        assert_non_null(strstr(reason, "30-bad.json"));
+                        assert_true(rec_count(AB_DIAG_ERROR) >= 1);
+                        assert_string_equal(stored_agent(&e), "first");
+                }
+                cenv_rm(&e, "30-bad.json");
+                cenv_rm(&e, "30-bad.json.sig");
+        }
+        cenv_done(&e);
+}
+
+/* Signatures and versions: what require_signed and rollback protection refuse. */
+static void test_compile_signatures_and_rollback(void **state)
+{
+        compile_env e;
+        char reason[512], path[PATH_MAX * 3];
+        const char *v2 = agent_doc(2, "v2"), *v1 = agent_doc(1, "v1"), *v2b = agent_doc(2, "v2b");
+        const char *v3 = agent_doc(3, "v3");
+
+        cenv_init(&e);
+        cenv_put(&e, "10-a.json", v2, strlen(v2), true);
+        assert_int_equal(cenv_compile(&e, true, reason, sizeof reason), 0);
+        assert_string_equal(stored_agent(&e), "v2");
+
+        /* unsigned */
+        cenv_rm(&e, "10-a.json.sig");
+        cenv_put(&e, "10-a.json", v3, strlen(v3), false);
+        assert_int_equal(cenv_compile(&e, true, reason, sizeof reason), AB_ERR_CRYPTO);
+        assert_non_null(strstr(reason, "unsigned"));
+        assert_string_equal(stored_agent(&e), "v2");
+        /* signed, then the content changed: the signature does not verify */
+        cenv_put(&e, "10-a.json", v3, strlen(v3), true);
+        cenv_put(&e, "10-a.json", v2b, strlen(v2b), false);
+        assert_int_equal(cenv_compile(&e, true, reason, sizeof reason), AB_ERR_CRYPTO);
+        assert_non_null(strstr(reason, "signature does not verify"));
+        /* and without require_signed a bad signature is refused all the same */
+        assert_int_equal(cenv_compile(&e, false, reason, sizeof reason), AB_ERR_CRYPTO);
+        /* a signature that is not even base64 */
+        snprintf(path, sizeof path, "%s/10-a.json.sig", e.pol);
+        assert_int_equal(truncate(path, 0), 0);
+        assert_int_equal(cenv_compile(&e, true, reason, sizeof reason), AB_ERR_CRYPTO);
+        assert_string_equal(stored_agent(&e), "v2");
+
+        /* rollback: a lower version, validly signed */
+        cenv_put(&e, "10-a.json", v1, strlen(v1), true);
+        assert_int_equal(cenv_compile(&e, true, reason, sizeof reason), -ESTALE);
+        assert_non_null(strstr(reason, "rollback"));
+        assert_string_equal(stored_agent(&e), "v2");
+        /* the same version with other content, signed */
+        cenv_put(&e, "10-a.json", v2b, strlen(v2b), true);
+        assert_int_equal(cenv_compile(&e, true, reason, sizeof reason), -ESTALE);
+        assert_string_equal(stored_agent(&e), "v2");
+        /* a source removed and put back lower is still a rollback */
+        cenv_put(&e, "10-a.json", v3, strlen(v3), true);
+        assert_int_equal(cenv_compile(&e, true, reason, sizeof reason), 0);
+        assert_string_equal(stored_agent(&e), "v3");
+        cenv_rm(&e, "10-a.json");
+        cenv_rm(&e, "10-a.json.sig");
+        assert_int_equal(cenv_compile(&e, true, reason, sizeof reason), 0);
+        assert_string_equal(stored_agent(&e), "");
+        cenv_put(&e, "10-a.json", v2, strlen(v2), true);
+        assert_int_equal(cenv_compile(&e, true, reason, sizeof reason), -ESTALE);
+        assert_string_equal(stored_agent(&e), "");
+        cenv_done(&e);
+}
+
 /* ---- matching ------------------------------------------------------------ */
 
 static ab_identity *ident(uid_t uid, gid_t gid, const char *exe, const char *sha256, const char *unit)
@@ -1882,6 +2313,12 @@ int main(void)
                 T(test_load_path_file_size),
                 T(test_load_path_file_count),
                 T(test_load_path_not_regular),
+                T(test_huge_arrays),
+                T(test_hostile_messages),
+                T(test_load_path_ten_megabytes),
+                T(test_source_name_not_utf8),
+                T(test_compile_hostile_sources),
+                T(test_compile_signatures_and_rollback),
                 T(test_match_every_selector),
                 T(test_match_first_wins),
                 T(test_match_unresolved_user),
