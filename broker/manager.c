@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: MIT */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -850,6 +851,85 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
         return 0;
 }
 
+#define POLICY_TRUST_KEY "policy_trust"
+
+/*
+ * Under which trust the policy in force was compiled: "unsigned", or
+ * "signed:" and a SHA-256 over the trusted keys (name and content of each
+ * file in the trusted-keys directory, in name order). A broker started with
+ * require_signed recompiles a stored policy that was compiled under any
+ * other trust, so that turning require_signed on, or removing a key, takes
+ * effect at the next start even when the sources did not change.
+ */
+static void policy_trust(const ab_manager *m, char out[8 + 65])
+{
+        crypto_hash_sha256_state h;
+        uint8_t d[crypto_hash_sha256_BYTES];
+        char hex[65];
+        struct dirent **names = NULL;
+        int n;
+
+        if (!m->cfg.require_signed) {
+                snprintf(out, 8 + 65, "unsigned");
+                return;
+        }
+        crypto_hash_sha256_init(&h);
+        n = m->cfg.trusted_keys_dir ? scandir(m->cfg.trusted_keys_dir, &names, NULL, alphasort) : -1;
+        for (int i = 0; i < n; i++) {
+                char path[PATH_MAX], buf[4096];
+                int fd = -1;
+                ssize_t k;
+                if (names[i]->d_name[0] != '.' &&
+                    snprintf(path, sizeof path, "%s/%s", m->cfg.trusted_keys_dir, names[i]->d_name) < (int)sizeof path)
+                        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+                if (fd >= 0) {
+                        crypto_hash_sha256_update(&h, (const uint8_t *)names[i]->d_name, strlen(names[i]->d_name) + 1);
+                        k = read(fd, buf, sizeof buf);
+                        if (k > 0)
+                                crypto_hash_sha256_update(&h, (const uint8_t *)buf, (size_t)k);
+                        close(fd);
+                }
+                free(names[i]);
+        }
+        free(names);
+        crypto_hash_sha256_final(&h, d);
+        sodium_bin2hex(hex, sizeof hex, d, sizeof d);
+        snprintf(out, 8 + 65, "signed:%s", hex);
+}
+
+static void store_policy_trust(ab_manager *m)
+{
+        char trust[8 + 65];
+        ab_txn *t = NULL;
+        policy_trust(m, trust);
+        if (ab_store_begin(m->store, true, &t) < 0)
+                return;
+        if (ab_txn_put(t, AB_DB_META, POLICY_TRUST_KEY, strlen(POLICY_TRUST_KEY), trust, strlen(trust)) < 0)
+                ab_txn_abort(t);
+        else
+                (void)ab_txn_commit(t);
+}
+
+/* Was the stored policy compiled under the trust this broker requires? */
+static bool stored_trust_ok(ab_manager *m)
+{
+        char want[8 + 65];
+        const void *v;
+        size_t vl;
+        ab_txn *t = NULL;
+        bool ok;
+
+        if (!m->cfg.require_signed)
+                return true;
+        policy_trust(m, want);
+        if (ab_store_begin(m->store, false, &t) < 0)
+                return false;
+        ok = ab_txn_get(t, AB_DB_META, POLICY_TRUST_KEY, strlen(POLICY_TRUST_KEY), &v, &vl) == 0 &&
+             vl == strlen(want) && memcmp(v, want, vl) == 0;
+        ab_txn_abort(t);
+        return ok;
+}
+
 static void set_policy_version(ab_manager *m)
 {
         char fp[65];
@@ -885,6 +965,7 @@ int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char 
         ab_policy_free(m->policy);
         m->policy = p;
         set_policy_version(m);
+        store_policy_trust(m);
         snprintf(reason, reasonmax, "policy compiled from %s: %zu agents", m->cfg.policy_path, p->n_agents);
         if (via && strcmp(via, "inotify") == 0 && strcmp(old_version, m->policy_version) == 0) {
                 ab_log(LOG_DEBUG, "policy directory changed, policy unchanged (%s)", m->policy_version);
@@ -918,6 +999,22 @@ static int startup_policy(ab_manager *m)
                 ab_log(LOG_INFO, "policy from the store: %zu agents", p->n_agents);
         } else if (r != -ENOENT) {
                 ab_log(LOG_ERR, "compiled policy in the store does not load (%s); recompiling", ab_strerror(r));
+        }
+        if (r == 0 && !stored_trust_ok(m)) {
+                /* compiled before require_signed was on, or with a key that is no
+                 * longer trusted: it must pass the signature checks again or go */
+                ab_log(LOG_WARNING, "the stored policy was not compiled under the trust now required "
+                                    "(require_signed, trusted keys); recompiling");
+                if (ab_manager_reload_policy(m, NULL, json_pack("{s:s}", "via", "startup"), reason, sizeof reason) < 0) {
+                        ab_policy *empty = NULL;
+                        if (ab_policy_new(&empty) < 0)
+                                return -ENOMEM;
+                        ab_policy_free(m->policy);
+                        m->policy = empty;
+                        set_policy_version(m);
+                        ab_log(LOG_ERR, "no agent is served until signed policy sources are deployed: %s", reason);
+                }
+                return 0;
         }
         ab_policy_stored_fingerprint(m->store, stored);
         k = ab_policy_fingerprint(m->cfg.policy_path, now);
