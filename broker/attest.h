@@ -80,4 +80,11 @@ static inline bool ab_peer_in_group(const ab_peer *p, gid_t gid)
  */
 int ab_peer_alive(const ab_peer *p);
 
+/*
+ * Is the process pid with this start time (/proc/PID/stat, clock ticks
+ * after boot) still there (a zombie counts)? A recycled pid has another
+ * start time. For housekeeping of records bound to processes.
+ */
+bool ab_process_running(pid_t pid, uint64_t start_time);
+
 #endif

@@ -1045,7 +1045,7 @@ static int on_purge_timer(sd_event_source *s, uint64_t usec, void *userdata)
 {
         ab_manager *m = userdata;
         unsigned n = 0;
-        int r = ab_session_purge(m->store, ab_manager_now(m), &n);
+        int r = ab_session_purge(m->store, ab_manager_now(m), ab_process_running, &n);
 
         if (r < 0)
                 ab_log(LOG_WARNING, "purging expired sessions failed: %s", ab_strerror(r));

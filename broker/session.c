@@ -790,6 +790,7 @@ int ab_session_list(ab_store *st, const ab_policy *policy, const char *agent, co
 typedef struct purger {
         ab_txn *t;
         int64_t now;
+        bool (*running)(pid_t pid, uint64_t start_time);
         uint8_t (*keys)[1 + AB_SID_LEN + AB_PAM_ID_LEN];
         size_t *lens;
         size_t n, cap;
@@ -838,6 +839,9 @@ static int purge_session(void *ud, const void *key, size_t klen, const void *val
         memcpy(&s, val, sizeof s);
         if (s.expires > p->now)
                 return 0;
+        /* "a revoked session stays bound to its process": while it runs */
+        if (s.state == AB_SESSION_REVOKED && p->running && p->running(s.pid, s.start_time))
+                return 0;
         r = purge_add(p, key, klen);
         if (r != 0)
                 return r;
@@ -863,9 +867,9 @@ static int purge_jti(void *ud, const void *key, size_t klen, const void *val, si
         return purge_add(p, key, klen);
 }
 
-int ab_session_purge(ab_store *st, int64_t now, unsigned *ret_n)
+int ab_session_purge(ab_store *st, int64_t now, bool (*running)(pid_t pid, uint64_t start_time), unsigned *ret_n)
 {
-        purger p = { .now = now };
+        purger p = { .now = now, .running = running };
         ab_txn *t = NULL;
         size_t n_sess;
         int r = ab_store_begin(st, true, &t);

@@ -152,7 +152,12 @@ int ab_session_list(ab_store *st, const ab_policy *policy, const char *agent, co
                     const char *after, json_t **ret, char ret_next[AB_SID_LEN + 1]);
 json_t *ab_session_json(const ab_session *s, const ab_agent *a, int64_t now);
 
-/* Drop expired sessions and stale revocation entries. *ret_n: records dropped. */
-int ab_session_purge(ab_store *st, int64_t now, unsigned *ret_n);
+/*
+ * Drop expired sessions and stale revocation entries. *ret_n: records
+ * dropped. A revoked session whose process is still running (running(pid,
+ * start_time) says so; NULL: none is) is kept past its expiry, so that the
+ * process stays refused instead of getting a new session.
+ */
+int ab_session_purge(ab_store *st, int64_t now, bool (*running)(pid_t pid, uint64_t start_time), unsigned *ret_n);
 
 #endif

@@ -1299,12 +1299,6 @@ static void test_exec_then_authenticate_ends_old_session(void **state)
  */
 static void test_revoked_process_stays_revoked_after_purge(void **state)
 {
-        /* An open bug (see the closing note of this stop): skipped unless
-         * AB_RUN_KNOWN_BUGS=1, so that CI stays meaningful; the test is real. */
-        if (!getenv("AB_RUN_KNOWN_BUGS")) {
-                fprintf(stderr, "known open bug, skipped: test_revoked_process_stays_revoked_after_purge\n");
-                skip();
-        }
         hx_broker *b = *state;
         char clock_path[PATH_MAX], sid[32];
         agent_proc *p;
@@ -1335,6 +1329,26 @@ static void test_revoked_process_stays_revoked_after_purge(void **state)
                 fprintf(stderr, "after the purge the revoked process got session %s\n", hx_reply_str(r, "sid"));
         assert_error(r, "io.agentbroker.SessionRevoked");
         json_decref(r);
+
+        /* once the process is gone, the next purge drops the record: nothing grows for ever */
+        {
+                int st;
+                hx_conn *a;
+                json_t *root, *sess;
+                size_t i;
+                bool found = false;
+                assert_int_equal(kill(p->pid, SIGKILL), 0);
+                assert_int_equal(waitpid(p->pid, &st, 0), p->pid);
+                p->pid = 0;
+                restart(b, false);
+                a = conn(b, b->admin_sock);
+                root = rpc(a, M_ALIST, NULL);
+                assert_ok(root);
+                json_array_foreach(json_object_get(hx_reply_params(root), "sessions"), i, sess)
+                        found |= strcmp(json_string_value(json_object_get(sess, "sid")), sid) == 0;
+                json_decref(root);
+                assert_false(found);
+        }
 }
 
 /*
