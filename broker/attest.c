@@ -313,6 +313,12 @@ static void read_cgroup(const ab_peer *p, ab_peer_cache *pc)
         pc->cgroup_raw_len = (size_t)n;
 }
 
+bool ab_process_running(pid_t pid, uint64_t start_time)
+{
+        uint64_t st;
+        return pid > 0 && read_start_time(pid, &st) == 0 && st == start_time;
+}
+
 /*
  * Is the process behind the pidfd still running? A running process keeps its
  * PID, so what was read through /proc/PID before this check belongs to it.
@@ -335,12 +341,6 @@ static void read_cgroup(const ab_peer *p, ab_peer_cache *pc)
  * against the one recorded at the first attestation (a recycled PID has a
  * later one); with none recorded the answer is "gone" (fail closed).
  */
-bool ab_process_running(pid_t pid, uint64_t start_time)
-{
-        uint64_t st;
-        return pid > 0 && read_start_time(pid, &st) == 0 && st == start_time;
-}
-
 int ab_peer_alive(const ab_peer *p)
 {
         static bool no_send_signal;
