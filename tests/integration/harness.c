@@ -23,6 +23,12 @@
 
 #define HX_MAX_REPLY (1024 * 1024)
 
+bool hx_under_wrapper(void)
+{
+        const char *w = getenv("AB_TEST_WRAPPER");
+        return w && *w;
+}
+
 long long hx_now_ms(void)
 {
         struct timespec ts;

@@ -60,6 +60,14 @@ const char *hx_build_dir(void);
 /* Write hx_build_dir()/name into out (room for outmax bytes). */
 int hx_build_path(const char *name, char *out, size_t outmax);
 
+/*
+ * true when the test programs run under a tool (make check-valgrind sets
+ * AB_TEST_WRAPPER): the kernel then names the tool as this process's
+ * executable while readlink("/proc/self/exe") names the test, and daemons
+ * run several times slower.
+ */
+bool hx_under_wrapper(void);
+
 /* Milliseconds on the monotonic clock. */
 long long hx_now_ms(void);
 

@@ -499,6 +499,8 @@ static void assert_identity(const json_t *rec, const char *exe, const char *sha)
         assert_int_equal(ri(rec, "uid"), 0);
         assert_int_equal(ri(rec, "gid"), 0);
         assert_int_equal(ri(rec, "pid"), getpid());
+        if (hx_under_wrapper())
+                return; /* the broker sees the tool's executable, not this test's */
         assert_string_equal(rs(rec, "exe"), exe);
         assert_string_equal(rs(rec, "sha256"), sha);
 }
@@ -679,8 +681,10 @@ static void test_scripted_day(void **state)
         assert_int_equal(ri(r, "uid"), HX_NOBODY_UID);
         assert_int_equal(ri(r, "gid"), HX_NOBODY_GID);
         assert_int_equal(ri(r, "pid"), nobody_pid);
-        assert_string_equal(rs(r, "exe"), exe); /* the forked test binary */
-        assert_string_equal(rs(r, "sha256"), sha);
+        if (!hx_under_wrapper()) { /* the forked test binary, unless a tool runs it */
+                assert_string_equal(rs(r, "exe"), exe);
+                assert_string_equal(rs(r, "sha256"), sha);
+        }
         assert_null(json_object_get(r, "agent"));
         assert_non_null(strstr(rs(r, "reason"), "uid 65534"));
         assert_string_equal(rs(r, "audience"), AUD_GIT);
@@ -1243,7 +1247,7 @@ static void test_kill9_during_burst(void **state)
         hx_broker *b = &f->b;
         char apath[PATH_MAX], jwks[PATH_MAX], jf[BURST_CLIENTS][PATH_MAX];
         pid_t kids[BURST_CLIENTS];
-        json_t *jtis = json_array(), *recs;
+        json_t *jtis = NULL, *recs; /* made after the forks: a child exits without freeing */
         long long t0, t1;
 
         add_arg(b, "--rate-limit");
@@ -1268,6 +1272,7 @@ static void test_kill9_during_burst(void **state)
         usleep(BURST_MS * 1000);
         kill9(b);
         t1 = hx_now_ms();
+        jtis = json_array();
         for (int i = 0; i < BURST_CLIENTS; i++) {
                 int st = 0;
                 assert_int_equal(waitpid(kids[i], &st, 0), kids[i]);

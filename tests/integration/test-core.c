@@ -346,6 +346,12 @@ static void test_sha256_selector(void **state)
                 err[256];
         hx_run_result res;
 
+        if (hx_under_wrapper()) {
+                /* the broker sees the tool's executable, not this test's */
+                printf("SKIPPED: sha256 of this process under AB_TEST_WRAPPER\n");
+                skip();
+        }
+
         assert_int_equal(hx_build_path("agent-brokerd", path, sizeof path), 0);
         assert_int_equal(hx_sha256_file(path, h_other), 0); /* some other file */
         assert_int_equal(hx_build_path("agent-brokerctl", path, sizeof path), 0);
