@@ -879,9 +879,11 @@ static void policy_trust(const ab_manager *m, char out[8 + 65])
                 char path[PATH_MAX], buf[4096];
                 int fd = -1;
                 ssize_t k;
-                if (names[i]->d_name[0] != '.' &&
+                size_t l = strlen(names[i]->d_name);
+                /* the files the verifier reads (compile.c: *.pub, symlinks followed) */
+                if (names[i]->d_name[0] != '.' && l >= 5 && strcmp(names[i]->d_name + l - 4, ".pub") == 0 &&
                     snprintf(path, sizeof path, "%s/%s", m->cfg.trusted_keys_dir, names[i]->d_name) < (int)sizeof path)
-                        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+                        fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
                 if (fd >= 0) {
                         crypto_hash_sha256_update(&h, (const uint8_t *)names[i]->d_name, strlen(names[i]->d_name) + 1);
                         k = read(fd, buf, sizeof buf);
@@ -953,6 +955,18 @@ int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char 
         if (r < 0) {
                 ab_log(LOG_ERR, "policy not loaded: %s; %s", reason,
                        m->policy->n_agents ? "the previous policy stays in force" : "no agent is served");
+                /* Under require_signed, a policy compiled under another trust (a key
+                 * removed since, or require_signed turned on) must not outlive a
+                 * failed recompile: serve nobody rather than what no trusted key signs. */
+                if (m->cfg.require_signed && !stored_trust_ok(m)) {
+                        ab_policy *empty = NULL;
+                        if (ab_policy_new(&empty) == 0) {
+                                ab_policy_free(m->policy);
+                                m->policy = empty;
+                                ab_log(LOG_ERR, "the policy in force is no longer signed by a trusted key: no agent "
+                                                "is served until signed policy sources are deployed");
+                        }
+                }
                 rec = json_pack("{s:s, s:s, s:s}", "decision", "reject", "reason", reason, "source",
                                 m->cfg.policy_path);
                 if (rec && who)
@@ -1005,15 +1019,8 @@ static int startup_policy(ab_manager *m)
                  * longer trusted: it must pass the signature checks again or go */
                 ab_log(LOG_WARNING, "the stored policy was not compiled under the trust now required "
                                     "(require_signed, trusted keys); recompiling");
-                if (ab_manager_reload_policy(m, NULL, json_pack("{s:s}", "via", "startup"), reason, sizeof reason) < 0) {
-                        ab_policy *empty = NULL;
-                        if (ab_policy_new(&empty) < 0)
-                                return -ENOMEM;
-                        ab_policy_free(m->policy);
-                        m->policy = empty;
-                        set_policy_version(m);
-                        ab_log(LOG_ERR, "no agent is served until signed policy sources are deployed: %s", reason);
-                }
+                /* a failed recompile leaves no agent served (see ab_manager_reload_policy) */
+                (void)ab_manager_reload_policy(m, NULL, json_pack("{s:s}", "via", "startup"), reason, sizeof reason);
                 return 0;
         }
         ab_policy_stored_fingerprint(m->store, stored);

@@ -184,6 +184,15 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
         audit_session(c, created ? "session.opened" : "session.reauthenticated", "grant", NULL, &id, a, &s, NULL);
         ab_log(LOG_INFO, "session %s %s for agent %s pid %d uid %u", s.sid, created ? "opened" : "re-authenticated",
                a->id, (int)id.pid, (unsigned)id.uid);
+        /* opened in the second of a host-wide cut-off: revoked at birth, as for IssueToken */
+        if (created && ab_session_check(c->m->store, &id, a, now, &s) == AB_SESSION_IS_REVOKED) {
+                char reason[160];
+                snprintf(reason, sizeof reason, "session %s was opened before the host-wide revocation cut-off",
+                         s.sid);
+                audit_session(c, "session.reauthenticated", "deny", reason, &id, a, &s, NULL);
+                ab_conn_error(c, "io.agentbroker.SessionRevoked", reason, json_pack("{s:s}", "sid", s.sid));
+                return;
+        }
         ab_conn_reply(c, session_reply(&s, a, now), NULL);
 }
 
@@ -639,6 +648,14 @@ void ab_m_admin_revoke(ab_conn *c, ab_vl_call *call)
                 snprintf(what, sizeof what, "%u sessions of agent %s", n, agent);
         } else {
                 int64_t t = json_integer_value(json_object_get(p, "before"));
+                /* The cut-off never moves back, so a time in the future (a typo
+                 * of the year) would refuse every agent until then: at most a
+                 * minute ahead (`revoke --before now` sends the next second). */
+                if (t > now + 60) {
+                        ab_invalid_param(c, "before",
+                                         "a cut-off more than 60 s in the future would refuse every agent until then");
+                        return;
+                }
                 r = ab_revoke_before(c->m->store, t, now, &n);
                 snprintf(what, sizeof what, "every token and session (%u) before %lld", n, (long long)t);
                 n++;
@@ -770,15 +787,23 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
                         json_string_value(json_object_get(p, "service")), json_string_value(json_object_get(p, "user")),
                         json_string_value(json_object_get(p, "tty")), json_string_value(json_object_get(p, "rhost")),
                         c->peer.uid, ab_manager_now(c->m), id);
-        if (r == -EUSERS) {
-                json_decref(res.claims);
-                ab_conn_error(c, "io.agentbroker.LimitReached",
-                              "this session has too many open PAM sessions; close some first", NULL);
-                return;
-        }
         if (r < 0) {
+                const char *why = r == -EUSERS ? "this session has too many open PAM sessions; close some first"
+                                               : "cannot record the PAM session";
+                json_t *rec = ab_audit_rec(c, "deny", why, NULL, NULL);
+                if (rec) {
+                        json_object_set_new(rec, "sid", json_string(res.session.sid));
+                        json_object_set_new(rec, "agent", json_string(res.session.agent));
+                        json_object_set(rec, "jti", json_object_get(res.claims, "jti"));
+                        json_object_set(rec, "service", json_object_get(p, "service"));
+                        json_object_set(rec, "user", json_object_get(p, "user"));
+                }
+                ab_manager_audit(c->m, "pam.opened", rec);
                 json_decref(res.claims);
-                store_error(c, r, "cannot record the PAM session");
+                if (r == -EUSERS)
+                        ab_conn_error(c, "io.agentbroker.LimitReached", why, NULL);
+                else
+                        store_error(c, r, why);
                 return;
         }
         ab_log(LOG_INFO, "PAM session %s opened (service %s, user %s)", id,
@@ -813,6 +838,10 @@ void ab_m_close_pam_session(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
+        if (!ab_rate_take(c->m, c->uslot)) {
+                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+                return;
+        }
         id = json_string_value(json_object_get(call->parameters, "id"));
         r = ab_pam_close(c->m->store, id, c->peer.uid);
         if (r == -EPERM) {
@@ -822,6 +851,10 @@ void ab_m_close_pam_session(ab_conn *c, ab_vl_call *call)
         }
         if (r < 0) {
                 store_error(c, r, "cannot close the PAM session");
+                return;
+        }
+        if (r == 0) { /* unknown or already closed: idempotent, and nothing to record */
+                ab_conn_reply(c, json_object(), NULL);
                 return;
         }
         {

@@ -292,39 +292,6 @@ int ab_attest_peer(ab_conn *c, ab_identity *id)
         return 0;
 }
 
-/*
- * A JSON string for text from outside (an executable path, a reason that
- * quotes one), which need not be UTF-8: as it is when it is valid, else
- * with every byte >= 0x80 and every backslash written as \xHH, so that
- * the audit record keeps the field instead of dropping it.
- */
-static json_t *json_string_escaped(const char *text)
-{
-        json_t *v = json_string(text);
-        size_t n, o = 0;
-        char *buf;
-
-        if (v || !text)
-                return v;
-        n = strlen(text);
-        if (n > (SIZE_MAX - 1) / 4)
-                return NULL;
-        buf = malloc(4 * n + 1);
-        if (!buf)
-                return NULL;
-        for (size_t i = 0; i < n; i++) {
-                unsigned char ch = (unsigned char)text[i];
-                if (ch >= 0x80 || ch == '\\')
-                        o += (size_t)snprintf(buf + o, 5, "\\x%02X", ch);
-                else
-                        buf[o++] = (char)ch;
-        }
-        buf[o] = '\0';
-        v = json_string(buf);
-        free(buf);
-        return v;
-}
-
 json_t *ab_audit_rec(ab_conn *c, const char *decision, const char *reason, const ab_identity *id,
                      const ab_agent *a)
 {
@@ -334,9 +301,9 @@ json_t *ab_audit_rec(ab_conn *c, const char *decision, const char *reason, const
         if (!r)
                 return NULL;
         if (reason)
-                json_object_set_new(r, "reason", json_string_escaped(reason));
+                json_object_set_new(r, "reason", ab_json_string_escaped(reason));
         if (id) {
-                json_object_set_new(r, "exe", json_string_escaped(id->exe));
+                json_object_set_new(r, "exe", ab_json_string_escaped(id->exe));
                 if (id->sha256[0])
                         json_object_set_new(r, "sha256", json_string(id->sha256));
                 if (id->unit[0])

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sodium.h>
 #include "session.h"
+#include "../common/varlink.h"
 #include "../common/b64.h"
 #include "../common/jwt.h"
 #include "../common/util.h"
@@ -655,7 +656,8 @@ int ab_pam_close(ab_store *st, const char *id, uid_t caller)
                 ab_txn_abort(t);
                 return r;
         }
-        return ab_txn_commit(t);
+        r = ab_txn_commit(t);
+        return r < 0 ? r : 1;
 }
 
 /* ---- listing and purging --------------------------------------------------------- */
@@ -664,9 +666,10 @@ json_t *ab_session_json(const ab_session *s, const ab_agent *a, int64_t now)
 {
         int64_t exp = ab_session_expires(s, a);
         const char *state = s->state == AB_SESSION_REVOKED ? "revoked" : now >= exp ? "expired" : "active";
-        json_t *j = json_pack("{s:s, s:s, s:I, s:I, s:s, s:s, s:I, s:I, s:I, s:I, s:s, s:[]}", "sid", s->sid,
+        /* the exe path is the process's bytes: not always UTF-8, so escaped (never a failed listing) */
+        json_t *j = json_pack("{s:s, s:s, s:I, s:I, s:o, s:s, s:I, s:I, s:I, s:I, s:s, s:[]}", "sid", s->sid,
                               "agent", s->agent, "uid", (json_int_t)s->uid, "pid", (json_int_t)s->pid, "exe",
-                              s->exe, "sha256", s->sha256, "created", (json_int_t)s->created, "auth_time",
+                              ab_json_string_escaped(s->exe), "sha256", s->sha256, "created", (json_int_t)s->created, "auth_time",
                               (json_int_t)s->auth_time, "expires", (json_int_t)exp, "reauth_before",
                               (json_int_t)ab_session_reauth_before(s, a), "state", state, "pam");
         if (j && s->state == AB_SESSION_REVOKED)

@@ -131,7 +131,7 @@ int ab_introspect(ab_store *st, const ab_signer *signer, const ab_policy *policy
 
 int ab_pam_open(ab_store *st, const char *sid, const char *jti, const char *service, const char *user,
                 const char *tty, const char *rhost, uid_t opener, int64_t now, char id[AB_PAM_ID_LEN + 1]);
-/* Close by id; 0 also if unknown. -EPERM if opened by another uid (root may). */
+/* Close by id: 1 if it was open, 0 if unknown or closed. -EPERM if opened by another uid (root may). */
 int ab_pam_close(ab_store *st, const char *id, uid_t caller);
 
 /* ---- listing and housekeeping ---------------------------------------------- */

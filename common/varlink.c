@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "util.h"
@@ -210,4 +211,37 @@ out:
         json_decref(params);
         json_decref(root);
         return r;
+}
+
+/*
+ * A JSON string for text from outside (an executable path, a reason that
+ * quotes one), which need not be UTF-8: as it is when it is valid, else
+ * with every byte >= 0x80 and every backslash written as \xHH, so that
+ * the audit record keeps the field instead of dropping it.
+ */
+json_t *ab_json_string_escaped(const char *text)
+{
+        json_t *v = json_string(text);
+        size_t n, o = 0;
+        char *buf;
+
+        if (v || !text)
+                return v;
+        n = strlen(text);
+        if (n > (SIZE_MAX - 1) / 4)
+                return NULL;
+        buf = malloc(4 * n + 1);
+        if (!buf)
+                return NULL;
+        for (size_t i = 0; i < n; i++) {
+                unsigned char ch = (unsigned char)text[i];
+                if (ch >= 0x80 || ch == '\\')
+                        o += (size_t)snprintf(buf + o, 5, "\\x%02X", ch);
+                else
+                        buf[o++] = (char)ch;
+        }
+        buf[o] = '\0';
+        v = json_string(buf);
+        free(buf);
+        return v;
 }

@@ -43,6 +43,14 @@ int ab_vl_encode_reply(json_t *params, const char *error, char **ret_msg, size_t
 /* Serialise a call {"method": m, "parameters": params}; steals params. */
 int ab_vl_encode_call(const char *method, json_t *params, char **ret_msg, size_t *ret_len);
 
+/*
+ * A JSON string for text from outside (an executable path, a reason that
+ * quotes one), which need not be UTF-8: as it is when valid, else with every
+ * byte >= 0x80 and every backslash written as \xHH. NULL only for NULL text
+ * or no memory.
+ */
+json_t *ab_json_string_escaped(const char *text);
+
 /* true if name is a valid "reverse.domain.Member" varlink name. */
 bool ab_vl_valid_qualified_name(const char *name);
 

@@ -46,6 +46,7 @@ typedef struct ctx {
         ab_pam_args args;
         const char *service;
         char audience[AB_PAM_AUDIENCE_MAX + 1];
+        char asking[SERVICE_MAX + 5]; /* "pam:" SERVICE, for the broker's audit record */
         char reason[64];     /* Introspect's reason when inactive */
         char error[128];     /* varlink error name of a failed call */
         char agent[128];     /* client_id of an active token, for the log */
@@ -57,7 +58,7 @@ static void warn_arg(void *userdata, const char *arg, const char *why)
         pam_syslog(userdata, LOG_WARNING, "ignoring argument \"%.80s\": %s", arg, why);
 }
 
-/* A string fit to send: non-empty, at most max bytes, no control characters. */
+/* A string fit to send: non-empty, at most max bytes, printable ASCII. */
 static bool sane(const char *s, size_t max)
 {
         size_t n;
@@ -67,8 +68,8 @@ static bool sane(const char *s, size_t max)
         if (n == 0 || n > max)
                 return false;
         for (size_t i = 0; i < n; i++)
-                if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f)
-                        return false;
+                if ((unsigned char)s[i] < 0x20 || (unsigned char)s[i] >= 0x7f)
+                        return false; /* printable ASCII only: what the broker accepts */
         return true;
 }
 
@@ -86,6 +87,7 @@ static int ctx_init(ctx *x, pam_handle_t *pamh, int argc, const char **argv)
                 return PAM_SERVICE_ERR;
         }
         x->service = item;
+        snprintf(x->asking, sizeof x->asking, "pam:%s", x->service);
         if (x->args.audience[0])
                 memcpy(x->audience, x->args.audience, sizeof x->audience);
         else {
@@ -212,7 +214,7 @@ static int introspect(ctx *x, const char *token, const char *user)
         int r;
 
         params = json_pack("{s:s, s:s, s:s, s:s, s:s}", "token", token, "audience", x->audience, "scope",
-                           x->args.scope, "user", user, "service", x->audience);
+                           x->args.scope, "user", user, "service", x->asking);
         if (params && x->args.max_auth_age > 0 &&
             json_object_set_new(params, "max_auth_age", json_integer(x->args.max_auth_age)) < 0) {
                 json_decref(params);
@@ -259,6 +261,9 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
         ctx x;
         int r;
 
+        /* a new attempt on this handle: what an earlier one accepted no longer counts */
+        (void)pam_set_data(pamh, DATA_TOKEN, NULL, NULL);
+        (void)pam_putenv(pamh, ENV_JTI);
         r = ctx_init(&x, pamh, argc, argv);
         if (r != PAM_SUCCESS)
                 return r;
@@ -406,6 +411,12 @@ PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, cons
                                    "this PAM session is not recorded with the broker",
                                    pam_getenv(pamh, ENV_JTI));
                 return PAM_IGNORE;
+        }
+        {
+                const void *open_id = NULL;
+                /* already recorded (the module twice in the stack, or a second call) */
+                if (pam_get_data(pamh, DATA_PAM_ID, &open_id) == PAM_SUCCESS && open_id)
+                        return PAM_SUCCESS;
         }
         r = ctx_init(&x, pamh, argc, argv);
         if (r != PAM_SUCCESS)

@@ -659,6 +659,80 @@ static void test_unknown_arguments_ignored(void **state)
         free(tok);
 }
 
+/*
+ * One handle, used again: a second pam_authenticate that the module does
+ * not accept (a password, beside pam_permit) must not leave the first
+ * one's token for account and session; the module twice in the session
+ * stack records one PAM session; a user name that is not printable ASCII
+ * is PAM_USER_UNKNOWN.
+ */
+static void test_handle_reuse_and_odd_items(void **state)
+{
+        fixture *f = *state;
+        char *tok = issue(f, AUD, "login", 0);
+        conv_data cd = { 0 };
+        struct pam_conv conv;
+        pam_handle_t *h;
+        json_t *recs;
+
+        write_conf(f, SERVICE,
+                   "auth sufficient MODULE socket=SOCKET ignore_non_token\n"
+                   "auth required pam_permit.so\n"
+                   "account required MODULE socket=SOCKET\n"
+                   "account required pam_permit.so\n"
+                   "session required MODULE socket=SOCKET\n"
+                   "session required MODULE socket=SOCKET\n"
+                   "session required pam_permit.so\n");
+        cd.answer = tok;
+        h = start(f, "root", &cd, &conv);
+        assert_int_equal(pam_authenticate(h, 0), PAM_SUCCESS);
+        assert_non_null(pam_getenv(h, "AGENT_BROKER_JTI"));
+        /* the same handle, now a human's password */
+        cd.answer = "a human password";
+        assert_int_equal(pam_authenticate(h, 0), PAM_SUCCESS); /* pam_permit */
+        assert_null(pam_getenv(h, "AGENT_BROKER_JTI"));
+        revoke_jti(f, tok);
+        assert_int_equal(pam_acct_mgmt(h, 0), PAM_SUCCESS); /* PAM_IGNORE: the revoked token is not consulted */
+        assert_int_equal(pam_open_session(h, 0), PAM_SUCCESS);
+        recs = pam_records(f);
+        assert_int_equal(json_array_size(recs), 0); /* no PAM session recorded for the agent */
+        json_decref(recs);
+        pam_end(h, PAM_SUCCESS);
+        free(tok);
+
+        /* twice in the session stack: one record */
+        tok = issue(f, AUD, "login", 0);
+        cd = (conv_data){ .answer = tok };
+        h = start(f, "root", &cd, &conv);
+        assert_int_equal(pam_authenticate(h, 0), PAM_SUCCESS);
+        assert_int_equal(pam_open_session(h, 0), PAM_SUCCESS);
+        recs = pam_records(f);
+        assert_int_equal(json_array_size(recs), 1);
+        json_decref(recs);
+        assert_int_equal(pam_close_session(h, 0), PAM_SUCCESS);
+        recs = pam_records(f);
+        assert_int_equal(json_array_size(recs), 0);
+        json_decref(recs);
+        pam_end(h, PAM_SUCCESS);
+
+        /* odd user names and items */
+        write_default(f, "");
+        expect_auth(f, "jos\xc3\xa9", tok, PAM_USER_UNKNOWN);
+        expect_auth(f, "jos\xe9", tok, PAM_USER_UNKNOWN);
+        cd = (conv_data){ .answer = tok };
+        h = start(f, "root", &cd, &conv);
+        assert_int_equal(pam_set_item(h, PAM_RHOST, "h\xc3\xb4te"), PAM_SUCCESS);
+        assert_int_equal(pam_authenticate(h, 0), PAM_SUCCESS);
+        assert_int_equal(pam_open_session(h, 0), PAM_SUCCESS); /* rhost left out, not a failure */
+        recs = pam_records(f);
+        assert_int_equal(json_array_size(recs), 1);
+        assert_false(json_is_string(json_object_get(json_array_get(recs, 0), "rhost")));
+        json_decref(recs);
+        assert_int_equal(pam_close_session(h, 0), PAM_SUCCESS);
+        pam_end(h, PAM_SUCCESS);
+        free(tok);
+}
+
 typedef struct thread_arg {
         fixture *f;
         const char *tok;
@@ -908,6 +982,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_garbage_authtoks, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_ignore_non_token_stacking, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_unknown_arguments_ignored, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_handle_reuse_and_odd_items, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_threads, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_pamtester, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_sshd, setup, teardown),

@@ -974,6 +974,41 @@ static void test_require_signed_turned_on_evicts_unsigned(void **state)
         }
 }
 
+/*
+ * Under require_signed, removing the key that signed the policy in force
+ * and reloading: the recompile fails, and the old policy must not stay in
+ * force (no trusted key signs it any more). The same across a restart.
+ */
+static void test_removed_key_evicts_policy(void **state)
+{
+        fx *f = *state;
+        char conf[PATH_MAX + 64], pub[PATH_MAX * 2];
+        json_t *root;
+        int st = -1;
+
+        snprintf(conf, sizeof conf, "require_signed = true\ntrusted_keys = %s\n", f->keys);
+        assert_int_equal(hx_write_file(f->conf, conf, 0644), 0);
+        deploy_bundle(f, "20-agents.json", 2, "\"repo:write\"", f->key);
+        start(f);
+        assert_grants(f, false, true);
+
+        snprintf(pub, sizeof pub, "%s/control-plane.pub", f->keys);
+        assert_int_equal(unlink(pub), 0);
+        reload_refused(f, "");
+        root = call_on(f, f->b.sock, M_ISSUE, json_pack("{s:s, s:[s]}", "audience", AUD, "scopes", "repo:write"));
+        if (!hx_reply_error(root))
+                fprintf(stderr, "a token from a policy whose signing key was removed\n");
+        assert_non_null(hx_reply_error(root));
+        json_decref(root);
+
+        /* and after a restart, from the store */
+        assert_int_equal(hx_broker_stop(&f->b, &st), 0);
+        start(f);
+        root = call_on(f, f->b.sock, M_ISSUE, json_pack("{s:s, s:[s]}", "audience", AUD, "scopes", "repo:write"));
+        assert_non_null(hx_reply_error(root));
+        json_decref(root);
+}
+
 int main(void)
 {
 #define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
@@ -987,6 +1022,7 @@ int main(void)
                 T(test_whoami_only_own_agent),
                 T(test_hostile_sources_refused),
                 T(test_require_signed_turned_on_evicts_unsigned),
+                T(test_removed_key_evicts_policy),
         };
 #undef T
         return cmocka_run_group_tests_name("integration-policy", tests, NULL, NULL);

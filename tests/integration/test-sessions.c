@@ -2059,6 +2059,8 @@ static void test_revoke_before(void **state)
         r = expect_ok(a, M_AREVOKE, json_pack("{s:I}", "before", (json_int_t)(after - 3600)));
         json_decref(r);
         assert_string_equal(verdict(c, t1, NULL), "revoked");
+        /* a cut-off in the future (a typo of the year) would lock every agent out until then: refused */
+        expect_error(a, M_AREVOKE, json_pack("{s:I}", "before", (json_int_t)time(NULL) + 3600), E_PARAM);
 
         /* after the cut-off a new process gets a working token */
         wait_wall(after + 1);
