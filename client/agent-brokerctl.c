@@ -98,15 +98,22 @@ int ctl_fail(ab_client *c, int r, const char *what)
         return ctl_exit_for(r);
 }
 
-int ctl_connect(const opts *o, bool admin, ab_client **ret)
+const char *ctl_socket_path(const opts *o, bool admin)
 {
         const char *path = admin ? o->admin_socket : o->socket;
-        int r;
 
         if (!path && admin)
                 path = getenv("AGENT_BROKER_ADMIN_SOCKET");
         if (!path && admin)
                 path = AB_DEFAULT_ADMIN_SOCKET;
+        return path; /* NULL: the library's default ($AGENT_BROKER_SOCKET or AB_DEFAULT_SOCKET) */
+}
+
+int ctl_connect(const opts *o, bool admin, ab_client **ret)
+{
+        const char *path = ctl_socket_path(o, admin);
+        int r;
+
         r = ab_client_connect(path, o->timeout_ms, ret);
         if (r < 0) {
                 fprintf(stderr, "agent-brokerctl: cannot reach the broker at %s: %s\n",

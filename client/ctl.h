@@ -29,6 +29,8 @@ int ctl_exit_for(int r);
 /* Print "agent-brokerctl: what: error: reason" and return the exit code. */
 int ctl_fail(ab_client *c, int r, const char *what);
 /* Connect to the agent (or admin) socket; prints why not; returns an exit code. */
+/* The socket path for the agent or admin socket as options and environment say (NULL: library default). */
+const char *ctl_socket_path(const opts *o, bool admin);
 int ctl_connect(const opts *o, bool admin, ab_client **ret);
 /* Call method (params stolen, may be NULL); *ret is the reply's parameters. Returns an exit code. */
 int simple_call(const opts *o, bool admin, const char *method, json_t *params, json_t **ret);
