@@ -196,6 +196,21 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
         ab_conn_reply(c, session_reply(&s, a, now), NULL);
 }
 
+/* An audit field that comes from a token claim, and its name in the record. */
+typedef struct claim_field {
+        const char *claim, *field;
+} claim_field;
+
+/* Copy each string claim of the map from claims (NULL: none) into rec (NULL: nothing). */
+static void rec_copy_claims(json_t *rec, const json_t *claims, const claim_field *map, size_t n)
+{
+        for (size_t i = 0; rec && claims && i < n; i++) {
+                json_t *v = json_object_get(claims, map[i].claim);
+                if (json_is_string(v))
+                        json_object_set(rec, map[i].field, v);
+        }
+}
+
 /* ---- Introspect --------------------------------------------------------- */
 
 static const param_spec introspect_spec[] = {
@@ -267,17 +282,10 @@ void ab_m_introspect(ab_conn *c, ab_vl_call *call)
         {
                 json_t *rec = ab_audit_rec(c, res.active ? "active" : "inactive", res.active ? NULL : res.reason, NULL,
                                            NULL);
-                const char *keys[] = { "sub", "aud", "jti", "sid", "parent" };
-                const char *as[] = { "agent", "audience", "jti", "sid", "parent" };
-                for (size_t i = 0; rec && res.claims && i < AB_ARRAY_SIZE(keys); i++) {
-                        json_t *v = json_object_get(res.claims, keys[i]);
-                        if (json_is_string(v))
-                                json_object_set(rec, as[i], v);
-                }
-                if (rec && res.claims && json_is_string(json_object_get(res.claims, "owner")))
-                        json_object_set(rec, "owner", json_object_get(res.claims, "owner"));
-                if (rec && res.claims && json_is_string(json_object_get(res.claims, "scope")))
-                        json_object_set(rec, "scopes", json_object_get(res.claims, "scope"));
+                static const claim_field map[] = { { "sub", "agent" }, { "aud", "audience" }, { "jti", "jti" },
+                                                   { "sid", "sid" },    { "parent", "parent" }, { "owner", "owner" },
+                                                   { "scope", "scopes" } };
+                rec_copy_claims(rec, res.claims, map, AB_ARRAY_SIZE(map));
                 if (rec && service)
                         json_object_set_new(rec, "service", json_string(service));
                 if (ab_manager_audit(c->m, "token.introspected", rec) < 0) {
@@ -323,14 +331,9 @@ static void token_invalid(ab_conn *c, const char *verdict)
 static void attenuate_refuse(ab_conn *c, const ab_identity *id, const ab_agent *a, const json_t *pc, const json_t *p,
                              const char *error, const char *reason, json_t *data)
 {
+        static const claim_field map[] = { { "jti", "parent" }, { "sid", "sid" }, { "aud", "audience" } };
         json_t *rec = ab_audit_rec(c, "deny", reason, id, a);
-        if (rec && pc) {
-                const char *keys[] = { "jti", "sid", "aud" };
-                const char *as[] = { "parent", "sid", "audience" };
-                for (size_t i = 0; i < AB_ARRAY_SIZE(keys); i++)
-                        if (json_is_string(json_object_get(pc, keys[i])))
-                                json_object_set(rec, as[i], json_object_get(pc, keys[i]));
-        }
+        rec_copy_claims(rec, pc, map, AB_ARRAY_SIZE(map));
         if (rec && json_is_array(json_object_get(p, "scopes")))
                 json_object_set(rec, "scopes", json_object_get(p, "scopes"));
         if (rec && json_is_string(json_object_get(p, "audience")))
@@ -736,6 +739,34 @@ void ab_m_admin_list_sessions(ab_conn *c, ab_vl_call *call)
 
 /* ---- PAM sessions ---------------------------------------------------------- */
 
+/*
+ * The pam.opened record of an OpenPamSession (p), granted ("open", with
+ * the new pam_id) or refused ("deny" and why): what was asked (service,
+ * user, tty, rhost) and, from the token when it parsed, its jti, sid,
+ * agent and owner; for an active token, sid and agent of its session.
+ */
+static void audit_pam_open(ab_conn *c, const char *decision, const char *reason, json_t *p,
+                           const ab_introspect_res *res, const char *pam_id)
+{
+        static const char *const asked[] = { "service", "user", "tty", "rhost" };
+        static const claim_field map[] = { { "jti", "jti" }, { "sid", "sid" }, { "sub", "agent" }, { "owner", "owner" } };
+        json_t *rec = ab_audit_rec(c, decision, reason, NULL, NULL);
+
+        rec_copy_claims(rec, res->claims, map, AB_ARRAY_SIZE(map));
+        if (rec) {
+                if (pam_id)
+                        json_object_set_new(rec, "pam_id", json_string(pam_id));
+                for (size_t i = 0; i < AB_ARRAY_SIZE(asked); i++)
+                        if (json_object_get(p, asked[i]))
+                                json_object_set(rec, asked[i], json_object_get(p, asked[i]));
+                if (res->active) {
+                        json_object_set_new(rec, "sid", json_string(res->session.sid));
+                        json_object_set_new(rec, "agent", json_string(res->session.agent));
+                }
+        }
+        ab_manager_audit(c->m, "pam.opened", rec);
+}
+
 void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
 {
         static const param_spec spec[] = {
@@ -762,23 +793,8 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
         if (!res.active) {
                 /* a refused login is a decision: on the record, as a denial */
                 char reason[128];
-                json_t *rec;
                 snprintf(reason, sizeof reason, "the token is not active: %s", res.reason);
-                rec = ab_audit_rec(c, "deny", reason, NULL, NULL);
-                if (rec) {
-                        const char *keys[] = { "jti", "sid", "sub", "owner" };
-                        const char *as[] = { "jti", "sid", "agent", "owner" };
-                        for (size_t i = 0; res.claims && i < AB_ARRAY_SIZE(keys); i++)
-                                if (json_is_string(json_object_get(res.claims, keys[i])))
-                                        json_object_set(rec, as[i], json_object_get(res.claims, keys[i]));
-                        json_object_set(rec, "service", json_object_get(p, "service"));
-                        json_object_set(rec, "user", json_object_get(p, "user"));
-                        if (json_object_get(p, "tty"))
-                                json_object_set(rec, "tty", json_object_get(p, "tty"));
-                        if (json_object_get(p, "rhost"))
-                                json_object_set(rec, "rhost", json_object_get(p, "rhost"));
-                }
-                ab_manager_audit(c->m, "pam.opened", rec);
+                audit_pam_open(c, "deny", reason, p, &res, NULL);
                 token_invalid(c, res.reason);
                 json_decref(res.claims);
                 return;
@@ -790,15 +806,7 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
         if (r < 0) {
                 const char *why = r == -EUSERS ? "this session has too many open PAM sessions; close some first"
                                                : "cannot record the PAM session";
-                json_t *rec = ab_audit_rec(c, "deny", why, NULL, NULL);
-                if (rec) {
-                        json_object_set_new(rec, "sid", json_string(res.session.sid));
-                        json_object_set_new(rec, "agent", json_string(res.session.agent));
-                        json_object_set(rec, "jti", json_object_get(res.claims, "jti"));
-                        json_object_set(rec, "service", json_object_get(p, "service"));
-                        json_object_set(rec, "user", json_object_get(p, "user"));
-                }
-                ab_manager_audit(c->m, "pam.opened", rec);
+                audit_pam_open(c, "deny", why, p, &res, NULL);
                 json_decref(res.claims);
                 if (r == -EUSERS)
                         ab_conn_error(c, "io.agentbroker.LimitReached", why, NULL);
@@ -808,24 +816,7 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
         }
         ab_log(LOG_INFO, "PAM session %s opened (service %s, user %s)", id,
                json_string_value(json_object_get(p, "service")), json_string_value(json_object_get(p, "user")));
-        {
-                json_t *rec = ab_audit_rec(c, "open", NULL, NULL, NULL);
-                if (rec) {
-                        json_object_set_new(rec, "pam_id", json_string(id));
-                        json_object_set(rec, "service", json_object_get(p, "service"));
-                        json_object_set(rec, "user", json_object_get(p, "user"));
-                        if (json_object_get(p, "tty"))
-                                json_object_set(rec, "tty", json_object_get(p, "tty"));
-                        if (json_object_get(p, "rhost"))
-                                json_object_set(rec, "rhost", json_object_get(p, "rhost"));
-                        json_object_set_new(rec, "sid", json_string(res.session.sid));
-                        json_object_set_new(rec, "agent", json_string(res.session.agent));
-                        json_object_set(rec, "jti", json_object_get(res.claims, "jti"));
-                        if (json_is_string(json_object_get(res.claims, "owner")))
-                                json_object_set(rec, "owner", json_object_get(res.claims, "owner"));
-                }
-                ab_manager_audit(c->m, "pam.opened", rec);
-        }
+        audit_pam_open(c, "open", NULL, p, &res, id);
         json_decref(res.claims);
         ab_conn_reply(c, json_pack("{s:s}", "id", id), NULL);
 }
