@@ -93,7 +93,7 @@ int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a,
                 return 0;
         case AB_SESSION_NONE:
                 r = ab_session_authenticate(c->m->store, id, a, now, ret, &created);
-                if (r < 0) {
+                if (r < 0 && !(r == -EPERM && created)) {
                         store_error(c, r, "cannot open a session");
                         audit_session(c, "token.denied", "deny", "cannot open a session", id, a, NULL, deny_fields);
                         return -1;
@@ -101,8 +101,7 @@ int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a,
                 ab_log(LOG_INFO, "session %s opened for agent %s pid %d uid %u", ret->sid, a->id, (int)id->pid,
                        (unsigned)id->uid);
                 audit_session(c, "session.opened", "grant", NULL, id, a, ret, NULL);
-                /* opened in the second of a host-wide cut-off: revoked at birth (fail closed) */
-                if (ab_session_check(c->m->store, id, a, now, ret) == AB_SESSION_IS_REVOKED) {
+                if (r == -EPERM) { /* opened in the second of a host-wide cut-off: revoked at birth */
                         snprintf(reason, sizeof reason,
                                  "session %s was opened before the host-wide revocation cut-off", ret->sid);
                         audit_session(c, "token.denied", "deny", reason, id, a, ret, deny_fields);
@@ -170,28 +169,30 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
                 return;
         now = ab_manager_now(c->m);
         r = ab_session_authenticate(c->m->store, &id, a, now, &s, &created);
-        if (r == -EPERM) {
-                char reason[128];
-                snprintf(reason, sizeof reason, "session %s of this process was revoked", s.sid);
-                audit_session(c, "session.reauthenticated", "deny", reason, &id, a, &s, NULL);
-                ab_conn_error(c, "io.agentbroker.SessionRevoked", reason, json_pack("{s:s}", "sid", s.sid));
-                return;
-        }
-        if (r < 0) {
+        if (r < 0 && r != -EPERM) {
                 store_error(c, r, "cannot record the session");
                 return;
         }
-        audit_session(c, created ? "session.opened" : "session.reauthenticated", "grant", NULL, &id, a, &s, NULL);
-        ab_log(LOG_INFO, "session %s %s for agent %s pid %d uid %u", s.sid, created ? "opened" : "re-authenticated",
-               a->id, (int)id.pid, (unsigned)id.uid);
-        /* opened in the second of a host-wide cut-off: revoked at birth, as for IssueToken */
-        if (created && ab_session_check(c->m->store, &id, a, now, &s) == AB_SESSION_IS_REVOKED) {
+        if (created) {
+                audit_session(c, "session.opened", "grant", NULL, &id, a, &s, NULL);
+                ab_log(LOG_INFO, "session %s opened for agent %s pid %d uid %u", s.sid, a->id, (int)id.pid,
+                       (unsigned)id.uid);
+        }
+        if (r == -EPERM) {
                 char reason[160];
-                snprintf(reason, sizeof reason, "session %s was opened before the host-wide revocation cut-off",
+                /* a new session opened in the second of a host-wide cut-off is revoked at birth */
+                snprintf(reason, sizeof reason,
+                         created ? "session %s was opened before the host-wide revocation cut-off"
+                                 : "session %s of this process was revoked",
                          s.sid);
                 audit_session(c, "session.reauthenticated", "deny", reason, &id, a, &s, NULL);
                 ab_conn_error(c, "io.agentbroker.SessionRevoked", reason, json_pack("{s:s}", "sid", s.sid));
                 return;
+        }
+        if (!created) {
+                audit_session(c, "session.reauthenticated", "grant", NULL, &id, a, &s, NULL);
+                ab_log(LOG_INFO, "session %s re-authenticated for agent %s pid %d uid %u", s.sid, a->id, (int)id.pid,
+                       (unsigned)id.uid);
         }
         ab_conn_reply(c, session_reply(&s, a, now), NULL);
 }

@@ -163,12 +163,6 @@ ab_session_verdict ab_session_check(ab_store *st, const ab_identity *id, const a
         } else if (r == 0) {
                 r = -ENOENT;
         }
-        /* A session opened before the host-wide cut-off is revoked by it,
-         * also one opened in the cut-off's own second, after the sweep that
-         * marked the others (revoke --before now fails closed). */
-        if (r == 0 && ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &v, &vl) == 0 && vl == 8 &&
-            ret->created < (int64_t)get_be64(v))
-                ret->state = AB_SESSION_REVOKED;
         ab_txn_abort(t);
         if (r < 0 || ret->uid != id->uid)
                 return AB_SESSION_NONE;
@@ -195,6 +189,7 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
         bool end_old = false;
         int r;
 
+        *ret_new = false;
         if (v == AB_SESSION_IS_REVOKED) {
                 *ret = cur;
                 return -EPERM;
@@ -232,6 +227,17 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
         r = ab_store_begin(st, true, &t);
         if (r < 0)
                 return r;
+        if (*ret_new) {
+                /* opened before the host-wide cut-off (in its own second, after
+                 * the sweep): revoked at birth, so revoke --before fails closed */
+                const void *b;
+                size_t bl;
+                if (ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &b, &bl) == 0 && bl == 8 &&
+                    cur.created < (int64_t)get_be64(b)) {
+                        cur.state = AB_SESSION_REVOKED;
+                        cur.revoked_at = now;
+                }
+        }
         r = store_session(t, &cur);
         if (r == 0 && end_old)
                 r = store_session(t, &old);
@@ -247,7 +253,7 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
         if (r < 0)
                 return r;
         *ret = cur;
-        return 0;
+        return cur.state == AB_SESSION_REVOKED ? -EPERM : 0;
 }
 
 /* ---- revocation --------------------------------------------------------- */

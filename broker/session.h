@@ -70,7 +70,9 @@ ab_session_verdict ab_session_check(ab_store *st, const ab_identity *id, const a
 /*
  * Open a new session for the process (replacing whatever was bound to it),
  * or re-authenticate the existing one (same agent, same executable hash):
- * auth_time = now. Durable on return. *ret_new says which.
+ * auth_time = now. Durable on return. *ret_new says which. -EPERM with
+ * *ret set when the process's session is revoked, also a new one opened
+ * before the host-wide revocation cut-off (stored revoked: *ret_new true).
  */
 int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent *a, int64_t now,
                             ab_session *ret, bool *ret_new);
