@@ -33,8 +33,7 @@
 #define ENV_JTI "AGENT_BROKER_JTI"
 #define PROMPT "Agent token: "
 #define REAUTH_MESSAGE "re-authentication required: authenticate at agent-broker, then retry"
-#define USER_MAX 256   /* the broker's limit for a PAM user */
-#define ITEM_MAX 256   /* tty, rhost */
+#define ITEM_MAX 256   /* the broker's limit for a PAM user, tty, rhost */
 #define SERVICE_MAX 123 /* "pam:" + service within the broker's 128 */
 
 #define M_INTROSPECT "io.agentbroker.Introspect"
@@ -239,11 +238,15 @@ static int introspect(ctx *x, const char *token, const char *user)
         return r;
 }
 
-/* PAM_USER as set (never prompting), if it is fit to send. */
-static const char *current_user(pam_handle_t *pamh)
+/*
+ * A PAM item as set (PAM_USER: never prompting; PAM_TTY, PAM_RHOST), if it
+ * is fit to send (the broker takes at most 256 printable ASCII bytes for
+ * each); else NULL.
+ */
+static const char *item_to_send(pam_handle_t *pamh, int type)
 {
         const void *item = NULL;
-        if (pam_get_item(pamh, PAM_USER, &item) != PAM_SUCCESS || !sane(item, USER_MAX))
+        if (pam_get_item(pamh, type, &item) != PAM_SUCCESS || !sane(item, ITEM_MAX))
                 return NULL;
         return item;
 }
@@ -274,7 +277,7 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
                 pam_syslog(pamh, LOG_NOTICE, "cannot determine the user: %s", pam_strerror(pamh, r));
                 return r == PAM_USER_UNKNOWN ? r : PAM_USER_UNKNOWN;
         }
-        if (!sane(user, USER_MAX)) {
+        if (!sane(user, ITEM_MAX)) {
                 pam_syslog(pamh, LOG_NOTICE, "refusing an empty, overlong or unprintable user name");
                 return PAM_USER_UNKNOWN;
         }
@@ -364,7 +367,7 @@ PAM_EXTERN int pam_sm_acct_mgmt(pam_handle_t *pamh, int flags, int argc, const c
         r = ctx_init(&x, pamh, argc, argv);
         if (r != PAM_SUCCESS)
                 return r;
-        user = current_user(pamh);
+        user = item_to_send(pamh, PAM_USER);
         if (!user)
                 return PAM_USER_UNKNOWN;
         r = introspect(&x, token, user);
@@ -382,15 +385,6 @@ PAM_EXTERN int pam_sm_acct_mgmt(pam_handle_t *pamh, int flags, int argc, const c
         if (x.args.debug)
                 pam_syslog(pamh, LOG_DEBUG, "user %s: token still active (jti %s)", user, x.jti);
         return PAM_SUCCESS;
-}
-
-/* An optional PAM item worth recording (tty, rhost), or NULL. */
-static const char *optional_item(pam_handle_t *pamh, int type)
-{
-        const void *item = NULL;
-        if (pam_get_item(pamh, type, &item) != PAM_SUCCESS || !sane(item, ITEM_MAX))
-                return NULL;
-        return item;
 }
 
 PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, const char **argv)
@@ -421,11 +415,11 @@ PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, cons
         r = ctx_init(&x, pamh, argc, argv);
         if (r != PAM_SUCCESS)
                 return r;
-        user = current_user(pamh);
+        user = item_to_send(pamh, PAM_USER);
         if (!user)
                 return PAM_SESSION_ERR;
-        tty = optional_item(pamh, PAM_TTY);
-        rhost = optional_item(pamh, PAM_RHOST);
+        tty = item_to_send(pamh, PAM_TTY);
+        rhost = item_to_send(pamh, PAM_RHOST);
         params = json_pack("{s:s, s:s, s:s}", "token", (const char *)token, "service", x.service, "user", user);
         if (params && ((tty && json_object_set_new(params, "tty", json_string(tty)) < 0) ||
                        (rhost && json_object_set_new(params, "rhost", json_string(rhost)) < 0))) {
