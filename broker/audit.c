@@ -57,6 +57,14 @@ struct ab_audit {
         char q_prev[65];
         size_t q_records;
         bool q_checkpoint;    /* the last queued record is a checkpoint */
+        /* a batch out for writing (ab_audit_sync_start): what it makes durable */
+        bool out;
+        uint64_t f_seq;
+        char f_prev[65];
+        size_t f_records;
+        bool f_checkpoint;
+        char *spare;          /* the buffer of the last batch, for the next queue */
+        size_t spare_cap;
         bool journal;
         /* where the last ReadAudit page ended, so the next one need not rescan the file */
         struct read_hint {
@@ -524,23 +532,111 @@ static int sync_once(ab_audit *a)
         return 0;
 }
 
+static int checkpoint_if_due(ab_audit *a)
+{
+        int r = 0;
+
+        if (a->since_checkpoint + a->q_records >= AB_AUDIT_CHECKPOINT_EVERY) {
+                r = add_checkpoint(a);
+                if (r < 0)
+                        drop_queue(a);
+        }
+        return r;
+}
+
+static bool rotation_due(const ab_audit *a)
+{
+        return a->max_size && a->size >= a->max_size && a->size >= a->rotate_at;
+}
+
+int ab_audit_sync_start(ab_audit *a, ab_audit_batch *b)
+{
+        int r;
+
+        if (!a || a->q_records == 0)
+                return 1;
+        if (rotation_due(a)) { /* rare: rotate here, in the caller's thread, as ab_audit_sync does */
+                r = ab_audit_sync(a);
+                return r < 0 ? r : 1;
+        }
+        r = checkpoint_if_due(a);
+        if (r < 0)
+                return r;
+        if (a->fd < 0) {
+                drop_queue(a);
+                return -EBADF;
+        }
+        *b = (ab_audit_batch){ .fd = a->fd, .buf = a->buf, .len = a->len, .cap = a->cap };
+        a->out = true;
+        a->f_seq = a->q_seq;
+        memcpy(a->f_prev, a->q_prev, sizeof a->f_prev);
+        a->f_records = a->q_records;
+        a->f_checkpoint = a->q_checkpoint;
+        /* records queued from now on continue the chain after this batch */
+        a->buf = a->spare;
+        a->cap = a->spare_cap;
+        a->spare = NULL;
+        a->spare_cap = 0;
+        a->len = 0;
+        a->q_records = 0;
+        a->q_checkpoint = false;
+        return 0;
+}
+
+void ab_audit_batch_write(ab_audit_batch *b)
+{
+        b->result = write_all(b->fd, b->buf, b->len);
+        if (b->result == 0 && fdatasync(b->fd) < 0)
+                b->result = -errno;
+}
+
+int ab_audit_sync_finish(ab_audit *a, ab_audit_batch *b)
+{
+        int r = b->result;
+
+        a->out = false;
+        if (r < 0) {
+                /* as sync_once: the chain stays whole. Records queued after
+                 * the batch name its records, which are gone: drop them too. */
+                if (ftruncate(a->fd, (off_t)a->size) < 0)
+                        ab_log(LOG_ERR, "audit log %s: cannot cut back to %llu bytes: %s", a->path,
+                               (unsigned long long)a->size, strerror(errno));
+                drop_queue(a);
+                a->q_checkpoint = false;
+        } else {
+                a->size += b->len;
+                a->seq = a->f_seq;
+                memcpy(a->prev, a->f_prev, sizeof a->prev);
+                a->since_checkpoint = a->f_checkpoint ? 0 : a->since_checkpoint + a->f_records;
+        }
+        if (b->cap <= 1024 * 1024 && !a->spare) {
+                a->spare = b->buf;
+                a->spare_cap = b->cap;
+        } else {
+                free(b->buf);
+        }
+        *b = (ab_audit_batch){ .fd = -1 };
+        return r;
+}
+
+bool ab_audit_batch_out(const ab_audit *a)
+{
+        return a && a->out;
+}
+
 int ab_audit_sync(ab_audit *a)
 {
         int r;
 
         if (!a || a->q_records == 0)
                 return 0;
-        if (a->since_checkpoint + a->q_records >= AB_AUDIT_CHECKPOINT_EVERY) {
-                r = add_checkpoint(a);
-                if (r < 0) {
-                        drop_queue(a);
-                        return r;
-                }
-        }
+        r = checkpoint_if_due(a);
+        if (r < 0)
+                return r;
         r = sync_once(a);
         if (r < 0)
                 return r;
-        if (a->max_size && a->size >= a->max_size && a->size >= a->rotate_at) {
+        if (rotation_due(a)) {
                 r = add_checkpoint(a);
                 if (r == 0)
                         r = sync_once(a);
@@ -567,6 +663,7 @@ void ab_audit_close(ab_audit *a)
         }
         ab_close(a->fd);
         free(a->buf);
+        free(a->spare);
         free(a->path);
         free(a->hint);
         free(a);

@@ -56,6 +56,32 @@ bool ab_audit_pending(const ab_audit *a);
 int ab_audit_sync(ab_audit *a);
 const char *ab_audit_path(const ab_audit *a);
 
+/*
+ * The same in two halves, so that the write and fdatasync can run off the
+ * event loop while it queues the next records (one batch out at a time):
+ *
+ * ab_audit_sync_start() detaches the queued records (adding a checkpoint
+ * when due) into *b: 0, then ab_audit_batch_write(b) runs in any thread and
+ * ab_audit_sync_finish() back in this one. 1: nothing was queued, or a
+ * rotation was due and the whole sync was done here (as ab_audit_sync);
+ * -errno: none of the queued records was kept.
+ *
+ * ab_audit_sync_finish() returns the batch's result: 0, its records are
+ * durable; -errno, the file is cut back and the batch is lost, and so is
+ * every record queued since the start (their chain names the batch).
+ * While a batch is out, neither ab_audit_sync nor a second start.
+ */
+typedef struct ab_audit_batch {
+        int fd;
+        char *buf;
+        size_t len, cap;
+        int result;
+} ab_audit_batch;
+int ab_audit_sync_start(ab_audit *a, ab_audit_batch *b);
+void ab_audit_batch_write(ab_audit_batch *b);
+int ab_audit_sync_finish(ab_audit *a, ab_audit_batch *b);
+bool ab_audit_batch_out(const ab_audit *a);
+
 /* The MESSAGE_ID (32 hex digits) of an event name, or NULL if unknown. */
 const char *ab_audit_message_id(const char *event);
 

@@ -143,6 +143,15 @@ static int conn_defer(sd_event_source *s, void *userdata);
 static void conn_update_events(ab_conn *c);
 static void exit_timer_arm(ab_manager *m);
 
+static void list_remove(ab_conn **head, ab_conn *c)
+{
+        for (ab_conn **pp = head; *pp; pp = &(*pp)->held_next)
+                if (*pp == c) {
+                        *pp = c->held_next;
+                        return;
+                }
+}
+
 static void conn_free(ab_conn *c)
 {
         ab_manager *m = c->m;
@@ -155,11 +164,7 @@ static void conn_free(ab_conn *c)
                 c->next->prev = c->prev;
         m->n_conns--;
         if (c->held)
-                for (ab_conn **pp = &m->held; *pp; pp = &(*pp)->held_next)
-                        if (*pp == c) {
-                                *pp = c->held_next;
-                                break;
-                        }
+                list_remove(c->inflight ? &m->inflight : &m->held, c);
         if (c->uslot)
                 uid_put(m, c->uslot);
         sd_event_source_disable_unref(c->io);
@@ -298,29 +303,23 @@ int ab_conn_error(ab_conn *c, const char *error, const char *reason, json_t *ext
         return ab_conn_reply(c, p, error);
 }
 
-static void usage_pending_settle(ab_manager *m, bool ok);
+static void usage_pending_settle(ab_manager *m, size_t n, bool ok);
 
 /*
- * Once per event loop turn (idle priority: after every ready connection was
- * served): make the queued audit records durable with one sync, then let
- * the held replies go. If the sync failed, no record of this turn exists,
- * so the replies that depended on them become errors (fail closed).
+ * The records that list's held replies waited for are durable (r >= 0) or
+ * lost: let the replies go, or turn each into an AuditUnavailable error
+ * (fail closed). The connections then read and handle requests again.
  */
-static int on_audit_defer(sd_event_source *s, void *userdata)
+static void release_held(ab_conn *list, int r)
 {
-        ab_manager *m = userdata;
-        int r = ab_audit_sync(m->audit);
         ab_conn *c, *next;
 
-        (void)s;
-        if (r < 0)
-                ab_log(LOG_ERR, "audit trail %s cannot be written (%s): refusing the requests of this turn",
-                       ab_audit_path(m->audit), ab_strerror(r));
-        usage_pending_settle(m, r >= 0);
-        for (c = m->held, m->held = NULL; c; c = next) {
+        for (c = list; c; c = next) {
                 unsigned n = c->held_calls;
+                bool was_inflight = c->inflight;
                 next = c->held_next;
                 c->held = false;
+                c->inflight = false;
                 c->held_next = NULL;
                 if (r < 0) {
                         char reason[256];
@@ -338,19 +337,99 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
                         conn_free(c);
                         continue;
                 }
+                if (was_inflight && ab_frame_pending(&c->in))
+                        sd_event_source_set_enabled(c->defer, SD_EVENT_ONESHOT); /* requests that came meanwhile */
                 conn_update_events(c);
         }
-        if (r >= 0)
-                json_array_clear(m->turn_sessions);
-        else {
+}
+
+/*
+ * A sync has ended with r: settle the first n_usage pending usage counts
+ * and n_sessions session.opened records it covered, and the replies on list.
+ */
+static void audit_settle(ab_manager *m, int r, ab_conn *list, size_t n_usage, size_t n_sessions)
+{
+        if (r < 0)
+                ab_log(LOG_ERR, "audit trail %s cannot be written (%s): refusing the requests that waited for it",
+                       ab_audit_path(m->audit), ab_strerror(r));
+        usage_pending_settle(m, n_usage, r >= 0);
+        release_held(list, r);
+        if (r >= 0) {
+                if (m->turn_sessions)
+                        for (size_t i = 0; i < n_sessions; i++)
+                                json_array_remove(m->turn_sessions, 0);
+        } else {
                 /* Their sessions exist in LMDB: their records go with the next
-                 * turn that syncs, before any token of those sessions. Queued
-                 * after the refusals above were sent, so that those are not held. */
+                 * sync, before any token of those sessions. Queued after the
+                 * refusals above were sent, so that those are not held. */
                 size_t i;
                 json_t *rec;
                 json_array_foreach(m->turn_sessions, i, rec)
                         (void)ab_audit_add(m->audit, "session.opened", json_deep_copy(rec));
         }
+}
+
+static void sync_run(ab_job *j)
+{
+        ab_audit_batch_write(&((ab_sync_job *)j)->batch);
+}
+
+static void sync_done(ab_job *j)
+{
+        ab_manager *m = ((ab_sync_job *)j)->m;
+        int r = ab_audit_sync_finish(m->audit, &m->sync.batch);
+        ab_conn *list = m->inflight;
+
+        m->sync_out = false;
+        m->inflight = NULL;
+        if (r < 0) {
+                /* the records queued meanwhile went with the batch: their replies fail too */
+                ab_conn **tail = &list;
+                while (*tail)
+                        tail = &(*tail)->held_next;
+                *tail = m->held;
+                m->held = NULL;
+                audit_settle(m, r, list, m->n_usage_pending, json_array_size(m->turn_sessions));
+        } else {
+                audit_settle(m, r, list, m->usage_inflight, m->sessions_inflight);
+        }
+        if ((ab_audit_pending(m->audit) || m->held) && m->audit_defer)
+                sd_event_source_set_enabled(m->audit_defer, SD_EVENT_ONESHOT);
+}
+
+/*
+ * Once per event loop turn (idle priority: after every ready connection was
+ * served): send the queued audit records to the worker to be written and
+ * synced as one batch, while the loop goes on serving; the replies held for
+ * them go once they are durable (sync_done). One batch at a time: records
+ * queued meanwhile form the next one. Without a worker, sync here.
+ */
+static int on_audit_defer(sd_event_source *s, void *userdata)
+{
+        ab_manager *m = userdata;
+        ab_conn *list;
+        int r;
+
+        (void)s;
+        if (m->sync_out)
+                return 0; /* sync_done starts the next */
+        r = m->worker ? ab_audit_sync_start(m->audit, &m->sync.batch) : ab_audit_sync(m->audit);
+        if (r != 0 || !m->worker) {
+                list = m->held;
+                m->held = NULL;
+                audit_settle(m, r < 0 ? r : 0, list, m->n_usage_pending, json_array_size(m->turn_sessions));
+                return 0;
+        }
+        m->sync_out = true;
+        m->inflight = m->held;
+        m->held = NULL;
+        for (ab_conn *c = m->inflight; c; c = c->held_next) {
+                c->inflight = true;
+                conn_update_events(c);
+        }
+        m->usage_inflight = m->n_usage_pending;
+        m->sessions_inflight = json_array_size(m->turn_sessions);
+        ab_worker_submit(m->worker, &m->sync.job);
         return 0;
 }
 
@@ -392,17 +471,22 @@ static void usage_count(ab_manager *m, bool full)
         }
 }
 
-/* The turn's audit records are durable (ok) or lost: count their tokens' usage, or drop it. */
-static void usage_pending_settle(ab_manager *m, bool ok)
+/* The audit records of the first n pending counts are durable (ok) or lost: count their tokens' usage, or drop it. */
+static void usage_pending_settle(ab_manager *m, size_t n, bool ok)
 {
         bool full = false;
-        if (m->n_usage_pending == 0)
+        if (n == 0)
                 return;
-        for (size_t i = 0; ok && i < m->n_usage_pending; i++) {
+        for (size_t i = 0; i < n; i++) {
                 struct ab_usage_pending *u = &m->usage_pending[i];
-                full |= ab_usage_add(m->usage, u->agent, u->audience, u->scope, u->now);
+                if (ok)
+                        full |= ab_usage_add(m->usage, u->agent, u->audience, u->scope, u->now);
+                free(u->agent);
+                free(u->audience);
+                free(u->scope);
         }
-        usage_pending_free(m);
+        memmove(m->usage_pending, m->usage_pending + n, (m->n_usage_pending - n) * sizeof *m->usage_pending);
+        m->n_usage_pending -= n;
         if (ok)
                 usage_count(m, full);
 }
@@ -474,7 +558,7 @@ static bool conn_process(ab_conn *c)
                 char reason[256];
                 int r;
 
-                if (c->closing || c->out_len - c->out_off > OUT_HIGH_WATER)
+                if (c->closing || c->inflight || c->out_len - c->out_off > OUT_HIGH_WATER)
                         return false;
                 r = ab_frame_next(&c->in, &msg, &len);
                 if (r == 0) {
@@ -504,7 +588,7 @@ static void conn_update_events(ab_conn *c)
 {
         uint32_t ev = 0;
 
-        if (!c->closing && c->out_len - c->out_off <= OUT_HIGH_WATER)
+        if (!c->closing && !c->inflight && c->out_len - c->out_off <= OUT_HIGH_WATER)
                 ev |= EPOLLIN;
         if ((c->held ? c->held_from : c->out_len) > c->out_off)
                 ev |= EPOLLOUT;
@@ -542,6 +626,8 @@ static int conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
         size_t total = 0;
 
         (void)s;
+        if (c->inflight) /* an event from before its EPOLLIN went off: level-triggered, it comes again */
+                return 0;
         if (revents & EPOLLIN) {
                 while (total < READ_PER_TURN) {
                         char *p;
@@ -1312,6 +1398,11 @@ int ab_manager_startup(ab_manager *m)
                         ab_log(LOG_ERR, "audit trail %s cannot be written: %s", apath, ab_strerror(r));
                         return r;
                 }
+                m->sync = (ab_sync_job){ .job = { .run = sync_run, .done = sync_done }, .m = m };
+                r = ab_worker_new(m->event, "ab-audit", &m->worker);
+                if (r < 0) /* the loop syncs itself: slower, as safe */
+                        ab_log(LOG_WARNING, "no audit worker thread (%s); syncing in the event loop",
+                               ab_strerror(r));
         }
         r = ab_exe_cache_new(m->cfg.max_exe_size, &m->exe_cache);
         if (r < 0)
@@ -1420,6 +1511,8 @@ void ab_manager_free(ab_manager *m)
         sd_event_source_disable_unref(m->inotify);
         sd_event_source_disable_unref(m->reload_timer);
         sd_event_source_disable_unref(m->purge_timer);
+        ab_worker_free(m->worker); /* the batch out is finished first */
+        m->worker = NULL;
         sd_event_source_disable_unref(m->audit_defer);
         m->audit_defer = NULL;
         sd_event_source_disable_unref(m->usage_timer);

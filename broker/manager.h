@@ -19,6 +19,7 @@
 #include "store.h"
 #include "token.h"
 #include "usage.h"
+#include "worker.h"
 #include "../common/frame.h"
 #include "../common/varlink.h"
 
@@ -79,11 +80,19 @@ struct ab_conn {
         uint64_t msg_started;   /* when the pending partial message began, 0: none */
         /* Replies held until the audit records queued before them are durable. */
         bool held;
+        bool inflight;          /* held by the batch being written: read nothing until it is durable */
         size_t held_from;       /* offset in out where held replies begin */
         unsigned held_calls;    /* replies held */
         ab_conn *held_next;
         ab_conn *prev, *next;
 };
+
+/* The audit batch out on the worker thread (one at a time). */
+typedef struct ab_sync_job {
+        ab_job job;
+        ab_manager *m;
+        ab_audit_batch batch;
+} ab_sync_job;
 
 struct ab_manager {
         ab_config cfg;
@@ -106,7 +115,12 @@ struct ab_manager {
         char issuer[128];
         ab_audit *audit;
         sd_event_source *audit_defer;
-        ab_conn *held;            /* connections with held replies */
+        ab_conn *held;            /* connections with replies held for the next batch */
+        ab_worker *worker;        /* writes and syncs audit batches off the loop */
+        ab_sync_job sync;
+        bool sync_out;            /* a batch is out */
+        ab_conn *inflight;        /* connections whose replies wait for that batch */
+        size_t usage_inflight, sessions_inflight; /* usage_pending / turn_sessions entries of that batch */
         char policy_version[17];  /* short fingerprint of the compiled policy, for audit */
         ab_usage *usage;
         sd_event_source *usage_timer;

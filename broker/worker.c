@@ -1,0 +1,155 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+#include "worker.h"
+#include "../common/util.h"
+
+struct ab_worker {
+        pthread_t thread;
+        pthread_mutex_t lock;
+        pthread_cond_t cond;
+        ab_job *todo, **todo_tail; /* submitted, not yet run */
+        ab_job *done, **done_tail; /* run, done() not yet called */
+        bool stop;
+        int efd;
+        sd_event_source *src;
+};
+
+static void *worker_main(void *userdata)
+{
+        ab_worker *w = userdata;
+
+        pthread_mutex_lock(&w->lock);
+        for (;;) {
+                ab_job *j;
+                bool wake;
+
+                while (!w->todo && !w->stop)
+                        pthread_cond_wait(&w->cond, &w->lock);
+                if (!w->todo)
+                        break; /* stopping, and nothing left */
+                j = w->todo;
+                w->todo = j->next;
+                if (!w->todo)
+                        w->todo_tail = &w->todo;
+                pthread_mutex_unlock(&w->lock);
+
+                j->run(j);
+
+                pthread_mutex_lock(&w->lock);
+                j->next = NULL;
+                wake = !w->done;
+                *w->done_tail = j;
+                w->done_tail = &j->next;
+                if (wake) {
+                        uint64_t one = 1;
+                        (void)!write(w->efd, &one, sizeof one); /* a full counter still wakes */
+                }
+        }
+        pthread_mutex_unlock(&w->lock);
+        return NULL;
+}
+
+/* Call done() of every finished job, in order. */
+static void run_done(ab_worker *w)
+{
+        ab_job *j, *next;
+
+        pthread_mutex_lock(&w->lock);
+        j = w->done;
+        w->done = NULL;
+        w->done_tail = &w->done;
+        pthread_mutex_unlock(&w->lock);
+        for (; j; j = next) {
+                next = j->next;
+                j->done(j);
+        }
+}
+
+static int on_event(sd_event_source *s, int fd, uint32_t revents, void *userdata)
+{
+        uint64_t n;
+
+        (void)s;
+        (void)revents;
+        (void)!read(fd, &n, sizeof n);
+        run_done(userdata);
+        return 0;
+}
+
+int ab_worker_new(sd_event *e, const char *name, ab_worker **ret)
+{
+        ab_worker *w = calloc(1, sizeof *w);
+        sigset_t all, old;
+        int r;
+
+        if (!w)
+                return -ENOMEM;
+        w->todo_tail = &w->todo;
+        w->done_tail = &w->done;
+        w->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (w->efd < 0) {
+                r = -errno;
+                free(w);
+                return r;
+        }
+        r = sd_event_add_io(e, &w->src, w->efd, EPOLLIN, on_event, w);
+        if (r < 0) {
+                ab_close(w->efd);
+                free(w);
+                return r;
+        }
+        pthread_mutex_init(&w->lock, NULL);
+        pthread_cond_init(&w->cond, NULL);
+        /* the loop takes signals through signalfd: the thread must never get one */
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        r = -pthread_create(&w->thread, NULL, worker_main, w);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (r < 0) {
+                sd_event_source_disable_unref(w->src);
+                ab_close(w->efd);
+                pthread_cond_destroy(&w->cond);
+                pthread_mutex_destroy(&w->lock);
+                free(w);
+                return r;
+        }
+        if (name)
+                (void)pthread_setname_np(w->thread, name);
+        *ret = w;
+        return 0;
+}
+
+void ab_worker_submit(ab_worker *w, ab_job *j)
+{
+        j->next = NULL;
+        pthread_mutex_lock(&w->lock);
+        *w->todo_tail = j;
+        w->todo_tail = &j->next;
+        pthread_cond_signal(&w->cond);
+        pthread_mutex_unlock(&w->lock);
+}
+
+void ab_worker_free(ab_worker *w)
+{
+        if (!w)
+                return;
+        pthread_mutex_lock(&w->lock);
+        w->stop = true;
+        pthread_cond_signal(&w->cond);
+        pthread_mutex_unlock(&w->lock);
+        pthread_join(w->thread, NULL); /* it runs what was submitted first */
+        run_done(w);
+        sd_event_source_disable_unref(w->src);
+        ab_close(w->efd);
+        pthread_cond_destroy(&w->cond);
+        pthread_mutex_destroy(&w->lock);
+        free(w);
+}
