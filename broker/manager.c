@@ -152,6 +152,12 @@ static void list_remove(ab_conn **head, ab_conn *c)
                 }
 }
 
+/* A call of c waits for a job (busy_ref) or for the audit batch out (inflight): handle no other. */
+static bool conn_blocked(const ab_conn *c)
+{
+        return c->busy_ref || c->inflight;
+}
+
 static void conn_free(ab_conn *c)
 {
         ab_manager *m = c->m;
@@ -165,6 +171,8 @@ static void conn_free(ab_conn *c)
         m->n_conns--;
         if (c->held)
                 list_remove(c->inflight ? &m->inflight : &m->held, c);
+        if (c->busy_ref)
+                *c->busy_ref = NULL; /* its job finds the connection gone */
         if (c->uslot)
                 uid_put(m, c->uslot);
         sd_event_source_disable_unref(c->io);
@@ -337,7 +345,7 @@ static void release_held(ab_conn *list, int r)
                         conn_free(c);
                         continue;
                 }
-                if (was_inflight && ab_frame_pending(&c->in))
+                if (was_inflight)
                         sd_event_source_set_enabled(c->defer, SD_EVENT_ONESHOT); /* requests that came meanwhile */
                 conn_update_events(c);
         }
@@ -402,7 +410,7 @@ static void sync_done(ab_job *j)
  * served): send the queued audit records to the worker to be written and
  * synced as one batch, while the loop goes on serving; the replies held for
  * them go once they are durable (sync_done). One batch at a time: records
- * queued meanwhile form the next one. Without a worker, sync here.
+ * queued meanwhile form the next one.
  */
 static int on_audit_defer(sd_event_source *s, void *userdata)
 {
@@ -413,8 +421,8 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
         (void)s;
         if (m->sync_out)
                 return 0; /* sync_done starts the next */
-        r = m->worker ? ab_audit_sync_start(m->audit, &m->sync.batch) : ab_audit_sync(m->audit);
-        if (r != 0 || !m->worker) {
+        r = ab_audit_sync_start(m->audit, &m->sync.batch);
+        if (r != 0) {
                 list = m->held;
                 m->held = NULL;
                 audit_settle(m, r < 0 ? r : 0, list, m->n_usage_pending, json_array_size(m->turn_sessions));
@@ -558,7 +566,7 @@ static bool conn_process(ab_conn *c)
                 char reason[256];
                 int r;
 
-                if (c->closing || c->inflight || c->out_len - c->out_off > OUT_HIGH_WATER)
+                if (c->closing || conn_blocked(c) || c->out_len - c->out_off > OUT_HIGH_WATER)
                         return false;
                 r = ab_frame_next(&c->in, &msg, &len);
                 if (r == 0) {
@@ -588,7 +596,8 @@ static void conn_update_events(ab_conn *c)
 {
         uint32_t ev = 0;
 
-        if (!c->closing && !c->inflight && c->out_len - c->out_off <= OUT_HIGH_WATER)
+        if (!c->closing && !c->eof && c->out_len - c->out_off <= OUT_HIGH_WATER &&
+            !(conn_blocked(c) && ab_frame_pending(&c->in) > c->in.max))
                 ev |= EPOLLIN;
         if ((c->held ? c->held_from : c->out_len) > c->out_off)
                 ev |= EPOLLOUT;
@@ -599,6 +608,9 @@ static void conn_update_events(ab_conn *c)
 static void conn_step(ab_conn *c)
 {
         bool more = conn_process(c);
+
+        if (c->eof && !more && !conn_blocked(c))
+                c->closing = true; /* the peer closed and every complete call is answered */
 
         if (conn_flush(c) < 0) {
                 conn_free(c);
@@ -620,15 +632,31 @@ static int conn_defer(sd_event_source *s, void *userdata)
         return 0;
 }
 
+void ab_conn_submit(ab_conn *c, ab_job *j, ab_conn **ref)
+{
+        *ref = c;
+        c->busy_ref = ref;
+        conn_update_events(c);
+        ab_worker_submit(c->m->crypto, j);
+}
+
+void ab_conn_resume(ab_conn *c)
+{
+        c->busy_ref = NULL;
+        /* the reply is queued; flush it and handle what came meanwhile on the next turn */
+        sd_event_source_set_enabled(c->defer, SD_EVENT_ONESHOT);
+        conn_update_events(c);
+}
+
 static int conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 {
         ab_conn *c = userdata;
         size_t total = 0;
 
         (void)s;
-        if (c->inflight) /* an event from before its EPOLLIN went off: level-triggered, it comes again */
-                return 0;
-        if (revents & EPOLLIN) {
+        /* Read even while a call waits for its job or batch (conn_blocked):
+         * the bytes wait in c->in, and EPOLLIN stays on unless that is full. */
+        if ((revents & EPOLLIN) && !c->eof) {
                 while (total < READ_PER_TURN) {
                         char *p;
                         size_t avail;
@@ -647,7 +675,7 @@ static int conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
                         }
                         if (n == 0) {
                                 /* Peer closed its side: answer what is complete, then close. */
-                                c->closing = true;
+                                c->eof = true;
                                 break;
                         }
                         ab_frame_commit(&c->in, (size_t)n);
@@ -655,20 +683,21 @@ static int conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
                         if (ab_frame_pending(&c->in) > c->in.max || (size_t)n < avail)
                                 break;
                 }
-                if (c->closing) {
-                        c->closing = false;
-                        while (conn_process(c))
-                                ;
+        } else if (revents & (EPOLLHUP | EPOLLERR)) {
+                conn_free(c); /* gone altogether: nobody to answer */
+                return 0;
+        }
+        if (c->eof && !conn_blocked(c)) {
+                while (conn_process(c))
+                        ;
+                if (!conn_blocked(c)) {
                         c->closing = true;
                         if (conn_flush(c) < 0 || c->out_len == c->out_off) {
                                 conn_free(c);
                                 return 0;
                         }
-                        conn_update_events(c);
-                        return 0;
                 }
-        } else if (revents & (EPOLLHUP | EPOLLERR)) {
-                conn_free(c);
+                conn_update_events(c);
                 return 0;
         }
         conn_step(c);
@@ -927,6 +956,9 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
         r = ab_txn_commit(t);
         if (r < 0)
                 return r;
+        /* a token prepared under the old kid must be signed with the old key */
+        if (m->crypto)
+                ab_worker_wait_idle(m->crypto);
         r = ab_signer_rotate(m->signer, m->state_fd);
         if (r < 0)
                 return r;
@@ -1400,9 +1432,12 @@ int ab_manager_startup(ab_manager *m)
                 }
                 m->sync = (ab_sync_job){ .job = { .run = sync_run, .done = sync_done }, .m = m };
                 r = ab_worker_new(m->event, "ab-audit", &m->worker);
-                if (r < 0) /* the loop syncs itself: slower, as safe */
-                        ab_log(LOG_WARNING, "no audit worker thread (%s); syncing in the event loop",
-                               ab_strerror(r));
+                if (r >= 0)
+                        r = ab_worker_new(m->event, "ab-crypto", &m->crypto);
+                if (r < 0) {
+                        ab_log(LOG_ERR, "cannot start worker threads: %s", ab_strerror(r));
+                        return r;
+                }
         }
         r = ab_exe_cache_new(m->cfg.max_exe_size, &m->exe_cache);
         if (r < 0)
@@ -1511,6 +1546,8 @@ void ab_manager_free(ab_manager *m)
         sd_event_source_disable_unref(m->inotify);
         sd_event_source_disable_unref(m->reload_timer);
         sd_event_source_disable_unref(m->purge_timer);
+        ab_worker_free(m->crypto); /* jobs of closed connections: freed, unanswered */
+        m->crypto = NULL;
         ab_worker_free(m->worker); /* the batch out is finished first */
         m->worker = NULL;
         sd_event_source_disable_unref(m->audit_defer);

@@ -69,6 +69,7 @@ struct ab_conn {
         int fd;
         bool admin;
         bool closing;        /* close once the output is flushed */
+        bool eof;            /* the peer closed its side: answer what is complete, then close */
         bool oneway;         /* the call being handled wants no reply */
         sd_event_source *io, *timer, *defer;
         ab_peer peer;
@@ -81,6 +82,7 @@ struct ab_conn {
         /* Replies held until the audit records queued before them are durable. */
         bool held;
         bool inflight;          /* held by the batch being written: read nothing until it is durable */
+        ab_conn **busy_ref;     /* a job works for the call at hand (ab_conn_submit): the job's pointer to c */
         size_t held_from;       /* offset in out where held replies begin */
         unsigned held_calls;    /* replies held */
         ab_conn *held_next;
@@ -117,6 +119,7 @@ struct ab_manager {
         sd_event_source *audit_defer;
         ab_conn *held;            /* connections with replies held for the next batch */
         ab_worker *worker;        /* writes and syncs audit batches off the loop */
+        ab_worker *crypto;        /* signs and verifies for calls off the loop */
         ab_sync_job sync;
         bool sync_out;            /* a batch is out */
         ab_conn *inflight;        /* connections whose replies wait for that batch */
@@ -160,6 +163,15 @@ void ab_manager_free(ab_manager *m);
 
 /* Queue a reply on c (steals params). error NULL: success. */
 int ab_conn_reply(ab_conn *c, json_t *params, const char *error);
+/*
+ * Hand a job to the crypto worker for the call c is handling; its done()
+ * answers the call and then calls ab_conn_resume(). Meanwhile c handles
+ * no other call (replies stay in order). *ref is the job's pointer to c:
+ * set to c here, and to NULL if c is closed before done() (which then
+ * only frees the job).
+ */
+void ab_conn_submit(ab_conn *c, ab_job *j, ab_conn **ref);
+void ab_conn_resume(ab_conn *c);
 /* Queue an error reply {"reason": reason} (plus extra, stolen, if not NULL). */
 int ab_conn_error(ab_conn *c, const char *error, const char *reason, json_t *extra);
 

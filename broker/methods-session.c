@@ -254,51 +254,120 @@ static int introspect_token(ab_conn *c, json_t *p, bool request_checks, ab_intro
         return r;
 }
 
-void ab_m_introspect(ab_conn *c, ab_vl_call *call)
+/* Answer an Introspect call with its verdict and record it. */
+static void introspect_answer(ab_conn *c, json_t *p, ab_introspect_res *res)
 {
-        ab_introspect_res res;
+        const char *service = json_string_value(json_object_get(p, "service"));
         json_t *reply;
-        const char *service;
 
-        if (ab_check_params(c, call->parameters, introspect_spec) < 0)
-                return;
-        if (!ab_rate_take(c->m, c->uslot)) {
-                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
-                return;
-        }
-        if (introspect_token(c, call->parameters, true, &res) < 0)
-                return;
-        service = json_string_value(json_object_get(call->parameters, "service"));
-        if (res.active) {
-                reply = json_deep_copy(res.claims);
+        if (res->active) {
+                reply = json_deep_copy(res->claims);
                 if (reply) {
                         json_object_set_new(reply, "active", json_true());
                         json_object_set_new(reply, "token_type", json_string("access_token"));
                 }
         } else {
-                reply = json_pack("{s:b, s:s}", "active", 0, "reason", res.reason);
+                reply = json_pack("{s:b, s:s}", "active", 0, "reason", res->reason);
         }
         ab_log(LOG_DEBUG, "introspect by uid %u%s%s: %s", (unsigned)c->peer.uid, service ? " for " : "",
-               service ? service : "", res.active ? "active" : res.reason);
+               service ? service : "", res->active ? "active" : res->reason);
         {
-                json_t *rec = ab_audit_rec(c, res.active ? "active" : "inactive", res.active ? NULL : res.reason, NULL,
-                                           NULL);
+                json_t *rec = ab_audit_rec(c, res->active ? "active" : "inactive", res->active ? NULL : res->reason,
+                                           NULL, NULL);
                 static const claim_field map[] = { { "sub", "agent" }, { "aud", "audience" }, { "jti", "jti" },
                                                    { "sid", "sid" },    { "parent", "parent" }, { "owner", "owner" },
                                                    { "scope", "scopes" } };
-                rec_copy_claims(rec, res.claims, map, AB_ARRAY_SIZE(map));
+                rec_copy_claims(rec, res->claims, map, AB_ARRAY_SIZE(map));
                 if (rec && service)
                         json_object_set_new(rec, "service", json_string(service));
                 if (ab_manager_audit(c->m, "token.introspected", rec) < 0) {
                         json_decref(reply);
-                        json_decref(res.claims);
+                        json_decref(res->claims);
                         ab_conn_error(c, "io.agentbroker.AuditUnavailable",
                                       "the audit record could not be written", NULL);
                         return;
                 }
         }
-        json_decref(res.claims);
+        json_decref(res->claims);
         ab_conn_reply(c, reply, NULL);
+}
+
+/* An Introspect call waiting for its signature check. */
+typedef struct introspect_job {
+        ab_job job;
+        ab_conn *c;           /* NULL once the connection is gone */
+        json_t *params;       /* the call's parameters (a reference): the token stays */
+        ab_introspect_req req;
+        ab_introspect_sig sig;
+} introspect_job;
+
+static void introspect_job_run(ab_job *job)
+{
+        ab_introspect_verify(&((introspect_job *)job)->sig);
+}
+
+static void introspect_job_done(ab_job *job)
+{
+        introspect_job *j = (introspect_job *)job;
+        ab_conn *c = j->c;
+        ab_introspect_res res;
+        int r;
+
+        if (!c) { /* nobody to tell: nothing was looked up */
+                ab_jwt_done(&j->sig.jwt);
+                json_decref(j->params);
+                free(j);
+                return;
+        }
+        memset(&res, 0, sizeof res);
+        r = ab_introspect_finish(c->m->store, c->m->policy, &j->req, ab_manager_now(c->m), &j->sig, &res);
+        if (r < 0) {
+                json_decref(res.claims);
+                store_error(c, r, "cannot read the session store");
+        } else {
+                introspect_answer(c, j->params, &res);
+        }
+        json_decref(j->params);
+        free(j);
+        ab_conn_resume(c);
+}
+
+void ab_m_introspect(ab_conn *c, ab_vl_call *call)
+{
+        introspect_job *j;
+        ab_introspect_res res;
+        json_t *p = call->parameters, *tok, *age;
+
+        if (ab_check_params(c, p, introspect_spec) < 0)
+                return;
+        if (!ab_rate_take(c->m, c->uslot)) {
+                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+                return;
+        }
+        j = calloc(1, sizeof *j);
+        if (!j) {
+                ab_conn_error(c, "io.agentbroker.InternalError", "out of memory", NULL);
+                return;
+        }
+        tok = json_object_get(p, "token");
+        age = json_object_get(p, "max_auth_age");
+        j->req = (ab_introspect_req){
+                .token = json_string_value(tok),
+                .token_len = json_string_length(tok),
+                .audience = json_string_value(json_object_get(p, "audience")),
+                .scope = json_string_value(json_object_get(p, "scope")),
+                .user = json_string_value(json_object_get(p, "user")),
+                .max_auth_age = json_is_integer(age) ? json_integer_value(age) : 0,
+        };
+        if (!ab_introspect_prepare(c->m->signer, &j->req, &j->sig, &res)) {
+                free(j);
+                introspect_answer(c, p, &res); /* malformed or unknown key: no signature to check */
+                return;
+        }
+        /* the signature check on the crypto thread; the rest in introspect_job_done */
+        j->params = json_incref(p);
+        j->job = (ab_job){ .run = introspect_job_run, .done = introspect_job_done };
+        ab_conn_submit(c, &j->job, &j->c);
 }
 
 /* ---- Attenuate ------------------------------------------------------------ */

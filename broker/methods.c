@@ -354,6 +354,87 @@ const ab_agent *ab_attest_agent(ab_conn *c, ab_identity *id)
         return ab_attest_agent_audited(c, id, NULL, NULL);
 }
 
+/* An IssueToken call waiting for its signature. */
+typedef struct issue_job {
+        ab_job job;
+        ab_conn *c;                  /* NULL once the connection is gone */
+        const ab_signer *signer;
+        char *buf;                   /* signing input, then the token */
+        size_t len;
+        json_t *rec;                 /* the token.issued record, queued with the reply */
+        char *agent, *audience, *scope;
+        int64_t now, exp, auth_time;
+        char jti[AB_TOKEN_JTI_LEN + 1], sid[AB_SID_LEN + 1];
+} issue_job;
+
+static void issue_job_free(issue_job *j)
+{
+        if (!j)
+                return;
+        if (j->buf) {
+                sodium_memzero(j->buf, j->len);
+                free(j->buf);
+        }
+        json_decref(j->rec);
+        free(j->agent);
+        free(j->audience);
+        free(j->scope);
+        free(j);
+}
+
+static void issue_job_run(ab_job *job)
+{
+        issue_job *j = (issue_job *)job;
+        j->len = ab_token_finish(j->signer, j->buf, j->len);
+}
+
+/*
+ * The token is signed: queue its record (the reply waits for the record's
+ * batch to be durable), count its use, answer. A connection closed
+ * meanwhile gets nothing, and nothing is recorded: the token was never
+ * handed out.
+ */
+static void issue_job_done(ab_job *job)
+{
+        issue_job *j = (issue_job *)job;
+        ab_conn *c = j->c;
+        const char *scopes[AB_REQ_MAX_SCOPES];
+        size_t n = 0;
+        json_t *reply;
+
+        if (!c) {
+                issue_job_free(j);
+                return;
+        }
+        if (ab_manager_audit(c->m, "token.issued", j->rec) < 0) {
+                j->rec = NULL;
+                ab_conn_error(c, "io.agentbroker.AuditUnavailable",
+                              "the audit record could not be written; nothing was issued", NULL);
+                issue_job_free(j);
+                ab_conn_resume(c);
+                return;
+        }
+        j->rec = NULL;
+        reply = ab_token_reply(j->buf, j->len, j->now, j->exp, j->jti, j->scope, j->agent);
+        if (reply) {
+                json_object_set_new(reply, "sid", json_string(j->sid));
+                json_object_set_new(reply, "auth_time", json_integer(j->auth_time));
+        }
+        ab_conn_reply(c, reply, NULL);
+        /* the scope string is the request's scopes joined by spaces */
+        for (char *p = j->scope; *p && n < AB_REQ_MAX_SCOPES;) {
+                char *e = strchr(p, ' ');
+                scopes[n++] = p;
+                if (!e)
+                        break;
+                *e = '\0';
+                p = e + 1;
+        }
+        ab_usage_note(c->m, j->agent, j->audience, scopes, n, j->now);
+        issue_job_free(j);
+        ab_conn_resume(c);
+}
+
 static void m_issue_token(ab_conn *c, ab_vl_call *call)
 {
         static const param_spec spec[] = {
@@ -375,11 +456,11 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
         const ab_grant *g = NULL;
         ab_identity id;
         char reason[512], jti[AB_TOKEN_JTI_LEN + 1], scope_str[AB_REQ_MAX_SCOPES * (AB_SCOPE_MAX + 1)];
-        char *token = NULL;
-        size_t n = 0, len = 0, off = 0, i;
+        size_t n = 0, off = 0, i;
         uint32_t ttl = 0;
         int64_t now, exp;
-        json_t *reply, *req;
+        json_t *req;
+        issue_job *j;
         ab_session sess;
         ab_deny d;
 
@@ -442,40 +523,35 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
                            (json_int_t)sess.auth_time);
         if (claims && task)
                 json_object_set_new(claims, "task", json_string(task));
-        if (!claims || ab_token_sign(c->m->signer, claims, &token, &len) < 0) {
+        j = calloc(1, sizeof *j);
+        if (!j || !claims || ab_token_prepare(c->m->signer, claims, &j->buf, &j->len) < 0 ||
+            !(j->agent = strdup(a->id)) || !(j->audience = strdup(audience)) || !(j->scope = strdup(scope_str))) {
                 json_decref(claims);
+                json_decref(req);
+                issue_job_free(j);
                 ab_conn_error(c, "io.agentbroker.InternalError", "could not sign the token", NULL);
                 return;
         }
         json_decref(claims);
-        {
-                json_t *rec = ab_audit_rec(c, "grant", NULL, &id, a);
-                if (rec) {
-                        json_object_update(rec, req);
-                        json_object_set_new(rec, "jti", json_string(jti));
-                        json_object_set_new(rec, "sid", json_string(sess.sid));
-                        json_object_set_new(rec, "exp", json_integer(exp));
-                        if (task)
-                                json_object_set_new(rec, "task", json_string(task));
-                }
-                json_decref(req);
-                if (ab_manager_audit(c->m, "token.issued", rec) < 0) {
-                        sodium_memzero(token, len);
-                        free(token);
-                        ab_conn_error(c, "io.agentbroker.AuditUnavailable",
-                                      "the audit record could not be written; nothing was issued", NULL);
-                        return;
-                }
+        j->rec = ab_audit_rec(c, "grant", NULL, &id, a);
+        if (j->rec) {
+                json_object_update(j->rec, req);
+                json_object_set_new(j->rec, "jti", json_string(jti));
+                json_object_set_new(j->rec, "sid", json_string(sess.sid));
+                json_object_set_new(j->rec, "exp", json_integer(exp));
+                if (task)
+                        json_object_set_new(j->rec, "task", json_string(task));
         }
-        ab_usage_note(c->m, a->id, audience, scopes, n, now);
-        reply = ab_token_reply(token, len, now, exp, jti, scope_str, a->id);
-        if (reply) {
-                json_object_set_new(reply, "sid", json_string(sess.sid));
-                json_object_set_new(reply, "auth_time", json_integer(sess.auth_time));
-        }
-        ab_conn_reply(c, reply, NULL);
-        sodium_memzero(token, len);
-        free(token);
+        json_decref(req);
+        j->job = (ab_job){ .run = issue_job_run, .done = issue_job_done };
+        j->signer = c->m->signer;
+        j->now = now;
+        j->exp = exp;
+        j->auth_time = sess.auth_time;
+        memcpy(j->jti, jti, sizeof j->jti);
+        memcpy(j->sid, sess.sid, sizeof j->sid);
+        /* the signature on the crypto thread; the record and the reply in issue_job_done */
+        ab_conn_submit(c, &j->job, &j->c);
 }
 
 static json_t *strings_json(const char *const *v, size_t n)

@@ -482,11 +482,36 @@ static int inactive(ab_introspect_res *res, const char *reason)
         return 0;
 }
 
-int ab_introspect(ab_store *st, const ab_signer *signer, const ab_policy *policy, const ab_introspect_req *req,
-                  int64_t now, ab_introspect_res *res)
+bool ab_introspect_prepare(const ab_signer *signer, const ab_introspect_req *req, ab_introspect_sig *sig,
+                           ab_introspect_res *res)
 {
-        ab_jwt j;
         const uint8_t *pk;
+
+        memset(res, 0, sizeof *res);
+        sig->token = req->token;
+        sig->verified = false;
+        if (ab_jwt_parse(req->token, req->token_len, &sig->jwt) < 0) {
+                inactive(res, "bad_signature");
+                return false;
+        }
+        pk = ab_signer_find_key(signer, sig->jwt.kid);
+        if (!pk) {
+                ab_jwt_done(&sig->jwt);
+                inactive(res, "unknown_key");
+                return false;
+        }
+        memcpy(sig->pk, pk, sizeof sig->pk); /* a key may retire before the check runs */
+        return true;
+}
+
+void ab_introspect_verify(ab_introspect_sig *sig)
+{
+        sig->verified = ab_jwt_verify(&sig->jwt, sig->token, sig->pk) == 0;
+}
+
+int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introspect_req *req, int64_t now,
+                         ab_introspect_sig *sig, ab_introspect_res *res)
+{
         const char *aud, *scope, *sid, *jti, *sub;
         int64_t exp, nbf, iat, auth_time, cutoff = 0, max_age = req->max_auth_age;
         const ab_agent *a;
@@ -497,20 +522,12 @@ int ab_introspect(ab_store *st, const ab_signer *signer, const ab_policy *policy
         size_t vl, i;
         int r;
 
-        memset(res, 0, sizeof *res);
-        if (ab_jwt_parse(req->token, req->token_len, &j) < 0)
-                return inactive(res, "bad_signature");
-        pk = ab_signer_find_key(signer, j.kid);
-        if (!pk) {
-                ab_jwt_done(&j);
-                return inactive(res, "unknown_key");
-        }
-        if (ab_jwt_verify(&j, req->token, pk) < 0) {
-                ab_jwt_done(&j);
+        if (!sig->verified) {
+                ab_jwt_done(&sig->jwt);
                 return inactive(res, "bad_signature");
         }
-        res->claims = json_incref(j.claims);
-        ab_jwt_done(&j);
+        res->claims = json_incref(sig->jwt.claims);
+        ab_jwt_done(&sig->jwt);
 
         aud = claim_str(res->claims, "aud");
         scope = claim_str(res->claims, "scope");
@@ -563,6 +580,17 @@ int ab_introspect(ab_store *st, const ab_signer *signer, const ab_policy *policy
                 return inactive(res, "user_not_allowed");
         res->active = true;
         return 0;
+}
+
+int ab_introspect(ab_store *st, const ab_signer *signer, const ab_policy *policy, const ab_introspect_req *req,
+                  int64_t now, ab_introspect_res *res)
+{
+        ab_introspect_sig sig;
+
+        if (!ab_introspect_prepare(signer, req, &sig, res))
+                return 0;
+        ab_introspect_verify(&sig);
+        return ab_introspect_finish(st, policy, req, now, &sig, res);
 }
 
 /* ---- PAM sessions ------------------------------------------------------------- */

@@ -129,6 +129,26 @@ typedef struct ab_introspect_res {
 int ab_introspect(ab_store *st, const ab_signer *signer, const ab_policy *policy, const ab_introspect_req *req,
                   int64_t now, ab_introspect_res *res);
 
+/*
+ * ab_introspect in three steps, so that the signature check can run on
+ * another thread. ab_introspect_prepare parses the token and finds its key
+ * (copied into sig): false when the verdict is already known (res is set,
+ * nothing to free). Else ab_introspect_verify(sig) in any thread (it reads
+ * req->token, which must stay), then ab_introspect_finish here, which
+ * frees sig's parse and fills res as ab_introspect does.
+ */
+typedef struct ab_introspect_sig {
+        ab_jwt jwt;
+        const char *token;
+        uint8_t pk[AB_JWT_PK_LEN];
+        bool verified;
+} ab_introspect_sig;
+bool ab_introspect_prepare(const ab_signer *signer, const ab_introspect_req *req, ab_introspect_sig *sig,
+                           ab_introspect_res *res);
+void ab_introspect_verify(ab_introspect_sig *sig);
+int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introspect_req *req, int64_t now,
+                         ab_introspect_sig *sig, ab_introspect_res *res);
+
 /* ---- PAM sessions ---------------------------------------------------------- */
 
 int ab_pam_open(ab_store *st, const char *sid, const char *jti, const char *service, const char *user,

@@ -264,28 +264,37 @@ void ab_random_id(char out[AB_JTI_LEN + 1])
         (void)ab_b64url_encode(raw, sizeof raw, out, AB_JTI_LEN + 1);
 }
 
-int ab_token_sign(const ab_signer *s, json_t *claims, char **ret_token, size_t *ret_len)
+int ab_token_prepare(const ab_signer *s, json_t *claims, char **ret_buf, size_t *ret_len)
 {
-        uint8_t sig[crypto_sign_BYTES];
-        char *buf = NULL;
-        size_t len = 0;
-        int r;
-
         if (json_object_set_new(claims, "iss", json_string(s->issuer)) < 0)
                 return -ENOMEM;
         /* room for '.', 86 signature characters and the NUL */
-        r = ab_jwt_signing_input(s->header, claims, 1 + AB_B64_ENCODED_LEN(crypto_sign_BYTES) + 1, &buf, &len);
-        if (r < 0)
-                return r;
+        return ab_jwt_signing_input(s->header, claims, 1 + AB_B64_ENCODED_LEN(crypto_sign_BYTES) + 1, ret_buf,
+                                    ret_len);
+}
+
+size_t ab_token_finish(const ab_signer *s, char *buf, size_t len)
+{
+        uint8_t sig[crypto_sign_BYTES];
+        int r;
+
         crypto_sign_detached(sig, NULL, (const unsigned char *)buf, len, s->sk);
         buf[len++] = '.';
+        /* the room was made by ab_token_prepare: this cannot fail */
         r = ab_b64url_encode(sig, sizeof sig, buf + len, AB_B64_ENCODED_LEN(crypto_sign_BYTES) + 1);
-        if (r < 0) {
-                free(buf);
+        return len + (size_t)(r > 0 ? r : 0);
+}
+
+int ab_token_sign(const ab_signer *s, json_t *claims, char **ret_token, size_t *ret_len)
+{
+        char *buf = NULL;
+        size_t len = 0;
+        int r = ab_token_prepare(s, claims, &buf, &len);
+
+        if (r < 0)
                 return r;
-        }
+        *ret_len = ab_token_finish(s, buf, len);
         *ret_token = buf;
-        *ret_len = len + (size_t)r;
         return 0;
 }
 

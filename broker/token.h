@@ -41,6 +41,16 @@ json_t *ab_signer_jwks(const ab_signer *s);
  */
 int ab_token_sign(const ab_signer *s, json_t *claims, char **ret_token, size_t *ret_len);
 
+/*
+ * ab_token_sign in two halves, so that the signature can be made on
+ * another thread: ab_token_prepare builds the signing input (header with
+ * the current kid, claims with "iss") into a new buffer with room for the
+ * signature: 0, AB_ERR_TOO_LARGE, -ENOMEM. ab_token_finish, in any thread,
+ * signs it in place and returns the length of the compact token; the key
+ * must not be rotated in between (the kid is already in the header).
+ */
+int ab_token_prepare(const ab_signer *s, json_t *claims, char **ret_buf, size_t *ret_len);
+size_t ab_token_finish(const ab_signer *s, char *buf, size_t len);
 /* A detached Ed25519 signature of data with the broker key (audit checkpoints). */
 void ab_signer_sign(const ab_signer *s, const void *data, size_t len, uint8_t sig[64]);
 

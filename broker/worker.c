@@ -18,6 +18,8 @@ struct ab_worker {
         ab_job *todo, **todo_tail; /* submitted, not yet run */
         ab_job *done, **done_tail; /* run, done() not yet called */
         bool stop;
+        bool running;              /* a job's run() is under way */
+        pthread_cond_t idle;       /* signalled when todo is empty and nothing runs */
         int efd;
         sd_event_source *src;
 };
@@ -31,19 +33,23 @@ static void *worker_main(void *userdata)
                 ab_job *j;
                 bool wake;
 
-                while (!w->todo && !w->stop)
+                while (!w->todo && !w->stop) {
+                        pthread_cond_broadcast(&w->idle);
                         pthread_cond_wait(&w->cond, &w->lock);
+                }
                 if (!w->todo)
                         break; /* stopping, and nothing left */
                 j = w->todo;
                 w->todo = j->next;
                 if (!w->todo)
                         w->todo_tail = &w->todo;
+                w->running = true;
                 pthread_mutex_unlock(&w->lock);
 
                 j->run(j);
 
                 pthread_mutex_lock(&w->lock);
+                w->running = false;
                 j->next = NULL;
                 wake = !w->done;
                 *w->done_tail = j;
@@ -108,6 +114,7 @@ int ab_worker_new(sd_event *e, const char *name, ab_worker **ret)
         }
         pthread_mutex_init(&w->lock, NULL);
         pthread_cond_init(&w->cond, NULL);
+        pthread_cond_init(&w->idle, NULL);
         /* the loop takes signals through signalfd: the thread must never get one */
         sigfillset(&all);
         pthread_sigmask(SIG_SETMASK, &all, &old);
@@ -117,6 +124,7 @@ int ab_worker_new(sd_event *e, const char *name, ab_worker **ret)
                 sd_event_source_disable_unref(w->src);
                 ab_close(w->efd);
                 pthread_cond_destroy(&w->cond);
+                pthread_cond_destroy(&w->idle);
                 pthread_mutex_destroy(&w->lock);
                 free(w);
                 return r;
@@ -137,6 +145,14 @@ void ab_worker_submit(ab_worker *w, ab_job *j)
         pthread_mutex_unlock(&w->lock);
 }
 
+void ab_worker_wait_idle(ab_worker *w)
+{
+        pthread_mutex_lock(&w->lock);
+        while (w->todo || w->running)
+                pthread_cond_wait(&w->idle, &w->lock);
+        pthread_mutex_unlock(&w->lock);
+}
+
 void ab_worker_free(ab_worker *w)
 {
         if (!w)
@@ -150,6 +166,7 @@ void ab_worker_free(ab_worker *w)
         sd_event_source_disable_unref(w->src);
         ab_close(w->efd);
         pthread_cond_destroy(&w->cond);
+        pthread_cond_destroy(&w->idle);
         pthread_mutex_destroy(&w->lock);
         free(w);
 }

@@ -156,21 +156,13 @@ fail:
 
 static int encode(json_t *root, char **ret_msg, size_t *ret_len)
 {
-        size_t n = json_dumpb(root, NULL, 0, JSON_COMPACT);
-        char *buf;
+        /* one pass (json_dumpb(NULL) to size it first would format it twice) */
+        char *buf = json_dumps(root, JSON_COMPACT);
 
-        if (n == 0 || n == SIZE_MAX)
-                return -ENOMEM;
-        buf = malloc(n + 1);
         if (!buf)
                 return -ENOMEM;
-        if (json_dumpb(root, buf, n, JSON_COMPACT) != n) {
-                free(buf);
-                return -ENOMEM;
-        }
-        buf[n] = '\0';
         *ret_msg = buf;
-        *ret_len = n + 1;
+        *ret_len = strlen(buf) + 1; /* with its NUL: the varlink message end */
         return 0;
 }
 
