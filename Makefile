@@ -56,7 +56,7 @@ UNIT_TESTS := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test-
 INT_TESTS  := $(patsubst tests/integration/%.c,$(B)/tests/%,$(wildcard tests/integration/test-*.c))
 TEST_HELPERS := $(patsubst tests/integration/%.c,$(B)/tests/%,$(wildcard tests/integration/helper-*.c))
 
-.PHONY: all check check-unit check-integration check-asan check-valgrind install clean demo
+.PHONY: all check check-root check-unit check-integration check-asan check-valgrind install clean demo
 all: $(PROGS) $(LIBS)
 
 $(B)/obj/%.o: %.c
@@ -84,9 +84,11 @@ $(B)/libagentbroker.a: $(CLIENT_OBJ) $(COMMON_OBJ)
 $(B)/agent-brokerctl: $(CTL_OBJ) $(B)/libagentbroker.a
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -pie -o $@ $^ $(shell $(PKG_CONFIG) --libs libsodium jansson)
 
+PC_SED = sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' \
+	    -e 's|@VERSION@|$(VERSION)|'
+
 $(B)/agentbroker.pc: client/agentbroker.pc.in Makefile
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' \
-	    -e 's|@VERSION@|$(VERSION)|' $< > $@
+	$(PC_SED) $< > $@
 
 $(B)/agentbroker.h: client/agentbroker.h
 	cp $< $@
@@ -107,8 +109,15 @@ $(B)/tests/helper-%: tests/integration/helper-%.c $(B)/libagentbroker.a
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) $(LDFLAGS) -o $@ $^ $(TEST_LIBS)
 
-check: all $(UNIT_TESTS) $(INT_TESTS) $(TEST_HELPERS)
+check: check-root all $(UNIT_TESTS) $(INT_TESTS) $(TEST_HELPERS)
 	@B=$(B) tests/run-tests.sh $(UNIT_TESTS) $(INT_TESTS)
+
+# The integration tests fork processes under other uids, mount small tmpfs
+# file systems and install a PAM service file: they need root.
+check-root:
+	@if [ "$$(id -u)" != 0 ]; then \
+	    echo "make check needs root: the tests run processes under other uids and mount tmpfs (run: sudo make check)" >&2; \
+	    exit 1; fi
 
 check-asan:
 	$(MAKE) B=build-asan SAN=1 check
@@ -117,7 +126,7 @@ check-asan:
 # under memcheck, and every daemon the integration tests start as well.
 VALGRIND := valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
             --track-fds=no --child-silent-after-fork=yes
-check-valgrind: all $(UNIT_TESTS) $(INT_TESTS) $(TEST_HELPERS)
+check-valgrind: check-root all $(UNIT_TESTS) $(INT_TESTS) $(TEST_HELPERS)
 	@B=$(B) HX_DAEMON_WRAPPER="$(VALGRIND)" AB_TEST_WRAPPER="$(VALGRIND)" tests/run-tests.sh $(UNIT_TESTS) $(INT_TESTS)
 
 install: all
@@ -127,7 +136,9 @@ install: all
 	install -m 0644 $(B)/libagentbroker.so.$(VERSION) $(DESTDIR)$(LIBDIR)/
 	ln -sf libagentbroker.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME)
 	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libagentbroker.so
-	install -m 0644 $(B)/agentbroker.pc $(DESTDIR)$(LIBDIR)/pkgconfig/agentbroker.pc
+	# made here, not copied from $(B): the build may have used another PREFIX
+	$(PC_SED) client/agentbroker.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/agentbroker.pc
+	chmod 0644 $(DESTDIR)$(LIBDIR)/pkgconfig/agentbroker.pc
 	install -m 0644 client/agentbroker.h $(DESTDIR)$(INCLUDEDIR)/agentbroker.h
 	install -d $(DESTDIR)$(DATADIR)/bash-completion/completions
 	install -m 0644 client/agent-brokerctl.bash $(DESTDIR)$(DATADIR)/bash-completion/completions/agent-brokerctl

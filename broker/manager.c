@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <sys/file.h>
 #include <sys/inotify.h>
 #include <signal.h>
 #include <stdio.h>
@@ -815,6 +816,13 @@ static int bind_socket(const char *path, mode_t mode, int *ret)
         if (lstat(path, &st) == 0) {
                 if (!S_ISSOCK(st.st_mode))
                         return -EEXIST;
+                /* a socket someone answers on belongs to a running broker: never take it over */
+                fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+                if (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0) {
+                        ab_close(fd);
+                        return -EADDRINUSE;
+                }
+                ab_close(fd);
                 unlink(path); /* stale socket from an earlier run */
         }
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -883,6 +891,16 @@ static int open_state(ab_manager *m)
                        m->cfg.state_dir, (unsigned)(st.st_mode & 07777));
                 if (fchmod(m->state_fd, 0700) < 0)
                         return -errno;
+        }
+        /* One broker per state dir: two would each chain their own audit records
+         * into one file and sign with one key unaware of each other. Held while
+         * state_fd is open, released by the kernel however the broker ends. */
+        if (flock(m->state_fd, LOCK_EX | LOCK_NB) < 0) {
+                if (errno == EWOULDBLOCK) {
+                        ab_log(LOG_ERR, "state directory %s is in use by another agent-brokerd", m->cfg.state_dir);
+                        return -EBUSY;
+                }
+                return -errno;
         }
         return 0;
 }
@@ -1367,6 +1385,23 @@ static void raise_nofile(void)
         }
 }
 
+/* Create the directory path is in, if missing (one level, like the state dir). */
+static int make_parent_dir(const char *path, mode_t mode)
+{
+        char dir[4200];
+        const char *slash = strrchr(path, '/');
+
+        if (!slash || slash == path)
+                return 0;
+        if ((size_t)(slash - path) >= sizeof dir)
+                return -ENAMETOOLONG;
+        memcpy(dir, path, (size_t)(slash - path));
+        dir[slash - path] = '\0';
+        if (mkdir(dir, mode) < 0 && errno != EEXIST)
+                return -errno;
+        return 0;
+}
+
 int ab_manager_startup(ab_manager *m)
 {
         bool created = false;
@@ -1376,6 +1411,12 @@ int ab_manager_startup(ab_manager *m)
         r = take_sockets(m);
         if (r < 0) {
                 ab_log(LOG_ERR, "sd_listen_fds: %s", strerror(-r));
+                return r;
+        }
+        /* the state dir first: its lock says whether another broker runs here */
+        r = open_state(m);
+        if (r < 0) {
+                ab_log(LOG_ERR, "state directory %s: %s", m->cfg.state_dir, strerror(-r));
                 return r;
         }
         for (int i = 0; i < 2; i++) {
@@ -1395,11 +1436,6 @@ int ab_manager_startup(ab_manager *m)
                 else
                         m->cfg.admin_socket_path = path;
         }
-        r = open_state(m);
-        if (r < 0) {
-                ab_log(LOG_ERR, "state directory %s: %s", m->cfg.state_dir, strerror(-r));
-                return r;
-        }
         default_issuer(m);
         r = ab_signer_open(m->state_fd, m->issuer, &m->signer, &created);
         if (r < 0) {
@@ -1411,7 +1447,9 @@ int ab_manager_startup(ab_manager *m)
         ab_log(LOG_INFO, "%s signing key %s", created ? "created" : "loaded", ab_signer_kid(m->signer));
         {
                 const char *apath = m->cfg.audit_path ? m->cfg.audit_path : AB_AUDIT_DEFAULT_PATH;
-                r = ab_audit_open(apath, m->signer, m->cfg.audit_max_size, &m->audit);
+                r = make_parent_dir(apath, 0750); /* LogsDirectory= under systemd; by hand, here */
+                if (r >= 0)
+                        r = ab_audit_open(apath, m->signer, m->cfg.audit_max_size, &m->audit);
                 if (r < 0) {
                         ab_log(LOG_ERR, "audit trail %s: %s", apath,
                                r == -EBADMSG ? "the last record is not a valid audit record" : ab_strerror(r));

@@ -93,7 +93,8 @@ static const char interface_description[] =
         "error TooManyConnections (reason: string)\n"
         "error PermissionDenied (reason: string)\n"
         "error InternalError (reason: string)\n"
-        "error AuditUnavailable (reason: string)\n";
+        "error AuditUnavailable (reason: string)\n"
+        "error LimitReached (reason: string)\n";
 
 static const char admin_description[] =
         "# Administration of agent-broker: root (or admin_group) on the admin socket only.\n"
@@ -129,8 +130,11 @@ static const char admin_description[] =
         "  records: []object, next_seq: int, more: bool, file: string)\n"
         "\n"
         "# A new signing key; the previous public key stays in the JWKS for overlap seconds\n"
-        "# (default: the longest token lifetime, 24 h, plus 5 s).\n"
-        "method RotateKey(overlap: ?int) -> (kid: string, previous_kid: string, previous_valid_until: int)\n"
+        "# (default: the longest token lifetime, 24 h, plus 5 s). An overlap shorter than the\n"
+        "# longest max_ttl of the policy plus 5 s is InvalidParameter unless force is true\n"
+        "# (a leaked key: its tokens stop verifying sooner).\n"
+        "method RotateKey(overlap: ?int, force: ?bool) -> (kid: string, previous_kid: string,\n"
+        "  previous_valid_until: int)\n"
         "\n"
         "# Every key with its status (current, retiring, retired), for audit checkpoint verification.\n"
         "method ListKeys() -> (keys: []object)\n"
@@ -243,9 +247,11 @@ int ab_check_params(ab_conn *c, json_t *params, const param_spec *spec)
 
 static void m_get_info(ab_conn *c, ab_vl_call *call)
 {
-        static const param_spec spec[] = { { 0 } };
-        if (ab_check_params(c, call->parameters, spec) < 0)
+        if (json_object_size(call->parameters) > 0) {
+                const char *key = json_object_iter_key(json_object_iter(call->parameters));
+                ab_conn_reply(c, json_pack("{s:s}", "parameter", key), "org.varlink.service.InvalidParameter");
                 return;
+        }
         json_t *r = json_pack("{s:s, s:s, s:s, s:s, s:[s,s]}", "vendor", "agent-broker", "product", "agent-brokerd",
                               "version", AGENTBROKER_VERSION, "url", "https://github.com/agent-broker/agent-broker",
                               "interfaces", "org.varlink.service", "io.agentbroker");
@@ -256,12 +262,21 @@ static void m_get_info(ab_conn *c, ab_vl_call *call)
 
 static void m_get_interface_description(ab_conn *c, ab_vl_call *call)
 {
-        static const param_spec spec[] = { { "interface", P_STRING, true, 256, 0, 0 }, { 0 } };
+        json_t *p = call->parameters, *v = json_object_get(p, "interface");
         const char *iface;
 
-        if (ab_check_params(c, call->parameters, spec) < 0)
+        /* this interface's own error (as its description declares), not io.agentbroker's */
+        if (!json_is_string(v) || json_string_length(v) > 256 || json_object_size(p) != 1) {
+                const char *bad = "interface";
+                const char *key;
+                json_t *x;
+                json_object_foreach(p, key, x)
+                        if (strcmp(key, "interface") != 0)
+                                bad = key;
+                ab_conn_reply(c, json_pack("{s:s}", "parameter", bad), "org.varlink.service.InvalidParameter");
                 return;
-        iface = json_string_value(json_object_get(call->parameters, "interface"));
+        }
+        iface = json_string_value(v);
         if (strcmp(iface, "io.agentbroker.admin") == 0 && c->admin)
                 ab_conn_reply(c, json_pack("{s:s}", "description", admin_description), NULL);
         else if (strcmp(iface, "io.agentbroker") == 0)
@@ -746,16 +761,42 @@ static void m_read_audit(ab_conn *c, ab_vl_call *call)
                       NULL);
 }
 
+/* The longest lifetime the compiled policy lets a token have (attenuated ones live no longer). */
+static int64_t longest_token_life(const ab_policy *p)
+{
+        int64_t max = 0;
+        for (size_t i = 0; p && i < p->n_agents; i++)
+                for (size_t k = 0; k < p->agents[i].n_grants; k++)
+                        if ((int64_t)p->agents[i].grants[k].max_ttl > max)
+                                max = p->agents[i].grants[k].max_ttl;
+        return max;
+}
+
 static void m_rotate_key(ab_conn *c, ab_vl_call *call)
 {
-        static const param_spec spec[] = { { "overlap", P_INT, false, 0, 0, 366LL * 86400 }, { 0 } };
+        static const param_spec spec[] = { { "overlap", P_INT, false, 0, 0, 366LL * 86400 },
+                                           { "force", P_BOOL, false, 0, 0, 0 },
+                                           { 0 } };
         json_t *ov = json_object_get(call->parameters, "overlap");
+        int64_t need = longest_token_life(c->m->policy) + AB_NBF_LEEWAY;
         char old[64], reason[256];
         int64_t until = 0;
         int r;
 
         if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
+        /* A shorter overlap makes tokens that are still valid stop verifying: only on purpose
+         * (a key that leaked must stop verifying at once). */
+        if (json_is_integer(ov) && json_integer_value(ov) < need &&
+            !json_is_true(json_object_get(call->parameters, "force"))) {
+                snprintf(reason, sizeof reason,
+                         "an overlap of %lld s is shorter than the longest token lifetime the policy grants "
+                         "plus leeway (%lld s): tokens signed by the old key would stop verifying before they "
+                         "expire; pass force (keys rotate --force) to retire it sooner on purpose",
+                         (long long)json_integer_value(ov), (long long)need);
+                ab_invalid_param(c, "overlap", reason);
+                return;
+        }
         /* default overlap: the longest a token can live, plus the clock leeway */
         r = ab_manager_rotate_key(c->m, json_is_integer(ov) ? json_integer_value(ov) : AB_TTL_MAX + AB_NBF_LEEWAY,
                                   old, sizeof old, &until);

@@ -1138,11 +1138,174 @@ static void test_service_interface(void **state)
         assert_string_equal(hx_reply_str(root, "interface"), "com.example.nothing");
         json_decref(root);
 
-        /* GetInfo takes no parameters. */
+        /* GetInfo takes no parameters; bad parameters of this interface get its own error. */
         root = call(c, "{\"method\":\"org.varlink.service.GetInfo\",\"parameters\":{\"x\":1}}");
-        assert_true(hx_reply_error(root) != NULL);
+        assert_error(root, "org.varlink.service.InvalidParameter");
+        assert_string_equal(hx_reply_str(root, "parameter"), "x");
+        json_decref(root);
+        {
+                static const struct {
+                        const char *params, *bad;
+                } cases[] = {
+                        { "{}", "interface" },
+                        { "{\"interface\":1}", "interface" },
+                        { "{\"interface\":null}", "interface" },
+                        { "{\"interface\":\"io.agentbroker\",\"x\":true}", "x" },
+                };
+                for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+                        char text[256];
+                        snprintf(text, sizeof text,
+                                 "{\"method\":\"org.varlink.service.GetInterfaceDescription\",\"parameters\":%s}",
+                                 cases[k].params);
+                        root = call(c, text);
+                        assert_error(root, "org.varlink.service.InvalidParameter");
+                        assert_string_equal(hx_reply_str(root, "parameter"), cases[k].bad);
+                        json_decref(root);
+                }
+        }
+        /* every error the agent interface sends is declared in its description */
+        root = call(c, "{\"method\":\"org.varlink.service.GetInterfaceDescription\","
+                       "\"parameters\":{\"interface\":\"io.agentbroker\"}}");
+        d = hx_reply_str(root, "description");
+        assert_non_null(d);
+        {
+                static const char *const errors[] = {
+                        "NotAnAgent", "AudienceNotGranted", "ScopeNotGranted", "TtlTooLong", "ReauthRequired",
+                        "SessionExpired", "SessionRevoked", "InvalidToken", "DelegationTooDeep", "InvalidParameter",
+                        "InvalidMessage", "MessageTooLarge", "PeerGone", "RateLimited", "TooManyConnections",
+                        "PermissionDenied", "InternalError", "AuditUnavailable", "LimitReached",
+                };
+                for (size_t k = 0; k < sizeof errors / sizeof errors[0]; k++) {
+                        char decl[64];
+                        snprintf(decl, sizeof decl, "\nerror %s (", errors[k]);
+                        if (!strstr(d, decl))
+                                fprintf(stderr, "not declared: %s\n", errors[k]);
+                        assert_non_null(strstr(d, decl));
+                }
+        }
         json_decref(root);
         assert_getinfo_works(c);
+}
+
+/*
+ * One broker per state dir and per socket: a second daemon on the same
+ * state dir (other sockets) or on a live socket (other state dir) refuses
+ * to start and says why; the first keeps serving with its socket in place.
+ */
+static void test_one_broker_per_state_dir(void **state)
+{
+        hx_broker *b = *state;
+        char daemon[PATH_MAX], s2[PATH_MAX + 16], a2[PATH_MAX + 16], st2[PATH_MAX + 16];
+        hx_run_result res;
+        hx_conn *c;
+
+        start_with(b, "\"uid\": 0");
+        assert_int_equal(hx_build_path("agent-brokerd", daemon, sizeof daemon), 0);
+        snprintf(s2, sizeof s2, "%s/agent2.sock", b->dir);
+        snprintf(a2, sizeof a2, "%s/admin2.sock", b->dir);
+        snprintf(st2, sizeof st2, "%s/state2", b->dir);
+        {
+                char *argv[] = { daemon, "--socket", s2, "--admin-socket", a2, "--state-dir", b->state,
+                                 "--policy", b->policy, NULL };
+                assert_int_equal(hx_run(argv, NULL, -1, 10000, &res), 0);
+                assert_false(res.timed_out);
+                assert_int_equal(res.exit_code, 1);
+                assert_non_null(strstr(res.err, "is in use by another agent-brokerd"));
+                hx_run_result_done(&res);
+                assert_int_equal(access(s2, F_OK), -1); /* it bound nothing */
+        }
+        {
+                char *argv[] = { daemon, "--socket", b->sock, "--admin-socket", a2, "--state-dir", st2,
+                                 "--policy", b->policy, NULL };
+                assert_int_equal(hx_run(argv, NULL, -1, 10000, &res), 0);
+                assert_false(res.timed_out);
+                assert_int_equal(res.exit_code, 1);
+                assert_non_null(strstr(res.err, "Address already in use"));
+                hx_run_result_done(&res);
+        }
+        c = conn(b, b->sock); /* the first one's socket is still its own */
+        assert_token_works(c);
+        stop_clean(b);
+        /* once it is gone, its state dir and its (now stale) socket can be taken */
+        start(b);
+        c = conn(b, b->sock);
+        assert_token_works(c);
+}
+
+/*
+ * RotateKey: an overlap shorter than the longest token lifetime the policy
+ * grants (600 s here, + 5 s leeway) is refused unless forced; with enough
+ * overlap a token signed before the rotation stays active and its key stays
+ * in GetKeys.
+ */
+static void test_rotate_key_overlap(void **state)
+{
+        hx_broker *b = *state;
+        hx_conn *c, *adm;
+        json_t *root, *tok_reply, *keys;
+        char text[4096];
+        const char *token;
+
+        start_with(b, "\"uid\": 0");
+        c = conn(b, b->sock);
+        adm = conn(b, b->admin_sock);
+        tok_reply = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":"
+                            "{\"audience\":\"" AUD_GIT "\",\"scopes\":[\"repo:read\"],\"ttl\":600}}");
+        assert_ok(tok_reply);
+        token = hx_reply_str(tok_reply, "token");
+        assert_non_null(token);
+
+        root = call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":{\"overlap\":2}}");
+        assert_error(root, "io.agentbroker.InvalidParameter");
+        assert_string_equal(hx_reply_str(root, "parameter"), "overlap");
+        assert_non_null(strstr(hx_reply_str(root, "reason"), "605 s"));
+        json_decref(root);
+
+        root = call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":{\"overlap\":605}}");
+        assert_ok(root);
+        json_decref(root);
+        root = call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
+        assert_ok(root);
+        keys = json_object_get(hx_reply_params(root), "keys");
+        assert_int_equal(json_array_size(keys), 2);
+        json_decref(root);
+        snprintf(text, sizeof text,
+                 "{\"method\":\"io.agentbroker.Introspect\",\"parameters\":{\"token\":\"%s\"}}", token);
+        root = call(c, text);
+        assert_ok(root);
+        assert_true(json_is_true(json_object_get(hx_reply_params(root), "active")));
+        json_decref(root);
+
+        /* forced: the admin retires a (leaked) key sooner on purpose */
+        root = call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":"
+                         "{\"overlap\":0,\"force\":true}}");
+        assert_ok(root);
+        json_decref(root);
+        json_decref(tok_reply);
+        assert_token_works(c);
+}
+
+/* --audit-log in a directory that does not exist: created (0750), not "No such file". */
+static void test_audit_dir_created(void **state)
+{
+        hx_broker *b = *state;
+        char logdir[PATH_MAX + 16], logfile[PATH_MAX + 32];
+        struct stat st;
+        hx_conn *c;
+
+        snprintf(logdir, sizeof logdir, "%s/logs", b->dir);
+        snprintf(logfile, sizeof logfile, "%s/audit.jsonl", logdir);
+        b->extra_args[b->n_extra_args++] = "--audit-log";
+        b->extra_args[b->n_extra_args++] = logfile;
+        start_with(b, "\"uid\": 0");
+        assert_int_equal(stat(logdir, &st), 0);
+        assert_true(S_ISDIR(st.st_mode));
+        assert_int_equal(st.st_mode & 07777, 0750);
+        c = conn(b, b->sock);
+        assert_token_works(c);
+        stop_clean(b);
+        assert_int_equal(stat(logfile, &st), 0);
+        assert_true(st.st_size > 0);
 }
 
 /* A client holding a half-sent message does not keep others waiting. */
@@ -1681,6 +1844,9 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_merged_messages, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_oneway, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_service_interface, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_one_broker_per_state_dir, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_audit_dir_created, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_rotate_key_overlap, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_stuck_client_does_not_block, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_state_and_key_permissions, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_key_reused_after_restart, setup, teardown),
