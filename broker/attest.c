@@ -281,7 +281,7 @@ static void read_exe(const ab_peer *p, ab_exe_cache *cache, ab_peer_cache *pc)
         pc->ctime = st.st_ctim;
 }
 
-/* Read /proc/PID/cgroup; re-derive unit and cgroup only when it changed. */
+/* Read /proc/PID/cgroup and derive unit and cgroup (have_cgroup: it fitted and can be kept). */
 static void read_cgroup(const ab_peer *p, ab_peer_cache *pc)
 {
         char path[64], buf[sizeof pc->cgroup_raw];
@@ -389,15 +389,26 @@ int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
         ret->peer = p;
 
         snprintf(path, sizeof path, "/proc/%d/exe", (int)p->pid);
-        if (stat(path, &st) < 0 || !same_stat(pc, &st))
+        if (stat(path, &st) < 0 || !same_stat(pc, &st)) {
                 read_exe(p, cache, pc);
+                pc->have_cgroup = false; /* a new program: read everything anew */
+        }
         if (!pc->have_start) {
                 r = read_start_time(p->pid, &pc->start_time);
                 if (r < 0)
                         return ab_peer_alive(p) < 0 ? -ESRCH : r;
                 pc->have_start = true;
         }
-        read_cgroup(p, pc);
+        /*
+         * The cgroup is read once per connection (and again after an exec).
+         * What policy matches in it is the systemd *system* unit, and only
+         * root can move a process to another one: moving needs write access
+         * to the cgroup.procs of both cgroups' common ancestor, and what a
+         * unit delegates (user@UID.service) is a subtree of that one unit.
+         * Within such a subtree the path shown in records may go stale.
+         */
+        if (!pc->have_cgroup)
+                read_cgroup(p, pc);
 
         /* Everything above was read by PID. If the pidfd's process still
          * exists, the PID was not recycled while we read. */

@@ -11,6 +11,7 @@
 #define SD_JOURNAL_SUPPRESS_LOCATION
 #include <systemd/sd-journal.h>
 #include "audit.h"
+#include "../common/varlink.h"
 #include "log.h"
 #include "../common/b64.h"
 #include "../common/util.h"
@@ -336,10 +337,9 @@ static int queue_record(ab_audit *a, const char *event, json_t *rec)
         json_object_set_new(rec, "seq", json_integer((json_int_t)(a->q_seq + 1)));
         json_object_set_new(rec, "prev", json_string(a->q_prev));
         for (;;) {
-                line = json_dumps(rec, JSON_COMPACT);
+                line = ab_json_dumps(rec, &len);
                 if (!line)
                         return -ENOMEM;
-                len = strlen(line);
                 if (len <= AB_AUDIT_MAX_RECORD)
                         break;
                 free(line);

@@ -6,6 +6,7 @@
 #include <sodium.h>
 #include "b64.h"
 #include "jwt.h"
+#include "varlink.h"
 
 static int decode_json_part(const char *s, size_t n, size_t max, json_t **ret)
 {
@@ -104,7 +105,7 @@ void ab_jwt_done(ab_jwt *j)
 static int b64_json(const json_t *v, char *out, size_t outmax)
 {
         char buf[AB_JWT_MAX];
-        size_t n = json_dumpb(v, buf, sizeof buf, JSON_COMPACT);
+        size_t n = ab_json_dumpb(v, buf, sizeof buf);
 
         if (n == 0)
                 return -ENOMEM;

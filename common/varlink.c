@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -154,15 +155,184 @@ fail:
         return AB_ERR_PROTOCOL;
 }
 
+/* ---- compact JSON writer -------------------------------------------------- */
+
+typedef struct jw {
+        char *buf;
+        size_t len, cap;
+        bool grow; /* malloc'd and growing; else fixed, counting past cap */
+        bool fail;
+} jw;
+
+static void jw_put(jw *w, const char *p, size_t n)
+{
+        if (w->fail || n == 0)
+                return;
+        if (!w->grow) { /* fixed: keep what fits, count it all */
+                if (w->len < w->cap)
+                        memcpy(w->buf + w->len, p, n < w->cap - w->len ? n : w->cap - w->len);
+                w->len += n;
+                return;
+        }
+        if (n >= w->cap - w->len) {
+                size_t ncap = w->cap ? w->cap : 256;
+                char *nb;
+                while (ncap - w->len <= n) {
+                        if (ncap > SIZE_MAX / 2) {
+                                w->fail = true;
+                                return;
+                        }
+                        ncap *= 2;
+                }
+                nb = realloc(w->buf, ncap);
+                if (!nb) {
+                        w->fail = true;
+                        return;
+                }
+                w->buf = nb;
+                w->cap = ncap;
+        }
+        memcpy(w->buf + w->len, p, n);
+        w->len += n;
+}
+
+static void jw_string(jw *w, const char *s, size_t n)
+{
+        static const char hex[] = "0123456789ABCDEF"; /* as jansson: \u001F */
+        size_t run = 0;
+
+        jw_put(w, "\"", 1);
+        for (size_t i = 0; i < n; i++) {
+                unsigned char ch = (unsigned char)s[i];
+                char esc[6] = { '\\', 0 };
+                size_t k = 2;
+
+                if (ch >= 0x20 && ch != '"' && ch != '\\')
+                        continue;
+                jw_put(w, s + run, i - run);
+                run = i + 1;
+                switch (ch) { /* as jansson writes them */
+                case '"': esc[1] = '"'; break;
+                case '\\': esc[1] = '\\'; break;
+                case '\b': esc[1] = 'b'; break;
+                case '\f': esc[1] = 'f'; break;
+                case '\n': esc[1] = 'n'; break;
+                case '\r': esc[1] = 'r'; break;
+                case '\t': esc[1] = 't'; break;
+                default:
+                        esc[1] = 'u';
+                        jw_put(w, esc, 2);
+                        esc[0] = '0';
+                        esc[1] = '0';
+                        esc[2] = hex[ch >> 4];
+                        esc[3] = hex[ch & 15];
+                        k = 4;
+                }
+                jw_put(w, esc, k);
+        }
+        jw_put(w, s + run, n - run);
+        jw_put(w, "\"", 1);
+}
+
+static void jw_value(jw *w, const json_t *v, unsigned depth)
+{
+        char num[64];
+        int n;
+
+        if (depth > 2048) { /* jansson's own parser stops at 2048 */
+                w->fail = true;
+                return;
+        }
+        switch (json_typeof(v)) {
+        case JSON_OBJECT: {
+                const char *key;
+                json_t *m;
+                bool first = true;
+                jw_put(w, "{", 1);
+                json_object_foreach((json_t *)v, key, m) {
+                        if (!first)
+                                jw_put(w, ",", 1);
+                        first = false;
+                        jw_string(w, key, strlen(key));
+                        jw_put(w, ":", 1);
+                        jw_value(w, m, depth + 1);
+                }
+                jw_put(w, "}", 1);
+                break;
+        }
+        case JSON_ARRAY:
+                jw_put(w, "[", 1);
+                for (size_t i = 0; i < json_array_size(v); i++) {
+                        if (i)
+                                jw_put(w, ",", 1);
+                        jw_value(w, json_array_get(v, i), depth + 1);
+                }
+                jw_put(w, "]", 1);
+                break;
+        case JSON_STRING:
+                jw_string(w, json_string_value(v), json_string_length(v));
+                break;
+        case JSON_INTEGER:
+                n = snprintf(num, sizeof num, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+                jw_put(w, num, (size_t)n);
+                break;
+        case JSON_REAL: /* not on any hot path: jansson's own formatting */
+                n = (int)json_dumpb(v, num, sizeof num, JSON_COMPACT | JSON_ENCODE_ANY);
+                if (n <= 0 || (size_t)n > sizeof num)
+                        w->fail = true;
+                else
+                        jw_put(w, num, (size_t)n);
+                break;
+        case JSON_TRUE:
+                jw_put(w, "true", 4);
+                break;
+        case JSON_FALSE:
+                jw_put(w, "false", 5);
+                break;
+        case JSON_NULL:
+                jw_put(w, "null", 4);
+                break;
+        default:
+                w->fail = true;
+        }
+}
+
+char *ab_json_dumps(const json_t *v, size_t *ret_len)
+{
+        jw w = { .grow = true };
+
+        if (!v)
+                return NULL;
+        jw_value(&w, v, 0);
+        jw_put(&w, "", 1); /* the NUL */
+        if (w.fail) {
+                free(w.buf);
+                return NULL;
+        }
+        if (ret_len)
+                *ret_len = w.len - 1;
+        return w.buf;
+}
+
+size_t ab_json_dumpb(const json_t *v, char *buf, size_t max)
+{
+        jw w = { .buf = buf, .cap = max };
+
+        if (!v)
+                return 0;
+        jw_value(&w, v, 0);
+        return w.fail ? 0 : w.len;
+}
+
 static int encode(json_t *root, char **ret_msg, size_t *ret_len)
 {
-        /* one pass (json_dumpb(NULL) to size it first would format it twice) */
-        char *buf = json_dumps(root, JSON_COMPACT);
+        size_t n;
+        char *buf = ab_json_dumps(root, &n);
 
         if (!buf)
                 return -ENOMEM;
         *ret_msg = buf;
-        *ret_len = strlen(buf) + 1; /* with its NUL: the varlink message end */
+        *ret_len = n + 1; /* with its NUL: the varlink message end */
         return 0;
 }
 

@@ -548,10 +548,122 @@ static void test_parse_reply_rejects(void **state)
         }
 }
 
+/* ab_json_dumps/ab_json_dumpb write the very bytes json_dumps(JSON_COMPACT) does. */
+static void expect_same_dump(const json_t *v)
+{
+        char *want = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY), *got;
+        size_t n = 0, wl;
+        char small[64];
+
+        assert_non_null(want);
+        wl = strlen(want);
+        got = ab_json_dumps(v, &n);
+        assert_non_null(got);
+        if (strcmp(want, got) != 0)
+                fprintf(stderr, "jansson: %s\nours:    %s\n", want, got);
+        assert_string_equal(got, want);
+        assert_int_equal(n, wl);
+        free(got);
+        /* fixed buffers: the full length is reported, a prefix is kept */
+        for (size_t max = 0; max <= sizeof small; max += (max < 8 ? 1 : 13)) {
+                memset(small, 'X', sizeof small);
+                assert_int_equal(ab_json_dumpb(v, small, max), wl);
+                size_t keep = wl < max ? wl : max;
+                assert_memory_equal(small, want, keep);
+                if (max < sizeof small && keep < max)
+                        assert_int_equal(small[keep], 'X'); /* nothing written past the text */
+        }
+        free(want);
+}
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static uint64_t rng(void)
+{
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        return rng_state;
+}
+
+static json_t *random_value(int depth)
+{
+        static const char *const pieces[] = { "a", "\"", "\\", "/", "\n", "\t", "\r", "\b", "\f", "\x01",
+                                              "\x1f", "\x7f", "\xc3\xa9", "\xe2\x80\xa8", "\xf0\x9f\x98\x80",
+                                              " ", "eyJhbGciOi", "<>&'" };
+        switch (rng() % (depth > 4 ? 5 : 7)) {
+        case 0: {
+                char buf[256] = "";
+                size_t n = rng() % 12;
+                for (size_t i = 0; i < n; i++)
+                        strcat(buf, pieces[rng() % (sizeof pieces / sizeof pieces[0])]);
+                return json_string(buf);
+        }
+        case 1:
+                return json_integer((json_int_t)rng());
+        case 2:
+                return rng() % 2 ? json_true() : json_false();
+        case 3:
+                return json_null();
+        case 4:
+                return json_integer((json_int_t)(rng() % 1000) - 500);
+        case 5: {
+                json_t *a = json_array();
+                size_t n = rng() % 5;
+                for (size_t i = 0; i < n; i++)
+                        json_array_append_new(a, random_value(depth + 1));
+                return a;
+        }
+        default: {
+                json_t *o = json_object();
+                size_t n = rng() % 5;
+                for (size_t i = 0; i < n; i++) {
+                        char key[32];
+                        snprintf(key, sizeof key, "%s%u", pieces[rng() % (sizeof pieces / sizeof pieces[0])],
+                                 (unsigned)(rng() % 100));
+                        json_object_set_new(o, key, random_value(depth + 1));
+                }
+                return o;
+        }
+        }
+}
+
+static void test_json_dump_matches_jansson(void **state)
+{
+        char all[128];
+        json_t *v;
+
+        (void)state;
+        for (int i = 1; i < 128; i++)
+                all[i - 1] = (char)i;
+        all[127] = '\0';
+        v = json_pack("{s:s, s:s, s:I, s:I, s:b, s:n, s:{}, s:[], s:[i,s,{s:o}], s:f}", "all", all, "", "",
+                      "min", (json_int_t)INT64_MIN, "max", (json_int_t)INT64_MAX, "t", 1, "null", "obj", "arr",
+                      "nest", 1, "two", "k", json_string("\xe2\x80\xa8 \xf0\x9f\x98\x80"), "real", 0.1);
+        assert_non_null(v);
+        expect_same_dump(v);
+        json_decref(v);
+        v = json_string("");
+        expect_same_dump(v);
+        json_decref(v);
+        for (int i = 0; i < 3000; i++) {
+                v = random_value(0);
+                expect_same_dump(v);
+                json_decref(v);
+        }
+        /* what the broker dumps most: a token reply */
+        v = json_pack("{s:{s:s, s:s, s:i}}", "parameters", "token",
+                      "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl", "token_type", "Bearer", "expires_in", 300);
+        expect_same_dump(v);
+        json_decref(v);
+        assert_null(ab_json_dumps(NULL, NULL));
+        assert_int_equal(ab_json_dumpb(NULL, all, sizeof all), 0);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_call_without_parameters),
+                cmocka_unit_test(test_json_dump_matches_jansson),
                 cmocka_unit_test(test_call_with_parameters),
                 cmocka_unit_test(test_call_flags),
                 cmocka_unit_test(test_rejects_non_boolean_flags),
