@@ -38,9 +38,26 @@ typedef struct cache_entry {
         char sha256[65];
 } cache_entry;
 
+#define PROC_SLOTS 128
+
+/* What attestation read about a process, for its next connections (see proc_lookup). */
+typedef struct proc_entry {
+        pid_t pid;
+        uint64_t start_time;
+        dev_t dev; /* the executable as stat() saw it */
+        ino_t ino;
+        off_t size;
+        struct timespec mtime, ctime;
+        char *exe; /* NULL: empty slot */
+        char sha256[65];
+        char unit[AB_UNIT_MAX];
+        char cgroup[AB_CGROUP_MAX];
+} proc_entry;
+
 struct ab_exe_cache {
         uint64_t max_size;
         cache_entry slot[CACHE_SLOTS];
+        proc_entry proc[PROC_SLOTS]; /* by pid, one per slot: a newer process replaces an older one */
 };
 
 int ab_exe_cache_new(uint64_t max_exe_size, ab_exe_cache **ret)
@@ -55,6 +72,10 @@ int ab_exe_cache_new(uint64_t max_exe_size, ab_exe_cache **ret)
 
 void ab_exe_cache_free(ab_exe_cache *c)
 {
+        if (!c)
+                return;
+        for (size_t i = 0; i < PROC_SLOTS; i++)
+                free(c->proc[i].exe);
         free(c);
 }
 
@@ -230,7 +251,7 @@ static void copy_bounded(char *dst, size_t max, const char *src)
  * process); the executable is re-identified by stat()ing /proc/PID/exe
  * (the kernel's link to the running image: a new exec gives another inode,
  * and the file's size/mtime/ctime change if it is rewritten); the unit and
- * cgroup are re-derived whenever /proc/PID/cgroup reads differently.
+ * cgroup are read once per program (see ab_attest).
  */
 struct ab_peer_cache {
         bool have_start, have_exe, have_cgroup;
@@ -371,6 +392,51 @@ int ab_peer_alive(const ab_peer *p)
         return -ESRCH;
 }
 
+/*
+ * Another connection of this process, running this program, read its
+ * executable, unit and cgroup already: the process is the same one when pid
+ * and start time match (a PID comes back only after the whole PID space
+ * went round, never within one clock tick; and the pidfd check after the
+ * reads stands), the program when stat() of /proc/PID/exe gives the same
+ * file (as same_stat for one connection).
+ */
+static bool proc_lookup(ab_exe_cache *cache, pid_t pid, const struct stat *st, ab_peer_cache *pc)
+{
+        const proc_entry *e = &cache->proc[(unsigned)pid % PROC_SLOTS];
+
+        if (!e->exe || e->pid != pid || e->start_time != pc->start_time || e->dev != st->st_dev ||
+            e->ino != st->st_ino || e->size != st->st_size || e->mtime.tv_sec != st->st_mtim.tv_sec ||
+            e->mtime.tv_nsec != st->st_mtim.tv_nsec || e->ctime.tv_sec != st->st_ctim.tv_sec ||
+            e->ctime.tv_nsec != st->st_ctim.tv_nsec)
+                return false;
+        memcpy(pc->exe, e->exe, strlen(e->exe) + 1);
+        memcpy(pc->sha256, e->sha256, sizeof pc->sha256);
+        memcpy(pc->unit, e->unit, sizeof pc->unit);
+        memcpy(pc->cgroup, e->cgroup, sizeof pc->cgroup);
+        pc->dev = st->st_dev;
+        pc->ino = st->st_ino;
+        pc->size = st->st_size;
+        pc->mtime = st->st_mtim;
+        pc->ctime = st->st_ctim;
+        pc->have_exe = pc->have_cgroup = true;
+        return true;
+}
+
+static void proc_store(ab_exe_cache *cache, pid_t pid, const ab_peer_cache *pc)
+{
+        proc_entry *e = &cache->proc[(unsigned)pid % PROC_SLOTS];
+        char *exe = strdup(pc->exe);
+
+        if (!exe)
+                return;
+        free(e->exe);
+        *e = (proc_entry){ .pid = pid, .start_time = pc->start_time, .dev = pc->dev, .ino = pc->ino,
+                           .size = pc->size, .mtime = pc->mtime, .ctime = pc->ctime, .exe = exe };
+        memcpy(e->sha256, pc->sha256, sizeof e->sha256);
+        memcpy(e->unit, pc->unit, sizeof e->unit);
+        memcpy(e->cgroup, pc->cgroup, sizeof e->cgroup);
+}
+
 int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
 {
         ab_peer_cache *pc = p->cache;
@@ -388,11 +454,6 @@ int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
         ret->pid = p->pid;
         ret->peer = p;
 
-        snprintf(path, sizeof path, "/proc/%d/exe", (int)p->pid);
-        if (stat(path, &st) < 0 || !same_stat(pc, &st)) {
-                read_exe(p, cache, pc);
-                pc->have_cgroup = false; /* a new program: read everything anew */
-        }
         if (!pc->have_start) {
                 r = read_start_time(p->pid, &pc->start_time);
                 if (r < 0)
@@ -400,15 +461,27 @@ int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
                 pc->have_start = true;
         }
         /*
-         * The cgroup is read once per connection (and again after an exec).
-         * What policy matches in it is the systemd *system* unit, and only
-         * root can move a process to another one: moving needs write access
-         * to the cgroup.procs of both cgroups' common ancestor, and what a
-         * unit delegates (user@UID.service) is a subtree of that one unit.
+         * The executable is identified anew for every request (an exec or a
+         * rewritten file shows in stat() of /proc/PID/exe). The cgroup is
+         * read once per process and program, and again after an exec: what
+         * policy matches in it is the systemd *system* unit, and only root
+         * can move a process to another one (moving needs write access to
+         * the cgroup.procs of both cgroups' common ancestor, and what a unit
+         * delegates, user@UID.service, is a subtree of that one unit).
          * Within such a subtree the path shown in records may go stale.
          */
-        if (!pc->have_cgroup)
+        snprintf(path, sizeof path, "/proc/%d/exe", (int)p->pid);
+        if (stat(path, &st) < 0) {
+                read_exe(p, cache, pc); /* fails closed: no executable, no hash */
                 read_cgroup(p, pc);
+        } else if (!same_stat(pc, &st) && !proc_lookup(cache, p->pid, &st, pc)) {
+                read_exe(p, cache, pc);
+                read_cgroup(p, pc); /* a new program: read everything anew */
+                if (pc->have_exe && pc->have_cgroup)
+                        proc_store(cache, p->pid, pc);
+        } else if (!pc->have_cgroup) {
+                read_cgroup(p, pc); /* one too long to keep */
+        }
 
         /* Everything above was read by PID. If the pidfd's process still
          * exists, the PID was not recycled while we read. */
