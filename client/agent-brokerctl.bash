@@ -3,52 +3,109 @@
 _agent_brokerctl()
 {
         local cur prev words cword
-        _init_completion 2>/dev/null || {
+        COMPREPLY=()
+        if declare -F _init_completion >/dev/null; then
+                _init_completion || return # (bash-completion handled it, e.g. a redirection)
+        else
                 cur=${COMP_WORDS[COMP_CWORD]}
                 prev=${COMP_WORDS[COMP_CWORD-1]}
                 words=("${COMP_WORDS[@]}")
                 cword=$COMP_CWORD
-        }
+        fi
         local commands="token exec keys status whoami policy keygen authenticate introspect attenuate revoke sessions audit review coverage call"
         local global="--socket --admin-socket --timeout --help --version"
-        local i cmd="" sub=""
+        # options followed by a value: a file name, or something only the user knows
+        local fileopts=" --socket --admin-socket --out --file --key --keys --policy --pam-dir "
+        local valopts=" --timeout --ttl --max-auth-age --overlap --unused-days --audience --scope --task --env --jti --session --sid --token --agent --before --since --event --user "
+        local methods="io.agentbroker.IssueToken io.agentbroker.Attenuate io.agentbroker.Introspect io.agentbroker.Revoke
+                io.agentbroker.Authenticate io.agentbroker.WhoAmI io.agentbroker.GetKeys io.agentbroker.ListSessions
+                io.agentbroker.admin.ReloadPolicy io.agentbroker.admin.ShowPolicy io.agentbroker.admin.Revoke
+                io.agentbroker.admin.ListSessions io.agentbroker.admin.Introspect io.agentbroker.admin.GetUsage
+                io.agentbroker.admin.ReadAudit io.agentbroker.admin.RotateKey io.agentbroker.admin.ListKeys
+                org.varlink.service.GetInfo org.varlink.service.GetInterfaceDescription"
+        local i cmd="" cmdi=0 sub="" dashdash=0
         for ((i = 1; i < cword; i++)); do
+                if [[ $cmd == exec && ${words[i]} == -- ]]; then
+                        dashdash=$i
+                        break
+                fi
+                if [[ $fileopts$valopts == *" ${words[i]} "* ]]; then
+                        ((i++)) # its value
+                        continue
+                fi
                 case ${words[i]} in
-                --socket|--admin-socket|--timeout) ((i++)) ;;
                 -*) ;;
-                *) if [[ -z $cmd ]]; then cmd=${words[i]}; elif [[ -z $sub ]]; then sub=${words[i]}; fi ;;
+                *)
+                        if [[ -z $cmd ]]; then
+                                cmd=${words[i]}
+                                cmdi=$i
+                        elif [[ -z $sub ]]; then
+                                sub=${words[i]}
+                        fi ;;
                 esac
         done
-        case $prev in
-        --socket|--admin-socket|--out|--file|--key|--keys|--policy|--pam-dir)
-                COMPREPLY=($(compgen -f -- "$cur")); return ;;
-        --timeout|--ttl|--max-auth-age|--overlap|--unused-days|--audience|--scope|--task|--env|--jti|--session|--sid|--agent|--before|--since|--event|--user)
-                return ;;
-        esac
+
+        # exec ... -- CMD ARGS: complete CMD, then as CMD's own completion would
+        if ((dashdash)); then
+                if declare -F _command_offset >/dev/null; then
+                        _command_offset $((dashdash + 1))
+                elif ((cword == dashdash + 1)); then
+                        COMPREPLY=($(compgen -c -- "$cur"))
+                else
+                        COMPREPLY=($(compgen -f -- "$cur"))
+                fi
+                return
+        fi
+
+        # a value is expected: files, or nothing (never more flags)
+        if [[ $fileopts == *" $prev "* ]]; then
+                COMPREPLY=($(compgen -f -- "$cur"))
+                return
+        fi
+        if [[ $valopts == *" $prev "* ]]; then
+                COMPREPLY=()
+                return
+        fi
+
+        local first=false # the word right after the command (where subcommands go)
+        ((cword == cmdi + 1)) && first=true
+        local w=""
         case $cmd in
-        "") COMPREPLY=($(compgen -W "$commands $global" -- "$cur")) ;;
-        token) COMPREPLY=($(compgen -W "--audience --scope --ttl --task --json --out --refresh" -- "$cur")) ;;
-        exec) COMPREPLY=($(compgen -W "--audience --scope --ttl --env --" -- "$cur")) ;;
-        keys) COMPREPLY=($(compgen -W "--jwks --json list rotate --overlap" -- "$cur")) ;;
-        status|whoami|authenticate) COMPREPLY=($(compgen -W "--json" -- "$cur")) ;;
+        "") w="$commands $global" ;;
+        token) w="--audience --scope --ttl --task --json --out --refresh" ;;
+        exec) w="--audience --scope --ttl --task --env --" ;;
+        keys)
+                case $sub in
+                "") w="--jwks --json --out"; $first && w="list rotate $w" ;;
+                list) w="--json" ;;
+                rotate) w="--overlap --json" ;;
+                esac ;;
+        status|whoami|authenticate) w="--json" ;;
         policy)
                 case $sub in
-                "") COMPREPLY=($(compgen -W "check show reload sign" -- "$cur")) ;;
-                check) COMPREPLY=($(compgen -W "--json" -- "$cur") $(compgen -f -- "$cur")) ;;
-                sign) COMPREPLY=($(compgen -W "--key" -- "$cur") $(compgen -f -- "$cur")) ;;
-                reload|show) COMPREPLY=($(compgen -W "--json" -- "$cur")) ;;
+                "") $first && w="check show reload sign" ;;
+                check) COMPREPLY=($(compgen -f -- "$cur")); w="--json" ;;
+                sign) COMPREPLY=($(compgen -f -- "$cur")); w="--key --json" ;;
+                reload|show) w="--json" ;;
                 esac ;;
-        keygen) COMPREPLY=($(compgen -W "--out" -- "$cur")) ;;
-        introspect) COMPREPLY=($(compgen -W "--audience --scope --max-auth-age --user --json" -- "$cur")) ;;
-        attenuate) COMPREPLY=($(compgen -W "--audience --scope --ttl --task --json" -- "$cur")) ;;
-        revoke) COMPREPLY=($(compgen -W "--jti --session --token --agent --before --json" -- "$cur")) ;;
-        sessions) COMPREPLY=($(compgen -W "--agent --json" -- "$cur")) ;;
+        keygen) w="--out --json" ;;
+        introspect) w="--audience --scope --max-auth-age --user --json" ;;
+        attenuate) w="--audience --scope --ttl --task --json" ;;
+        revoke) w="--jti --session --token --agent --before --json" ;;
+        sessions) w="--agent --json" ;;
         audit)
-                if [[ $sub == verify ]]; then COMPREPLY=($(compgen -W "--file --keys" -- "$cur"))
-                else COMPREPLY=($(compgen -W "verify --since --agent --event --json --file" -- "$cur")); fi ;;
-        review) COMPREPLY=($(compgen -W "--json --csv --unused-days --policy" -- "$cur")) ;;
-        coverage) COMPREPLY=($(compgen -W "--pam-dir --policy --json" -- "$cur")) ;;
-        call) COMPREPLY=($(compgen -W "--admin io.agentbroker.IssueToken io.agentbroker.Introspect io.agentbroker.WhoAmI org.varlink.service.GetInfo" -- "$cur")) ;;
+                if [[ $sub == verify ]]; then
+                        COMPREPLY=($(compgen -f -- "$cur"))
+                        w="--file --keys --json"
+                else
+                        w="--since --agent --event --json --file"
+                        $first && w="verify $w"
+                fi ;;
+        review) w="--json --csv --unused-days --policy" ;;
+        coverage) w="--pam-dir --policy --json" ;;
+        call) if [[ -z $sub ]]; then w="--admin --json $methods"; else w="--json"; fi ;;
         esac
+        [[ -n $w ]] && COMPREPLY+=($(compgen -W "$w" -- "$cur"))
+        return 0
 }
 complete -F _agent_brokerctl agent-brokerctl
