@@ -7,7 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 #include <jansson.h>
@@ -30,35 +32,38 @@ static void usage(FILE *f)
                 "                      at 2/3 of its lifetime until SIGTERM\n"
                 "  exec --audience AUD --scope S [--ttl N] [--env NAME] -- CMD [ARGS]\n"
                 "                      run CMD with a fresh token in $NAME (default AGENT_BROKER_TOKEN)\n"
-                "  keys [--jwks]       print the broker's JSON Web Key Set (publish it for verifiers)\n"
-                "  keys list           every key with its status (admin socket)\n"
-                "  keys rotate [--overlap SECONDS]  new signing key; the old one stays in the JWKS\n"
-                "                      for the overlap (default 24 h + 5 s, the longest token life)\n"
-                "  status              say whether the broker answers\n"
-                "  whoami              show the agent entry the broker attests this process as\n"
+                "  keys [--jwks|--json] [--out FILE]\n"
+                "                      the broker's JSON Web Key Set for verifiers; --out writes FILE\n"
+                "                      (mode 0644, atomic) to publish, e.g. /run/agent-broker/jwks.json\n"
+                "  keys list [--json]  every key with its status (admin socket)\n"
+                "  keys rotate [--overlap SECONDS] [--json]\n"
+                "                      new signing key; the old one stays in the JWKS for the overlap\n"
+                "                      (default 24 h + 5 s, the longest token life); republish the JWKS\n"
+                "  status [--json]     say whether the broker answers\n"
+                "  whoami [--json]     show the agent entry the broker attests this process as\n"
                 "  policy check [--json] PATH...   validate policy files (no broker needed);\n"
                 "                      exit 0 clean, 1 warnings, 2 errors\n"
-                "  policy show [AGENT] the compiled policy (admin socket)\n"
-                "  policy reload       recompile the policy sources now (admin socket)\n"
-                "  policy sign --key FILE PATH     write PATH.sig, as a control plane would\n"
-                "  keygen --out FILE   make a control-plane signing key (FILE, FILE.pub)\n"
-                "  authenticate        open or re-authenticate this process's session\n"
-                "  introspect TOKEN|- [--audience A] [--scope S] [--max-auth-age N] [--user U]\n"
-                "                      print the verdict on a token; exit 0 only if it is active\n"
+                "  policy show [AGENT] [--json]    the compiled policy (admin socket)\n"
+                "  policy reload [--json]          recompile the policy sources now (admin socket)\n"
+                "  policy sign --key FILE [--json] PATH   write PATH.sig, as a control plane would\n"
+                "  keygen --out FILE [--json]      make a control-plane signing key (FILE, FILE.pub)\n"
+                "  authenticate [--json]           open or re-authenticate this process's session\n"
+                "  introspect TOKEN|- [--audience A] [--scope S] [--max-auth-age N] [--user U] [--json]\n"
+                "                      print the verdict on a token (JSON); exit 0 only if it is active\n"
                 "  attenuate TOKEN|- [--audience A] [--scope S ...] [--ttl N] [--task ID] [--json]\n"
                 "                      print a narrower token derived from TOKEN\n"
-                "  revoke (--jti ID | --session SID | --token TOKEN | --agent ID | --before TIME)\n"
+                "  revoke (--jti ID | --session SID | --token TOKEN | --agent ID | --before TIME) [--json]\n"
                 "                      revoke; --agent and --before need the admin socket, TIME is\n"
                 "                      Unix seconds, @SECONDS, \"now\" or YYYY-MM-DDTHH:MM:SSZ\n"
                 "  sessions [--agent ID] [--json]  list sessions (all on the admin socket, else your own)\n"
                 "  audit [--since T] [--agent A] [--event E] [--json] [--file PATH]\n"
                 "                      the audit trail (admin socket, or a file)\n"
-                "  audit verify [--file PATH ...] [--keys JWKS]\n"
+                "  audit verify [--file PATH ...] [--keys JWKS] [--json]\n"
                 "                      check the hash chain and signed checkpoints; exit 1 and name\n"
                 "                      the first broken record if any\n"
                 "  review [--json|--csv] [--unused-days N] [--policy PATH]  access review per agent; exit 1 on findings\n"
                 "  coverage [--pam-dir DIR] [--policy PATH] [--json]  PAM services that bypass the broker; exit 1 if any\n"
-                "  call [--admin] METHOD [JSON]    call any varlink method and print the reply\n"
+                "  call [--admin] [--json] METHOD [JSON]   call any varlink method and print the reply (JSON)\n"
                 "\n"
                 "Options:\n"
                 "  --socket PATH        agent socket ($AGENT_BROKER_SOCKET, default %s)\n"
@@ -71,7 +76,8 @@ static void usage(FILE *f)
                 "\n"
                 "Exit status: 0 success; 1 denied by the broker (reason on stderr),\n"
                 "or an inactive token for introspect;\n"
-                "2 bad usage; 3 broker unreachable; 4 any other error.\n",
+                "2 bad usage; 3 broker unreachable, or its socket refuses this user (permission denied);\n"
+                "4 any other error.\n",
                 AB_DEFAULT_SOCKET, AB_DEFAULT_ADMIN_SOCKET);
 }
 
@@ -109,16 +115,47 @@ const char *ctl_socket_path(const opts *o, bool admin)
         return path; /* NULL: the library's default ($AGENT_BROKER_SOCKET or AB_DEFAULT_SOCKET) */
 }
 
+/*
+ * Why connecting to path failed, from the kernel: the library says only
+ * "unreachable". -EACCES/-EPERM when the socket (or its directory) refuses
+ * this user, else 0.
+ */
+static int connect_denied(const char *path)
+{
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int fd, r = 0;
+
+        if (strlen(path) >= sizeof sa.sun_path)
+                return 0;
+        memcpy(sa.sun_path, path, strlen(path) + 1);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return 0;
+        if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && (errno == EACCES || errno == EPERM))
+                r = -errno;
+        close(fd);
+        return r;
+}
+
 int ctl_connect(const opts *o, bool admin, ab_client **ret)
 {
         const char *path = ctl_socket_path(o, admin);
+        const char *shown;
         int r;
 
         r = ab_client_connect(path, o->timeout_ms, ret);
         if (r < 0) {
-                fprintf(stderr, "agent-brokerctl: cannot reach the broker at %s: %s\n",
-                        path ? path : (getenv("AGENT_BROKER_SOCKET") ? getenv("AGENT_BROKER_SOCKET") : AB_DEFAULT_SOCKET),
-                        ab_strerror(r));
+                shown = path ? path : (getenv("AGENT_BROKER_SOCKET") ? getenv("AGENT_BROKER_SOCKET") : AB_DEFAULT_SOCKET);
+                if (r == AB_ERR_UNREACHABLE && connect_denied(shown) < 0) {
+                        /* the broker may well be running: this user may not use that socket (exit 3 still) */
+                        if (admin)
+                                fprintf(stderr, "agent-brokerctl: permission denied on the admin socket %s "
+                                                "(needs root or the admin group)\n", shown);
+                        else
+                                fprintf(stderr, "agent-brokerctl: permission denied on the agent socket %s\n", shown);
+                        return EXIT_UNREACHABLE;
+                }
+                fprintf(stderr, "agent-brokerctl: cannot reach the broker at %s: %s\n", shown, ab_strerror(r));
                 return r == AB_ERR_INVALID ? EXIT_USAGE : EXIT_UNREACHABLE;
         }
         return 0;
@@ -237,65 +274,114 @@ static int cmd_token(const opts *o, int argc, char **argv)
         return ex;
 }
 
-static int cmd_keys(const opts *o, int argc, char **argv)
+/* keys rotate [--overlap SECONDS] [--json] */
+static int cmd_keys_rotate(const opts *o, int argc, char **argv)
 {
         json_t *reply = NULL, *params = NULL;
-        const char *method = "io.agentbroker.GetKeys";
-        bool admin = false;
+        bool as_json = false;
         int ex;
 
-        if (argc > 1 && strcmp(argv[1], "rotate") == 0) {
-                /* keys rotate [--overlap SECONDS] [--json] */
-                bool as_json = false;
-                for (int i = 2; i < argc; i++) {
-                        long v;
-                        if (strcmp(argv[i], "--json") == 0)
-                                as_json = true;
-                        else if (strcmp(argv[i], "--overlap") == 0 && i + 1 < argc &&
-                                 parse_uint_arg("--overlap", argv[i + 1], 366L * 86400, &v) == 0) {
-                                json_decref(params);
-                                params = json_pack("{s:i}", "overlap", (int)v);
-                                i++;
-                        } else {
-                                fprintf(stderr, "agent-brokerctl: keys rotate [--overlap SECONDS] [--json]\n");
-                                json_decref(params);
-                                return EXIT_USAGE;
-                        }
+        for (int i = 1; i < argc; i++) {
+                long v;
+                if (strcmp(argv[i], "--json") == 0)
+                        as_json = true;
+                else if (strcmp(argv[i], "--overlap") == 0 && i + 1 < argc &&
+                         parse_uint_arg("--overlap", argv[i + 1], 366L * 86400, &v) == 0) {
+                        json_decref(params);
+                        params = json_pack("{s:i}", "overlap", (int)v);
+                        i++;
+                } else {
+                        fprintf(stderr, "agent-brokerctl: keys rotate [--overlap SECONDS] [--json]\n");
+                        json_decref(params);
+                        return EXIT_USAGE;
                 }
-                ex = simple_call(o, true, "io.agentbroker.admin.RotateKey", params, &reply);
+        }
+        ex = simple_call(o, true, "io.agentbroker.admin.RotateKey", params, &reply);
+        if (ex)
+                return ex;
+        if (as_json) {
+                ex = print_json(reply);
+        } else {
+                time_t until = (time_t)json_integer_value(json_object_get(reply, "previous_valid_until"));
+                struct tm tm;
+                char when[32] = "?";
+                if (gmtime_r(&until, &tm))
+                        strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+                printf("new signing key %s; %s stays in the JWKS until %s\n",
+                       json_string_value(json_object_get(reply, "kid")),
+                       json_string_value(json_object_get(reply, "previous_kid")), when);
+        }
+        json_decref(reply);
+        /* new tokens carry the new kid from now on: verifiers elsewhere need it */
+        fprintf(stderr, "agent-brokerctl: republish the JWKS for remote verifiers now: "
+                        "systemctl start agent-broker-jwks.service (or agent-brokerctl keys --jwks --out FILE)\n");
+        return ex;
+}
+
+static int cmd_keys(const opts *o, int argc, char **argv)
+{
+        static const struct option lo[] = {
+                { "jwks", no_argument, NULL, 'w' }, { "json", no_argument, NULL, 'j' },
+                { "out", required_argument, NULL, 'o' }, { 0 },
+        };
+        json_t *reply = NULL;
+        const char *out = NULL;
+        char *text;
+        int c, ex, r;
+
+        if (argc > 1 && strcmp(argv[1], "rotate") == 0)
+                return cmd_keys_rotate(o, argc - 1, argv + 1);
+        if (argc > 1 && strcmp(argv[1], "list") == 0) {
+                if (argc > 3 || (argc == 3 && strcmp(argv[2], "--json") != 0 && strcmp(argv[2], "--jwks") != 0)) {
+                        fprintf(stderr, "agent-brokerctl: keys list [--json]\n");
+                        return EXIT_USAGE;
+                }
+                ex = simple_call(o, true, "io.agentbroker.admin.ListKeys", NULL, &reply);
                 if (ex)
                         return ex;
-                if (as_json) {
-                        ex = print_json(reply);
-                } else {
-                        time_t until = (time_t)json_integer_value(json_object_get(reply, "previous_valid_until"));
-                        struct tm tm;
-                        char when[32] = "?";
-                        if (gmtime_r(&until, &tm))
-                                strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
-                        printf("new signing key %s; %s stays in the JWKS until %s\n",
-                               json_string_value(json_object_get(reply, "kid")),
-                               json_string_value(json_object_get(reply, "previous_kid")), when);
-                }
+                ex = print_json(reply);
                 json_decref(reply);
                 return ex;
         }
-        if (argc > 1 && strcmp(argv[1], "list") == 0) {
-                method = "io.agentbroker.admin.ListKeys";
-                admin = true;
-                argc--;
-                argv++;
+        /* keys [--jwks] [--json] [--out FILE]: the JWKS is the only format, so --jwks and --json say the same */
+        optind = 0;
+        while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
+                switch (c) {
+                case 'w': case 'j': break;
+                case 'o': out = optarg; break;
+                default: return EXIT_USAGE;
+                }
         }
-        if (argc > 1 && strcmp(argv[1], "--jwks") != 0 && strcmp(argv[1], "--json") != 0) {
-                fprintf(stderr, "agent-brokerctl: keys [--jwks|--json] | keys list [--json] | keys rotate\n");
+        if (optind != argc || (out && !*out)) {
+                fprintf(stderr, "agent-brokerctl: keys [--jwks|--json] [--out FILE] | keys list [--json] | "
+                                "keys rotate [--overlap SECONDS] [--json]\n");
                 return EXIT_USAGE;
         }
-        ex = simple_call(o, admin, method, NULL, &reply);
+        ex = simple_call(o, false, "io.agentbroker.GetKeys", NULL, &reply);
         if (ex)
                 return ex;
-        ex = print_json(reply);
+        if (!out) {
+                ex = print_json(reply);
+                json_decref(reply);
+                return ex;
+        }
+        if (!json_is_array(json_object_get(reply, "keys"))) {
+                fprintf(stderr, "agent-brokerctl: keys: the broker's reply has no \"keys\"\n");
+                json_decref(reply);
+                return EXIT_ERROR;
+        }
+        /* for verifiers: world-readable, replaced atomically so a reader never sees half a file */
+        text = json_dumps(reply, JSON_INDENT(2));
         json_decref(reply);
-        return ex;
+        if (!text)
+                return EXIT_ERROR;
+        r = ctl_write_atomic(out, text, 0644);
+        free(text);
+        if (r < 0) {
+                fprintf(stderr, "agent-brokerctl: cannot write %s: %s\n", out, strerror(-r));
+                return EXIT_ERROR;
+        }
+        return EXIT_OK;
 }
 
 static int cmd_status(const opts *o, int argc, char **argv)
@@ -324,26 +410,37 @@ static int cmd_status(const opts *o, int argc, char **argv)
 static int cmd_call(const opts *o, int argc, char **argv)
 {
         json_t *params = NULL, *reply = NULL;
+        const char *args[2];
         bool admin = false;
-        int ex, i = 1;
+        int ex, n = 0;
 
-        if (i < argc && strcmp(argv[i], "--admin") == 0) {
-                admin = true;
-                i++;
+        /* call [--admin] [--json] METHOD [JSON]: the reply is JSON anyway, so --json (anywhere) changes nothing */
+        for (int i = 1; i < argc; i++) {
+                if (strcmp(argv[i], "--json") == 0)
+                        continue;
+                if (n == 0 && strcmp(argv[i], "--admin") == 0) {
+                        admin = true;
+                        continue;
+                }
+                if (n == 2) {
+                        n = 3;
+                        break;
+                }
+                args[n++] = argv[i];
         }
-        if (i >= argc || argc - i > 2) {
-                fprintf(stderr, "agent-brokerctl: call [--admin] METHOD [JSON-PARAMETERS]\n");
+        if (n < 1 || n > 2) {
+                fprintf(stderr, "agent-brokerctl: call [--admin] [--json] METHOD [JSON-PARAMETERS]\n");
                 return EXIT_USAGE;
         }
-        if (i + 1 < argc) {
-                params = json_loads(argv[i + 1], JSON_REJECT_DUPLICATES, NULL);
+        if (n == 2) {
+                params = json_loads(args[1], JSON_REJECT_DUPLICATES, NULL);
                 if (!json_is_object(params)) {
                         fprintf(stderr, "agent-brokerctl: parameters must be a JSON object\n");
                         json_decref(params);
                         return EXIT_USAGE;
                 }
         }
-        ex = simple_call(o, admin, argv[i], params, &reply);
+        ex = simple_call(o, admin, args[0], params, &reply);
         if (ex)
                 return ex;
         ex = print_json(reply);
@@ -474,17 +571,36 @@ static int b64_line(const uint8_t *bin, size_t n, char *out, size_t outmax)
         return 0;
 }
 
+/* The key id keygen prints for an Ed25519 public key: the first 8 bytes of its SHA-256, in hex. */
+static void key_id(const uint8_t pk[crypto_sign_PUBLICKEYBYTES], char id[17])
+{
+        uint8_t h[crypto_hash_sha256_BYTES];
+
+        crypto_hash_sha256(h, pk, crypto_sign_PUBLICKEYBYTES);
+        sodium_bin2hex(id, 17, h, 8);
+}
+
 static int cmd_keygen(int argc, char **argv)
 {
-        uint8_t pk[crypto_sign_PUBLICKEYBYTES], sk[crypto_sign_SECRETKEYBYTES], h[32];
+        static const struct option lo[] = {
+                { "out", required_argument, NULL, 'o' }, { "json", no_argument, NULL, 'j' }, { 0 },
+        };
+        uint8_t pk[crypto_sign_PUBLICKEYBYTES], sk[crypto_sign_SECRETKEYBYTES];
         char skb[128], pkb[64], pubpath[4200], id[17];
         const char *out = NULL;
-        int r;
+        bool as_json = false;
+        int c, r;
 
-        if (argc == 3 && strcmp(argv[1], "--out") == 0)
-                out = argv[2];
-        if (!out) {
-                fprintf(stderr, "agent-brokerctl: keygen --out FILE\n");
+        optind = 0;
+        while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
+                switch (c) {
+                case 'o': out = optarg; break;
+                case 'j': as_json = true; break;
+                default: return EXIT_USAGE;
+                }
+        }
+        if (!out || !*out || optind != argc) {
+                fprintf(stderr, "agent-brokerctl: keygen --out FILE [--json]\n");
                 return EXIT_USAGE;
         }
         crypto_sign_keypair(pk, sk);
@@ -500,8 +616,16 @@ static int cmd_keygen(int argc, char **argv)
                 fprintf(stderr, "agent-brokerctl: keygen: %s\n", strerror(-r));
                 return EXIT_ERROR;
         }
-        crypto_hash_sha256(h, pk, sizeof pk);
-        sodium_bin2hex(id, sizeof id, h, 8);
+        key_id(pk, id);
+        if (as_json) {
+                json_t *j;
+                pkb[strcspn(pkb, "\n")] = '\0';
+                j = json_pack("{s:s, s:s, s:s, s:s}", "secret_key_file", out, "public_key_file", pubpath,
+                              "public_key", pkb, "key_id", id);
+                r = j ? print_json(j) : EXIT_ERROR;
+                json_decref(j);
+                return r;
+        }
         printf("secret key %s (keep it on the control plane), public key %s, key id %s\n"
                "Install the public key as /etc/agent-broker/trusted-keys/NAME.pub on each host.\n",
                out, pubpath, id);
@@ -510,16 +634,30 @@ static int cmd_keygen(int argc, char **argv)
 
 static int cmd_policy_sign(int argc, char **argv)
 {
+        static const struct option lo[] = {
+                { "key", required_argument, NULL, 'k' }, { "json", no_argument, NULL, 'j' }, { 0 },
+        };
         uint8_t sk[crypto_sign_SECRETKEYBYTES], sig[crypto_sign_BYTES];
-        char *text = NULL, *keytext = NULL, sigb[128], sigpath[4200];
+        char *text = NULL, *keytext = NULL, sigb[128], sigpath[4200], id[17];
+        const char *key = NULL, *src;
         size_t len = 0, klen = 0, got = 0;
-        int r;
+        bool as_json = false;
+        int c, r;
 
-        if (argc != 4 || strcmp(argv[1], "--key") != 0) {
-                fprintf(stderr, "agent-brokerctl: policy sign --key FILE PATH\n");
+        optind = 0;
+        while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
+                switch (c) {
+                case 'k': key = optarg; break;
+                case 'j': as_json = true; break;
+                default: return EXIT_USAGE;
+                }
+        }
+        if (!key || optind + 1 != argc) {
+                fprintf(stderr, "agent-brokerctl: policy sign --key FILE [--json] PATH\n");
                 return EXIT_USAGE;
         }
-        r = ab_read_file(argv[2], 4096, &keytext, &klen);
+        src = argv[optind];
+        r = ab_read_file(key, 4096, &keytext, &klen);
         if (r == 0 && (sodium_base642bin(sk, sizeof sk, keytext, klen, " \t\r\n", &got, NULL,
                                          sodium_base64_VARIANT_ORIGINAL) != 0 || got != sizeof sk))
                 r = AB_ERR_CRYPTO;
@@ -527,25 +665,32 @@ static int cmd_policy_sign(int argc, char **argv)
                 sodium_memzero(keytext, klen);
         free(keytext);
         if (r < 0) {
-                fprintf(stderr, "agent-brokerctl: %s: not a key made by 'agent-brokerctl keygen' (%s)\n", argv[2],
+                fprintf(stderr, "agent-brokerctl: %s: not a key made by 'agent-brokerctl keygen' (%s)\n", key,
                         ab_strerror(r));
                 return EXIT_ERROR;
         }
-        r = ab_read_file(argv[3], AB_POLICY_MAX_FILE, &text, &len);
+        r = ab_read_file(src, AB_POLICY_MAX_FILE, &text, &len);
         if (r < 0) {
                 sodium_memzero(sk, sizeof sk);
-                fprintf(stderr, "agent-brokerctl: %s: %s\n", argv[3], ab_strerror(r));
+                fprintf(stderr, "agent-brokerctl: %s: %s\n", src, ab_strerror(r));
                 return EXIT_ERROR;
         }
         crypto_sign_detached(sig, NULL, (const uint8_t *)text, len, sk);
+        key_id(sk + crypto_sign_SEEDBYTES, id); /* libsodium's secret key ends with the public key */
         sodium_memzero(sk, sizeof sk);
         free(text);
         b64_line(sig, sizeof sig, sigb, sizeof sigb);
-        snprintf(sigpath, sizeof sigpath, "%s.sig", argv[3]);
+        snprintf(sigpath, sizeof sigpath, "%s.sig", src);
         r = write_file_mode(sigpath, sigb, 0644);
         if (r < 0) {
                 fprintf(stderr, "agent-brokerctl: %s: %s\n", sigpath, strerror(-r));
                 return EXIT_ERROR;
+        }
+        if (as_json) {
+                json_t *j = json_pack("{s:s, s:s, s:s}", "source", src, "signature_file", sigpath, "key_id", id);
+                r = j ? print_json(j) : EXIT_ERROR;
+                json_decref(j);
+                return r;
         }
         printf("%s\n", sigpath);
         return EXIT_OK;

@@ -124,11 +124,14 @@ typedef struct verifier {
         long long seq;       /* last seq seen, -1 before the first */
         char prev[65];       /* hash of the last line */
         unsigned records, checkpoints, unchecked;
+        json_t *broken;      /* the first broken record: {file, line, seq, error}, or NULL */
 } verifier;
 
-static int fail_at(const char *file, size_t line, long long seq, const char *what)
+static int fail_at(verifier *v, const char *file, size_t line, long long seq, const char *what)
 {
-        printf("%s:%zu: seq %lld: %s\n", file, line, seq, what);
+        json_decref(v->broken);
+        v->broken = json_pack("{s:s, s:I, s:I, s:s}", "file", file, "line", (json_int_t)line, "seq", (json_int_t)seq,
+                              "error", what);
         return EXIT_DENIED;
 }
 
@@ -169,7 +172,7 @@ static int verify_file(verifier *v, const char *path)
 
                 lineno++;
                 if (line[n - 1] != '\n') {
-                        ex = fail_at(path, lineno, v->seq + 1, "the last record is incomplete (torn write)");
+                        ex = fail_at(v, path, lineno, v->seq + 1, "the last record is incomplete (torn write)");
                         break;
                 }
                 rec = json_loadb(line, (size_t)n - 1, JSON_REJECT_DUPLICATES, &jerr);
@@ -177,21 +180,21 @@ static int verify_file(verifier *v, const char *path)
                 prev = json_string_value(json_object_get(rec, "prev"));
                 event = json_string_value(json_object_get(rec, "event"));
                 if (!json_is_object(rec) || !json_is_integer(jseq) || !prev || !event) {
-                        ex = fail_at(path, lineno, v->seq + 1, "not an audit record (bad JSON or missing seq/prev/event)");
+                        ex = fail_at(v, path, lineno, v->seq + 1, "not an audit record (bad JSON or missing seq/prev/event)");
                         json_decref(rec);
                         break;
                 }
                 seq = json_integer_value(jseq);
                 if (v->seq < 0 && seq != 1 && strcmp(event, "audit.rotated") != 0) {
                         /* only a file begun by rotation may start mid-chain */
-                        ex = fail_at(path, lineno, seq,
+                        ex = fail_at(v, path, lineno, seq,
                                      "the chain does not start here (seq 1, or audit.rotated after a rotation): "
                                      "the records before it are missing");
                 } else if (v->seq >= 0 && seq != v->seq + 1) {
                         char what[128];
                         snprintf(what, sizeof what, "expected seq %lld: a record is missing, repeated or out of order",
                                  v->seq + 1);
-                        ex = fail_at(path, lineno, seq, what);
+                        ex = fail_at(v, path, lineno, seq, what);
                 } else if (v->seq >= 0 ? strcmp(prev, v->prev) != 0
                                        : (seq == 1 && strspn(prev, "0") != 64)) {
                         char what[200];
@@ -199,7 +202,7 @@ static int verify_file(verifier *v, const char *path)
                                  "prev does not match the hash of the record before it (line %zu): that record was "
                                  "edited, or records were removed or reordered",
                                  lineno - 1);
-                        ex = fail_at(path, lineno, seq, what);
+                        ex = fail_at(v, path, lineno, seq, what);
                 } else if (strcmp(event, "audit.checkpoint") == 0) {
                         char input[160];
                         uint8_t pk[32], sig[64];
@@ -210,11 +213,11 @@ static int verify_file(verifier *v, const char *path)
                         if (!v->keys) {
                                 v->unchecked++;
                         } else if (!find_key(v, kid, pk)) {
-                                ex = fail_at(path, lineno, seq, "checkpoint signed by a key the broker does not list");
+                                ex = fail_at(v, path, lineno, seq, "checkpoint signed by a key the broker does not list");
                         } else if (!sig64 || ab_b64url_decode(sig64, strlen(sig64), sig, sizeof sig, &sl) < 0 ||
                                    sl != 64 || in_len < 0 ||
                                    crypto_sign_verify_detached(sig, (const uint8_t *)input, (size_t)in_len, pk) != 0) {
-                                ex = fail_at(path, lineno, seq, "checkpoint signature does not verify");
+                                ex = fail_at(v, path, lineno, seq, "checkpoint signature does not verify");
                         } else {
                                 v->checkpoints++;
                         }
@@ -280,12 +283,14 @@ static char *broker_file(const opts *o)
 static int cmd_audit_verify(const opts *o, int argc, char **argv)
 {
         static const struct option lo[] = {
-                { "file", required_argument, NULL, 'f' }, { "keys", required_argument, NULL, 'k' }, { 0 },
+                { "file", required_argument, NULL, 'f' }, { "keys", required_argument, NULL, 'k' },
+                { "json", no_argument, NULL, 'j' }, { 0 },
         };
         const char *files[64], *keys_file = NULL;
         size_t n = 0;
         char *auto_file = NULL;
         verifier v = { .seq = -1 };
+        bool as_json = false;
         int c, ex = EXIT_OK;
 
         optind = 0;
@@ -297,6 +302,7 @@ static int cmd_audit_verify(const opts *o, int argc, char **argv)
                         files[n++] = optarg;
                         break;
                 case 'k': keys_file = optarg; break;
+                case 'j': as_json = true; break;
                 default: return EXIT_USAGE;
                 }
         }
@@ -309,7 +315,26 @@ static int cmd_audit_verify(const opts *o, int argc, char **argv)
         ex = load_keys(o, keys_file, &v);
         for (size_t i = 0; ex == EXIT_OK && i < n; i++)
                 ex = verify_file(&v, files[i]);
-        if (ex == EXIT_OK) {
+        if (as_json && (ex == EXIT_OK || v.broken)) {
+                /* the verdict as one object: intact or not, and where it broke */
+                json_t *fl = json_array(), *out;
+                for (size_t i = 0; i < n; i++)
+                        json_array_append_new(fl, json_string(files[i]));
+                out = json_pack("{s:b, s:o, s:I, s:I, s:I, s:I}", "intact", ex == EXIT_OK, "files", fl,
+                                "records", (json_int_t)v.records, "last_seq", (json_int_t)(v.records ? v.seq : 0),
+                                "checkpoints_verified", (json_int_t)v.checkpoints,
+                                "checkpoints_unchecked", (json_int_t)v.unchecked);
+                if (out && v.broken)
+                        json_object_set(out, "broken", v.broken);
+                if (!out || print_json(out) != EXIT_OK)
+                        ex = EXIT_ERROR;
+                json_decref(out);
+        } else if (v.broken) {
+                printf("%s:%lld: seq %lld: %s\n", json_string_value(json_object_get(v.broken, "file")),
+                       (long long)json_integer_value(json_object_get(v.broken, "line")),
+                       (long long)json_integer_value(json_object_get(v.broken, "seq")),
+                       json_string_value(json_object_get(v.broken, "error")));
+        } else if (ex == EXIT_OK) {
                 printf("audit chain intact: %u records", v.records);
                 if (v.records)
                         printf(" (seq up to %lld)", v.seq);
@@ -318,6 +343,7 @@ static int cmd_audit_verify(const opts *o, int argc, char **argv)
                         printf(", %u not checked (no keys: run with --keys JWKS or a reachable broker)", v.unchecked);
                 printf("\n");
         }
+        json_decref(v.broken);
         json_decref(v.keys);
         free(auto_file);
         return ex;
@@ -353,7 +379,7 @@ int cmd_audit(const opts *o, int argc, char **argv)
         }
         if (optind != argc) {
                 fprintf(stderr, "agent-brokerctl: audit [--since T] [--agent A] [--event E] [--json] [--file PATH] | "
-                                "audit verify [--file PATH ...] [--keys JWKS]\n");
+                                "audit verify [--file PATH ...] [--keys JWKS] [--json]\n");
                 return EXIT_USAGE;
         }
         return file ? list_file(file, &f, as_json) : list_broker(o, &f, as_json);

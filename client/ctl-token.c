@@ -19,11 +19,11 @@
 #include <sodium.h>
 #include "ctl.h"
 
-/* Write text to path atomically: a temporary file in the same directory, mode 0600, fsync, rename. */
-static int write_atomic(const char *path, const char *text)
+int ctl_write_atomic(const char *path, const char *text, mode_t mode)
 {
-        char tmp[PATH_MAX];
+        char tmp[PATH_MAX], dir[PATH_MAX];
         size_t len = strlen(text);
+        char *slash;
         int fd, r = 0;
 
         if (snprintf(tmp, sizeof tmp, "%s.XXXXXX", path) >= (int)sizeof tmp)
@@ -31,7 +31,7 @@ static int write_atomic(const char *path, const char *text)
         fd = mkostemp(tmp, O_CLOEXEC);
         if (fd < 0)
                 return -errno;
-        if (fchmod(fd, 0600) < 0)
+        if (fchmod(fd, mode) < 0) /* exactly mode, whatever the umask */
                 r = -errno;
         for (size_t off = 0; r == 0 && off < len;) {
                 ssize_t n = write(fd, text + off, len - off);
@@ -50,9 +50,25 @@ static int write_atomic(const char *path, const char *text)
                 r = -errno;
         if (r == 0 && rename(tmp, path) < 0)
                 r = -errno;
-        if (r < 0)
+        if (r < 0) {
                 unlink(tmp);
-        return r;
+                return r;
+        }
+        /* the rename itself durable too (best effort: the file is in place either way) */
+        snprintf(dir, sizeof dir, "%s", path);
+        slash = strrchr(dir, '/');
+        if (!slash)
+                snprintf(dir, sizeof dir, ".");
+        else if (slash == dir)
+                dir[1] = '\0';
+        else
+                *slash = '\0';
+        fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd >= 0) {
+                (void)fsync(fd);
+                close(fd);
+        }
+        return 0;
 }
 
 static volatile sig_atomic_t stop_signal;
@@ -112,6 +128,7 @@ int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refr
         sigset_t block;
         ab_client *c = NULL;
         long long backoff = 1000;
+        bool used = false; /* c has served a request */
         int ex = EXIT_OK;
 
         sigemptyset(&block);
@@ -124,13 +141,27 @@ int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refr
                 json_t *reply = NULL;
                 int r;
 
-                if (!c && (ex = ctl_connect(o, false, &c)) != 0) {
-                        if (!refresh)
-                                break;
-                        c = NULL;
-                        goto retry;
+                if (!c) {
+                        if ((ex = ctl_connect(o, false, &c)) != 0) {
+                                if (!refresh)
+                                        break;
+                                c = NULL;
+                                goto retry;
+                        }
+                        used = false;
                 }
                 r = issue(c, params, &reply);
+                if (r == AB_ERR_CLOSED && used) {
+                        /*
+                         * The broker closes a connection idle for its
+                         * --idle-timeout (300 s), which renewals far apart
+                         * outlast: reconnect once and send again at once,
+                         * quietly. A new connection that fails is logged.
+                         */
+                        ab_client_free(c);
+                        c = NULL;
+                        continue;
+                }
                 if (r < 0) {
                         ex = ctl_fail(c, r, "io.agentbroker.IssueToken");
                         if (!refresh || r == AB_ERR_DENIED)
@@ -139,7 +170,7 @@ int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refr
                         c = NULL;
                         goto retry;
                 }
-                r = write_atomic(path, json_string_value(json_object_get(reply, "token")));
+                r = ctl_write_atomic(path, json_string_value(json_object_get(reply, "token")), 0600);
                 if (r < 0) {
                         fprintf(stderr, "agent-brokerctl: cannot write %s: %s\n", path, strerror(-r));
                         json_decref(reply);
@@ -150,6 +181,7 @@ int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refr
                 json_decref(reply);
                 ex = EXIT_OK;
                 backoff = 1000;
+                used = true;
                 if (!refresh)
                         break;
                 /* renew at two thirds of the lifetime */

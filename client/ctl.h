@@ -7,6 +7,7 @@
 #define AB_CTL_H
 
 #include <stdbool.h>
+#include <sys/types.h>
 #include <jansson.h>
 #include "agentbroker.h"
 
@@ -36,6 +37,11 @@ int ctl_connect(const opts *o, bool admin, ab_client **ret);
 int simple_call(const opts *o, bool admin, const char *method, json_t *params, json_t **ret);
 /* Print v as indented JSON on stdout. */
 int print_json(json_t *v);
+/*
+ * Write text and a newline to path atomically: a temporary file in the same
+ * directory with mode, fsync, rename, fsync of the directory. 0 or -errno.
+ */
+int ctl_write_atomic(const char *path, const char *text, mode_t mode);
 /* May this user open the admin socket (root, or a group it is open to)? */
 bool admin_usable(const opts *o);
 

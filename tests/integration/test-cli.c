@@ -1,0 +1,806 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * agent-brokerctl against the real agent-brokerd (issue 10): --json on
+ * every command that prints data (and --help and the man page say so),
+ * keys --jwks --out (publishing the JWKS), token --out --refresh across
+ * the broker's idle-connection timeout, the message for an admin socket
+ * that refuses this user, and the bash completion.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <cmocka.h>
+#include "harness.h"
+
+#define AUD "mcp://cli.test"
+#define AGENT_ID "cli-agent"
+
+/* ---- fixtures ----------------------------------------------------------------- */
+
+static int setup(void **state)
+{
+        hx_broker *b = calloc(1, sizeof *b);
+        if (!b)
+                return -1;
+        if (hx_broker_init(b) < 0) {
+                hx_broker_cleanup(b);
+                free(b);
+                return -1;
+        }
+        *state = b;
+        return 0;
+}
+
+static int teardown(void **state)
+{
+        hx_broker *b = *state;
+        int r = 0;
+        if (b) {
+                r = hx_broker_finish(b);
+                free(b);
+        }
+        return r;
+}
+
+/* This test's uid is the agent cli-agent; nobody is nobody-agent. */
+static void start(hx_broker *b)
+{
+        char policy[1024];
+        int n, r;
+
+        n = snprintf(policy, sizeof policy,
+                     "{\"version\": 1, \"agents\": [\n"
+                     " {\"id\": \"" AGENT_ID "\", \"owner\": \"alice@example.com\", \"match\": {\"uid\": %d},\n"
+                     "  \"grants\": [{\"audience\": \"" AUD "\", \"scopes\": [\"read\", \"write\"], \"max_ttl\": 600}]},\n"
+                     " {\"id\": \"nobody-agent\", \"owner\": \"bob@example.com\", \"match\": {\"uid\": %d},\n"
+                     "  \"grants\": [{\"audience\": \"" AUD "\", \"scopes\": [\"read\"], \"max_ttl\": 600}]}]}\n",
+                     (int)geteuid(), HX_NOBODY_UID);
+        assert_true(n > 0 && (size_t)n < sizeof policy);
+        assert_int_equal(hx_broker_write_policy(b, policy), 0);
+        r = hx_broker_start(b);
+        if (r < 0) {
+                fprintf(stderr, "broker did not start: %s\n", strerror(-r));
+                hx_broker_dump_log(b);
+        }
+        assert_int_equal(r, 0);
+}
+
+/* The source tree: $AB_SOURCE_DIR, else the parent of the build directory. */
+static void src_path(const char *rel, char *out, size_t max)
+{
+        const char *env = getenv("AB_SOURCE_DIR");
+        char dir[PATH_MAX];
+
+        if (env && *env) {
+                snprintf(dir, sizeof dir, "%s", env);
+        } else {
+                assert_non_null(realpath(hx_build_dir(), dir));
+                char *slash = strrchr(dir, '/');
+                assert_true(slash && slash != dir);
+                *slash = '\0';
+        }
+        assert_true((size_t)snprintf(out, max, "%s/%s", dir, rel) < max);
+}
+
+/* Run the CLI (see hx_ctl); on an unexpected exit code print what it said. */
+#define CTL(b, uid, res, want_exit, ...)                                                                        \
+        do {                                                                                                    \
+                assert_int_equal(hx_ctl((b), (uid), (res), __VA_ARGS__, NULL), 0);                              \
+                if ((res)->exit_code != (want_exit))                                                            \
+                        fprintf(stderr, "agent-brokerctl %s: exit %d\nstdout: %s\nstderr: %s\n", #__VA_ARGS__,   \
+                                (res)->exit_code, (res)->out, (res)->err);                                      \
+                assert_int_equal((res)->exit_code, (want_exit));                                                \
+        } while (0)
+
+/* text must be one JSON object (and only that); a new reference. */
+static json_t *json_of(const char *what, const char *text)
+{
+        json_error_t e;
+        json_t *j = json_loads(text, 0, &e);
+
+        if (!json_is_object(j))
+                fprintf(stderr, "%s: not one JSON object (%s):\n%s\n", what, e.text, text);
+        assert_true(json_is_object(j));
+        return j;
+}
+
+/* Every non-empty line of text is a JSON object; returns how many. */
+static size_t json_lines(const char *what, const char *text)
+{
+        size_t n = 0;
+        char *copy = strdup(text), *save = NULL;
+
+        assert_non_null(copy);
+        for (char *l = strtok_r(copy, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+                json_decref(json_of(what, l));
+                n++;
+        }
+        free(copy);
+        return n;
+}
+
+static const char *str(json_t *j, const char *key)
+{
+        const char *v = json_string_value(json_object_get(j, key));
+        if (!v)
+                fprintf(stderr, "no string \"%s\" in the reply\n", key);
+        assert_non_null(v);
+        return v;
+}
+
+/* ---- --json everywhere ----------------------------------------------------------- */
+
+/* Each command that prints data, with --json: valid JSON on stdout. */
+static void test_json_on_every_command(void **state)
+{
+        hx_broker *b = *state;
+        hx_run_result res;
+        char path[PATH_MAX + 64], key[PATH_MAX + 64], src[PATH_MAX + 64], audit[PATH_MAX + 64], jwks[PATH_MAX + 64],
+                bad[PATH_MAX + 64], pamdir[PATH_MAX + 64];
+        char token[4096], jti[128], key_id[64];
+        json_t *j;
+
+        start(b);
+
+        CTL(b, -1, &res, 0, "token", "--audience", AUD, "--scope", "read", "--json");
+        j = json_of("token --json", res.out);
+        snprintf(token, sizeof token, "%s", str(j, "token"));
+        snprintf(jti, sizeof jti, "%s", str(j, "jti"));
+        json_decref(j);
+        hx_run_result_done(&res);
+
+        static const char *const simple[][4] = {
+                { "keys", NULL },           { "keys", "--json", NULL },   { "keys", "--jwks", NULL },
+                { "keys", "list", "--json", NULL }, { "status", "--json", NULL }, { "whoami", "--json", NULL },
+                { "authenticate", "--json", NULL }, { "sessions", "--json", NULL },
+                { "policy", "show", "--json", NULL }, { "policy", "show", AGENT_ID, "--json" },
+                { "policy", "reload", "--json", NULL },
+        };
+        for (size_t i = 0; i < sizeof simple / sizeof simple[0]; i++) {
+                assert_int_equal(hx_ctl(b, -1, &res, simple[i][0], simple[i][1], simple[i][2], simple[i][3], NULL), 0);
+                if (res.exit_code != 0)
+                        fprintf(stderr, "%s %s: exit %d: %s\n", simple[i][0], simple[i][1] ? simple[i][1] : "",
+                                res.exit_code, res.err);
+                assert_int_equal(res.exit_code, 0);
+                json_decref(json_of(simple[i][0], res.out));
+                hx_run_result_done(&res);
+        }
+
+        CTL(b, -1, &res, 0, "introspect", token, "--audience", AUD, "--json");
+        j = json_of("introspect --json", res.out);
+        assert_true(json_is_true(json_object_get(j, "active")));
+        json_decref(j);
+        hx_run_result_done(&res);
+
+        CTL(b, -1, &res, 0, "attenuate", token, "--ttl", "30", "--json");
+        json_decref(json_of("attenuate --json", res.out));
+        hx_run_result_done(&res);
+
+        /* policy check, keygen and policy sign need no broker */
+        assert_int_equal(hx_ctl(b, -1, &res, "policy", "check", "--json", b->policy, NULL), 0);
+        assert_true(res.exit_code == 0 || res.exit_code == 1);
+        json_decref(json_of("policy check --json", res.out));
+        hx_run_result_done(&res);
+
+        snprintf(key, sizeof key, "%s/cp.key", b->dir);
+        CTL(b, -1, &res, 0, "keygen", "--out", key, "--json");
+        j = json_of("keygen --json", res.out);
+        assert_string_equal(str(j, "secret_key_file"), key);
+        snprintf(path, sizeof path, "%s.pub", key);
+        assert_string_equal(str(j, "public_key_file"), path);
+        assert_int_equal(strlen(str(j, "key_id")), 16);
+        assert_int_equal(strlen(str(j, "public_key")), 44);
+        snprintf(key_id, sizeof key_id, "%s", str(j, "key_id"));
+        json_decref(j);
+        hx_run_result_done(&res);
+        assert_int_equal(access(key, R_OK), 0);
+        assert_int_equal(access(path, R_OK), 0);
+
+        snprintf(src, sizeof src, "%s/signed.json", b->dir);
+        assert_int_equal(hx_write_file(src, "{\"version\": 1, \"agents\": []}\n", 0644), 0);
+        CTL(b, -1, &res, 0, "policy", "sign", "--key", key, "--json", src);
+        j = json_of("policy sign --json", res.out);
+        assert_string_equal(str(j, "source"), src);
+        snprintf(path, sizeof path, "%s.sig", src);
+        assert_string_equal(str(j, "signature_file"), path);
+        assert_string_equal(str(j, "key_id"), key_id); /* the key keygen made */
+        json_decref(j);
+        hx_run_result_done(&res);
+        assert_int_equal(access(path, R_OK), 0);
+        /* and without --json as before: the .sig path alone */
+        CTL(b, -1, &res, 0, "policy", "sign", "--key", key, src);
+        assert_true(strncmp(res.out, path, strlen(path)) == 0 && res.out[strlen(path)] == '\n');
+        hx_run_result_done(&res);
+
+        CTL(b, -1, &res, 0, "audit", "--json");
+        assert_true(json_lines("audit --json", res.out) >= 3);
+        hx_run_result_done(&res);
+
+        /* audit verify: from the broker's file, a given file, with keys from a file */
+        CTL(b, -1, &res, 0, "audit", "verify", "--json");
+        j = json_of("audit verify --json", res.out);
+        assert_true(json_is_true(json_object_get(j, "intact")));
+        assert_true(json_integer_value(json_object_get(j, "records")) >= 3);
+        assert_null(json_object_get(j, "broken"));
+        json_decref(j);
+        hx_run_result_done(&res);
+
+        snprintf(audit, sizeof audit, "%s/audit.jsonl", b->state);
+        snprintf(jwks, sizeof jwks, "%s/jwks.json", b->dir);
+        CTL(b, -1, &res, 0, "keys", "list", "--json");
+        assert_int_equal(hx_write_file(jwks, res.out, 0644), 0);
+        hx_run_result_done(&res);
+        CTL(b, -1, &res, 0, "audit", "verify", "--file", audit, "--keys", jwks, "--json");
+        j = json_of("audit verify --file --json", res.out);
+        assert_true(json_is_true(json_object_get(j, "intact")));
+        assert_string_equal(json_string_value(json_array_get(json_object_get(j, "files"), 0)), audit);
+        assert_true(json_integer_value(json_object_get(j, "last_seq")) >= 3);
+        json_decref(j);
+        hx_run_result_done(&res);
+
+        /* a broken copy: intact false, where, exit 1 */
+        {
+                char *text = NULL, *p;
+                size_t len = 0;
+                assert_int_equal(hx_read_file(audit, 1 << 20, &text, &len), 0);
+                p = strstr(text, "\"agent\":\"" AGENT_ID "\"");
+                assert_non_null(p);
+                p[9] = 'X'; /* cli-agent -> Xli-agent */
+                snprintf(bad, sizeof bad, "%s/audit-edited.jsonl", b->dir);
+                assert_int_equal(hx_write_file(bad, text, 0644), 0);
+                free(text);
+        }
+        CTL(b, -1, &res, 1, "audit", "verify", "--file", bad, "--keys", jwks, "--json");
+        j = json_of("audit verify (broken) --json", res.out);
+        assert_true(json_is_false(json_object_get(j, "intact")));
+        json_t *broken = json_object_get(j, "broken");
+        assert_true(json_is_object(broken));
+        assert_string_equal(str(broken, "file"), bad);
+        assert_true(json_integer_value(json_object_get(broken, "line")) >= 2);
+        assert_true(json_integer_value(json_object_get(broken, "seq")) >= 2);
+        assert_non_null(strstr(str(broken, "error"), "prev does not match"));
+        json_decref(j);
+        hx_run_result_done(&res);
+        /* the text form is unchanged: FILE:LINE: seq N: what */
+        CTL(b, -1, &res, 1, "audit", "verify", "--file", bad, "--keys", jwks);
+        assert_non_null(strstr(res.out, "audit-edited.jsonl:"));
+        assert_non_null(strstr(res.out, ": seq "));
+        hx_run_result_done(&res);
+
+        assert_int_equal(hx_ctl(b, -1, &res, "review", "--json", NULL), 0);
+        assert_true(res.exit_code == 0 || res.exit_code == 1);
+        j = json_loads(res.out, 0, NULL); /* one entry per agent */
+        assert_true(json_is_array(j) && json_array_size(j) == 2);
+        json_decref(j);
+        hx_run_result_done(&res);
+
+        snprintf(pamdir, sizeof pamdir, "%s/pam.d", b->dir);
+        assert_int_equal(mkdir(pamdir, 0755), 0);
+        assert_int_equal(hx_write_file(strcat(strcpy(path, pamdir), "/tool"), "auth required pam_unix.so\n", 0644), 0);
+        assert_int_equal(hx_ctl(b, -1, &res, "coverage", "--pam-dir", pamdir, "--json", NULL), 0);
+        assert_true(res.exit_code == 0 || res.exit_code == 1);
+        json_decref(json_of("coverage --json", res.out));
+        hx_run_result_done(&res);
+
+        /* call prints JSON anyway: --json is accepted before or after the method, not taken as parameters */
+        CTL(b, -1, &res, 0, "call", "--json", "io.agentbroker.WhoAmI");
+        j = json_of("call --json", res.out);
+        assert_string_equal(str(j, "agent"), AGENT_ID);
+        json_decref(j);
+        hx_run_result_done(&res);
+        CTL(b, -1, &res, 0, "call", "io.agentbroker.WhoAmI", "--json");
+        json_decref(json_of("call METHOD --json", res.out));
+        hx_run_result_done(&res);
+        CTL(b, -1, &res, 0, "call", "--admin", "--json", "io.agentbroker.admin.ShowPolicy", "{\"agent\": \"" AGENT_ID "\"}");
+        json_decref(json_of("call --admin --json METHOD PARAMS", res.out));
+        hx_run_result_done(&res);
+        CTL(b, -1, &res, 0, "call", "org.varlink.service.GetInfo", "{}", "--json");
+        json_decref(json_of("call METHOD PARAMS --json", res.out));
+        hx_run_result_done(&res);
+        CTL(b, -1, &res, 2, "call", "--json");
+        hx_run_result_done(&res);
+        CTL(b, -1, &res, 2, "call", "io.agentbroker.WhoAmI", "{}", "{}");
+        hx_run_result_done(&res);
+
+        CTL(b, -1, &res, 0, "revoke", "--jti", jti, "--json");
+        json_decref(json_of("revoke --json", res.out));
+        hx_run_result_done(&res);
+
+        CTL(b, -1, &res, 0, "keys", "rotate", "--json");
+        j = json_of("keys rotate --json", res.out);
+        assert_non_null(str(j, "kid"));
+        json_decref(j);
+        assert_non_null(strstr(res.err, "republish the JWKS"));
+        hx_run_result_done(&res);
+}
+
+/*
+ * The synopsis of each command in text (the --help output, or the man
+ * page's .B lines with the font escapes taken out) mentions --json.
+ */
+static const char *const json_commands[] = {
+        "token ",      "keys [",       "keys list",  "keys rotate", "status",     "whoami",       "policy check",
+        "policy show", "policy reload", "policy sign", "keygen",     "authenticate", "introspect", "attenuate",
+        "revoke",      "sessions",     "audit [",    "audit verify", "review",    "coverage",     "call",
+};
+
+/* entries: one per command, its synopsis and description lines joined. */
+static void check_synopses(const char *what, char **entries, size_t n)
+{
+        for (size_t i = 0; i < sizeof json_commands / sizeof json_commands[0]; i++) {
+                bool found = false;
+                for (size_t k = 0; k < n; k++) {
+                        if (strncmp(entries[k], json_commands[i], strlen(json_commands[i])) != 0)
+                                continue;
+                        found = true;
+                        if (!strstr(entries[k], "--json"))
+                                fprintf(stderr, "%s: \"%s\" does not list --json:\n%s\n", what, json_commands[i],
+                                        entries[k]);
+                        assert_non_null(strstr(entries[k], "--json"));
+                }
+                if (!found)
+                        fprintf(stderr, "%s: no entry for \"%s\"\n", what, json_commands[i]);
+                assert_true(found);
+        }
+}
+
+static void test_help_and_man_list_json(void **state)
+{
+        hx_broker *b = *state;
+        hx_run_result res;
+        char *entries[128], man[PATH_MAX], *text = NULL, *save = NULL;
+        size_t n = 0, len = 0;
+
+        /* --help: an entry starts with two spaces and a letter; continuation lines are indented further */
+        assert_int_equal(hx_ctl(b, -1, &res, "--help", NULL), 0);
+        assert_int_equal(res.exit_code, 0);
+        char *commands = strstr(res.out, "Commands:\n"), *end = strstr(res.out, "\nOptions:");
+        assert_true(commands && end);
+        *end = '\0';
+        for (char *l = strtok_r(commands, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+                if (l[0] == ' ' && l[1] == ' ' && l[2] >= 'a' && l[2] <= 'z') {
+                        assert_true(n < 128);
+                        entries[n++] = strdup(l + 2);
+                } else if (n > 0 && l[0] == ' ') {
+                        size_t a = strlen(entries[n - 1]);
+                        entries[n - 1] = realloc(entries[n - 1], a + strlen(l) + 2);
+                        entries[n - 1][a] = ' ';
+                        strcpy(entries[n - 1] + a + 1, l);
+                }
+        }
+        check_synopses("--help", entries, n);
+        /* exec runs a command and prints no data of its own */
+        for (size_t k = 0; k < n; k++) {
+                if (strncmp(entries[k], "exec ", 5) == 0)
+                        assert_null(strstr(entries[k], "--json"));
+                free(entries[k]);
+        }
+        hx_run_result_done(&res);
+
+        /* the man page: ".B COMMAND ..." lines under .SH COMMANDS */
+        src_path("docs/man/agent-brokerctl.1", man, sizeof man);
+        assert_int_equal(hx_read_file(man, 1 << 20, &text, &len), 0);
+        n = 0;
+        save = NULL;
+        for (char *l = strtok_r(strstr(text, ".SH COMMANDS"), "\n", &save); l && strncmp(l, ".SH ENV", 7) != 0;
+             l = strtok_r(NULL, "\n", &save)) {
+                char plain[1024];
+                size_t o = 0;
+                if (strncmp(l, ".B ", 3) != 0)
+                        continue;
+                for (const char *p = l + 3; *p && o < sizeof plain - 1; p++) {
+                        if (p[0] == '\\' && p[1] == 'f' && p[2]) {
+                                p += 2; /* \fR \fP \fI \fB */
+                        } else if (p[0] == '\\' && p[1] == '-') {
+                                plain[o++] = '-';
+                                p++;
+                        } else {
+                                plain[o++] = *p;
+                        }
+                }
+                plain[o] = '\0';
+                assert_true(n < 128);
+                entries[n++] = strdup(plain);
+        }
+        check_synopses("agent-brokerctl.1", entries, n);
+        for (size_t k = 0; k < n; k++)
+                free(entries[k]);
+        free(text);
+}
+
+/* ---- keys --jwks --out ------------------------------------------------------------- */
+
+static void test_keys_jwks_out(void **state)
+{
+        hx_broker *b = *state;
+        hx_run_result res;
+        char dir[PATH_MAX + 16], out[PATH_MAX + 32], rootdir[PATH_MAX + 16], *text = NULL, *printed;
+        struct stat st, st2;
+        size_t len = 0;
+        mode_t old;
+        json_t *j;
+
+        start(b);
+        CTL(b, -1, &res, 0, "keys");
+        printed = strdup(res.out);
+        hx_run_result_done(&res);
+
+        /* any user may publish: nobody, into its own directory, under a umask that would hide the file */
+        snprintf(dir, sizeof dir, "%s/pub", b->dir);
+        assert_int_equal(mkdir(dir, 0755), 0);
+        assert_int_equal(chown(dir, HX_NOBODY_UID, HX_NOBODY_GID), 0);
+        snprintf(out, sizeof out, "%s/jwks.json", dir);
+        old = umask(077);
+        assert_int_equal(hx_ctl(b, HX_NOBODY_UID, &res, "keys", "--jwks", "--out", out, NULL), 0);
+        umask(old);
+        if (res.exit_code != 0)
+                fprintf(stderr, "keys --jwks --out: %s", res.err);
+        assert_int_equal(res.exit_code, 0);
+        assert_string_equal(res.out, "");
+        assert_string_equal(res.err, "");
+        hx_run_result_done(&res);
+        assert_int_equal(stat(out, &st), 0);
+        assert_int_equal(st.st_mode & 07777, 0644);
+        assert_int_equal(st.st_uid, HX_NOBODY_UID);
+        assert_int_equal(hx_read_file(out, 1 << 20, &text, &len), 0);
+        assert_string_equal(text, printed); /* what `keys` prints */
+        j = json_of("published JWKS", text);
+        assert_int_equal(json_array_size(json_object_get(j, "keys")), 1);
+        json_decref(j);
+        free(text);
+
+        /* replaced by rename (a new inode), nothing left beside it */
+        assert_int_equal(hx_ctl(b, HX_NOBODY_UID, &res, "keys", "--out", out, NULL), 0);
+        assert_int_equal(res.exit_code, 0);
+        hx_run_result_done(&res);
+        assert_int_equal(stat(out, &st2), 0);
+        assert_true(st2.st_ino != st.st_ino);
+        {
+                DIR *d = opendir(dir);
+                struct dirent *e;
+                int files = 0;
+                assert_non_null(d);
+                while ((e = readdir(d)))
+                        if (e->d_name[0] != '.') {
+                                assert_string_equal(e->d_name, "jwks.json");
+                                files++;
+                        }
+                closedir(d);
+                assert_int_equal(files, 1);
+        }
+
+        /* after a rotation (which says to republish) the published set holds both keys */
+        CTL(b, -1, &res, 0, "keys", "rotate");
+        assert_non_null(strstr(res.err, "republish the JWKS for remote verifiers now"));
+        assert_non_null(strstr(res.err, "agent-broker-jwks.service"));
+        hx_run_result_done(&res);
+        CTL(b, HX_NOBODY_UID, &res, 0, "keys", "--jwks", "--out", out);
+        hx_run_result_done(&res);
+        assert_int_equal(hx_read_file(out, 1 << 20, &text, &len), 0);
+        j = json_of("republished JWKS", text);
+        assert_int_equal(json_array_size(json_object_get(j, "keys")), 2);
+        json_decref(j);
+        free(text);
+
+        /* a directory nobody may not write: exit 4, the old file untouched */
+        snprintf(rootdir, sizeof rootdir, "%s/rootonly", b->dir);
+        assert_int_equal(mkdir(rootdir, 0755), 0);
+        snprintf(out, sizeof out, "%s/jwks.json", rootdir);
+        CTL(b, HX_NOBODY_UID, &res, 4, "keys", "--jwks", "--out", out);
+        assert_non_null(strstr(res.err, "cannot write"));
+        hx_run_result_done(&res);
+        assert_int_equal(access(out, F_OK), -1);
+
+        /* usage: --overlap belongs to rotate, --out to keys alone */
+        CTL(b, -1, &res, 2, "keys", "--overlap", "60");
+        hx_run_result_done(&res);
+        CTL(b, -1, &res, 2, "keys", "list", "--out", out);
+        hx_run_result_done(&res);
+        CTL(b, -1, &res, 2, "keys", "rotate", "--out", out);
+        hx_run_result_done(&res);
+        CTL(b, -1, &res, 2, "keys", "--jwks", "extra");
+        hx_run_result_done(&res);
+        free(printed);
+}
+
+/* ---- token --out --refresh across idle timeouts ----------------------------------------- */
+
+/* Start `agent-brokerctl ARGS` in the background with stderr to err_path; its pid. */
+static pid_t spawn_ctl(hx_broker *b, const char *err_path, char *const args[])
+{
+        char ctl[PATH_MAX];
+        char *argv[32];
+        size_t n = 0;
+        pid_t pid;
+
+        assert_int_equal(hx_build_path("agent-brokerctl", ctl, sizeof ctl), 0);
+        argv[n++] = ctl;
+        argv[n++] = (char *)"--socket";
+        argv[n++] = b->sock;
+        for (size_t i = 0; args[i] && n < 31; i++)
+                argv[n++] = args[i];
+        argv[n] = NULL;
+        fflush(NULL);
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                int fd = open(err_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+                int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+                if (fd < 0 || null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0 || dup2(fd, 2) < 0)
+                        _exit(126);
+                execv(argv[0], argv);
+                _exit(127);
+        }
+        return pid;
+}
+
+static int wait_exit(pid_t pid, int timeout_ms)
+{
+        long long deadline = hx_now_ms() + timeout_ms;
+        int st;
+
+        while (hx_now_ms() < deadline) {
+                pid_t r = waitpid(pid, &st, WNOHANG);
+                if (r == pid)
+                        return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+                usleep(20000);
+        }
+        kill(pid, SIGKILL);
+        waitpid(pid, &st, 0);
+        return -1;
+}
+
+/*
+ * The broker closes connections idle for --idle-timeout (1 s here); token
+ * --refresh renews every 2 s (ttl 3), so each renewal meets a closed
+ * connection: it must reconnect at once, quietly. When the broker is gone
+ * for good, the failed retry is logged.
+ */
+static void test_token_refresh_reconnects_quietly(void **state)
+{
+        hx_broker *b = *state;
+        char file[PATH_MAX + 16], errp[PATH_MAX + 16], last[4096] = "", *text = NULL, *err = NULL;
+        long long changes[16], t0;
+        size_t n = 0, len = 0;
+        hx_conn *idle = NULL;
+        pid_t pid;
+        int code, st = -1;
+
+        b->extra_args[b->n_extra_args++] = "--idle-timeout";
+        b->extra_args[b->n_extra_args++] = "1";
+        start(b);
+
+        /* the premise: an idle connection is closed by the broker after about a second */
+        assert_int_equal(hx_conn_open(b, b->sock, &idle), 0);
+        assert_int_equal(hx_conn_wait_closed(idle, 4000), 0);
+        hx_conn_close(b, idle);
+
+        snprintf(file, sizeof file, "%s/token", b->dir);
+        snprintf(errp, sizeof errp, "%s/refresh.err", b->dir);
+        char *args[] = { (char *)"token", (char *)"--audience", (char *)AUD, (char *)"--scope", (char *)"read",
+                         (char *)"--ttl", (char *)"3", (char *)"--out", file, (char *)"--refresh", NULL };
+        pid = spawn_ctl(b, errp, args);
+
+        /* watch the file: the first token, then one every ~2 s */
+        t0 = hx_now_ms();
+        while (hx_now_ms() - t0 < 7000 && n < 16) {
+                if (hx_read_file(file, 8192, &text, &len) == 0) {
+                        if (len > 0 && text[len - 1] == '\n' && strcmp(text, last) != 0) {
+                                snprintf(last, sizeof last, "%s", text);
+                                changes[n++] = hx_now_ms();
+                        }
+                        free(text);
+                        text = NULL;
+                }
+                usleep(25000);
+        }
+        assert_int_equal(hx_read_file(errp, 1 << 16, &err, &len), 0);
+        if (len > 0 || n < 3)
+                fprintf(stderr, "token --refresh: %zu tokens in 7 s; stderr: %s\n", n, err);
+        assert_string_equal(err, ""); /* no "connection closed", no retry message */
+        free(err);
+        err = NULL;
+        assert_true(n >= 3);
+        for (size_t i = 1; i < n; i++) {
+                /* renewed at 2/3 of 3 s, not after a 1 s backoff on top */
+                if (changes[i] - changes[i - 1] > 2700)
+                        fprintf(stderr, "renewal %zu came %lld ms after the one before\n", i,
+                                changes[i] - changes[i - 1]);
+                assert_true(changes[i] - changes[i - 1] <= 2700);
+        }
+
+        /* now the broker goes away: the retry fails too, and that is logged */
+        assert_int_equal(hx_broker_stop(b, &st), 0);
+        assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+        t0 = hx_now_ms();
+        do {
+                usleep(100000);
+                free(err);
+                err = NULL;
+                assert_int_equal(hx_read_file(errp, 1 << 16, &err, &len), 0);
+        } while (len == 0 && hx_now_ms() - t0 < 5000);
+        assert_non_null(strstr(err, "cannot reach the broker"));
+        assert_null(strstr(err, "connection closed"));
+        free(err);
+
+        /* SIGTERM: a clean stop, exit 0, the file keeps its last token */
+        assert_int_equal(kill(pid, SIGTERM), 0);
+        code = wait_exit(pid, 5000);
+        assert_int_equal(code, 0);
+        assert_int_equal(hx_read_file(file, 8192, &text, &len), 0);
+        assert_string_equal(text, last);
+        free(text);
+}
+
+/* ---- the admin socket refuses this user ------------------------------------------------- */
+
+static void test_admin_socket_permission_denied(void **state)
+{
+        hx_broker *b = *state;
+        hx_run_result res;
+        char want[PATH_MAX + 128], nowhere[PATH_MAX + 32];
+        struct stat st;
+
+        if (geteuid() != 0) {
+                printf("SKIPPED: needs root to run the CLI as uid %d\n", HX_NOBODY_UID);
+                skip();
+        }
+        start(b);
+        assert_int_equal(stat(b->admin_sock, &st), 0);
+        assert_int_equal(st.st_mode & 0777, 0600);
+
+        snprintf(want, sizeof want, "agent-brokerctl: permission denied on the admin socket %s (needs root or the admin group)\n",
+                 b->admin_sock);
+        static const char *const cmds[][3] = {
+                { "policy", "show", NULL }, { "keys", "list", NULL }, { "keys", "rotate", NULL }, { "audit", NULL, NULL },
+        };
+        for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
+                assert_int_equal(hx_ctl(b, HX_NOBODY_UID, &res, cmds[i][0], cmds[i][1], cmds[i][2], NULL), 0);
+                assert_int_equal(res.exit_code, 3); /* as documented: 3, the socket refuses this user */
+                assert_string_equal(res.err, want);
+                hx_run_result_done(&res);
+        }
+        /* the agent socket still serves nobody */
+        CTL(b, HX_NOBODY_UID, &res, 0, "whoami");
+        hx_run_result_done(&res);
+        /* no socket at all is still "cannot reach" */
+        snprintf(nowhere, sizeof nowhere, "%s/none.sock", b->dir);
+        assert_int_equal(hx_ctl(b, HX_NOBODY_UID, &res, "--admin-socket", nowhere, "keys", "list", NULL), 0);
+        assert_int_equal(res.exit_code, 3);
+        assert_non_null(strstr(res.err, "cannot reach the broker at"));
+        assert_null(strstr(res.err, "permission denied"));
+        hx_run_result_done(&res);
+        /* and --help documents exit 3 for it */
+        CTL(b, -1, &res, 0, "--help");
+        assert_non_null(strstr(res.out, "3 broker unreachable, or its socket refuses this user (permission denied)"));
+        hx_run_result_done(&res);
+}
+
+/* ---- bash completion ----------------------------------------------------------------------- */
+
+/* The words completion offers after "agent-brokerctl ARGS" with the cursor on cur (space-joined). */
+static void complete(const char *script, const char *line, char *out, size_t max)
+{
+        char prog[8192];
+        hx_run_result res;
+
+        snprintf(prog, sizeof prog,
+                 "set -u; source \"$1\"; read -r -a COMP_WORDS <<<\"agent-brokerctl $2\"; "
+                 "[[ $2 == *' ' || -z $2 ]] && COMP_WORDS+=(''); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); "
+                 "COMP_LINE=\"agent-brokerctl $2\"; COMP_POINT=${#COMP_LINE}; _agent_brokerctl; "
+                 "printf ' %%s' \"${COMPREPLY[@]}\"; echo ' '");
+        char *argv[] = { (char *)"/bin/bash", (char *)"--norc", (char *)"--noprofile", (char *)"-c", prog,
+                         (char *)"bash", (char *)script, (char *)line, NULL };
+        assert_int_equal(hx_run(argv, NULL, -1, HX_RUN_TIMEOUT_MS, &res), 0);
+        if (res.exit_code != 0)
+                fprintf(stderr, "completion of \"%s\": exit %d: %s\n", line, res.exit_code, res.err);
+        assert_int_equal(res.exit_code, 0);
+        snprintf(out, max, "%s", res.out);
+        hx_run_result_done(&res);
+}
+
+/* line completes to words that include every word of has and none of lacks (space-separated). */
+static void expect(const char *script, const char *line, const char *has, const char *lacks)
+{
+        char got[16384], w[256];
+        const char *p;
+        int n;
+
+        complete(script, line, got, sizeof got);
+        for (p = has; p && sscanf(p, "%255s%n", w, &n) == 1; p += n) {
+                char needle[260];
+                snprintf(needle, sizeof needle, " %s ", w);
+                if (!strstr(got, needle))
+                        fprintf(stderr, "completion of \"%s\": no \"%s\" in [%s]\n", line, w, got);
+                assert_non_null(strstr(got, needle));
+        }
+        for (p = lacks; p && sscanf(p, "%255s%n", w, &n) == 1; p += n) {
+                char needle[260];
+                snprintf(needle, sizeof needle, " %s ", w);
+                if (strstr(got, needle))
+                        fprintf(stderr, "completion of \"%s\": \"%s\" offered in [%s]\n", line, w, got);
+                assert_null(strstr(got, needle));
+        }
+}
+
+/* line completes to nothing at all. */
+static void expect_none(const char *script, const char *line)
+{
+        char got[16384];
+        complete(script, line, got, sizeof got);
+        if (strcmp(got, " \n") != 0 && strcmp(got, "  \n") != 0)
+                fprintf(stderr, "completion of \"%s\": expected nothing, got [%s]\n", line, got);
+        assert_true(strcmp(got, " \n") == 0 || strcmp(got, "  \n") == 0);
+}
+
+static void test_bash_completion(void **state)
+{
+        char script[PATH_MAX];
+        (void)state;
+
+        if (access("/bin/bash", X_OK) != 0) {
+                printf("SKIPPED: no /bin/bash\n");
+                skip();
+        }
+        src_path("client/agent-brokerctl.bash", script, sizeof script);
+
+        expect(script, "", "token exec keys audit call --socket", NULL);
+        /* where a value is expected, no flags */
+        expect_none(script, "revoke --token ");
+        expect_none(script, "revoke --jti ");
+        expect_none(script, "token --audience ");
+        expect_none(script, "token --ttl ");
+        expect_none(script, "keys rotate --overlap ");
+        expect_none(script, "--timeout ");
+        expect_none(script, "attenuate --task ");
+        /* a value is skipped when finding the command and subcommand */
+        expect(script, "--socket /tmp/x ", "token keys", "--overlap");
+        expect(script, "keys --out /tmp/x ", "--jwks --json", "list rotate --overlap");
+        /* keys: --jwks/--out only on keys itself, --overlap only under rotate */
+        expect(script, "keys ", "list rotate --jwks --json --out", "--overlap");
+        expect(script, "keys rotate ", "--overlap --json", "--jwks --out list");
+        expect(script, "keys list ", "--json", "--jwks --out --overlap rotate");
+        expect(script, "token ", "--audience --scope --ttl --json --out --refresh", "--overlap --jwks");
+        expect(script, "revoke ", "--jti --session --token --agent --before --json", "--overlap --jwks");
+        /* --json where the command has it */
+        expect(script, "audit verify ", "--file --keys --json", "verify");
+        expect(script, "audit ", "verify --since --json", NULL);
+        expect(script, "keygen ", "--out --json", NULL);
+        expect(script, "policy sign ", "--key --json", NULL);
+        expect(script, "policy ", "check show reload sign", "--json");
+        expect(script, "call ", "--admin --json io.agentbroker.WhoAmI", NULL);
+        expect(script, "call io.agentbroker.WhoAmI ", "--json", "io.agentbroker.GetKeys");
+        /* exec ... -- CMD: command names, not exec's options */
+        expect(script, "exec --audience a --scope s -- tru", "true", "--audience");
+        expect(script, "exec -- ", "true", "--audience --scope --env");
+        expect(script, "exec ", "--audience --scope --env --", NULL);
+}
+
+int main(void)
+{
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test_setup_teardown(test_json_on_every_command, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_help_and_man_list_json, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_keys_jwks_out, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_token_refresh_reconnects_quietly, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_admin_socket_permission_denied, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_bash_completion, setup, teardown),
+        };
+        if (getenv("HX_FILTER"))
+                cmocka_set_test_filter(getenv("HX_FILTER"));
+        return cmocka_run_group_tests_name("integration: agent-brokerctl (--json, JWKS, refresh, completion)", tests,
+                                           NULL, NULL);
+}
