@@ -44,6 +44,18 @@ export class PermissionDenied extends BrokerError {}
 export class InternalError extends BrokerError {}
 export class AuditUnavailable extends BrokerError {}
 export class MethodNotFound extends BrokerError {}
+export class LimitReached extends BrokerError {}
+export interface PolicyFinding {
+  file: string;
+  path: string;
+  severity: 'error' | 'warning';
+  message: string;
+}
+export class PolicyRejected extends BrokerError {
+  readonly findings: PolicyFinding[];
+}
+export class NoSuchSession extends BrokerError {}
+export class NoSuchAgent extends BrokerError {}
 
 export function errorFromReply(name: string, parameters?: Record<string, unknown>): BrokerError;
 export function defaultSocketPath(): string;

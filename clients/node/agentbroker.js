@@ -112,13 +112,25 @@ export class InternalError extends BrokerError {}
 export class AuditUnavailable extends BrokerError {}
 /** The broker does not know the method. */
 export class MethodNotFound extends BrokerError {}
+/** A per-session limit is reached (e.g. 256 open PAM sessions); close some first. */
+export class LimitReached extends BrokerError {}
+/** Admin ReloadPolicy: the sources do not compile; the policy in force is kept. `findings` says why. */
+export class PolicyRejected extends BrokerError {
+  get findings() {
+    return Array.isArray(this.parameters.findings) ? this.parameters.findings : [];
+  }
+}
+/** Admin: no session with this id. */
+export class NoSuchSession extends BrokerError {}
+/** Admin: no agent with this id in the compiled policy. */
+export class NoSuchAgent extends BrokerError {}
 
 const ERRORS = Object.fromEntries(
   [
     NotAnAgent, AudienceNotGranted, ScopeNotGranted, TtlTooLong, ReauthRequired, SessionExpired,
     SessionRevoked, InvalidToken, DelegationTooDeep, InvalidParameter, InvalidMessage, MessageTooLarge,
     PeerGone, RateLimited, TooManyConnections, PermissionDenied, InternalError, AuditUnavailable,
-    MethodNotFound,
+    MethodNotFound, LimitReached, PolicyRejected, NoSuchSession, NoSuchAgent,
   ].map((c) => [c.name, c]),
 );
 const KNOWN_INTERFACES = new Set(['io.agentbroker', 'io.agentbroker.admin', 'org.varlink.service']);

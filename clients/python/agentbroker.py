@@ -32,7 +32,8 @@ __all__ = [
     "ScopeNotGranted", "TtlTooLong", "ReauthRequired", "SessionExpired", "SessionRevoked",
     "InvalidToken", "DelegationTooDeep", "InvalidParameter", "InvalidMessage", "MessageTooLarge",
     "PeerGone", "RateLimited", "TooManyConnections", "PermissionDenied", "InternalError",
-    "AuditUnavailable", "MethodNotFound",
+    "AuditUnavailable", "MethodNotFound", "LimitReached", "PolicyRejected", "NoSuchSession",
+    "NoSuchAgent",
 ]
 
 DEFAULT_SOCKET = "/run/agent-broker/io.agentbroker"
@@ -158,11 +159,31 @@ class MethodNotFound(BrokerError):
     """The broker does not know the method (an older broker, or a typo)."""
 
 
+class LimitReached(BrokerError):
+    """A per-session limit is reached (e.g. 256 open PAM sessions); close some first."""
+
+
+class PolicyRejected(BrokerError):
+    """Admin ReloadPolicy: the sources do not compile; the policy in force is kept. .findings says why."""
+
+    @property
+    def findings(self):
+        return self.parameters.get("findings") or []
+
+
+class NoSuchSession(BrokerError):
+    """Admin: no session with this id."""
+
+
+class NoSuchAgent(BrokerError):
+    """Admin: no agent with this id in the compiled policy."""
+
+
 _ERRORS = {cls.__name__: cls for cls in (
     NotAnAgent, AudienceNotGranted, ScopeNotGranted, TtlTooLong, ReauthRequired, SessionExpired,
     SessionRevoked, InvalidToken, DelegationTooDeep, InvalidParameter, InvalidMessage, MessageTooLarge,
     PeerGone, RateLimited, TooManyConnections, PermissionDenied, InternalError, AuditUnavailable,
-    MethodNotFound)}
+    MethodNotFound, LimitReached, PolicyRejected, NoSuchSession, NoSuchAgent)}
 
 
 def error_from_reply(name, parameters):

@@ -6,6 +6,7 @@
  *
  *   python_client  /usr/bin/python3 -m unittest discover clients/python/tests
  *   node_client    node --test clients/node/test/{protocol,broker}.test.js
+ *                  (and broker.test.js without a broker: every test skipped, saying why)
  *   mcp_e2e        npm ci in a copy of examples/mcp-server (with clients/node
  *                  beside it, for the file: dependency), then
  *                  node --test test/e2e.test.js
@@ -335,6 +336,38 @@ static void test_node_client(void **state)
         hx_run_result_done(&res);
 }
 
+/*
+ * Run by hand without a broker (node --test in clients/node), the
+ * real-broker tests are each reported as skipped, with the reason, rather
+ * than vanishing with their describe().
+ */
+static void test_node_without_broker_reports_skips(void **state)
+{
+        char node[PATH_MAX], t2[PATH_MAX];
+        hx_run_result res;
+        long pass, skipped;
+        (void)state;
+
+        if (!node_or_skip(node, sizeof node))
+                skip();
+        unsetenv("AGENT_BROKER_SOCKET");
+        unsetenv("AGENT_BROKER_ADMIN_SOCKET");
+        unsetenv("NODE_OPTIONS");
+        unsetenv("NODE_TEST_CONTEXT");
+        src_path("clients/node/test/broker.test.js", t2, sizeof t2);
+        char *argv[] = { node, (char *)"--test", (char *)"--test-reporter=tap", t2, NULL };
+        run_suite("node broker tests without a broker", argv, SUITE_TIMEOUT_MS, &res);
+        pass = tap_count(res.out, "pass");
+        skipped = tap_count(res.out, "skipped");
+        printf("node broker tests without a broker: %ld passed, %ld skipped\n", pass, skipped);
+        assert_int_equal(res.exit_code, 0);
+        assert_int_equal(pass, 0);
+        assert_true(skipped >= 10);
+        assert_int_equal(tap_count(res.out, "tests"), skipped);
+        assert_non_null(strstr(res.out, "# SKIP no broker: AGENT_BROKER_SOCKET names no broker socket"));
+        hx_run_result_done(&res);
+}
+
 static void test_mcp_e2e(void **state)
 {
         hx_broker *b = *state;
@@ -378,6 +411,7 @@ int main(void)
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_python_client, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_node_client, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_node_without_broker_reports_skips, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_mcp_e2e, setup, teardown),
         };
         return cmocka_run_group_tests_name("integration: Python and Node clients, MCP example", tests, NULL, NULL);

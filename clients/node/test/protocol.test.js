@@ -190,6 +190,37 @@ describe('errors', () => {
     await assert.rejects(c.whoami(), (e) => e.parameter === 'ttl');
   });
 
+  test('limit and admin errors have their classes', async (t) => {
+    const finding = { file: 'a.json', path: '$.agents[0].owner', severity: 'error', message: 'missing' };
+    let name;
+    let params;
+    const fb = await fakeBroker(t, () => err(name, params));
+    const c = await ab.connect(fb.path);
+    t.after(() => c.close());
+    for ([name, params] of [
+      ['io.agentbroker.LimitReached', { reason: '256 open PAM sessions' }],
+      ['io.agentbroker.admin.PolicyRejected', { reason: '1 error', findings: [finding] }],
+      ['io.agentbroker.admin.NoSuchSession', { reason: 'no session with this id' }],
+      ['io.agentbroker.admin.NoSuchAgent', { reason: 'no agent with this id' }],
+    ]) {
+      const short = name.slice(name.lastIndexOf('.') + 1);
+      const e = await c.call('io.agentbroker.admin.X').then(() => null, (x) => x);
+      assert.ok(typeof ab[short] === 'function', `${short} is exported`);
+      assert.equal(e.constructor, ab[short], name);
+      assert.ok(e instanceof ab.BrokerError);
+      assert.equal(e.name, short);
+      assert.equal(e.error, name);
+      assert.equal(e.reason, params.reason);
+      assert.match(e.message, new RegExp(params.reason));
+    }
+    [name, params] = ['io.agentbroker.admin.PolicyRejected', { reason: '1 error', findings: [finding] }];
+    await assert.rejects(c.call('io.agentbroker.admin.ReloadPolicy'),
+      (e) => e instanceof ab.PolicyRejected && JSON.stringify(e.findings) === JSON.stringify([finding]));
+    params = { reason: 'no findings given' };
+    await assert.rejects(c.call('io.agentbroker.admin.ReloadPolicy'),
+      (e) => e instanceof ab.PolicyRejected && Array.isArray(e.findings) && e.findings.length === 0);
+  });
+
   test('other interfaces', async (t) => {
     let name;
     const fb = await fakeBroker(t, () => err(name, { method: 'x' }));
@@ -199,7 +230,7 @@ describe('errors', () => {
       ['org.varlink.service.MethodNotFound', ab.MethodNotFound],
       ['org.varlink.service.InvalidParameter', ab.InvalidParameter],
       ['io.agentbroker.admin.PermissionDenied', ab.PermissionDenied],
-      ['io.agentbroker.admin.NoSuchAgent', ab.BrokerError],
+      ['io.agentbroker.admin.SomethingNew', ab.BrokerError],
       ['io.agentbroker.SomethingNew', ab.BrokerError],
       ['io.agentbroker.toString', ab.BrokerError],
       ['com.example.NotAnAgent', ab.BrokerError],

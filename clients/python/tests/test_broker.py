@@ -280,6 +280,16 @@ class TestBroker(unittest.TestCase):
             self.assertRaises(ab.InvalidParameter, admin.call, "io.agentbroker.admin.Revoke", {})
         self.assertEqual(self.c.introspect(t)["reason"], "revoked")
 
+    @unittest.skipUnless(ADMIN, "AGENT_BROKER_ADMIN_SOCKET not set")
+    def test_admin_errors_are_typed(self):
+        with ab.connect(ADMIN) as admin:
+            with self.assertRaises(ab.NoSuchSession) as cm:
+                admin.call("io.agentbroker.admin.Revoke", {"sid": "A" * 22})
+            self.assertEqual(cm.exception.error, "io.agentbroker.admin.NoSuchSession")
+            with self.assertRaises(ab.NoSuchAgent) as cm:
+                admin.call("io.agentbroker.admin.ShowPolicy", {"agent": "no-such-agent"})
+            self.assertEqual(cm.exception.error, "io.agentbroker.admin.NoSuchAgent")
+
     def test_socket_closed_by_broker_is_reopened(self):
         self.c.whoami()
         # what an idle timeout does: the broker's end goes away

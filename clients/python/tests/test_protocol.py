@@ -244,6 +244,36 @@ class TestErrors(Base):
             c.whoami()
         self.assertEqual(cm.exception.parameter, "ttl")
 
+    def test_limit_and_admin_errors_have_their_classes(self):
+        finding = {"file": "a.json", "path": "$.agents[0].owner", "severity": "error", "message": "missing"}
+        box = {}
+        fb = self.serve(lambda req, i: err(box["name"], **box["params"]))
+        c = ab.connect(fb.path)
+        self.addCleanup(c.close)
+        for name, cls, params in [
+                ("io.agentbroker.LimitReached", ab.LimitReached, {"reason": "256 open PAM sessions"}),
+                ("io.agentbroker.admin.PolicyRejected", ab.PolicyRejected,
+                 {"reason": "1 error", "findings": [finding]}),
+                ("io.agentbroker.admin.NoSuchSession", ab.NoSuchSession, {"reason": "no session with this id"}),
+                ("io.agentbroker.admin.NoSuchAgent", ab.NoSuchAgent, {"reason": "no agent with this id"})]:
+            box["name"], box["params"] = name, params
+            with self.assertRaises(ab.BrokerError) as cm:
+                c.call("io.agentbroker.admin.X")
+            e = cm.exception
+            self.assertIs(type(e), cls, name)
+            self.assertIn(cls.__name__, ab.__all__)
+            self.assertEqual(e.error, name)
+            self.assertEqual(e.reason, params["reason"])
+            self.assertIn(params["reason"], str(e))
+        box["name"], box["params"] = "io.agentbroker.admin.PolicyRejected", {"reason": "1 error", "findings": [finding]}
+        with self.assertRaises(ab.PolicyRejected) as cm:
+            c.call("io.agentbroker.admin.ReloadPolicy")
+        self.assertEqual(cm.exception.findings, [finding])
+        box["params"] = {"reason": "no findings given"}
+        with self.assertRaises(ab.PolicyRejected) as cm:
+            c.call("io.agentbroker.admin.ReloadPolicy")
+        self.assertEqual(cm.exception.findings, [])
+
     def test_other_interfaces(self):
         box = {}
         fb = self.serve(lambda req, i: err(box["name"], method="x"))
@@ -252,7 +282,7 @@ class TestErrors(Base):
         for name, cls in [("org.varlink.service.MethodNotFound", ab.MethodNotFound),
                           ("org.varlink.service.InvalidParameter", ab.InvalidParameter),
                           ("io.agentbroker.admin.PermissionDenied", ab.PermissionDenied),
-                          ("io.agentbroker.admin.NoSuchAgent", ab.BrokerError),
+                          ("io.agentbroker.admin.SomethingNew", ab.BrokerError),
                           ("io.agentbroker.SomethingNew", ab.BrokerError),
                           ("com.example.NotAnAgent", ab.BrokerError)]:
             box["name"] = name
