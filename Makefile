@@ -24,7 +24,10 @@ WARN      := -Wall -Wextra -Werror -Wshadow -Wpointer-arith -Wformat=2 -Wstrict-
              -Wmissing-prototypes -Wno-unused-parameter -Wno-format-truncation
 HARDEN    := -fstack-protector-strong -D_FORTIFY_SOURCE=2 -fPIC
 OPT       ?= -O2 -g
-ifneq ($(SAN),)
+ifeq ($(SAN),thread)
+OPT       := -O1 -g -fno-omit-frame-pointer -fsanitize=thread
+HARDEN    := -fstack-protector-strong -fPIC
+else ifneq ($(SAN),)
 OPT       := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 HARDEN    := -fstack-protector-strong -fPIC
 endif
@@ -33,7 +36,9 @@ CPPFLAGS  += -D_GNU_SOURCE
 ALL_CFLAGS = -std=gnu11 $(OPT) $(WARN) $(HARDEN) $(CPPFLAGS) $(shell $(PKG_CONFIG) --cflags $(DEPS)) $(CFLAGS)
 LDLIBS_ALL = $(shell $(PKG_CONFIG) --libs $(DEPS)) -llmdb
 LDFLAGS   += -Wl,-z,relro,-z,now -Wl,--as-needed
-ifneq ($(SAN),)
+ifeq ($(SAN),thread)
+LDFLAGS   += -fsanitize=thread
+else ifneq ($(SAN),)
 LDFLAGS   += -fsanitize=address,undefined
 endif
 
@@ -145,9 +150,10 @@ install: all
 	install -d $(DESTDIR)$(SYSCONFDIR)/agent-broker/policy.d $(DESTDIR)$(DATADIR)/doc/agent-broker/examples
 	install -m 0644 examples/policy/*.json $(DESTDIR)$(DATADIR)/doc/agent-broker/examples/
 	if [ -d systemd ] && ls systemd/*.socket >/dev/null 2>&1; then \
-	    install -d $(DESTDIR)$(UNITDIR) && install -m 0644 systemd/*.socket $(DESTDIR)$(UNITDIR)/ && \
+	    install -d $(DESTDIR)$(UNITDIR) && install -m 0644 systemd/*.socket systemd/*.timer $(DESTDIR)$(UNITDIR)/ && \
 	    for u in systemd/*.service; do \
-	        sed 's|=/usr/sbin/agent-brokerd|=$(SBINDIR)/agent-brokerd|' $$u > $(DESTDIR)$(UNITDIR)/$${u#systemd/} && \
+	        sed -e 's|=/usr/sbin/agent-brokerd|=$(SBINDIR)/agent-brokerd|' \
+	            -e 's|=/usr/bin/agent-brokerctl|=$(BINDIR)/agent-brokerctl|' $$u > $(DESTDIR)$(UNITDIR)/$${u#systemd/} && \
 	        chmod 0644 $(DESTDIR)$(UNITDIR)/$${u#systemd/} || exit 1; done; fi
 
 demo: all

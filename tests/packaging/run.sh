@@ -81,7 +81,8 @@ for deb in "$PKG_DIR"/deb/*.deb; do
 done
 UNITS=$ROOT/lib/systemd/system
 SVC=$UNITS/agent-broker.service
-for u in agent-broker.socket agent-broker-admin.socket agent-broker.service; do
+ALL_UNITS="agent-broker.socket agent-broker-admin.socket agent-broker.service agent-broker-jwks.service agent-broker-jwks.timer"
+for u in $ALL_UNITS; do
         [ -f "$UNITS/$u" ] || fail "$u not in /lib/systemd/system"
 done
 ok "units in /lib/systemd/system"
@@ -99,9 +100,15 @@ reload_bin=$(unit_value "$SVC" ExecReload); reload_bin=${reload_bin%% *}
 dpkg-deb -f "$PKG_DIR"/deb/agent-broker_*.deb Depends | grep -q procps || fail "agent-broker does not depend on procps ($reload_bin)"
 ok "ExecReload $reload_bin (procps)"
 [ -x "$ROOT/usr/bin/agent-brokerctl" ] || fail "agent-brokerctl missing"
+JWKS_SVC=$UNITS/agent-broker-jwks.service
+JWKS_EXEC=$(unit_value "$JWKS_SVC" ExecStart)
+[ -x "$ROOT${JWKS_EXEC%% *}" ] || fail "the JWKS service's ExecStart binary ${JWKS_EXEC%% *} is not in the package"
+[ "$(unit_value "$JWKS_SVC" RuntimeDirectory)" = agent-broker ] && [ "$(unit_value "$JWKS_SVC" RuntimeDirectoryPreserve)" = yes ] \
+        || fail "agent-broker-jwks.service must keep /run/agent-broker (RuntimeDirectoryPreserve=yes): it holds the sockets"
+ok "JWKS publisher: $JWKS_EXEC (RuntimeDirectoryPreserve=yes)"
 
 # Every man page the units and the pages name, and every page in docs/man.
-for ref in $(grep -h '^Documentation=' "$UNITS"/agent-broker*.s* | sed 's/^Documentation=//' | tr ' ' '\n' | sort -u); do
+for ref in $(grep -h '^Documentation=' "$UNITS"/agent-broker*.s* "$UNITS"/agent-broker*.timer | sed 's/^Documentation=//' | tr ' ' '\n' | sort -u); do
         page=${ref#man:}; name=${page%(*}; sec=${page##*(}; sec=${sec%)}
         [ -f "$ROOT/usr/share/man/man$sec/$name.$sec.gz" ] || fail "unit documentation $ref is not installed"
 done
@@ -147,6 +154,14 @@ grep -q "enable 'agent-broker.socket'" "$CTL/postinst" && grep -q "enable 'agent
 grep -q "start 'agent-broker-admin.socket' 'agent-broker.socket'" "$CTL/postinst" || fail "postinst does not start the sockets"
 grep -q "try-restart agent-broker.service" "$CTL/postinst" || fail "postinst does not restart the service on upgrade"
 grep -q "stop 'agent-broker-admin.socket' 'agent-broker.socket'" "$CTL/prerm" || fail "prerm does not stop the sockets"
+# The JWKS timer is opt-in: postinst keeps an admin's choice (enable only
+# where it was enabled before), never starts it; prerm stops it on removal.
+awk '/^# Automatically added/ { b = "" } { b = b $0 "\n" }
+     /^# End automatically added/ && b ~ /enable .agent-broker-jwks\.timer/ && b !~ /debian-installed .agent-broker-jwks\.timer/ { bad = 1 }
+     END { exit bad }' "$CTL/postinst" || fail "postinst enables the JWKS timer on a new install (it is opt-in)"
+grep -q "update-state 'agent-broker-jwks.timer'" "$CTL/postinst" || fail "postinst does not register the JWKS timer"
+if grep -q "start .*agent-broker-jwks" "$CTL/postinst"; then fail "postinst starts the JWKS timer"; fi
+grep -q "stop agent-broker.service agent-broker-jwks.timer agent-broker-jwks.service" "$CTL/prerm" || fail "prerm does not stop the JWKS timer"
 PURGE_ROOT=$T/purge; mkdir -p "$PURGE_ROOT/var/lib/agent-broker" "$PURGE_ROOT/var/log/agent-broker"
 # Our own part of postrm only (debhelper's part would touch this host's systemd state).
 { echo 'set -e'; sed -n '/^if \[ "\$1" = purge \]; then/,/^fi/p' "$CTL/postrm"; } |
@@ -157,14 +172,15 @@ sh "$T/postrm.test" remove || fail "postrm remove"
 [ -d "$PURGE_ROOT/var/lib/agent-broker" ] || fail "postrm remove deleted the state"
 sh "$T/postrm.test" purge || fail "postrm purge"
 [ ! -e "$PURGE_ROOT/var/lib/agent-broker" ] && [ ! -e "$PURGE_ROOT/var/log/agent-broker" ] || fail "postrm purge kept the state"
-ok "maintainer scripts: sockets enabled and started, service try-restarted on upgrade, state kept on remove, deleted on purge"
+ok "maintainer scripts: sockets enabled and started, service try-restarted on upgrade, JWKS timer shipped but not enabled, state kept on remove, deleted on purge"
 
 # The same paths in the .rpm.
 RPM_MAIN=$(ls "$PKG_DIR"/rpm/RPMS/*/agent-broker-[0-9]*.rpm)
 rpm_files=$(rpm -qlp "$PKG_DIR"/rpm/RPMS/*/*.rpm 2>/dev/null)
 RPM_UNITDIR=$(rpm --eval '%{?_unitdir}%{!?_unitdir:/usr/lib/systemd/system}')  # as the spec's fallback
 for f in "$RPM_UNITDIR/agent-broker.socket" "$RPM_UNITDIR/agent-broker-admin.socket" \
-         "$RPM_UNITDIR/agent-broker.service" "$EXEC_BIN" /usr/bin/agent-brokerctl \
+         "$RPM_UNITDIR/agent-broker.service" "$RPM_UNITDIR/agent-broker-jwks.service" "$RPM_UNITDIR/agent-broker-jwks.timer" \
+         "$EXEC_BIN" /usr/bin/agent-brokerctl \
          "$(rpm --eval '%{_libdir}')/security/pam_agent_broker.so" /etc/agent-broker/broker.conf \
          "$(rpm --eval '%{_libdir}')/libagentbroker.so.0" /usr/include/agentbroker.h; do
         grep -qx "$f" <<<"$rpm_files" || fail "$f is not in the .rpm packages"
@@ -174,17 +190,19 @@ for f in docs/man/*.[1-8]; do
 done
 rpm -qp --configfiles "$RPM_MAIN" 2>/dev/null | grep -qx /etc/agent-broker/broker.conf || fail "broker.conf is not %config in the .rpm"
 rpm -qp --scripts "$RPM_MAIN" 2>/dev/null | grep -q 'agent-broker.socket' || fail ".rpm scriptlets do not name the sockets"
+rpm -qp --scripts "$RPM_MAIN" 2>/dev/null | grep -q 'agent-broker-jwks.timer' || fail ".rpm scriptlets do not name the JWKS timer"
 ok ".rpm: the same files, broker.conf %config, scriptlets for the units"
 
 # ---- systemd-analyze --------------------------------------------------------
 step "systemd-analyze verify (scratch root, with this host's target units)"
 cp -an /lib/systemd/system/. "$UNITS"/
 [ -e "$ROOT$reload_bin" ] || { mkdir -p "$ROOT$(dirname "$reload_bin")"; cp "$reload_bin" "$ROOT$reload_bin"; }
-MANPATH=$ROOT/usr/share/man systemd-analyze verify --root="$ROOT" /lib/systemd/system/agent-broker.socket \
-        /lib/systemd/system/agent-broker-admin.socket /lib/systemd/system/agent-broker.service >"$T/verify.out" 2>&1 \
+# shellcheck disable=SC2046
+MANPATH=$ROOT/usr/share/man systemd-analyze verify --root="$ROOT" $(for u in $ALL_UNITS; do echo "/lib/systemd/system/$u"; done) \
+        >"$T/verify.out" 2>&1 \
         || { cat "$T/verify.out"; fail "systemd-analyze verify"; }
 [ ! -s "$T/verify.out" ] || { cat "$T/verify.out"; fail "systemd-analyze verify printed warnings"; }
-ok "verify: no findings"
+ok "verify: no findings ($ALL_UNITS)"
 
 step "systemd-analyze security --offline=true"
 systemd-analyze security --offline=true --root="$ROOT" agent-broker.service >"$T/security.out" 2>&1 || true
@@ -193,6 +211,11 @@ EXPOSURE=$(sed -n 's/.*Overall exposure level for agent-broker.service: \([0-9.]
 grep '✗' "$T/security.out" | sed 's/  */ /g; s/^/   /' || true
 echo "   exposure: $EXPOSURE (at most $EXPOSURE_MAX)"
 awk -v e="$EXPOSURE" -v m="$EXPOSURE_MAX" 'BEGIN { exit !(e <= m) }' || fail "exposure $EXPOSURE > $EXPOSURE_MAX"
+systemd-analyze security --offline=true --root="$ROOT" agent-broker-jwks.service >"$T/security-jwks.out" 2>&1 || true
+JWKS_EXPOSURE=$(sed -n 's/.*Overall exposure level for agent-broker-jwks.service: \([0-9.]*\).*/\1/p' "$T/security-jwks.out")
+[ -n "$JWKS_EXPOSURE" ] || { cat "$T/security-jwks.out"; fail "no exposure figure for agent-broker-jwks.service"; }
+echo "   agent-broker-jwks.service exposure: $JWKS_EXPOSURE (at most $EXPOSURE_MAX)"
+awk -v e="$JWKS_EXPOSURE" -v m="$EXPOSURE_MAX" 'BEGIN { exit !(e <= m) }' || fail "JWKS service exposure $JWKS_EXPOSURE > $EXPOSURE_MAX"
 
 # ---- end to end -------------------------------------------------------------
 step "packaged broker under socket activation, in the unit's sandbox"
@@ -313,6 +336,16 @@ CTL sessions >"$T/sessions.out" || fail "admin socket: sessions"
 grep -q pkg-root "$T/sessions.out" && grep -q pkg-nobody "$T/sessions.out" || { cat "$T/sessions.out"; fail "sessions incomplete"; }
 ok "admin socket: sessions of pkg-root and pkg-nobody"
 CTL keys >"$T/jwks.json" || fail "keys"
+# The JWKS service's own command line, the path moved into the scratch dir,
+# as nobody and under a umask that would hide the file: still 0644, the same keys.
+JWKS_OUT=$T/run/pub/jwks.json
+mkdir -p "$T/run/pub"; chown 65534:65534 "$T/run/pub"
+# shellcheck disable=SC2086
+(umask 077; AS_NOBODY $(sed "s|/run/agent-broker/jwks.json|$JWKS_OUT|" <<<"${JWKS_EXEC#* }")) || fail "keys --jwks --out as nobody"
+[ "$(stat -c %a "$JWKS_OUT")" = 644 ] || fail "published JWKS has mode $(stat -c %a "$JWKS_OUT"), not 0644"
+cmp -s "$JWKS_OUT" "$T/jwks.json" || fail "published JWKS differs from agent-brokerctl keys"
+[ "$(ls "$T/run/pub")" = jwks.json ] || fail "temporary files left beside the JWKS: $(ls "$T/run/pub")"
+ok "JWKS service command: $JWKS_OUT, mode 0644, the broker's keys (as uid 65534)"
 stop_broker
 CTL audit verify --file "$T/log/audit.jsonl" --keys "$T/jwks.json" >/dev/null || fail "audit verify"
 ok "SIGTERM: clean exit; the audit trail in the logs directory verifies against the JWKS"
@@ -342,4 +375,4 @@ for cap in $(unit_value "$SVC" CapabilityBoundingSet); do
         ok "without $cap: uid 65534 refused (exit $rc)"
 done
 
-echo "PASS: packaging (lintian $LE errors $LW warnings; rpmlint $RE errors $RW warnings; exposure $EXPOSURE) in $(($(date +%s) - T0)) s"
+echo "PASS: packaging (lintian $LE errors $LW warnings; rpmlint $RE errors $RW warnings; exposure $EXPOSURE, JWKS service $JWKS_EXPOSURE) in $(($(date +%s) - T0)) s"
