@@ -216,6 +216,7 @@ static int out_append(ab_conn *c, const char *buf, size_t n)
 {
         if (c->out_off == c->out_len) {
                 c->held_from -= c->held ? c->out_off : 0;
+                c->inflight_end -= c->inflight ? c->out_off : 0;
                 c->out_off = c->out_len = 0;
         }
         if (n > c->out_cap - c->out_len) {
@@ -223,6 +224,7 @@ static int out_append(ab_conn *c, const char *buf, size_t n)
                 char *nb;
                 if (c->out_off > 0) {
                         c->held_from -= c->held ? c->out_off : 0;
+                        c->inflight_end -= c->inflight ? c->out_off : 0;
                         memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
                         c->out_len -= c->out_off;
                         c->out_off = 0;
@@ -277,7 +279,7 @@ int ab_conn_reply(ab_conn *c, json_t *params, const char *error)
         size_t len = 0;
         int r;
 
-        if (c->oneway) {
+        if (c->oneway || (c->busy_ref && c->busy_oneway)) { /* a oneway call, answered now or by its job */
                 json_decref(params);
                 return 0;
         }
@@ -327,9 +329,24 @@ static void release_held(ab_conn *list, int r)
                 unsigned n = c->held_calls;
                 bool was_inflight = c->inflight;
                 next = c->held_next;
-                c->held = false;
                 c->inflight = false;
                 c->held_next = NULL;
+                if (r >= 0 && was_inflight && c->held_calls > c->inflight_calls) {
+                        /* a job answered while the batch was out: its record is in the next
+                         * batch, so its reply waits for that one; what the batch covered goes */
+                        c->held_from = c->inflight_end;
+                        c->held_calls -= c->inflight_calls;
+                        c->held_next = c->m->held;
+                        c->m->held = c;
+                        if (conn_flush(c) < 0) {
+                                conn_free(c);
+                                continue;
+                        }
+                        sd_event_source_set_enabled(c->defer, SD_EVENT_ONESHOT);
+                        conn_update_events(c);
+                        continue;
+                }
+                c->held = false;
                 if (r < 0) {
                         char reason[256];
                         c->out_len = c->held_from;
@@ -434,6 +451,8 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
         m->held = NULL;
         for (ab_conn *c = m->inflight; c; c = c->held_next) {
                 c->inflight = true;
+                c->inflight_end = c->out_len;
+                c->inflight_calls = c->held_calls;
                 conn_update_events(c);
         }
         m->usage_inflight = m->n_usage_pending;
@@ -558,8 +577,9 @@ int ab_manager_audit(ab_manager *m, const char *event, json_t *rec)
 }
 
 /* Handle buffered messages, at most MSGS_PER_TURN. true if more may remain. */
-static bool conn_process(ab_conn *c)
+static bool conn_process(ab_conn *c, bool *ret_drained)
 {
+        *ret_drained = false; /* set when no complete call is left */
         for (int i = 0; i < MSGS_PER_TURN; i++) {
                 const char *msg;
                 size_t len;
@@ -572,6 +592,7 @@ static bool conn_process(ab_conn *c)
                 r = ab_frame_next(&c->in, &msg, &len);
                 if (r == 0) {
                         c->msg_started = ab_frame_pending(&c->in) ? (c->msg_started ? c->msg_started : ab_mono_usec()) : 0;
+                        *ret_drained = true;
                         return false;
                 }
                 if (r < 0) {
@@ -608,20 +629,21 @@ static void conn_update_events(ab_conn *c)
 /* After reading or writing: process, flush, decide what to wait for. */
 static void conn_step(ab_conn *c)
 {
-        bool more = conn_process(c);
-
-        if (c->eof && !more && !conn_blocked(c))
-                c->closing = true; /* the peer closed and every complete call is answered */
+        bool drained, more = conn_process(c, &drained);
 
         if (conn_flush(c) < 0) {
                 conn_free(c);
                 return;
         }
+        if (c->eof && drained && !conn_blocked(c))
+                c->closing = true; /* the peer closed and every complete call is answered */
         if (c->closing && c->out_len == c->out_off) {
                 conn_free(c);
                 return;
         }
-        if (more)
+        /* more calls (fairness: on the next turn), or stopped at the output high-water mark
+         * and below it again after the flush */
+        if (more || (!drained && !c->closing && !conn_blocked(c) && c->out_len - c->out_off <= OUT_HIGH_WATER))
                 sd_event_source_set_enabled(c->defer, SD_EVENT_ONESHOT);
         conn_update_events(c);
 }
@@ -637,6 +659,7 @@ void ab_conn_submit(ab_conn *c, ab_job *j, ab_conn **ref)
 {
         *ref = c;
         c->busy_ref = ref;
+        c->busy_oneway = c->oneway;
         conn_update_events(c);
         ab_worker_submit(c->m->crypto, j);
 }
@@ -688,20 +711,7 @@ static int conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
                 conn_free(c); /* gone altogether: nobody to answer */
                 return 0;
         }
-        if (c->eof && !conn_blocked(c)) {
-                while (conn_process(c))
-                        ;
-                if (!conn_blocked(c)) {
-                        c->closing = true;
-                        if (conn_flush(c) < 0 || c->out_len == c->out_off) {
-                                conn_free(c);
-                                return 0;
-                        }
-                }
-                conn_update_events(c);
-                return 0;
-        }
-        conn_step(c);
+        conn_step(c); /* after EOF too: it answers every complete call, then closes */
         return 0;
 }
 

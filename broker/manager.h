@@ -83,6 +83,11 @@ struct ab_conn {
         bool held;
         bool inflight;          /* held by the batch being written: read nothing until it is durable */
         ab_conn **busy_ref;     /* a job works for the call at hand (ab_conn_submit): the job's pointer to c */
+        bool busy_oneway;       /* that call wants no reply */
+        /* While inflight: output up to inflight_end (inflight_calls replies) waits for the batch
+         * out; a job's reply after it (its record in the next batch) waits for the next one. */
+        size_t inflight_end;
+        unsigned inflight_calls;
         size_t held_from;       /* offset in out where held replies begin */
         unsigned held_calls;    /* replies held */
         ab_conn *held_next;

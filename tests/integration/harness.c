@@ -518,6 +518,7 @@ void hx_drain_notify(hx_broker *b)
 int hx_broker_finish(hx_broker *b)
 {
         static const char *const bad[] = { "ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                                           "WARNING: ThreadSanitizer",
                                            "SUMMARY: UndefinedBehaviorSanitizer" };
         char *log = NULL;
         int r = 0, st = -1;
