@@ -78,7 +78,7 @@ _agent_brokerctl()
                 case $sub in
                 "") w="--jwks --json --out"; $first && w="list rotate $w" ;;
                 list) w="--json" ;;
-                rotate) w="--overlap --json" ;;
+                rotate) w="--overlap --force --json" ;;
                 esac ;;
         status|whoami|authenticate) w="--json" ;;
         policy)

@@ -36,9 +36,11 @@ static void usage(FILE *f)
                 "                      the broker's JSON Web Key Set for verifiers; --out writes FILE\n"
                 "                      (mode 0644, atomic) to publish, e.g. /run/agent-broker/jwks.json\n"
                 "  keys list [--json]  every key with its status (admin socket)\n"
-                "  keys rotate [--overlap SECONDS] [--json]\n"
+                "  keys rotate [--overlap SECONDS [--force]] [--json]\n"
                 "                      new signing key; the old one stays in the JWKS for the overlap\n"
-                "                      (default 24 h + 5 s, the longest token life); republish the JWKS\n"
+                "                      (default 24 h + 5 s, the longest token life); republish the JWKS.\n"
+                "                      An overlap shorter than the policy's longest max_ttl is refused\n"
+                "                      without --force (for a leaked key: its tokens stop verifying)\n"
                 "  status [--json]     say whether the broker answers\n"
                 "  whoami [--json]     show the agent entry the broker attests this process as\n"
                 "  policy check [--json] PATH...   validate policy files (no broker needed);\n"
@@ -274,24 +276,27 @@ static int cmd_token(const opts *o, int argc, char **argv)
         return ex;
 }
 
-/* keys rotate [--overlap SECONDS] [--json] */
+/* keys rotate [--overlap SECONDS [--force]] [--json] */
 static int cmd_keys_rotate(const opts *o, int argc, char **argv)
 {
-        json_t *reply = NULL, *params = NULL;
+        json_t *reply = NULL, *params = json_object();
         bool as_json = false;
         int ex;
 
+        if (!params)
+                return EXIT_ERROR;
         for (int i = 1; i < argc; i++) {
                 long v;
                 if (strcmp(argv[i], "--json") == 0)
                         as_json = true;
+                else if (strcmp(argv[i], "--force") == 0)
+                        json_object_set_new(params, "force", json_true());
                 else if (strcmp(argv[i], "--overlap") == 0 && i + 1 < argc &&
                          parse_uint_arg("--overlap", argv[i + 1], 366L * 86400, &v) == 0) {
-                        json_decref(params);
-                        params = json_pack("{s:i}", "overlap", (int)v);
+                        json_object_set_new(params, "overlap", json_integer(v));
                         i++;
                 } else {
-                        fprintf(stderr, "agent-brokerctl: keys rotate [--overlap SECONDS] [--json]\n");
+                        fprintf(stderr, "agent-brokerctl: keys rotate [--overlap SECONDS [--force]] [--json]\n");
                         json_decref(params);
                         return EXIT_USAGE;
                 }
@@ -354,7 +359,7 @@ static int cmd_keys(const opts *o, int argc, char **argv)
         }
         if (optind != argc || (out && !*out)) {
                 fprintf(stderr, "agent-brokerctl: keys [--jwks|--json] [--out FILE] | keys list [--json] | "
-                                "keys rotate [--overlap SECONDS] [--json]\n");
+                                "keys rotate [--overlap SECONDS [--force]] [--json]\n");
                 return EXIT_USAGE;
         }
         ex = simple_call(o, false, "io.agentbroker.GetKeys", NULL, &reply);

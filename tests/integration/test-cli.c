@@ -511,6 +511,16 @@ static void test_keys_jwks_out(void **state)
         hx_run_result_done(&res);
         CTL(b, -1, &res, 2, "keys", "rotate", "--out", out);
         hx_run_result_done(&res);
+        /* an overlap shorter than the policy's longest token life: refused unless forced */
+        hx_ctl(b, -1, &res, "keys", "rotate", "--overlap", "1", NULL);
+        assert_int_not_equal(res.exit_code, 0);
+        assert_non_null(strstr(res.err, "--force"));
+        hx_run_result_done(&res);
+        CTL(b, -1, &res, 0, "keys", "rotate", "--overlap", "1", "--force", "--json");
+        j = json_of("keys rotate --force", res.out);
+        assert_non_null(json_object_get(j, "previous_valid_until"));
+        json_decref(j);
+        hx_run_result_done(&res);
         CTL(b, -1, &res, 2, "keys", "--jwks", "extra");
         hx_run_result_done(&res);
         free(printed);
