@@ -1157,7 +1157,8 @@ int main(int argc, char **argv)
         if (sodium_init() < 0)
                 return EXIT_ERROR;
 
-        while ((c = getopt_long(argc, argv, "+h", lo, NULL)) >= 0) {
+        opterr = 0; /* one line of our own below */
+        while ((c = getopt_long(argc, argv, "+:h", lo, NULL)) >= 0) {
                 switch (c) {
                 case 's': o.socket = optarg; break;
                 case 'A': o.admin_socket = optarg; break;
@@ -1173,11 +1174,18 @@ int main(int argc, char **argv)
                 }
                 case 'h': usage(stdout); return EXIT_OK;
                 case 'V': printf("agent-brokerctl %s\n", AGENTBROKER_VERSION); return EXIT_OK;
-                default: usage(stderr); return EXIT_USAGE;
+                case ':':
+                        fprintf(stderr, "agent-brokerctl: option %s needs a value (see agent-brokerctl --help)\n",
+                                argv[optind - 1]);
+                        return EXIT_USAGE;
+                default:
+                        fprintf(stderr, "agent-brokerctl: unknown option %s (see agent-brokerctl --help)\n",
+                                argv[optind - 1]);
+                        return EXIT_USAGE;
                 }
         }
         if (optind >= argc) {
-                usage(stderr);
+                fprintf(stderr, "agent-brokerctl: no command given; see agent-brokerctl --help\n");
                 return EXIT_USAGE;
         }
         for (size_t i = 0; i < AB_ARRAY_SIZE(cmds); i++)

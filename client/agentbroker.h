@@ -12,7 +12,7 @@
  *     if (r == 0)
  *             r = ab_issue_token(c, "mcp://git.internal", scopes, 1, 0, NULL, &token);
  *     if (r < 0)
- *             fprintf(stderr, "%s: %s\n", ab_strerror(r), ab_client_error_message(c));
+ *             fprintf(stderr, "%s%s%s\n", ab_strerror(r), c ? ": " : "", ab_client_error_message(c));
  *     ...
  *     ab_token_free(token);
  *     ab_client_free(c);
@@ -105,6 +105,8 @@ void ab_token_free(char *s);
 /*
  * The varlink error name and human reason of the last failed call on this
  * handle ("" when there is none). Valid until the next call on the handle.
+ * A failed ab_client_connect leaves no handle: c is NULL, both say "", and
+ * ab_strerror() of its code is the whole story.
  */
 const char *ab_client_error_name(const ab_client *c);
 const char *ab_client_error_message(const ab_client *c);

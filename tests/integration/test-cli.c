@@ -357,6 +357,36 @@ static void check_synopses(const char *what, char **entries, size_t n)
         }
 }
 
+/* Bad usage is one line on stderr (the reason) and exit 2, nothing on stdout. */
+static void test_usage_errors_are_one_line(void **state)
+{
+        hx_broker *b = *state;
+        static const char *const cases[][3] = {
+                { "--bogus", "status", NULL }, { "--socket", NULL, NULL }, { "-x", NULL, NULL },
+                { NULL, NULL, NULL }, { "nosuchcommand", NULL, NULL }, { "--timeout", "0", "status" },
+        };
+        char ctl[PATH_MAX];
+
+        assert_int_equal(hx_build_path("agent-brokerctl", ctl, sizeof ctl), 0);
+        (void)b;
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+                char *argv[5] = { ctl };
+                hx_run_result res;
+                size_t n = 1, lines = 0;
+                for (size_t k = 0; k < 3 && cases[i][k]; k++)
+                        argv[n++] = (char *)cases[i][k];
+                assert_int_equal(hx_run(argv, NULL, -1, 10000, &res), 0);
+                for (const char *p = res.err; *p; p++)
+                        lines += *p == '\n';
+                if (res.exit_code != 2 || lines != 1 || res.out[0])
+                        fprintf(stderr, "case %zu: exit %d, stderr %zu lines:\n%s", i, res.exit_code, lines, res.err);
+                assert_int_equal(res.exit_code, 2);
+                assert_int_equal(lines, 1);
+                assert_string_equal(res.out, "");
+                hx_run_result_done(&res);
+        }
+}
+
 static void test_help_and_man_list_json(void **state)
 {
         hx_broker *b = *state;
@@ -804,6 +834,7 @@ int main(void)
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_json_on_every_command, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_help_and_man_list_json, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_usage_errors_are_one_line, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_keys_jwks_out, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_token_refresh_reconnects_quietly, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_admin_socket_permission_denied, setup, teardown),
