@@ -61,7 +61,7 @@ UNIT_TESTS := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test-
 INT_TESTS  := $(patsubst tests/integration/%.c,$(B)/tests/%,$(wildcard tests/integration/test-*.c))
 TEST_HELPERS := $(patsubst tests/integration/%.c,$(B)/tests/%,$(wildcard tests/integration/helper-*.c))
 
-.PHONY: all check check-root check-unit check-integration check-asan check-valgrind install clean demo
+.PHONY: all check check-root check-tsan check-unit check-integration check-asan check-valgrind install clean demo
 all: $(PROGS) $(LIBS)
 
 $(B)/obj/%.o: %.c
@@ -126,6 +126,10 @@ check-root:
 
 check-asan:
 	$(MAKE) B=build-asan SAN=1 check
+
+# The same with ThreadSanitizer: the daemon's worker threads (audit sync, crypto).
+check-tsan:
+	$(MAKE) B=build-tsan SAN=thread check
 
 # The whole suite with valgrind: test programs (and the PAM module they load)
 # under memcheck, and every daemon the integration tests start as well.

@@ -789,8 +789,8 @@ static void test_pamtester(void **state)
                          "close_session", NULL };
         struct stat st;
 
-#if defined(__SANITIZE_ADDRESS__)
-        skip(); /* pamtester cannot load a module built with AddressSanitizer */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+        skip(); /* pamtester cannot load a module built with AddressSanitizer or ThreadSanitizer */
 #endif
         if (geteuid() != 0 || access(PAMTESTER, X_OK) < 0) {
                 fprintf(stderr, "SKIP: needs root and %s\n", PAMTESTER);
@@ -881,8 +881,8 @@ static void test_sshd(void **state)
         struct stat st;
         int port;
 
-#if defined(__SANITIZE_ADDRESS__)
-        skip(); /* sshd cannot load a module built with AddressSanitizer */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+        skip(); /* sshd cannot load a module built with AddressSanitizer or ThreadSanitizer */
 #endif
         if (geteuid() != 0 || access(SSHD, X_OK) < 0 || access(SSH, X_OK) < 0 || access(SSHPASS, X_OK) < 0 ||
             access("/etc/pam.d/common-auth", R_OK) < 0) {
