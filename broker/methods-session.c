@@ -261,11 +261,10 @@ static void introspect_answer(ab_conn *c, json_t *p, ab_introspect_res *res)
         json_t *reply;
 
         if (res->active) {
-                reply = json_deep_copy(res->claims);
-                if (reply) {
-                        json_object_set_new(reply, "active", json_true());
-                        json_object_set_new(reply, "token_type", json_string("access_token"));
-                }
+                /* the claims are this call's own (parsed for it): the reply is them, not a copy */
+                reply = json_incref(res->claims);
+                json_object_set_new(reply, "active", json_true());
+                json_object_set_new(reply, "token_type", json_string("access_token"));
         } else {
                 reply = json_pack("{s:b, s:s}", "active", 0, "reason", res->reason);
         }
