@@ -1977,7 +1977,7 @@ int main(int argc, char **argv)
 
         printf("\nagent-broker benchmark: %ld x %s, load average %s at start, %.1f s per measurement\n",
                sysconf(_SC_NPROCESSORS_ONLN), cpu, load0, opt.seconds);
-        printf("durable audit on (one fdatasync per event-loop turn); state dir on %s; CPU steal during the run "
+        printf("durable audit on (every reply waits for the fdatasync of its batch); state dir on %s; CPU steal during the run "
                "%.1f%%\n\n",
                fs_name(dir), steal_pct);
         printf("  limit: libsodium Ed25519 on one core, %zu-byte message:  sign %.0f/s   verify %.0f/s", opt.msg_bytes,
