@@ -159,6 +159,13 @@ static bool conn_blocked(const ab_conn *c)
         return c->busy_ref || c->inflight;
 }
 
+/* Calls (or an EOF) that arrived while c could not handle them: go on with them on the next turn. */
+static void conn_continue(ab_conn *c)
+{
+        if (ab_frame_pending(&c->in) > 0 || c->eof)
+                sd_event_source_set_enabled(c->defer, SD_EVENT_ONESHOT);
+}
+
 static void conn_free(ab_conn *c)
 {
         ab_manager *m = c->m;
@@ -342,7 +349,7 @@ static void release_held(ab_conn *list, int r)
                                 conn_free(c);
                                 continue;
                         }
-                        sd_event_source_set_enabled(c->defer, SD_EVENT_ONESHOT);
+                        conn_continue(c);
                         conn_update_events(c);
                         continue;
                 }
@@ -364,7 +371,7 @@ static void release_held(ab_conn *list, int r)
                         continue;
                 }
                 if (was_inflight)
-                        sd_event_source_set_enabled(c->defer, SD_EVENT_ONESHOT); /* requests that came meanwhile */
+                        conn_continue(c);
                 conn_update_events(c);
         }
 }
@@ -667,8 +674,12 @@ void ab_conn_submit(ab_conn *c, ab_job *j, ab_conn **ref)
 void ab_conn_resume(ab_conn *c)
 {
         c->busy_ref = NULL;
-        /* the reply is queued; flush it and handle what came meanwhile on the next turn */
-        sd_event_source_set_enabled(c->defer, SD_EVENT_ONESHOT);
+        /* the reply is queued (held for its record's batch, or flushed now) */
+        if (conn_flush(c) < 0) {
+                conn_free(c);
+                return;
+        }
+        conn_continue(c);
         conn_update_events(c);
 }
 

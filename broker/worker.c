@@ -90,6 +90,17 @@ static int on_event(sd_event_source *s, int fd, uint32_t revents, void *userdata
         return 0;
 }
 
+/* Free what ab_worker_new made (the thread not running, or joined). */
+static void worker_destroy(ab_worker *w)
+{
+        sd_event_source_disable_unref(w->src);
+        ab_close(w->efd);
+        pthread_cond_destroy(&w->cond);
+        pthread_cond_destroy(&w->idle);
+        pthread_mutex_destroy(&w->lock);
+        free(w);
+}
+
 int ab_worker_new(sd_event *e, const char *name, ab_worker **ret)
 {
         ab_worker *w = calloc(1, sizeof *w);
@@ -100,33 +111,27 @@ int ab_worker_new(sd_event *e, const char *name, ab_worker **ret)
                 return -ENOMEM;
         w->todo_tail = &w->todo;
         w->done_tail = &w->done;
+        pthread_mutex_init(&w->lock, NULL);
+        pthread_cond_init(&w->cond, NULL);
+        pthread_cond_init(&w->idle, NULL);
         w->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (w->efd < 0) {
                 r = -errno;
-                free(w);
+                worker_destroy(w);
                 return r;
         }
         r = sd_event_add_io(e, &w->src, w->efd, EPOLLIN, on_event, w);
         if (r < 0) {
-                ab_close(w->efd);
-                free(w);
+                worker_destroy(w);
                 return r;
         }
-        pthread_mutex_init(&w->lock, NULL);
-        pthread_cond_init(&w->cond, NULL);
-        pthread_cond_init(&w->idle, NULL);
         /* the loop takes signals through signalfd: the thread must never get one */
         sigfillset(&all);
         pthread_sigmask(SIG_SETMASK, &all, &old);
         r = -pthread_create(&w->thread, NULL, worker_main, w);
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (r < 0) {
-                sd_event_source_disable_unref(w->src);
-                ab_close(w->efd);
-                pthread_cond_destroy(&w->cond);
-                pthread_cond_destroy(&w->idle);
-                pthread_mutex_destroy(&w->lock);
-                free(w);
+                worker_destroy(w);
                 return r;
         }
         if (name)
@@ -163,10 +168,5 @@ void ab_worker_free(ab_worker *w)
         pthread_mutex_unlock(&w->lock);
         pthread_join(w->thread, NULL); /* it runs what was submitted first */
         run_done(w);
-        sd_event_source_disable_unref(w->src);
-        ab_close(w->efd);
-        pthread_cond_destroy(&w->cond);
-        pthread_cond_destroy(&w->idle);
-        pthread_mutex_destroy(&w->lock);
-        free(w);
+        worker_destroy(w);
 }
