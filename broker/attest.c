@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <sodium.h>
@@ -43,6 +44,7 @@ typedef struct cache_entry {
 /* What attestation read about a process, for its next connections (see proc_lookup). */
 typedef struct proc_entry {
         pid_t pid;
+        uint64_t proc_ino; /* see ab_peer.proc_ino; 0: unknown */
         uint64_t start_time;
         dev_t dev; /* the executable as stat() saw it */
         ino_t ino;
@@ -89,6 +91,32 @@ static int sys_pidfd_send_signal(int pidfd, int sig)
         return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
 }
 
+#ifndef PIDFS_MAGIC
+#define PIDFS_MAGIC 0x50494446
+#endif
+
+/*
+ * On pidfs (Linux 6.9 and later) a pidfd's inode number is its process's
+ * own: given once from a 64-bit counter, never again in this boot, so a
+ * recycled PID comes with another one. Whether pidfds live on pidfs is
+ * asked once. 0 when they do not (or fstat fails).
+ */
+static uint64_t pidfs_ino(int pidfd)
+{
+        static int on_pidfs = -1;
+        struct stat st;
+
+        if (on_pidfs == 0 || fstat(pidfd, &st) < 0)
+                return 0;
+        if (on_pidfs < 0) {
+                struct statfs sf;
+                on_pidfs = fstatfs(pidfd, &sf) == 0 && sf.f_type == PIDFS_MAGIC && sizeof st.st_ino >= 8;
+                if (!on_pidfs)
+                        return 0;
+        }
+        return (uint64_t)st.st_ino;
+}
+
 int ab_peer_from_socket(int fd, ab_peer *ret)
 {
         struct ucred uc;
@@ -114,11 +142,9 @@ int ab_peer_from_socket(int fd, ab_peer *ret)
                 if (pidfd < 0)
                         return errno == ESRCH ? -ESRCH : -errno;
         }
-        if (fcntl(pidfd, F_SETFD, FD_CLOEXEC) < 0) {
-                ab_close(pidfd);
-                return -errno;
-        }
+        /* both hand out pidfds with O_CLOEXEC set */
         p.pidfd = pidfd;
+        p.proc_ino = pidfs_ino(pidfd);
 
         len = sizeof p.groups;
         if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, p.groups, &len) == 0)
@@ -422,15 +448,16 @@ static bool proc_lookup(ab_exe_cache *cache, pid_t pid, const struct stat *st, a
         return true;
 }
 
-static void proc_store(ab_exe_cache *cache, pid_t pid, const ab_peer_cache *pc)
+static void proc_store(ab_exe_cache *cache, const ab_peer *p, const ab_peer_cache *pc)
 {
-        proc_entry *e = &cache->proc[(unsigned)pid % PROC_SLOTS];
+        proc_entry *e = &cache->proc[(unsigned)p->pid % PROC_SLOTS];
         char *exe = strdup(pc->exe);
 
         if (!exe)
                 return;
         free(e->exe);
-        *e = (proc_entry){ .pid = pid, .start_time = pc->start_time, .dev = pc->dev, .ino = pc->ino,
+        *e = (proc_entry){ .pid = p->pid, .proc_ino = p->proc_ino, .start_time = pc->start_time,
+                           .dev = pc->dev, .ino = pc->ino,
                            .size = pc->size, .mtime = pc->mtime, .ctime = pc->ctime, .exe = exe };
         memcpy(e->sha256, pc->sha256, sizeof e->sha256);
         memcpy(e->unit, pc->unit, sizeof e->unit);
@@ -455,9 +482,16 @@ int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
         ret->peer = p;
 
         if (!pc->have_start) {
-                r = read_start_time(p->pid, &pc->start_time);
-                if (r < 0)
-                        return ab_peer_alive(p) < 0 ? -ESRCH : r;
+                /* a process seen before (same pidfs inode: the same process, never a recycled PID)
+                 * has the start time read then; else /proc/PID/stat */
+                const proc_entry *e = &cache->proc[(unsigned)p->pid % PROC_SLOTS];
+                if (p->proc_ino && e->exe && e->pid == p->pid && e->proc_ino == p->proc_ino) {
+                        pc->start_time = e->start_time;
+                } else {
+                        r = read_start_time(p->pid, &pc->start_time);
+                        if (r < 0)
+                                return ab_peer_alive(p) < 0 ? -ESRCH : r;
+                }
                 pc->have_start = true;
         }
         /*
@@ -478,7 +512,7 @@ int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
                 read_exe(p, cache, pc);
                 read_cgroup(p, pc); /* a new program: read everything anew */
                 if (pc->have_exe && pc->have_cgroup)
-                        proc_store(cache, p->pid, pc);
+                        proc_store(cache, p, pc);
         } else if (!pc->have_cgroup) {
                 read_cgroup(p, pc); /* one too long to keep */
         }

@@ -24,6 +24,7 @@ typedef struct ab_peer {
         pid_t pid;
         int pidfd;           /* refers to the connecting process, never a recycled PID */
         bool pidfd_exact;    /* from SO_PEERPIDFD (exact) rather than pidfd_open (racy) */
+        uint64_t proc_ino;   /* the pidfd's inode on pidfs: one process's for the whole boot; 0: no pidfs */
         int n_groups;
         gid_t groups[AB_MAX_GROUPS]; /* supplementary groups at connect time */
         ab_peer_cache *cache;        /* identity read earlier, see ab_attest (lazy) */
