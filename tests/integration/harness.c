@@ -1,16 +1,21 @@
 /* SPDX-License-Identifier: MIT */
 /* Integration test harness: see harness.h. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
 #include <grp.h>
 #include <libgen.h>
 #include <poll.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -18,6 +23,7 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <cmocka.h>
 #include <sodium.h>
 #include "harness.h"
 
@@ -36,7 +42,7 @@ long long hx_now_ms(void)
         return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void sleep_ms(int ms)
+void hx_sleep_ms(int ms)
 {
         struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L };
         while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
@@ -282,6 +288,19 @@ int hx_broker_init(hx_broker *b)
         return 0;
 }
 
+int hx_broker_init_work(hx_broker *b, char *work, size_t workmax)
+{
+        int r = hx_broker_init(b);
+
+        if (r == 0 && (size_t)snprintf(work, workmax, "%s/work", b->dir) >= workmax)
+                r = -ENAMETOOLONG;
+        if (r == 0 && mkdir(work, 0755) < 0)
+                r = -errno;
+        if (r < 0)
+                hx_broker_cleanup(b);
+        return r;
+}
+
 int hx_broker_write_policy(hx_broker *b, const char *json)
 {
         return hx_write_file(b->policy, json, 0644);
@@ -332,7 +351,7 @@ int hx_wait_answering(hx_broker *b, const char *path, int timeout_ms)
                         return 0;
                 if (hx_now_ms() >= deadline)
                         return -ETIMEDOUT;
-                sleep_ms(20);
+                hx_sleep_ms(20);
         }
 }
 
@@ -439,6 +458,43 @@ void hx_proc_diag(pid_t pid)
         }
 }
 
+int hx_proc_fd_count(pid_t pid)
+{
+        char dir[64];
+        DIR *d;
+        struct dirent *de;
+        int n = 0;
+
+        snprintf(dir, sizeof dir, "/proc/%d/fd", (int)pid);
+        d = opendir(dir);
+        if (!d)
+                return -1;
+        while ((de = readdir(d)))
+                if (de->d_name[0] != '.')
+                        n++;
+        closedir(d);
+        return n;
+}
+
+long hx_proc_status_kb(pid_t pid, const char *key)
+{
+        char path[64], line[256];
+        long v = -1;
+        FILE *fp;
+
+        snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+        fp = fopen(path, "re");
+        if (!fp)
+                return -1;
+        while (fgets(line, sizeof line, fp))
+                if (strncmp(line, key, strlen(key)) == 0) {
+                        v = strtol(line + strlen(key), NULL, 10);
+                        break;
+                }
+        fclose(fp);
+        return v;
+}
+
 int hx_broker_stop(hx_broker *b, int *ret_status)
 {
         long long deadline;
@@ -460,7 +516,7 @@ int hx_broker_stop(hx_broker *b, int *ret_status)
                                 *ret_status = st;
                         return -ETIMEDOUT;
                 }
-                sleep_ms(5);
+                hx_sleep_ms(5);
         }
         if (ret_status)
                 *ret_status = b->last_status;
@@ -492,7 +548,7 @@ void hx_broker_cleanup(hx_broker *b)
                                 b->pid = 0;
                                 break;
                         }
-                        sleep_ms(5);
+                        hx_sleep_ms(5);
                 }
         }
         if (getenv("HX_VERBOSE"))
@@ -856,7 +912,7 @@ static int wait_bounded(pid_t pid, long long deadline, bool *killed)
                         *killed = true;
                         return st;
                 }
-                sleep_ms(2);
+                hx_sleep_ms(2);
         }
 }
 
@@ -1003,6 +1059,28 @@ int hx_ctl(hx_broker *b, int uid, hx_run_result *ret, ...)
         return hx_run(argv, NULL, uid, HX_RUN_TIMEOUT_MS, ret);
 }
 
+int hx_ctlv(hx_broker *b, int uid, const char *const *args, int timeout_ms, hx_run_result *ret)
+{
+        char ctl[PATH_MAX];
+        char *argv[64];
+        size_t n = 0;
+
+        if (hx_build_path("agent-brokerctl", ctl, sizeof ctl) < 0)
+                return -ENAMETOOLONG;
+        argv[n++] = ctl;
+        argv[n++] = (char *)"--socket";
+        argv[n++] = b->sock;
+        argv[n++] = (char *)"--admin-socket";
+        argv[n++] = b->admin_sock;
+        for (size_t i = 0; args[i]; i++) {
+                if (n >= 63)
+                        return -E2BIG;
+                argv[n++] = (char *)args[i];
+        }
+        argv[n] = NULL;
+        return hx_run(argv, NULL, uid, timeout_ms, ret);
+}
+
 int hx_run_as(uid_t uid, gid_t gid, hx_child_fn fn, void *arg, int timeout_ms, char *ret_out, size_t outmax,
               int *ret_exit)
 {
@@ -1125,4 +1203,193 @@ json_t *hx_jwt_segment_json(const char *token, int index)
                 return NULL;
         }
         return j;
+}
+
+/* ---- cmocka fixtures and assertions ---------------------------------------- */
+
+int hx_setup(void **state)
+{
+        hx_broker *b = calloc(1, sizeof *b);
+        if (!b)
+                return -1;
+        if (hx_broker_init(b) < 0) {
+                hx_broker_cleanup(b);
+                free(b);
+                return -1;
+        }
+        *state = b;
+        return 0;
+}
+
+int hx_setup_policy(void **state, const char *policy_json, bool start)
+{
+        hx_broker *b;
+        int r;
+
+        if (hx_setup(state) < 0)
+                return -1;
+        b = *state;
+        r = hx_broker_write_policy(b, policy_json);
+        if (r == 0 && start) {
+                r = hx_broker_start(b);
+                if (r < 0) {
+                        fprintf(stderr, "broker did not start: %s\n", strerror(-r));
+                        hx_broker_dump_log(b);
+                }
+        }
+        if (r < 0) {
+                hx_broker_cleanup(b);
+                free(b);
+                *state = NULL;
+                return -1;
+        }
+        return 0;
+}
+
+int hx_teardown(void **state)
+{
+        hx_broker *b = *state;
+        int r = 0;
+
+        if (b) {
+                r = hx_broker_finish(b);
+                free(b);
+        }
+        *state = NULL;
+        return r;
+}
+
+void hx_add_arg(hx_broker *b, const char *arg)
+{
+        assert_true(b->n_extra_args < HX_MAX_EXTRA_ARGS);
+        b->extra_args[b->n_extra_args++] = arg;
+}
+
+void hx_start(hx_broker *b)
+{
+        int r = hx_broker_start(b);
+        if (r < 0) {
+                fprintf(stderr, "broker did not start: %s\n", strerror(-r));
+                hx_broker_dump_log(b);
+        }
+        assert_int_equal(r, 0);
+}
+
+void hx_stop_clean(hx_broker *b)
+{
+        int st = -1, r = hx_broker_stop(b, &st);
+        if (r < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+                fprintf(stderr, "broker stop: r=%d status=0x%x\n", r, (unsigned)st);
+                hx_broker_dump_log(b);
+        }
+        assert_int_equal(r, 0);
+        assert_true(WIFEXITED(st));
+        assert_int_equal(WEXITSTATUS(st), 0);
+}
+
+hx_conn *hx_connect(hx_broker *b, const char *path)
+{
+        hx_conn *c = NULL;
+        assert_int_equal(hx_conn_open(b, path, &c), 0);
+        return c;
+}
+
+json_t *hx_call(hx_conn *c, const char *text)
+{
+        json_t *root = NULL;
+        int r = hx_conn_call(c, text, &root);
+        if (r != 1)
+                fprintf(stderr, "call %.200s: %d (%s)\n", text, r, r < 0 ? strerror(-r) : "eof");
+        assert_int_equal(r, 1);
+        return root;
+}
+
+char *hx_call_msg(const char *method, json_t *params)
+{
+        json_t *m = json_pack("{s:s, s:o}", "method", method, "parameters", params ? params : json_object());
+        char *text;
+        assert_non_null(m);
+        text = json_dumps(m, JSON_COMPACT);
+        json_decref(m);
+        assert_non_null(text);
+        return text;
+}
+
+json_t *hx_rpc(hx_conn *c, const char *method, json_t *params)
+{
+        char *text = hx_call_msg(method, params);
+        json_t *root = hx_call(c, text);
+        free(text);
+        return root;
+}
+
+void hx_assert_ok(const json_t *root)
+{
+        const char *e = hx_reply_error(root);
+        if (e) {
+                char *s = json_dumps(root, JSON_COMPACT);
+                fprintf(stderr, "unexpected error reply %s\n", s ? s : "?");
+                free(s);
+        }
+        assert_null(e);
+}
+
+void hx_assert_error_name(const json_t *root, const char *name)
+{
+        const char *e = hx_reply_error(root);
+        if (!e || strcmp(e, name) != 0) {
+                char *s = json_dumps(root, JSON_COMPACT);
+                fprintf(stderr, "expected error %s, got %s\n", name, s ? s : "?");
+                free(s);
+        }
+        assert_non_null(e);
+        assert_string_equal(e, name);
+}
+
+void hx_assert_error(const json_t *root, const char *name)
+{
+        hx_assert_error_name(root, name);
+        if (strncmp(name, "io.agentbroker.", 15) == 0) {
+                const char *reason = hx_reply_str(root, "reason");
+                assert_non_null(reason);
+                assert_true(strlen(reason) > 0);
+        }
+}
+
+void hx_path_in(char *out, size_t outmax, const char *dir, const char *name)
+{
+        int n = snprintf(out, outmax, "%s/%s", dir, name);
+        assert_true(n > 0 && (size_t)n < outmax);
+}
+
+char *hx_read_text(const char *path, size_t max, size_t *ret_len)
+{
+        char *text = NULL;
+        size_t len = 0;
+        int r = hx_read_file(path, max, &text, &len);
+        if (r < 0)
+                fprintf(stderr, "read %s: %s\n", path, strerror(-r));
+        assert_int_equal(r, 0);
+        if (ret_len)
+                *ret_len = len;
+        return text;
+}
+
+void hx_mount_tmpfs(const char *where, const char *size, char *ret_mnt, size_t mntmax)
+{
+        char opts[64];
+        snprintf(opts, sizeof opts, "size=%s,mode=0700", size);
+        (void)mkdir(where, 0700);
+        if (mount("tmpfs", where, "tmpfs", MS_NOSUID | MS_NODEV, opts) < 0) {
+                fprintf(stderr, "mount tmpfs on %s: %s\n", where, strerror(errno));
+                fail();
+        }
+        snprintf(ret_mnt, mntmax, "%s", where);
+}
+
+void hx_umount_lazy(const char *mnt)
+{
+        /* lazily: the broker may still hold files open on it; it is stopped next */
+        if (mnt[0] && umount2(mnt, MNT_DETACH) < 0)
+                fprintf(stderr, "teardown: umount %s: %s\n", mnt, strerror(errno));
 }

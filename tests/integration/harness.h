@@ -7,8 +7,10 @@
  * assertion failed half-way (call it from the cmocka teardown).
  *
  * Conventions: functions return 0 or a negative errno unless they say
- * otherwise. Nothing here calls cmocka assertions, so a forked child may
- * use any of it.
+ * otherwise. Nothing above the "cmocka fixtures and assertions" section
+ * calls cmocka assertions, so a forked child may use any of that; the
+ * functions of that last section fail the running test instead of
+ * returning an error, and belong to the test process only.
  */
 #ifndef AB_TEST_HARNESS_H
 #define AB_TEST_HARNESS_H
@@ -70,6 +72,8 @@ bool hx_under_wrapper(void);
 
 /* Milliseconds on the monotonic clock. */
 long long hx_now_ms(void);
+/* Sleep ms milliseconds (restarted after a signal). */
+void hx_sleep_ms(int ms);
 
 /* ---- files ---------------------------------------------------------------- */
 
@@ -86,6 +90,11 @@ int hx_sha256_file(const char *path, char hex[65]);
 
 /* Create the temp dir and fill in the paths. Does not start anything. */
 int hx_broker_init(hx_broker *b);
+/*
+ * hx_broker_init, then make DIR/work (mode 0755) for the test's own files
+ * and write its path into work. On failure nothing is left behind.
+ */
+int hx_broker_init_work(hx_broker *b, char *work, size_t workmax);
 /* Write the policy file DIR/policy.json from a string. */
 int hx_broker_write_policy(hx_broker *b, const char *json);
 /*
@@ -111,6 +120,10 @@ int hx_wait_answering(hx_broker *b, const char *path, int timeout_ms);
 int hx_broker_stop(hx_broker *b, int *ret_status);
 /* Print /proc/PID/{status,wchan,stack,syscall} to stderr (for a process that hangs). */
 void hx_proc_diag(pid_t pid);
+/* How many fds the process holds (entries of /proc/PID/fd), or -1. */
+int hx_proc_fd_count(pid_t pid);
+/* The value (kB) of a /proc/PID/status line such as "VmRSS:" (key with its colon), or -1. */
+long hx_proc_status_kb(pid_t pid, const char *key);
 /* Stop the daemon if running (SIGKILL if need be), close conns, remove DIR. */
 void hx_broker_cleanup(hx_broker *b);
 /*
@@ -179,6 +192,8 @@ void hx_run_result_done(hx_run_result *r);
 int hx_run(char *const argv[], const char *stdin_text, int uid, int timeout_ms, hx_run_result *ret);
 /* Run build/agent-brokerctl --socket b->sock --admin-socket b->admin_sock ARGS... (NULL-ended). */
 int hx_ctl(hx_broker *b, int uid, hx_run_result *ret, ...) __attribute__((sentinel));
+/* The same with the arguments as a NULL-ended array, bounded by timeout_ms; -E2BIG past 58 of them. */
+int hx_ctlv(hx_broker *b, int uid, const char *const *args, int timeout_ms, hx_run_result *ret);
 
 /*
  * Fork; the child drops to uid/gid (setgroups, setgid, setuid; refusing
@@ -195,5 +210,65 @@ int hx_run_as(uid_t uid, gid_t gid, hx_child_fn fn, void *arg, int timeout_ms, c
 
 /* Decode one base64url JWT segment into a JSON object (new reference) or NULL. */
 json_t *hx_jwt_segment_json(const char *token, int index);
+
+/* ---- cmocka fixtures and assertions ---------------------------------------- */
+/*
+ * For the test process only (they fail the running test through cmocka;
+ * never call them in an hx_run_as child). Each prints what it got on
+ * stderr before an assertion fails.
+ */
+
+/*
+ * cmocka setup: *state = a calloc'd hx_broker after hx_broker_init. -1
+ * (nothing left behind) if that fails.
+ */
+int hx_setup(void **state);
+/*
+ * hx_setup, then write policy_json as the policy and, if start, start the
+ * daemon (its log is printed if it does not answer). -1 (nothing left
+ * behind) if any of that fails.
+ */
+int hx_setup_policy(void **state, const char *policy_json, bool start);
+/*
+ * cmocka teardown for hx_setup: hx_broker_finish (a daemon still running
+ * must exit 0, no sanitizer reports), free, *state = NULL. 0 or -1.
+ */
+int hx_teardown(void **state);
+
+/* Append one daemon argument for the next start (b->extra_args; at most HX_MAX_EXTRA_ARGS). */
+void hx_add_arg(hx_broker *b, const char *arg);
+/* hx_broker_start, which must succeed (else the log is printed). */
+void hx_start(hx_broker *b);
+/* hx_broker_stop: the daemon must exit with status 0 (else the log is printed). */
+void hx_stop_clean(hx_broker *b);
+
+/* hx_conn_open to path (registered with b), which must succeed. */
+hx_conn *hx_connect(hx_broker *b, const char *path);
+/* Send text, require exactly one reply object and return it (new reference). */
+json_t *hx_call(hx_conn *c, const char *text);
+/* The message text {"method": method, "parameters": params} (params stolen; NULL: {}), malloc'd. */
+char *hx_call_msg(const char *method, json_t *params);
+/* hx_call with hx_call_msg(method, params): the whole reply. */
+json_t *hx_rpc(hx_conn *c, const char *method, json_t *params);
+
+/* The reply is not an error. */
+void hx_assert_ok(const json_t *root);
+/* The reply is the varlink error name. */
+void hx_assert_error_name(const json_t *root, const char *name);
+/* hx_assert_error_name, and an io.agentbroker.* error has a non-empty "reason" parameter. */
+void hx_assert_error(const json_t *root, const char *name);
+
+/* out = dir/name, which must fit in outmax. */
+void hx_path_in(char *out, size_t outmax, const char *dir, const char *name);
+/* Read a whole file (at most max bytes), which must succeed; malloc'd, NUL-terminated; *ret_len if not NULL. */
+char *hx_read_text(const char *path, size_t max, size_t *ret_len);
+/*
+ * Mount a tmpfs of size (a mount option value such as "1m") on where
+ * (made 0700 if missing), which must succeed; where is copied into
+ * ret_mnt for hx_umount_lazy in the teardown.
+ */
+void hx_mount_tmpfs(const char *where, const char *size, char *ret_mnt, size_t mntmax);
+/* Teardown: detach the tmpfs at mnt if mnt is not "" (a failure is only printed). */
+void hx_umount_lazy(const char *mnt);
 
 #endif

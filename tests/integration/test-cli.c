@@ -30,36 +30,11 @@
 
 /* ---- fixtures ----------------------------------------------------------------- */
 
-static int setup(void **state)
-{
-        hx_broker *b = calloc(1, sizeof *b);
-        if (!b)
-                return -1;
-        if (hx_broker_init(b) < 0) {
-                hx_broker_cleanup(b);
-                free(b);
-                return -1;
-        }
-        *state = b;
-        return 0;
-}
-
-static int teardown(void **state)
-{
-        hx_broker *b = *state;
-        int r = 0;
-        if (b) {
-                r = hx_broker_finish(b);
-                free(b);
-        }
-        return r;
-}
-
 /* This test's uid is the agent cli-agent; nobody is nobody-agent. */
 static void start(hx_broker *b)
 {
         char policy[1024];
-        int n, r;
+        int n;
 
         n = snprintf(policy, sizeof policy,
                      "{\"version\": 1, \"agents\": [\n"
@@ -70,12 +45,7 @@ static void start(hx_broker *b)
                      (int)geteuid(), HX_NOBODY_UID);
         assert_true(n > 0 && (size_t)n < sizeof policy);
         assert_int_equal(hx_broker_write_policy(b, policy), 0);
-        r = hx_broker_start(b);
-        if (r < 0) {
-                fprintf(stderr, "broker did not start: %s\n", strerror(-r));
-                hx_broker_dump_log(b);
-        }
-        assert_int_equal(r, 0);
+        hx_start(b);
 }
 
 /* The source tree: $AB_SOURCE_DIR, else the parent of the build directory. */
@@ -832,13 +802,13 @@ static void test_bash_completion(void **state)
 int main(void)
 {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_json_on_every_command, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_help_and_man_list_json, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_usage_errors_are_one_line, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_keys_jwks_out, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_token_refresh_reconnects_quietly, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_admin_socket_permission_denied, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_bash_completion, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_json_on_every_command, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_help_and_man_list_json, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_usage_errors_are_one_line, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_keys_jwks_out, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_token_refresh_reconnects_quietly, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_admin_socket_permission_denied, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_bash_completion, hx_setup, hx_teardown),
         };
         if (getenv("HX_FILTER"))
                 cmocka_set_test_filter(getenv("HX_FILTER"));

@@ -121,31 +121,6 @@ static bool find_program(const char *name, bool resolve, char *out, size_t max)
 
 /* ---- fixtures ------------------------------------------------------------------- */
 
-static int setup(void **state)
-{
-        hx_broker *b = calloc(1, sizeof *b);
-        if (!b)
-                return -1;
-        if (hx_broker_init(b) < 0) {
-                hx_broker_cleanup(b);
-                free(b);
-                return -1;
-        }
-        *state = b;
-        return 0;
-}
-
-static int teardown(void **state)
-{
-        hx_broker *b = *state;
-        int r = 0;
-        if (b) {
-                r = hx_broker_finish(b);
-                free(b);
-        }
-        return r;
-}
-
 /*
  * The policy: python_exe and node_exe (resolved paths, NULL: no such agent)
  * are agents of the broker's own user with the same grants and a short
@@ -159,7 +134,7 @@ static void start_broker(hx_broker *b, const char *python_exe, const char *node_
                 "     {\"audience\": \"" RESOURCE "\", \"scopes\": [\"notes:read\", \"notes:write\"], \"max_ttl\": 600},\n"
                 "     {\"audience\": \"https://other.test\", \"scopes\": [\"other:read\"], \"max_ttl\": 60}]}";
         char policy[8192], py[1024] = "", node[1024] = "";
-        int n, r;
+        int n;
 
         if (python_exe)
                 snprintf(py, sizeof py,
@@ -180,12 +155,7 @@ static void start_broker(hx_broker *b, const char *python_exe, const char *node_
                      py, node, HX_NOBODY_UID);
         assert_true(n > 0 && (size_t)n < sizeof policy);
         assert_int_equal(hx_broker_write_policy(b, policy), 0);
-        r = hx_broker_start(b);
-        if (r < 0) {
-                fprintf(stderr, "broker did not start: %s\n", strerror(-r));
-                hx_broker_dump_log(b);
-        }
-        assert_int_equal(r, 0);
+        hx_start(b);
 
         assert_int_equal(setenv("AGENT_BROKER_SOCKET", b->sock, 1), 0);
         assert_int_equal(setenv("AGENT_BROKER_ADMIN_SOCKET", b->admin_sock, 1), 0);
@@ -409,10 +379,10 @@ static void test_mcp_e2e(void **state)
 int main(void)
 {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_python_client, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_node_client, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_node_without_broker_reports_skips, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_mcp_e2e, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_python_client, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_node_client, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_node_without_broker_reports_skips, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_mcp_e2e, hx_setup, hx_teardown),
         };
         return cmocka_run_group_tests_name("integration: Python and Node clients, MCP example", tests, NULL, NULL);
 }

@@ -33,33 +33,6 @@
 
 /* ---- fixtures ------------------------------------------------------------- */
 
-static int setup(void **state)
-{
-        hx_broker *b = calloc(1, sizeof *b);
-        if (!b)
-                return -1;
-        if (hx_broker_init(b) < 0) {
-                hx_broker_cleanup(b);
-                free(b);
-                return -1;
-        }
-        *state = b;
-        return 0;
-}
-
-/* Stop the daemon (if a test left it running), require a clean exit, remove everything. */
-static int teardown(void **state)
-{
-        hx_broker *b = *state;
-        int r = 0;
-
-        if (b) {
-                r = hx_broker_finish(b);
-                free(b);
-        }
-        return r;
-}
-
 /*
  * A policy with one agent whose selectors are match_json (the inside of
  * the "match" object), granted two audiences.
@@ -80,80 +53,16 @@ static void write_policy(hx_broker *b, const char *match_json)
         assert_int_equal(hx_broker_write_policy(b, policy), 0);
 }
 
-static void start(hx_broker *b)
-{
-        int r = hx_broker_start(b);
-        if (r < 0) {
-                fprintf(stderr, "broker did not start: %s\n", strerror(-r));
-                hx_broker_dump_log(b);
-        }
-        assert_int_equal(r, 0);
-}
-
 static void start_with(hx_broker *b, const char *match_json)
 {
         write_policy(b, match_json);
-        start(b);
+        hx_start(b);
 }
 
-/* Stop the daemon and require a clean exit 0. */
-static void stop_clean(hx_broker *b)
-{
-        int st = -1, r = hx_broker_stop(b, &st);
-        if (r < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-                fprintf(stderr, "broker stop: r=%d status=0x%x\n", r, (unsigned)st);
-                hx_broker_dump_log(b);
-        }
-        assert_int_equal(r, 0);
-        assert_true(WIFEXITED(st));
-        assert_int_equal(WEXITSTATUS(st), 0);
-}
-
-static hx_conn *conn(hx_broker *b, const char *path)
-{
-        hx_conn *c = NULL;
-        assert_int_equal(hx_conn_open(b, path, &c), 0);
-        return c;
-}
-
-/* Send text, require exactly one reply object. */
-static json_t *call(hx_conn *c, const char *text)
-{
-        json_t *root = NULL;
-        int r = hx_conn_call(c, text, &root);
-        if (r != 1)
-                fprintf(stderr, "call %.200s: %d (%s)\n", text, r, r < 0 ? strerror(-r) : "eof");
-        assert_int_equal(r, 1);
-        return root;
-}
-
-/* Assert a reply is the varlink error name, with a non-empty reason if io.agentbroker. */
-static void assert_error(const json_t *root, const char *name)
-{
-        const char *e = hx_reply_error(root);
-        if (!e || strcmp(e, name) != 0) {
-                char *s = json_dumps(root, JSON_COMPACT);
-                fprintf(stderr, "expected error %s, got %s\n", name, s ? s : "?");
-                free(s);
-        }
-        assert_non_null(e);
-        assert_string_equal(e, name);
-        if (strncmp(name, "io.agentbroker.", 15) == 0) {
-                const char *reason = hx_reply_str(root, "reason");
-                assert_non_null(reason);
-                assert_true(strlen(reason) > 0);
-        }
-}
-
+/* hx_assert_ok, and the reply has a "parameters" object. */
 static void assert_ok(const json_t *root)
 {
-        const char *e = hx_reply_error(root);
-        if (e) {
-                char *s = json_dumps(root, JSON_COMPACT);
-                fprintf(stderr, "unexpected error reply %s\n", s ? s : "?");
-                free(s);
-        }
-        assert_null(e);
+        hx_assert_ok(root);
         assert_true(json_is_object(json_object_get(root, "parameters")));
 }
 
@@ -247,9 +156,9 @@ static void test_granted_uid_gets_token(void **state)
         assert_true(looks_like_jws(res.out));
         hx_run_result_done(&res);
 
-        c = conn(b, b->sock);
-        root = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
-                       "\",\"scopes\":[\"repo:read\",\"repo:write\",\"repo:read\"]}}");
+        c = hx_connect(b, b->sock);
+        root = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
+                          "\",\"scopes\":[\"repo:read\",\"repo:write\",\"repo:read\"]}}");
         assert_ok(root);
         assert_true(looks_like_jws(hx_reply_str(root, "token")));
         assert_string_equal(hx_reply_str(root, "token_type"), "Bearer");
@@ -260,8 +169,8 @@ static void test_granted_uid_gets_token(void **state)
         json_decref(root);
 
         /* The ticket grant's max_ttl (60) caps the default ttl of 300. */
-        root = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_TICKETS
-                       "\",\"scopes\":[\"tickets:read\"]}}");
+        root = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_TICKETS
+                          "\",\"scopes\":[\"tickets:read\"]}}");
         assert_ok(root);
         assert_int_equal(json_integer_value(json_object_get(hx_reply_params(root), "expires_in")), 60);
         json_decref(root);
@@ -334,7 +243,7 @@ static void run_ctl_token(hx_broker *b, hx_run_result *res)
 static void restart_with(hx_broker *b, const char *match_json)
 {
         if (b->pid > 0)
-                stop_clean(b);
+                hx_stop_clean(b);
         start_with(b, match_json);
 }
 
@@ -430,10 +339,10 @@ static void expect_issue_error(hx_conn *c, const char *params, const char *error
         json_t *root;
 
         snprintf(msg, sizeof msg, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":%s}", params);
-        root = call(c, msg);
+        root = hx_call(c, msg);
         if (!hx_reply_error(root) || strcmp(hx_reply_error(root), error) != 0)
                 fprintf(stderr, "request %s\n", params);
-        assert_error(root, error);
+        hx_assert_error(root, error);
         assert_null(hx_reply_str(root, "token"));
         json_decref(root);
 }
@@ -444,7 +353,7 @@ static void expect_issue_ok(hx_conn *c, const char *params, long long expires_in
         json_t *root;
 
         snprintf(msg, sizeof msg, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":%s}", params);
-        root = call(c, msg);
+        root = hx_call(c, msg);
         if (hx_reply_error(root))
                 fprintf(stderr, "request %s\n", params);
         assert_ok(root);
@@ -460,7 +369,7 @@ static void test_scope_audience_ttl_denials(void **state)
         hx_conn *c;
 
         start_with(b, "\"uid\": 0");
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
 
         /* Scopes: every one must be granted for the audience; no partial grant. */
         expect_issue_error(c, "{\"audience\":\"" AUD_GIT "\",\"scopes\":[\"repo:admin\"]}",
@@ -620,9 +529,9 @@ static void test_token_verifies_independently(void **state)
         long long now = (long long)time(NULL), iat;
 
         start_with(b, "\"uid\": 0");
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
 
-        root = call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
+        root = hx_call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
         assert_ok(root);
         keys = json_object_get(hx_reply_params(root), "keys");
         assert_true(json_is_array(keys));
@@ -638,13 +547,13 @@ static void test_token_verifies_independently(void **state)
         jwks_json = json_dumps(hx_reply_params(root), JSON_COMPACT);
         assert_non_null(jwks_json);
 
-        reply2 = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
-                         "\",\"scopes\":[\"repo:read\",\"repo:write\"],\"ttl\":120,\"task\":\"TASK-42 fix build\"}}");
+        reply2 = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
+                            "\",\"scopes\":[\"repo:read\",\"repo:write\"],\"ttl\":120,\"task\":\"TASK-42 fix build\"}}");
         assert_ok(reply2);
         token = strdup(hx_reply_str(reply2, "token"));
         assert_non_null(token);
-        json_t *r3 = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
-                             "\",\"scopes\":[\"repo:read\"]}}");
+        json_t *r3 = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
+                                "\",\"scopes\":[\"repo:read\"]}}");
         assert_ok(r3);
         token2 = strdup(hx_reply_str(r3, "token"));
         json_decref(r3);
@@ -729,7 +638,7 @@ static void test_token_verifies_independently(void **state)
 
 static void assert_getinfo_works(hx_conn *c)
 {
-        json_t *root = call(c, "{\"method\":\"org.varlink.service.GetInfo\"}");
+        json_t *root = hx_call(c, "{\"method\":\"org.varlink.service.GetInfo\"}");
         assert_ok(root);
         assert_string_equal(hx_reply_str(root, "product"), "agent-brokerd");
         json_decref(root);
@@ -761,14 +670,14 @@ static void test_message_size_limit(void **state)
         int r;
 
         start_with(b, "\"uid\": 0");
-        other = conn(b, b->sock); /* connected before the abuse */
+        other = hx_connect(b, b->sock); /* connected before the abuse */
         assert_getinfo_works(other);
 
         /* The limit itself: 65536 bytes is served. */
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         m = padded_getinfo(AB_MAX_MESSAGE);
         assert_int_equal(strlen(m), 65536);
-        root = call(c, m);
+        root = hx_call(c, m);
         free(m);
         assert_ok(root);
         json_decref(root);
@@ -776,19 +685,19 @@ static void test_message_size_limit(void **state)
         hx_conn_close(b, c);
 
         /* 65536 + 1 bytes: MessageTooLarge, then the connection is closed. */
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         m = padded_getinfo(AB_MAX_MESSAGE + 1);
         r = hx_conn_send_msg(c, m);
         free(m);
         assert_true(r == 0 || r == -EPIPE || r == -ECONNRESET);
         assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
-        assert_error(root, "io.agentbroker.MessageTooLarge");
+        hx_assert_error(root, "io.agentbroker.MessageTooLarge");
         json_decref(root);
         assert_int_equal(hx_conn_wait_closed(c, HX_IO_TIMEOUT_MS), 0);
         hx_conn_close(b, c);
 
         /* A message with no NUL at all that keeps growing: the same, without waiting for the end. */
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         m = malloc(200000);
         assert_non_null(m);
         memset(m, 'x', 200000);
@@ -796,7 +705,7 @@ static void test_message_size_limit(void **state)
         free(m);
         assert_true(r == 0 || r == -EPIPE || r == -ECONNRESET);
         assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
-        assert_error(root, "io.agentbroker.MessageTooLarge");
+        hx_assert_error(root, "io.agentbroker.MessageTooLarge");
         json_decref(root);
         assert_int_equal(hx_conn_wait_closed(c, HX_IO_TIMEOUT_MS), 0);
         hx_conn_close(b, c);
@@ -804,13 +713,13 @@ static void test_message_size_limit(void **state)
         /* The other client is still served, and so is a new one. */
         assert_getinfo_works(other);
         assert_token_works(other);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         assert_token_works(c);
 }
 
 static void expect_invalid_message(hx_broker *b, const char *bytes, size_t len)
 {
-        hx_conn *c = conn(b, b->sock);
+        hx_conn *c = hx_connect(b, b->sock);
         json_t *root = NULL;
         int r = hx_conn_send(c, bytes, len);
 
@@ -819,7 +728,7 @@ static void expect_invalid_message(hx_broker *b, const char *bytes, size_t len)
         if (r != 1)
                 fprintf(stderr, "no reply to %.*s: %d\n", (int)len, bytes, r);
         assert_int_equal(r, 1);
-        assert_error(root, "io.agentbroker.InvalidMessage");
+        hx_assert_error(root, "io.agentbroker.InvalidMessage");
         json_decref(root);
         /* The daemon closes a connection that sent garbage. */
         assert_int_equal(hx_conn_wait_closed(c, HX_IO_TIMEOUT_MS), 0);
@@ -834,7 +743,7 @@ static void test_invalid_json(void **state)
         hx_conn *other;
 
         start_with(b, "\"uid\": 0");
-        other = conn(b, b->sock);
+        other = hx_connect(b, b->sock);
         assert_getinfo_works(other);
 
         GARBAGE("{not json");
@@ -854,14 +763,14 @@ static void test_invalid_json(void **state)
         /* A good call followed by garbage in the same write: the good one is answered first. */
         {
                 static const char two[] = "{\"method\":\"org.varlink.service.GetInfo\"}\0{oops";
-                hx_conn *c = conn(b, b->sock);
+                hx_conn *c = hx_connect(b, b->sock);
                 json_t *root;
                 assert_int_equal(hx_conn_send(c, two, sizeof two), 0);
                 assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
                 assert_ok(root);
                 json_decref(root);
                 assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
-                assert_error(root, "io.agentbroker.InvalidMessage");
+                hx_assert_error(root, "io.agentbroker.InvalidMessage");
                 json_decref(root);
                 assert_int_equal(hx_conn_wait_closed(c, HX_IO_TIMEOUT_MS), 0);
                 hx_conn_close(b, c);
@@ -878,27 +787,27 @@ static void test_unknown_methods(void **state)
         json_t *root;
 
         start_with(b, "\"uid\": 0");
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
 
-        root = call(c, "{\"method\":\"io.agentbroker.Nope\"}");
-        assert_error(root, "org.varlink.service.MethodNotFound");
+        root = hx_call(c, "{\"method\":\"io.agentbroker.Nope\"}");
+        hx_assert_error(root, "org.varlink.service.MethodNotFound");
         assert_string_equal(hx_reply_str(root, "method"), "io.agentbroker.Nope");
         json_decref(root);
         assert_getinfo_works(c); /* the connection stays usable */
 
-        root = call(c, "{\"method\":\"com.example.X\",\"parameters\":{}}");
-        assert_error(root, "org.varlink.service.InterfaceNotFound");
+        root = hx_call(c, "{\"method\":\"com.example.X\",\"parameters\":{}}");
+        hx_assert_error(root, "org.varlink.service.InterfaceNotFound");
         assert_string_equal(hx_reply_str(root, "interface"), "com.example");
         json_decref(root);
         assert_getinfo_works(c);
 
-        root = call(c, "{\"method\":\"org.varlink.service.Nope\"}");
-        assert_error(root, "org.varlink.service.MethodNotFound");
+        root = hx_call(c, "{\"method\":\"org.varlink.service.Nope\"}");
+        hx_assert_error(root, "org.varlink.service.MethodNotFound");
         json_decref(root);
 
         /* Names that differ only in case are different names. */
-        root = call(c, "{\"method\":\"io.agentbroker.Issuetoken\",\"parameters\":{}}");
-        assert_error(root, "org.varlink.service.MethodNotFound");
+        root = hx_call(c, "{\"method\":\"io.agentbroker.Issuetoken\",\"parameters\":{}}");
+        hx_assert_error(root, "org.varlink.service.MethodNotFound");
         json_decref(root);
 
         assert_token_works(c);
@@ -910,11 +819,11 @@ static void expect_invalid_param(hx_conn *c, const char *params, const char *whi
         json_t *root;
 
         snprintf(msg, sizeof msg, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":%s}", params);
-        root = call(c, msg);
+        root = hx_call(c, msg);
         if (!hx_reply_error(root) || strcmp(hx_reply_error(root), "io.agentbroker.InvalidParameter") != 0 ||
             !hx_reply_str(root, "parameter") || strcmp(hx_reply_str(root, "parameter"), which) != 0)
                 fprintf(stderr, "request %s (expected parameter %s)\n", params, which);
-        assert_error(root, "io.agentbroker.InvalidParameter");
+        hx_assert_error(root, "io.agentbroker.InvalidParameter");
         assert_non_null(hx_reply_str(root, "parameter"));
         assert_string_equal(hx_reply_str(root, "parameter"), which);
         json_decref(root);
@@ -926,7 +835,7 @@ static void test_invalid_parameters(void **state)
         hx_conn *c;
 
         start_with(b, "\"uid\": 0");
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
 
 #define A "\"audience\":\"" AUD_GIT "\""
 #define S "\"scopes\":[\"repo:read\"]"
@@ -980,7 +889,7 @@ static void test_split_writes(void **state)
         json_t *root;
 
         start_with(b, "\"uid\": 0");
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
 
         for (size_t i = 0; i < sizeof msg; i++) { /* including the NUL */
                 struct timespec ts = { 0, 1000000 };
@@ -1011,7 +920,7 @@ static void test_merged_messages(void **state)
         json_t *root;
 
         start_with(b, "\"uid\": 0");
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         assert_int_equal(hx_conn_send(c, msgs, sizeof msgs), 0);
 
         assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
@@ -1019,7 +928,7 @@ static void test_merged_messages(void **state)
         assert_true(json_is_array(json_object_get(hx_reply_params(root), "interfaces")));
         json_decref(root);
         assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
-        assert_error(root, "org.varlink.service.MethodNotFound");
+        hx_assert_error(root, "org.varlink.service.MethodNotFound");
         json_decref(root);
         assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
         assert_ok(root);
@@ -1063,7 +972,7 @@ static void test_oneway(void **state)
         json_t *root;
 
         start_with(b, "\"uid\": 0");
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
 
         assert_int_equal(hx_conn_send_msg(c, oneway), 0);
         assert_true(hx_conn_quiet(c, 300)); /* no reply */
@@ -1073,13 +982,13 @@ static void test_oneway(void **state)
                                              "\"parameters\":{\"audience\":\"x\",\"scopes\":[\"y\"]}}"),
                          0);
         /* The next normal call gets the first reply on the connection. */
-        root = call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
+        root = hx_call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
         assert_ok(root);
         assert_true(json_is_array(json_object_get(hx_reply_params(root), "keys")));
         json_decref(root);
         assert_true(hx_conn_quiet(c, 200));
         /* oneway: false is an ordinary call. */
-        root = call(c, "{\"method\":\"org.varlink.service.GetInfo\",\"oneway\":false}");
+        root = hx_call(c, "{\"method\":\"org.varlink.service.GetInfo\",\"oneway\":false}");
         assert_ok(root);
         json_decref(root);
 }
@@ -1094,9 +1003,9 @@ static void test_service_interface(void **state)
         bool seen_ab = false, seen_vl = false;
 
         start_with(b, "\"uid\": 0");
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
 
-        root = call(c, "{\"method\":\"org.varlink.service.GetInfo\",\"parameters\":{}}");
+        root = hx_call(c, "{\"method\":\"org.varlink.service.GetInfo\",\"parameters\":{}}");
         assert_ok(root);
         assert_non_null(hx_reply_str(root, "vendor"));
         assert_string_equal(hx_reply_str(root, "product"), "agent-brokerd");
@@ -1114,8 +1023,8 @@ static void test_service_interface(void **state)
         assert_true(seen_vl);
         json_decref(root);
 
-        root = call(c, "{\"method\":\"org.varlink.service.GetInterfaceDescription\","
-                       "\"parameters\":{\"interface\":\"io.agentbroker\"}}");
+        root = hx_call(c, "{\"method\":\"org.varlink.service.GetInterfaceDescription\","
+                          "\"parameters\":{\"interface\":\"io.agentbroker\"}}");
         assert_ok(root);
         d = hx_reply_str(root, "description");
         assert_non_null(d);
@@ -1126,21 +1035,21 @@ static void test_service_interface(void **state)
         assert_non_null(strstr(d, "error InvalidParameter"));
         json_decref(root);
 
-        root = call(c, "{\"method\":\"org.varlink.service.GetInterfaceDescription\","
-                       "\"parameters\":{\"interface\":\"org.varlink.service\"}}");
+        root = hx_call(c, "{\"method\":\"org.varlink.service.GetInterfaceDescription\","
+                          "\"parameters\":{\"interface\":\"org.varlink.service\"}}");
         assert_ok(root);
         assert_non_null(strstr(hx_reply_str(root, "description"), "interface org.varlink.service"));
         json_decref(root);
 
-        root = call(c, "{\"method\":\"org.varlink.service.GetInterfaceDescription\","
-                       "\"parameters\":{\"interface\":\"com.example.nothing\"}}");
-        assert_error(root, "org.varlink.service.InterfaceNotFound");
+        root = hx_call(c, "{\"method\":\"org.varlink.service.GetInterfaceDescription\","
+                          "\"parameters\":{\"interface\":\"com.example.nothing\"}}");
+        hx_assert_error(root, "org.varlink.service.InterfaceNotFound");
         assert_string_equal(hx_reply_str(root, "interface"), "com.example.nothing");
         json_decref(root);
 
         /* GetInfo takes no parameters; bad parameters of this interface get its own error. */
-        root = call(c, "{\"method\":\"org.varlink.service.GetInfo\",\"parameters\":{\"x\":1}}");
-        assert_error(root, "org.varlink.service.InvalidParameter");
+        root = hx_call(c, "{\"method\":\"org.varlink.service.GetInfo\",\"parameters\":{\"x\":1}}");
+        hx_assert_error(root, "org.varlink.service.InvalidParameter");
         assert_string_equal(hx_reply_str(root, "parameter"), "x");
         json_decref(root);
         {
@@ -1157,15 +1066,15 @@ static void test_service_interface(void **state)
                         snprintf(text, sizeof text,
                                  "{\"method\":\"org.varlink.service.GetInterfaceDescription\",\"parameters\":%s}",
                                  cases[k].params);
-                        root = call(c, text);
-                        assert_error(root, "org.varlink.service.InvalidParameter");
+                        root = hx_call(c, text);
+                        hx_assert_error(root, "org.varlink.service.InvalidParameter");
                         assert_string_equal(hx_reply_str(root, "parameter"), cases[k].bad);
                         json_decref(root);
                 }
         }
         /* every error the agent interface sends is declared in its description */
-        root = call(c, "{\"method\":\"org.varlink.service.GetInterfaceDescription\","
-                       "\"parameters\":{\"interface\":\"io.agentbroker\"}}");
+        root = hx_call(c, "{\"method\":\"org.varlink.service.GetInterfaceDescription\","
+                          "\"parameters\":{\"interface\":\"io.agentbroker\"}}");
         d = hx_reply_str(root, "description");
         assert_non_null(d);
         {
@@ -1223,12 +1132,12 @@ static void test_one_broker_per_state_dir(void **state)
                 assert_non_null(strstr(res.err, "Address already in use"));
                 hx_run_result_done(&res);
         }
-        c = conn(b, b->sock); /* the first one's socket is still its own */
+        c = hx_connect(b, b->sock); /* the first one's socket is still its own */
         assert_token_works(c);
-        stop_clean(b);
+        hx_stop_clean(b);
         /* once it is gone, its state dir and its (now stale) socket can be taken */
-        start(b);
-        c = conn(b, b->sock);
+        hx_start(b);
+        c = hx_connect(b, b->sock);
         assert_token_works(c);
 }
 
@@ -1247,38 +1156,38 @@ static void test_rotate_key_overlap(void **state)
         const char *token;
 
         start_with(b, "\"uid\": 0");
-        c = conn(b, b->sock);
-        adm = conn(b, b->admin_sock);
-        tok_reply = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":"
-                            "{\"audience\":\"" AUD_GIT "\",\"scopes\":[\"repo:read\"],\"ttl\":600}}");
+        c = hx_connect(b, b->sock);
+        adm = hx_connect(b, b->admin_sock);
+        tok_reply = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":"
+                               "{\"audience\":\"" AUD_GIT "\",\"scopes\":[\"repo:read\"],\"ttl\":600}}");
         assert_ok(tok_reply);
         token = hx_reply_str(tok_reply, "token");
         assert_non_null(token);
 
-        root = call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":{\"overlap\":2}}");
-        assert_error(root, "io.agentbroker.InvalidParameter");
+        root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":{\"overlap\":2}}");
+        hx_assert_error(root, "io.agentbroker.InvalidParameter");
         assert_string_equal(hx_reply_str(root, "parameter"), "overlap");
         assert_non_null(strstr(hx_reply_str(root, "reason"), "605 s"));
         json_decref(root);
 
-        root = call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":{\"overlap\":605}}");
+        root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":{\"overlap\":605}}");
         assert_ok(root);
         json_decref(root);
-        root = call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
+        root = hx_call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
         assert_ok(root);
         keys = json_object_get(hx_reply_params(root), "keys");
         assert_int_equal(json_array_size(keys), 2);
         json_decref(root);
         snprintf(text, sizeof text,
                  "{\"method\":\"io.agentbroker.Introspect\",\"parameters\":{\"token\":\"%s\"}}", token);
-        root = call(c, text);
+        root = hx_call(c, text);
         assert_ok(root);
         assert_true(json_is_true(json_object_get(hx_reply_params(root), "active")));
         json_decref(root);
 
         /* forced: the admin retires a (leaked) key sooner on purpose */
-        root = call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":"
-                         "{\"overlap\":0,\"force\":true}}");
+        root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":"
+                            "{\"overlap\":0,\"force\":true}}");
         assert_ok(root);
         json_decref(root);
         json_decref(tok_reply);
@@ -1301,9 +1210,9 @@ static void test_audit_dir_created(void **state)
         assert_int_equal(stat(logdir, &st), 0);
         assert_true(S_ISDIR(st.st_mode));
         assert_int_equal(st.st_mode & 07777, 0750);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         assert_token_works(c);
-        stop_clean(b);
+        hx_stop_clean(b);
         assert_int_equal(stat(logfile, &st), 0);
         assert_true(st.st_size > 0);
 }
@@ -1316,15 +1225,15 @@ static void test_stuck_client_does_not_block(void **state)
         long long t0;
 
         start_with(b, "\"uid\": 0");
-        stuck = conn(b, b->sock);
+        stuck = hx_connect(b, b->sock);
         assert_int_equal(hx_conn_send(stuck, "{\"method\":\"org.varlink.service.Get", 34), 0);
         /* And one that never reads its replies. */
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         for (int i = 0; i < 50; i++)
                 assert_int_equal(hx_conn_send_msg(c, "{\"method\":\"io.agentbroker.GetKeys\"}"), 0);
 
         t0 = hx_now_ms();
-        hx_conn *other = conn(b, b->sock);
+        hx_conn *other = hx_connect(b, b->sock);
         assert_getinfo_works(other);
         assert_token_works(other);
         assert_true(hx_now_ms() - t0 < 3000);
@@ -1410,8 +1319,8 @@ static void test_state_and_key_permissions(void **state)
 
 static char *get_jwks(hx_broker *b)
 {
-        hx_conn *c = conn(b, b->sock);
-        json_t *root = call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
+        hx_conn *c = hx_connect(b, b->sock);
+        json_t *root = hx_call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
         char *s;
         assert_ok(root);
         s = json_dumps(hx_reply_params(root), JSON_COMPACT | JSON_SORT_KEYS);
@@ -1441,9 +1350,9 @@ static void test_key_reused_after_restart(void **state)
         assert_int_equal(lib_issue(b->sock, AUD_GIT, "repo:read", 0, NULL, &token, NULL, 0), 0);
         snprintf(keyp, sizeof keyp, "%s/signing.key", b->state);
         assert_int_equal(hx_read_file(keyp, 4096, &key1, &n1), 0);
-        stop_clean(b);
+        hx_stop_clean(b);
 
-        start(b);
+        hx_start(b);
         jwks2 = get_jwks(b);
         kid2 = kid_of(jwks2);
         assert_string_equal(kid1, kid2);
@@ -1458,9 +1367,9 @@ static void test_key_reused_after_restart(void **state)
         json_decref(results);
 
         /* A fresh state dir makes a different key. */
-        stop_clean(b);
+        hx_stop_clean(b);
         assert_int_equal(hx_rm_rf(b->state), 0);
-        start(b);
+        hx_start(b);
         char *jwks3 = get_jwks(b), *kid3 = kid_of(jwks3);
         assert_string_not_equal(kid3, kid1);
 
@@ -1528,14 +1437,14 @@ static void test_admin_socket(void **state)
         assert_int_equal(st.st_mode & 0777, 0666);
 
         /* root is served on the admin socket; tokens are not issued there. */
-        c = conn(b, b->admin_sock);
+        c = hx_connect(b, b->admin_sock);
         assert_getinfo_works(c);
-        root = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
-                       "\",\"scopes\":[\"repo:read\"]}}");
+        root = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
+                          "\",\"scopes\":[\"repo:read\"]}}");
         /* Either answer is fine; a token is not. */
         assert_non_null(hx_reply_error(root));
         if (strcmp(hx_reply_error(root), "org.varlink.service.MethodNotFound") != 0)
-                assert_error(root, "io.agentbroker.PermissionDenied");
+                hx_assert_error(root, "io.agentbroker.PermissionDenied");
         assert_null(hx_reply_str(root, "token"));
         json_decref(root);
         hx_conn_close(b, c);
@@ -1631,14 +1540,14 @@ static void test_connection_caps(void **state)
         start_with(b, "\"uid\": 0");
 
         for (int i = 0; i < 3; i++) {
-                cs[i] = conn(b, b->sock);
+                cs[i] = hx_connect(b, b->sock);
                 assert_getinfo_works(cs[i]);
         }
         /* The fourth connection of root is refused, with a reason. */
-        extra = conn(b, b->sock);
+        extra = hx_connect(b, b->sock);
         (void)hx_conn_send_msg(extra, "{\"method\":\"org.varlink.service.GetInfo\"}");
         assert_int_equal(hx_conn_recv_json(extra, HX_IO_TIMEOUT_MS, &root), 1);
-        assert_error(root, "io.agentbroker.TooManyConnections");
+        hx_assert_error(root, "io.agentbroker.TooManyConnections");
         json_decref(root);
         assert_int_equal(hx_conn_wait_closed(extra, HX_IO_TIMEOUT_MS), 0);
         hx_conn_close(b, extra);
@@ -1654,7 +1563,7 @@ static void test_connection_caps(void **state)
         cs[0] = NULL;
         long long deadline = hx_now_ms() + HX_IO_TIMEOUT_MS;
         for (;;) {
-                hx_conn *c = conn(b, b->sock);
+                hx_conn *c = hx_connect(b, b->sock);
                 (void)hx_conn_send_msg(c, "{\"method\":\"org.varlink.service.GetInfo\"}");
                 assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
                 bool ok = hx_reply_error(root) == NULL;
@@ -1669,8 +1578,8 @@ static void test_connection_caps(void **state)
 
 static const char *issue_on(hx_conn *c, json_t **keep)
 {
-        json_t *root = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
-                               "\",\"scopes\":[\"repo:read\"]}}");
+        json_t *root = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
+                                  "\",\"scopes\":[\"repo:read\"]}}");
         *keep = root;
         return hx_reply_error(root) ? hx_reply_error(root) : "ok";
 }
@@ -1687,14 +1596,14 @@ static void test_rate_limit_per_uid(void **state)
         b->extra_args[b->n_extra_args++] = "--rate-limit";
         b->extra_args[b->n_extra_args++] = "1/2";
         start_with(b, "\"uid\": 0");
-        c = conn(b, b->sock);
-        c2 = conn(b, b->sock); /* the same uid on another connection shares the bucket */
+        c = hx_connect(b, b->sock);
+        c2 = hx_connect(b, b->sock); /* the same uid on another connection shares the bucket */
 
         assert_string_equal(issue_on(c, &r1), "ok");
         assert_string_equal(issue_on(c2, &r2), "ok");
         assert_string_equal(issue_on(c, &r3), "io.agentbroker.RateLimited");
         assert_string_equal(issue_on(c2, &r4), "io.agentbroker.RateLimited");
-        assert_error(r3, "io.agentbroker.RateLimited");
+        hx_assert_error(r3, "io.agentbroker.RateLimited");
         json_decref(r1);
         json_decref(r2);
         json_decref(r3);
@@ -1720,7 +1629,7 @@ static void test_rate_limit_survives_reconnect(void **state)
         start_with(b, "\"uid\": 0");
 
         for (int i = 0; i < 5; i++) {
-                hx_conn *c = conn(b, b->sock);
+                hx_conn *c = hx_connect(b, b->sock);
                 json_t *root;
                 const char *e = issue_on(c, &root);
                 if (strcmp(e, "ok") == 0)
@@ -1752,11 +1661,11 @@ static void test_sigterm_clean_exit(void **state)
         assert_non_null(strstr(msg, "STATUS="));
 
         /* An open idle connection and a half-sent message do not hold up shutdown. */
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         assert_getinfo_works(c);
-        assert_int_equal(hx_conn_send(conn(b, b->sock), "{\"meth", 6), 0);
+        assert_int_equal(hx_conn_send(hx_connect(b, b->sock), "{\"meth", 6), 0);
 
-        stop_clean(b);
+        hx_stop_clean(b);
         assert_int_equal(hx_wait_notify(b, "STOPPING=1", HX_IO_TIMEOUT_MS, NULL, 0), 0);
         /* Closed connections; the sockets it bound are gone. */
         assert_int_equal(hx_conn_wait_closed(c, HX_IO_TIMEOUT_MS), 0);
@@ -1766,8 +1675,8 @@ static void test_sigterm_clean_exit(void **state)
         assert_int_equal(errno, ENOENT);
 
         /* A second start and SIGTERM also exit 0 (state already exists). */
-        start(b);
-        stop_clean(b);
+        hx_start(b);
+        hx_stop_clean(b);
 }
 
 static void test_cli_status_keys_and_errors(void **state)
@@ -1830,33 +1739,33 @@ static void test_cli_status_keys_and_errors(void **state)
 int main(void)
 {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_granted_uid_gets_token, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_other_uid_denied, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_uid_selector_is_exact, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_sha256_selector, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_scope_audience_ttl_denials, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_token_verifies_independently, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_message_size_limit, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_invalid_json, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_unknown_methods, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_invalid_parameters, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_split_writes, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_merged_messages, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_oneway, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_service_interface, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_one_broker_per_state_dir, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_audit_dir_created, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_rotate_key_overlap, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_stuck_client_does_not_block, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_state_and_key_permissions, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_key_reused_after_restart, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_admin_socket, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_refused_client_learns_why, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_connection_caps, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_rate_limit_per_uid, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_rate_limit_survives_reconnect, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_sigterm_clean_exit, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_cli_status_keys_and_errors, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_granted_uid_gets_token, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_other_uid_denied, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_uid_selector_is_exact, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_sha256_selector, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_scope_audience_ttl_denials, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_token_verifies_independently, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_message_size_limit, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_invalid_json, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_unknown_methods, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_invalid_parameters, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_split_writes, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_merged_messages, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_oneway, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_service_interface, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_one_broker_per_state_dir, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_audit_dir_created, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_rotate_key_overlap, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_stuck_client_does_not_block, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_state_and_key_permissions, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_key_reused_after_restart, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_admin_socket, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_refused_client_learns_why, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_connection_caps, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_rate_limit_per_uid, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_rate_limit_survives_reconnect, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_sigterm_clean_exit, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_cli_status_keys_and_errors, hx_setup, hx_teardown),
         };
         if (getenv("HX_FILTER")) /* e.g. HX_FILTER='test_sha256*' */
                 cmocka_set_test_filter(getenv("HX_FILTER"));
