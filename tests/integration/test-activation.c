@@ -42,31 +42,10 @@ static const char *find_activator(void)
         return NULL;
 }
 
+/* The policy written, the daemon not started: each test starts it its own way. */
 static int setup(void **state)
 {
-        hx_broker *b = calloc(1, sizeof *b);
-        if (!b)
-                return -1;
-        if (hx_broker_init(b) < 0 || hx_broker_write_policy(b, policy) < 0) {
-                hx_broker_cleanup(b);
-                free(b);
-                return -1;
-        }
-        *state = b;
-        return 0;
-}
-
-/* Stop the daemon (if a test left it running), require a clean exit, remove everything. */
-static int teardown(void **state)
-{
-        hx_broker *b = *state;
-        int r = 0;
-
-        if (b) {
-                r = hx_broker_finish(b);
-                free(b);
-        }
-        return r;
+        return hx_setup_policy(state, policy, false);
 }
 
 typedef struct paths {
@@ -108,18 +87,6 @@ static void start_activated(hx_broker *b, const char *fdnames, const char *ready
                 hx_broker_dump_log(b);
         }
         assert_int_equal(r, 0);
-}
-
-static void stop_clean(hx_broker *b)
-{
-        int st = -1, r = hx_broker_stop(b, &st);
-        if (r < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-                fprintf(stderr, "broker stop: r=%d status=0x%x\n", r, (unsigned)st);
-                hx_broker_dump_log(b);
-        }
-        assert_int_equal(r, 0);
-        assert_true(WIFEXITED(st));
-        assert_int_equal(WEXITSTATUS(st), 0);
 }
 
 static bool looks_like_jws(const char *t)
@@ -258,7 +225,7 @@ static void test_activation_serves_passed_sockets(void **state)
         assert_true(strcmp(lp, want1) == 0 || strcmp(lp, want2) == 0);
 
         /* SIGTERM: exit 0, and the sockets systemd owns are left in place. */
-        stop_clean(b);
+        hx_stop_clean(b);
         assert_int_equal(lstat(b->sock, &st), 0);
         assert_true(S_ISSOCK(st.st_mode));
         assert_int_equal(lstat(b->admin_sock, &st), 0);
@@ -287,7 +254,7 @@ static void test_activation_uses_names_not_order(void **state)
         assert_null(hx_reply_str(root, "token"));
         json_decref(root);
 
-        stop_clean(b);
+        hx_stop_clean(b);
 }
 
 /* A socket with a name the daemon does not know is not served as either socket. */
@@ -317,15 +284,15 @@ static void test_activation_unknown_name_not_served(void **state)
         } else {
                 assert_int_equal(r, -ECONNREFUSED);
         }
-        stop_clean(b);
+        hx_stop_clean(b);
 }
 
 int main(void)
 {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_activation_serves_passed_sockets, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_activation_uses_names_not_order, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_activation_unknown_name_not_served, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_activation_serves_passed_sockets, setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_activation_uses_names_not_order, setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_activation_unknown_name_not_served, setup, hx_teardown),
         };
         if (getenv("HX_FILTER"))
                 cmocka_set_test_filter(getenv("HX_FILTER"));

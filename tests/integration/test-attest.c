@@ -25,27 +25,14 @@
 static const char issue_msg[] =
         "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"mcp://t\",\"scopes\":[\"r\"]}}";
 
+/* root is granted; nobody is not */
+static const char root_policy[] =
+        "{\"version\":1,\"agents\":[{\"id\":\"root-agent\",\"owner\":\"ops@example.com\","
+        "\"match\":{\"uid\":0},\"grants\":[{\"audience\":\"mcp://t\",\"scopes\":[\"r\"],\"max_ttl\":60}]}]}";
+
 static int setup(void **state)
 {
-        hx_broker *b = calloc(1, sizeof *b);
-        char policy[1024];
-
-        /* root is granted; nobody is not */
-        snprintf(policy, sizeof policy,
-                 "{\"version\":1,\"agents\":[{\"id\":\"root-agent\",\"owner\":\"ops@example.com\","
-                 "\"match\":{\"uid\":0},\"grants\":[{\"audience\":\"mcp://t\",\"scopes\":[\"r\"],\"max_ttl\":60}]}]}");
-        if (!b || hx_broker_init(b) < 0 || hx_broker_write_policy(b, policy) < 0 || hx_broker_start(b) < 0)
-                return -1;
-        *state = b;
-        return 0;
-}
-
-static int teardown(void **state)
-{
-        hx_broker *b = *state;
-        int r = hx_broker_finish(b);
-        free(b);
-        return r;
+        return hx_setup_policy(state, root_policy, true);
 }
 
 static int connect_to(const char *path)
@@ -250,9 +237,9 @@ static void test_exec_after_connect(void **state)
 int main(void)
 {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_peer_gone, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_recycled_pid, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_exec_after_connect, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_peer_gone, setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_recycled_pid, setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_exec_after_connect, setup, hx_teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -29,23 +29,7 @@ static const char POLICY[] =
 
 static int setup(void **state)
 {
-        hx_broker *b = calloc(1, sizeof *b);
-        if (!b || hx_broker_init(b) < 0 || hx_broker_write_policy(b, POLICY) < 0 || hx_broker_start(b) < 0) {
-                if (b)
-                        hx_broker_cleanup(b);
-                free(b);
-                return -1;
-        }
-        *state = b;
-        return 0;
-}
-
-static int teardown(void **state)
-{
-        hx_broker *b = *state;
-        int r = hx_broker_finish(b);
-        free(b);
-        return r;
+        return hx_setup_policy(state, POLICY, true);
 }
 
 /* One call on a fresh connection; writes "ERROR name" or the reply's parameters into out. */
@@ -208,8 +192,8 @@ static void test_non_root_cannot_read_state_or_use_admin(void **state)
 int main(void)
 {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_root_in_own_user_namespace_is_not_root, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_non_root_cannot_read_state_or_use_admin, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_root_in_own_user_namespace_is_not_root, setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_non_root_cannot_read_state_or_use_admin, setup, hx_teardown),
         };
         return cmocka_run_group_tests_name("boundaries", tests, NULL, NULL);
 }

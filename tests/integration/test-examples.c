@@ -197,19 +197,14 @@ static void test_examples_together(void **state)
 /* The broker compiles the examples directory and serves demo.json's grant to this process (root). */
 static void test_examples_serve(void **state)
 {
-        hx_broker *b = calloc(1, sizeof *b);
+        hx_broker *b;
         hx_run_result res;
         json_t *show;
-        int r;
 
-        assert_non_null(b);
-        *state = b;
-        assert_int_equal(hx_broker_init(b), 0);
+        assert_int_equal(hx_setup(state), 0);
+        b = *state;
         snprintf(b->policy, sizeof b->policy, "%s", examples_dir);
-        r = hx_broker_start(b);
-        if (r < 0)
-                hx_broker_dump_log(b);
-        assert_int_equal(r, 0);
+        hx_start(b);
 
         assert_int_equal(hx_ctl(b, -1, &res, "token", "--audience", "mcp://git.internal", "--scope", "repo:read",
                                 "--scope", "repo:write", NULL),
@@ -231,24 +226,12 @@ static void test_examples_serve(void **state)
         hx_run_result_done(&res);
 }
 
-static int serve_teardown(void **state)
-{
-        hx_broker *b = *state;
-        int r = 0;
-        if (b) {
-                r = hx_broker_finish(b);
-                free(b);
-        }
-        *state = NULL;
-        return r;
-}
-
 int main(void)
 {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_each_example),
                 cmocka_unit_test(test_examples_together),
-                cmocka_unit_test_teardown(test_examples_serve, serve_teardown),
+                cmocka_unit_test_teardown(test_examples_serve, hx_teardown),
         };
         return cmocka_run_group_tests_name("examples", tests, group_setup, group_teardown);
 }

@@ -96,32 +96,11 @@ static void procs_kill_all(void)
         }
 }
 
-static int setup(void **state)
-{
-        hx_broker *b = calloc(1, sizeof *b);
-        if (!b)
-                return -1;
-        if (hx_broker_init(b) < 0) {
-                hx_broker_cleanup(b);
-                free(b);
-                return -1;
-        }
-        *state = b;
-        return 0;
-}
-
 static int teardown(void **state)
 {
-        hx_broker *b = *state;
-        int r = 0;
-
         procs_kill_all();
         unsetenv(TEST_CLOCK_ENV);
-        if (b) {
-                r = hx_broker_finish(b);
-                free(b);
-        }
-        return r;
+        return hx_teardown(state);
 }
 
 /* ---- policy and daemon ------------------------------------------------------ */
@@ -162,32 +141,10 @@ static void write_policy(hx_broker *b, const char *session_json, int depth)
         assert_int_equal(hx_broker_write_policy(b, policy), 0);
 }
 
-static void start(hx_broker *b)
-{
-        int r = hx_broker_start(b);
-        if (r < 0) {
-                fprintf(stderr, "broker did not start: %s\n", strerror(-r));
-                hx_broker_dump_log(b);
-        }
-        assert_int_equal(r, 0);
-}
-
 static void start_with(hx_broker *b, const char *session_json, int depth)
 {
         write_policy(b, session_json, depth);
-        start(b);
-}
-
-static void stop_clean(hx_broker *b)
-{
-        int st = -1, r = hx_broker_stop(b, &st);
-        if (r < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-                fprintf(stderr, "broker stop: r=%d status=0x%x\n", r, (unsigned)st);
-                hx_broker_dump_log(b);
-        }
-        assert_int_equal(r, 0);
-        assert_true(WIFEXITED(st));
-        assert_int_equal(WEXITSTATUS(st), 0);
+        hx_start(b);
 }
 
 /* SIGKILL the daemon: no shutdown code runs. */
@@ -214,9 +171,9 @@ static void restart(hx_broker *b, bool hard)
         if (hard)
                 kill9(b);
         else
-                stop_clean(b);
+                hx_stop_clean(b);
         drop_conns(b);
-        start(b);
+        hx_start(b);
 }
 
 /* A test clock file (offset 0) that the next broker start reads. */
@@ -246,83 +203,18 @@ static void wait_wall(long long t)
 
 /* ---- varlink calls ---------------------------------------------------------- */
 
-static hx_conn *conn(hx_broker *b, const char *path)
-{
-        hx_conn *c = NULL;
-        assert_int_equal(hx_conn_open(b, path, &c), 0);
-        return c;
-}
-
-static json_t *call_text(hx_conn *c, const char *text)
-{
-        json_t *root = NULL;
-        int r = hx_conn_call(c, text, &root);
-        if (r != 1)
-                fprintf(stderr, "call %.200s: %d (%s)\n", text, r, r < 0 ? strerror(-r) : "eof");
-        assert_int_equal(r, 1);
-        return root;
-}
-
-static char *call_msg(const char *method, json_t *params)
-{
-        json_t *m = json_pack("{s:s, s:o}", "method", method, "parameters", params ? params : json_object());
-        char *text;
-        assert_non_null(m);
-        text = json_dumps(m, JSON_COMPACT);
-        json_decref(m);
-        assert_non_null(text);
-        return text;
-}
-
-/* Call method with params (stolen; NULL: {}), return the whole reply. */
-static json_t *rpc(hx_conn *c, const char *method, json_t *params)
-{
-        char *text = call_msg(method, params);
-        json_t *root = call_text(c, text);
-        free(text);
-        return root;
-}
-
-static void assert_error(const json_t *root, const char *name)
-{
-        const char *e = hx_reply_error(root);
-        if (!e || strcmp(e, name) != 0) {
-                char *s = json_dumps(root, JSON_COMPACT);
-                fprintf(stderr, "expected error %s, got %s\n", name, s ? s : "?");
-                free(s);
-        }
-        assert_non_null(e);
-        assert_string_equal(e, name);
-        if (strncmp(name, "io.agentbroker.", 15) == 0) {
-                const char *reason = hx_reply_str(root, "reason");
-                assert_non_null(reason);
-                assert_true(strlen(reason) > 0);
-        }
-}
-
-static void assert_ok(const json_t *root)
-{
-        const char *e = hx_reply_error(root);
-        if (e) {
-                char *s = json_dumps(root, JSON_COMPACT);
-                fprintf(stderr, "unexpected error reply %s\n", s ? s : "?");
-                free(s);
-        }
-        assert_null(e);
-}
-
-/* rpc, require the error name, drop the reply. */
+/* hx_rpc, require the error name, drop the reply. */
 static void expect_error(hx_conn *c, const char *method, json_t *params, const char *name)
 {
-        json_t *root = rpc(c, method, params);
-        assert_error(root, name);
+        json_t *root = hx_rpc(c, method, params);
+        hx_assert_error(root, name);
         json_decref(root);
 }
 
 static json_t *expect_ok(hx_conn *c, const char *method, json_t *params)
 {
-        json_t *root = rpc(c, method, params);
-        assert_ok(root);
+        json_t *root = hx_rpc(c, method, params);
+        hx_assert_ok(root);
         return root;
 }
 
@@ -343,8 +235,8 @@ static char *issue(hx_conn *c, const char *aud, const char *scope1, const char *
                 json_array_append_new(json_object_get(p, "scopes"), json_string(scope2));
         if (ttl > 0)
                 json_object_set_new(p, "ttl", json_integer(ttl));
-        root = rpc(c, M_ISSUE, p);
-        assert_ok(root);
+        root = hx_rpc(c, M_ISSUE, p);
+        hx_assert_ok(root);
         t = strdup(hx_reply_str(root, "token"));
         assert_non_null(t);
         if (ret_root)
@@ -398,8 +290,8 @@ static const char *verdict_on(hx_conn *c, const char *method, const char *token,
         char *out = ring[next++ % 16];
 
         json_object_set_new(p, "token", json_string(token));
-        root = rpc(c, method, p);
-        assert_ok(root);
+        root = hx_rpc(c, method, p);
+        hx_assert_ok(root);
         params = hx_reply_params(root);
         if (json_is_true(json_object_get(params, "active"))) {
                 v = "active";
@@ -782,7 +674,7 @@ static char *issue_as(hx_broker *b, uid_t uid, const char *aud, const char *scop
         script_add(&s, b->sock, M_ISSUE, issue_params(aud, scope, 0));
         arr = run_script(&s, uid);
         root = json_array_get(arr, 0);
-        assert_ok(root);
+        hx_assert_ok(root);
         t = strdup(hx_reply_str(root, "token"));
         if (ret_root)
                 *ret_root = json_incref(root);
@@ -875,7 +767,7 @@ static void test_wall_time_reauth_and_expiry(void **state)
         hx_run_result res;
 
         start_with(b, "\"max_lifetime\": 60, \"reauth_interval\": 2", -1);
-        hx_conn *c = conn(b, b->sock);
+        hx_conn *c = hx_connect(b, b->sock);
 
         t1 = issue(c, AUD_GIT, "repo:read", NULL, 3, &r1);
         sid = hx_reply_str(r1, "sid");
@@ -900,8 +792,8 @@ static void test_wall_time_reauth_and_expiry(void **state)
 
         /* 2 s after auth_time: ReauthRequired naming the session */
         wait_wall(a0 + 2);
-        root = rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 3));
-        assert_error(root, "io.agentbroker.ReauthRequired");
+        root = hx_rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 3));
+        hx_assert_error(root, "io.agentbroker.ReauthRequired");
         assert_string_equal(hx_reply_str(root, "sid"), sid);
         json_decref(root);
         root = expect_ok(c, M_WHOAMI, NULL);
@@ -941,7 +833,7 @@ static void test_wall_time_reauth_and_expiry(void **state)
         /* the 3 s token expires in wall time; the newer one lives on */
         wait_wall(e1);
         assert_string_equal(verdict(c, t1, NULL), "expired");
-        assert_string_equal(verdict_on(conn(b, b->admin_sock), M_AINTRO, t1, NULL), "expired");
+        assert_string_equal(verdict_on(hx_connect(b, b->admin_sock), M_AINTRO, t1, NULL), "expired");
         assert_int_equal(hx_ctl(b, -1, &res, "introspect", t1, NULL), 0);
         ctl_expect(&res, 1);
         assert_non_null(strstr(res.out, "expired"));
@@ -975,8 +867,8 @@ static void test_session_lifetime_caps_tokens(void **state)
 
         use_test_clock(b, clock_path, sizeof clock_path);
         start_with(b, "\"max_lifetime\": 120, \"reauth_interval\": 3600", -1);
-        c = conn(b, b->sock);
-        a = conn(b, b->admin_sock);
+        c = hx_connect(b, b->sock);
+        a = hx_connect(b, b->admin_sock);
 
         auth = expect_ok(c, M_AUTH, NULL);
         sid = hx_reply_str(auth, "sid");
@@ -1005,8 +897,8 @@ static void test_session_lifetime_caps_tokens(void **state)
 
         /* 61 s later by the broker's clock */
         set_clock(clock_path, 61);
-        root = rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-        assert_error(root, "io.agentbroker.SessionExpired");
+        root = hx_rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+        hx_assert_error(root, "io.agentbroker.SessionExpired");
         assert_string_equal(hx_reply_str(root, "sid"), sid);
         json_decref(root);
         assert_string_equal(verdict(c, t_cap2, NULL), "expired");
@@ -1060,7 +952,7 @@ static void test_expired_sessions_purged(void **state)
 
         use_test_clock(b, clock_path, sizeof clock_path);
         start_with(b, "\"max_lifetime\": 60, \"reauth_interval\": 3600", -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         auth = expect_ok(c, M_AUTH, NULL);
         t_old = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
 
@@ -1072,7 +964,7 @@ static void test_expired_sessions_purged(void **state)
         /* at +61 the first is expired; a restart purges it */
         set_clock(clock_path, 61);
         restart(b, false);
-        a = conn(b, b->admin_sock);
+        a = hx_connect(b, b->admin_sock);
         r = expect_ok(a, M_ALIST, NULL);
         list = json_object_get(hx_reply_params(r), "sessions");
         json_array_foreach(list, i, s) {
@@ -1083,7 +975,7 @@ static void test_expired_sessions_purged(void **state)
         assert_false(old_seen);
         assert_true(live_seen);
         json_decref(r);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         assert_string_not_equal(verdict(c, t_old, NULL), "active");
         assert_string_equal(verdict(c, t_live, NULL), "active");
 
@@ -1106,13 +998,13 @@ static void test_other_process_own_session(void **state)
         int mine_listed = 0;
 
         start_with(b, NULL, -1);
-        hx_conn *c = conn(b, b->sock);
+        hx_conn *c = hx_connect(b, b->sock);
         mine = expect_ok(c, M_AUTH, NULL);
         sid = hx_reply_str(mine, "sid");
         assert_int_equal(pint(mine, "pid"), getpid());
 
         /* a second connection of the same process: the same session */
-        hx_conn *c2 = conn(b, b->sock);
+        hx_conn *c2 = hx_connect(b, b->sock);
         again = expect_ok(c2, M_AUTH, NULL);
         assert_string_equal(hx_reply_str(again, "sid"), sid);
         json_decref(again);
@@ -1125,7 +1017,7 @@ static void test_other_process_own_session(void **state)
         script_add(&sc, b->sock, M_AUTH, NULL);
         arr = run_script(&sc, 0);
         for (i = 0; i < 4; i++)
-                assert_ok(json_array_get(arr, i));
+                hx_assert_ok(json_array_get(arr, i));
         assert_true(json_is_null(json_object_get(hx_reply_params(json_array_get(arr, 0)), "session")));
         json_array_remove(arr, 0);
         const char *csid = hx_reply_str(json_array_get(arr, 0), "sid");
@@ -1198,12 +1090,12 @@ static void test_exec_needs_reauth(void **state)
         p = agent_spawn(b, -1);
         agent_ready(p);
         r = agent_rpc(p, M_AUTH, NULL);
-        assert_ok(r);
+        hx_assert_ok(r);
         snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
         assert_int_equal(pint(r, "pid"), p->pid);
         json_decref(r);
         r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-        assert_ok(r);
+        hx_assert_ok(r);
         assert_string_equal(hx_reply_str(r, "sid"), sid);
         json_decref(r);
 
@@ -1247,7 +1139,7 @@ static void test_exec_then_authenticate_ends_old_session(void **state)
         int fd;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         assert_int_equal(hx_build_path("tests/helper-agent", helper, sizeof helper), 0);
         snprintf(copy, sizeof copy, "%s/helper-agent-copy", b->dir);
         assert_int_equal(hx_read_file(helper, 64 << 20, &bin, &n), 0);
@@ -1261,7 +1153,7 @@ static void test_exec_then_authenticate_ends_old_session(void **state)
         p = agent_spawn(b, -1);
         agent_ready(p);
         r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 600));
-        assert_ok(r);
+        hx_assert_ok(r);
         snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
         t_old = strdup(hx_reply_str(r, "token"));
         json_decref(r);
@@ -1274,15 +1166,15 @@ static void test_exec_then_authenticate_ends_old_session(void **state)
         assert_int_equal(atoi(line + 6), p->pid); /* the same process */
         free(line);
         r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-        assert_error(r, "io.agentbroker.ReauthRequired");
+        hx_assert_error(r, "io.agentbroker.ReauthRequired");
         json_decref(r);
         r = agent_rpc(p, M_AUTH, NULL);
-        assert_ok(r);
+        hx_assert_ok(r);
         assert_string_not_equal(hx_reply_str(r, "sid"), sid);
         assert_non_null(strstr(hx_reply_str(r, "exe"), "helper-agent-copy"));
         json_decref(r);
         r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-        assert_ok(r);
+        hx_assert_ok(r);
         json_decref(r);
 
         const char *v = verdict(c, t_old, NULL);
@@ -1309,25 +1201,25 @@ static void test_revoked_process_stays_revoked_after_purge(void **state)
         p = agent_spawn(b, -1);
         agent_ready(p);
         r = agent_rpc(p, M_AUTH, NULL);
-        assert_ok(r);
+        hx_assert_ok(r);
         snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
         json_decref(r);
         r = agent_rpc(p, M_REVOKE, jti_param("sid", sid));
-        assert_ok(r);
+        hx_assert_ok(r);
         json_decref(r);
         r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-        assert_error(r, "io.agentbroker.SessionRevoked");
+        hx_assert_error(r, "io.agentbroker.SessionRevoked");
         json_decref(r);
 
         set_clock(clock_path, 61);
         r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-        assert_error(r, "io.agentbroker.SessionRevoked");
+        hx_assert_error(r, "io.agentbroker.SessionRevoked");
         json_decref(r);
         restart(b, false); /* purges the expired session record */
         r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
         if (!hx_reply_error(r))
                 fprintf(stderr, "after the purge the revoked process got session %s\n", hx_reply_str(r, "sid"));
-        assert_error(r, "io.agentbroker.SessionRevoked");
+        hx_assert_error(r, "io.agentbroker.SessionRevoked");
         json_decref(r);
 
         /* once the process is gone, the next purge drops the record: nothing grows for ever */
@@ -1341,9 +1233,9 @@ static void test_revoked_process_stays_revoked_after_purge(void **state)
                 assert_int_equal(waitpid(p->pid, &st, 0), p->pid);
                 p->pid = 0;
                 restart(b, false);
-                a = conn(b, b->admin_sock);
-                root = rpc(a, M_ALIST, NULL);
-                assert_ok(root);
+                a = hx_connect(b, b->admin_sock);
+                root = hx_rpc(a, M_ALIST, NULL);
+                hx_assert_ok(root);
                 json_array_foreach(json_object_get(hx_reply_params(root), "sessions"), i, sess)
                         found |= strcmp(json_string_value(json_object_get(sess, "sid")), sid) == 0;
                 json_decref(root);
@@ -1365,17 +1257,17 @@ static void test_revoked_process_stays_revoked(void **state)
         hx_conn *a;
 
         start_with(b, NULL, -1);
-        a = conn(b, b->admin_sock);
+        a = hx_connect(b, b->admin_sock);
         p = agent_spawn(b, -1);
         agent_ready(p);
         r = agent_rpc(p, M_AUTH, NULL);
-        assert_ok(r);
+        hx_assert_ok(r);
         snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
         json_decref(r);
         r = expect_ok(a, M_AREVOKE, jti_param("sid", sid));
         json_decref(r);
         r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-        assert_error(r, "io.agentbroker.SessionRevoked");
+        hx_assert_error(r, "io.agentbroker.SessionRevoked");
         json_decref(r);
 
         agent_grow(p, 64);
@@ -1383,10 +1275,10 @@ static void test_revoked_process_stays_revoked(void **state)
         if (!hx_reply_error(r))
                 fprintf(stderr, "a revoked process got a token in session %s (its session was %s) after mapping "
                                 "64 MiB\n", hx_reply_str(r, "sid"), sid);
-        assert_error(r, "io.agentbroker.SessionRevoked");
+        hx_assert_error(r, "io.agentbroker.SessionRevoked");
         json_decref(r);
         r = agent_rpc(p, M_AUTH, NULL);
-        assert_error(r, "io.agentbroker.SessionRevoked");
+        hx_assert_error(r, "io.agentbroker.SessionRevoked");
         json_decref(r);
 }
 
@@ -1403,12 +1295,12 @@ static void test_reauth_cannot_be_skipped(void **state)
         p = agent_spawn(b, -1);
         agent_ready(p);
         r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-        assert_ok(r);
+        hx_assert_ok(r);
         snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
         json_decref(r);
         set_clock(clock_path, 61);
         r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-        assert_error(r, "io.agentbroker.ReauthRequired");
+        hx_assert_error(r, "io.agentbroker.ReauthRequired");
         json_decref(r);
 
         agent_grow(p, 64);
@@ -1416,10 +1308,10 @@ static void test_reauth_cannot_be_skipped(void **state)
         if (!hx_reply_error(r))
                 fprintf(stderr, "re-authentication skipped: a token in session %s (the process's session was %s) "
                                 "after mapping 64 MiB\n", hx_reply_str(r, "sid"), sid);
-        assert_error(r, "io.agentbroker.ReauthRequired");
+        hx_assert_error(r, "io.agentbroker.ReauthRequired");
         json_decref(r);
         r = agent_rpc(p, M_AUTH, NULL);
-        assert_ok(r);
+        hx_assert_ok(r);
         assert_string_equal(hx_reply_str(r, "sid"), sid);
         json_decref(r);
 }
@@ -1439,7 +1331,7 @@ static void test_sessions_survive_restart(void **state)
         hx_conn *c;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         mine = expect_ok(c, M_AUTH, NULL);
         snprintf(sid, sizeof sid, "%s", hx_reply_str(mine, "sid"));
         created = pint(mine, "created");
@@ -1452,7 +1344,7 @@ static void test_sessions_survive_restart(void **state)
         h = agent_spawn(b, -1);
         agent_ready(h);
         r = agent_rpc(h, M_ISSUE, issue_params(AUD_GIT, "repo:read", 600));
-        assert_ok(r);
+        hx_assert_ok(r);
         snprintf(hsid, sizeof hsid, "%s", hx_reply_str(r, "sid"));
         ht = strdup(hx_reply_str(r, "token"));
         json_decref(r);
@@ -1461,14 +1353,14 @@ static void test_sessions_survive_restart(void **state)
         hn = agent_spawn(b, HX_NOBODY_UID);
         agent_ready(hn);
         r = agent_rpc(hn, M_AUTH, NULL);
-        assert_ok(r);
+        hx_assert_ok(r);
         assert_string_equal(hx_reply_str(r, "agent"), NOBODY_AGENT);
         snprintf(nsid, sizeof nsid, "%s", hx_reply_str(r, "sid"));
         json_decref(r);
 
         for (int round = 0; round < 2; round++) {
                 restart(b, round == 1); /* SIGTERM, then kill -9 */
-                c = conn(b, b->sock);
+                c = hx_connect(b, b->sock);
                 assert_string_equal(verdict(c, t, NULL), "active");
                 assert_string_equal(verdict(c, ht, NULL), "active");
                 assert_string_equal(verdict(c, t_rev, NULL), "revoked");
@@ -1483,11 +1375,11 @@ static void test_sessions_survive_restart(void **state)
                 free(t3);
 
                 r = agent_rpc(h, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-                assert_ok(r);
+                hx_assert_ok(r);
                 assert_string_equal(hx_reply_str(r, "sid"), hsid);
                 json_decref(r);
                 r = agent_rpc(hn, M_AUTH, NULL);
-                assert_ok(r);
+                hx_assert_ok(r);
                 assert_string_equal(hx_reply_str(r, "sid"), nsid);
                 json_decref(r);
         }
@@ -1511,8 +1403,8 @@ static void test_introspect_active_claims(void **state)
         hx_run_result res;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
-        a = conn(b, b->admin_sock);
+        c = hx_connect(b, b->sock);
+        a = hx_connect(b, b->admin_sock);
         json_t *pp = json_pack("{s:s, s:[s,s], s:i, s:s}", "audience", AUD_GIT, "scopes", "repo:read", "repo:write",
                                "ttl", 120, "task", "TASK-7");
         ir = expect_ok(c, M_ISSUE, pp);
@@ -1557,7 +1449,7 @@ static void test_introspect_active_claims(void **state)
         /* any local process may ask, even one that is no agent */
         script_add(&sc, b->sock, M_INTRO, json_pack("{s:s, s:s}", "token", t, "service", "pam:sshd"));
         arr = run_script(&sc, 1);
-        assert_ok(json_array_get(arr, 0));
+        hx_assert_ok(json_array_get(arr, 0));
         assert_true(json_is_true(json_object_get(hx_reply_params(json_array_get(arr, 0)), "active")));
         json_decref(arr);
 
@@ -1591,7 +1483,7 @@ static void test_introspect_forgeries(void **state)
         hx_conn *c;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         t = issue(c, AUD_GIT, "repo:read", NULL, 600, NULL);
         broker_key(b, &bk);
         random_key(&other);
@@ -1696,7 +1588,7 @@ static void test_introspect_time_and_session(void **state)
         hx_conn *c;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         t = issue(c, AUD_GIT, "repo:read", NULL, 600, NULL);
         broker_key(b, &bk);
         cl = claims_of(t);
@@ -1745,7 +1637,7 @@ static void test_introspect_request_checks(void **state)
         hx_conn *c;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         t = issue(c, AUD_GIT, "repo:read", NULL, 600, NULL);
 
         assert_string_equal(verdict(c, t, json_pack("{s:s}", "audience", AUD_GIT)), "active");
@@ -1839,7 +1731,7 @@ static void test_revoke_own_on_agent_socket(void **state)
         hx_conn *c;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         t1 = issue(c, AUD_GIT, "repo:read", NULL, 0, &r);
         snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
         json_decref(r);
@@ -1883,12 +1775,12 @@ static void test_revoke_own_on_agent_socket(void **state)
         r = expect_ok(c, M_REVOKE, jti_param("sid", sid));
         json_decref(r);
         assert_string_equal(verdict(c, t3, NULL), "revoked");
-        r = rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-        assert_error(r, "io.agentbroker.SessionRevoked");
+        r = hx_rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+        hx_assert_error(r, "io.agentbroker.SessionRevoked");
         assert_string_equal(hx_reply_str(r, "sid"), sid);
         json_decref(r);
-        r = rpc(c, M_AUTH, NULL);
-        assert_error(r, "io.agentbroker.SessionRevoked");
+        r = hx_rpc(c, M_AUTH, NULL);
+        hx_assert_error(r, "io.agentbroker.SessionRevoked");
         json_decref(r);
         r = expect_ok(c, M_WHOAMI, NULL);
         assert_string_equal(json_string_value(json_object_get(json_object_get(hx_reply_params(r), "session"), "state")),
@@ -1910,7 +1802,7 @@ static void test_revoke_own_on_agent_socket(void **state)
         /* a new process of the agent still opens a session */
         script_add(&sc, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
         arr = run_script(&sc, 0);
-        assert_ok(json_array_get(arr, 0));
+        hx_assert_ok(json_array_get(arr, 0));
         assert_string_not_equal(hx_reply_str(json_array_get(arr, 0), "sid"), sid);
         json_decref(arr);
 
@@ -1933,8 +1825,8 @@ static void test_revoke_admin(void **state)
         size_t i;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
-        a = conn(b, b->admin_sock);
+        c = hx_connect(b, b->sock);
+        a = hx_connect(b, b->admin_sock);
         t1 = issue(c, AUD_GIT, "repo:read", NULL, 0, &r);
         snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
         json_decref(r);
@@ -1964,8 +1856,8 @@ static void test_revoke_admin(void **state)
         json_decref(r);
         assert_string_equal(verdict(c, t2, NULL), "revoked");
         assert_string_equal(verdict(c, tn, NULL), "active");
-        r = rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-        assert_error(r, "io.agentbroker.SessionRevoked");
+        r = hx_rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+        hx_assert_error(r, "io.agentbroker.SessionRevoked");
         json_decref(r);
 
         r = expect_ok(a, M_ALIST, json_pack("{s:s}", "agent", AGENT_ID));
@@ -1986,7 +1878,7 @@ static void test_revoke_admin(void **state)
         /* a new process of test-agent opens a new session: policy still matches */
         script_add(&sc, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
         arr = run_script(&sc, 0);
-        assert_ok(json_array_get(arr, 0));
+        hx_assert_ok(json_array_get(arr, 0));
         char *tnew = strdup(hx_reply_str(json_array_get(arr, 0), "token"));
         json_decref(arr);
         assert_string_equal(verdict(c, tnew, NULL), "active");
@@ -2001,7 +1893,7 @@ static void test_revoke_admin(void **state)
 
         /* all of it durable: kill -9 and look again */
         restart(b, true);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         assert_string_equal(verdict(c, t1, NULL), "revoked");
         assert_string_equal(verdict(c, tc, NULL), "revoked");
         assert_string_equal(verdict(c, t2, NULL), "revoked");
@@ -2029,8 +1921,8 @@ static void test_revoke_before(void **state)
         long long after, before_cli;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
-        a = conn(b, b->admin_sock);
+        c = hx_connect(b, b->sock);
+        a = hx_connect(b, b->admin_sock);
         t1 = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
         tc = issue_as(b, 0, AUD_GIT, "repo:read", NULL);
 
@@ -2041,8 +1933,8 @@ static void test_revoke_before(void **state)
         after = (long long)time(NULL);
         assert_string_equal(verdict(c, t1, NULL), "revoked");
         assert_string_equal(verdict(c, tc, NULL), "revoked");
-        r = rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-        assert_error(r, "io.agentbroker.SessionRevoked");
+        r = hx_rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+        hx_assert_error(r, "io.agentbroker.SessionRevoked");
         json_decref(r);
 
         /* a new process in the same second: fail closed (refused, or a token that is already revoked) */
@@ -2066,7 +1958,7 @@ static void test_revoke_before(void **state)
         wait_wall(after + 1);
         script_add(&sc, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
         arr = run_script(&sc, 0);
-        assert_ok(json_array_get(arr, 0));
+        hx_assert_ok(json_array_get(arr, 0));
         late = strdup(hx_reply_str(json_array_get(arr, 0), "token"));
         json_decref(arr);
         assert_string_equal(verdict(c, late, NULL), "active");
@@ -2074,7 +1966,7 @@ static void test_revoke_before(void **state)
 
         /* the cut-off is durable */
         restart(b, true);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         assert_string_equal(verdict(c, t1, NULL), "revoked");
         assert_string_equal(verdict(c, tc, NULL), "revoked");
         assert_string_equal(verdict(c, late, NULL), "active");
@@ -2150,7 +2042,7 @@ static void test_other_uid_cannot_touch(void **state)
         hx_conn *c;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         t = issue(c, AUD_GIT, "repo:read", "repo:write", 600, &r);
         snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
         json_decref(r);
@@ -2174,25 +2066,25 @@ static void test_other_uid_cannot_touch(void **state)
         arr = run_script(&sc, HX_NOBODY_UID);
 
         const char *nsid = hx_reply_str(json_array_get(arr, 0), "sid");
-        assert_ok(json_array_get(arr, 0));
+        hx_assert_ok(json_array_get(arr, 0));
         assert_string_equal(hx_reply_str(json_array_get(arr, 0), "agent"), NOBODY_AGENT);
         assert_string_not_equal(nsid, sid);
-        assert_ok(json_array_get(arr, 1));
+        hx_assert_ok(json_array_get(arr, 1));
         assert_string_equal(hx_reply_str(json_array_get(arr, 1), "sid"), nsid); /* its own, never ours */
         for (size_t i = 2; i <= 6; i++) {
                 if (strcmp(err_or_ok(json_array_get(arr, i)), E_PERM) != 0)
                         fprintf(stderr, "step %zu as nobody: %s\n", i, err_or_ok(json_array_get(arr, i)));
-                assert_error(json_array_get(arr, i), E_PERM);
+                hx_assert_error(json_array_get(arr, i), E_PERM);
         }
-        assert_ok(json_array_get(arr, 7));
+        hx_assert_ok(json_array_get(arr, 7));
         json_t *list = json_object_get(hx_reply_params(json_array_get(arr, 7)), "sessions"), *s;
         size_t i;
         json_array_foreach(list, i, s) {
                 assert_string_equal(json_string_value(json_object_get(s, "agent")), NOBODY_AGENT);
                 assert_string_not_equal(json_string_value(json_object_get(s, "sid")), sid);
         }
-        assert_error(json_array_get(arr, 8), E_PERM);
-        assert_ok(json_array_get(arr, 9));
+        hx_assert_error(json_array_get(arr, 8), E_PERM);
+        hx_assert_ok(json_array_get(arr, 9));
         assert_true(json_is_true(json_object_get(hx_reply_params(json_array_get(arr, 9)), "active")));
         /* the admin socket does not even let nobody in */
         assert_string_not_equal(err_or_ok(json_array_get(arr, 10)), "ok");
@@ -2205,11 +2097,11 @@ static void test_other_uid_cannot_touch(void **state)
         script_add(&sc, b->sock, M_PAM_CLOSE, jti_param("id", pam_id));
         script_add(&sc, b->sock, M_LIST, NULL);
         arr = run_script(&sc, 1);
-        assert_error(json_array_get(arr, 0), "io.agentbroker.NotAnAgent");
-        assert_error(json_array_get(arr, 1), "io.agentbroker.NotAnAgent");
-        assert_error(json_array_get(arr, 2), E_PERM);
-        assert_error(json_array_get(arr, 3), E_PERM);
-        assert_error(json_array_get(arr, 4), "io.agentbroker.NotAnAgent");
+        hx_assert_error(json_array_get(arr, 0), "io.agentbroker.NotAnAgent");
+        hx_assert_error(json_array_get(arr, 1), "io.agentbroker.NotAnAgent");
+        hx_assert_error(json_array_get(arr, 2), E_PERM);
+        hx_assert_error(json_array_get(arr, 3), E_PERM);
+        hx_assert_error(json_array_get(arr, 4), "io.agentbroker.NotAnAgent");
         json_decref(arr);
 
         /* the CLI as nobody: revoke over the agent socket, refused */
@@ -2259,15 +2151,15 @@ static void test_revocations_survive_kill9(void **state)
 {
         hx_broker *b = *state;
         char **tokens = calloc(N_REVOKE + 1, sizeof *tokens), **jtis = calloc(N_REVOKE + 1, sizeof *jtis);
-        char *req = call_msg(M_ISSUE, issue_params(AUD_GIT, "repo:read", 600));
+        char *req = hx_call_msg(M_ISSUE, issue_params(AUD_GIT, "repo:read", 600));
         hx_conn *c, *a;
         long long t0 = hx_now_ms(), t_issue, t_revoke;
 
         assert_non_null(tokens);
         assert_non_null(jtis);
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
-        a = conn(b, b->admin_sock);
+        c = hx_connect(b, b->sock);
+        a = hx_connect(b, b->admin_sock);
 
         /* N + 1 tokens, pipelined in batches (the last one is never revoked) */
         for (size_t i = 0; i <= N_REVOKE; i += BATCH) {
@@ -2277,7 +2169,7 @@ static void test_revocations_survive_kill9(void **state)
                 for (size_t k = 0; k < n; k++) {
                         json_t *root = NULL;
                         assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
-                        assert_ok(root);
+                        hx_assert_ok(root);
                         tokens[i + k] = strdup(hx_reply_str(root, "token"));
                         jtis[i + k] = strdup(hx_reply_str(root, "jti"));
                         json_decref(root);
@@ -2291,22 +2183,22 @@ static void test_revocations_survive_kill9(void **state)
                 char msg[256];
                 json_t *root;
                 snprintf(msg, sizeof msg, "{\"method\":\"" M_AREVOKE "\",\"parameters\":{\"jti\":\"%s\"}}", jtis[i]);
-                root = call_text(a, msg);
-                assert_ok(root);
+                root = hx_call(a, msg);
+                hx_assert_ok(root);
                 assert_int_equal(pint(root, "revoked"), 1);
                 json_decref(root);
         }
         t_revoke = hx_now_ms();
         kill9(b);
         drop_conns(b);
-        start(b);
+        hx_start(b);
 
         /* every one revoked, the control token active; pipelined again */
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         for (size_t i = 0; i <= N_REVOKE; i += BATCH) {
                 size_t n = i + BATCH <= N_REVOKE + 1 ? BATCH : N_REVOKE + 1 - i;
                 for (size_t k = 0; k < n; k++) {
-                        char *m = call_msg(M_INTRO, jti_param("token", tokens[i + k]));
+                        char *m = hx_call_msg(M_INTRO, jti_param("token", tokens[i + k]));
                         assert_int_equal(hx_conn_send_msg(c, m), 0);
                         free(m);
                 }
@@ -2314,7 +2206,7 @@ static void test_revocations_survive_kill9(void **state)
                         json_t *root = NULL;
                         const char *want = i + k < N_REVOKE ? "revoked" : NULL;
                         assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
-                        assert_ok(root);
+                        hx_assert_ok(root);
                         if (want) {
                                 const char *got = hx_reply_str(root, "reason");
                                 if (!got || strcmp(got, want) != 0)
@@ -2351,7 +2243,7 @@ static void test_delegation_subset(void **state)
         long long pexp;
 
         start_with(b, NULL, 2);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         json_t *ip = json_pack("{s:s, s:[s,s], s:i, s:s}", "audience", AUD_GIT, "scopes", "repo:read", "repo:write",
                                "ttl", 600, "task", "T-1");
         pr = expect_ok(c, M_ISSUE, ip);
@@ -2433,8 +2325,8 @@ static void test_delegation_subset(void **state)
 
         /* the parent must be active */
         x = tamper(t, 1);
-        r = rpc(c, M_ATT, jti_param("token", x));
-        assert_error(r, E_INVALID_TOKEN);
+        r = hx_rpc(c, M_ATT, jti_param("token", x));
+        hx_assert_error(r, E_INVALID_TOKEN);
         assert_string_equal(hx_reply_str(r, "verdict"), "bad_signature");
         json_decref(r);
         free(x);
@@ -2472,8 +2364,8 @@ static void test_delegation_depth_and_revocation(void **state)
         hx_conn *c, *a;
 
         start_with(b, NULL, 2);
-        c = conn(b, b->sock);
-        a = conn(b, b->admin_sock);
+        c = hx_connect(b, b->sock);
+        a = hx_connect(b, b->admin_sock);
         t = issue(c, AUD_GIT, "repo:read", "repo:write", 600, NULL);
         pj = claim(t, "jti");
         u = issue(c, AUD_GIT, "repo:read", NULL, 600, NULL); /* unrelated */
@@ -2517,8 +2409,8 @@ static void test_delegation_depth_and_revocation(void **state)
         assert_string_equal(verdict(c, c1b, NULL), "revoked");
         assert_string_equal(verdict(c, c2, NULL), "revoked");
         assert_string_equal(verdict(c, u, NULL), "active");
-        r = rpc(c, M_ATT, jti_param("token", c1));
-        assert_error(r, E_INVALID_TOKEN);
+        r = hx_rpc(c, M_ATT, jti_param("token", c1));
+        hx_assert_error(r, E_INVALID_TOKEN);
         assert_string_equal(hx_reply_str(r, "verdict"), "revoked");
         json_decref(r);
 
@@ -2538,7 +2430,7 @@ static void test_delegation_depth_and_revocation(void **state)
         assert_string_equal(verdict(c, d2, NULL), "revoked");
         /* and it stays so across a restart */
         restart(b, true);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         assert_string_equal(verdict(c, d2, NULL), "revoked");
         assert_string_equal(verdict(c, c2, NULL), "revoked");
         assert_string_equal(verdict(c, p2, NULL), "active");
@@ -2565,15 +2457,15 @@ static void test_delegation_depth_policy(void **state)
         hx_conn *c;
 
         start_with(b, NULL, 0);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         t = issue(c, AUD_GIT, "repo:read", NULL, 600, NULL);
         expect_error(c, M_ATT, jti_param("token", t), "io.agentbroker.DelegationTooDeep");
         free(t);
 
-        stop_clean(b);
+        hx_stop_clean(b);
         drop_conns(b);
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         t = issue(c, AUD_GIT, "repo:read", NULL, 600, NULL);
         r = expect_ok(c, M_ATT, jti_param("token", t));
         expect_error(c, M_ATT, jti_param("token", hx_reply_str(r, "token")), "io.agentbroker.DelegationTooDeep");
@@ -2590,7 +2482,7 @@ static void test_delegation_python_verifies(void **state)
         hx_conn *c;
 
         start_with(b, NULL, 2);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         r = expect_ok(c, "io.agentbroker.GetKeys", NULL);
         jwks = json_dumps(hx_reply_params(r), JSON_COMPACT);
         json_decref(r);
@@ -2652,7 +2544,7 @@ static void test_pam_sessions(void **state)
         hx_conn *c;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         t = issue(c, AUD_PAM, "login", NULL, 0, &r);
         snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
         json_decref(r);
@@ -2679,7 +2571,7 @@ static void test_pam_sessions(void **state)
         assert_string_equal(json_string_value(json_object_get(p0, "jti")), jti);
         assert_true(json_is_integer(json_object_get(p0, "opened")));
         json_decref(r);
-        r = expect_ok(conn(b, b->admin_sock), M_ALIST, NULL);
+        r = expect_ok(hx_connect(b, b->admin_sock), M_ALIST, NULL);
         assert_int_equal(json_array_size(json_object_get(find_session(r, sid), "pam")), 1);
         json_decref(r);
         assert_int_equal(hx_ctl(b, -1, &res, "sessions", NULL), 0);
@@ -2696,8 +2588,8 @@ static void test_pam_sessions(void **state)
         script_add(&sc, b->sock, M_PAM_OPEN,
                    json_pack("{s:s, s:s, s:s}", "token", tn, "service", "su", "user", "nobody"));
         arr = run_script(&sc, HX_NOBODY_UID);
-        assert_error(json_array_get(arr, 0), E_PERM);
-        assert_ok(json_array_get(arr, 1));
+        hx_assert_error(json_array_get(arr, 0), E_PERM);
+        hx_assert_ok(json_array_get(arr, 1));
         snprintf(nid, sizeof nid, "%s", hx_reply_str(json_array_get(arr, 1), "id"));
         json_decref(arr);
         r = expect_ok(c, M_LIST, NULL);
@@ -2725,22 +2617,22 @@ static void test_pam_sessions(void **state)
         hx_run_result_done(&res);
 
         /* the PAM user must be one the token's grant allows (as Introspect's user) */
-        r = rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "sshd", "user", "bob"));
-        assert_error(r, E_INVALID_TOKEN);
+        r = hx_rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "sshd", "user", "bob"));
+        hx_assert_error(r, E_INVALID_TOKEN);
         assert_string_equal(hx_reply_str(r, "verdict"), "user_not_allowed");
         json_decref(r);
 
         /* an inactive token opens nothing */
         char *bad = tamper(t, 2);
-        r = rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", bad, "service", "sshd", "user", "alice"));
-        assert_error(r, E_INVALID_TOKEN);
+        r = hx_rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", bad, "service", "sshd", "user", "alice"));
+        hx_assert_error(r, E_INVALID_TOKEN);
         assert_string_equal(hx_reply_str(r, "verdict"), "bad_signature");
         json_decref(r);
         free(bad);
         r = expect_ok(c, M_REVOKE, jti_param("jti", jti));
         json_decref(r);
-        r = rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "sshd", "user", "alice"));
-        assert_error(r, E_INVALID_TOKEN);
+        r = hx_rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "sshd", "user", "alice"));
+        hx_assert_error(r, E_INVALID_TOKEN);
         assert_string_equal(hx_reply_str(r, "verdict"), "revoked");
         json_decref(r);
 
@@ -2764,20 +2656,20 @@ static void test_list_sessions_within_message_limit(void **state)
         hx_conn *c, *a;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
-        a = conn(b, b->admin_sock);
+        c = hx_connect(b, b->sock);
+        a = hx_connect(b, b->admin_sock);
         t = issue(c, AUD_PAM, "login", NULL, 0, NULL);
         memset(pad, 'x', 200);
         pad[200] = '\0';
-        msg = call_msg(M_PAM_OPEN, json_pack("{s:s, s:s, s:s, s:s, s:s}", "token", t, "service", "sshd", "user",
-                                             "alice", "tty", pad, "rhost", pad));
+        msg = hx_call_msg(M_PAM_OPEN, json_pack("{s:s, s:s, s:s, s:s, s:s}", "token", t, "service", "sshd", "user",
+                                                "alice", "tty", pad, "rhost", pad));
         for (int i = 0; i < N_PAM; i += 20) {
                 for (int k = 0; k < 20; k++)
                         assert_int_equal(hx_conn_send_msg(c, msg), 0);
                 for (int k = 0; k < 20; k++) {
                         json_t *root = NULL;
                         assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
-                        assert_ok(root);
+                        hx_assert_ok(root);
                         json_decref(root);
                 }
         }
@@ -2824,21 +2716,21 @@ static void test_pam_records_bounded(void **state)
         json_t *r;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         t = issue(c, AUD_PAM, "login", NULL, 0, NULL);
-        msg = call_msg(M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "sshd", "user", "alice"));
+        msg = hx_call_msg(M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "sshd", "user", "alice"));
         for (int i = 0; i < 256; i += 32) {
                 for (int k = 0; k < 32; k++)
                         assert_int_equal(hx_conn_send_msg(c, msg), 0);
                 for (int k = 0; k < 32; k++) {
                         json_t *root = NULL;
                         assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS, &root), 1);
-                        assert_ok(root);
+                        hx_assert_ok(root);
                         json_decref(root);
                 }
         }
-        r = call_text(c, msg);
-        assert_error(r, "io.agentbroker.LimitReached");
+        r = hx_call(c, msg);
+        hx_assert_error(r, "io.agentbroker.LimitReached");
         json_decref(r);
         free(msg);
         free(t);
@@ -2879,7 +2771,7 @@ static void test_list_sessions_pages(void **state)
                 assert_int_equal(hx_run_as(0, 0, child_authenticate, b, HX_RUN_TIMEOUT_MS, out, sizeof out, &ex), 0);
                 assert_int_equal(ex, 0);
         }
-        a = conn(b, b->admin_sock);
+        a = hx_connect(b, b->admin_sock);
         do {
                 char msg[256];
                 json_t *s;
@@ -2891,7 +2783,7 @@ static void test_list_sessions_pages(void **state)
                 root = json_loads(reply, 0, NULL);
                 free(reply);
                 assert_non_null(root);
-                assert_ok(root);
+                hx_assert_ok(root);
                 json_array_foreach(json_object_get(hx_reply_params(root), "sessions"), i, s) {
                         const char *sid = json_string_value(json_object_get(s, "sid"));
                         assert_null(json_object_get(seen, sid)); /* no session twice */
@@ -2907,8 +2799,8 @@ static void test_list_sessions_pages(void **state)
         assert_true(json_object_size(seen) >= N_SESS);
 
         /* a bad cursor is a clear error */
-        root = call_text(a, "{\"method\":\"" M_ALIST "\",\"parameters\":{\"after\":\"short\"}}");
-        assert_error(root, E_PARAM);
+        root = hx_call(a, "{\"method\":\"" M_ALIST "\",\"parameters\":{\"after\":\"short\"}}");
+        hx_assert_error(root, E_PARAM);
         json_decref(root);
 
         assert_int_equal(hx_ctl(b, -1, &res, "sessions", "--json", NULL), 0);
@@ -2930,7 +2822,7 @@ static void test_pam_id_matches_protocol(void **state)
         hx_conn *c;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         t = issue(c, AUD_PAM, "login", NULL, 0, NULL);
         r = expect_ok(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "sshd", "user", "alice"));
         free(t);
@@ -2948,12 +2840,12 @@ static void test_pam_id_matches_protocol(void **state)
 /* Send method(params) on a fresh connection: InvalidMessage, then the broker closes it. */
 static void expect_nul_refused(hx_broker *b, const char *method, json_t *params)
 {
-        hx_conn *k = conn(b, b->sock);
-        char *text = call_msg(method, params);
-        json_t *root = call_text(k, text);
+        hx_conn *k = hx_connect(b, b->sock);
+        char *text = hx_call_msg(method, params);
+        json_t *root = hx_call(k, text);
 
         assert_non_null(strstr(text, "\\u0000"));
-        assert_error(root, "io.agentbroker.InvalidMessage");
+        hx_assert_error(root, "io.agentbroker.InvalidMessage");
         assert_int_equal(hx_conn_wait_closed(k, HX_IO_TIMEOUT_MS), 0);
         json_decref(root);
         free(text);
@@ -2968,8 +2860,8 @@ static void test_hostile_params(void **state)
         hx_conn *c, *a;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
-        a = conn(b, b->admin_sock);
+        c = hx_connect(b, b->sock);
+        a = hx_connect(b, b->admin_sock);
         t = issue(c, AUD_GIT, "repo:read", NULL, 600, &r);
         snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
         json_decref(r);
@@ -3027,10 +2919,10 @@ static void test_hostile_params(void **state)
                 "{\"method\":\"" M_PAM_CLOSE "\",\"parameters\":{\"id\":\"x\",\"force\":true}}",
         };
         for (size_t i = 0; i < sizeof agent_msgs / sizeof agent_msgs[0]; i++) {
-                r = call_text(c, agent_msgs[i]);
+                r = hx_call(c, agent_msgs[i]);
                 if (!hx_reply_error(r) || strcmp(hx_reply_error(r), E_PARAM) != 0)
                         fprintf(stderr, "message %zu: %s\n", i, agent_msgs[i]);
-                assert_error(r, E_PARAM);
+                hx_assert_error(r, E_PARAM);
                 json_decref(r);
         }
         /* two at once, with values that would each be valid */
@@ -3087,10 +2979,10 @@ static void test_hostile_params(void **state)
                 "{\"method\":\"" M_AINTRO "\",\"parameters\":{\"token\":5}}",
         };
         for (size_t i = 0; i < sizeof admin_msgs / sizeof admin_msgs[0]; i++) {
-                r = call_text(a, admin_msgs[i]);
+                r = hx_call(a, admin_msgs[i]);
                 if (!hx_reply_error(r) || strcmp(hx_reply_error(r), E_PARAM) != 0)
                         fprintf(stderr, "admin message %zu: %s\n", i, admin_msgs[i]);
-                assert_error(r, E_PARAM);
+                hx_assert_error(r, E_PARAM);
                 json_decref(r);
         }
         expect_error(a, M_AREVOKE, json_pack("{s:s, s:s}", "jti", jti, "sid", sid), E_PARAM);
@@ -3110,7 +3002,7 @@ static void test_hostile_params(void **state)
                 "{\"method\":\"" M_ATT "\",\"parameters\":5}",
         };
         for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
-                hx_conn *k = conn(b, b->sock);
+                hx_conn *k = hx_connect(b, b->sock);
                 json_t *root = NULL;
                 int rr = hx_conn_call(k, shapes[i], &root);
                 /* an error reply, or the connection closed: anything but success */
@@ -3150,7 +3042,7 @@ static void test_cli_revoke_and_sessions(void **state)
         size_t i;
 
         start_with(b, NULL, -1);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
 
         /* a token through the CLI (its own process, its own session) */
         assert_int_equal(hx_ctl(b, -1, &res, "token", "--audience", AUD_GIT, "--scope", "repo:read", "--scope",
@@ -3288,37 +3180,37 @@ static void test_cli_revoke_and_sessions(void **state)
 int main(void)
 {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_wall_time_reauth_and_expiry, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_session_lifetime_caps_tokens, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_expired_sessions_purged, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_other_process_own_session, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_exec_needs_reauth, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_exec_then_authenticate_ends_old_session, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_revoked_process_stays_revoked, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_revoked_process_stays_revoked_after_purge, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_reauth_cannot_be_skipped, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_sessions_survive_restart, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_introspect_active_claims, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_introspect_forgeries, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_introspect_time_and_session, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_introspect_request_checks, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_revoke_own_on_agent_socket, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_revoke_admin, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_revoke_before, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_revoke_before_same_second_fails_closed, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_other_uid_cannot_touch, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_revocations_survive_kill9, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_delegation_subset, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_delegation_depth_and_revocation, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_delegation_depth_policy, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_delegation_python_verifies, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_pam_sessions, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_pam_id_matches_protocol, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_list_sessions_within_message_limit, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_pam_records_bounded, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_list_sessions_pages, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_hostile_params, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_cli_revoke_and_sessions, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_wall_time_reauth_and_expiry, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_session_lifetime_caps_tokens, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_expired_sessions_purged, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_other_process_own_session, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_exec_needs_reauth, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_exec_then_authenticate_ends_old_session, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_revoked_process_stays_revoked, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_revoked_process_stays_revoked_after_purge, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_reauth_cannot_be_skipped, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_sessions_survive_restart, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_introspect_active_claims, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_introspect_forgeries, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_introspect_time_and_session, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_introspect_request_checks, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_revoke_own_on_agent_socket, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_revoke_admin, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_revoke_before, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_revoke_before_same_second_fails_closed, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_other_uid_cannot_touch, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_revocations_survive_kill9, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_delegation_subset, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_delegation_depth_and_revocation, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_delegation_depth_policy, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_delegation_python_verifies, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_pam_sessions, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_pam_id_matches_protocol, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_list_sessions_within_message_limit, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_pam_records_bounded, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_list_sessions_pages, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_hostile_params, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_cli_revoke_and_sessions, hx_setup, teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
