@@ -38,6 +38,7 @@
 #define AGENT_ID "day-agent"
 #define OWNER "alice@example.com"
 #define ZERO64 "0000000000000000000000000000000000000000000000000000000000000000"
+#define READ_MAX (64u << 20) /* the most hx_read_text reads of a file here */
 #define ISSUE_GIT_READ                                                                                               \
         "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT                          \
         "\",\"scopes\":[\"repo:read\"]}}"
@@ -55,14 +56,7 @@ static int setup(void **state)
         fx *f = calloc(1, sizeof *f);
         if (!f)
                 return -1;
-        if (hx_broker_init(&f->b) < 0) {
-                hx_broker_cleanup(&f->b);
-                free(f);
-                return -1;
-        }
-        snprintf(f->work, sizeof f->work, "%s/work", f->b.dir);
-        if (mkdir(f->work, 0755) < 0) {
-                hx_broker_cleanup(&f->b);
+        if (hx_broker_init_work(&f->b, f->work, sizeof f->work) < 0) {
                 free(f);
                 return -1;
         }
@@ -73,13 +67,11 @@ static int setup(void **state)
 static int teardown(void **state)
 {
         fx *f = *state;
-        int r = 0;
+        int r;
 
         if (!f)
                 return 0;
-        /* lazily: the broker may still hold files open on it; it is stopped next */
-        if (f->mnt[0] && umount2(f->mnt, MNT_DETACH) < 0)
-                fprintf(stderr, "teardown: umount %s: %s\n", f->mnt, strerror(errno));
+        hx_umount_lazy(f->mnt);
         r = hx_broker_finish(&f->b);
         free(f);
         return r;
@@ -102,34 +94,6 @@ static void write_policy(hx_broker *b, const char *extra_grant)
         assert_int_equal(hx_broker_write_policy(b, policy), 0);
 }
 
-static void add_arg(hx_broker *b, const char *a)
-{
-        assert_true(b->n_extra_args < HX_MAX_EXTRA_ARGS);
-        b->extra_args[b->n_extra_args++] = a;
-}
-
-static void start(hx_broker *b)
-{
-        int r = hx_broker_start(b);
-        if (r < 0) {
-                fprintf(stderr, "broker did not start: %s\n", strerror(-r));
-                hx_broker_dump_log(b);
-        }
-        assert_int_equal(r, 0);
-}
-
-static void stop_clean(hx_broker *b)
-{
-        int st = -1, r = hx_broker_stop(b, &st);
-        if (r < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-                fprintf(stderr, "broker stop: r=%d status=0x%x\n", r, (unsigned)st);
-                hx_broker_dump_log(b);
-        }
-        assert_int_equal(r, 0);
-        assert_true(WIFEXITED(st));
-        assert_int_equal(WEXITSTATUS(st), 0);
-}
-
 static void kill9(hx_broker *b)
 {
         int st = 0;
@@ -141,23 +105,6 @@ static void kill9(hx_broker *b)
         b->pid = 0;
 }
 
-static hx_conn *conn(hx_broker *b, const char *path)
-{
-        hx_conn *c = NULL;
-        assert_int_equal(hx_conn_open(b, path, &c), 0);
-        return c;
-}
-
-static json_t *call(hx_conn *c, const char *text)
-{
-        json_t *root = NULL;
-        int r = hx_conn_call(c, text, &root);
-        if (r != 1)
-                fprintf(stderr, "call %.200s: %d (%s)\n", text, r, r < 0 ? strerror(-r) : "eof");
-        assert_int_equal(r, 1);
-        return root;
-}
-
 static json_t *callf(hx_conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static json_t *callf(hx_conn *c, const char *fmt, ...)
 {
@@ -167,57 +114,13 @@ static json_t *callf(hx_conn *c, const char *fmt, ...)
         int n = vsnprintf(buf, sizeof buf, fmt, ap);
         va_end(ap);
         assert_true(n > 0 && (size_t)n < sizeof buf);
-        return call(c, buf);
-}
-
-static void assert_ok(const json_t *root)
-{
-        const char *e = hx_reply_error(root);
-        if (e) {
-                char *s = json_dumps(root, JSON_COMPACT);
-                fprintf(stderr, "unexpected error reply %s\n", s ? s : "?");
-                free(s);
-        }
-        assert_null(e);
-}
-
-static void assert_error(const json_t *root, const char *name)
-{
-        const char *e = hx_reply_error(root);
-        if (!e || strcmp(e, name) != 0) {
-                char *s = json_dumps(root, JSON_COMPACT);
-                fprintf(stderr, "expected error %s, got %s\n", name, s ? s : "?");
-                free(s);
-        }
-        assert_non_null(e);
-        assert_string_equal(e, name);
-}
-
-static void path_in(char *out, size_t outmax, const char *dir, const char *name)
-{
-        int n = snprintf(out, outmax, "%s/%s", dir, name);
-        assert_true(n > 0 && (size_t)n < outmax);
+        return hx_call(c, buf);
 }
 
 /* agent-brokerctl --socket --admin-socket ARGS (NULL-ended array), as root. */
 static void ctlv(hx_broker *b, const char *const *args, hx_run_result *res)
 {
-        char ctl[PATH_MAX];
-        char *argv[64];
-        size_t n = 0;
-
-        assert_int_equal(hx_build_path("agent-brokerctl", ctl, sizeof ctl), 0);
-        argv[n++] = ctl;
-        argv[n++] = (char *)"--socket";
-        argv[n++] = b->sock;
-        argv[n++] = (char *)"--admin-socket";
-        argv[n++] = b->admin_sock;
-        for (size_t i = 0; args[i]; i++) {
-                assert_true(n < 63);
-                argv[n++] = (char *)args[i];
-        }
-        argv[n] = NULL;
-        assert_int_equal(hx_run(argv, NULL, -1, HX_RUN_TIMEOUT_MS, res), 0);
+        assert_int_equal(hx_ctlv(b, -1, args, HX_RUN_TIMEOUT_MS, res), 0);
         assert_false(res->timed_out);
 }
 
@@ -251,24 +154,11 @@ static json_t *parse_lines(const char *text, const char *what)
         return arr;
 }
 
-static char *read_text(const char *path, size_t *ret_len)
-{
-        char *text = NULL;
-        size_t len = 0;
-        int r = hx_read_file(path, 64u << 20, &text, &len);
-        if (r < 0)
-                fprintf(stderr, "read %s: %s\n", path, strerror(-r));
-        assert_int_equal(r, 0);
-        if (ret_len)
-                *ret_len = len;
-        return text;
-}
-
 /* The records of an audit file. Also requires that it holds no NUL byte and ends with a newline. */
 static json_t *file_records(const char *path)
 {
         size_t len = 0;
-        char *text = read_text(path, &len);
+        char *text = hx_read_text(path, READ_MAX, &len);
         if (memchr(text, '\0', len)) {
                 size_t at = (size_t)((char *)memchr(text, '\0', len) - text);
                 fprintf(stderr, "%s: NUL byte at offset %zu of %zu (a hole in the file)\n", path, at, len);
@@ -324,7 +214,7 @@ static json_t *one_record(const json_t *recs, const char *event, const char *key
 static void assert_chain(const char *path)
 {
         size_t len = 0;
-        char *text = read_text(path, &len), *p = text, prev[65] = ZERO64;
+        char *text = hx_read_text(path, READ_MAX, &len), *p = text, prev[65] = ZERO64;
         long long seq = 0;
 
         while (*p) {
@@ -393,7 +283,7 @@ static void save_jwks(fx *f, char *path, size_t pathmax)
 {
         const char *args[] = { "keys", NULL };
         hx_run_result res;
-        path_in(path, pathmax, f->work, "jwks.json");
+        hx_path_in(path, pathmax, f->work, "jwks.json");
         ctlv(&f->b, args, &res);
         assert_int_equal(res.exit_code, 0);
         assert_int_equal(hx_write_file(path, res.out, 0644), 0);
@@ -402,7 +292,7 @@ static void save_jwks(fx *f, char *path, size_t pathmax)
 
 static void audit_file(const hx_broker *b, char *out, size_t outmax)
 {
-        path_in(out, outmax, b->state, "audit.jsonl");
+        hx_path_in(out, outmax, b->state, "audit.jsonl");
 }
 
 /* ---- issuing ---------------------------------------------------------------- */
@@ -532,24 +422,24 @@ static void test_scripted_day(void **state)
         exe[n] = '\0';
         assert_int_equal(hx_sha256_file(exe, sha), 0);
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         audit_file(b, apath, sizeof apath);
-        c = conn(b, b->sock);
-        adm = conn(b, b->admin_sock);
+        c = hx_connect(b, b->sock);
+        adm = hx_connect(b, b->admin_sock);
 
         /* issue */
-        root = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
-                       "\",\"scopes\":[\"repo:read\",\"repo:write\"],\"task\":\"review PR 7\"}}");
-        assert_ok(root);
+        root = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
+                          "\",\"scopes\":[\"repo:read\",\"repo:write\"],\"task\":\"review PR 7\"}}");
+        hx_assert_ok(root);
         token = strdup(hx_reply_str(root, "token"));
         snprintf(jti, sizeof jti, "%s", hx_reply_str(root, "jti"));
         snprintf(sid, sizeof sid, "%s", hx_reply_str(root, "sid"));
         json_decref(root);
 
         /* deny: a scope that is not granted */
-        root = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
-                       "\",\"scopes\":[\"repo:admin\"]}}");
-        assert_error(root, "io.agentbroker.ScopeNotGranted");
+        root = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
+                          "\",\"scopes\":[\"repo:admin\"]}}");
+        hx_assert_error_name(root, "io.agentbroker.ScopeNotGranted");
         json_decref(root);
 
         /* deny: nobody is not an agent */
@@ -566,7 +456,7 @@ static void test_scripted_day(void **state)
                      "{\"method\":\"io.agentbroker.Attenuate\",\"parameters\":{\"token\":\"%s\",\"scopes\":[\"repo:"
                      "read\"],\"ttl\":60}}",
                      token);
-        assert_ok(root);
+        hx_assert_ok(root);
         child = strdup(hx_reply_str(root, "token"));
         snprintf(cjti, sizeof cjti, "%s", hx_reply_str(root, "jti"));
         assert_string_equal(hx_reply_str(root, "parent"), jti);
@@ -577,7 +467,7 @@ static void test_scripted_day(void **state)
                      "{\"method\":\"io.agentbroker.Introspect\",\"parameters\":{\"token\":\"%s\",\"audience\":\"" AUD_GIT
                      "\",\"service\":\"pam:sshd\"}}",
                      child);
-        assert_ok(root);
+        hx_assert_ok(root);
         assert_true(json_is_true(json_object_get(hx_reply_params(root), "active")));
         json_decref(root);
 
@@ -586,21 +476,21 @@ static void test_scripted_day(void **state)
                      "{\"method\":\"io.agentbroker.OpenPamSession\",\"parameters\":{\"token\":\"%s\",\"service\":"
                      "\"sshd\",\"user\":\"root\",\"tty\":\"pts/3\",\"rhost\":\"10.0.0.7\"}}",
                      child);
-        assert_ok(root);
+        hx_assert_ok(root);
         snprintf(pam_id, sizeof pam_id, "%s", hx_reply_str(root, "id"));
         json_decref(root);
         root = callf(c, "{\"method\":\"io.agentbroker.ClosePamSession\",\"parameters\":{\"id\":\"%s\"}}", pam_id);
-        assert_ok(root);
+        hx_assert_ok(root);
         json_decref(root);
 
         /* revoke the child */
         root = callf(c, "{\"method\":\"io.agentbroker.Revoke\",\"parameters\":{\"jti\":\"%s\"}}", cjti);
-        assert_ok(root);
+        hx_assert_ok(root);
         json_decref(root);
 
         /* reload (unchanged sources: no inotify event competes with it) */
-        root = call(adm, "{\"method\":\"io.agentbroker.admin.ReloadPolicy\"}");
-        assert_ok(root);
+        root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.ReloadPolicy\"}");
+        hx_assert_ok(root);
         json_decref(root);
         usleep(600 * 1000); /* past the broker's 250 ms inotify debounce: nothing else may arrive */
 
@@ -760,11 +650,11 @@ static void test_scripted_day(void **state)
 
         /* never a token (a JWS starts with eyJ), never the key */
         {
-                char *text = read_text(apath, NULL), keyp[PATH_MAX], *key = NULL, kb64[64];
+                char *text = hx_read_text(apath, READ_MAX, NULL), keyp[PATH_MAX], *key = NULL, kb64[64];
                 size_t klen = 0;
                 assert_null(strstr(text, "eyJ"));
                 assert_null(strstr(text, strrchr(token, '.') + 1)); /* nor a signature alone */
-                path_in(keyp, sizeof keyp, b->state, "signing.key");
+                hx_path_in(keyp, sizeof keyp, b->state, "signing.key");
                 assert_int_equal(hx_read_file(keyp, 4096, &key, &klen), 0);
                 assert_int_equal(klen, 32);
                 assert_int_equal(ab_b64url_encode((const uint8_t *)key, klen, kb64, sizeof kb64), 43);
@@ -781,7 +671,7 @@ static void test_scripted_day(void **state)
                 verify_ok(b, none);
         }
         save_jwks(f, jwks, sizeof jwks);
-        stop_clean(b);
+        hx_stop_clean(b);
 
         /* shut down: a signed checkpoint closes the file; offline verify with the JWKS */
         recs = file_records(apath);
@@ -815,12 +705,12 @@ static void make_trail(fx *f, unsigned n, char *apath, size_t amax, char *jwks, 
 {
         hx_broker *b = &f->b;
         write_policy(b, NULL);
-        start(b);
-        hx_conn *c = conn(b, b->sock);
+        hx_start(b);
+        hx_conn *c = hx_connect(b, b->sock);
         assert_int_equal(issue_many(c, n, NULL, NULL, 0), n);
         hx_conn_close(b, c);
         save_jwks(f, jwks, jmax);
-        stop_clean(b);
+        hx_stop_clean(b);
         audit_file(b, apath, amax);
 }
 
@@ -837,7 +727,7 @@ static void lines_load(lines *l, const char *path)
         size_t len = 0;
         char *p;
         memset(l, 0, sizeof *l);
-        l->text = read_text(path, &len);
+        l->text = hx_read_text(path, READ_MAX, &len);
         for (p = l->text; *p;) {
                 char *e = strchr(p, '\n');
                 assert_non_null(e);
@@ -888,7 +778,7 @@ static void test_tamper_detected(void **state)
                 const char *args[] = { "--file", apath, "--keys", jwks, NULL };
                 verify_ok(&f->b, args);
         }
-        path_in(copy, sizeof copy, f->work, "tampered.jsonl");
+        hx_path_in(copy, sizeof copy, f->work, "tampered.jsonl");
 
         /* one byte of line 5 (a digit of its pid): line 6 no longer chains to it */
         {
@@ -979,7 +869,7 @@ static void test_verify_detects_missing_head(void **state)
 
         make_trail(f, 3, apath, sizeof apath, jwks, sizeof jwks);
         lines_load(&l, apath);
-        path_in(copy, sizeof copy, f->work, "headless.jsonl");
+        hx_path_in(copy, sizeof copy, f->work, "headless.jsonl");
         for (int i = 1; i < (int)l.n; i++)
                 order[k++] = i;
         order[k] = -1;
@@ -1013,7 +903,7 @@ static void test_checkpoint_signatures(void **state)
         make_trail(f, 4, apath, sizeof apath, jwks, sizeof jwks);
         lines_load(&l, apath);
         assert_int_equal(l.n, 8);
-        path_in(copy, sizeof copy, f->work, "forged.jsonl");
+        hx_path_in(copy, sizeof copy, f->work, "forged.jsonl");
 
         /* a changed signature on the (last) checkpoint */
         {
@@ -1085,14 +975,14 @@ static void test_checkpoints_across_key_rotation(void **state)
         json_t *recs;
 
         make_trail(f, 2, apath, sizeof apath, jwks, sizeof jwks); /* checkpoint 1: old key */
-        start(b);
+        hx_start(b);
         {
                 const char *args[] = { "keys", "rotate", NULL };
                 ctlv(b, args, &res);
                 assert_int_equal(res.exit_code, 0);
                 hx_run_result_done(&res);
         }
-        hx_conn *c = conn(b, b->sock);
+        hx_conn *c = hx_connect(b, b->sock);
         assert_int_equal(issue_many(c, 2, NULL, NULL, 0), 2);
         hx_conn_close(b, c);
         {
@@ -1101,7 +991,7 @@ static void test_checkpoints_across_key_rotation(void **state)
                 assert_non_null(strstr(out, "1 signed checkpoints verified"));
         }
         save_jwks(f, jwks, sizeof jwks);
-        stop_clean(b); /* checkpoint 2: new key */
+        hx_stop_clean(b); /* checkpoint 2: new key */
         recs = file_records(apath);
         assert_int_equal(count_event(recs, "key.rotated"), 1);
         assert_int_equal(count_event(recs, "audit.checkpoint"), 2);
@@ -1130,8 +1020,8 @@ static void test_periodic_checkpoints(void **state)
         long long last = 0;
         size_t i, n = 0;
 
-        add_arg(b, "--rate-limit");
-        add_arg(b, "0");
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
         make_trail(f, 2100, apath, sizeof apath, jwks, sizeof jwks);
         recs = file_records(apath);
         json_array_foreach(recs, i, r) {
@@ -1171,11 +1061,11 @@ static void test_torn_tail_cut_on_restart(void **state)
         assert_int_equal(write(fd, torn, sizeof torn - 1), (ssize_t)(sizeof torn - 1));
         close(fd);
 
-        start(b);
-        hx_conn *c = conn(b, b->sock);
+        hx_start(b);
+        hx_conn *c = hx_connect(b, b->sock);
         assert_int_equal(issue_many(c, 3, NULL, NULL, 0), 3);
         hx_conn_close(b, c);
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath); /* no NUL bytes where the torn line was */
         /* 3 issued and a checkpoint (this process's session from the first run goes on) */
         assert_int_equal(json_array_size(recs), before + 3 + 1);
@@ -1201,7 +1091,7 @@ static void test_garbage_tail_refused(void **state)
         close(fd);
         assert_int_equal(hx_broker_start(b), -ECHILD);
         b->pid = 0;
-        log = read_text(b->log, NULL);
+        log = hx_read_text(b->log, READ_MAX, NULL);
         assert_non_null(strstr(log, "not a valid audit record"));
         free(log);
 }
@@ -1250,17 +1140,17 @@ static void test_kill9_during_burst(void **state)
         json_t *jtis = NULL, *recs; /* made after the forks: a child exits without freeing */
         long long t0, t1;
 
-        add_arg(b, "--rate-limit");
-        add_arg(b, "0");
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         save_jwks(f, jwks, sizeof jwks);
         audit_file(b, apath, sizeof apath);
         t0 = hx_now_ms();
         for (int i = 0; i < BURST_CLIENTS; i++) {
                 char name[32];
                 snprintf(name, sizeof name, "jtis.%d", i);
-                path_in(jf[i], sizeof jf[i], f->work, name);
+                hx_path_in(jf[i], sizeof jf[i], f->work, name);
                 fflush(NULL);
                 kids[i] = fork();
                 assert_true(kids[i] >= 0);
@@ -1278,7 +1168,7 @@ static void test_kill9_during_burst(void **state)
                 assert_int_equal(waitpid(kids[i], &st, 0), kids[i]);
                 assert_true(WIFEXITED(st));
                 assert_int_equal(WEXITSTATUS(st), 0);
-                char *text = read_text(jf[i], NULL);
+                char *text = hx_read_text(jf[i], READ_MAX, NULL);
                 json_t *got = json_array();
                 for (char *p = text, *e; (e = strchr(p, '\n')); p = e + 1) {
                         *e = '\0';
@@ -1294,12 +1184,12 @@ static void test_kill9_during_burst(void **state)
         assert_true(json_array_size(jtis) >= BURST_CLIENTS);
 
         /* restart: it recovers the chain head (cutting any torn tail), and we stop it cleanly */
-        start(b);
+        hx_start(b);
         {
                 const char *none[] = { NULL };
                 verify_ok(b, none);
         }
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         assert_all_issued_recorded(recs, jtis);
         fprintf(stderr, "burst: %zu token.issued records in the file (%zu received: replies lost in flight are "
@@ -1315,25 +1205,13 @@ static void test_kill9_during_burst(void **state)
 
 /* ---- a tiny filesystem -------------------------------------------------------- */
 
-static void mount_tiny(fx *f, const char *where, const char *size)
-{
-        char opts[64];
-        snprintf(opts, sizeof opts, "size=%s,mode=0700", size);
-        (void)mkdir(where, 0700);
-        if (mount("tmpfs", where, "tmpfs", MS_NOSUID | MS_NODEV, opts) < 0) {
-                fprintf(stderr, "mount tmpfs on %s: %s\n", where, strerror(errno));
-                fail();
-        }
-        snprintf(f->mnt, sizeof f->mnt, "%s", where);
-}
-
 /* Fill the filesystem of dir with dir/filler, leaving about leave bytes. */
 static void fill(const char *dir, char *filler, size_t fmax, size_t leave)
 {
         struct statvfs sv;
         char buf[4096];
         memset(buf, 'x', sizeof buf);
-        path_in(filler, fmax, dir, "filler");
+        hx_path_in(filler, fmax, dir, "filler");
         assert_int_equal(statvfs(dir, &sv), 0);
         size_t avail = (size_t)sv.f_bavail * sv.f_frsize;
         int fd = open(filler, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -1354,7 +1232,7 @@ static unsigned issue_until_refused(hx_conn *c, json_t *jtis, unsigned max, char
         unsigned ok = 0;
         err[0] = reason[0] = '\0';
         for (unsigned i = 0; i < max; i++) {
-                json_t *root = call(c, ISSUE_GIT_READ);
+                json_t *root = hx_call(c, ISSUE_GIT_READ);
                 if (hx_reply_error(root)) {
                         snprintf(err, errmax, "%s", hx_reply_error(root));
                         snprintf(reason, rmax, "%s", hx_reply_str(root, "reason") ? hx_reply_str(root, "reason") : "");
@@ -1371,12 +1249,12 @@ static unsigned issue_until_refused(hx_conn *c, json_t *jtis, unsigned max, char
 
 static void assert_serving(hx_broker *b, hx_conn *c)
 {
-        json_t *root = call(c, "{\"method\":\"org.varlink.service.GetInfo\"}");
-        assert_ok(root);
+        json_t *root = hx_call(c, "{\"method\":\"org.varlink.service.GetInfo\"}");
+        hx_assert_ok(root);
         json_decref(root);
-        hx_conn *c2 = conn(b, b->sock);
-        root = call(c2, "{\"method\":\"org.varlink.service.GetInfo\"}");
-        assert_ok(root);
+        hx_conn *c2 = hx_connect(b, b->sock);
+        root = hx_call(c2, "{\"method\":\"org.varlink.service.GetInfo\"}");
+        hx_assert_ok(root);
         json_decref(root);
         hx_conn_close(b, c2);
 }
@@ -1395,18 +1273,18 @@ static void test_tiny_fs_audit_log(void **state)
         unsigned ok, later = 0;
         hx_conn *c, *adm;
 
-        path_in(tiny, sizeof tiny, f->work, "tiny");
-        mount_tiny(f, tiny, "128k");
-        path_in(apath, sizeof apath, tiny, "audit.jsonl");
-        add_arg(b, "--audit-log");
-        add_arg(b, apath);
-        add_arg(b, "--rate-limit");
-        add_arg(b, "0");
+        hx_path_in(tiny, sizeof tiny, f->work, "tiny");
+        hx_mount_tmpfs(tiny, "128k", f->mnt, sizeof f->mnt);
+        hx_path_in(apath, sizeof apath, tiny, "audit.jsonl");
+        hx_add_arg(b, "--audit-log");
+        hx_add_arg(b, apath);
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         save_jwks(f, jwks, sizeof jwks);
         fill(tiny, filler, sizeof filler, 16 * 1024);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         ok = issue_until_refused(c, jtis, 400, err, sizeof err, reason, sizeof reason);
         fprintf(stderr, "tiny fs (audit log): %u tokens, then %s: %s\n", ok, err, reason);
         assert_true(ok > 0);
@@ -1415,12 +1293,12 @@ static void test_tiny_fs_audit_log(void **state)
         assert_non_null(strstr(reason, "nothing was issued"));
         /* still full: still refused, never a token */
         for (int i = 0; i < 5; i++) {
-                root = call(c, ISSUE_GIT_READ);
+                root = hx_call(c, ISSUE_GIT_READ);
                 if (!hx_reply_error(root)) {
                         json_array_append_new(jtis, json_string(hx_reply_str(root, "jti")));
                         later++;
                 } else {
-                        assert_error(root, "io.agentbroker.AuditUnavailable");
+                        hx_assert_error_name(root, "io.agentbroker.AuditUnavailable");
                         assert_null(json_object_get(hx_reply_params(root), "token"));
                 }
                 json_decref(root);
@@ -1428,9 +1306,9 @@ static void test_tiny_fs_audit_log(void **state)
         assert_true(later < 5);
         /* everything else still answers */
         assert_serving(b, c);
-        adm = conn(b, b->admin_sock);
-        root = call(adm, "{\"method\":\"io.agentbroker.admin.ReadAudit\",\"parameters\":{\"limit\":1}}");
-        assert_ok(root);
+        adm = hx_connect(b, b->admin_sock);
+        root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.ReadAudit\",\"parameters\":{\"limit\":1}}");
+        hx_assert_ok(root);
         json_decref(root);
 
         /* space returns */
@@ -1440,7 +1318,7 @@ static void test_tiny_fs_audit_log(void **state)
                 const char *none[] = { NULL };
                 verify_ok(b, none);
         }
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         assert_all_issued_recorded(recs, jtis);
         /* no record of a refused token survives */
@@ -1469,11 +1347,11 @@ static void test_tiny_fs_state_dir(void **state)
         hx_run_result res;
 
         assert_int_equal(hx_build_path("tests/helper-issue", helper, sizeof helper), 0);
-        mount_tiny(f, b->state, "256k");
-        add_arg(b, "--rate-limit");
-        add_arg(b, "0");
+        hx_mount_tmpfs(b->state, "256k", f->mnt, sizeof f->mnt);
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         save_jwks(f, jwks, sizeof jwks);
         audit_file(b, apath, sizeof apath);
         fill(b->state, filler, sizeof filler, 12 * 1024);
@@ -1501,7 +1379,7 @@ static void test_tiny_fs_state_dir(void **state)
         assert_true(strstr(refusal, "ERR io.agentbroker.AuditUnavailable: ") ||
                     strstr(refusal, "ERR io.agentbroker.InternalError: "));
         assert_true(strstr(refusal, "No space left on device") || strstr(refusal, "full"));
-        hx_conn *c = conn(b, b->sock);
+        hx_conn *c = hx_connect(b, b->sock);
         assert_serving(b, c);
 
         assert_int_equal(unlink(filler), 0);
@@ -1516,15 +1394,15 @@ static void test_tiny_fs_state_dir(void **state)
                 hx_run_result_done(&res);
         }
         /* the usage counters made it to LMDB once there was room */
-        hx_conn *adm = conn(b, b->admin_sock);
-        root = call(adm, "{\"method\":\"io.agentbroker.admin.GetUsage\",\"parameters\":{}}");
-        assert_ok(root);
+        hx_conn *adm = hx_connect(b, b->admin_sock);
+        root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.GetUsage\",\"parameters\":{}}");
+        hx_assert_ok(root);
         json_t *row = json_array_get(json_object_get(hx_reply_params(root), "usage"), 0);
         fprintf(stderr, "tiny fs (state dir): usage count %lld for %zu tokens received\n", ri(row, "count"),
                 json_array_size(jtis));
         assert_true(ri(row, "count") >= (long long)json_array_size(jtis));
         json_decref(root);
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         assert_all_issued_recorded(recs, jtis);
         json_decref(recs);
@@ -1547,17 +1425,17 @@ static void test_rotation(void **state)
         unsigned total = 0;
         hx_conn *c;
 
-        add_arg(b, "--audit-max-size");
-        add_arg(b, "1");
-        add_arg(b, "--rate-limit");
-        add_arg(b, "0");
+        hx_add_arg(b, "--audit-max-size");
+        hx_add_arg(b, "1");
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         save_jwks(f, jwks, sizeof jwks);
         audit_file(b, apath, sizeof apath);
         snprintf(old, sizeof old, "%s.1", apath);
         snprintf(old2, sizeof old2, "%s.2", apath);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         while (stat(old, &st) < 0 && total < 6000) {
                 assert_int_equal(issue_many(c, 256, NULL, NULL, 0), 256);
                 total += 256;
@@ -1570,10 +1448,10 @@ static void test_rotation(void **state)
 
         /* ReadAudit pages: limit, next_seq, more; skipped (filtered) records count as read */
         {
-                hx_conn *adm = conn(b, b->admin_sock);
-                json_t *root = call(adm, "{\"method\":\"io.agentbroker.admin.ReadAudit\",\"parameters\":{\"limit\":5}}");
+                hx_conn *adm = hx_connect(b, b->admin_sock);
+                json_t *root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.ReadAudit\",\"parameters\":{\"limit\":5}}");
                 json_t *p = hx_reply_params(root), *recs5 = json_object_get(p, "records");
-                assert_ok(root);
+                hx_assert_ok(root);
                 assert_int_equal(json_array_size(recs5), 5);
                 assert_true(json_is_true(json_object_get(p, "more")));
                 assert_int_equal(ri(p, "next_seq"), ri(json_array_get(recs5, 4), "seq"));
@@ -1584,7 +1462,7 @@ static void test_rotation(void **state)
                              "{\"method\":\"io.agentbroker.admin.ReadAudit\",\"parameters\":{\"after_seq\":%lld,"
                              "\"event\":\"audit.checkpoint\",\"limit\":200}}",
                              next);
-                assert_ok(root);
+                hx_assert_ok(root);
                 p = hx_reply_params(root);
                 json_t *r;
                 size_t i;
@@ -1594,8 +1472,8 @@ static void test_rotation(void **state)
                 }
                 assert_false(json_is_true(json_object_get(p, "more")));
                 json_decref(root);
-                root = call(adm, "{\"method\":\"io.agentbroker.admin.ReadAudit\",\"parameters\":{\"limit\":201}}");
-                assert_error(root, "io.agentbroker.InvalidParameter");
+                root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.ReadAudit\",\"parameters\":{\"limit\":201}}");
+                hx_assert_error_name(root, "io.agentbroker.InvalidParameter");
                 json_decref(root);
                 hx_conn_close(b, adm);
         }
@@ -1605,7 +1483,7 @@ static void test_rotation(void **state)
         assert_true(json_equal(listed, recs));
         json_decref(listed);
         json_decref(recs);
-        stop_clean(b);
+        hx_stop_clean(b);
 
         recs = file_records(old);
         assert_string_equal(rs(json_array_get(recs, json_array_size(recs) - 1), "event"), "audit.checkpoint");
@@ -1654,27 +1532,27 @@ static void test_rotation_without_inode(void **state)
         struct stat st;
         hx_conn *c;
 
-        path_in(tiny, sizeof tiny, f->work, "tiny");
+        hx_path_in(tiny, sizeof tiny, f->work, "tiny");
         (void)mkdir(tiny, 0700);
         if (mount("tmpfs", tiny, "tmpfs", MS_NOSUID | MS_NODEV, "size=8m,nr_inodes=3,mode=0700") < 0) {
                 fprintf(stderr, "mount tmpfs: %s\n", strerror(errno));
                 fail();
         }
         snprintf(f->mnt, sizeof f->mnt, "%s", tiny);
-        path_in(apath, sizeof apath, tiny, "audit.jsonl");
+        hx_path_in(apath, sizeof apath, tiny, "audit.jsonl");
         snprintf(old, sizeof old, "%s.1", apath);
-        add_arg(b, "--audit-log");
-        add_arg(b, apath);
-        add_arg(b, "--audit-max-size");
-        add_arg(b, "1");
-        add_arg(b, "--rate-limit");
-        add_arg(b, "0");
+        hx_add_arg(b, "--audit-log");
+        hx_add_arg(b, apath);
+        hx_add_arg(b, "--audit-max-size");
+        hx_add_arg(b, "1");
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         save_jwks(f, jwks, sizeof jwks);
-        path_in(filler, sizeof filler, tiny, "filler"); /* the last inode: root, audit.jsonl, this */
+        hx_path_in(filler, sizeof filler, tiny, "filler"); /* the last inode: root, audit.jsonl, this */
         assert_int_equal(hx_write_file(filler, "x", 0600), 0);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         /* well past 1 MiB: the broker tries to rotate, cannot create the new file, and goes on */
         while (total < 2560) {
                 ok += issue_many(c, 256, NULL, err, sizeof err);
@@ -1701,7 +1579,7 @@ static void test_rotation_without_inode(void **state)
                 assert_true(n <= 24);
                 json_decref(recs);
         }
-        stop_clean(b);
+        hx_stop_clean(b);
         if (stat(old, &st) == 0) {
                 const char *args[] = { "--file", old, "--file", apath, "--keys", jwks, NULL };
                 verify_ok(b, args);
@@ -1750,14 +1628,14 @@ static void test_read_audit_large_file(void **state)
         const unsigned n = 16000; /* ~8 MiB */
         long long t0, t1;
 
-        path_in(apath, sizeof apath, f->work, "big.jsonl");
+        hx_path_in(apath, sizeof apath, f->work, "big.jsonl");
         write_synthetic_trail(apath, n);
-        add_arg(b, "--audit-log");
-        add_arg(b, apath);
-        add_arg(b, "--audit-max-size");
-        add_arg(b, "0");
+        hx_add_arg(b, "--audit-log");
+        hx_add_arg(b, apath);
+        hx_add_arg(b, "--audit-max-size");
+        hx_add_arg(b, "0");
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         t0 = hx_now_ms();
         json_t *recs = ctl_audit_json(b, NULL, NULL);
         t1 = hx_now_ms();
@@ -1768,7 +1646,7 @@ static void test_read_audit_large_file(void **state)
         /* timings are printed, never asserted (house rule): make bench measures speed */
         if (t1 - t0 > 3000)
                 fprintf(stderr, "slow: ReadAudit paging took %lld ms\n", t1 - t0);
-        stop_clean(b);
+        hx_stop_clean(b);
         const char *args[] = { "--file", apath, NULL };
         verify_ok(b, args);
 }
@@ -1777,13 +1655,13 @@ static void test_read_audit_large_file(void **state)
 
 static long long usage_count(hx_broker *b, const char *scope)
 {
-        hx_conn *adm = conn(b, b->admin_sock);
-        json_t *root = call(adm, "{\"method\":\"io.agentbroker.admin.GetUsage\",\"parameters\":{\"agent\":\"" AGENT_ID
-                                 "\"}}"),
+        hx_conn *adm = hx_connect(b, b->admin_sock);
+        json_t *root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.GetUsage\",\"parameters\":{\"agent\":\"" AGENT_ID
+                                    "\"}}"),
                *row;
         size_t i;
         long long n = -1;
-        assert_ok(root);
+        hx_assert_ok(root);
         json_array_foreach(json_object_get(hx_reply_params(root), "usage"), i, row)
                 if (strcmp(rs(row, "audience"), AUD_GIT) == 0 && strcmp(rs(row, "scope"), scope) == 0) {
                         n = ri(row, "count");
@@ -1809,26 +1687,26 @@ static void test_usage_counters(void **state)
         hx_conn *c;
 
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         audit_file(b, apath, sizeof apath);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         assert_int_equal(issue_many(c, 4, NULL, NULL, 0), 4);
-        json_decref(call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
-                            "\",\"scopes\":[\"repo:read\",\"repo:write\"]}}"));
+        json_decref(hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
+                               "\",\"scopes\":[\"repo:read\",\"repo:write\"]}}"));
         assert_int_equal(usage_count(b, "repo:read"), 5);
         assert_int_equal(usage_count(b, "repo:write"), 1);
         assert_int_equal(usage_count(b, "tickets:read"), -1);
-        stop_clean(b);
-        start(b);
+        hx_stop_clean(b);
+        hx_start(b);
         assert_int_equal(usage_count(b, "repo:read"), 5);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         assert_int_equal(issue_many(c, 3, NULL, NULL, 0), 3);
         kill9(b); /* within the 5 s flush interval */
-        start(b);
+        hx_start(b);
         long long n = usage_count(b, "repo:read");
         fprintf(stderr, "usage after kill -9: %lld of 8 counted (the last %lld lost)\n", n, 8 - n);
         assert_true(n >= 5 && n <= 8);
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         assert_int_equal(count_event(recs, "token.issued"), 8);
         json_decref(recs);
@@ -1840,9 +1718,9 @@ static void test_usage_counters(void **state)
 /* Issue a token on c (repo:read repo:write): its token and jti. */
 static char *issue_rw(hx_conn *c, char *jti, size_t jmax)
 {
-        json_t *root = call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
-                               "\",\"scopes\":[\"repo:read\",\"repo:write\"]}}");
-        assert_ok(root);
+        json_t *root = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
+                                  "\",\"scopes\":[\"repo:read\",\"repo:write\"]}}");
+        hx_assert_ok(root);
         char *t = strdup(hx_reply_str(root, "token"));
         snprintf(jti, jmax, "%s", hx_reply_str(root, "jti"));
         json_decref(root);
@@ -1878,27 +1756,27 @@ static void test_attenuate_denial_audited(void **state)
         json_t *root, *recs;
 
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         audit_file(b, apath, sizeof apath);
-        hx_conn *c = conn(b, b->sock);
-        json_t *req = call(c, ISSUE_GIT_READ);
-        assert_ok(req);
+        hx_conn *c = hx_connect(b, b->sock);
+        json_t *req = hx_call(c, ISSUE_GIT_READ);
+        hx_assert_ok(req);
         snprintf(jti, sizeof jti, "%s", hx_reply_str(req, "jti"));
         root = callf(c,
                      "{\"method\":\"io.agentbroker.Attenuate\",\"parameters\":{\"token\":\"%s\",\"scopes\":[\"repo:"
                      "write\"]}}",
                      hx_reply_str(req, "token"));
-        assert_error(root, "io.agentbroker.ScopeNotGranted");
+        hx_assert_error_name(root, "io.agentbroker.ScopeNotGranted");
         json_decref(root);
         root = callf(c, "{\"method\":\"io.agentbroker.Revoke\",\"parameters\":{\"jti\":\"%s\"}}", jti);
-        assert_ok(root);
+        hx_assert_ok(root);
         json_decref(root);
         root = callf(c, "{\"method\":\"io.agentbroker.Attenuate\",\"parameters\":{\"token\":\"%s\"}}",
                      hx_reply_str(req, "token"));
-        assert_error(root, "io.agentbroker.InvalidToken");
+        hx_assert_error_name(root, "io.agentbroker.InvalidToken");
         json_decref(root);
         json_decref(req);
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         size_t n = count_denials(recs, NULL, "parent", jti);
         if (n != 2)
@@ -1918,21 +1796,21 @@ static void test_pam_records_name_token_and_agent(void **state)
         json_t *root, *recs, *r;
 
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         audit_file(b, apath, sizeof apath);
-        hx_conn *c = conn(b, b->sock);
+        hx_conn *c = hx_connect(b, b->sock);
         char *token = issue_rw(c, jti, sizeof jti);
         root = callf(c,
                      "{\"method\":\"io.agentbroker.OpenPamSession\",\"parameters\":{\"token\":\"%s\",\"service\":"
                      "\"sshd\",\"user\":\"root\"}}",
                      token);
-        assert_ok(root);
+        hx_assert_ok(root);
         snprintf(id, sizeof id, "%s", hx_reply_str(root, "id"));
         json_decref(root);
         root = callf(c, "{\"method\":\"io.agentbroker.ClosePamSession\",\"parameters\":{\"id\":\"%s\"}}", id);
-        assert_ok(root);
+        hx_assert_ok(root);
         json_decref(root);
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         r = one_record(recs, "pam.opened", "pam_id", id);
         if (!rs(r, "jti") || !rs(r, "owner"))
@@ -1960,20 +1838,20 @@ static void test_pam_refusal_audited(void **state)
         json_t *root, *recs;
 
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         audit_file(b, apath, sizeof apath);
-        hx_conn *c = conn(b, b->sock);
+        hx_conn *c = hx_connect(b, b->sock);
         char *token = issue_rw(c, jti, sizeof jti);
         root = callf(c, "{\"method\":\"io.agentbroker.Revoke\",\"parameters\":{\"jti\":\"%s\"}}", jti);
-        assert_ok(root);
+        hx_assert_ok(root);
         json_decref(root);
         root = callf(c,
                      "{\"method\":\"io.agentbroker.OpenPamSession\",\"parameters\":{\"token\":\"%s\",\"service\":"
                      "\"sshd\",\"user\":\"root\"}}",
                      token);
-        assert_error(root, "io.agentbroker.InvalidToken");
+        hx_assert_error_name(root, "io.agentbroker.InvalidToken");
         json_decref(root);
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         size_t i, n = 0;
         json_t *r;
@@ -1998,16 +1876,16 @@ static void test_unrelated_write_no_policy_record(void **state)
         json_t *recs;
 
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         audit_file(b, apath, sizeof apath);
         usleep(400 * 1000);
         recs = file_records(apath);
         size_t before = count_event(recs, "policy.loaded");
         json_decref(recs);
-        path_in(other, sizeof other, b->dir, "notes.txt");
+        hx_path_in(other, sizeof other, b->dir, "notes.txt");
         assert_int_equal(hx_write_file(other, "not a policy\n", 0644), 0);
         usleep(700 * 1000); /* the broker's inotify debounce is 250 ms */
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         size_t after = count_event(recs, "policy.loaded");
         if (after != before)
@@ -2028,7 +1906,7 @@ static void test_policy_change_recorded_once(void **state)
         size_t i, n = 0;
 
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         audit_file(b, apath, sizeof apath);
         recs = file_records(apath);
         const char *v1 = rs(one_record(recs, "policy.loaded", NULL, NULL), "policy");
@@ -2037,12 +1915,12 @@ static void test_policy_change_recorded_once(void **state)
         json_decref(recs);
 
         write_policy(b, "{\"audience\": \"https://wiki.internal\", \"scopes\": [\"read\"]}");
-        hx_conn *adm = conn(b, b->admin_sock);
-        root = call(adm, "{\"method\":\"io.agentbroker.admin.ReloadPolicy\"}");
-        assert_ok(root);
+        hx_conn *adm = hx_connect(b, b->admin_sock);
+        root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.ReloadPolicy\"}");
+        hx_assert_ok(root);
         json_decref(root);
         usleep(700 * 1000);
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         json_array_foreach(recs, i, r)
                 if (strcmp(rs(r, "event"), "policy.loaded") == 0 && strcmp(rs(r, "policy"), old_version) != 0)
@@ -2063,16 +1941,16 @@ static void test_policy_rejected_recorded(void **state)
         json_t *recs, *root, *r;
 
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         audit_file(b, apath, sizeof apath);
         assert_int_equal(hx_broker_write_policy(b, "{\"version\": 1, \"agents\": [{\"id\": \"x\"}]}"), 0);
-        hx_conn *adm = conn(b, b->admin_sock);
-        root = call(adm, "{\"method\":\"io.agentbroker.admin.ReloadPolicy\"}");
-        assert_error(root, "io.agentbroker.admin.PolicyRejected");
+        hx_conn *adm = hx_connect(b, b->admin_sock);
+        root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.ReloadPolicy\"}");
+        hx_assert_error_name(root, "io.agentbroker.admin.PolicyRejected");
         json_decref(root);
-        hx_conn *c = conn(b, b->sock);
+        hx_conn *c = hx_connect(b, b->sock);
         assert_int_equal(issue_many(c, 1, NULL, NULL, 0), 1);
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         assert_true(count_event(recs, "policy.rejected") >= 1);
         size_t i;
@@ -2096,13 +1974,13 @@ static void test_reload_names_admin(void **state)
         json_t *recs, *root, *r;
 
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         audit_file(b, apath, sizeof apath);
-        hx_conn *adm = conn(b, b->admin_sock);
-        root = call(adm, "{\"method\":\"io.agentbroker.admin.ReloadPolicy\"}");
-        assert_ok(root);
+        hx_conn *adm = hx_connect(b, b->admin_sock);
+        root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.ReloadPolicy\"}");
+        hx_assert_ok(root);
         json_decref(root);
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         assert_int_equal(count_event(recs, "policy.loaded"), 2);
         r = json_array_get(recs, json_array_size(recs) - 2);
@@ -2176,13 +2054,13 @@ static void test_oversized_denial_still_recorded(void **state)
         json_t *recs, *r = NULL;
 
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         audit_file(b, apath, sizeof apath);
         run_from_odd_path(f, '\001', 15, &res, exe, sizeof exe);
         assert_int_equal(res.exit_code, 1);
         assert_non_null(strstr(res.out, "ERR io.agentbroker.NotAnAgent"));
         hx_run_result_done(&res);
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         size_t n = nobody_denials(recs, &r);
         if (n != 1)
@@ -2209,12 +2087,12 @@ static void test_non_utf8_exe_recorded(void **state)
         json_t *recs, *r = NULL;
 
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         audit_file(b, apath, sizeof apath);
         run_from_odd_path(f, '\xff', 1, &res, exe, sizeof exe);
         assert_int_equal(res.exit_code, 1);
         hx_run_result_done(&res);
-        stop_clean(b);
+        hx_stop_clean(b);
         recs = file_records(apath);
         assert_int_equal(nobody_denials(recs, &r), 1);
         if (!rs(r, "exe") || !rs(r, "reason"))
@@ -2272,15 +2150,15 @@ static void refused_then_recovered(fx *f, refusal_run *run)
         bool done = false;
 
         memset(run, 0, sizeof *run);
-        path_in(tiny, sizeof tiny, f->work, "tiny");
-        mount_tiny(f, tiny, "64k");
-        path_in(run->apath, sizeof run->apath, tiny, "audit.jsonl");
-        add_arg(b, "--audit-log");
-        add_arg(b, run->apath);
-        add_arg(b, "--rate-limit");
-        add_arg(b, "0");
+        hx_path_in(tiny, sizeof tiny, f->work, "tiny");
+        hx_mount_tmpfs(tiny, "64k", f->mnt, sizeof f->mnt);
+        hx_path_in(run->apath, sizeof run->apath, tiny, "audit.jsonl");
+        hx_add_arg(b, "--audit-log");
+        hx_add_arg(b, run->apath);
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
         write_policy(b, NULL);
-        start(b);
+        hx_start(b);
         fill(tiny, filler, sizeof filler, 0);
         for (int k = 0; k < 100 && !done; k++) {
                 int to_child[2], from_child[2];
@@ -2322,7 +2200,7 @@ static void refused_then_recovered(fx *f, refusal_run *run)
         }
         assert_true(done);
         run->usage = usage_count(b, "repo:read");
-        stop_clean(b);
+        hx_stop_clean(b);
 }
 
 /* ... the refused request's session is on the record before that session's first token. */
@@ -2376,10 +2254,10 @@ static void test_journald(void **state)
                 skip();
         }
         write_policy(b, NULL);
-        start(b);
-        hx_conn *c = conn(b, b->sock);
-        json_t *root = call(c, ISSUE_GIT_READ);
-        assert_ok(root);
+        hx_start(b);
+        hx_conn *c = hx_connect(b, b->sock);
+        json_t *root = hx_call(c, ISSUE_GIT_READ);
+        hx_assert_ok(root);
         snprintf(jti, sizeof jti, "%s", hx_reply_str(root, "jti"));
         json_decref(root);
         char match[128];

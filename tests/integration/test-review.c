@@ -47,14 +47,7 @@ static int setup(void **state)
         fx *f = calloc(1, sizeof *f);
         if (!f)
                 return -1;
-        if (hx_broker_init(&f->b) < 0) {
-                hx_broker_cleanup(&f->b);
-                free(f);
-                return -1;
-        }
-        snprintf(f->work, sizeof f->work, "%s/work", f->b.dir);
-        if (mkdir(f->work, 0755) < 0) {
-                hx_broker_cleanup(&f->b);
+        if (hx_broker_init_work(&f->b, f->work, sizeof f->work) < 0) {
                 free(f);
                 return -1;
         }
@@ -745,15 +738,8 @@ static const char live_policy[] =
 
 static void start_live(fx *f)
 {
-        int r;
-
         assert_int_equal(hx_broker_write_policy(&f->b, live_policy), 0);
-        r = hx_broker_start(&f->b);
-        if (r < 0) {
-                fprintf(stderr, "broker did not start: %s\n", strerror(-r));
-                hx_broker_dump_log(&f->b);
-        }
-        assert_int_equal(r, 0);
+        hx_start(&f->b);
 }
 
 static void issue(hx_conn *c, const char *audience, const char *scope)

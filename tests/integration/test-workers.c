@@ -53,6 +53,7 @@
 #define AGENT_ID "worker-agent"
 #define OWNER "alice@example.com"
 #define ZERO64 "0000000000000000000000000000000000000000000000000000000000000000"
+#define READ_MAX (256u << 20) /* the most hx_read_text reads of a file here */
 #define M_ISSUE "io.agentbroker.IssueToken"
 #define M_INTRO "io.agentbroker.Introspect"
 
@@ -69,14 +70,7 @@ static int setup(void **state)
         fx *f = calloc(1, sizeof *f);
         if (!f)
                 return -1;
-        if (hx_broker_init(&f->b) < 0) {
-                hx_broker_cleanup(&f->b);
-                free(f);
-                return -1;
-        }
-        snprintf(f->work, sizeof f->work, "%s/work", f->b.dir);
-        if (mkdir(f->work, 0755) < 0) {
-                hx_broker_cleanup(&f->b);
+        if (hx_broker_init_work(&f->b, f->work, sizeof f->work) < 0) {
                 free(f);
                 return -1;
         }
@@ -91,8 +85,7 @@ static int teardown(void **state)
 
         if (!f)
                 return 0;
-        if (f->mnt[0] && umount2(f->mnt, MNT_DETACH) < 0)
-                fprintf(stderr, "teardown: umount %s: %s\n", f->mnt, strerror(errno));
+        hx_umount_lazy(f->mnt);
         r = hx_broker_finish(&f->b);
         free(f);
         return r;
@@ -112,41 +105,13 @@ static void write_policy(hx_broker *b)
         assert_int_equal(hx_broker_write_policy(b, policy), 0);
 }
 
-static void add_arg(hx_broker *b, const char *a)
-{
-        assert_true(b->n_extra_args < HX_MAX_EXTRA_ARGS);
-        b->extra_args[b->n_extra_args++] = a;
-}
-
-static void start(hx_broker *b)
-{
-        int r = hx_broker_start(b);
-        if (r < 0) {
-                fprintf(stderr, "broker did not start: %s\n", strerror(-r));
-                hx_broker_dump_log(b);
-        }
-        assert_int_equal(r, 0);
-}
-
 /* The policy, no rate limit (these tests are about load), start. */
 static void start_loaded(hx_broker *b)
 {
-        add_arg(b, "--rate-limit");
-        add_arg(b, "0");
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
         write_policy(b);
-        start(b);
-}
-
-static void stop_clean(hx_broker *b)
-{
-        int st = -1, r = hx_broker_stop(b, &st);
-        if (r < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-                fprintf(stderr, "broker stop: r=%d status=0x%x\n", r, (unsigned)st);
-                hx_broker_dump_log(b);
-        }
-        assert_int_equal(r, 0);
-        assert_true(WIFEXITED(st));
-        assert_int_equal(WEXITSTATUS(st), 0);
+        hx_start(b);
 }
 
 /* The daemon is still running (not exited, not a zombie). */
@@ -163,23 +128,6 @@ static void assert_alive(hx_broker *b)
                 hx_broker_dump_log(b);
         }
         assert_int_equal(r, 0);
-}
-
-static hx_conn *conn(hx_broker *b, const char *path)
-{
-        hx_conn *c = NULL;
-        assert_int_equal(hx_conn_open(b, path, &c), 0);
-        return c;
-}
-
-static json_t *call(hx_conn *c, const char *text)
-{
-        json_t *root = NULL;
-        int r = hx_conn_call(c, text, &root);
-        if (r != 1)
-                fprintf(stderr, "call %.200s: %d (%s)\n", text, r, r < 0 ? strerror(-r) : "eof");
-        assert_int_equal(r, 1);
-        return root;
 }
 
 static json_t *recv1(hx_conn *c, int timeout_ms)
@@ -199,30 +147,10 @@ static void dump(const char *what, const json_t *root)
         free(s);
 }
 
-static void assert_ok(const json_t *root)
-{
-        if (hx_reply_error(root))
-                dump("unexpected error reply", root);
-        assert_null(hx_reply_error(root));
-}
-
-static void path_in(char *out, size_t outmax, const char *dir, const char *name)
-{
-        int n = snprintf(out, outmax, "%s/%s", dir, name);
-        assert_true(n > 0 && (size_t)n < outmax);
-}
-
 /* A bound in ms, ten times longer when the programs run under a tool (make check-valgrind). */
 static int slow(int ms)
 {
         return hx_under_wrapper() ? ms * 10 : ms;
-}
-
-static void sleep_ms(int ms)
-{
-        struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L };
-        while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-                ;
 }
 
 /*
@@ -302,8 +230,8 @@ static char *issue_task(hx_conn *c, const char *task)
                  "{\"method\":\"" M_ISSUE "\",\"parameters\":{\"audience\":\"" AUD_GIT
                  "\",\"scopes\":[\"repo:read\"],\"task\":\"%s\"}}",
                  task);
-        root = call(c, msg);
-        assert_ok(root);
+        root = hx_call(c, msg);
+        hx_assert_ok(root);
         assert_non_null(hx_reply_str(root, "token"));
         tok = strdup(hx_reply_str(root, "token"));
         json_decref(root);
@@ -315,9 +243,9 @@ static char *issue_task(hx_conn *c, const char *task)
 static void assert_serving_within(hx_broker *b, int ms)
 {
         long long t0 = hx_now_ms();
-        hx_conn *c = conn(b, b->sock);
-        json_t *root = call(c, "{\"method\":\"org.varlink.service.GetInfo\"}");
-        assert_ok(root);
+        hx_conn *c = hx_connect(b, b->sock);
+        json_t *root = hx_call(c, "{\"method\":\"org.varlink.service.GetInfo\"}");
+        hx_assert_ok(root);
         json_decref(root);
         free(issue_task(c, "probe"));
         hx_conn_close(b, c);
@@ -328,44 +256,6 @@ static void assert_serving_within(hx_broker *b, int ms)
 }
 
 /* ---- the broker process ------------------------------------------------------- */
-
-static int proc_fd_count(pid_t pid)
-{
-        char dir[64];
-        DIR *d;
-        struct dirent *de;
-        int n = 0;
-
-        snprintf(dir, sizeof dir, "/proc/%d/fd", (int)pid);
-        d = opendir(dir);
-        if (!d)
-                return -1;
-        while ((de = readdir(d)))
-                if (de->d_name[0] != '.')
-                        n++;
-        closedir(d);
-        return n;
-}
-
-/* The value (kB) of a /proc/PID/status line such as "VmRSS:", or -1. */
-static long proc_status_kb(pid_t pid, const char *key)
-{
-        char path[64], line[256];
-        long v = -1;
-        FILE *fp;
-
-        snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-        fp = fopen(path, "re");
-        if (!fp)
-                return -1;
-        while (fgets(line, sizeof line, fp))
-                if (strncmp(line, key, strlen(key)) == 0) {
-                        v = strtol(line + strlen(key), NULL, 10);
-                        break;
-                }
-        fclose(fp);
-        return v;
-}
 
 /* The daemon runs with AddressSanitizer (its RSS then includes the quarantine). */
 static bool proc_has_asan(pid_t pid)
@@ -388,27 +278,14 @@ static int wait_fds_at_most(pid_t pid, int want, int timeout_ms)
         long long deadline = hx_now_ms() + timeout_ms;
         int n;
         for (;;) {
-                n = proc_fd_count(pid);
+                n = hx_proc_fd_count(pid);
                 if (n <= want || hx_now_ms() > deadline)
                         return n;
-                sleep_ms(20);
+                hx_sleep_ms(20);
         }
 }
 
 /* ---- the audit file ------------------------------------------------------------- */
-
-static char *read_text(const char *path, size_t *ret_len)
-{
-        char *text = NULL;
-        size_t len = 0;
-        int r = hx_read_file(path, 256u << 20, &text, &len);
-        if (r < 0)
-                fprintf(stderr, "read %s: %s\n", path, strerror(-r));
-        assert_int_equal(r, 0);
-        if (ret_len)
-                *ret_len = len;
-        return text;
-}
 
 /*
  * jti -> number of token.issued records of the audit file at path. Also
@@ -418,7 +295,7 @@ static char *read_text(const char *path, size_t *ret_len)
 static json_t *audit_issued(const char *path, size_t *ret_records)
 {
         size_t len = 0, n = 0;
-        char *text = read_text(path, &len), *p = text, prev[65] = ZERO64;
+        char *text = hx_read_text(path, READ_MAX, &len), *p = text, prev[65] = ZERO64;
         long long seq = 0;
         json_t *seen = json_object();
 
@@ -484,22 +361,7 @@ static size_t count_unrecorded(const json_t *seen, const json_t *jtis, const cha
 /* agent-brokerctl --socket --admin-socket ARGS (NULL-ended), as root. */
 static void ctlv(hx_broker *b, const char *const *args, hx_run_result *res)
 {
-        char ctl[PATH_MAX];
-        char *argv[64];
-        size_t n = 0;
-
-        assert_int_equal(hx_build_path("agent-brokerctl", ctl, sizeof ctl), 0);
-        argv[n++] = ctl;
-        argv[n++] = (char *)"--socket";
-        argv[n++] = b->sock;
-        argv[n++] = (char *)"--admin-socket";
-        argv[n++] = b->admin_sock;
-        for (size_t i = 0; args[i]; i++) {
-                assert_true(n < 63);
-                argv[n++] = (char *)args[i];
-        }
-        argv[n] = NULL;
-        assert_int_equal(hx_run(argv, NULL, -1, HX_RUN_TIMEOUT_MS * 3, res), 0);
+        assert_int_equal(hx_ctlv(b, -1, args, HX_RUN_TIMEOUT_MS * 3, res), 0);
         assert_false(res->timed_out);
 }
 
@@ -770,7 +632,7 @@ static void crowd_start(crowd *cr, int n, const hammer *tmpl, const char *workdi
         for (int i = 0; i < n; i++) {
                 char fname[64];
                 snprintf(fname, sizeof fname, "%s.%d", name, i);
-                path_in(cr->out[i], sizeof cr->out[i], workdir, fname);
+                hx_path_in(cr->out[i], sizeof cr->out[i], workdir, fname);
                 (void)unlink(cr->out[i]);
                 fflush(NULL);
                 cr->pid[i] = fork();
@@ -832,7 +694,7 @@ static void crowd_collect(const crowd *cr, crowd_result *res)
         res->jtis = json_array();
         res->tokens = json_array();
         for (int i = 0; i < cr->n; i++) {
-                char *text = read_text(cr->out[i], NULL);
+                char *text = hx_read_text(cr->out[i], READ_MAX, NULL);
                 for (char *p = text, *e; (e = strchr(p, '\n')); p = e + 1) {
                         *e = '\0';
                         if (p[0] == 'T' && p[1] == ' ') {
@@ -1116,8 +978,8 @@ static void test_pipeline_200(void **state)
         hx_conn *c;
 
         write_policy(b); /* the default rate limit: 200 calls are within its burst */
-        start(b);
-        c = conn(b, b->sock);
+        hx_start(b);
+        c = hx_connect(b, b->sock);
         issue_pre(c, pre);
         build_pipeline(&mb, 200, pre, "");
         send_once(c, &mb);
@@ -1151,10 +1013,10 @@ static void test_pipeline_200_then_eof(void **state)
         hx_conn *c, *c2;
 
         start_loaded(b);
-        c2 = conn(b, b->sock);
+        c2 = hx_connect(b, b->sock);
         issue_pre(c2, pre);
         for (int rep = 0; rep < 5; rep++) {
-                c = conn(b, b->sock);
+                c = hx_connect(b, b->sock);
                 build_pipeline(&mb, 200, pre, "");
                 send_once(c, &mb);
                 assert_int_equal(shutdown(c->fd, SHUT_WR), 0);
@@ -1214,9 +1076,9 @@ static void test_pipeline_overflowing_input_then_eof(void **state)
         memset(pad, 'z', 100);
         pad[100] = '\0';
         start_loaded(b);
-        c2 = conn(b, b->sock);
+        c2 = hx_connect(b, b->sock);
         issue_pre(c2, pre);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         build_pipeline(&mb, 1200, pre, pad);
         assert_true(mb.len > 3 * 65536);
         assert_int_equal(fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) & ~O_NONBLOCK), 0);
@@ -1249,13 +1111,13 @@ static void test_eof_with_large_output(void **state)
         int r;
 
         start_loaded(b);
-        c = conn(b, b->sock);
+        c = hx_connect(b, b->sock);
         for (unsigned i = 0; i < n; i++)
                 mb_add(&mb, "{\"method\":\"org.varlink.service.GetInterfaceDescription\","
                             "\"parameters\":{\"interface\":\"io.agentbroker\"}}");
         send_once(c, &mb);
         assert_int_equal(shutdown(c->fd, SHUT_WR), 0);
-        sleep_ms(1000); /* let the broker fill its socket buffer and queue */
+        hx_sleep_ms(1000); /* let the broker fill its socket buffer and queue */
         for (;;) {
                 char *msg = NULL;
                 size_t len = 0;
@@ -1298,8 +1160,8 @@ static void test_oneway_through_worker(void **state)
         unsigned n = 0, whoami = 0, extra = 0;
 
         write_policy(b);
-        start(b);
-        c = conn(b, b->sock);
+        hx_start(b);
+        c = hx_connect(b, b->sock);
         tok = issue_task(c, "oneway-parent");
         mb_add(&mb, "{\"method\":\"org.varlink.service.GetInfo\",\"oneway\":true}");
         mb_add(&mb, "{\"method\":\"" M_ISSUE "\",\"oneway\":true,\"parameters\":{\"audience\":\"" AUD_GIT
@@ -1416,18 +1278,18 @@ static void test_vanishing_clients(void **state)
         bool asan;
 
         start_loaded(b);
-        ctl = conn(b, b->sock);
+        ctl = hx_connect(b, b->sock);
         tok = issue_task(ctl, "vanish-parent");
         snprintf(intro, sizeof intro, "{\"method\":\"" M_INTRO "\",\"parameters\":{\"token\":\"%s\"}}", tok);
         /* the baseline: with ctl open */
-        sleep_ms(100);
-        base_fds = proc_fd_count(b->pid);
+        hx_sleep_ms(100);
+        base_fds = hx_proc_fd_count(b->pid);
         assert_true(base_fds > 0);
         asan = proc_has_asan(b->pid);
         for (int round = 0; round < 6; round++) {
                 vanish_round(b, ctl, intro);
                 fds = wait_fds_at_most(b->pid, base_fds, slow(10000));
-                rss[round] = proc_status_kb(b->pid, "VmRSS:");
+                rss[round] = hx_proc_status_kb(b->pid, "VmRSS:");
                 fprintf(stderr, "vanishing clients: round %d: %d fds (baseline %d), VmRSS %ld kB\n", round, fds,
                         base_fds, rss[round]);
                 if (fds > base_fds) {
@@ -1454,7 +1316,7 @@ static void test_vanishing_clients(void **state)
                 json_decref(toks);
         }
         free(tok);
-        stop_clean(b);
+        hx_stop_clean(b);
 }
 
 /* ---- 3. key rotation under load ------------------------------------------------------------ */
@@ -1479,26 +1341,26 @@ static void test_rotation_under_load(void **state)
         json_t *t;
 
         start_loaded(b);
-        adm = conn(b, b->admin_sock);
-        c = conn(b, b->sock);
-        root = call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
-        assert_ok(root);
+        adm = hx_connect(b, b->admin_sock);
+        c = hx_connect(b, b->sock);
+        root = hx_call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
+        hx_assert_ok(root);
         snprintf(kids[0], sizeof kids[0], "%s",
                  json_string_value(json_object_get(json_array_get(json_object_get(hx_reply_params(root), "keys"), 0),
                                                    "kid")));
         json_decref(root);
         crowd_start(&cr, 4, &h, f->work, "rot");
-        sleep_ms(200);
+        hx_sleep_ms(200);
         for (int r = 1; r <= 10; r++) {
-                root = call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":{\"overlap\":700}}");
-                assert_ok(root);
+                root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":{\"overlap\":700}}");
+                hx_assert_ok(root);
                 assert_string_equal(hx_reply_str(root, "previous_kid"), kids[r - 1]);
                 snprintf(kids[r], sizeof kids[r], "%s", hx_reply_str(root, "kid"));
                 assert_string_not_equal(kids[r], kids[r - 1]);
                 json_decref(root);
-                sleep_ms(100 + 20 * r);
+                hx_sleep_ms(100 + 20 * r);
         }
-        sleep_ms(200);
+        hx_sleep_ms(200);
         if (crowd_finish(&cr) != 0)
                 fail_msg("a client saw a wrong reply during the rotations (above)");
         crowd_collect(&cr, &res);
@@ -1506,8 +1368,8 @@ static void test_rotation_under_load(void **state)
                 json_array_size(res.tokens), res.introspected);
         assert_true(json_array_size(res.tokens) >= 40);
 
-        root = call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
-        assert_ok(root);
+        root = hx_call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
+        hx_assert_ok(root);
         map = jwks_map(root);
         json_decref(root);
         assert_int_equal(json_object_size(map), 11);
@@ -1542,22 +1404,10 @@ static void test_rotation_under_load(void **state)
         json_decref(map);
         json_decref(per_kid);
         crowd_result_done(&res);
-        stop_clean(b);
+        hx_stop_clean(b);
 }
 
 /* ---- 4. the audit disk fails under a pipelined load ------------------------------------------ */
-
-static void mount_tiny(fx *f, const char *where, const char *size)
-{
-        char opts[64];
-        snprintf(opts, sizeof opts, "size=%s,mode=0700", size);
-        (void)mkdir(where, 0700);
-        if (mount("tmpfs", where, "tmpfs", MS_NOSUID | MS_NODEV, opts) < 0) {
-                fprintf(stderr, "mount tmpfs on %s: %s\n", where, strerror(errno));
-                fail();
-        }
-        snprintf(f->mnt, sizeof f->mnt, "%s", where);
-}
 
 /* Fill the file system with path until ENOSPC (to the last byte). */
 static void fill_up(const char *path)
@@ -1598,15 +1448,15 @@ static void test_audit_enospc_under_pipelined_load(void **state)
         int toggles = 0;
         long long t_end;
 
-        path_in(tiny, sizeof tiny, f->work, "tiny");
-        mount_tiny(f, tiny, "48m");
-        path_in(apath, sizeof apath, tiny, "audit.jsonl");
-        path_in(filler, sizeof filler, tiny, "filler");
-        path_in(jwks, sizeof jwks, f->work, "jwks.json");
-        add_arg(b, "--audit-log");
-        add_arg(b, apath);
-        add_arg(b, "--audit-max-size");
-        add_arg(b, "0");
+        hx_path_in(tiny, sizeof tiny, f->work, "tiny");
+        hx_mount_tmpfs(tiny, "48m", f->mnt, sizeof f->mnt);
+        hx_path_in(apath, sizeof apath, tiny, "audit.jsonl");
+        hx_path_in(filler, sizeof filler, tiny, "filler");
+        hx_path_in(jwks, sizeof jwks, f->work, "jwks.json");
+        hx_add_arg(b, "--audit-log");
+        hx_add_arg(b, apath);
+        hx_add_arg(b, "--audit-max-size");
+        hx_add_arg(b, "0");
         start_loaded(b);
         save_jwks(b, jwks);
         crowd_start(&cr, 8, &h, f->work, "enospc");
@@ -1614,9 +1464,9 @@ static void test_audit_enospc_under_pipelined_load(void **state)
         srand((unsigned)getpid());
         while (hx_now_ms() < t_end) {
                 struct statvfs sv;
-                sleep_ms(10 + rand() % 40);
+                hx_sleep_ms(10 + rand() % 40);
                 fill_up(filler);
-                sleep_ms(5 + rand() % 30);
+                hx_sleep_ms(5 + rand() % 30);
                 assert_int_equal(unlink(filler), 0);
                 toggles++;
                 /* stop early rather than fill the tmpfs with the trail itself */
@@ -1639,7 +1489,7 @@ static void test_audit_enospc_under_pipelined_load(void **state)
                 const char *none[] = { NULL };
                 verify_ok(b, none);
         }
-        stop_clean(b);
+        hx_stop_clean(b);
         seen = audit_issued(apath, &records);
         missing = count_unrecorded(seen, res.jtis, "audit ENOSPC");
         fprintf(stderr, "audit ENOSPC: %zu records, %zu token.issued; %zu of %zu tokens received have no record\n",
@@ -1678,13 +1528,13 @@ static void test_sigterm_under_load(void **state)
         json_t *seen;
         size_t records = 0, missing;
 
-        path_in(apath, sizeof apath, b->state, "audit.jsonl");
-        path_in(jwks, sizeof jwks, f->work, "jwks.json");
+        hx_path_in(apath, sizeof apath, b->state, "audit.jsonl");
+        hx_path_in(jwks, sizeof jwks, f->work, "jwks.json");
         start_loaded(b);
         save_jwks(b, jwks);
         crowd_start(&cr, 8, &h, f->work, "term");
-        sleep_ms(1500);
-        stop_clean(b);
+        hx_sleep_ms(1500);
+        hx_stop_clean(b);
         if (crowd_finish(&cr) != 0)
                 fail_msg("a client got a wrong reply, or none within 20 s, before the broker went (above)");
         crowd_collect(&cr, &res);
