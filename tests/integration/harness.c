@@ -1393,3 +1393,12 @@ void hx_umount_lazy(const char *mnt)
         if (mnt[0] && umount2(mnt, MNT_DETACH) < 0)
                 fprintf(stderr, "teardown: umount %s: %s\n", mnt, strerror(errno));
 }
+
+void hx_set_test_clock(const char *path, long long offset)
+{
+        char text[32];
+        struct timespec ts = { 0, 2000000 };
+        snprintf(text, sizeof text, "%lld\n", offset);
+        nanosleep(&ts, NULL);
+        assert_int_equal(hx_write_file(path, text, 0644), 0);
+}

@@ -270,5 +270,11 @@ char *hx_read_text(const char *path, size_t max, size_t *ret_len);
 void hx_mount_tmpfs(const char *where, const char *size, char *ret_mnt, size_t mntmax);
 /* Teardown: detach the tmpfs at mnt if mnt is not "" (a failure is only printed). */
 void hx_umount_lazy(const char *mnt);
+/*
+ * Set the broker's test clock (the file named by AGENT_BROKER_TEST_CLOCK when
+ * it started) to offset seconds, 2 ms after the last change so that the file's
+ * mtime, which the broker watches, differs.
+ */
+void hx_set_test_clock(const char *path, long long offset);
 
 #endif

@@ -125,37 +125,7 @@ static int teardown(void **state)
         return r;
 }
 
-static void set_clock(fixture *f, long long offset)
-{
-        char text[32];
-        struct timespec ts = { 0, 2000000 };
-        snprintf(text, sizeof text, "%lld\n", offset);
-        nanosleep(&ts, NULL); /* a distinct mtime, which the broker watches */
-        assert_int_equal(hx_write_file(f->clock, text, 0644), 0);
-}
-
 /* ---- broker calls ------------------------------------------------------------ */
-
-static json_t *rpc_on(hx_conn *c, const char *method, json_t *params)
-{
-        json_t *m = json_pack("{s:s, s:o}", "method", method, "parameters", params ? params : json_object()), *root = NULL;
-        char *text = json_dumps(m, JSON_COMPACT);
-        json_decref(m);
-        assert_non_null(text);
-        assert_int_equal(hx_conn_call(c, text, &root), 1);
-        free(text);
-        return root;
-}
-
-static void expect_ok(json_t *root)
-{
-        if (hx_reply_error(root)) {
-                char *s = json_dumps(root, JSON_COMPACT);
-                fprintf(stderr, "unexpected error reply %s\n", s);
-                free(s);
-        }
-        assert_null(hx_reply_error(root));
-}
 
 /* A token for this process (malloc'd). */
 static char *issue(fixture *f, const char *aud, const char *scope, int ttl)
@@ -164,8 +134,8 @@ static char *issue(fixture *f, const char *aud, const char *scope, int ttl)
         char *t;
         if (ttl > 0)
                 json_object_set_new(p, "ttl", json_integer(ttl));
-        root = rpc_on(f->c, M_ISSUE, p);
-        expect_ok(root);
+        root = hx_rpc(f->c, M_ISSUE, p);
+        hx_assert_ok(root);
         t = strdup(hx_reply_str(root, "token"));
         json_decref(root);
         assert_non_null(t);
@@ -215,8 +185,8 @@ static char *claim(const char *token, const char *key)
 static void revoke_jti(fixture *f, const char *token)
 {
         char *jti = claim(token, "jti");
-        json_t *root = rpc_on(f->c, M_REVOKE, json_pack("{s:s}", "jti", jti));
-        expect_ok(root);
+        json_t *root = hx_rpc(f->c, M_REVOKE, json_pack("{s:s}", "jti", jti));
+        hx_assert_ok(root);
         json_decref(root);
         free(jti);
 }
@@ -342,8 +312,8 @@ static json_t *pam_records(fixture *f)
         json_t *root, *sessions, *s, *out = json_array();
         size_t i;
         assert_int_equal(hx_conn_open(&f->b, f->b.admin_sock, &a), 0);
-        root = rpc_on(a, M_ALIST, json_pack("{s:s}", "agent", "pam-agent"));
-        expect_ok(root);
+        root = hx_rpc(a, M_ALIST, json_pack("{s:s}", "agent", "pam-agent"));
+        hx_assert_ok(root);
         sessions = json_object_get(hx_reply_params(root), "sessions");
         json_array_foreach(sessions, i, s)
         {
@@ -479,7 +449,7 @@ static void test_expired(void **state)
         char *tok = issue(f, AUD, "login", 60);
         write_default(f, "");
         expect_auth(f, "root", tok, PAM_SUCCESS);
-        set_clock(f, 61);
+        hx_set_test_clock(f->clock, 61);
         expect_auth(f, "root", tok, PAM_AUTH_ERR);
         free(tok);
 }
@@ -493,7 +463,7 @@ static void test_auth_too_old_then_reauthenticate(void **state)
 
         write_default(f, "max_auth_age=5");
         expect_auth(f, "root", tok, PAM_SUCCESS);
-        set_clock(f, 10);
+        hx_set_test_clock(f->clock, 10);
         assert_int_equal(auth_once(f, "root", tok, &cd), PAM_AUTH_ERR);
         assert_non_null(strstr(cd.info, "re-authentication required"));
         /* the token is never in a message */
@@ -510,8 +480,8 @@ static void test_auth_too_old_then_reauthenticate(void **state)
         }
 
         /* the agent re-authenticates at the broker and retries with a new token */
-        root = rpc_on(f->c, M_AUTH, NULL);
-        expect_ok(root);
+        root = hx_rpc(f->c, M_AUTH, NULL);
+        hx_assert_ok(root);
         json_decref(root);
         fresh = issue(f, AUD, "login", 0);
         expect_auth(f, "root", fresh, PAM_SUCCESS);

@@ -110,8 +110,8 @@ static int setup(void **state)
         snprintf(text, sizeof text, "# test broker.conf\nrequire_signed = true\ntrusted_keys = %s\n", f->keys);
         if (hx_write_file(f->conf, text, 0644) < 0)
                 return -1;
-        f->b.extra_args[f->b.n_extra_args++] = "--config";
-        f->b.extra_args[f->b.n_extra_args++] = f->conf;
+        hx_add_arg(&f->b, "--config");
+        hx_add_arg(&f->b, f->conf);
         keygen(f, f->key);
         trust(f, f->key, "control-plane");
         return 0;
@@ -197,16 +197,6 @@ static void deploy_bundle(fx *f, const char *name, int version, const char *scop
         free(text);
 }
 
-static void start(fx *f)
-{
-        int r = hx_broker_start(&f->b);
-        if (r < 0) {
-                fprintf(stderr, "broker did not start: %s\n", strerror(-r));
-                hx_broker_dump_log(&f->b);
-        }
-        assert_int_equal(r, 0);
-}
-
 static void kill9(fx *f)
 {
         int st = 0;
@@ -220,31 +210,14 @@ static void kill9(fx *f)
                         hx_conn_close(&f->b, f->b.conns[i]);
 }
 
-static void sleep_ms(int ms)
-{
-        struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
-        nanosleep(&ts, NULL);
-}
-
 /* ---- calls ------------------------------------------------------------------ */
 
 static json_t *call_on(fx *f, const char *sock, const char *method, json_t *params)
 {
-        json_t *m = json_pack("{s:s, s:o}", "method", method, "parameters", params ? params : json_object());
-        char *text = json_dumps(m, JSON_COMPACT);
-        hx_conn *c = NULL;
-        json_t *root = NULL;
-        int r;
+        hx_conn *c = hx_connect(&f->b, sock);
+        json_t *root = hx_rpc(c, method, params);
 
-        json_decref(m);
-        assert_non_null(text);
-        assert_int_equal(hx_conn_open(&f->b, sock, &c), 0);
-        r = hx_conn_call(c, text, &root);
-        if (r != 1)
-                fprintf(stderr, "call %s: %d\n", method, r);
-        assert_int_equal(r, 1);
         hx_conn_close(&f->b, c);
-        free(text);
         return root;
 }
 
@@ -301,7 +274,7 @@ static bool wait_grants(fx *f, bool read, bool write)
         do {
                 if (try_scope(f, "repo:read", NULL) == read && try_scope(f, "repo:write", NULL) == write)
                         return true;
-                sleep_ms(50);
+                hx_sleep_ms(50);
         } while (hx_now_ms() < deadline);
         return false;
 }
@@ -367,7 +340,7 @@ static bool wait_audit_above(fx *f, const char *event, const char *needle, int n
         do {
                 if (count_audit(f, event, needle) > n)
                         return true;
-                sleep_ms(50);
+                hx_sleep_ms(50);
         } while (hx_now_ms() < deadline);
         return false;
 }
@@ -420,7 +393,7 @@ static bool wait_log_above(fx *f, const char *needle, int n)
         do {
                 if (count_log(f, needle) > n)
                         return true;
-                sleep_ms(50);
+                hx_sleep_ms(50);
         } while (hx_now_ms() < deadline);
         return false;
 }
@@ -440,7 +413,7 @@ static void test_inotify_swaps_grants(void **state)
         json_t *root, *src;
 
         deploy_bundle(f, "20-agents.json", 1, "\"repo:read\"", f->key);
-        start(f);
+        hx_start(&f->b);
         pid = f->b.pid;
         assert_grants(f, true, false);
         assert_int_equal(try_scope(f, "repo:read", &token), 1);
@@ -499,7 +472,7 @@ static void test_refused_bundles_keep_policy(void **state)
         snprintf(other, sizeof other, "%s/other.key", f->stage);
         keygen(f, other);
         deploy_bundle(f, "20-agents.json", 2, "\"repo:write\"", f->key);
-        start(f);
+        hx_start(&f->b);
         assert_grants(f, false, true);
         assert_int_equal(try_scope(f, "repo:write", &token), 1);
         path_in(bsig, sizeof bsig, f->pol, "20-agents.json", ".sig");
@@ -571,7 +544,7 @@ static void test_sighup_and_cli_reload(void **state)
         keygen(f, k2);
         keygen(f, k3);
         deploy_bundle(f, "20-agents.json", 2, "\"repo:write\"", f->key);
-        start(f);
+        hx_start(&f->b);
         assert_grants(f, false, true);
 
         /* signed by k2, not trusted yet: the watch refuses it */
@@ -579,7 +552,7 @@ static void test_sighup_and_cli_reload(void **state)
         deploy_bundle(f, "20-agents.json", 3, "\"repo:read\", \"repo:write\"", k2);
         assert_true(wait_audit_above(f, "policy.rejected", "\"via\":\"inotify\"", n));
         trust(f, k2, "k2");
-        sleep_ms(500); /* longer than the debounce: nothing watches the keys */
+        hx_sleep_ms(500); /* longer than the debounce: nothing watches the keys */
         assert_grants(f, false, true);
         n = count_audit(f, "policy.loaded", "\"via\":\"sighup\"");
         assert_int_equal(kill(f->b.pid, SIGHUP), 0);
@@ -623,14 +596,14 @@ static void test_restart_answers_from_store(void **state)
         int startups;
 
         deploy_bundle(f, "20-agents.json", 2, "\"repo:write\"", f->key);
-        start(f);
+        hx_start(&f->b);
         assert_grants(f, false, true);
         assert_true(wait_audit_above(f, "policy.loaded", "\"via\":\"startup\"", 0));
         startups = count_audit(f, "policy.loaded", "\"via\":\"startup\"");
 
         /* unchanged sources: loaded from the store, not recompiled */
         kill9(f);
-        start(f);
+        hx_start(&f->b);
         assert_grants(f, false, true);
         assert_true(log_has(f, "policy from the store"));
         assert_int_equal(count_audit(f, "policy.loaded", "\"via\":\"startup\""), startups);
@@ -641,14 +614,14 @@ static void test_restart_answers_from_store(void **state)
         assert_int_equal(unlink(path), 0);
         path_in(path, sizeof path, f->pol, "20-agents.json", ".sig");
         assert_int_equal(unlink(path), 0);
-        start(f);
+        hx_start(&f->b);
         assert_grants(f, false, true);
         assert_true(log_has(f, "no policy sources in"));
 
         /* no directory at all */
         kill9(f);
         assert_int_equal(rmdir(f->pol), 0);
-        start(f);
+        hx_start(&f->b);
         assert_grants(f, false, true);
         assert_true(log_has(f, "unreadable; keeping the compiled policy"));
 
@@ -656,7 +629,7 @@ static void test_restart_answers_from_store(void **state)
         kill9(f);
         assert_int_equal(mkdir(f->pol, 0755), 0);
         deploy(f, "20-agents.json", "{\"version\": 9, \"agents\": [", f->key);
-        start(f);
+        hx_start(&f->b);
         assert_grants(f, false, true);
         assert_true(count_audit(f, "policy.rejected", "\"via\":\"startup\"") >= 1);
 
@@ -704,7 +677,7 @@ static void test_newer_schema_refused(void **state)
         snprintf(newer, sizeof newer, "%d", AB_SCHEMA_VERSION + 1);
         snprintf(ours, sizeof ours, "%d", AB_SCHEMA_VERSION);
         deploy_bundle(f, "20-agents.json", 2, "\"repo:write\"", f->key);
-        start(f);
+        hx_start(&f->b);
         assert_int_equal(hx_broker_stop(&f->b, &st), 0);
         assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
 
@@ -720,7 +693,7 @@ static void test_newer_schema_refused(void **state)
         assert_true(log_has(f, "refusing to start"));
 
         set_schema(f->b.state, ours);
-        start(f);
+        hx_start(&f->b);
         assert_grants(f, false, true);
 }
 
@@ -782,7 +755,7 @@ static void test_admin_policy_refused_to_nobody(void **state)
         int loaded;
 
         deploy_bundle(f, "20-agents.json", 2, "\"repo:write\"", f->key);
-        start(f);
+        hx_start(&f->b);
         /* new bytes in the directory that only a reload would pick up: the keys dir is not watched */
         loaded = count_audit(f, "policy.loaded", NULL);
 
@@ -818,7 +791,7 @@ static void test_admin_policy_refused_to_nobody(void **state)
                 assert_null(strstr(res.err, OWNER));
                 hx_run_result_done(&res);
         }
-        sleep_ms(300);
+        hx_sleep_ms(300);
         assert_int_equal(count_audit(f, "policy.loaded", NULL), loaded);
         /* root still may */
         reload_ok(f);
@@ -832,7 +805,7 @@ static void test_whoami_only_own_agent(void **state)
         json_t *root;
 
         deploy_bundle(f, "20-agents.json", 2, "\"repo:write\", \"secret:scope\"", f->key);
-        start(f);
+        hx_start(&f->b);
 
         root = call_on(f, f->b.sock, M_WHOAMI, NULL);
         assert_null(hx_reply_error(root));
@@ -889,7 +862,7 @@ static void test_hostile_sources_refused(void **state)
         };
 
         deploy_bundle(f, "20-agents.json", 2, "\"repo:write\"", f->key);
-        start(f);
+        hx_start(&f->b);
         pid = f->b.pid;
 
         big = malloc(size + 1);
@@ -941,13 +914,13 @@ static void test_require_signed_turned_on_evicts_unsigned(void **state)
         snprintf(conf, sizeof conf, "require_signed = false\ntrusted_keys = %s\n", f->keys);
         assert_int_equal(hx_write_file(f->conf, conf, 0644), 0);
         deploy_bundle(f, "20-agents.json", 2, "\"repo:write\"", NULL);
-        start(f);
+        hx_start(&f->b);
         assert_grants(f, false, true);
         assert_int_equal(hx_broker_stop(&f->b, &st), 0);
 
         snprintf(conf, sizeof conf, "require_signed = true\ntrusted_keys = %s\n", f->keys);
         assert_int_equal(hx_write_file(f->conf, conf, 0644), 0);
-        start(f);
+        hx_start(&f->b);
         {
                 json_t *root = call_on(f, f->b.sock, M_ISSUE,
                                        json_pack("{s:s, s:[s]}", "audience", AUD, "scopes", "repo:write"));
@@ -968,7 +941,7 @@ static void test_require_signed_turned_on_evicts_unsigned(void **state)
                         granted = hx_reply_error(root) == NULL;
                         json_decref(root);
                         if (!granted)
-                                sleep_ms(50);
+                                hx_sleep_ms(50);
                 } while (!granted && hx_now_ms() < deadline);
                 assert_true(granted);
         }
@@ -989,7 +962,7 @@ static void test_removed_key_evicts_policy(void **state)
         snprintf(conf, sizeof conf, "require_signed = true\ntrusted_keys = %s\n", f->keys);
         assert_int_equal(hx_write_file(f->conf, conf, 0644), 0);
         deploy_bundle(f, "20-agents.json", 2, "\"repo:write\"", f->key);
-        start(f);
+        hx_start(&f->b);
         assert_grants(f, false, true);
 
         snprintf(pub, sizeof pub, "%s/control-plane.pub", f->keys);
@@ -1003,7 +976,7 @@ static void test_removed_key_evicts_policy(void **state)
 
         /* and after a restart, from the store */
         assert_int_equal(hx_broker_stop(&f->b, &st), 0);
-        start(f);
+        hx_start(&f->b);
         root = call_on(f, f->b.sock, M_ISSUE, json_pack("{s:s, s:[s]}", "audience", AUD, "scopes", "repo:write"));
         assert_non_null(hx_reply_error(root));
         json_decref(root);

@@ -184,15 +184,6 @@ static void use_test_clock(hx_broker *b, char *path, size_t max)
         assert_int_equal(setenv(TEST_CLOCK_ENV, path, 1), 0);
 }
 
-static void set_clock(const char *path, long long offset)
-{
-        char text[32];
-        struct timespec ts = { 0, 2000000 };
-        snprintf(text, sizeof text, "%lld\n", offset);
-        nanosleep(&ts, NULL); /* a distinct mtime, which the broker watches */
-        assert_int_equal(hx_write_file(path, text, 0644), 0);
-}
-
 static void wait_wall(long long t)
 {
         while ((long long)time(NULL) < t) {
@@ -896,7 +887,7 @@ static void test_session_lifetime_caps_tokens(void **state)
         json_decref(r);
 
         /* 61 s later by the broker's clock */
-        set_clock(clock_path, 61);
+        hx_set_test_clock(clock_path, 61);
         root = hx_rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
         hx_assert_error(root, "io.agentbroker.SessionExpired");
         assert_string_equal(hx_reply_str(root, "sid"), sid);
@@ -957,12 +948,12 @@ static void test_expired_sessions_purged(void **state)
         t_old = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
 
         /* 30 s on, another process opens a session that lives until +90 */
-        set_clock(clock_path, 30);
+        hx_set_test_clock(clock_path, 30);
         t_live = issue_as(b, 0, AUD_GIT, "repo:read", &child);
         assert_string_not_equal(hx_reply_str(child, "sid"), hx_reply_str(auth, "sid"));
 
         /* at +61 the first is expired; a restart purges it */
-        set_clock(clock_path, 61);
+        hx_set_test_clock(clock_path, 61);
         restart(b, false);
         a = hx_connect(b, b->admin_sock);
         r = expect_ok(a, M_ALIST, NULL);
@@ -1211,7 +1202,7 @@ static void test_revoked_process_stays_revoked_after_purge(void **state)
         hx_assert_error(r, "io.agentbroker.SessionRevoked");
         json_decref(r);
 
-        set_clock(clock_path, 61);
+        hx_set_test_clock(clock_path, 61);
         r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
         hx_assert_error(r, "io.agentbroker.SessionRevoked");
         json_decref(r);
@@ -1298,7 +1289,7 @@ static void test_reauth_cannot_be_skipped(void **state)
         hx_assert_ok(r);
         snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
         json_decref(r);
-        set_clock(clock_path, 61);
+        hx_set_test_clock(clock_path, 61);
         r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
         hx_assert_error(r, "io.agentbroker.ReauthRequired");
         json_decref(r);
