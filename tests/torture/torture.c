@@ -9,7 +9,6 @@
  * connections, 100k flood requests, ...). Figures are printed, never
  * asserted as timings.
  */
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <setjmp.h>
@@ -43,54 +42,12 @@ static const char policy_json[] =
 static const char issue_msg[] =
         "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"mcp://t\",\"scopes\":[\"r\"]}}";
 
-static long long now_ms(void)
-{
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
-}
-
-static int count_fds(pid_t pid)
-{
-        char p[64];
-        DIR *d;
-        struct dirent *de;
-        int n = 0;
-
-        snprintf(p, sizeof p, "/proc/%d/fd", (int)pid);
-        d = opendir(p);
-        if (!d)
-                return -1;
-        while ((de = readdir(d)))
-                if (de->d_name[0] != '.')
-                        n++;
-        closedir(d);
-        return n;
-}
-
-static long rss_kib(pid_t pid)
-{
-        char p[64], line[256];
-        FILE *f;
-        long v = -1;
-
-        snprintf(p, sizeof p, "/proc/%d/status", (int)pid);
-        f = fopen(p, "re");
-        if (!f)
-                return -1;
-        while (fgets(line, sizeof line, f))
-                if (sscanf(line, "VmRSS: %ld", &v) == 1)
-                        break;
-        fclose(f);
-        return v;
-}
-
 /* A well-behaved client: a fresh connection gets GetInfo and a token. */
 static void assert_serves(hx_broker *b)
 {
         hx_conn *c = NULL;
         json_t *r = NULL;
-        long long t0 = now_ms();
+        long long t0 = hx_now_ms();
 
         assert_int_equal(hx_conn_open(b, b->sock, &c), 0);
         assert_int_equal(hx_conn_call(c, "{\"method\":\"org.varlink.service.GetInfo\"}", &r), 1);
@@ -103,35 +60,27 @@ static void assert_serves(hx_broker *b)
         assert_non_null(hx_reply_str(r, "token"));
         json_decref(r);
         hx_conn_close(b, c);
-        printf("    well-behaved client answered in %lld ms\n", now_ms() - t0);
+        printf("    well-behaved client answered in %lld ms\n", hx_now_ms() - t0);
 }
 
 static int setup(void **state)
 {
-        hx_broker *b = calloc(1, sizeof *b);
         struct rlimit rl = { 65536, 65536 };
+        hx_broker *b;
 
         setrlimit(RLIMIT_NOFILE, &rl);
-        if (!b || hx_broker_init(b) < 0 || hx_broker_write_policy(b, policy_json) < 0)
+        if (hx_setup_policy(state, policy_json, false) < 0)
                 return -1;
-        b->extra_args[b->n_extra_args++] = "--max-connections";
-        b->extra_args[b->n_extra_args++] = "8192";
-        b->extra_args[b->n_extra_args++] = "--max-connections-per-uid";
-        b->extra_args[b->n_extra_args++] = "6000";
-        b->extra_args[b->n_extra_args++] = "--rate-limit";
-        b->extra_args[b->n_extra_args++] = "3000/3000";
-        b->extra_args[b->n_extra_args++] = "--idle-timeout";
-        b->extra_args[b->n_extra_args++] = "60";
-        *state = b;
+        b = *state;
+        hx_add_arg(b, "--max-connections");
+        hx_add_arg(b, "8192");
+        hx_add_arg(b, "--max-connections-per-uid");
+        hx_add_arg(b, "6000");
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "3000/3000");
+        hx_add_arg(b, "--idle-timeout");
+        hx_add_arg(b, "60");
         return hx_broker_start(b) == 0 ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-        hx_broker *b = *state;
-        int r = hx_broker_finish(b);
-        free(b);
-        return r;
 }
 
 /* Raw connections that do not go through the harness's table (it holds 32). */
@@ -156,11 +105,11 @@ static void test_slowloris(void **state)
 {
         hx_broker *b = *state;
         int n = 200 * scale, *fds = calloc((size_t)n, sizeof *fds), fd0, fd1, held = 0;
-        long rss0 = rss_kib(b->pid), rss1;
+        long rss0 = hx_proc_status_kb(b->pid, "VmRSS:"), rss1;
         char big[8192];
 
         assert_non_null(fds);
-        fd0 = count_fds(b->pid);
+        fd0 = hx_proc_fd_count(b->pid);
         for (int i = 0; i < n; i++) {
                 fds[i] = raw_connect(b->sock);
                 if (fds[i] >= 0)
@@ -178,7 +127,7 @@ static void test_slowloris(void **state)
                         break;
                 }
         }
-        printf("    %d connections opened (%d held), broker fds %d -> %d\n", n, held, fd0, count_fds(b->pid));
+        printf("    %d connections opened (%d held), broker fds %d -> %d\n", n, held, fd0, hx_proc_fd_count(b->pid));
         /* one byte at a time on a few of them while the good client is served */
         for (int round = 0; round < 5; round++) {
                 for (int i = 1; i < n; i += 40)
@@ -198,10 +147,10 @@ static void test_slowloris(void **state)
                         close(fds[i]);
         free(fds);
         /* the broker notices the closes on its next loop turns */
-        long long until = now_ms() + 5000;
-        while ((fd1 = count_fds(b->pid)) > fd0 + 2 && now_ms() < until)
+        long long until = hx_now_ms() + 5000;
+        while ((fd1 = hx_proc_fd_count(b->pid)) > fd0 + 2 && hx_now_ms() < until)
                 usleep(50 * 1000);
-        rss1 = rss_kib(b->pid);
+        rss1 = hx_proc_status_kb(b->pid, "VmRSS:");
         printf("    after close: broker fds %d (baseline %d), RSS %ld KiB (baseline %ld KiB)\n", fd1, fd0, rss1, rss0);
         assert_true(fd1 <= fd0 + 2);
         assert_serves(b);
@@ -341,7 +290,7 @@ static void test_flood_fairness(void **state)
         pid_t nob;
         int pipefd[2];
         char out[64] = "";
-        long long t0 = now_ms();
+        long long t0 = hx_now_ms();
 
         /* nobody's client runs meanwhile, in a child */
         assert_int_equal(pipe(pipefd), 0);
@@ -386,7 +335,7 @@ static void test_flood_fairness(void **state)
                                         granted++;
                         }
                 }
-                if (now_ms() - t0 > 120000)
+                if (hx_now_ms() - t0 > 120000)
                         break;
         }
         for (int i = 0; i < conns; i++)
@@ -399,7 +348,7 @@ static void test_flood_fairness(void **state)
         sscanf(out, "%d %d", &ok, &fail);
         printf("    flood: %d requests, %d replies in %lld ms (rate-limited replies seen in %d reads); "
                "nobody meanwhile: %d ok, %d failed\n",
-               sent, replies, now_ms() - t0, limited, ok, fail);
+               sent, replies, hx_now_ms() - t0, limited, ok, fail);
         assert_int_equal(replies, total);
         assert_true(limited > 0); /* the flooding uid hit its rate limit, with a clear error */
         assert_true(ok >= 45); /* the other uid is served during the flood */
@@ -513,11 +462,11 @@ int main(void)
 {
         const char *s = getenv("TORTURE_SCALE");
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_slowloris, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_hostile_messages, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_flood_fairness, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_clock_jumps, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_broken_state, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_slowloris, setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_hostile_messages, setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_flood_fairness, setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_clock_jumps, setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_broken_state, setup, hx_teardown),
         };
         if (s && atoi(s) > 0)
                 scale = atoi(s);
