@@ -288,19 +288,6 @@ int hx_broker_init(hx_broker *b)
         return 0;
 }
 
-int hx_broker_init_work(hx_broker *b, char *work, size_t workmax)
-{
-        int r = hx_broker_init(b);
-
-        if (r == 0 && (size_t)snprintf(work, workmax, "%s/work", b->dir) >= workmax)
-                r = -ENAMETOOLONG;
-        if (r == 0 && mkdir(work, 0755) < 0)
-                r = -errno;
-        if (r < 0)
-                hx_broker_cleanup(b);
-        return r;
-}
-
 int hx_broker_write_policy(hx_broker *b, const char *json)
 {
         return hx_write_file(b->policy, json, 0644);
@@ -1036,29 +1023,6 @@ int hx_run(char *const argv[], const char *stdin_text, int uid, int timeout_ms, 
         return 0;
 }
 
-int hx_ctl(hx_broker *b, int uid, hx_run_result *ret, ...)
-{
-        char ctl[PATH_MAX];
-        char *argv[64];
-        size_t n = 0;
-        va_list ap;
-        const char *a;
-
-        if (hx_build_path("agent-brokerctl", ctl, sizeof ctl) < 0)
-                return -ENAMETOOLONG;
-        argv[n++] = ctl;
-        argv[n++] = (char *)"--socket";
-        argv[n++] = b->sock;
-        argv[n++] = (char *)"--admin-socket";
-        argv[n++] = b->admin_sock;
-        va_start(ap, ret);
-        while ((a = va_arg(ap, const char *)) && n < 63)
-                argv[n++] = (char *)a;
-        va_end(ap);
-        argv[n] = NULL;
-        return hx_run(argv, NULL, uid, HX_RUN_TIMEOUT_MS, ret);
-}
-
 int hx_ctlv(hx_broker *b, int uid, const char *const *args, int timeout_ms, hx_run_result *ret)
 {
         char ctl[PATH_MAX];
@@ -1079,6 +1043,20 @@ int hx_ctlv(hx_broker *b, int uid, const char *const *args, int timeout_ms, hx_r
         }
         argv[n] = NULL;
         return hx_run(argv, NULL, uid, timeout_ms, ret);
+}
+
+int hx_ctl(hx_broker *b, int uid, hx_run_result *ret, ...)
+{
+        const char *args[64];
+        size_t n = 0;
+        va_list ap;
+
+        va_start(ap, ret);
+        while (n < 63 && (args[n] = va_arg(ap, const char *)))
+                n++;
+        va_end(ap);
+        args[n] = NULL;
+        return hx_ctlv(b, uid, args, HX_RUN_TIMEOUT_MS, ret);
 }
 
 int hx_run_as(uid_t uid, gid_t gid, hx_child_fn fn, void *arg, int timeout_ms, char *ret_out, size_t outmax,
@@ -1259,6 +1237,58 @@ int hx_teardown(void **state)
         return r;
 }
 
+int hx_fixture_setup(void **state)
+{
+        hx_fixture *f = calloc(1, sizeof *f);
+        if (!f)
+                return -1;
+        if (hx_broker_init(&f->b) < 0) {
+                hx_broker_cleanup(&f->b);
+                free(f);
+                return -1;
+        }
+        snprintf(f->work, sizeof f->work, "%s/work", f->b.dir);
+        if (mkdir(f->work, 0755) < 0) {
+                hx_broker_cleanup(&f->b);
+                free(f);
+                return -1;
+        }
+        *state = f;
+        return 0;
+}
+
+int hx_fixture_teardown(void **state)
+{
+        hx_fixture *f = *state;
+        int r;
+
+        if (!f)
+                return 0;
+        if (f->helper > 0) {
+                kill(f->helper, SIGKILL);
+                waitpid(f->helper, NULL, 0);
+        }
+        /* lazily: the broker may still hold files open on it; it is stopped next */
+        if (f->mnt[0] && umount2(f->mnt, MNT_DETACH) < 0)
+                fprintf(stderr, "teardown: umount %s: %s\n", f->mnt, strerror(errno));
+        r = hx_broker_finish(&f->b);
+        free(f);
+        *state = NULL;
+        return r;
+}
+
+void hx_fixture_mount(hx_fixture *f, const char *where, const char *size)
+{
+        char opts[64];
+        snprintf(opts, sizeof opts, "size=%s,mode=0700", size);
+        (void)mkdir(where, 0700);
+        if (mount("tmpfs", where, "tmpfs", MS_NOSUID | MS_NODEV, opts) < 0) {
+                fprintf(stderr, "mount tmpfs on %s: %s\n", where, strerror(errno));
+                fail();
+        }
+        snprintf(f->mnt, sizeof f->mnt, "%s", where);
+}
+
 void hx_add_arg(hx_broker *b, const char *arg)
 {
         assert_true(b->n_extra_args < HX_MAX_EXTRA_ARGS);
@@ -1373,25 +1403,6 @@ char *hx_read_text(const char *path, size_t max, size_t *ret_len)
         if (ret_len)
                 *ret_len = len;
         return text;
-}
-
-void hx_mount_tmpfs(const char *where, const char *size, char *ret_mnt, size_t mntmax)
-{
-        char opts[64];
-        snprintf(opts, sizeof opts, "size=%s,mode=0700", size);
-        (void)mkdir(where, 0700);
-        if (mount("tmpfs", where, "tmpfs", MS_NOSUID | MS_NODEV, opts) < 0) {
-                fprintf(stderr, "mount tmpfs on %s: %s\n", where, strerror(errno));
-                fail();
-        }
-        snprintf(ret_mnt, mntmax, "%s", where);
-}
-
-void hx_umount_lazy(const char *mnt)
-{
-        /* lazily: the broker may still hold files open on it; it is stopped next */
-        if (mnt[0] && umount2(mnt, MNT_DETACH) < 0)
-                fprintf(stderr, "teardown: umount %s: %s\n", mnt, strerror(errno));
 }
 
 void hx_set_test_clock(const char *path, long long offset)

@@ -90,11 +90,6 @@ int hx_sha256_file(const char *path, char hex[65]);
 
 /* Create the temp dir and fill in the paths. Does not start anything. */
 int hx_broker_init(hx_broker *b);
-/*
- * hx_broker_init, then make DIR/work (mode 0755) for the test's own files
- * and write its path into work. On failure nothing is left behind.
- */
-int hx_broker_init_work(hx_broker *b, char *work, size_t workmax);
 /* Write the policy file DIR/policy.json from a string. */
 int hx_broker_write_policy(hx_broker *b, const char *json);
 /*
@@ -190,7 +185,7 @@ void hx_run_result_done(hx_run_result *r);
  * uid (gid the same) >= 0: drop to it in the child before exec.
  */
 int hx_run(char *const argv[], const char *stdin_text, int uid, int timeout_ms, hx_run_result *ret);
-/* Run build/agent-brokerctl --socket b->sock --admin-socket b->admin_sock ARGS... (NULL-ended). */
+/* Run build/agent-brokerctl --socket b->sock --admin-socket b->admin_sock ARGS... (NULL-ended; as hx_ctlv). */
 int hx_ctl(hx_broker *b, int uid, hx_run_result *ret, ...) __attribute__((sentinel));
 /* The same with the arguments as a NULL-ended array, bounded by timeout_ms; -E2BIG past 58 of them. */
 int hx_ctlv(hx_broker *b, int uid, const char *const *args, int timeout_ms, hx_run_result *ret);
@@ -235,6 +230,30 @@ int hx_setup_policy(void **state, const char *policy_json, bool start);
  */
 int hx_teardown(void **state);
 
+/* The fixture of the programs whose tests make files of their own, mount a tmpfs or run a helper. */
+typedef struct hx_fixture {
+        hx_broker b;
+        char work[PATH_MAX]; /* DIR/work (mode 0755): the test's own files */
+        char mnt[PATH_MAX];  /* the tmpfs hx_fixture_mount mounted, "" if none */
+        pid_t helper;        /* a process the test started, 0 if none */
+} hx_fixture;
+/*
+ * cmocka setup: *state = a calloc'd hx_fixture after hx_broker_init, with
+ * DIR/work made. -1 (nothing left behind) if that fails.
+ */
+int hx_fixture_setup(void **state);
+/*
+ * cmocka teardown for hx_fixture_setup: SIGKILL and reap the helper, detach
+ * the tmpfs (lazily: the daemon may still hold files open there), then
+ * hx_broker_finish and free. 0 or -1 as hx_broker_finish.
+ */
+int hx_fixture_teardown(void **state);
+/*
+ * Mount a tmpfs of size (a mount option value such as "64k") on where
+ * (made 0700 if missing), which must succeed; the teardown unmounts it.
+ */
+void hx_fixture_mount(hx_fixture *f, const char *where, const char *size);
+
 /* Append one daemon argument for the next start (b->extra_args; at most HX_MAX_EXTRA_ARGS). */
 void hx_add_arg(hx_broker *b, const char *arg);
 /* hx_broker_start, which must succeed (else the log is printed). */
@@ -262,14 +281,6 @@ void hx_assert_error(const json_t *root, const char *name);
 void hx_path_in(char *out, size_t outmax, const char *dir, const char *name);
 /* Read a whole file (at most max bytes), which must succeed; malloc'd, NUL-terminated; *ret_len if not NULL. */
 char *hx_read_text(const char *path, size_t max, size_t *ret_len);
-/*
- * Mount a tmpfs of size (a mount option value such as "1m") on where
- * (made 0700 if missing), which must succeed; where is copied into
- * ret_mnt for hx_umount_lazy in the teardown.
- */
-void hx_mount_tmpfs(const char *where, const char *size, char *ret_mnt, size_t mntmax);
-/* Teardown: detach the tmpfs at mnt if mnt is not "" (a failure is only printed). */
-void hx_umount_lazy(const char *mnt);
 /*
  * Set the broker's test clock (the file named by AGENT_BROKER_TEST_CLOCK when
  * it started) to offset seconds, 2 ms after the last change so that the file's

@@ -45,37 +45,7 @@
 
 /* ---- fixtures ------------------------------------------------------------- */
 
-typedef struct fx {
-        hx_broker b;
-        char work[PATH_MAX]; /* DIR/work: the test's own files */
-        char mnt[PATH_MAX];  /* a tmpfs this test mounted, unmounted in teardown */
-} fx;
-
-static int setup(void **state)
-{
-        fx *f = calloc(1, sizeof *f);
-        if (!f)
-                return -1;
-        if (hx_broker_init_work(&f->b, f->work, sizeof f->work) < 0) {
-                free(f);
-                return -1;
-        }
-        *state = f;
-        return 0;
-}
-
-static int teardown(void **state)
-{
-        fx *f = *state;
-        int r;
-
-        if (!f)
-                return 0;
-        hx_umount_lazy(f->mnt);
-        r = hx_broker_finish(&f->b);
-        free(f);
-        return r;
-}
+typedef hx_fixture fx; /* the broker, DIR/work, a tmpfs or a helper process to remove in teardown */
 
 /* One agent (root, any executable) with two audiences; extra_grant is appended to its grants. */
 static void write_policy(hx_broker *b, const char *extra_grant)
@@ -1274,7 +1244,7 @@ static void test_tiny_fs_audit_log(void **state)
         hx_conn *c, *adm;
 
         hx_path_in(tiny, sizeof tiny, f->work, "tiny");
-        hx_mount_tmpfs(tiny, "128k", f->mnt, sizeof f->mnt);
+        hx_fixture_mount(f, tiny, "128k");
         hx_path_in(apath, sizeof apath, tiny, "audit.jsonl");
         hx_add_arg(b, "--audit-log");
         hx_add_arg(b, apath);
@@ -1347,7 +1317,7 @@ static void test_tiny_fs_state_dir(void **state)
         hx_run_result res;
 
         assert_int_equal(hx_build_path("tests/helper-issue", helper, sizeof helper), 0);
-        hx_mount_tmpfs(b->state, "256k", f->mnt, sizeof f->mnt);
+        hx_fixture_mount(f, b->state, "256k");
         hx_add_arg(b, "--rate-limit");
         hx_add_arg(b, "0");
         write_policy(b, NULL);
@@ -2151,7 +2121,7 @@ static void refused_then_recovered(fx *f, refusal_run *run)
 
         memset(run, 0, sizeof *run);
         hx_path_in(tiny, sizeof tiny, f->work, "tiny");
-        hx_mount_tmpfs(tiny, "64k", f->mnt, sizeof f->mnt);
+        hx_fixture_mount(f, tiny, "64k");
         hx_path_in(run->apath, sizeof run->apath, tiny, "audit.jsonl");
         hx_add_arg(b, "--audit-log");
         hx_add_arg(b, run->apath);
@@ -2289,34 +2259,34 @@ static void test_journald(void **state)
 int main(void)
 {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_scripted_day, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_tamper_detected, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_verify_detects_missing_head, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_checkpoint_signatures, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_checkpoints_across_key_rotation, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_periodic_checkpoints, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_torn_tail_cut_on_restart, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_garbage_tail_refused, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_kill9_during_burst, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_tiny_fs_audit_log, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_tiny_fs_state_dir, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_rotation, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_rotation_without_inode, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_read_audit_large_file, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_usage_counters, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_journald, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_scripted_day, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_tamper_detected, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_verify_detects_missing_head, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_checkpoint_signatures, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_checkpoints_across_key_rotation, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_periodic_checkpoints, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_torn_tail_cut_on_restart, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_garbage_tail_refused, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_kill9_during_burst, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_tiny_fs_audit_log, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_tiny_fs_state_dir, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_rotation, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_rotation_without_inode, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_read_audit_large_file, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_usage_counters, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_journald, hx_fixture_setup, hx_fixture_teardown),
                 /* gaps found while writing these: decisions missing from the record */
-                cmocka_unit_test_setup_teardown(test_attenuate_denial_audited, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_pam_records_name_token_and_agent, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_pam_refusal_audited, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_unrelated_write_no_policy_record, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_policy_change_recorded_once, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_policy_rejected_recorded, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_reload_names_admin, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_oversized_denial_still_recorded, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_non_utf8_exe_recorded, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_session_opened_recorded_after_refusal, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_usage_not_counted_when_refused, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_attenuate_denial_audited, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_pam_records_name_token_and_agent, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_pam_refusal_audited, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_unrelated_write_no_policy_record, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_policy_change_recorded_once, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_policy_rejected_recorded, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_reload_names_admin, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_oversized_denial_still_recorded, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_non_utf8_exe_recorded, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_session_opened_recorded_after_refusal, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_usage_not_counted_when_refused, hx_fixture_setup, hx_fixture_teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }

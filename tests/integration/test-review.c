@@ -36,40 +36,7 @@
 
 /* ---- fixtures ------------------------------------------------------------- */
 
-typedef struct fx {
-        hx_broker b;
-        char work[PATH_MAX]; /* DIR/work */
-        pid_t fake;          /* fake admin server, 0 if none */
-} fx;
-
-static int setup(void **state)
-{
-        fx *f = calloc(1, sizeof *f);
-        if (!f)
-                return -1;
-        if (hx_broker_init_work(&f->b, f->work, sizeof f->work) < 0) {
-                free(f);
-                return -1;
-        }
-        *state = f;
-        return 0;
-}
-
-static int teardown(void **state)
-{
-        fx *f = *state;
-        int r;
-
-        if (!f)
-                return 0;
-        if (f->fake > 0) {
-                kill(f->fake, SIGKILL);
-                waitpid(f->fake, NULL, 0);
-        }
-        r = hx_broker_finish(&f->b);
-        free(f);
-        return r;
-}
+typedef hx_fixture fx; /* the broker, DIR/work, a tmpfs or a helper process to remove in teardown */
 
 /* tests/fixtures/review/NAME: beside this source file (cwd is the top), or from the binary's place. */
 static void fixture(char *out, size_t outmax, const char *name)
@@ -1038,9 +1005,9 @@ static void fake_start(fx *f, const char *path, int mode)
         memcpy(sa.sun_path, path, strlen(path) + 1);
         assert_int_equal(bind(lfd, (struct sockaddr *)&sa, sizeof sa), 0);
         assert_int_equal(listen(lfd, 8), 0);
-        f->fake = fork();
-        assert_true(f->fake >= 0);
-        if (f->fake == 0) {
+        f->helper = fork(); /* the fake admin server, killed in teardown */
+        assert_true(f->helper >= 0);
+        if (f->helper == 0) {
                 alarm(60); /* never outlive the test by much */
                 for (;;) {
                         int fd = accept(lfd, NULL, NULL);
@@ -1149,19 +1116,19 @@ static void test_review_unused_days_and_large_usage(void **state)
 int main(void)
 {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_coverage_fixture_json, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_coverage_fixture_text, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_coverage_all_covered, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_coverage_parser_edges, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_coverage_usage, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_review_offline_json, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_review_offline_csv, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_review_offline_text, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_review_exit_codes, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_review_live, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_coverage_live, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_review_without_get_usage, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_review_unused_days_and_large_usage, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_coverage_fixture_json, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_coverage_fixture_text, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_coverage_all_covered, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_coverage_parser_edges, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_coverage_usage, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_review_offline_json, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_review_offline_csv, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_review_offline_text, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_review_exit_codes, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_review_live, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_coverage_live, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_review_without_get_usage, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_review_unused_days_and_large_usage, hx_fixture_setup, hx_fixture_teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }

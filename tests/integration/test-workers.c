@@ -59,37 +59,7 @@
 
 /* ---- fixtures ------------------------------------------------------------- */
 
-typedef struct fx {
-        hx_broker b;
-        char work[PATH_MAX]; /* DIR/work: the test's own files */
-        char mnt[PATH_MAX];  /* a tmpfs this test mounted, unmounted in teardown */
-} fx;
-
-static int setup(void **state)
-{
-        fx *f = calloc(1, sizeof *f);
-        if (!f)
-                return -1;
-        if (hx_broker_init_work(&f->b, f->work, sizeof f->work) < 0) {
-                free(f);
-                return -1;
-        }
-        *state = f;
-        return 0;
-}
-
-static int teardown(void **state)
-{
-        fx *f = *state;
-        int r;
-
-        if (!f)
-                return 0;
-        hx_umount_lazy(f->mnt);
-        r = hx_broker_finish(&f->b);
-        free(f);
-        return r;
-}
+typedef hx_fixture fx; /* the broker, DIR/work, a tmpfs or a helper process to remove in teardown */
 
 /* One agent (root, any executable) with two audiences; the longest max_ttl is 600 s. */
 static void write_policy(hx_broker *b)
@@ -1449,7 +1419,7 @@ static void test_audit_enospc_under_pipelined_load(void **state)
         long long t_end;
 
         hx_path_in(tiny, sizeof tiny, f->work, "tiny");
-        hx_mount_tmpfs(tiny, "48m", f->mnt, sizeof f->mnt);
+        hx_fixture_mount(f, tiny, "48m");
         hx_path_in(apath, sizeof apath, tiny, "audit.jsonl");
         hx_path_in(filler, sizeof filler, tiny, "filler");
         hx_path_in(jwks, sizeof jwks, f->work, "jwks.json");
@@ -1557,15 +1527,15 @@ static void test_sigterm_under_load(void **state)
 int main(void)
 {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_pipeline_200, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_pipeline_200_then_eof, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_pipeline_overflowing_input_then_eof, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_eof_with_large_output, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_oneway_through_worker, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_vanishing_clients, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_rotation_under_load, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_audit_enospc_under_pipelined_load, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_sigterm_under_load, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_pipeline_200, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_pipeline_200_then_eof, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_pipeline_overflowing_input_then_eof, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_eof_with_large_output, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_oneway_through_worker, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_vanishing_clients, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_rotation_under_load, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_audit_enospc_under_pipelined_load, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_sigterm_under_load, hx_fixture_setup, hx_fixture_teardown),
         };
         if (sodium_init() < 0)
                 return 1;
