@@ -1413,3 +1413,76 @@ void hx_set_test_clock(const char *path, long long offset)
         nanosleep(&ts, NULL);
         assert_int_equal(hx_write_file(path, text, 0644), 0);
 }
+
+static const char py_jwt_verify[] =
+        "import json, sys\n"
+        "import jwt\n"
+        "jwks = json.load(open(sys.argv[1]))\n"
+        "audience = sys.argv[2]\n"
+        "jwk = jwt.PyJWK(jwks['keys'][0])\n"
+        "key = getattr(jwk, 'key', jwk)\n"
+        "for line in sys.stdin:\n"
+        "    tok = line.strip()\n"
+        "    if not tok:\n"
+        "        continue\n"
+        "    try:\n"
+        "        claims = jwt.decode(tok, key, algorithms=['EdDSA'], audience=audience,\n"
+        "                            options={'require': ['exp', 'iat', 'nbf', 'iss', 'sub', 'aud', 'jti']})\n"
+        "        header = jwt.get_unverified_header(tok)\n"
+        "        print(json.dumps({'valid': True, 'claims': claims, 'header': header}))\n"
+        "    except Exception as e:\n"
+        "        print(json.dumps({'valid': False, 'error': type(e).__name__, 'message': str(e)}))\n"
+        "    sys.stdout.flush()\n";
+
+json_t *hx_py_jwt_verify(hx_broker *b, const char *jwks_json, const char *audience, char *const *tokens, size_t n)
+{
+        char script[PATH_MAX], jwks_path[PATH_MAX], *input, *line, *save = NULL;
+        size_t size = 1, off = 0;
+        hx_run_result res;
+        json_t *results = json_array();
+
+        assert_int_equal(access("/usr/bin/python3", X_OK), 0);
+        snprintf(script, sizeof script, "%s/verify.py", b->dir);
+        snprintf(jwks_path, sizeof jwks_path, "%s/jwks.json", b->dir);
+        assert_int_equal(hx_write_file(script, py_jwt_verify, 0644), 0);
+        assert_int_equal(hx_write_file(jwks_path, jwks_json, 0644), 0);
+        for (size_t i = 0; i < n; i++)
+                size += strlen(tokens[i]) + 1;
+        input = malloc(size);
+        assert_non_null(input);
+        for (size_t i = 0; i < n; i++)
+                off += (size_t)snprintf(input + off, size - off, "%s\n", tokens[i]);
+        input[off] = '\0';
+        char *argv[] = { (char *)"/usr/bin/python3", script, jwks_path, (char *)audience, NULL };
+        assert_int_equal(hx_run(argv, input, -1, HX_RUN_TIMEOUT_MS, &res), 0);
+        free(input);
+        if (res.exit_code != 0)
+                fprintf(stderr, "verifier failed (%d): %s\n", res.exit_code, res.err);
+        assert_false(res.timed_out);
+        assert_int_equal(res.exit_code, 0);
+        for (line = strtok_r(res.out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+                json_t *j = json_loads(line, 0, NULL);
+                assert_non_null(j);
+                json_array_append_new(results, j);
+        }
+        hx_run_result_done(&res);
+        assert_int_equal(json_array_size(results), n);
+        return results;
+}
+
+char *hx_jwt_tamper(const char *token, int seg)
+{
+        char *t = strdup(token), *start, *end;
+        size_t len, i;
+
+        assert_non_null(t);
+        start = t;
+        for (int k = 0; k < seg; k++)
+                start = strchr(start, '.') + 1;
+        end = strchr(start, '.');
+        len = end ? (size_t)(end - start) : strlen(start);
+        assert_true(len > 8);
+        i = len / 2;
+        start[i] = start[i] == 'A' ? 'g' : 'A';
+        return t;
+}

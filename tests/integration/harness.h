@@ -287,5 +287,19 @@ char *hx_read_text(const char *path, size_t max, size_t *ret_len);
  * mtime, which the broker watches, differs.
  */
 void hx_set_test_clock(const char *path, long long offset);
+/*
+ * Verify tokens[0..n) with an independent verifier, python3-jwt run by
+ * /usr/bin/python3 (which must be there), against the key of jwks_json (a
+ * GetKeys reply's parameters) and audience. Returns an array with one
+ * object per token: {"valid": true, "claims": {...}, "header": {...}} or
+ * {"valid": false, "error": the exception's class name, "message": ...}.
+ */
+json_t *hx_py_jwt_verify(hx_broker *b, const char *jwks_json, const char *audience, char *const *tokens, size_t n);
+/*
+ * A copy of token (malloc'd) with one base64url character of segment seg
+ * (0..2, which must be longer than 8) changed at its middle: 'A' <-> 'g',
+ * values 0 and 32, which differ in the top bit.
+ */
+char *hx_jwt_tamper(const char *token, int seg);
 
 #endif

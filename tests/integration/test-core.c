@@ -29,7 +29,6 @@
 #define AUD_TICKETS "https://tickets.internal/api"
 #define AGENT_ID "test-agent"
 #define OWNER "alice@example.com"
-#define PYTHON "/usr/bin/python3"
 
 /* ---- fixtures ------------------------------------------------------------- */
 
@@ -422,61 +421,6 @@ static void test_scope_audience_ttl_denials(void **state)
 
 /* ---- the token, checked by an independent verifier ------------------------ */
 
-static const char verify_py[] =
-        "import json, sys\n"
-        "import jwt\n"
-        "jwks = json.load(open(sys.argv[1]))\n"
-        "audience = sys.argv[2]\n"
-        "jwk = jwt.PyJWK(jwks['keys'][0])\n"
-        "key = getattr(jwk, 'key', jwk)\n"
-        "for line in sys.stdin:\n"
-        "    tok = line.strip()\n"
-        "    if not tok:\n"
-        "        continue\n"
-        "    try:\n"
-        "        claims = jwt.decode(tok, key, algorithms=['EdDSA'], audience=audience,\n"
-        "                            options={'require': ['exp', 'iat', 'nbf', 'iss', 'sub', 'aud', 'jti']})\n"
-        "        header = jwt.get_unverified_header(tok)\n"
-        "        print(json.dumps({'valid': True, 'claims': claims, 'header': header}))\n"
-        "    except Exception as e:\n"
-        "        print(json.dumps({'valid': False, 'error': type(e).__name__, 'message': str(e)}))\n"
-        "    sys.stdout.flush()\n";
-
-/* Verify tokens[0..n) with python3-jwt; returns an array of result objects. */
-static json_t *py_verify(hx_broker *b, const char *jwks_json, const char *audience, char *const *tokens, size_t n)
-{
-        char script[PATH_MAX], jwks_path[PATH_MAX], input[16384];
-        hx_run_result res;
-        json_t *results = json_array();
-        size_t off = 0;
-        char *line, *save = NULL;
-
-        assert_int_equal(access(PYTHON, X_OK), 0);
-        snprintf(script, sizeof script, "%s/verify.py", b->dir);
-        snprintf(jwks_path, sizeof jwks_path, "%s/jwks.json", b->dir);
-        assert_int_equal(hx_write_file(script, verify_py, 0644), 0);
-        assert_int_equal(hx_write_file(jwks_path, jwks_json, 0644), 0);
-        for (size_t i = 0; i < n; i++) {
-                int k = snprintf(input + off, sizeof input - off, "%s\n", tokens[i]);
-                assert_true(k > 0 && (size_t)k < sizeof input - off);
-                off += (size_t)k;
-        }
-        char *argv[] = { (char *)PYTHON, script, jwks_path, (char *)audience, NULL };
-        assert_int_equal(hx_run(argv, input, -1, HX_RUN_TIMEOUT_MS, &res), 0);
-        if (res.exit_code != 0)
-                fprintf(stderr, "verifier failed (%d): %s\n", res.exit_code, res.err);
-        assert_false(res.timed_out);
-        assert_int_equal(res.exit_code, 0);
-        for (line = strtok_r(res.out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-                json_t *j = json_loads(line, 0, NULL);
-                assert_non_null(j);
-                json_array_append_new(results, j);
-        }
-        hx_run_result_done(&res);
-        assert_int_equal(json_array_size(results), n);
-        return results;
-}
-
 static const char *py_error(const json_t *results, size_t i)
 {
         const json_t *r = json_array_get(results, i);
@@ -485,21 +429,10 @@ static const char *py_error(const json_t *results, size_t i)
         return json_string_value(json_object_get(r, "error"));
 }
 
-/* Change one base64url character in segment seg (0..2) at its middle, to one with different high bits. */
+/* hx_jwt_tamper, and the copy differs from the token. */
 static char *tamper(const char *token, int seg)
 {
-        char *t = strdup(token);
-        char *start = t, *end;
-        size_t len, i;
-
-        assert_non_null(t);
-        for (int k = 0; k < seg; k++)
-                start = strchr(start, '.') + 1;
-        end = strchr(start, '.');
-        len = end ? (size_t)(end - start) : strlen(start);
-        assert_true(len > 8);
-        i = len / 2;
-        start[i] = start[i] == 'A' ? 'g' : 'A'; /* 'A' = 0, 'g' = 32: differs in the top bit */
+        char *t = hx_jwt_tamper(token, seg);
         assert_string_not_equal(t, token);
         return t;
 }
@@ -562,7 +495,7 @@ static void test_token_verifies_independently(void **state)
         bad_sig = tamper(token, 2);
         bad_header = tamper(token, 0);
         char *toks[] = { token, bad_payload, bad_sig, bad_header, token2 };
-        results = py_verify(b, jwks_json, AUD_GIT, toks, 5);
+        results = hx_py_jwt_verify(b, jwks_json, AUD_GIT, toks, 5);
 
         /* The genuine token verifies. */
         if (!json_is_true(json_object_get(json_array_get(results, 0), "valid")))
@@ -614,7 +547,7 @@ static void test_token_verifies_independently(void **state)
 
         /* The same genuine token is refused for another audience. */
         char *one[] = { token };
-        results = py_verify(b, jwks_json, AUD_TICKETS, one, 1);
+        results = hx_py_jwt_verify(b, jwks_json, AUD_TICKETS, one, 1);
         assert_string_equal(py_error(results, 0), "InvalidAudienceError");
         json_decref(results);
 
@@ -1362,7 +1295,7 @@ static void test_key_reused_after_restart(void **state)
         assert_memory_equal(key1, key2, n1);
         /* A token from the first run verifies with the second run's keys. */
         char *one[] = { token };
-        results = py_verify(b, jwks2, AUD_GIT, one, 1);
+        results = hx_py_jwt_verify(b, jwks2, AUD_GIT, one, 1);
         assert_true(json_is_true(json_object_get(json_array_get(results, 0), "valid")));
         json_decref(results);
 

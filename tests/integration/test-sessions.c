@@ -44,7 +44,6 @@
 #define AGENT_ID "test-agent"
 #define NOBODY_AGENT "nobody-agent"
 #define OWNER "alice@example.com"
-#define PYTHON "/usr/bin/python3"
 #define TEST_CLOCK_ENV "AGENT_BROKER_TEST_CLOCK"
 
 #define M_ISSUE "io.agentbroker.IssueToken"
@@ -404,24 +403,6 @@ static json_t *claims_of(const char *token)
         return c;
 }
 
-/* Change one base64url character in segment seg at its middle. */
-static char *tamper(const char *token, int seg)
-{
-        char *t = strdup(token), *start, *end;
-        size_t len, i;
-
-        assert_non_null(t);
-        start = t;
-        for (int k = 0; k < seg; k++)
-                start = strchr(start, '.') + 1;
-        end = strchr(start, '.');
-        len = end ? (size_t)(end - start) : strlen(start);
-        assert_true(len > 8);
-        i = len / 2;
-        start[i] = start[i] == 'A' ? 'g' : 'A';
-        return t;
-}
-
 static void random_sid(char out[23])
 {
         uint8_t raw[16];
@@ -682,61 +663,6 @@ static void ctl_expect(hx_run_result *res, int code)
                         res->out, res->err);
         assert_false(res->timed_out);
         assert_int_equal(res->exit_code, code);
-}
-
-/* ---- python3-jwt ------------------------------------------------------------- */
-
-static const char verify_py[] =
-        "import json, sys\n"
-        "import jwt\n"
-        "jwks = json.load(open(sys.argv[1]))\n"
-        "audience = sys.argv[2]\n"
-        "jwk = jwt.PyJWK(jwks['keys'][0])\n"
-        "key = getattr(jwk, 'key', jwk)\n"
-        "for line in sys.stdin:\n"
-        "    tok = line.strip()\n"
-        "    if not tok:\n"
-        "        continue\n"
-        "    try:\n"
-        "        claims = jwt.decode(tok, key, algorithms=['EdDSA'], audience=audience,\n"
-        "                            options={'require': ['exp', 'iat', 'nbf', 'iss', 'sub', 'aud', 'jti']})\n"
-        "        print(json.dumps({'valid': True, 'claims': claims}))\n"
-        "    except Exception as e:\n"
-        "        print(json.dumps({'valid': False, 'error': type(e).__name__, 'message': str(e)}))\n"
-        "    sys.stdout.flush()\n";
-
-static json_t *py_verify(hx_broker *b, const char *jwks_json, const char *audience, char *const *tokens, size_t n)
-{
-        char script_path[PATH_MAX], jwks_path[PATH_MAX], input[65536];
-        hx_run_result res;
-        json_t *results = json_array();
-        size_t off = 0;
-        char *line, *save = NULL;
-
-        assert_int_equal(access(PYTHON, X_OK), 0);
-        snprintf(script_path, sizeof script_path, "%s/verify.py", b->dir);
-        snprintf(jwks_path, sizeof jwks_path, "%s/jwks.json", b->dir);
-        assert_int_equal(hx_write_file(script_path, verify_py, 0644), 0);
-        assert_int_equal(hx_write_file(jwks_path, jwks_json, 0644), 0);
-        for (size_t i = 0; i < n; i++) {
-                int k = snprintf(input + off, sizeof input - off, "%s\n", tokens[i]);
-                assert_true(k > 0 && (size_t)k < sizeof input - off);
-                off += (size_t)k;
-        }
-        char *argv[] = { (char *)PYTHON, script_path, jwks_path, (char *)audience, NULL };
-        assert_int_equal(hx_run(argv, input, -1, HX_RUN_TIMEOUT_MS, &res), 0);
-        if (res.exit_code != 0)
-                fprintf(stderr, "verifier failed (%d): %s\n", res.exit_code, res.err);
-        assert_false(res.timed_out);
-        assert_int_equal(res.exit_code, 0);
-        for (line = strtok_r(res.out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-                json_t *j = json_loads(line, 0, NULL);
-                assert_non_null(j);
-                json_array_append_new(results, j);
-        }
-        hx_run_result_done(&res);
-        assert_int_equal(json_array_size(results), n);
-        return results;
 }
 
 /* =============================================================================
@@ -1487,10 +1413,10 @@ static void test_introspect_forgeries(void **state)
         }
 
         /* one altered byte in the payload, in the signature */
-        x = tamper(t, 1);
+        x = hx_jwt_tamper(t, 1);
         assert_string_equal(verdict(c, x, NULL), "bad_signature");
         free(x);
-        x = tamper(t, 2);
+        x = hx_jwt_tamper(t, 2);
         assert_string_equal(verdict(c, x, NULL), "bad_signature");
         free(x);
         /* a payload claiming a wider scope, signature kept */
@@ -2315,7 +2241,7 @@ static void test_delegation_subset(void **state)
         expect_error(c, M_ATT, json_pack("{s:s, s:i}", "token", t, "ttl", 86400), "io.agentbroker.TtlTooLong");
 
         /* the parent must be active */
-        x = tamper(t, 1);
+        x = hx_jwt_tamper(t, 1);
         r = hx_rpc(c, M_ATT, jti_param("token", x));
         hx_assert_error(r, E_INVALID_TOKEN);
         assert_string_equal(hx_reply_str(r, "verdict"), "bad_signature");
@@ -2486,7 +2412,7 @@ static void test_delegation_python_verifies(void **state)
         json_decref(r);
 
         char *toks[] = { c1, c2 };
-        res = py_verify(b, jwks, AUD_GIT, toks, 2);
+        res = hx_py_jwt_verify(b, jwks, AUD_GIT, toks, 2);
         for (size_t i = 0; i < 2; i++) {
                 json_t *one = json_array_get(res, i);
                 if (!json_is_true(json_object_get(one, "valid")))
@@ -2501,7 +2427,7 @@ static void test_delegation_python_verifies(void **state)
         assert_true(json_is_object(json_object_get(json_object_get(cl, "act"), "act")));
         json_decref(res);
         /* and not for another audience */
-        res = py_verify(b, jwks, AUD_TICKETS, toks, 1);
+        res = hx_py_jwt_verify(b, jwks, AUD_TICKETS, toks, 1);
         assert_string_equal(json_string_value(json_object_get(json_array_get(res, 0), "error")),
                             "InvalidAudienceError");
         json_decref(res);
@@ -2614,7 +2540,7 @@ static void test_pam_sessions(void **state)
         json_decref(r);
 
         /* an inactive token opens nothing */
-        char *bad = tamper(t, 2);
+        char *bad = hx_jwt_tamper(t, 2);
         r = hx_rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", bad, "service", "sshd", "user", "alice"));
         hx_assert_error(r, E_INVALID_TOKEN);
         assert_string_equal(hx_reply_str(r, "verdict"), "bad_signature");
