@@ -380,6 +380,11 @@ bool ab_audit_pending(const ab_audit *a)
         return a && a->q_records > 0;
 }
 
+size_t ab_audit_queued_bytes(const ab_audit *a)
+{
+        return a ? a->len : 0;
+}
+
 static int add_checkpoint(ab_audit *a)
 {
         char input[160], sig_b64[AB_B64_ENCODED_LEN(64) + 1];

@@ -49,6 +49,8 @@ void ab_audit_close(ab_audit *a);
 int ab_audit_add(ab_audit *a, const char *event, json_t *rec);
 /* Records queued and not yet durable. */
 bool ab_audit_pending(const ab_audit *a);
+/* Bytes of records queued (not counting a batch out). */
+size_t ab_audit_queued_bytes(const ab_audit *a);
 /*
  * Write and fdatasync the queued records (and rotate or checkpoint when
  * due). 0, or -errno: then none of the queued records was kept.

@@ -153,10 +153,22 @@ static void list_remove(ab_conn **head, ab_conn *c)
                 }
 }
 
-/* A call of c waits for a job (busy_ref) or for the audit batch out (inflight): handle no other. */
+/*
+ * Records queued behind the batch out, at most: past this, calls wait for
+ * the batch (a stuck disk must not turn into unbounded memory: oneway calls
+ * make records without replies to hold).
+ */
+#define AUDIT_QUEUE_MAX (8u * 1024 * 1024)
+
+static bool audit_full(const ab_manager *m)
+{
+        return m->audit && ab_audit_queued_bytes(m->audit) > AUDIT_QUEUE_MAX;
+}
+
+/* A call of c waits for a job (busy_ref), for the audit batch out (inflight), or for room in the audit queue. */
 static bool conn_blocked(const ab_conn *c)
 {
-        return c->busy_ref || c->inflight;
+        return c->busy_ref || c->inflight || audit_full(c->m);
 }
 
 /* Calls (or an EOF) that arrived while c could not handle them: go on with them on the next turn. */
@@ -257,6 +269,9 @@ static int conn_flush(ab_conn *c)
 {
         size_t lim = c->held ? c->held_from : c->out_len; /* held replies wait for the audit sync */
 
+        if (c->hup) /* nobody to send to: what could go is dropped */
+                c->out_off = lim > c->out_off ? lim : c->out_off;
+
         while (c->out_off < lim) {
                 ssize_t n = send(c->fd, c->out + c->out_off, lim - c->out_off, MSG_DONTWAIT | MSG_NOSIGNAL);
                 if (n < 0) {
@@ -356,11 +371,15 @@ static void release_held(ab_conn *list, int r)
                 c->held = false;
                 if (r < 0) {
                         char reason[256];
+                        bool busy_oneway = c->busy_oneway;
                         c->out_len = c->held_from;
                         snprintf(reason, sizeof reason,
                                  "the audit trail cannot be written (%s); nothing was issued", ab_strerror(r));
+                        /* these answer earlier calls, not a oneway call whose job is out */
+                        c->busy_oneway = false;
                         for (unsigned i = 0; i < n; i++)
                                 ab_conn_error(c, "io.agentbroker.AuditUnavailable", reason, NULL);
+                        c->busy_oneway = busy_oneway;
                 }
                 if (conn_flush(c) < 0) {
                         conn_free(c);
@@ -370,8 +389,7 @@ static void release_held(ab_conn *list, int r)
                         conn_free(c);
                         continue;
                 }
-                if (was_inflight)
-                        conn_continue(c);
+                conn_continue(c); /* it may have stopped at the output high-water mark */
                 conn_update_events(c);
         }
 }
@@ -400,6 +418,16 @@ static void audit_settle(ab_manager *m, int r, ab_conn *list, size_t n_usage, si
                 json_array_foreach(m->turn_sessions, i, rec)
                         (void)ab_audit_add(m->audit, "session.opened", json_deep_copy(rec));
         }
+}
+
+/* The queue has room again: connections that stopped for it go on. */
+static void wake_stalled(ab_manager *m)
+{
+        if (!m->audit_stalled || audit_full(m))
+                return;
+        m->audit_stalled = false;
+        for (ab_conn *c = m->conns; c; c = c->next)
+                conn_continue(c);
 }
 
 static void sync_run(ab_job *j)
@@ -451,6 +479,7 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
                 list = m->held;
                 m->held = NULL;
                 audit_settle(m, r < 0 ? r : 0, list, m->n_usage_pending, json_array_size(m->turn_sessions));
+                wake_stalled(m);
                 return 0;
         }
         m->sync_out = true;
@@ -465,6 +494,7 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
         m->usage_inflight = m->n_usage_pending;
         m->sessions_inflight = json_array_size(m->turn_sessions);
         ab_worker_submit(m->worker, &m->sync.job);
+        wake_stalled(m);
         return 0;
 }
 
@@ -594,6 +624,8 @@ static bool conn_process(ab_conn *c, bool *ret_drained)
                 char reason[256];
                 int r;
 
+                if (audit_full(c->m))
+                        c->m->audit_stalled = true; /* on_audit_defer wakes it */
                 if (c->closing || conn_blocked(c) || c->out_len - c->out_off > OUT_HIGH_WATER)
                         return false;
                 r = ab_frame_next(&c->in, &msg, &len);
@@ -624,6 +656,9 @@ static bool conn_process(ab_conn *c, bool *ret_drained)
 static void conn_update_events(ab_conn *c)
 {
         uint32_t ev = 0;
+
+        if (c->hup)
+                return; /* its source is off for good */
 
         if (!c->closing && !c->eof && c->out_len - c->out_off <= OUT_HIGH_WATER &&
             !(conn_blocked(c) && ab_frame_pending(&c->in) > c->in.max))
@@ -669,6 +704,12 @@ void ab_conn_submit(ab_conn *c, ab_job *j, ab_conn **ref)
         c->busy_oneway = c->oneway;
         conn_update_events(c);
         ab_worker_submit(c->m->crypto, j);
+}
+
+void ab_manager_drain_jobs(ab_manager *m)
+{
+        if (m->crypto)
+                ab_worker_drain(m->crypto);
 }
 
 void ab_conn_resume(ab_conn *c)
@@ -718,9 +759,13 @@ static int conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
                         if (ab_frame_pending(&c->in) > c->in.max || (size_t)n < avail)
                                 break;
                 }
-        } else if (revents & (EPOLLHUP | EPOLLERR)) {
-                conn_free(c); /* gone altogether: nobody to answer */
-                return 0;
+        }
+        if ((revents & (EPOLLHUP | EPOLLERR)) && !c->hup) {
+                /* Gone altogether: nobody to answer, but the calls it sent before closing
+                 * (a oneway Revoke, say) are carried out all the same. The source goes off:
+                 * EPOLLHUP cannot be masked and would come back on every turn. */
+                c->eof = c->hup = true;
+                sd_event_source_set_enabled(c->io, SD_EVENT_OFF);
         }
         conn_step(c); /* after EOF too: it answers every complete call, then closes */
         return 0;
@@ -995,9 +1040,8 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
         r = ab_txn_commit(t);
         if (r < 0)
                 return r;
-        /* a token prepared under the old kid must be signed with the old key */
-        if (m->crypto)
-                ab_worker_wait_idle(m->crypto);
+        /* a token prepared under the old kid is signed with the old key, and issued before the rotation */
+        ab_manager_drain_jobs(m);
         r = ab_signer_rotate(m->signer, m->state_fd);
         if (r < 0)
                 return r;
@@ -1103,6 +1147,8 @@ int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char 
         json_t *rec;
         diag_sink sink = { .findings = findings };
         ab_diag diag = { .emit = policy_diag, .userdata = &sink };
+
+        ab_manager_drain_jobs(m); /* tokens decided under the old policy are issued before it goes */
         ab_compile_opts o = { .policy_path = m->cfg.policy_path, .trusted_keys_dir = m->cfg.trusted_keys_dir,
                               .require_signed = m->cfg.require_signed };
         ab_policy *p = NULL;

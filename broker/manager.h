@@ -70,6 +70,7 @@ struct ab_conn {
         bool admin;
         bool closing;        /* close once the output is flushed */
         bool eof;            /* the peer closed its side: answer what is complete, then close */
+        bool hup;            /* the peer is gone altogether: carry out what it sent, answer nobody */
         bool oneway;         /* the call being handled wants no reply */
         sd_event_source *io, *timer, *defer;
         ab_peer peer;
@@ -127,6 +128,7 @@ struct ab_manager {
         ab_worker *crypto;        /* signs and verifies for calls off the loop */
         ab_sync_job sync;
         bool sync_out;            /* a batch is out */
+        bool audit_stalled;       /* calls wait because the queue behind it is full */
         ab_conn *inflight;        /* connections whose replies wait for that batch */
         size_t usage_inflight, sessions_inflight; /* usage_pending / turn_sessions entries of that batch */
         char policy_version[17];  /* short fingerprint of the compiled policy, for audit */
@@ -176,6 +178,13 @@ int ab_conn_reply(ab_conn *c, json_t *params, const char *error);
  * only frees the job).
  */
 void ab_conn_submit(ab_conn *c, ab_job *j, ab_conn **ref);
+/*
+ * Finish every job out now (their replies and records queued), before a
+ * change that must not overtake them: a revocation, a policy reload, a
+ * key rotation. A token decided before the change is issued (and recorded)
+ * before it, never after its acknowledgement.
+ */
+void ab_manager_drain_jobs(ab_manager *m);
 void ab_conn_resume(ab_conn *c);
 /* Queue an error reply {"reason": reason} (plus extra, stolen, if not NULL). */
 int ab_conn_error(ab_conn *c, const char *error, const char *reason, json_t *extra);

@@ -649,6 +649,7 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
                               NULL);
                 return;
         }
+        ab_manager_drain_jobs(c->m); /* a token being signed now is issued before, not after, the ack */
         if (jti) {
                 r = ab_revoke_jti(c->m->store, jti, s.expires);
                 snprintf(what, sizeof what, "token %s", jti);
@@ -693,6 +694,7 @@ void ab_m_admin_revoke(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, p, spec) < 0 || one_of(c, p, names, 4, &which) < 0)
                 return;
+        ab_manager_drain_jobs(c->m); /* a token being signed now is issued before, not after, the ack */
         if (strcmp(which, "jti") == 0) {
                 const char *jti = json_string_value(json_object_get(p, "jti"));
                 char sid[AB_SID_LEN + 1];

@@ -158,6 +158,12 @@ void ab_worker_wait_idle(ab_worker *w)
         pthread_mutex_unlock(&w->lock);
 }
 
+void ab_worker_drain(ab_worker *w)
+{
+        ab_worker_wait_idle(w);
+        run_done(w);
+}
+
 void ab_worker_free(ab_worker *w)
 {
         if (!w)

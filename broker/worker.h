@@ -28,6 +28,8 @@ int ab_worker_new(sd_event *e, const char *name, ab_worker **ret);
 void ab_worker_submit(ab_worker *w, ab_job *j);
 /* Block until every submitted job has run (their done() may still be pending). */
 void ab_worker_wait_idle(ab_worker *w);
+/* Block until every submitted job has run, then call the done() not yet called (in this thread). */
+void ab_worker_drain(ab_worker *w);
 /*
  * Wait for every submitted job, call the done() of those not yet called
  * (in this thread), stop the thread. Accepts NULL.
