@@ -1120,6 +1120,56 @@ static void test_eof_with_large_output(void **state)
  * oneway calls get no reply, even IssueToken and Introspect, whose answers
  * come back from the crypto thread after the dispatch has returned.
  */
+/*
+ * A client sends a oneway IssueToken (a job goes out) and a oneway Revoke
+ * of an earlier token, then close()s at once: the peer is gone before its
+ * calls are handled, yet the Revoke must be carried out (else the token
+ * stays active: fail open). 20 rounds.
+ */
+static void test_calls_before_close_are_carried_out(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        unsigned lost = 0;
+
+        write_policy(b);
+        hx_start(b);
+        for (int round = 0; round < 20; round++) {
+                hx_conn *c = hx_connect(b, b->sock), *c2;
+                char *tok = issue_task(c, "to-revoke"), *jti;
+                json_t *claims = hx_jwt_segment_json(tok, 1), *root;
+                msgbuf mb = { 0 };
+                char text[4096];
+
+                assert_non_null(claims);
+                jti = strdup(json_string_value(json_object_get(claims, "jti")));
+                json_decref(claims);
+                c2 = hx_connect(b, b->sock);
+                mb_add(&mb, "{\"method\":\"" M_ISSUE "\",\"oneway\":true,\"parameters\":{\"audience\":\"" AUD_GIT
+                            "\",\"scopes\":[\"repo:read\"]}}");
+                mb_add(&mb, "{\"method\":\"io.agentbroker.Revoke\",\"oneway\":true,\"parameters\":{\"jti\":\"%s\"}}",
+                       jti);
+                send_once(c2, &mb);
+                hx_conn_close(b, c2);
+                mb_free(&mb);
+                hx_sleep_ms(300);
+                snprintf(text, sizeof text, "{\"method\":\"" M_INTRO "\",\"parameters\":{\"token\":\"%s\"}}", tok);
+                root = hx_call(c, text);
+                hx_assert_ok(root);
+                if (json_is_true(json_object_get(hx_reply_params(root), "active")))
+                        lost++;
+                json_decref(root);
+                hx_conn_close(b, c);
+                free(tok);
+                free(jti);
+        }
+        if (lost)
+                regression("a oneway Revoke sent just before close() was not carried out in %u of 20 rounds: "
+                           "EPOLLHUP freed the connection with its calls unhandled (fixed in 1efc1c8)", lost);
+        assert_int_equal(lost, 0);
+        assert_serving_within(b, 3000);
+}
+
 static void test_oneway_through_worker(void **state)
 {
         fx *f = *state;
@@ -1532,6 +1582,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_pipeline_overflowing_input_then_eof, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_eof_with_large_output, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_oneway_through_worker, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_calls_before_close_are_carried_out, hx_fixture_setup,
+                                                hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_vanishing_clients, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_rotation_under_load, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_audit_enospc_under_pipelined_load, hx_fixture_setup, hx_fixture_teardown),
