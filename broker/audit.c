@@ -452,6 +452,16 @@ static void sync_dir(const char *path)
 
 static int sync_once(ab_audit *a);
 
+/* A write or sync failed: keep the chain whole by forgetting what was not made durable. */
+static void cut_back(ab_audit *a)
+{
+        if (a->fd >= 0 && ftruncate(a->fd, (off_t)a->size) < 0)
+                ab_log(LOG_ERR, "audit log %s: cannot cut back to %llu bytes: %s", a->path,
+                       (unsigned long long)a->size, strerror(errno));
+        drop_queue(a);
+        a->q_checkpoint = false;
+}
+
 /*
  * The next file is made whole under a temporary name first (created, its
  * first record audit.rotated durable), and only then renamed into place:
@@ -519,12 +529,7 @@ static int sync_once(ab_audit *a)
         if (r == 0 && fdatasync(a->fd) < 0)
                 r = -errno;
         if (r < 0) {
-                /* keep the chain whole: forget what was not made durable */
-                if (a->fd >= 0 && ftruncate(a->fd, (off_t)a->size) < 0)
-                        ab_log(LOG_ERR, "audit log %s: cannot cut back to %llu bytes: %s", a->path,
-                               (unsigned long long)a->size, strerror(errno));
-                drop_queue(a);
-                a->q_checkpoint = false;
+                cut_back(a);
                 return r;
         }
         a->size += a->len;
@@ -601,13 +606,7 @@ int ab_audit_sync_finish(ab_audit *a, ab_audit_batch *b)
 
         a->out = false;
         if (r < 0) {
-                /* as sync_once: the chain stays whole. Records queued after
-                 * the batch name its records, which are gone: drop them too. */
-                if (ftruncate(a->fd, (off_t)a->size) < 0)
-                        ab_log(LOG_ERR, "audit log %s: cannot cut back to %llu bytes: %s", a->path,
-                               (unsigned long long)a->size, strerror(errno));
-                drop_queue(a);
-                a->q_checkpoint = false;
+                cut_back(a); /* records queued after the batch name its records, which are gone: they go too */
         } else {
                 a->size += b->len;
                 a->seq = a->f_seq;

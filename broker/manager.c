@@ -301,7 +301,7 @@ int ab_conn_reply(ab_conn *c, json_t *params, const char *error)
         size_t len = 0;
         int r;
 
-        if (c->oneway || (c->busy_ref && c->busy_oneway)) { /* a oneway call, answered now or by its job */
+        if (c->oneway) { /* the call being answered wants no reply */
                 json_decref(params);
                 return 0;
         }
@@ -360,26 +360,17 @@ static void release_held(ab_conn *list, int r)
                         c->held_calls -= c->inflight_calls;
                         c->held_next = c->m->held;
                         c->m->held = c;
-                        if (conn_flush(c) < 0) {
-                                conn_free(c);
-                                continue;
+                } else {
+                        c->held = false;
+                        if (r < 0) {
+                                char reason[256];
+                                c->out_len = c->held_from;
+                                snprintf(reason, sizeof reason,
+                                         "the audit trail cannot be written (%s); nothing was issued",
+                                         ab_strerror(r));
+                                for (unsigned i = 0; i < n; i++)
+                                        ab_conn_error(c, "io.agentbroker.AuditUnavailable", reason, NULL);
                         }
-                        conn_continue(c);
-                        conn_update_events(c);
-                        continue;
-                }
-                c->held = false;
-                if (r < 0) {
-                        char reason[256];
-                        bool busy_oneway = c->busy_oneway;
-                        c->out_len = c->held_from;
-                        snprintf(reason, sizeof reason,
-                                 "the audit trail cannot be written (%s); nothing was issued", ab_strerror(r));
-                        /* these answer earlier calls, not a oneway call whose job is out */
-                        c->busy_oneway = false;
-                        for (unsigned i = 0; i < n; i++)
-                                ab_conn_error(c, "io.agentbroker.AuditUnavailable", reason, NULL);
-                        c->busy_oneway = busy_oneway;
                 }
                 if (conn_flush(c) < 0) {
                         conn_free(c);
@@ -712,9 +703,15 @@ void ab_manager_drain_jobs(ab_manager *m)
                 ab_worker_drain(m->crypto);
 }
 
+void ab_conn_job_answer(ab_conn *c)
+{
+        c->oneway = c->busy_oneway;
+}
+
 void ab_conn_resume(ab_conn *c)
 {
         c->busy_ref = NULL;
+        c->oneway = false;
         /* the reply is queued (held for its record's batch, or flushed now) */
         if (conn_flush(c) < 0) {
                 conn_free(c);

@@ -84,7 +84,7 @@ struct ab_conn {
         bool held;
         bool inflight;          /* held by the batch being written: read nothing until it is durable */
         ab_conn **busy_ref;     /* a job works for the call at hand (ab_conn_submit): the job's pointer to c */
-        bool busy_oneway;       /* that call wants no reply */
+        bool busy_oneway;       /* that call wants no reply (see ab_conn_job_answer) */
         /* While inflight: output up to inflight_end (inflight_calls replies) waits for the batch
          * out; a job's reply after it (its record in the next batch) waits for the next one. */
         size_t inflight_end;
@@ -178,6 +178,11 @@ int ab_conn_reply(ab_conn *c, json_t *params, const char *error);
  * only frees the job).
  */
 void ab_conn_submit(ab_conn *c, ab_job *j, ab_conn **ref);
+/*
+ * In the job's done(), before it answers: the replies from here to
+ * ab_conn_resume() answer the job's call (none if that call was oneway).
+ */
+void ab_conn_job_answer(ab_conn *c);
 /*
  * Finish every job out now (their replies and records queued), before a
  * change that must not overtake them: a revocation, a policy reload, a

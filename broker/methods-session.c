@@ -318,6 +318,7 @@ static void introspect_job_done(ab_job *job)
                 free(j);
                 return;
         }
+        ab_conn_job_answer(c);
         memset(&res, 0, sizeof res);
         r = ab_introspect_finish(c->m->store, c->m->policy, &j->req, ab_manager_now(c->m), &j->sig, &res);
         if (r < 0) {

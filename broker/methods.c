@@ -421,6 +421,7 @@ static void issue_job_done(ab_job *job)
                 issue_job_free(j);
                 return;
         }
+        ab_conn_job_answer(c);
         if (ab_manager_audit(c->m, "token.issued", j->rec) < 0) {
                 j->rec = NULL;
                 ab_conn_error(c, "io.agentbroker.AuditUnavailable",

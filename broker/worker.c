@@ -150,7 +150,8 @@ void ab_worker_submit(ab_worker *w, ab_job *j)
         pthread_mutex_unlock(&w->lock);
 }
 
-void ab_worker_wait_idle(ab_worker *w)
+/* Block until every submitted job has run (their done() may still be pending). */
+static void wait_idle(ab_worker *w)
 {
         pthread_mutex_lock(&w->lock);
         while (w->todo || w->running)
@@ -160,7 +161,7 @@ void ab_worker_wait_idle(ab_worker *w)
 
 void ab_worker_drain(ab_worker *w)
 {
-        ab_worker_wait_idle(w);
+        wait_idle(w);
         run_done(w);
 }
 

@@ -26,8 +26,6 @@ typedef struct ab_worker ab_worker;
 /* Start the thread (all signals blocked in it) and add its eventfd to e. 0 or -errno. */
 int ab_worker_new(sd_event *e, const char *name, ab_worker **ret);
 void ab_worker_submit(ab_worker *w, ab_job *j);
-/* Block until every submitted job has run (their done() may still be pending). */
-void ab_worker_wait_idle(ab_worker *w);
 /* Block until every submitted job has run, then call the done() not yet called (in this thread). */
 void ab_worker_drain(ab_worker *w);
 /*
