@@ -234,12 +234,72 @@ static void test_exec_after_connect(void **state)
         free(text);
 }
 
+/*
+ * The process cache (what is known about a process for its next
+ * connections) must not outlive an exec: the granted binary gets a token on
+ * one connection, then execs another program (same pid, same start time,
+ * same pidfs inode), which opens a new connection and must be refused.
+ */
+static void test_exec_then_new_connection(void **state)
+{
+        hx_broker *b = *state;
+        char policy[2048], sha[65], self[4096], helper[PATH_MAX], out[4200];
+        int st;
+        ssize_t n;
+
+        if (hx_under_wrapper()) {
+                /* the broker sees the tool's executable, not this test's, so the first token fails */
+                printf("SKIPPED: sha256 of this process under AB_TEST_WRAPPER\n");
+                skip();
+        }
+        n = readlink("/proc/self/exe", self, sizeof self - 1);
+        assert_true(n > 0);
+        self[n] = '\0';
+        assert_int_equal(hx_sha256_file(self, sha), 0);
+        assert_int_equal(hx_build_path("tests/helper-issue", helper, sizeof helper), 0);
+        snprintf(policy, sizeof policy,
+                 "{\"version\":1,\"agents\":[{\"id\":\"pinned\",\"owner\":\"ops@example.com\","
+                 "\"match\":{\"uid\":0,\"sha256\":\"%s\"},\"grants\":[{\"audience\":\"mcp://t\",\"scopes\":[\"r\"],"
+                 "\"max_ttl\":60}]}]}", sha);
+        assert_int_equal(hx_broker_stop(b, &st), 0);
+        assert_int_equal(hx_broker_write_policy(b, policy), 0);
+        assert_int_equal(hx_broker_start(b), 0);
+        snprintf(out, sizeof out, "%s/exec2.out", b->dir);
+
+        pid_t pid = fork();
+        if (pid == 0) {
+                int fd = connect_to(b->sock), o;
+                json_t *r = fd < 0 ? NULL : call_fd(fd, issue_msg);
+                if (!r || !json_is_object(json_object_get(r, "parameters")) ||
+                    !json_object_get(json_object_get(r, "parameters"), "token"))
+                        _exit(3); /* the granted binary must get its token first */
+                close(fd);
+                o = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+                if (o < 0 || dup2(o, 1) < 0)
+                        _exit(4);
+                execl(helper, helper, b->sock, "mcp://t", "r", (char *)NULL);
+                _exit(127);
+        }
+        assert_int_equal(waitpid(pid, &st, 0), pid);
+        assert_true(WIFEXITED(st));
+        if (WEXITSTATUS(st) != 1)
+                fprintf(stderr, "child exit %d\n", WEXITSTATUS(st));
+        assert_int_equal(WEXITSTATUS(st), 1); /* helper-issue: denied */
+        char *text = NULL;
+        assert_int_equal(hx_read_file(out, 1 << 16, &text, NULL), 0);
+        printf("    after exec of helper-issue, on a new connection: %.100s\n", text);
+        assert_null(strstr(text, "OK "));
+        assert_non_null(strstr(text, "io.agentbroker.NotAnAgent"));
+        free(text);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_peer_gone, setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_recycled_pid, setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_exec_after_connect, setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_exec_then_new_connection, setup, hx_teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
