@@ -59,7 +59,8 @@ LIBS       := $(B)/libagentbroker.so $(B)/libagentbroker.a $(B)/agentbroker.pc $
 
 UNIT_TESTS := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test-*.c))
 INT_TESTS  := $(patsubst tests/integration/%.c,$(B)/tests/%,$(wildcard tests/integration/test-*.c))
-TEST_HELPERS := $(patsubst tests/integration/%.c,$(B)/tests/%,$(wildcard tests/integration/helper-*.c))
+TEST_HELPERS := $(patsubst tests/integration/%.c,$(B)/tests/%,$(wildcard tests/integration/helper-*.c)) \
+                $(B)/tests/stall-fdatasync.so
 
 .PHONY: all check check-root check-tsan check-unit check-integration check-asan check-valgrind install clean demo
 all: $(PROGS) $(LIBS)
@@ -113,6 +114,11 @@ $(B)/tests/test-%: tests/integration/test-%.c tests/integration/harness.c tests/
 $(B)/tests/helper-%: tests/integration/helper-%.c $(B)/libagentbroker.a
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) $(LDFLAGS) -o $@ $^ $(TEST_LIBS)
+
+# LD_PRELOAD into the daemon (test-workers: a disk that stops answering); never sanitized
+$(B)/tests/stall-fdatasync.so: tests/integration/stall-fdatasync.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=gnu11 -O2 $(WARN) -fPIC -shared -o $@ $< -ldl
 
 check: check-root all $(UNIT_TESTS) $(INT_TESTS) $(TEST_HELPERS)
 	@B=$(B) tests/run-tests.sh $(UNIT_TESTS) $(INT_TESTS)

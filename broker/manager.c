@@ -158,7 +158,7 @@ static void list_remove(ab_conn **head, ab_conn *c)
  * the batch (a stuck disk must not turn into unbounded memory: oneway calls
  * make records without replies to hold).
  */
-#define AUDIT_QUEUE_MAX (8u * 1024 * 1024)
+#define AUDIT_QUEUE_MAX (2u * 1024 * 1024)
 
 static bool audit_full(const ab_manager *m)
 {
