@@ -911,16 +911,17 @@ static json_t *fake_usage(const char *agent, bool big, long long now)
                                                       "mcp://a", "scope", "read", "count", 7, "last_issued",
                                                       (json_int_t)(now - 100)));
         if (!agent || strcmp(agent, "fine-bot") == 0) {
-                /* mcp://b: read 40 days ago only; mcp://c: read lately, write 40 days ago; a scope since removed */
+                /* mcp://b: read 40 days (and an hour) ago only; mcp://c: read lately, write 40 days ago; a scope since
+                 * removed. The hour: review takes its "now" before this answer, maybe a second earlier */
                 json_array_append_new(rows, json_pack("{s:s, s:s, s:s, s:i, s:I}", "agent", "fine-bot", "audience",
                                                       "mcp://b", "scope", "read", "count", 3, "last_issued",
-                                                      (json_int_t)(now - 40 * 86400)));
+                                                      (json_int_t)(now - 40 * 86400 - 3600)));
                 json_array_append_new(rows, json_pack("{s:s, s:s, s:s, s:i, s:I}", "agent", "fine-bot", "audience",
                                                       "mcp://c", "scope", "read", "count", 5, "last_issued",
                                                       (json_int_t)(now - 60)));
                 json_array_append_new(rows, json_pack("{s:s, s:s, s:s, s:i, s:I}", "agent", "fine-bot", "audience",
                                                       "mcp://c", "scope", "write", "count", 1, "last_issued",
-                                                      (json_int_t)(now - 40 * 86400)));
+                                                      (json_int_t)(now - 40 * 86400 - 3600)));
                 json_array_append_new(rows, json_pack("{s:s, s:s, s:s, s:i, s:I}", "agent", "fine-bot", "audience",
                                                       "mcp://gone", "scope", "admin", "count", 2, "last_issued",
                                                       (json_int_t)(now - 86400)));
