@@ -25,6 +25,17 @@
 #define OUT_HIGH_WATER (256 * 1024) /* stop reading requests while this much output is queued */
 #define MSGS_PER_TURN 16            /* fairness: messages handled per connection per loop turn */
 #define READ_PER_TURN (128 * 1024)
+/*
+ * Input buffers start at 4 KiB and grow to hold one message of up to 64 KiB.
+ * A peer that sends most of a large message and stops holds that much until
+ * the I/O timeout; with 1,024 connections a uid could pin 64 MiB, and four
+ * uids the broker's limit of connections. The buffers of one uid, and of
+ * everyone, are capped: a connection whose buffer would grow past the cap is
+ * told so and closed (small calls never grow a buffer).
+ */
+#define IN_BYTES_PER_UID (16u << 20)
+#define IN_BYTES_ALL (48u << 20)
+#define SMALL_IN 4096 /* what a buffer of small calls stays at (frame.c's first allocation) */
 
 void ab_config_defaults(ab_config *c)
 {
@@ -193,8 +204,11 @@ static void conn_free(ab_conn *c)
                 list_remove(c->inflight ? &m->inflight : &m->held, c);
         if (c->busy_ref)
                 *c->busy_ref = NULL; /* its job finds the connection gone */
-        if (c->uslot)
+        m->in_bytes -= c->in_counted;
+        if (c->uslot) {
+                c->uslot->in_bytes -= c->in_counted;
                 uid_put(m, c->uslot);
+        }
         sd_event_source_disable_unref(c->io);
         sd_event_source_disable_unref(c->timer);
         sd_event_source_disable_unref(c->defer);
@@ -659,10 +673,31 @@ static void conn_update_events(ab_conn *c)
         sd_event_source_set_io_events(c->io, ev);
 }
 
+/* Count a change of c's input buffer; false if it grew past the caps. */
+static bool in_account(ab_conn *c)
+{
+        ab_manager *m = c->m;
+        size_t was = c->in_counted, now = c->in.cap;
+
+        if (now == was)
+                return true;
+        m->in_bytes = m->in_bytes - was + now;
+        c->uslot->in_bytes = c->uslot->in_bytes - was + now;
+        c->in_counted = now;
+        /* the first 4 KiB always: a small call is never refused */
+        return now <= SMALL_IN || now < was || (c->uslot->in_bytes <= IN_BYTES_PER_UID && m->in_bytes <= IN_BYTES_ALL);
+}
+
 /* After reading or writing: process, flush, decide what to wait for. */
 static void conn_step(ab_conn *c)
 {
         bool drained, more = conn_process(c, &drained);
+
+        /* a large message handled: give its buffer back (calls hold copies, never pointers into it) */
+        if (ab_frame_pending(&c->in) == 0 && c->in.cap > SMALL_IN) {
+                ab_frame_free(&c->in);
+                (void)in_account(c);
+        }
 
         if (conn_flush(c) < 0) {
                 conn_free(c);
@@ -737,6 +772,13 @@ static int conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 
                         if (ab_frame_space(&c->in, &p, &avail) < 0)
                                 break; /* full: process what is there first */
+                        if (!in_account(c)) {
+                                ab_conn_error(c, "io.agentbroker.LimitReached",
+                                              "too much unfinished input is buffered for this uid or for the broker; "
+                                              "closing the connection", NULL);
+                                c->closing = true;
+                                break;
+                        }
                         n = recv(fd, p, avail, MSG_DONTWAIT);
                         if (n < 0) {
                                 if (errno == EINTR)

@@ -37,6 +37,7 @@ typedef struct ab_config {
         const char *trusted_keys_dir;
         const char *audit_path;        /* NULL: AB_AUDIT_DEFAULT_PATH */
         uint64_t audit_max_size;
+        unsigned audit_keep;           /* rotated audit files kept, 0: all */
         bool require_signed;
         char admin_group[64];          /* "" : root only on the admin socket */
         unsigned max_connections;      /* in all */
@@ -59,6 +60,7 @@ typedef struct ab_conn ab_conn;
 typedef struct ab_uid_slot {
         uid_t uid;
         unsigned conns;
+        size_t in_bytes;        /* input buffers of its connections (see IN_BYTES_PER_UID) */
         double tokens;
         uint64_t refill_usec;
         struct ab_uid_slot *next;
@@ -76,6 +78,7 @@ struct ab_conn {
         ab_peer peer;
         ab_uid_slot *uslot;
         ab_frame in;
+        size_t in_counted;      /* in.cap as counted in uslot->in_bytes and m->in_bytes */
         char *out;
         size_t out_len, out_off, out_cap;
         uint64_t last_active;   /* monotonic usec */
@@ -111,6 +114,7 @@ struct ab_manager {
         sd_event_source *sigterm, *sigint, *exit_timer;
         ab_conn *conns;
         unsigned n_conns;
+        size_t in_bytes;          /* input buffers of all connections */
         ab_uid_slot *uids;
         int state_fd;
         ab_store *store;
