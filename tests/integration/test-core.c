@@ -739,10 +739,14 @@ static void test_unfinished_input_capped(void **state)
         }
         fprintf(stderr, "unfinished input: %u of %d connections refused (LimitReached), %u left waiting; "
                         "broker VmRSS %ld -> %ld kB\n", refused, N, open_left, rss0, rss1);
+        free(blob);
         assert_true(refused > 0);
         assert_true(open_left > 0);
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+        (void)rss0; /* the broker's RSS counts the sanitizer's shadow and quarantine: refused > 0 is the check here */
+#else
         assert_true(rss1 - rss0 < 32 * 1024);
-        free(blob);
+#endif
         c = hx_connect(b, b->sock);
         assert_token_works(c);
 }
