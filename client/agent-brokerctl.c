@@ -78,7 +78,8 @@ static void usage(FILE *f)
                 "\n"
                 "Exit status: 0 success; 1 denied by the broker (reason on stderr),\n"
                 "or an inactive token for introspect;\n"
-                "2 bad usage; 3 broker unreachable, or its socket refuses this user (permission denied);\n"
+                "2 bad usage (also a value the broker refuses as invalid);\n"
+                "3 broker unreachable, or its socket refuses this user (permission denied);\n"
                 "4 any other error.\n",
                 AB_DEFAULT_SOCKET, AB_DEFAULT_ADMIN_SOCKET);
 }
@@ -98,11 +99,16 @@ int ctl_fail(ab_client *c, int r, const char *what)
 {
         const char *name = c ? ab_client_error_name(c) : "";
         const char *msg = c ? ab_client_error_message(c) : "";
+        const char *dot = strrchr(name, '.');
 
         if (*name)
                 fprintf(stderr, "agent-brokerctl: %s: %s%s%s\n", what, name, *msg ? ": " : "", msg);
         else
                 fprintf(stderr, "agent-brokerctl: %s: %s\n", what, ab_strerror(r));
+        /* the broker refused what was given on the command line (a cut-off too far ahead,
+         * an overlap too short, a malformed jti): bad usage, not an internal failure */
+        if ((r == AB_ERR_REMOTE || r == AB_ERR_DENIED) && dot && strcmp(dot, ".InvalidParameter") == 0)
+                return EXIT_USAGE;
         return ctl_exit_for(r);
 }
 
@@ -296,7 +302,9 @@ static int cmd_keys_rotate(const opts *o, int argc, char **argv)
                         json_object_set_new(params, "overlap", json_integer(v));
                         i++;
                 } else {
-                        fprintf(stderr, "agent-brokerctl: keys rotate [--overlap SECONDS [--force]] [--json]\n");
+                        if (strcmp(argv[i], "--overlap") != 0 || i + 1 >= argc) /* parse_uint_arg said why */
+                                fprintf(stderr, "agent-brokerctl: usage: keys rotate [--overlap SECONDS [--force]] "
+                                                "[--json]\n");
                         json_decref(params);
                         return EXIT_USAGE;
                 }
@@ -427,6 +435,10 @@ static int cmd_call(const opts *o, int argc, char **argv)
                         admin = true;
                         continue;
                 }
+                if (n == 0 && argv[i][0] == '-') { /* a method name never starts with '-' */
+                        fprintf(stderr, "agent-brokerctl call: unrecognized option '%s'\n", argv[i]);
+                        return EXIT_USAGE;
+                }
                 if (n == 2) {
                         n = 3;
                         break;
@@ -503,6 +515,13 @@ static int cmd_policy_check(int argc, char **argv)
                 json_decref(co.findings);
                 return EXIT_USAGE;
         }
+        for (int k = i; k < argc; k++)
+                if (argv[k][0] == '-' && argv[k][1]) { /* an option here is a mistake, not a file name */
+                        fprintf(stderr, "agent-brokerctl policy check: unrecognized option '%s' (--json comes first)\n",
+                                argv[k]);
+                        json_decref(co.findings);
+                        return EXIT_USAGE;
+                }
         if (ab_policy_new(&p) < 0)
                 return EXIT_ERROR;
         for (; i < argc; i++) {
@@ -1184,13 +1203,19 @@ int main(int argc, char **argv)
                         return EXIT_USAGE;
                 }
         }
+        opterr = 1; /* the commands' own getopt_long calls name a bad option on stderr */
         if (optind >= argc) {
                 fprintf(stderr, "agent-brokerctl: no command given; see agent-brokerctl --help\n");
                 return EXIT_USAGE;
         }
         for (size_t i = 0; i < AB_ARRAY_SIZE(cmds); i++)
-                if (strcmp(argv[optind], cmds[i].name) == 0)
+                if (strcmp(argv[optind], cmds[i].name) == 0) {
+                        /* getopt_long's messages name the program by argv[0]: "agent-brokerctl token: ..." */
+                        char prog[64];
+                        snprintf(prog, sizeof prog, "agent-brokerctl %s", cmds[i].name);
+                        argv[optind] = prog;
                         return cmds[i].fn(&o, argc - optind, argv + optind);
+                }
         fprintf(stderr, "agent-brokerctl: unknown command \"%s\"; see --help\n", argv[optind]);
         return EXIT_USAGE;
 }

@@ -361,8 +361,10 @@ int cmd_audit(const opts *o, int argc, char **argv)
         bool as_json = false;
         int c;
 
-        if (argc > 1 && strcmp(argv[1], "verify") == 0)
+        if (argc > 1 && strcmp(argv[1], "verify") == 0) {
+                argv[1] = (char *)"agent-brokerctl audit verify"; /* getopt_long's messages name it */
                 return cmd_audit_verify(o, argc - 1, argv + 1);
+        }
         optind = 0;
         while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
                 switch (c) {

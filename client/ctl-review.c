@@ -942,7 +942,7 @@ int cmd_review(const opts *o, int argc, char **argv)
                         break;
                 }
                 case 'h': review_help(stdout); return EXIT_OK;
-                default: review_help(stderr); return EXIT_USAGE;
+                default: return EXIT_USAGE; /* getopt_long said why, in one line */
                 }
         }
         if (optind != argc || (as_json && as_csv)) {
@@ -1610,7 +1610,7 @@ int cmd_coverage(const opts *o, int argc, char **argv)
                 case 'p': policy = optarg; break;
                 case 'j': as_json = true; break;
                 case 'h': coverage_help(stdout); return EXIT_OK;
-                default: coverage_help(stderr); return EXIT_USAGE;
+                default: return EXIT_USAGE; /* getopt_long said why, in one line */
                 }
         }
         if (optind != argc) {

@@ -331,29 +331,60 @@ static void check_synopses(const char *what, char **entries, size_t n)
 static void test_usage_errors_are_one_line(void **state)
 {
         hx_broker *b = *state;
-        static const char *const cases[][3] = {
+        static const char *const cases[][4] = {
                 { "--bogus", "status", NULL }, { "--socket", NULL, NULL }, { "-x", NULL, NULL },
                 { NULL, NULL, NULL }, { "nosuchcommand", NULL, NULL }, { "--timeout", "0", "status" },
+                /* each command's own options (getopt_long names the option) */
+                { "token", "--audience", "x", "--bogus" }, { "token", "--audience", NULL },
+                { "keys", "--bogus", NULL }, { "keys", "rotate", "--zzz" }, { "keys", "rotate", "--overlap", "abc" },
+                { "introspect", "--bogus", NULL }, { "introspect", "--max-auth-age", NULL },
+                { "sessions", "--bogus", NULL }, { "revoke", "--bogus", NULL }, { "revoke", "--jti", NULL },
+                { "attenuate", "--bogus", NULL }, { "exec", "--bogus", NULL }, { "audit", "--bogus", NULL },
+                { "audit", "verify", "--bogus" }, { "audit", "verify", "--file" }, { "review", "--bogus", NULL },
+                { "coverage", "--bogus", NULL }, { "whoami", "--bogus", NULL }, { "authenticate", "--bogus", NULL },
+                { "policy", "check", "--bogus" }, { "keygen", "--bogus", NULL }, { "call", "--bogus", NULL },
         };
         char ctl[PATH_MAX];
 
         assert_int_equal(hx_build_path("agent-brokerctl", ctl, sizeof ctl), 0);
         (void)b;
         for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-                char *argv[5] = { ctl };
+                char *argv[6] = { ctl };
                 hx_run_result res;
                 size_t n = 1, lines = 0;
-                for (size_t k = 0; k < 3 && cases[i][k]; k++)
+                for (size_t k = 0; k < 4 && cases[i][k]; k++)
                         argv[n++] = (char *)cases[i][k];
                 assert_int_equal(hx_run(argv, NULL, -1, 10000, &res), 0);
                 for (const char *p = res.err; *p; p++)
                         lines += *p == '\n';
                 if (res.exit_code != 2 || lines != 1 || res.out[0])
-                        fprintf(stderr, "case %zu: exit %d, stderr %zu lines:\n%s", i, res.exit_code, lines, res.err);
+                        fprintf(stderr, "case %zu (%s %s %s): exit %d, stderr %zu lines:\n%s", i,
+                                cases[i][0] ? cases[i][0] : "", cases[i][1] ? cases[i][1] : "",
+                                cases[i][2] ? cases[i][2] : "", res.exit_code, lines, res.err);
                 assert_int_equal(res.exit_code, 2);
                 assert_int_equal(lines, 1);
                 assert_string_equal(res.out, "");
                 hx_run_result_done(&res);
+        }
+
+        /* what the broker refuses as invalid (InvalidParameter) is bad usage too, not "any other error" */
+        start(b);
+        {
+                static const char *const refused[][5] = {
+                        { "revoke", "--jti", "AAAA", NULL },
+                        { "revoke", "--before", "2099-01-01T00:00:00Z", NULL },
+                        { "keys", "rotate", "--overlap", "10", NULL },
+                };
+                for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+                        hx_run_result res;
+                        assert_int_equal(hx_ctlv(b, -1, refused[i], 10000, &res), 0);
+                        if (res.exit_code != 2 || !strstr(res.err, "InvalidParameter"))
+                                fprintf(stderr, "%s %s %s: exit %d: %s", refused[i][0], refused[i][1], refused[i][2],
+                                        res.exit_code, res.err);
+                        assert_int_equal(res.exit_code, 2);
+                        assert_non_null(strstr(res.err, "InvalidParameter"));
+                        hx_run_result_done(&res);
+                }
         }
 }
 
