@@ -107,6 +107,9 @@ $(B)/tests/test-%: tests/unit/test-%.c $(BROKER_LIB_OBJ) $(B)/libagentbroker.a
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) $(LDFLAGS) -o $@ $^ $(TEST_LIBS)
 
+# test-token-call scans what the library frees for copies of a token
+$(B)/tests/test-token-call: TEST_LIBS += -Wl,--wrap=free
+
 $(B)/tests/test-%: tests/integration/test-%.c tests/integration/harness.c tests/integration/harness.h $(B)/libagentbroker.a
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) $(LDFLAGS) -o $@ $(filter %.c %.a,$^) $(TEST_LIBS)

@@ -13,7 +13,9 @@
 #include <unistd.h>
 #include <sodium.h>
 #include "agentbroker.h"
+#include "client-internal.h"
 #include "../common/frame.h"
+#include "../common/jwt.h"
 #include "../common/util.h"
 #include "../common/varlink.h"
 
@@ -186,33 +188,29 @@ static int recv_message(ab_client *c, const char **ret_msg, size_t *ret_len, int
         }
 }
 
-/* Call with already-built params (stolen); on success *ret_params is a new reference. */
-static int call_json(ab_client *c, const char *method, json_t *params, json_t **ret_params)
+/*
+ * Send the call msg[0..len) (len counts its NUL; the caller owns, wipes
+ * and frees msg) and read the reply; on success *ret_params is a new
+ * reference.
+ */
+static int call_message(ab_client *c, const char *msg, size_t len, json_t **ret_params)
 {
         json_t *reply = NULL, *reason;
-        char *msg = NULL, *err = NULL;
+        char *err = NULL;
         const char *in;
-        size_t len = 0, inlen = 0;
+        size_t inlen = 0;
         int64_t deadline;
         int r;
 
         set_error(c, NULL, NULL);
         if (c->broken) {
-                json_decref(params);
                 set_error(c, NULL, "the connection failed earlier; reconnect");
                 return AB_ERR_CLOSED;
         }
-        r = ab_vl_encode_call(method, params, &msg, &len);
-        if (r < 0)
-                return r;
-        if (len - 1 > AB_MAX_MESSAGE) {
-                free(msg);
+        if (len - 1 > AB_MAX_MESSAGE)
                 return AB_ERR_TOO_LARGE;
-        }
         deadline = mono_ms() + c->timeout_ms;
         r = send_all(c, msg, len, deadline);
-        sodium_memzero(msg, len); /* requests may hold tokens */
-        free(msg);
         /* a broker that refuses us (rate limit, too many connections)
          * writes its reason and closes: read it even if our send failed */
         if (r == 0 || r == AB_ERR_CLOSED) {
@@ -243,6 +241,112 @@ static int call_json(ab_client *c, const char *method, json_t *params, json_t **
         }
         *ret_params = reply;
         return 0;
+}
+
+/* Call with already-built params (stolen); on success *ret_params is a new reference. */
+static int call_json(ab_client *c, const char *method, json_t *params, json_t **ret_params)
+{
+        char *msg = NULL;
+        size_t len = 0;
+        int r;
+
+        set_error(c, NULL, NULL);
+        if (c->broken) {
+                json_decref(params);
+                set_error(c, NULL, "the connection failed earlier; reconnect");
+                return AB_ERR_CLOSED;
+        }
+        r = ab_vl_encode_call(method, params, &msg, &len);
+        if (r < 0)
+                return r;
+        r = call_message(c, msg, len, ret_params);
+        sodium_memzero(msg, len); /* requests may hold tokens */
+        free(msg);
+        return r;
+}
+
+/* Appends n bytes of s to buf[0..max) at *len, or false when they do not fit. */
+static bool put(char *buf, size_t max, size_t *len, const char *s, size_t n)
+{
+        if (n > max - *len)
+                return false;
+        memcpy(buf + *len, s, n);
+        *len += n;
+        return true;
+}
+
+#define PUT(s) put(buf, max, &len, s, sizeof(s) - 1)
+
+int ab_encode_token_call(const char *method, const char *token, const json_t *params, char *buf, size_t max,
+                         size_t *ret_len)
+{
+        size_t len = 0, tlen = 0, n;
+
+        if (!method || !ab_vl_valid_qualified_name(method) || !buf || !ret_len ||
+            (params && (!json_is_object(params) || json_object_get(params, "token"))))
+                return AB_ERR_INVALID;
+        if (token) {
+                tlen = strnlen(token, AB_JWT_MAX + 1);
+                if (tlen == 0)
+                        return AB_ERR_INVALID;
+                if (tlen > AB_JWT_MAX)
+                        return AB_ERR_TOO_LARGE;
+                for (size_t i = 0; i < tlen; i++) {
+                        unsigned char ch = (unsigned char)token[i];
+                        if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
+                              ch == '-' || ch == '_' || ch == '.'))
+                                return AB_ERR_INVALID; /* nothing that JSON would need escaped */
+                }
+        }
+        /* a qualified name is [A-Za-z0-9.-]: no escaping either */
+        if (!PUT("{\"method\":\"") || !put(buf, max, &len, method, strlen(method)) || !PUT("\",\"parameters\":"))
+                return AB_ERR_TOO_LARGE;
+        if (token && (!PUT("{\"token\":\"") || !put(buf, max, &len, token, tlen) || !PUT("\"")))
+                return AB_ERR_TOO_LARGE;
+        if (params) {
+                /* "{...}" written in place, then joined to the token's object */
+                n = ab_json_dumpb(params, buf + len, max - len);
+                if (n < 2)
+                        return AB_ERR_INVALID;
+                if (n > max - len)
+                        return AB_ERR_TOO_LARGE;
+                if (token && n == 2) {
+                        buf[len] = '}'; /* "{}": the token's object just ends */
+                        n = 1;
+                } else if (token)
+                        buf[len] = ','; /* "{...}": its members follow the token */
+                len += n;
+        } else if (!(token ? PUT("}") : PUT("{}")))
+                return AB_ERR_TOO_LARGE;
+        if (!PUT("}") || !put(buf, max, &len, "", 1) || len - 1 > AB_MAX_MESSAGE)
+                return AB_ERR_TOO_LARGE;
+        *ret_len = len;
+        return 0;
+}
+
+#undef PUT
+
+int ab_client_call_token(ab_client *c, const char *method, const char *token, const json_t *params,
+                         json_t **ret_params)
+{
+        const size_t max = AB_MAX_MESSAGE + 1;
+        char *buf;
+        size_t len = 0;
+        int r;
+
+        if (!c || !ret_params)
+                return AB_ERR_INVALID;
+        buf = malloc(max); /* never grown: realloc would leave a copy behind */
+        if (!buf)
+                return -ENOMEM;
+        r = ab_encode_token_call(method, token, params, buf, max, &len);
+        if (r == 0)
+                r = call_message(c, buf, len, ret_params);
+        else
+                set_error(c, NULL, NULL);
+        sodium_memzero(buf, max); /* all of it: a failed encoding may have written past len */
+        free(buf);
+        return r;
 }
 
 static int dump(json_t *v, char **ret)

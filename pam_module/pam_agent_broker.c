@@ -7,7 +7,11 @@
  * maps the answer to a PAM code. Every decision, and the audit record of
  * it, is the broker's. The module keeps no global state, installs no signal
  * handler, never exits, opens its socket O_CLOEXEC and closes it before
- * returning, and wipes every copy of the token it makes.
+ * returning, and wipes every copy of the token it makes. The token never
+ * passes through jansson, whose copies are freed unwiped: the client
+ * library writes it into the request text in a buffer of its own, wiped
+ * after sending (ab_client_call_token), and the replies carry claims, not
+ * the token.
  *
  * Between the stages of one PAM handle the accepted token and the PAM
  * session id travel as pam_set_data() items, wiped when libpam drops them.
@@ -24,6 +28,7 @@
 #include <security/pam_ext.h>
 #include <security/pam_modules.h>
 #include "../client/agentbroker.h"
+#include "../client/client-internal.h"
 #include "../common/jwt.h"
 #include "args.h"
 
@@ -138,15 +143,15 @@ static void wipe_cleanup(pam_handle_t *pamh, void *data, int status)
 
 /*
  * One call to the broker, bounded as a whole (connect and reply) by
- * timeout_ms. params is stolen. 0 with *ret_reply (a new reference), or a
+ * timeout_ms: the parameters are token (NULL: none) and params (stolen,
+ * never holding the token). 0 with *ret_reply (a new reference), or a
  * negative AB_ERR_* code with x->error naming the varlink error if there
- * was one. Every buffer that held the request is wiped.
+ * was one. The library wipes the buffer that held the request.
  */
-static int broker_call(ctx *x, const char *method, json_t *params, json_t **ret_reply)
+static int broker_call(ctx *x, const char *method, const char *token, json_t *params, json_t **ret_reply)
 {
         const char *path = x->args.socket[0] ? x->args.socket : AB_DEFAULT_SOCKET;
         ab_client *c = NULL;
-        char *text = NULL, *reply_text = NULL;
         json_t *reply = NULL;
         struct timespec t0, t1;
         long long left;
@@ -154,10 +159,6 @@ static int broker_call(ctx *x, const char *method, json_t *params, json_t **ret_
 
         x->error[0] = 0;
         if (!params)
-                return -ENOMEM;
-        text = json_dumps(params, JSON_COMPACT);
-        json_decref(params);
-        if (!text)
                 return -ENOMEM;
         clock_gettime(CLOCK_MONOTONIC, &t0);
         r = ab_client_connect(path, x->args.timeout_ms, &c);
@@ -168,20 +169,13 @@ static int broker_call(ctx *x, const char *method, json_t *params, json_t **ret_
                 r = left > 0 ? ab_client_set_timeout(c, (int)left) : AB_ERR_TIMEOUT;
         }
         if (r == 0)
-                r = ab_client_call(c, method, text, &reply_text);
+                r = ab_client_call_token(c, method, token, params, &reply);
+        json_decref(params);
         if (r < 0)
                 snprintf(x->error, sizeof x->error, "%s", ab_client_error_name(c));
         ab_client_free(c);
-        sodium_memzero(text, strlen(text));
-        free(text);
         if (r < 0)
                 return r;
-        reply = json_loads(reply_text, 0, NULL);
-        ab_token_free(reply_text);
-        if (!json_is_object(reply)) {
-                json_decref(reply);
-                return AB_ERR_PROTOCOL;
-        }
         *ret_reply = reply;
         return 0;
 }
@@ -212,14 +206,14 @@ static int introspect(ctx *x, const char *token, const char *user)
         json_t *params, *reply = NULL, *v;
         int r;
 
-        params = json_pack("{s:s, s:s, s:s, s:s, s:s}", "token", token, "audience", x->audience, "scope",
-                           x->args.scope, "user", user, "service", x->asking);
+        params = json_pack("{s:s, s:s, s:s, s:s}", "audience", x->audience, "scope", x->args.scope, "user", user,
+                           "service", x->asking);
         if (params && x->args.max_auth_age > 0 &&
             json_object_set_new(params, "max_auth_age", json_integer(x->args.max_auth_age)) < 0) {
                 json_decref(params);
                 params = NULL;
         }
-        r = broker_call(x, M_INTROSPECT, params, &reply);
+        r = broker_call(x, M_INTROSPECT, token, params, &reply);
         if (r < 0)
                 return r;
         v = json_object_get(reply, "active");
@@ -420,13 +414,13 @@ PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, cons
                 return PAM_SESSION_ERR;
         tty = item_to_send(pamh, PAM_TTY);
         rhost = item_to_send(pamh, PAM_RHOST);
-        params = json_pack("{s:s, s:s, s:s}", "token", (const char *)token, "service", x.service, "user", user);
+        params = json_pack("{s:s, s:s}", "service", x.service, "user", user);
         if (params && ((tty && json_object_set_new(params, "tty", json_string(tty)) < 0) ||
                        (rhost && json_object_set_new(params, "rhost", json_string(rhost)) < 0))) {
                 json_decref(params);
                 params = NULL;
         }
-        r = broker_call(&x, M_OPEN, params, &reply);
+        r = broker_call(&x, M_OPEN, token, params, &reply);
         if (r < 0) {
                 log_call_failure(&x, "cannot record the PAM session", r);
                 return PAM_SESSION_ERR;
@@ -461,7 +455,7 @@ PAM_EXTERN int pam_sm_close_session(pam_handle_t *pamh, int flags, int argc, con
         r = ctx_init(&x, pamh, argc, argv);
         if (r != PAM_SUCCESS)
                 return r;
-        r = broker_call(&x, M_CLOSE, json_pack("{s:s}", "id", (const char *)id), &reply);
+        r = broker_call(&x, M_CLOSE, NULL, json_pack("{s:s}", "id", (const char *)id), &reply);
         if (r < 0) {
                 log_call_failure(&x, "cannot close the PAM session record", r);
                 return PAM_SESSION_ERR;
