@@ -136,6 +136,17 @@ PC=$ROOT$LIBDIR/pkgconfig/agentbroker.pc
 grep -qx "libdir=$LIBDIR" "$PC" && grep -qx "includedir=/usr/include" "$PC" || fail "agentbroker.pc has the wrong paths: $(cat "$PC")"
 ok "libagentbroker in $LIBDIR, agentbroker.h, agentbroker.pc"
 
+# The library package's symbols and shlibs: every symbol the library exports,
+# with a version, so that dpkg-shlibdeps gives dependants the right minimum.
+LIBDEB=$(ls "$PKG_DIR"/deb/libagentbroker0_*.deb)
+SYMS=$(dpkg-deb -I "$LIBDEB" symbols) || fail "libagentbroker0 has no DEBIAN/symbols"
+head -1 <<<"$SYMS" | grep -qx 'libagentbroker.so.0 libagentbroker0 #MINVER#' || fail "symbols: wrong header: $(head -1 <<<"$SYMS")"
+exported=$(objdump -T "$ROOT$LIBDIR/libagentbroker.so.0" | awk '$2 == "g" && $(NF-1) ~ /^AGENTBROKER_/ { print $NF "@" $(NF-1) }' | sort)
+listed=$(sed -n 's/^ \([^ ]*\) .*/\1/p' <<<"$SYMS" | sort)
+[ -n "$exported" ] && [ "$exported" = "$listed" ] || fail "symbols file and library differ: $(diff <(echo "$listed") <(echo "$exported") | tr '\n' ' ')"
+dpkg-deb -I "$LIBDEB" shlibs | grep -qx 'libagentbroker 0 libagentbroker0 (>= 0.1.0)' || fail "libagentbroker0 has no versioned shlibs"
+ok "libagentbroker0: symbols ($(wc -l <<<"$listed") symbols) and shlibs"
+
 # Configuration: broker.conf a conffile; policy.d and trusted-keys present.
 [ -f "$ROOT/etc/agent-broker/broker.conf" ] && [ -d "$ROOT/etc/agent-broker/policy.d" ] && \
         [ -d "$ROOT/etc/agent-broker/trusted-keys" ] || fail "/etc/agent-broker incomplete"
