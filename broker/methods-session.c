@@ -69,6 +69,19 @@ static json_t *session_reply(const ab_session *s, const ab_agent *a, int64_t now
         return j;
 }
 
+/*
+ * A new session would begin before the host-wide revocation cut-off (in the
+ * second of `revoke --before now`, or up to 60 s of one set ahead): none is
+ * opened, and the caller may retry; a process is not bound for life to a
+ * session revoked at birth.
+ */
+#define CUTOFF_REASON "no session is opened before the host-wide revocation cut-off"
+
+static void cutoff_pending(ab_conn *c)
+{
+        ab_conn_error(c, "io.agentbroker.RateLimited", CUTOFF_REASON "; retry shortly", NULL);
+}
+
 static void audit_session(ab_conn *c, const char *event, const char *decision, const char *reason,
                           const ab_identity *id, const ab_agent *a, const ab_session *s, json_t *fields)
 {
@@ -93,7 +106,12 @@ int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a,
                 return 0;
         case AB_SESSION_NONE:
                 r = ab_session_authenticate(c->m->store, id, a, now, ret, &created);
-                if (r < 0 && !(r == -EPERM && created)) {
+                if (r == -EAGAIN) {
+                        cutoff_pending(c);
+                        audit_session(c, "token.denied", "deny", CUTOFF_REASON, id, a, NULL, deny_fields);
+                        return -1;
+                }
+                if (r < 0) {
                         store_error(c, r, "cannot open a session");
                         audit_session(c, "token.denied", "deny", "cannot open a session", id, a, NULL, deny_fields);
                         return -1;
@@ -101,13 +119,6 @@ int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a,
                 ab_log(LOG_INFO, "session %s opened for agent %s pid %d uid %u", ret->sid, a->id, (int)id->pid,
                        (unsigned)id->uid);
                 audit_session(c, "session.opened", "grant", NULL, id, a, ret, NULL);
-                if (r == -EPERM) { /* opened in the second of a host-wide cut-off: revoked at birth */
-                        snprintf(reason, sizeof reason,
-                                 "session %s was opened before the host-wide revocation cut-off", ret->sid);
-                        audit_session(c, "token.denied", "deny", reason, id, a, ret, deny_fields);
-                        ab_conn_error(c, "io.agentbroker.SessionRevoked", reason, json_pack("{s:s}", "sid", ret->sid));
-                        return -1;
-                }
                 return 0;
         case AB_SESSION_NEED_REAUTH:
                 if (strcmp(ret->sha256, id->sha256) != 0 || strcmp(ret->agent, a->id) != 0)
@@ -169,6 +180,11 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
                 return;
         now = ab_manager_now(c->m);
         r = ab_session_authenticate(c->m->store, &id, a, now, &s, &created);
+        if (r == -EAGAIN) {
+                cutoff_pending(c);
+                audit_session(c, "session.reauthenticated", "deny", CUTOFF_REASON, &id, a, NULL, NULL);
+                return;
+        }
         if (r < 0 && r != -EPERM) {
                 store_error(c, r, "cannot record the session");
                 return;
@@ -180,11 +196,7 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
         }
         if (r == -EPERM) {
                 char reason[160];
-                /* a new session opened in the second of a host-wide cut-off is revoked at birth */
-                snprintf(reason, sizeof reason,
-                         created ? "session %s was opened before the host-wide revocation cut-off"
-                                 : "session %s of this process was revoked",
-                         s.sid);
+                snprintf(reason, sizeof reason, "session %s of this process was revoked", s.sid);
                 audit_session(c, "session.reauthenticated", "deny", reason, &id, a, &s, NULL);
                 ab_conn_error(c, "io.agentbroker.SessionRevoked", reason, json_pack("{s:s}", "sid", s.sid));
                 return;
@@ -237,13 +249,14 @@ static int introspect_token(ab_conn *c, json_t *p, bool request_checks, ab_intro
         ab_introspect_req req = {
                 .token = json_string_value(tok),
                 .token_len = json_string_length(tok),
+                .max_auth_age = -1,
         };
         if (request_checks) {
                 json_t *age = json_object_get(p, "max_auth_age");
                 req.audience = json_string_value(json_object_get(p, "audience"));
                 req.scope = json_string_value(json_object_get(p, "scope"));
                 req.user = json_string_value(json_object_get(p, "user"));
-                req.max_auth_age = json_is_integer(age) ? json_integer_value(age) : 0;
+                req.max_auth_age = json_is_integer(age) ? json_integer_value(age) : -1;
         }
         int r = ab_introspect(c->m->store, c->m->signer, c->m->policy, &req, ab_manager_now(c->m), res);
         if (r < 0) {
@@ -357,7 +370,7 @@ void ab_m_introspect(ab_conn *c, ab_vl_call *call)
                 .audience = json_string_value(json_object_get(p, "audience")),
                 .scope = json_string_value(json_object_get(p, "scope")),
                 .user = json_string_value(json_object_get(p, "user")),
-                .max_auth_age = json_is_integer(age) ? json_integer_value(age) : 0,
+                .max_auth_age = json_is_integer(age) ? json_integer_value(age) : -1,
         };
         if (!ab_introspect_prepare(c->m->signer, &j->req, &j->sig, &res)) {
                 free(j);
@@ -847,6 +860,8 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
                 { "user", P_STRING, true, AB_USER_MAX, 0, 0 },
                 { "tty", P_STRING, false, 256, 0, 0 },
                 { "rhost", P_STRING, false, 256, 0, 0 },
+                { "audience", P_STRING, false, AB_AUDIENCE_MAX, 0, 0 },
+                { "scope", P_STRING, false, AB_SCOPE_MAX, 0, 0 },
                 { 0 },
         };
         json_t *p = call->parameters;
@@ -860,6 +875,21 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
                 return;
         }
+        /* A login is recorded only for a token that would log in to this service: its audience
+         * (pam:SERVICE unless the module names another pam: one) and scope (login unless named),
+         * as pam_sm_authenticate's Introspect asked. Any other active token would let its holder
+         * write made-up logins into the trail. */
+        if (json_object_get(p, "audience") && strncmp(json_string_value(json_object_get(p, "audience")), "pam:", 4) != 0) {
+                ab_invalid_param(c, "audience", "a PAM session is recorded only for a token of a pam: audience");
+                return;
+        }
+        if (!json_object_get(p, "audience")) {
+                char aud[AB_SERVICE_MAX + 8];
+                snprintf(aud, sizeof aud, "pam:%s", json_string_value(json_object_get(p, "service")));
+                json_object_set_new(p, "audience", json_string(aud));
+        }
+        if (!json_object_get(p, "scope"))
+                json_object_set_new(p, "scope", json_string("login"));
         if (introspect_token(c, p, true, &res) < 0)
                 return;
         if (!res.active) {

@@ -73,7 +73,7 @@ static const char interface_description[] =
         "\n"
         "# Record a PAM session opened with an active token (pam_agent_broker.so).\n"
         "method OpenPamSession(token: string, service: string, user: string, tty: ?string,\n"
-        "  rhost: ?string) -> (id: string)\n"
+        "  rhost: ?string, audience: ?string, scope: ?string) -> (id: string)\n"
         "method ClosePamSession(id: string) -> ()\n"
         "\n"
         "error NotAnAgent (reason: string)\n"

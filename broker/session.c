@@ -228,14 +228,17 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
         if (r < 0)
                 return r;
         if (*ret_new) {
-                /* opened before the host-wide cut-off (in its own second, after
-                 * the sweep): revoked at birth, so revoke --before fails closed */
+                /* Before the host-wide cut-off (in its own second, after the sweep,
+                 * or while a cut-off up to 60 s ahead is pending): no session is
+                 * opened, so revoke --before fails closed without binding a revoked
+                 * session to a process that only came a little early. */
                 const void *b;
                 size_t bl;
                 if (ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &b, &bl) == 0 && bl == 8 &&
                     cur.created < (int64_t)get_be64(b)) {
-                        cur.state = AB_SESSION_REVOKED;
-                        cur.revoked_at = now;
+                        ab_txn_abort(t);
+                        *ret_new = false;
+                        return -EAGAIN;
                 }
         }
         r = store_session(t, &cur);
@@ -572,9 +575,9 @@ int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introsp
         if (req->scope && !scope_has(scope, req->scope))
                 return inactive(res, "scope_missing");
         g = grant_for(a, aud, scope);
-        if (g && g->max_auth_age && (max_age <= 0 || (int64_t)g->max_auth_age < max_age))
+        if (g && g->max_auth_age && (max_age < 0 || (int64_t)g->max_auth_age < max_age))
                 max_age = g->max_auth_age;
-        if (max_age > 0 && now - auth_time > max_age)
+        if (max_age >= 0 && now - auth_time > max_age)
                 return inactive(res, "auth_too_old");
         if (req->user && !user_allowed(g, &res->session, req->user))
                 return inactive(res, "user_not_allowed");

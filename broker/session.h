@@ -107,7 +107,7 @@ typedef struct ab_introspect_req {
         size_t token_len;
         const char *audience;  /* NULL: any */
         const char *scope;     /* NULL: none required */
-        int64_t max_auth_age;  /* <= 0: none */
+        int64_t max_auth_age;  /* < 0: none; 0: authenticated within this second */
         const char *user;      /* NULL: no user check */
 } ab_introspect_req;
 

@@ -58,8 +58,10 @@ void ab_pam_args_parse(int argc, const char **argv, ab_pam_args *ret, ab_pam_arg
                         if (v[0] != '/' || !copy_value(ret->socket, sizeof ret->socket, v))
                                 bad = "not an absolute socket path that fits sun_path";
                 } else if ((v = value_of(a, "audience"))) {
-                        if (!copy_value(ret->audience, sizeof ret->audience, v))
-                                bad = "empty, too long or with control characters";
+                        /* the broker records PAM sessions only for pam: audiences: a token for an
+                         * API must not log anyone in */
+                        if (strncmp(v, "pam:", 4) != 0 || !copy_value(ret->audience, sizeof ret->audience, v))
+                                bad = "not a pam: audience (empty, too long or with control characters)";
                 } else if ((v = value_of(a, "scope"))) {
                         if (strchr(v, ' ') || !copy_value(ret->scope, sizeof ret->scope, v))
                                 bad = "not one scope (empty, too long, spaces or control characters)";

@@ -414,7 +414,9 @@ PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, cons
                 return PAM_SESSION_ERR;
         tty = item_to_send(pamh, PAM_TTY);
         rhost = item_to_send(pamh, PAM_RHOST);
-        params = json_pack("{s:s, s:s}", "service", x.service, "user", user);
+        /* the broker checks the token again for this service's audience and scope, as pam_sm_authenticate asked */
+        params = json_pack("{s:s, s:s, s:s, s:s}", "service", x.service, "user", user, "audience", x.audience, "scope",
+                           x.args.scope);
         if (params && ((tty && json_object_set_new(params, "tty", json_string(tty)) < 0) ||
                        (rhost && json_object_set_new(params, "rhost", json_string(rhost)) < 0))) {
                 json_decref(params);

@@ -107,7 +107,7 @@ static int teardown(void **state)
 /*
  * test-agent (uid 0): git (repo:read, repo:write; max_ttl 600), tickets
  * (max_ttl 60, max_auth_age 30 s), pam:sshd (login, users alice and carol).
- * nobody-agent (uid 65534): git repo:read. session_json is the inside of
+ * nobody-agent (uid 65534): git repo:read, pam:su login. session_json is the inside of
  * test-agent's "session" object (NULL: defaults); depth < 0: default.
  */
 static void write_policy(hx_broker *b, const char *session_json, int depth)
@@ -134,7 +134,8 @@ static void write_policy(hx_broker *b, const char *session_json, int depth)
                      "  {\"id\": \"" NOBODY_AGENT "\", \"owner\": \"bob@example.com\",\n"
                      "   \"match\": {\"uid\": 65534},\n"
                      "   \"grants\": [\n"
-                     "     {\"audience\": \"" AUD_GIT "\", \"scopes\": [\"repo:read\"], \"max_ttl\": 600}]}]}\n",
+                     "     {\"audience\": \"" AUD_GIT "\", \"scopes\": [\"repo:read\"], \"max_ttl\": 600},\n"
+                     "     {\"audience\": \"pam:su\", \"scopes\": [\"login\"], \"max_ttl\": 300}]}]}\n",
                      sess, dep);
         assert_true(n > 0 && (size_t)n < sizeof policy);
         assert_int_equal(hx_broker_write_policy(b, policy), 0);
@@ -1577,7 +1578,8 @@ static void test_introspect_request_checks(void **state)
         assert_string_equal(verdict(c, x, NULL), "active"); /* the git grant has no max_auth_age */
         assert_string_equal(verdict(c, x, json_pack("{s:i}", "max_auth_age", 50)), "auth_too_old");
         assert_string_equal(verdict(c, x, json_pack("{s:i}", "max_auth_age", 200)), "active");
-        assert_string_equal(verdict(c, x, json_pack("{s:i}", "max_auth_age", 0)), "active"); /* 0: none */
+        /* 0 asks for an authentication within this second (it once meant "no limit": fail open) */
+        assert_string_equal(verdict(c, x, json_pack("{s:i}", "max_auth_age", 0)), "auth_too_old");
         free(x);
         json_decref(w);
 
@@ -1897,8 +1899,10 @@ static void test_revoke_before(void **state)
  * docs/protocol.md on admin Revoke(before): "revoke --before now sends the
  * next second, so everything issued up to the command is covered; for that
  * one second new tokens are refused too: fail closed", and "every session
- * opened before it" is revoked. A process that first asks in that second
- * must be refused, and stays refused after the second.
+ * opened before it" is revoked. A process that first asks in that second is
+ * refused with a retryable error (RateLimited) and no session is opened for
+ * it; after the second it opens a session like any new process (before, it
+ * was bound for life to a session revoked at birth).
  */
 static void test_revoke_before_same_second_fails_closed(void **state)
 {
@@ -1907,7 +1911,6 @@ static void test_revoke_before_same_second_fails_closed(void **state)
         agent_proc *p;
         json_t *r;
         long long t0, t1;
-        bool refused, refused_later;
 
         start_with(b, NULL, -1);
         for (int attempt = 0; attempt < 3; attempt++) {
@@ -1925,21 +1928,27 @@ static void test_revoke_before_same_second_fails_closed(void **state)
                         json_decref(r);
                         continue;
                 }
-                refused = hx_reply_error(r) != NULL;
-                if (!refused)
+                if (!hx_reply_error(r))
                         fprintf(stderr, "IssueToken in the cut-off second (before=%lld) granted a token, iat %lld\n",
                                 t0 + 1, claim_int(hx_reply_str(r, "token"), "iat"));
+                assert_non_null(hx_reply_error(r));
+                assert_string_equal(hx_reply_error(r), "io.agentbroker.RateLimited");
                 json_decref(r);
-                /* its session, if one was opened, was opened before the cut-off: revoked */
+                /* Authenticate in that second: the same, no session */
+                r = agent_rpc(p, "io.agentbroker.Authenticate", json_object());
+                if ((long long)time(NULL) == t0) {
+                        assert_non_null(hx_reply_error(r));
+                        assert_string_equal(hx_reply_error(r), "io.agentbroker.RateLimited");
+                }
+                json_decref(r);
+                /* after the cut-off: a new session and a token issued at or after it */
                 wait_wall(t0 + 2);
                 r = agent_rpc(p, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-                refused_later = hx_reply_error(r) != NULL;
-                if (!refused_later)
-                        fprintf(stderr, "after the cut-off, the session %s opened in the cut-off second is active\n",
-                                hx_reply_str(r, "sid"));
+                if (hx_reply_error(r))
+                        fprintf(stderr, "after the cut-off: %s\n", hx_reply_error(r));
+                assert_null(hx_reply_error(r));
+                assert_true(claim_int(hx_reply_str(r, "token"), "iat") >= t0 + 1);
                 json_decref(r);
-                assert_true(refused);
-                assert_true(refused_later);
                 return;
         }
         fail_msg("could not ask within the cut-off second in three tries");
@@ -1964,7 +1973,13 @@ static void test_other_uid_cannot_touch(void **state)
         snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
         json_decref(r);
         jti = claim(t, "jti");
-        r = expect_ok(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "sshd", "user", "root"));
+        {
+                /* a PAM record in the same session, with a token for the PAM audience */
+                char *tp = issue(c, AUD_PAM, "login", NULL, 0, NULL);
+                r = expect_ok(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", tp, "service", "sshd", "user",
+                                                       "alice"));
+                free(tp);
+        }
         snprintf(pam_id, sizeof pam_id, "%s", hx_reply_str(r, "id"));
         json_decref(r);
 
@@ -2500,7 +2515,7 @@ static void test_pam_sessions(void **state)
         hx_run_result_done(&res);
 
         /* nobody cannot close it; nobody's own record, root may close */
-        tn = issue_as(b, HX_NOBODY_UID, AUD_GIT, "repo:read", NULL);
+        tn = issue_as(b, HX_NOBODY_UID, "pam:su", "login", NULL);
         script_add(&sc, b->sock, M_PAM_CLOSE, jti_param("id", id));
         script_add(&sc, b->sock, M_PAM_OPEN,
                    json_pack("{s:s, s:s, s:s}", "token", tn, "service", "su", "user", "nobody"));
@@ -2532,6 +2547,32 @@ static void test_pam_sessions(void **state)
         ctl_expect(&res, 0);
         assert_null(strstr(res.out, id));
         hx_run_result_done(&res);
+
+        /* only a token for this service's login records one: not a token for an API (helper-23's finding:
+         * any active token wrote pam.opened records for any service), not by naming its audience */
+        {
+                char *tg = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
+                r = hx_rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", tg, "service", "sshd", "user", "root"));
+                hx_assert_error(r, E_INVALID_TOKEN);
+                assert_string_equal(hx_reply_str(r, "verdict"), "wrong_audience");
+                json_decref(r);
+                r = hx_rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s, s:s, s:s}", "token", tg, "service", "sshd", "user",
+                                                    "root", "audience", AUD_GIT, "scope", "repo:read"));
+                hx_assert_error(r, E_PARAM);
+                json_decref(r);
+                free(tg);
+                /* the PAM token for another service */
+                r = hx_rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "login", "user", "alice"));
+                hx_assert_error(r, E_INVALID_TOKEN);
+                assert_string_equal(hx_reply_str(r, "verdict"), "wrong_audience");
+                json_decref(r);
+                /* a scope the token lacks */
+                r = hx_rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s, s:s}", "token", t, "service", "sshd", "user",
+                                                    "alice", "scope", "sudo"));
+                hx_assert_error(r, E_INVALID_TOKEN);
+                assert_string_equal(hx_reply_str(r, "verdict"), "scope_missing");
+                json_decref(r);
+        }
 
         /* the PAM user must be one the token's grant allows (as Introspect's user) */
         r = hx_rpc(c, M_PAM_OPEN, json_pack("{s:s, s:s, s:s}", "token", t, "service", "sshd", "user", "bob"));
