@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: MIT */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -45,6 +46,7 @@ struct ab_audit {
         int fd;
         const ab_signer *signer;
         uint64_t max_size;
+        unsigned keep;        /* rotated files kept, 0: all (ab_audit_set_keep) */
         /* durable state */
         uint64_t size;        /* bytes of the file known durable */
         uint64_t seq;         /* seq of the last durable record */
@@ -432,17 +434,24 @@ static void drop_queue(ab_audit *a)
         }
 }
 
+/* The directory of path, into dir. */
+static void dir_of(const char *path, char *dir, size_t dirmax)
+{
+        const char *slash = strrchr(path, '/');
+
+        if (!slash)
+                snprintf(dir, dirmax, ".");
+        else
+                snprintf(dir, dirmax, "%.*s", (int)(slash == path ? 1 : slash - path), path);
+}
+
 /* Make a rename in the log's directory durable. */
 static void sync_dir(const char *path)
 {
         char dir[4200];
-        const char *slash = strrchr(path, '/');
         int fd;
 
-        if (!slash)
-                snprintf(dir, sizeof dir, ".");
-        else
-                snprintf(dir, sizeof dir, "%.*s", (int)(slash == path ? 1 : slash - path), path);
+        dir_of(path, dir, sizeof dir);
         fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (fd >= 0) {
                 (void)fsync(fd);
@@ -451,6 +460,98 @@ static void sync_dir(const char *path)
 }
 
 static int sync_once(ab_audit *a);
+
+static int cmp_desc(const void *x, const void *y)
+{
+        unsigned a = *(const unsigned *)x, b = *(const unsigned *)y;
+        return a < b ? 1 : a > b ? -1 : 0;
+}
+
+/*
+ * The k of every rotated file PATH.k in the log's directory, largest
+ * first. Only names the broker makes count: k decimal without a leading
+ * zero, at most 9 digits; anything else there (PATH.7.gz, PATH.new) is
+ * neither renamed nor deleted. -EDQUOT once more than max are found.
+ */
+static int list_rotated(const char *path, size_t max, unsigned **ret, size_t *ret_n)
+{
+        const char *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
+        size_t blen = strlen(base), n = 0, cap = 0, kl;
+        unsigned *ks = NULL;
+        const char *k;
+        char dir[4200];
+        struct dirent *de;
+        DIR *d;
+        int r = 0;
+
+        dir_of(path, dir, sizeof dir);
+        d = opendir(dir);
+        if (!d)
+                return -errno;
+        for (;;) {
+                errno = 0;
+                de = readdir(d);
+                if (!de) {
+                        r = -errno;
+                        break;
+                }
+                if (strncmp(de->d_name, base, blen) != 0 || de->d_name[blen] != '.')
+                        continue;
+                k = de->d_name + blen + 1;
+                kl = strlen(k);
+                if (kl == 0 || kl > 9 || k[0] == '0' || strspn(k, "0123456789") != kl)
+                        continue;
+                if (n == max) {
+                        r = -EDQUOT;
+                        break;
+                }
+                if (n == cap) {
+                        size_t nc = cap ? cap * 2 : 64;
+                        unsigned *g = realloc(ks, nc * sizeof *ks);
+                        if (!g) {
+                                r = -ENOMEM;
+                                break;
+                        }
+                        ks = g;
+                        cap = nc;
+                }
+                ks[n++] = (unsigned)strtoul(k, NULL, 10);
+        }
+        closedir(d);
+        if (r < 0) {
+                free(ks);
+                return r;
+        }
+        if (n > 1) /* none: ks is NULL, which qsort must not get */
+                qsort(ks, n, sizeof *ks, cmp_desc);
+        *ret = ks;
+        *ret_n = n;
+        return 0;
+}
+
+/*
+ * rename() that never replaces: an audit file already at to stays, and
+ * the rename fails with -EEXIST.
+ */
+static int move_noreplace(const char *from, const char *to)
+{
+        struct stat st;
+
+        if (renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE) == 0)
+                return 0;
+        if (errno != EINVAL && errno != ENOSYS)
+                return -errno;
+        /* a filesystem without RENAME_NOREPLACE: look first (the broker is the one writer here) */
+        if (lstat(to, &st) == 0)
+                return -EEXIST;
+        return rename(from, to) < 0 ? -errno : 0;
+}
+
+void ab_audit_set_keep(ab_audit *a, unsigned keep)
+{
+        if (a)
+                a->keep = keep;
+}
 
 /* A write or sync failed: keep the chain whole by forgetting what was not made durable. */
 static void cut_back(ab_audit *a)
@@ -467,20 +568,40 @@ static void cut_back(ab_audit *a)
  * first record audit.rotated durable), and only then renamed into place:
  * if any step fails (no inode, no space) this file stays current and
  * nothing is lost; rotation is tried again later.
+ *
+ * The rotated files shift up, PATH.k to PATH.k+1, largest k first so that
+ * no rename meets a name still taken (and none replaces a file). With
+ * --audit-keep N those that would pass PATH.N are deleted instead;
+ * keeping all (the default) nothing is ever deleted, and past
+ * AB_AUDIT_MAX_ROTATED files rotation stops: each one renames every file,
+ * on the event loop.
  */
 static int rotate(ab_audit *a)
 {
-        char from[4200], to[4200], fresh[4200], prev[65];
+        char from[4200], to[4200], next[4200], fresh[4200], prev[65], newest_drop[4200] = "", oldest_drop[4200] = "";
         int old_fd = a->fd, fd, r;
         uint64_t old_size = a->size, old_seq = a->seq, old_since = a->since_checkpoint;
+        unsigned *ks = NULL;
+        size_t n = 0, dropped = 0;
 
+        /* this rotation makes one more: with AB_AUDIT_MAX_ROTATED there already, no */
+        r = list_rotated(a->path, a->keep ? SIZE_MAX : AB_AUDIT_MAX_ROTATED - 1, &ks, &n);
+        if (r == -EDQUOT)
+                ab_log(LOG_ERR,
+                       "audit log %s: %d rotated files %s.N or more, the most kept without --audit-keep: not "
+                       "rotating until some are archived or deleted",
+                       a->path, AB_AUDIT_MAX_ROTATED, a->path);
+        if (r < 0)
+                return r;
         memcpy(prev, a->prev, sizeof prev);
         snprintf(to, sizeof to, "%s.1", a->path);
         snprintf(fresh, sizeof fresh, "%s.new", a->path);
         (void)unlink(fresh); /* left by a crash mid-rotation */
         fd = open(fresh, O_RDWR | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0640);
-        if (fd < 0)
+        if (fd < 0) {
+                free(ks);
                 return -errno;
+        }
         a->fd = fd;
         a->size = 0;
         /* the new file continues the chain: its first record names the last one */
@@ -489,27 +610,48 @@ static int rotate(ab_audit *a)
                 r = sync_once(a);
         if (r < 0)
                 goto undo;
-        /* audit.jsonl.7 goes, .6 -> .7, ..., audit.jsonl -> .1 */
-        for (int i = AB_AUDIT_KEEP_FILES - 1; i >= 1; i--) {
-                snprintf(from, sizeof from, "%s.%d", a->path, i);
-                char next[4200];
-                snprintf(next, sizeof next, "%s.%d", a->path, i + 1);
-                (void)rename(from, next);
+        for (size_t i = 0; i < n; i++) {
+                snprintf(from, sizeof from, "%s.%u", a->path, ks[i]);
+                if (a->keep && ks[i] >= a->keep) {
+                        if (unlink(from) < 0 && errno != ENOENT) {
+                                /* it stays; the rename onto its name below then fails */
+                                ab_log(LOG_WARNING, "audit log rotation: cannot delete %s: %s", from, strerror(errno));
+                                continue;
+                        }
+                        if (dropped++ == 0)
+                                snprintf(oldest_drop, sizeof oldest_drop, "%s", from);
+                        snprintf(newest_drop, sizeof newest_drop, "%s", from);
+                        continue;
+                }
+                snprintf(next, sizeof next, "%s.%u", a->path, ks[i] + 1);
+                r = move_noreplace(from, next);
+                if (r == -ENOENT) /* archived away meanwhile */
+                        continue;
+                if (r < 0) {
+                        ab_log(LOG_ERR, "audit log rotation: cannot rename %s to %s: %s", from, next, ab_strerror(r));
+                        goto undo;
+                }
         }
-        if (rename(a->path, to) < 0) {
-                r = -errno;
+        if (dropped == 1)
+                ab_log(LOG_WARNING, "audit log rotation deleted %s (--audit-keep %u)", oldest_drop, a->keep);
+        else if (dropped > 1)
+                ab_log(LOG_WARNING, "audit log rotation deleted %zu files, %s to %s (--audit-keep %u)", dropped,
+                       newest_drop, oldest_drop, a->keep);
+        r = move_noreplace(a->path, to);
+        if (r < 0)
                 goto undo;
-        }
         if (rename(fresh, a->path) < 0) {
                 r = -errno;
                 (void)rename(to, a->path);
                 goto undo;
         }
+        free(ks);
         ab_close(old_fd);
         sync_dir(a->path);
         memset(a->hint, 0, sizeof *a->hint); /* offsets of the old file */
         return 0;
 undo:
+        free(ks);
         ab_close(fd);
         (void)unlink(fresh);
         a->fd = old_fd;

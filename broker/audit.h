@@ -27,7 +27,13 @@
 #define AB_AUDIT_FILE "audit.jsonl"
 #define AB_AUDIT_CHECKPOINT_EVERY 1000
 #define AB_AUDIT_DEFAULT_MAX_SIZE (64ull * 1024 * 1024)
-#define AB_AUDIT_KEEP_FILES 8
+/*
+ * Keeping every rotated file (--audit-keep 0, the default), rotation
+ * renames each PATH.k to PATH.k+1: past this many rotated files it stops
+ * rotating (the current file grows on) until the admin archives some.
+ * Also the largest --audit-keep.
+ */
+#define AB_AUDIT_MAX_ROTATED 10000
 #define AB_AUDIT_MAX_RECORD 16384
 
 typedef struct ab_audit ab_audit;
@@ -40,6 +46,14 @@ typedef struct ab_audit ab_audit;
 int ab_audit_open(const char *path, const ab_signer *signer, uint64_t max_size, ab_audit **ret);
 /* Write a checkpoint, sync, close. Accepts NULL. */
 void ab_audit_close(ab_audit *a);
+/*
+ * How many rotated files (PATH.1 newest, PATH.2, ...) rotation keeps. 0,
+ * the default: every one, the broker never deletes audit data (so no
+ * caller can push history out by making records). n (at most
+ * AB_AUDIT_MAX_ROTATED): PATH.1 ... PATH.n; older ones are deleted at the
+ * next rotation, with a warning naming them.
+ */
+void ab_audit_set_keep(ab_audit *a, unsigned keep);
 
 /*
  * Queue a record for event (rec stolen; "time" in µs is set when absent,

@@ -28,6 +28,8 @@ static void help(void)
                "  --audit-log PATH         hash-chained audit file (default " AB_AUDIT_DEFAULT_PATH ",\n"
                "                           or audit.jsonl in --state-dir when that is given)\n"
                "  --audit-max-size MIB     rotate the audit file past this size (default 64, 0: never)\n"
+               "  --audit-keep N           keep the N newest rotated audit files, delete older ones\n"
+               "                           (default 0: keep every one, never delete)\n"
                "  --issuer ISS             token issuer (default urn:agent-broker:MACHINE-ID)\n"
                "  --exit-idle SECONDS      exit after this long without connections (0: never)\n"
                "  --max-connections N      connections in all (default 4096)\n"
@@ -64,7 +66,7 @@ static int parse_args(int argc, char **argv, ab_config *cfg, const char **truste
 {
         bool state_given = false;
         enum { O_SOCKET = 256, O_ADMIN, O_STATE, O_POLICY, O_ISSUER, O_EXIT_IDLE, O_MAXCONN, O_MAXCONN_UID,
-               O_RATE, O_IDLE, O_DEBUG, O_VERSION, O_CONFIG, O_TRUSTED, O_REQSIGNED, O_AUDIT, O_AUDIT_MAX };
+               O_RATE, O_IDLE, O_DEBUG, O_VERSION, O_CONFIG, O_TRUSTED, O_REQSIGNED, O_AUDIT, O_AUDIT_MAX, O_AUDIT_KEEP };
         static const struct option opts[] = {
                 { "socket", required_argument, NULL, O_SOCKET },
                 { "admin-socket", required_argument, NULL, O_ADMIN },
@@ -82,6 +84,7 @@ static int parse_args(int argc, char **argv, ab_config *cfg, const char **truste
                 { "require-signed", no_argument, NULL, O_REQSIGNED },
                 { "audit-log", required_argument, NULL, O_AUDIT },
                 { "audit-max-size", required_argument, NULL, O_AUDIT_MAX },
+                { "audit-keep", required_argument, NULL, O_AUDIT_KEEP },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, O_VERSION },
                 { 0 },
@@ -99,6 +102,16 @@ static int parse_args(int argc, char **argv, ab_config *cfg, const char **truste
                         if (parse_uint(optarg, 1ull << 40, &v) < 0)
                                 goto bad;
                         cfg->audit_max_size = v * 1024 * 1024;
+                        break;
+                case O_AUDIT_KEEP:
+                        if (parse_uint(optarg, AB_AUDIT_MAX_ROTATED, &v) < 0) {
+                                fprintf(stderr,
+                                        "agent-brokerd: --audit-keep takes a number of rotated files from 0 (keep "
+                                        "every one) to %d, not \"%s\"\n",
+                                        AB_AUDIT_MAX_ROTATED, optarg);
+                                return -EINVAL;
+                        }
+                        cfg->audit_keep = (unsigned)v;
                         break;
                 case O_POLICY: cfg->policy_path = optarg; break;
                 case O_ISSUER:
@@ -197,6 +210,10 @@ int main(int argc, char **argv)
         r = ab_manager_new(&cfg, &m);
         if (r >= 0)
                 r = ab_manager_startup(m);
+        /* Only from here: a rotation due at start-up (the file already past
+         * --audit-max-size) kept every file, and the next one trims. */
+        if (r >= 0)
+                ab_audit_set_keep(m->audit, cfg.audit_keep);
         if (r >= 0)
                 r = ab_manager_run(m);
         if (r < 0)

@@ -1559,6 +1559,337 @@ static void test_rotation_without_inode(void **state)
         }
 }
 
+/* ---- keeping the trail: --audit-keep, and nobody floods it away ------------------ */
+
+#define INTROSPECT_GARBAGE "{\"method\":\"io.agentbroker.Introspect\",\"parameters\":{\"token\":\"garbage\"}}"
+
+/*
+ * n Introspect calls of a garbage token pipelined on c (what any local
+ * process may send): how many were answered (inactive); *ret_limited
+ * (if not NULL) counts the RateLimited errors. Any other error fails.
+ */
+static unsigned introspect_many(hx_conn *c, unsigned n, unsigned *ret_limited)
+{
+        static const char msg[] = INTROSPECT_GARBAGE;
+        unsigned answered = 0, limited = 0;
+
+        while (n > 0) {
+                unsigned k = n < 64 ? n : 64;
+                char *buf = malloc(k * sizeof msg);
+                assert_non_null(buf);
+                for (unsigned i = 0; i < k; i++)
+                        memcpy(buf + i * sizeof msg, msg, sizeof msg); /* with its NUL */
+                assert_int_equal(hx_conn_send(c, buf, k * sizeof msg), 0);
+                free(buf);
+                for (unsigned i = 0; i < k; i++) {
+                        json_t *root = NULL;
+                        assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS * 2, &root), 1);
+                        if (hx_reply_error(root)) {
+                                hx_assert_error(root, "io.agentbroker.RateLimited");
+                                limited++;
+                        } else {
+                                assert_true(json_is_false(json_object_get(hx_reply_params(root), "active")));
+                                answered++;
+                        }
+                        json_decref(root);
+                }
+                n -= k;
+        }
+        if (ret_limited)
+                *ret_limited = limited;
+        return answered;
+}
+
+/* path.k exists. */
+static bool rotated_exists(const char *apath, unsigned k)
+{
+        char p[PATH_MAX];
+        struct stat st;
+        snprintf(p, sizeof p, "%s.%u", apath, k);
+        return stat(p, &st) == 0;
+}
+
+/* How many times the daemon's log (its stderr) holds needle. */
+static unsigned log_count(const hx_broker *b, const char *needle)
+{
+        char *log = hx_read_text(b->log, READ_MAX, NULL), *p = log;
+        unsigned n = 0;
+        while ((p = strstr(p, needle))) {
+                n++;
+                p += strlen(needle);
+        }
+        free(log);
+        return n;
+}
+
+/*
+ * `audit verify` of path.k_oldest, ..., path.1, path (oldest first) must
+ * pass; the oldest file's first record is seq first_seq (1: the trail from
+ * its beginning) or, when first_seq is 0, audit.rotated.
+ */
+static void verify_rotated(hx_broker *b, const char *apath, unsigned k_oldest, const char *jwks, long long first_seq)
+{
+        char names[16][PATH_MAX], out[4096];
+        const char *args[40];
+        size_t n = 0;
+        json_t *recs;
+
+        assert_true(k_oldest < 16);
+        for (unsigned k = k_oldest; k >= 1; k--) {
+                snprintf(names[k], sizeof names[k], "%s.%u", apath, k);
+                args[n++] = "--file";
+                args[n++] = names[k];
+        }
+        args[n++] = "--file";
+        args[n++] = apath;
+        args[n++] = "--keys";
+        args[n++] = jwks;
+        args[n] = NULL;
+        recs = file_records(names[k_oldest]);
+        if (first_seq)
+                assert_int_equal(ri(json_array_get(recs, 0), "seq"), first_seq);
+        else
+                assert_string_equal(rs(json_array_get(recs, 0), "event"), "audit.rotated");
+        json_decref(recs);
+        assert_int_equal(ctl_verify(b, args, out, sizeof out), 0);
+        assert_non_null(strstr(out, "audit chain intact"));
+        fprintf(stderr, "%u rotated files and the current one: %s", k_oldest, out);
+}
+
+/*
+ * By default no rotated file is ever deleted: a flood of Introspect calls
+ * (what any local process may send; --rate-limit 0 stands for many uids)
+ * rotates a 1 MiB file ten times, and PATH.10 ... PATH.1 are all there,
+ * the oldest beginning at seq 1, the chain intact across all eleven
+ * files. Before --audit-keep the broker kept eight and overwrote the rest.
+ */
+static void test_rotation_keeps_every_file(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], jwks[PATH_MAX], gz[PATH_MAX + 8];
+        unsigned total = 0;
+        hx_conn *c;
+
+        hx_add_arg(b, "--audit-max-size");
+        hx_add_arg(b, "1");
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
+        write_policy(b, NULL);
+        hx_start(b);
+        save_jwks(f, jwks, sizeof jwks);
+        audit_file(b, apath, sizeof apath);
+        /* an archive the admin made next to the trail: not a rotated file, never touched */
+        snprintf(gz, sizeof gz, "%s.3.gz", apath);
+        assert_int_equal(hx_write_file(gz, "archived\n", 0600), 0);
+        c = hx_connect(b, b->sock);
+        /* 1 MiB is a few thousand records; 512 calls never rotate twice */
+        while (!rotated_exists(apath, 10) && total < 200000) {
+                assert_int_equal(introspect_many(c, 512, NULL), 512);
+                total += 512;
+        }
+        if (!rotated_exists(apath, 10))
+                fprintf(stderr, "%u Introspect calls and no %s.10 (%s.9: %s)\n", total, apath, apath,
+                        rotated_exists(apath, 9) ? "there" : "missing");
+        assert_true(rotated_exists(apath, 10));
+        hx_stop_clean(b);
+        for (unsigned k = 1; k <= 10; k++)
+                assert_true(rotated_exists(apath, k));
+        assert_false(rotated_exists(apath, 11));
+        assert_int_equal(log_count(b, "deleted"), 0);
+        verify_rotated(b, apath, 10, jwks, 1);
+        char *text = hx_read_text(gz, 64, NULL);
+        assert_string_equal(text, "archived\n");
+        free(text);
+}
+
+/*
+ * Keeping every file, rotation renames each one: with 10,000 rotated files
+ * there the broker stops rotating, says why, and writes on in the current
+ * file (nothing renamed, nothing lost); once some are archived it rotates
+ * again.
+ */
+static void test_rotation_stops_at_bound(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], p[PATH_MAX + 16];
+        unsigned total = 0;
+        struct stat st;
+        hx_conn *c;
+
+        hx_add_arg(b, "--audit-max-size");
+        hx_add_arg(b, "1");
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
+        write_policy(b, NULL);
+        hx_start(b);
+        audit_file(b, apath, sizeof apath);
+        /* PATH.2 ... PATH.10001: PATH.1 is free, but 10,000 files are too many to shift */
+        for (unsigned k = 2; k <= 10001; k++) {
+                snprintf(p, sizeof p, "%s.%u", apath, k);
+                int fd = open(p, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+                assert_true(fd >= 0);
+                close(fd);
+        }
+        c = hx_connect(b, b->sock);
+        while (log_count(b, "not rotating") == 0 && total < 50000) {
+                assert_int_equal(introspect_many(c, 512, NULL), 512);
+                total += 512;
+        }
+        if (log_count(b, "not rotating") == 0)
+                hx_broker_dump_log(b);
+        assert_true(log_count(b, "10000 rotated files") >= 1); /* once per attempt */
+        assert_false(rotated_exists(apath, 1));
+        assert_true(rotated_exists(apath, 2));
+        assert_true(rotated_exists(apath, 10001));
+        assert_false(rotated_exists(apath, 10002));
+        assert_int_equal(stat(apath, &st), 0);
+        assert_true(st.st_size >= 1024 * 1024);
+        /* archived: one file fewer, and the next attempt rotates (a sixteenth of 1 MiB later) */
+        snprintf(p, sizeof p, "%s.10001", apath);
+        assert_int_equal(unlink(p), 0);
+        while (!rotated_exists(apath, 1) && total < 100000) {
+                assert_int_equal(introspect_many(c, 512, NULL), 512);
+                total += 512;
+        }
+        assert_true(rotated_exists(apath, 1));
+        assert_true(rotated_exists(apath, 10001)); /* PATH.10000 moved up */
+        assert_false(rotated_exists(apath, 10002));
+        assert_int_equal(stat(apath, &st), 0);
+        assert_true(st.st_size < 1024 * 1024);
+        hx_stop_clean(b);
+        assert_chain(apath);
+}
+
+/*
+ * --audit-keep 2: PATH.1 and PATH.2 stay, older ones are deleted at
+ * rotation and the log names each one at LOG_WARNING. The two kept files
+ * and the current one still verify (the oldest begins at its
+ * audit.rotated record).
+ */
+static void test_rotation_keep_two(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], jwks[PATH_MAX], line[PATH_MAX + 64];
+        unsigned total = 0;
+        hx_conn *c;
+
+        hx_add_arg(b, "--audit-max-size");
+        hx_add_arg(b, "1");
+        hx_add_arg(b, "--audit-keep");
+        hx_add_arg(b, "2");
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
+        write_policy(b, NULL);
+        hx_start(b);
+        save_jwks(f, jwks, sizeof jwks);
+        audit_file(b, apath, sizeof apath);
+        c = hx_connect(b, b->sock);
+        /* rotations 3 and 4 each delete the file then at PATH.2 */
+        while (log_count(b, "audit log rotation deleted") < 2 && total < 100000) {
+                assert_int_equal(introspect_many(c, 512, NULL), 512);
+                total += 512;
+        }
+        hx_stop_clean(b);
+        snprintf(line, sizeof line, "audit log rotation deleted %s.2 (--audit-keep 2)", apath);
+        if (log_count(b, line) != 2)
+                hx_broker_dump_log(b);
+        assert_int_equal(log_count(b, line), 2);
+        assert_int_equal(log_count(b, "audit log rotation deleted"), 2);
+        assert_true(rotated_exists(apath, 1));
+        assert_true(rotated_exists(apath, 2));
+        assert_false(rotated_exists(apath, 3));
+        verify_rotated(b, apath, 2, jwks, 0);
+}
+
+/* --audit-keep takes 0 ... 10000: anything else is a usage error (exit 2), one line naming the option. */
+static void test_audit_keep_usage(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        static const char *const bad[] = { "-1", "x", "", "2x", "10001", "99999999999999999999" };
+        char daemon[PATH_MAX];
+
+        assert_int_equal(hx_build_path("agent-brokerd", daemon, sizeof daemon), 0);
+        for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+                char *argv[] = { daemon, "--state-dir", b->state, "--audit-keep", (char *)bad[i], NULL };
+                hx_run_result res;
+                assert_int_equal(hx_run(argv, NULL, -1, HX_RUN_TIMEOUT_MS, &res), 0);
+                if (res.exit_code != 2 || !strstr(res.err, "--audit-keep"))
+                        fprintf(stderr, "--audit-keep \"%s\": exit %d: %s", bad[i], res.exit_code, res.err);
+                assert_int_equal(res.exit_code, 2);
+                assert_non_null(strstr(res.err, "--audit-keep"));
+                assert_non_null(strchr(res.err, '\n'));
+                assert_true(strchr(res.err, '\n')[1] == '\0'); /* one line */
+                hx_run_result_done(&res);
+        }
+        {
+                /* a good value parses (then --version exits before starting) */
+                char *argv[] = { daemon, "--audit-keep", "10000", "--version", NULL };
+                hx_run_result res;
+                assert_int_equal(hx_run(argv, NULL, -1, HX_RUN_TIMEOUT_MS, &res), 0);
+                assert_int_equal(res.exit_code, 0);
+                hx_run_result_done(&res);
+        }
+}
+
+/* As nobody: one Introspect of a garbage token; prints "OK" (answered) or the error name. */
+static int child_introspect_nobody(void *arg, char *out, size_t outmax)
+{
+        ab_client *c = NULL;
+        char *reply = NULL;
+        int r = ab_client_connect(arg, HX_IO_TIMEOUT_MS, &c);
+        if (r < 0) {
+                snprintf(out, outmax, "connect");
+                return 3;
+        }
+        r = ab_client_call(c, "io.agentbroker.Introspect", "{\"token\":\"garbage\"}", &reply);
+        snprintf(out, outmax, "%s", r == 0 ? "OK" : ab_client_error_name(c));
+        free(reply);
+        ab_client_free(c);
+        return r == 0 ? 0 : 1;
+}
+
+/*
+ * Introspect is rate limited per uid like the other agent calls: a flood
+ * from one uid (--rate-limit 50/50) is answered RateLimited past the
+ * bucket, and those calls make no record; another uid is still served.
+ */
+static void test_introspect_flood_rate_limited(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], out[512];
+        unsigned answered, limited = 0;
+        int ex = -1;
+        json_t *recs;
+        hx_conn *c;
+
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "50/50");
+        write_policy(b, NULL);
+        hx_start(b);
+        audit_file(b, apath, sizeof apath);
+        c = hx_connect(b, b->sock);
+        answered = introspect_many(c, 400, &limited);
+        fprintf(stderr, "400 Introspect calls with --rate-limit 50/50: %u answered, %u RateLimited\n", answered,
+                limited);
+        assert_true(answered >= 50);
+        assert_true(answered < 200); /* 50 and what 50/s refills while they run */
+        assert_int_equal(answered + limited, 400);
+        assert_int_equal(hx_run_as(HX_NOBODY_UID, HX_NOBODY_GID, child_introspect_nobody, b->sock, HX_RUN_TIMEOUT_MS,
+                                   out, sizeof out, &ex),
+                         0);
+        assert_string_equal(out, "OK");
+        assert_int_equal(ex, 0);
+        hx_stop_clean(b);
+        recs = file_records(apath);
+        assert_int_equal(count_event(recs, "token.introspected"), answered + 1);
+        json_decref(recs);
+}
+
 /* Write a valid chain of n token.issued-like records (about 500 bytes each) to path. */
 static void write_synthetic_trail(const char *path, unsigned n)
 {
@@ -2272,6 +2603,11 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_tiny_fs_state_dir, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_rotation, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_rotation_without_inode, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_rotation_keeps_every_file, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_rotation_keep_two, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_rotation_stops_at_bound, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_audit_keep_usage, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_introspect_flood_rate_limited, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_read_audit_large_file, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_usage_counters, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_journald, hx_fixture_setup, hx_fixture_teardown),
@@ -2288,5 +2624,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_session_opened_recorded_after_refusal, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_usage_not_counted_when_refused, hx_fixture_setup, hx_fixture_teardown),
         };
+        if (getenv("HX_FILTER"))
+                cmocka_set_test_filter(getenv("HX_FILTER"));
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
