@@ -210,10 +210,6 @@ int main(int argc, char **argv)
         r = ab_manager_new(&cfg, &m);
         if (r >= 0)
                 r = ab_manager_startup(m);
-        /* Only from here: a rotation due at start-up (the file already past
-         * --audit-max-size) kept every file, and the next one trims. */
-        if (r >= 0)
-                ab_audit_set_keep(m->audit, cfg.audit_keep);
         if (r >= 0)
                 r = ab_manager_run(m);
         if (r < 0)

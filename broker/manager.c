@@ -1561,6 +1561,7 @@ int ab_manager_startup(ab_manager *m)
                                r == -EBADMSG ? "the last record is not a valid audit record" : ab_strerror(r));
                         return r;
                 }
+                ab_audit_set_keep(m->audit, m->cfg.audit_keep); /* before any rotation, at start-up too */
                 r = sd_event_add_defer(m->event, &m->audit_defer, on_audit_defer, m);
                 if (r < 0)
                         return r;

@@ -37,6 +37,7 @@
 #define AUD_TICKETS "https://tickets.internal/api"
 #define AGENT_ID "day-agent"
 #define OWNER "alice@example.com"
+#define AUD_PAM "pam:sshd"
 #define ZERO64 "0000000000000000000000000000000000000000000000000000000000000000"
 #define READ_MAX (64u << 20) /* the most hx_read_text reads of a file here */
 #define ISSUE_GIT_READ                                                                                               \
@@ -381,7 +382,7 @@ static void test_scripted_day(void **state)
         fx *f = *state;
         hx_broker *b = &f->b;
         char exe[PATH_MAX], sha[65], apath[PATH_MAX], jwks[PATH_MAX], out[512], verify_out[4096];
-        char *token, *child, jti[64], sid[64], cjti[64], pam_id[64], policy_version[32];
+        char *token, *child, *ptok, jti[64], sid[64], cjti[64], pjti[64], pam_id[64], policy_version[32];
         json_t *root, *recs, *r;
         hx_conn *c, *adm;
         int ex = -1;
@@ -391,7 +392,7 @@ static void test_scripted_day(void **state)
         assert_true(n > 0);
         exe[n] = '\0';
         assert_int_equal(hx_sha256_file(exe, sha), 0);
-        write_policy(b, NULL);
+        write_policy(b, "{\"audience\": \"" AUD_PAM "\", \"scopes\": [\"login\"]}");
         hx_start(b);
         audit_file(b, apath, sizeof apath);
         c = hx_connect(b, b->sock);
@@ -441,11 +442,18 @@ static void test_scripted_day(void **state)
         assert_true(json_is_true(json_object_get(hx_reply_params(root), "active")));
         json_decref(root);
 
-        /* a PAM session, as pam_agent_broker.so would open and close it */
+        /* a PAM session, as pam_agent_broker.so would open and close it (with a token for its service) */
+        root = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_PAM
+                          "\",\"scopes\":[\"login\"]}}");
+        hx_assert_ok(root);
+        ptok = strdup(hx_reply_str(root, "token"));
+        snprintf(pjti, sizeof pjti, "%s", hx_reply_str(root, "jti"));
+        json_decref(root);
         root = callf(c,
                      "{\"method\":\"io.agentbroker.OpenPamSession\",\"parameters\":{\"token\":\"%s\",\"service\":"
                      "\"sshd\",\"user\":\"root\",\"tty\":\"pts/3\",\"rhost\":\"10.0.0.7\"}}",
-                     child);
+                     ptok);
+        free(ptok);
         hx_assert_ok(root);
         snprintf(pam_id, sizeof pam_id, "%s", hx_reply_str(root, "id"));
         json_decref(root);
@@ -475,7 +483,7 @@ static void test_scripted_day(void **state)
         assert_int_equal(count_event(recs, "key.created"), 1);
         assert_int_equal(count_event(recs, "policy.loaded"), 2);
         assert_int_equal(count_event(recs, "session.opened"), 1);
-        assert_int_equal(count_event(recs, "token.issued"), 1);
+        assert_int_equal(count_event(recs, "token.issued"), 2);
         assert_int_equal(count_event(recs, "token.denied"), 2);
         assert_int_equal(count_event(recs, "token.attenuated"), 1);
         assert_int_equal(count_event(recs, "token.introspected"), 1);
@@ -483,7 +491,7 @@ static void test_scripted_day(void **state)
         assert_int_equal(count_event(recs, "pam.closed"), 1);
         assert_int_equal(count_event(recs, "token.revoked"), 1);
         assert_int_equal(count_event(recs, "audit.checkpoint"), 0);
-        assert_int_equal(json_array_size(recs), 12);
+        assert_int_equal(json_array_size(recs), 13);
 
         /* common to all: time (µs, recent), seq, prev, decision */
         {
@@ -576,6 +584,7 @@ static void test_scripted_day(void **state)
         assert_string_equal(rs(r, "user"), "root");
         assert_string_equal(rs(r, "tty"), "pts/3");
         assert_string_equal(rs(r, "rhost"), "10.0.0.7");
+        assert_string_equal(rs(r, "jti"), pjti);
         assert_string_equal(rs(r, "sid"), sid);
         assert_string_equal(rs(r, "agent"), AGENT_ID);
         assert_int_equal(ri(r, "pid"), getpid());
@@ -602,7 +611,7 @@ static void test_scripted_day(void **state)
         assert_int_equal(json_array_size(recs), 2);
         json_decref(recs);
         recs = ctl_audit_json(b, "--agent", AGENT_ID);
-        assert_int_equal(json_array_size(recs), 8); /* session, issued, denied, attenuated, introspected, pam.opened, pam.closed, revoked */
+        assert_int_equal(json_array_size(recs), 9); /* session, 2 issued, denied, attenuated, introspected, pam.opened, pam.closed, revoked */
         json_decref(recs);
         recs = ctl_audit_json(b, "--since", "2099-01-01T00:00:00Z");
         assert_int_equal(json_array_size(recs), 0);
@@ -645,8 +654,8 @@ static void test_scripted_day(void **state)
 
         /* shut down: a signed checkpoint closes the file; offline verify with the JWKS */
         recs = file_records(apath);
-        assert_int_equal(json_array_size(recs), 13);
-        r = json_array_get(recs, 12);
+        assert_int_equal(json_array_size(recs), 14);
+        r = json_array_get(recs, 13);
         assert_string_equal(rs(r, "event"), "audit.checkpoint");
         assert_string_equal(rs(r, "alg"), "EdDSA");
         json_decref(recs);
@@ -661,7 +670,7 @@ static void test_scripted_day(void **state)
         {
                 const char *args[] = { "--file", apath, "--keys", jwks, NULL };
                 assert_int_equal(ctl_verify(b, args, verify_out, sizeof verify_out), 0);
-                assert_non_null(strstr(verify_out, "13 records"));
+                assert_non_null(strstr(verify_out, "14 records"));
                 assert_non_null(strstr(verify_out, "1 signed checkpoints verified"));
         }
         free(token);
@@ -2096,11 +2105,16 @@ static void test_pam_records_name_token_and_agent(void **state)
         char apath[PATH_MAX], jti[64], id[64];
         json_t *root, *recs, *r;
 
-        write_policy(b, NULL);
+        write_policy(b, "{\"audience\": \"" AUD_PAM "\", \"scopes\": [\"login\"]}");
         hx_start(b);
         audit_file(b, apath, sizeof apath);
         hx_conn *c = hx_connect(b, b->sock);
-        char *token = issue_rw(c, jti, sizeof jti);
+        root = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_PAM
+                          "\",\"scopes\":[\"login\"]}}");
+        hx_assert_ok(root);
+        char *token = strdup(hx_reply_str(root, "token"));
+        snprintf(jti, sizeof jti, "%s", hx_reply_str(root, "jti"));
+        json_decref(root);
         root = callf(c,
                      "{\"method\":\"io.agentbroker.OpenPamSession\",\"parameters\":{\"token\":\"%s\",\"service\":"
                      "\"sshd\",\"user\":\"root\"}}",
