@@ -733,6 +733,13 @@ void ab_m_admin_revoke(ab_conn *c, ab_vl_call *call)
         } else if (strcmp(which, "agent") == 0) {
                 const char *agent = json_string_value(json_object_get(p, "agent"));
                 r = ab_revoke_agent(c->m->store, agent, now, &n);
+                if (r == 0 && n == 0 && !ab_policy_find(c->m->policy, agent)) {
+                        /* neither in the policy nor with a session: a typo, most likely (an agent since
+                         * removed from the policy is found by its sessions) */
+                        ab_conn_error(c, "io.agentbroker.admin.NoSuchAgent",
+                                      "no agent with this id in the compiled policy, and no session of one", NULL);
+                        return;
+                }
                 snprintf(what, sizeof what, "%u sessions of agent %s", n, agent);
         } else {
                 int64_t t = json_integer_value(json_object_get(p, "before"));

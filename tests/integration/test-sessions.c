@@ -1809,6 +1809,17 @@ static void test_revoke_admin(void **state)
         hx_run_result_done(&res);
         assert_string_equal(verdict(c, tn, NULL), "revoked");
         assert_string_equal(verdict(c, tnew, NULL), "active");
+        /* an agent that is neither in the policy nor has a session (a typo): NoSuchAgent, exit 1 */
+        assert_int_equal(hx_ctl(b, -1, &res, "revoke", "--agent", "nobody-agnet", NULL), 0);
+        if (res.exit_code != 1 || !strstr(res.err, "NoSuchAgent"))
+                fprintf(stderr, "revoke --agent nobody-agnet: exit %d: %s%s", res.exit_code, res.out, res.err);
+        assert_int_equal(res.exit_code, 1);
+        assert_non_null(strstr(res.err, "io.agentbroker.admin.NoSuchAgent"));
+        hx_run_result_done(&res);
+        /* an agent of the policy without a session now: 0 revoked, fine */
+        assert_int_equal(hx_ctl(b, -1, &res, "revoke", "--agent", NOBODY_AGENT, NULL), 0);
+        ctl_expect(&res, 0);
+        hx_run_result_done(&res);
 
         /* all of it durable: kill -9 and look again */
         restart(b, true);
