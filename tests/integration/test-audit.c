@@ -268,6 +268,18 @@ static void audit_file(const hx_broker *b, char *out, size_t outmax)
 
 /* ---- issuing ---------------------------------------------------------------- */
 
+/* k copies of the message msg (size bytes with its NUL) in one send on c. */
+static void send_copies(hx_conn *c, const char *msg, size_t size, unsigned k)
+{
+        char *buf = malloc(k * size);
+
+        assert_non_null(buf);
+        for (unsigned i = 0; i < k; i++)
+                memcpy(buf + i * size, msg, size);
+        assert_int_equal(hx_conn_send(c, buf, k * size), 0);
+        free(buf);
+}
+
 /*
  * n IssueToken calls (repo:read) pipelined on c in batches; each jti
  * received is appended to jtis (if not NULL). Returns how many succeeded;
@@ -282,12 +294,7 @@ static unsigned issue_many(hx_conn *c, unsigned n, json_t *jtis, char *err, size
                 err[0] = '\0';
         while (n > 0) {
                 unsigned k = n < 64 ? n : 64;
-                char *buf = malloc(k * sizeof msg);
-                assert_non_null(buf);
-                for (unsigned i = 0; i < k; i++)
-                        memcpy(buf + i * sizeof msg, msg, sizeof msg); /* with its NUL */
-                assert_int_equal(hx_conn_send(c, buf, k * sizeof msg), 0);
-                free(buf);
+                send_copies(c, msg, sizeof msg, k);
                 for (unsigned i = 0; i < k; i++) {
                         json_t *root = NULL;
                         assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS * 2, &root), 1);
@@ -1584,12 +1591,7 @@ static unsigned introspect_many(hx_conn *c, unsigned n, unsigned *ret_limited)
 
         while (n > 0) {
                 unsigned k = n < 64 ? n : 64;
-                char *buf = malloc(k * sizeof msg);
-                assert_non_null(buf);
-                for (unsigned i = 0; i < k; i++)
-                        memcpy(buf + i * sizeof msg, msg, sizeof msg); /* with its NUL */
-                assert_int_equal(hx_conn_send(c, buf, k * sizeof msg), 0);
-                free(buf);
+                send_copies(c, msg, sizeof msg, k);
                 for (unsigned i = 0; i < k; i++) {
                         json_t *root = NULL;
                         assert_int_equal(hx_conn_recv_json(c, HX_IO_TIMEOUT_MS * 2, &root), 1);
