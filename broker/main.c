@@ -30,6 +30,8 @@ static void help(void)
                "  --audit-max-size MIB     rotate the audit file past this size (default 64, 0: never)\n"
                "  --audit-keep N           keep the N newest rotated audit files, delete older ones\n"
                "                           (default 0: keep every one, never delete)\n"
+               "  --store-max-size MIB     the state store's map (default 1024); past 90%% of it no new\n"
+               "                           session or PAM record is opened: revocations keep their room\n"
                "  --issuer ISS             token issuer (default urn:agent-broker:MACHINE-ID)\n"
                "  --exit-idle SECONDS      exit after this long without connections (0: never)\n"
                "  --max-connections N      connections in all (default 4096)\n"
@@ -66,7 +68,8 @@ static int parse_args(int argc, char **argv, ab_config *cfg, const char **truste
 {
         bool state_given = false;
         enum { O_SOCKET = 256, O_ADMIN, O_STATE, O_POLICY, O_ISSUER, O_EXIT_IDLE, O_MAXCONN, O_MAXCONN_UID,
-               O_RATE, O_IDLE, O_DEBUG, O_VERSION, O_CONFIG, O_TRUSTED, O_REQSIGNED, O_AUDIT, O_AUDIT_MAX, O_AUDIT_KEEP };
+               O_RATE, O_IDLE, O_DEBUG, O_VERSION, O_CONFIG, O_TRUSTED, O_REQSIGNED, O_AUDIT, O_AUDIT_MAX, O_AUDIT_KEEP,
+               O_STORE_MAX };
         static const struct option opts[] = {
                 { "socket", required_argument, NULL, O_SOCKET },
                 { "admin-socket", required_argument, NULL, O_ADMIN },
@@ -85,6 +88,7 @@ static int parse_args(int argc, char **argv, ab_config *cfg, const char **truste
                 { "audit-log", required_argument, NULL, O_AUDIT },
                 { "audit-max-size", required_argument, NULL, O_AUDIT_MAX },
                 { "audit-keep", required_argument, NULL, O_AUDIT_KEEP },
+                { "store-max-size", required_argument, NULL, O_STORE_MAX },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, O_VERSION },
                 { 0 },
@@ -112,6 +116,14 @@ static int parse_args(int argc, char **argv, ab_config *cfg, const char **truste
                                 return -EINVAL;
                         }
                         cfg->audit_keep = (unsigned)v;
+                        break;
+                case O_STORE_MAX:
+                        if (parse_uint(optarg, 1u << 20, &v) < 0 || v == 0) {
+                                fprintf(stderr, "agent-brokerd: --store-max-size takes MiB from 1 to 1048576, not \"%s\"\n",
+                                        optarg);
+                                return -EINVAL;
+                        }
+                        cfg->store_max_size = v * 1024 * 1024;
                         break;
                 case O_POLICY: cfg->policy_path = optarg; break;
                 case O_ISSUER:

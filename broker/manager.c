@@ -1592,7 +1592,7 @@ int ab_manager_startup(ab_manager *m)
                 return r;
         {
                 unsigned schema = 0;
-                r = ab_store_open(m->cfg.state_dir, 0, &m->store, &schema);
+                r = ab_store_open(m->cfg.state_dir, m->cfg.store_max_size, &m->store, &schema);
                 if (r < 0) {
                         if (schema > AB_SCHEMA_VERSION)
                                 ab_log(LOG_ERR, "the store in %s has schema %u, newer than this broker's %u: "

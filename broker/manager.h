@@ -38,6 +38,7 @@ typedef struct ab_config {
         const char *audit_path;        /* NULL: AB_AUDIT_DEFAULT_PATH */
         uint64_t audit_max_size;
         unsigned audit_keep;           /* rotated audit files kept, 0: all */
+        uint64_t store_max_size;       /* LMDB map size, 0: AB_STORE_DEFAULT_MAPSIZE */
         bool require_signed;
         char admin_group[64];          /* "" : root only on the admin socket */
         unsigned max_connections;      /* in all */

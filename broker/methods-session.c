@@ -55,6 +55,15 @@ int64_t ab_manager_now(const ab_manager *m)
 static void store_error(ab_conn *c, int r, const char *what)
 {
         char reason[256];
+
+        if (r == -EDQUOT) { /* ab_txn_room_to_grow: a limit, not a failure */
+                snprintf(reason, sizeof reason,
+                         "%s: the broker's state store is 90%% full; its last tenth is kept for revocations "
+                         "(--store-max-size)", what);
+                ab_log(LOG_WARNING, "%s", reason);
+                ab_conn_error(c, "io.agentbroker.LimitReached", reason, NULL);
+                return;
+        }
         snprintf(reason, sizeof reason, "%s: %s", what,
                  r == -ENOSPC ? "the broker's state store is full (disk or map)" : ab_strerror(r));
         ab_log(LOG_ERR, "%s", reason);

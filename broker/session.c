@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sodium.h>
+#include "log.h"
 #include "session.h"
 #include "../common/varlink.h"
 #include "../common/b64.h"
@@ -163,6 +164,11 @@ ab_session_verdict ab_session_check(ab_store *st, const ab_identity *id, const a
         } else if (r == 0) {
                 r = -ENOENT;
         }
+        /* a session opened before the host-wide cut-off is revoked even if the sweep that
+         * marks each one did not finish (ab_revoke_before: a full store) */
+        if (r == 0 && ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &v, &vl) == 0 && vl == 8 &&
+            ret->created < (int64_t)get_be64(v))
+                ret->state = AB_SESSION_REVOKED;
         ab_txn_abort(t);
         if (r < 0 || ret->uid != id->uid)
                 return AB_SESSION_NONE;
@@ -239,6 +245,13 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
                         ab_txn_abort(t);
                         *ret_new = false;
                         return -EAGAIN;
+                }
+                /* the store's last tenth is for revocations: an agent forking processes must not
+                 * fill it so that it cannot be revoked */
+                if (!ab_txn_room_to_grow(t)) {
+                        ab_txn_abort(t);
+                        *ret_new = false;
+                        return -EDQUOT;
                 }
         }
         r = store_session(t, &cur);
@@ -357,18 +370,6 @@ static int revoke_sweep(ab_store *st, sweep *w, unsigned *ret_n)
         r = ab_txn_foreach(w->t, AB_DB_SESSIONS, "s", 1, collect, w);
         for (size_t i = 0; r >= 0 && i < w->n_sids; i++)
                 r = revoke_session_txn(w->t, w->sids[i], w->now);
-        if (r >= 0 && !w->agent) {
-                uint8_t v[8];
-                const void *old;
-                size_t ol;
-                /* the cut-off only moves forward */
-                if (ab_txn_get(w->t, AB_DB_REVOCATIONS, "b", 1, &old, &ol) == 0 && ol == 8 &&
-                    (int64_t)get_be64(old) > w->before)
-                        put_be64(v, get_be64(old));
-                else
-                        put_be64(v, (uint64_t)w->before);
-                r = ab_txn_put(w->t, AB_DB_REVOCATIONS, "b", 1, v, sizeof v);
-        }
         free(w->sids);
         if (r < 0) {
                 ab_txn_abort(w->t);
@@ -386,10 +387,45 @@ int ab_revoke_agent(ab_store *st, const char *agent, int64_t now, unsigned *ret_
         return revoke_sweep(st, &w, ret_n);
 }
 
+/*
+ * The cut-off first, in a transaction of its own (one key: it fits when the
+ * store is full of an agent's sessions, which it must be able to end), then
+ * the sweep that marks each session it covers, for listings. Tokens and
+ * sessions are judged by the cut-off itself (ab_introspect_finish,
+ * ab_session_check), so a sweep that fails leaves the revocation in force.
+ */
 int ab_revoke_before(ab_store *st, int64_t t, int64_t now, unsigned *ret_n)
 {
         sweep w = { .before = t, .now = now };
-        return revoke_sweep(st, &w, ret_n);
+        ab_txn *tx;
+        uint8_t v[8];
+        const void *old;
+        size_t ol;
+        int r = ab_store_begin(st, true, &tx);
+
+        if (r < 0)
+                return r;
+        /* the cut-off only moves forward */
+        if (ab_txn_get(tx, AB_DB_REVOCATIONS, "b", 1, &old, &ol) == 0 && ol == 8 && (int64_t)get_be64(old) > t)
+                put_be64(v, get_be64(old));
+        else
+                put_be64(v, (uint64_t)t);
+        r = ab_txn_put(tx, AB_DB_REVOCATIONS, "b", 1, v, sizeof v);
+        if (r < 0) {
+                ab_txn_abort(tx);
+                return r;
+        }
+        r = ab_txn_commit(tx);
+        if (r < 0)
+                return r;
+        r = revoke_sweep(st, &w, ret_n);
+        if (r < 0) {
+                ab_log(LOG_WARNING, "revocation cut-off %lld is in force, but marking the sessions it covers failed "
+                       "(%s): they are refused all the same", (long long)t, ab_strerror(r));
+                if (ret_n)
+                        *ret_n = 0;
+        }
+        return 0;
 }
 
 /* ---- introspection ---------------------------------------------------------- */
@@ -643,6 +679,8 @@ int ab_pam_open(ab_store *st, const char *sid, const char *jti, const char *serv
                 r = ab_txn_foreach(t, AB_DB_SESSIONS, pk, sizeof pk, count_one, &n);
                 if (r >= 0 && n >= AB_PAM_PER_SESSION_MAX)
                         r = -EUSERS;
+                else if (r >= 0 && !ab_txn_room_to_grow(t))
+                        r = -EDQUOT; /* the last tenth is for revocations */
                 if (r < 0) {
                         ab_txn_abort(t);
                         free(text);

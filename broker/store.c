@@ -153,6 +153,29 @@ void ab_store_close(ab_store *s)
         free(s);
 }
 
+/* Pages of one database: branch, leaf and overflow (0 if it cannot be read: count what can). */
+static size_t db_pages(MDB_txn *txn, MDB_dbi dbi)
+{
+        MDB_stat st;
+        return mdb_stat(txn, dbi, &st) == 0 ? st.ms_branch_pages + st.ms_leaf_pages + st.ms_overflow_pages : 0;
+}
+
+bool ab_txn_room_to_grow(ab_txn *t)
+{
+        MDB_envinfo info;
+        MDB_stat env;
+        MDB_dbi main_dbi;
+        size_t used = db_pages(t->txn, 0); /* FREE_DBI: the free list's own pages */
+
+        if (mdb_env_info(t->s->env, &info) != 0 || mdb_env_stat(t->s->env, &env) != 0 || env.ms_psize == 0)
+                return false;
+        for (int i = 0; i < AB_DB__MAX; i++)
+                used += db_pages(t->txn, t->s->dbi[i]);
+        if (mdb_dbi_open(t->txn, NULL, 0, &main_dbi) == 0)
+                used += db_pages(t->txn, main_dbi);
+        return used * 10 < info.me_mapsize / env.ms_psize * 9;
+}
+
 int ab_store_begin(ab_store *s, bool write, ab_txn **ret)
 {
         ab_txn *t = calloc(1, sizeof *t);

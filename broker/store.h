@@ -42,6 +42,14 @@ int ab_txn_commit(ab_txn *t);
 void ab_txn_abort(ab_txn *t);
 
 /*
+ * Room to grow: false once the pages in use (every database, not the free
+ * ones) pass 90% of the map. What makes the store grow at a caller's will
+ * (new sessions, PAM records) checks it, so that revocations, which must
+ * always be recordable, keep the last tenth.
+ */
+bool ab_txn_room_to_grow(ab_txn *t);
+
+/*
  * Look up key. *ret_val points into the map, valid until the transaction
  * ends. Returns 0, -ENOENT, AB_ERR_STORE.
  */

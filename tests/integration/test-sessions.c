@@ -1966,6 +1966,70 @@ static void test_revoke_before_same_second_fails_closed(void **state)
 }
 
 /*
+ * A store filled by one agent's processes (each a session) must still take
+ * a revocation: with --store-max-size 1 (a 1 MiB map), processes of the
+ * agent open sessions until the store is 90% full; the next one gets
+ * LimitReached (no session), while revoke --before now still works and
+ * ends them all, and introspection of their tokens says revoked. An agent
+ * forking processes could otherwise fill the store so that it cannot be
+ * revoked.
+ */
+static void test_full_store_keeps_room_for_revocation(void **state)
+{
+        hx_broker *b = *state;
+        hx_run_result res;
+        json_t *first = NULL, *root;
+        char *tok0;
+        unsigned opened = 0;
+        bool refused = false;
+        hx_conn *c;
+
+        hx_add_arg(b, "--store-max-size");
+        hx_add_arg(b, "1");
+        start_with(b, NULL, -1);
+        c = hx_connect(b, b->sock);
+        tok0 = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
+        for (int i = 0; i < 3000 && !refused; i++) {
+                script sc = { 0 };
+                json_t *arr;
+                script_add(&sc, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+                arr = run_script(&sc, 0);
+                root = json_array_get(arr, 0);
+                if (hx_reply_error(root)) {
+                        if (strcmp(hx_reply_error(root), "io.agentbroker.LimitReached") != 0)
+                                fprintf(stderr, "process %d: %s\n", i, err_or_ok(root));
+                        assert_string_equal(hx_reply_error(root), "io.agentbroker.LimitReached");
+                        assert_non_null(strstr(hx_reply_str(root, "reason"), "90%"));
+                        refused = true;
+                } else {
+                        if (!first)
+                                first = json_incref(root);
+                        opened++;
+                }
+                json_decref(arr);
+        }
+        fprintf(stderr, "full store: %u sessions opened in a 1 MiB map before LimitReached\n", opened);
+        assert_true(refused);
+        assert_true(opened >= 50);
+        assert_non_null(first);
+        /* the process that has a session goes on (no new record needed) */
+        free(issue(c, AUD_GIT, "repo:read", NULL, 0, NULL));
+
+        /* the revocation fits, and ends every session, this one's and the forked ones' */
+        assert_int_equal(hx_ctl(b, -1, &res, "revoke", "--before", "now", NULL), 0);
+        ctl_expect(&res, 0);
+        hx_run_result_done(&res);
+        wait_wall((long long)time(NULL) + 2);
+        assert_string_equal(verdict(c, tok0, NULL), "revoked");
+        assert_string_equal(verdict(c, hx_reply_str(first, "token"), NULL), "revoked");
+        root = hx_rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+        hx_assert_error(root, "io.agentbroker.SessionRevoked");
+        json_decref(root);
+        json_decref(first);
+        free(tok0);
+}
+
+/*
  * Another uid (nobody, itself an agent) cannot revoke, attenuate or use
  * the first agent's tokens, sessions or PAM records; a uid that is no
  * agent cannot either. Introspection is open to anyone.
@@ -3166,6 +3230,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_revoke_own_on_agent_socket, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revoke_admin, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revoke_before, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_full_store_keeps_room_for_revocation, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revoke_before_same_second_fails_closed, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_other_uid_cannot_touch, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revocations_survive_kill9, hx_setup, teardown),
