@@ -84,7 +84,7 @@ static json_t *session_reply(const ab_session *s, const ab_agent *a, int64_t now
  * opened, and the caller may retry; a process is not bound for life to a
  * session revoked at birth.
  */
-#define CUTOFF_REASON "no session is opened before the host-wide revocation cut-off"
+#define CUTOFF_REASON "no session is opened within a revocation that covers it (the host-wide cut-off, or the second its agent was revoked)"
 
 static void cutoff_pending(ab_conn *c)
 {

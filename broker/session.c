@@ -63,7 +63,29 @@ static bool valid_id(const char *s, size_t len)
         return true;
 }
 
-static int load_session(ab_txn *t, const char *sid, ab_session *ret)
+/* "a" AGENT in the revocations: when the agent's sessions were last revoked (ab_revoke_agent). */
+static size_t agent_key(char k[2 + AB_ID_MAX], const char *agent)
+{
+        size_t n = strnlen(agent, AB_ID_MAX);
+        k[0] = 'a';
+        memcpy(k + 1, agent, n);
+        return 1 + n;
+}
+
+static bool agent_revoked_at(ab_txn *t, const char *agent, int64_t *ret)
+{
+        char k[2 + AB_ID_MAX];
+        const void *v;
+        size_t vl;
+
+        if (ab_txn_get(t, AB_DB_REVOCATIONS, k, agent_key(k, agent), &v, &vl) != 0 || vl != 8)
+                return false;
+        *ret = (int64_t)get_be64(v);
+        return true;
+}
+
+/* The session as stored (load_session adds what one-key revocations say). */
+static int load_session_raw(ab_txn *t, const char *sid, ab_session *ret)
 {
         char k[1 + AB_SID_LEN];
         const void *v;
@@ -81,6 +103,35 @@ static int load_session(ab_txn *t, const char *sid, ab_session *ret)
         if (ret->version != SESSION_VERSION)
                 return AB_ERR_STORE;
         ret->sid[AB_SID_LEN] = ret->agent[AB_ID_MAX] = ret->sha256[64] = ret->exe[AB_SESSION_EXE_MAX - 1] = '\0';
+        return 0;
+}
+
+static int load_session(ab_txn *t, const char *sid, ab_session *ret)
+{
+        const void *v;
+        size_t vl;
+        int r = load_session_raw(t, sid, ret);
+
+        if (r < 0)
+                return r;
+        if (ret->state != AB_SESSION_REVOKED) {
+                /* Revocations written as one key each (ab_revoke_before, ab_revoke_agent) hold
+                 * whether or not the sweep that marks every session they cover was written:
+                 * a session opened before the host-wide cut-off, or at or before its agent's
+                 * revocation, is revoked. */
+                int64_t cutoff = 0, agent_at = 0, when = 0;
+                if (ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &v, &vl) == 0 && vl == 8)
+                        cutoff = (int64_t)get_be64(v);
+                if (ret->created < cutoff)
+                        when = cutoff;
+                else if (agent_revoked_at(t, ret->agent, &agent_at) && ret->created <= agent_at)
+                        when = agent_at;
+                if (when) {
+                        ret->state = AB_SESSION_REVOKED;
+                        if (!ret->revoked_at)
+                                ret->revoked_at = when;
+                }
+        }
         return 0;
 }
 
@@ -164,11 +215,6 @@ ab_session_verdict ab_session_check(ab_store *st, const ab_identity *id, const a
         } else if (r == 0) {
                 r = -ENOENT;
         }
-        /* a session opened before the host-wide cut-off is revoked even if the sweep that
-         * marks each one did not finish (ab_revoke_before: a full store) */
-        if (r == 0 && ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &v, &vl) == 0 && vl == 8 &&
-            ret->created < (int64_t)get_be64(v))
-                ret->state = AB_SESSION_REVOKED;
         ab_txn_abort(t);
         if (r < 0 || ret->uid != id->uid)
                 return AB_SESSION_NONE;
@@ -235,13 +281,16 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
                 return r;
         if (*ret_new) {
                 /* Before the host-wide cut-off (in its own second, after the sweep,
-                 * or while a cut-off up to 60 s ahead is pending): no session is
-                 * opened, so revoke --before fails closed without binding a revoked
-                 * session to a process that only came a little early. */
+                 * or while a cut-off up to 60 s ahead is pending), or in the second
+                 * its agent was revoked: no session is opened, so the revocation
+                 * fails closed without binding a revoked session to a process that
+                 * only came a little early. */
                 const void *b;
                 size_t bl;
-                if (ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &b, &bl) == 0 && bl == 8 &&
-                    cur.created < (int64_t)get_be64(b)) {
+                int64_t agent_at;
+                if ((ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &b, &bl) == 0 && bl == 8 &&
+                     cur.created < (int64_t)get_be64(b)) ||
+                    (agent_revoked_at(t, a->id, &agent_at) && cur.created <= agent_at)) {
                         ab_txn_abort(t);
                         *ret_new = false;
                         return -EAGAIN;
@@ -277,7 +326,7 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
 static int revoke_session_txn(ab_txn *t, const char *sid, int64_t now)
 {
         ab_session s;
-        int r = load_session(t, sid, &s);
+        int r = load_session_raw(t, sid, &s); /* as stored: the sweep marks what a one-key revocation covers */
         if (r < 0)
                 return r;
         if (s.state == AB_SESSION_REVOKED)
@@ -381,10 +430,39 @@ static int revoke_sweep(ab_store *st, sweep *w, unsigned *ret_n)
         return r;
 }
 
+/*
+ * As ab_revoke_before: the agent's mark first (one key: it fits in a store
+ * that agent filled), then the sweep. load_session judges by the mark, so
+ * the revocation holds if the sweep cannot be written.
+ */
 int ab_revoke_agent(ab_store *st, const char *agent, int64_t now, unsigned *ret_n)
 {
         sweep w = { .agent = agent, .now = now };
-        return revoke_sweep(st, &w, ret_n);
+        char k[2 + AB_ID_MAX];
+        uint8_t v[8];
+        int64_t old = 0;
+        ab_txn *t;
+        int r = ab_store_begin(st, true, &t);
+
+        if (r < 0)
+                return r;
+        put_be64(v, (uint64_t)(agent_revoked_at(t, agent, &old) && old > now ? old : now));
+        r = ab_txn_put(t, AB_DB_REVOCATIONS, k, agent_key(k, agent), v, sizeof v);
+        if (r < 0) {
+                ab_txn_abort(t);
+                return r;
+        }
+        r = ab_txn_commit(t);
+        if (r < 0)
+                return r;
+        r = revoke_sweep(st, &w, ret_n);
+        if (r < 0) {
+                ab_log(LOG_WARNING, "agent %s is revoked, but marking its sessions failed (%s): they are refused all "
+                       "the same", agent, ab_strerror(r));
+                if (ret_n)
+                        *ret_n = 0;
+        }
+        return 0;
 }
 
 /*
