@@ -578,11 +578,11 @@ static void cut_back(ab_audit *a)
  */
 static int rotate(ab_audit *a)
 {
-        char from[4200], to[4200], next[4200], fresh[4200], prev[65], newest_drop[4200] = "", oldest_drop[4200] = "";
+        char from[4200], to[4200], next[4200], fresh[4200], prev[65], largest[4200] = "", smallest[4200] = "";
         int old_fd = a->fd, fd, r;
         uint64_t old_size = a->size, old_seq = a->seq, old_since = a->since_checkpoint;
         unsigned *ks = NULL;
-        size_t n = 0, dropped = 0;
+        size_t n = 0, shifted = 0, dropped = 0;
 
         /* this rotation makes one more: with AB_AUDIT_MAX_ROTATED there already, no */
         r = list_rotated(a->path, a->keep ? SIZE_MAX : AB_AUDIT_MAX_ROTATED - 1, &ks, &n);
@@ -610,46 +610,62 @@ static int rotate(ab_audit *a)
                 r = sync_once(a);
         if (r < 0)
                 goto undo;
-        for (size_t i = 0; i < n; i++) {
-                snprintf(from, sizeof from, "%s.%u", a->path, ks[i]);
-                if (a->keep && ks[i] >= a->keep) {
-                        if (unlink(from) < 0 && errno != ENOENT) {
-                                /* it stays; the rename onto its name below then fails */
-                                ab_log(LOG_WARNING, "audit log rotation: cannot delete %s: %s", from, strerror(errno));
-                                continue;
-                        }
-                        if (dropped++ == 0)
-                                snprintf(oldest_drop, sizeof oldest_drop, "%s", from);
-                        snprintf(newest_drop, sizeof newest_drop, "%s", from);
+        /* PATH.k -> PATH.k+1, largest first; none is deleted before the rotation is done,
+         * and a failure renames back what was moved, so a failed rotation loses nothing */
+        for (shifted = 0; shifted < n; shifted++) {
+                snprintf(from, sizeof from, "%s.%u", a->path, ks[shifted]);
+                snprintf(next, sizeof next, "%s.%u", a->path, ks[shifted] + 1);
+                r = move_noreplace(from, next);
+                if (r == -ENOENT) { /* archived away meanwhile */
+                        ks[shifted] = 0; /* nothing to move back or delete */
                         continue;
                 }
-                snprintf(next, sizeof next, "%s.%u", a->path, ks[i] + 1);
-                r = move_noreplace(from, next);
-                if (r == -ENOENT) /* archived away meanwhile */
-                        continue;
                 if (r < 0) {
                         ab_log(LOG_ERR, "audit log rotation: cannot rename %s to %s: %s", from, next, ab_strerror(r));
-                        goto undo;
+                        goto unshift;
                 }
         }
-        if (dropped == 1)
-                ab_log(LOG_WARNING, "audit log rotation deleted %s (--audit-keep %u)", oldest_drop, a->keep);
-        else if (dropped > 1)
-                ab_log(LOG_WARNING, "audit log rotation deleted %zu files, %s to %s (--audit-keep %u)", dropped,
-                       newest_drop, oldest_drop, a->keep);
         r = move_noreplace(a->path, to);
         if (r < 0)
-                goto undo;
+                goto unshift;
         if (rename(fresh, a->path) < 0) {
                 r = -errno;
                 (void)rename(to, a->path);
-                goto undo;
+                goto unshift;
         }
+        /* done: now the files past --audit-keep go, and the log names them (largest first) */
+        for (size_t i = 0; a->keep && i < n; i++) {
+                if (!ks[i] || ks[i] + 1 <= a->keep)
+                        continue;
+                snprintf(next, sizeof next, "%s.%u", a->path, ks[i] + 1);
+                if (unlink(next) < 0 && errno != ENOENT) {
+                        ab_log(LOG_WARNING, "audit log rotation: cannot delete %s (--audit-keep %u): %s", next, a->keep,
+                               strerror(errno));
+                        continue;
+                }
+                if (dropped++ == 0)
+                        snprintf(largest, sizeof largest, "%s", next);
+                snprintf(smallest, sizeof smallest, "%s", next);
+        }
+        if (dropped == 1)
+                ab_log(LOG_WARNING, "audit log rotation deleted %s (--audit-keep %u)", largest, a->keep);
+        else if (dropped > 1)
+                ab_log(LOG_WARNING, "audit log rotation deleted %zu files, %s to %s (--audit-keep %u)", dropped,
+                       smallest, largest, a->keep);
         free(ks);
         ab_close(old_fd);
         sync_dir(a->path);
         memset(a->hint, 0, sizeof *a->hint); /* offsets of the old file */
         return 0;
+unshift:
+        while (shifted-- > 0) {
+                if (!ks[shifted])
+                        continue;
+                snprintf(from, sizeof from, "%s.%u", a->path, ks[shifted]);
+                snprintf(next, sizeof next, "%s.%u", a->path, ks[shifted] + 1);
+                if (move_noreplace(next, from) < 0)
+                        ab_log(LOG_ERR, "audit log rotation: cannot rename %s back to %s", next, from);
+        }
 undo:
         free(ks);
         ab_close(fd);

@@ -1798,13 +1798,14 @@ static void test_rotation_keep_two(void **state)
         save_jwks(f, jwks, sizeof jwks);
         audit_file(b, apath, sizeof apath);
         c = hx_connect(b, b->sock);
-        /* rotations 3 and 4 each delete the file then at PATH.2 */
+        /* rotations 3 and 4 each delete the file that was PATH.2, once shifted to PATH.3 and the
+         * rotation done (a failed rotation deletes nothing) */
         while (log_count(b, "audit log rotation deleted") < 2 && total < 100000) {
                 assert_int_equal(introspect_many(c, 512, NULL), 512);
                 total += 512;
         }
         hx_stop_clean(b);
-        snprintf(line, sizeof line, "audit log rotation deleted %s.2 (--audit-keep 2)", apath);
+        snprintf(line, sizeof line, "audit log rotation deleted %s.3 (--audit-keep 2)", apath);
         if (log_count(b, line) != 2)
                 hx_broker_dump_log(b);
         assert_int_equal(log_count(b, line), 2);
@@ -1813,6 +1814,66 @@ static void test_rotation_keep_two(void **state)
         assert_true(rotated_exists(apath, 2));
         assert_false(rotated_exists(apath, 3));
         verify_rotated(b, apath, 2, jwks, 0);
+}
+
+/*
+ * A rotation that fails (here PATH.1 made immutable, as an admin sealing a
+ * file might; a full directory behaves the same) deletes nothing with
+ * --audit-keep: files are shifted first and shifted back on failure, and
+ * deleted only once the rotation is done (helper-24's reproducer lost two
+ * of three kept files, unlogged, in two failed rotations).
+ */
+static void test_failed_rotation_deletes_nothing(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], cmd[PATH_MAX + 32];
+        unsigned total = 0;
+        hx_conn *c;
+
+        hx_add_arg(b, "--audit-max-size");
+        hx_add_arg(b, "1");
+        hx_add_arg(b, "--audit-keep");
+        hx_add_arg(b, "3");
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
+        write_policy(b, NULL);
+        hx_start(b);
+        audit_file(b, apath, sizeof apath);
+        c = hx_connect(b, b->sock);
+        while (!rotated_exists(apath, 3) && total < 100000) {
+                assert_int_equal(introspect_many(c, 512, NULL), 512);
+                total += 512;
+        }
+        assert_true(rotated_exists(apath, 1) && rotated_exists(apath, 2) && rotated_exists(apath, 3));
+        snprintf(cmd, sizeof cmd, "chattr +i %s.1 2>/dev/null", apath);
+        if (system(cmd) != 0) {
+                hx_stop_clean(b);
+                skip(); /* the file system has no immutable flag */
+        }
+        while (log_count(b, "audit log rotation failed") < 2 && total < 200000) {
+                assert_int_equal(introspect_many(c, 512, NULL), 512);
+                total += 512;
+        }
+        snprintf(cmd, sizeof cmd, "chattr -i %s.1", apath);
+        assert_int_equal(system(cmd), 0);
+        assert_true(log_count(b, "audit log rotation failed") >= 2);
+        fprintf(stderr, "after failed rotations: .1 %d .2 %d .3 %d .4 %d; 'deleted' lines %u\n",
+                rotated_exists(apath, 1), rotated_exists(apath, 2), rotated_exists(apath, 3), rotated_exists(apath, 4),
+                log_count(b, "audit log rotation deleted"));
+        assert_true(rotated_exists(apath, 1));
+        assert_true(rotated_exists(apath, 2));
+        assert_true(rotated_exists(apath, 3));
+        assert_false(rotated_exists(apath, 4));
+        assert_int_equal(log_count(b, "audit log rotation deleted"), 0);
+        /* and once PATH.1 may move again, rotation goes on, deleting the oldest, named in the log */
+        while (log_count(b, "audit log rotation deleted") < 1 && total < 300000) {
+                assert_int_equal(introspect_many(c, 512, NULL), 512);
+                total += 512;
+        }
+        assert_int_equal(log_count(b, "audit log rotation deleted"), 1);
+        hx_stop_clean(b);
+        assert_false(rotated_exists(apath, 4));
 }
 
 /* --audit-keep takes 0 ... 10000: anything else is a usage error (exit 2), one line naming the option. */
@@ -2639,6 +2700,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_non_utf8_exe_recorded, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_session_opened_recorded_after_refusal, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_usage_not_counted_when_refused, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_failed_rotation_deletes_nothing, hx_fixture_setup, hx_fixture_teardown),
         };
         if (getenv("HX_FILTER"))
                 cmocka_set_test_filter(getenv("HX_FILTER"));
