@@ -749,7 +749,10 @@ void ab_m_admin_revoke(ab_conn *c, ab_vl_call *call)
                                       "no agent with this id in the compiled policy, and no session of one", NULL);
                         return;
                 }
-                snprintf(what, sizeof what, "%u sessions of agent %s", n, agent);
+                if (r == 1)
+                        snprintf(what, sizeof what, "agent %s (its sessions are refused; marking each failed)", agent);
+                else
+                        snprintf(what, sizeof what, "%u sessions of agent %s", n, agent);
         } else {
                 int64_t t = json_integer_value(json_object_get(p, "before"));
                 /* The cut-off never moves back, so a time in the future (a typo
@@ -761,7 +764,12 @@ void ab_m_admin_revoke(ab_conn *c, ab_vl_call *call)
                         return;
                 }
                 r = ab_revoke_before(c->m->store, t, now, &n);
-                snprintf(what, sizeof what, "every token and session (%u) before %lld", n, (long long)t);
+                if (r == 1)
+                        snprintf(what, sizeof what,
+                                 "every token and session before %lld (refused; marking each session failed)",
+                                 (long long)t);
+                else
+                        snprintf(what, sizeof what, "every token and session (%u) before %lld", n, (long long)t);
                 n++;
         }
         if (r < 0) {

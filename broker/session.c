@@ -461,6 +461,7 @@ int ab_revoke_agent(ab_store *st, const char *agent, int64_t now, unsigned *ret_
                        "the same", agent, ab_strerror(r));
                 if (ret_n)
                         *ret_n = 0;
+                return 1;
         }
         return 0;
 }
@@ -502,6 +503,7 @@ int ab_revoke_before(ab_store *st, int64_t t, int64_t now, unsigned *ret_n)
                        "(%s): they are refused all the same", (long long)t, ab_strerror(r));
                 if (ret_n)
                         *ret_n = 0;
+                return 1;
         }
         return 0;
 }

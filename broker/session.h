@@ -95,9 +95,10 @@ void ab_jti_new(const char *sid, char out[AB_TOKEN_JTI_LEN + 1]);
 int ab_revoke_jti(ab_store *st, const char *jti, int64_t keep_until);
 /* Revoke a session; -ENOENT if unknown. */
 int ab_revoke_session(ab_store *st, const char *sid, int64_t now);
-/* Revoke every session of agent; *ret_n sessions were revoked. */
+/* Revoke every session of agent; *ret_n sessions were marked. 0, 1 (in force, but marking the
+ * sessions failed: they are refused by the agent's mark), -errno. */
 int ab_revoke_agent(ab_store *st, const char *agent, int64_t now, unsigned *ret_n);
-/* Revoke every token issued and session opened before t. */
+/* Revoke every token issued and session opened before t. 0, 1 (as ab_revoke_agent), -errno. */
 int ab_revoke_before(ab_store *st, int64_t t, int64_t now, unsigned *ret_n);
 
 /* ---- introspection -------------------------------------------------------- */
