@@ -31,7 +31,10 @@
  * the I/O timeout; with 1,024 connections a uid could pin 64 MiB, and four
  * uids the broker's limit of connections. The buffers of one uid, and of
  * everyone, are capped: a connection whose buffer would grow past the cap is
- * told so and closed (small calls never grow a buffer).
+ * told so and closed. A buffer grows past 4 KiB only for a large message, or
+ * for many calls pipelined behind one that waits (for its signature or its
+ * audit batch): a connection that sends one small call at a time is never
+ * refused.
  */
 #define IN_BYTES_PER_UID (16u << 20)
 #define IN_BYTES_ALL (48u << 20)
@@ -684,7 +687,7 @@ static bool in_account(ab_conn *c)
         m->in_bytes = m->in_bytes - was + now;
         c->uslot->in_bytes = c->uslot->in_bytes - was + now;
         c->in_counted = now;
-        /* the first 4 KiB always: a small call is never refused */
+        /* the first 4 KiB always: one small call at a time is never refused */
         return now <= SMALL_IN || now < was || (c->uslot->in_bytes <= IN_BYTES_PER_UID && m->in_bytes <= IN_BYTES_ALL);
 }
 
