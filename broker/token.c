@@ -219,10 +219,20 @@ int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at
         for (i = 0; i < s->n_old; i++)
                 if (strcmp(s->old[i].kid, r.kid) == 0)
                         return 0;
-        /* newest first; the oldest falls off when full */
-        if (s->n_old == AB_MAX_RETIRED_KEYS)
+        /* Full: the key that stopped verifying longest ago goes (never one still in its overlap
+         * while an expired one is there; with every one in its overlap, the soonest to end). */
+        if (s->n_old == AB_MAX_RETIRED_KEYS) {
+                size_t drop = 0;
+                for (i = 1; i < s->n_old; i++)
+                        if (s->old[i].until < s->old[drop].until)
+                                drop = i;
+                if (s->old[drop].until > until)
+                        return 0; /* the new one would go first: keep the list as it is */
+                memmove(&s->old[drop], &s->old[drop + 1], (s->n_old - drop - 1) * sizeof s->old[0]);
                 s->n_old--;
-        for (i = 0; i < s->n_old && s->old[i].retired_at >= retired_at; i++)
+        }
+        /* newest first (a key retired in the same second as others goes before them) */
+        for (i = 0; i < s->n_old && s->old[i].retired_at > retired_at; i++)
                 ;
         memmove(&s->old[i + 1], &s->old[i], (s->n_old - i) * sizeof s->old[0]);
         s->old[i] = r;

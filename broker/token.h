@@ -13,7 +13,9 @@
 
 #define AB_KEY_FILE "signing.key"
 #define AB_JTI_LEN 22 /* base64url of 16 random bytes */
-#define AB_MAX_RETIRED_KEYS 16
+/* Retired public keys the broker keeps in memory (all stay in the store): for the JWKS while in
+ * their overlap, for ListKeys (audit checkpoints) after it. 256 fit ListKeys' 64 KiB reply. */
+#define AB_MAX_RETIRED_KEYS 256
 
 typedef struct ab_signer ab_signer;
 

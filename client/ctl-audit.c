@@ -124,6 +124,7 @@ typedef struct verifier {
         long long seq;       /* last seq seen, -1 before the first */
         char prev[65];       /* hash of the last line */
         unsigned records, checkpoints, unchecked;
+        unsigned tail;       /* records after the last verified checkpoint: protected by the chain only */
         json_t *broken;      /* the first broken record: {file, line, seq, error}, or NULL */
 } verifier;
 
@@ -209,8 +210,11 @@ static int verify_file(verifier *v, const char *path)
                         size_t sl = 0;
                         const char *sig64 = json_string_value(json_object_get(rec, "sig"));
                         const char *kid = json_string_value(json_object_get(rec, "kid"));
+                        const char *alg = json_string_value(json_object_get(rec, "alg"));
                         int in_len = ab_audit_checkpoint_input((uint64_t)seq, prev, input, sizeof input);
-                        if (!v->keys) {
+                        if (!alg || strcmp(alg, "EdDSA") != 0) {
+                                ex = fail_at(v, path, lineno, seq, "checkpoint alg is not EdDSA");
+                        } else if (!v->keys) {
                                 v->unchecked++;
                         } else if (!find_key(v, kid, pk)) {
                                 ex = fail_at(v, path, lineno, seq, "checkpoint signed by a key the broker does not list");
@@ -220,8 +224,11 @@ static int verify_file(verifier *v, const char *path)
                                 ex = fail_at(v, path, lineno, seq, "checkpoint signature does not verify");
                         } else {
                                 v->checkpoints++;
+                                v->tail = 0;
                         }
                 }
+                if (strcmp(event, "audit.checkpoint") != 0 || v->tail > 0 || !v->keys)
+                        v->tail++;
                 crypto_hash_sha256(h, (const uint8_t *)line, (size_t)n - 1);
                 sodium_bin2hex(hex, sizeof hex, h, sizeof h);
                 memcpy(v->prev, hex, sizeof hex);
@@ -320,10 +327,11 @@ static int cmd_audit_verify(const opts *o, int argc, char **argv)
                 json_t *fl = json_array(), *out;
                 for (size_t i = 0; i < n; i++)
                         json_array_append_new(fl, json_string(files[i]));
-                out = json_pack("{s:b, s:o, s:I, s:I, s:I, s:I}", "intact", ex == EXIT_OK, "files", fl,
+                out = json_pack("{s:b, s:o, s:I, s:I, s:I, s:I, s:I}", "intact", ex == EXIT_OK, "files", fl,
                                 "records", (json_int_t)v.records, "last_seq", (json_int_t)(v.records ? v.seq : 0),
                                 "checkpoints_verified", (json_int_t)v.checkpoints,
-                                "checkpoints_unchecked", (json_int_t)v.unchecked);
+                                "checkpoints_unchecked", (json_int_t)v.unchecked,
+                                "records_after_last_checkpoint", (json_int_t)v.tail);
                 if (out && v.broken)
                         json_object_set(out, "broken", v.broken);
                 if (!out || print_json(out) != EXIT_OK)
@@ -341,6 +349,9 @@ static int cmd_audit_verify(const opts *o, int argc, char **argv)
                 printf(", %u signed checkpoints verified", v.checkpoints);
                 if (v.unchecked)
                         printf(", %u not checked (no keys: run with --keys JWKS or a reachable broker)", v.unchecked);
+                if (v.tail)
+                        printf("; the last %u records follow the last verified checkpoint: the hash chain alone "
+                               "protects them (records added or edited there are not detected)", v.tail);
                 printf("\n");
         }
         json_decref(v.broken);

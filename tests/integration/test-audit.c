@@ -917,6 +917,41 @@ static void test_checkpoint_signatures(void **state)
                 snprintf(where, sizeof where, "%s:8: seq 8:", copy);
                 expect_broken(&f->b, copy, jwks, where, "does not list");
         }
+        /* the (last) checkpoint's alg changed: refused, whatever the signature */
+        {
+                char *alg = strstr(l.line[7], "\"alg\":\"EdDSA\"");
+                assert_non_null(alg);
+                alg[11] = 'a'; /* EdDSa */
+                int order[] = { 0, 1, 2, 3, 4, 5, 6, 7, -1 };
+                lines_write(&l, order, copy);
+                alg[11] = 'A';
+                snprintf(where, sizeof where, "%s:8: seq 8:", copy);
+                expect_broken(&f->b, copy, jwks, where, "alg is not EdDSA");
+        }
+        /* a record appended after the last checkpoint, chained right: the chain alone cannot tell, and
+         * verify says how many records only the chain protects */
+        {
+                uint8_t h[crypto_hash_sha256_BYTES];
+                char prev[65], extra[512];
+                int order[] = { 0, 1, 2, 3, 4, 5, 6, 7, -1 };
+                crypto_hash_sha256(h, (const uint8_t *)l.line[7], l.len[7] - 1);
+                sodium_bin2hex(prev, sizeof prev, h, sizeof h);
+                lines_write(&l, order, copy);
+                snprintf(extra, sizeof extra,
+                         "{\"seq\":9,\"prev\":\"%s\",\"time\":1,\"event\":\"token.issued\",\"decision\":\"grant\"}\n",
+                         prev);
+                w = fopen(copy, "ae");
+                assert_non_null(w);
+                fputs(extra, w);
+                assert_int_equal(fclose(w), 0);
+                const char *args[] = { "--file", copy, "--keys", jwks, NULL };
+                assert_int_equal(ctl_verify(&f->b, args, out, sizeof out), 0);
+                assert_non_null(strstr(out, "the last 1 records follow the last verified checkpoint"));
+                /* the file as written ends with a checkpoint: nothing after it */
+                const char *args2[] = { "--file", apath, "--keys", jwks, NULL };
+                assert_int_equal(ctl_verify(&f->b, args2, out, sizeof out), 0);
+                assert_null(strstr(out, "follow the last verified checkpoint"));
+        }
         /* a rewritten chain: record 4 (a token.issued) names another audience; prevs recomputed */
         {
                 char prev[65] = ZERO64;
@@ -994,6 +1029,60 @@ static void test_checkpoints_across_key_rotation(void **state)
         const char *args[] = { "--file", apath, "--keys", jwks, NULL };
         assert_int_equal(ctl_verify(b, args, out, sizeof out), 0);
         assert_non_null(strstr(out, "2 signed checkpoints verified"));
+}
+
+/*
+ * Many rotations: a key in its overlap is never dropped to make room. 19
+ * rotations with the default overlap (the broker kept 16 retired keys and
+ * dropped one in overlap: a live token became unknown_key and a checkpoint
+ * "signed by a key the broker does not list"), then 280 with overlap 0
+ * (--force): those go first, ListKeys still fits one message, the token
+ * issued before the first rotation is active, and the checkpoint its key
+ * signed verifies through the broker.
+ */
+static void test_many_rotations_keep_keys_in_overlap(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], jwks[PATH_MAX], out[4096], *tok;
+        json_t *root;
+        hx_conn *c, *adm;
+        hx_run_result res;
+
+        make_trail(f, 2, apath, sizeof apath, jwks, sizeof jwks); /* a checkpoint signed by the first key */
+        hx_start(b);
+        c = hx_connect(b, b->sock);
+        adm = hx_connect(b, b->admin_sock);
+        root = hx_call(c, ISSUE_GIT_READ);
+        hx_assert_ok(root);
+        tok = strdup(hx_reply_str(root, "token"));
+        json_decref(root);
+        for (int i = 0; i < 19 + 280; i++) {
+                root = hx_call(adm, i < 19 ? "{\"method\":\"io.agentbroker.admin.RotateKey\"}"
+                                           : "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":"
+                                             "{\"overlap\":0,\"force\":true}}");
+                hx_assert_ok(root);
+                json_decref(root);
+        }
+        root = callf(c, "{\"method\":\"io.agentbroker.Introspect\",\"parameters\":{\"token\":\"%s\"}}", tok);
+        hx_assert_ok(root);
+        if (!json_is_true(json_object_get(hx_reply_params(root), "active")))
+                fprintf(stderr, "after 299 rotations the first token is %s\n", hx_reply_str(root, "reason"));
+        assert_true(json_is_true(json_object_get(hx_reply_params(root), "active")));
+        json_decref(root);
+        {
+                const char *args[] = { "keys", "list", "--json", NULL };
+                ctlv(b, args, &res);
+                assert_int_equal(res.exit_code, 0);
+                hx_run_result_done(&res);
+        }
+        {
+                const char *none[] = { NULL };
+                assert_int_equal(ctl_verify(b, none, out, sizeof out), 0);
+                assert_non_null(strstr(out, "1 signed checkpoints verified"));
+        }
+        free(tok);
+        hx_stop_clean(b);
 }
 
 /* A checkpoint every 1000 records: signed, and the chain verifies with them. */
@@ -2672,6 +2761,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_verify_detects_missing_head, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_checkpoint_signatures, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_checkpoints_across_key_rotation, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_many_rotations_keep_keys_in_overlap, hx_fixture_setup,
+                                                hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_periodic_checkpoints, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_torn_tail_cut_on_restart, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_garbage_tail_refused, hx_fixture_setup, hx_fixture_teardown),
