@@ -252,6 +252,10 @@ static int parse_grant(ctx *c, json_t *jg, const char *path, ab_grant *g)
                 size_t i;
                 json_t *u;
                 snprintf(p, sizeof p, "%s.users", path);
+                if (strncmp(g->audience, "pam:", 4) != 0)
+                        report(c, AB_DIAG_WARNING, p,
+                               "\"users\" applies to logins (a pam: audience); on %s it only limits Introspect's user",
+                               g->audience);
                 if (!json_is_array(users) || json_array_size(users) > AB_POLICY_MAX_USERS) {
                         report(c, AB_DIAG_ERROR, p, "\"users\" must be an array of at most %d user names",
                                AB_POLICY_MAX_USERS);

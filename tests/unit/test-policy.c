@@ -2208,6 +2208,22 @@ static void test_lint_warnings(void **state)
         drop(p);
 }
 
+/* "users" outside a pam: audience: a warning (it limits only Introspect's user there). */
+static void test_lint_users_outside_pam(void **state)
+{
+        static const char doc[] =
+                "{\"version\": 1, \"agents\": [{\"id\": \"a\", \"owner\": \"o@example.com\", \"match\": {\"uid\": 0,"
+                " \"unit\": \"a.service\"}, \"grants\": ["
+                "{\"audience\": \"mcp://x\", \"scopes\": [\"r\"], \"users\": [\"bob\"]},"
+                "{\"audience\": \"pam:sshd\", \"scopes\": [\"login\"], \"users\": [\"bob\"]}]}]}";
+        ab_policy *p = load_ok(doc, true);
+
+        (void)state;
+        assert_finding(AB_DIAG_WARNING, "$.agents[0].grants[0].users", "pam:");
+        assert_false(rec_has(AB_DIAG_WARNING, "$.agents[0].grants[1].users", NULL));
+        drop(p);
+}
+
 static void test_lint_selectors(void **state)
 {
         ab_policy *p;
@@ -2331,6 +2347,7 @@ int main(void)
                 T(test_decide_wildcard),
                 T(test_decide_reason_truncated),
                 T(test_lint_warnings),
+                T(test_lint_users_outside_pam),
                 T(test_lint_selectors),
                 T(test_lint_overlap),
         };
