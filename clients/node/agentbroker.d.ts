@@ -139,8 +139,10 @@ export class Client {
   getKeys(): Promise<Jwks>;
   whoami(): Promise<Record<string, any>>;
   listSessions(): Promise<Session[]>;
+  /** Cached per (audience, set of scopes, ttl, task): reused only for an identical request. */
   token(audience: string, scopes: string | string[], options?: { ttl?: number; task?: string }): Promise<string>;
   cachedToken(audience: string, scopes: string | string[], options?: { ttl?: number; task?: string }): Promise<Token>;
+  /** Drops all, one audience's, or one (audience, scopes)'s cached tokens, whatever their ttl and task. */
   invalidate(audience?: string, scopes?: string | string[]): void;
 }
 

@@ -202,8 +202,18 @@ function scopeList(scopes) {
   return list;
 }
 
-function cacheKey(audience, scopes) {
-  return JSON.stringify([audience, [...new Set(scopes)].sort()]);
+// The broker grants a set: order and repetition do not change what a token allows.
+function scopeSet(scopes) {
+  return [...new Set(scopes)].sort();
+}
+
+// Everything IssueToken is asked, so a cached token answers only an identical
+// request: a token asked with ttl 30 is not handed to a caller who asked for
+// 300 (nor the reverse), and one labelled for a task is not reused for
+// another (the audit record names the task). undefined and null are both
+// "not given": neither is sent.
+function cacheKey(audience, scopes, ttl, task) {
+  return JSON.stringify([audience, scopeSet(scopes), ttl ?? null, task ?? null]);
 }
 
 function compact(params) {
@@ -528,8 +538,10 @@ export class Client {
   // -- token cache --
 
   /**
-   * A valid token string for (audience, scopes) from the cache, issuing a
-   * new one once the cached one has used refreshFraction (2/3) of its life.
+   * A valid token string for (audience, scopes, ttl, task) from the cache,
+   * issuing a new one once the cached one has used refreshFraction (2/3) of
+   * its life. A cached token is reused only for the same request: the same
+   * audience, set of scopes, ttl and task.
    */
   async token(audience, scopes, options = {}) {
     return (await this.cachedToken(audience, scopes, options)).token;
@@ -538,7 +550,7 @@ export class Client {
   /** As token(), but resolves with the Token. Concurrent callers for one key share one request. */
   cachedToken(audience, scopes, { ttl, task } = {}) {
     const list = scopeList(scopes);
-    const key = cacheKey(audience, list);
+    const key = cacheKey(audience, list, ttl, task);
     const t = this.#cache.get(key);
     if (t && this.#clock() < t.obtainedAt + Math.max(0, t.expiresIn) * this.#fraction) return Promise.resolve(t);
     let p = this.#inflight.get(key);
@@ -554,11 +566,14 @@ export class Client {
     return p;
   }
 
-  /** Drop cached tokens: all, one audience's, or one (audience, scopes). */
+  /** Drop cached tokens: all, one audience's, or one (audience, scopes)'s (whatever their ttl and task). */
   invalidate(audience = undefined, scopes = undefined) {
     if (audience === undefined) return this.#cache.clear();
-    if (scopes !== undefined) return void this.#cache.delete(cacheKey(audience, scopeList(scopes)));
-    for (const key of [...this.#cache.keys()]) if (JSON.parse(key)[0] === audience) this.#cache.delete(key);
+    const want = scopes === undefined ? undefined : JSON.stringify(scopeSet(scopeList(scopes)));
+    for (const key of [...this.#cache.keys()]) {
+      const [aud, set] = JSON.parse(key);
+      if (aud === audience && (want === undefined || JSON.stringify(set) === want)) this.#cache.delete(key);
+    }
   }
 }
 

@@ -259,6 +259,19 @@ def _scope_list(scopes):
     return out
 
 
+def _scope_set(scopes):
+    # the broker grants a set: order and repetition do not change what a token allows
+    return tuple(sorted(set(scopes)))
+
+
+def _cache_key(audience, scopes, ttl, task):
+    # Everything IssueToken is asked, so a cached token answers only an identical request: a
+    # token asked with ttl=60 is not handed to a caller who asked for 300 (nor the reverse), and
+    # one labelled for a task is not reused for another (the audit record names the task).
+    # ttl and task as they are sent (JSON), so 60, 60.0 and True stay apart.
+    return (audience, _scope_set(scopes), json.dumps(ttl), json.dumps(task))
+
+
 # ---- connection ---------------------------------------------------------------
 
 def default_socket_path():
@@ -501,14 +514,15 @@ class Client:
     # -- token cache --
 
     def token(self, audience, scopes, ttl=None, task=None):
-        """A valid token string for (audience, scopes) from the cache, issuing a new one when the
-        cached one has used refresh_fraction (2/3) of its lifetime."""
+        """A valid token string for (audience, scopes, ttl, task) from the cache, issuing a new
+        one when the cached one has used refresh_fraction (2/3) of its lifetime."""
         return self.cached_token(audience, scopes, ttl, task).token
 
     def cached_token(self, audience, scopes, ttl=None, task=None):
-        """As token(), but returns the Token."""
+        """As token(), but returns the Token. A cached token is reused only for the same request:
+        the same audience, set of scopes, ttl and task."""
         scopes = _scope_list(scopes)
-        key = (audience, tuple(sorted(set(scopes))))
+        key = _cache_key(audience, scopes, ttl, task)
         with self._lock:
             self._after_fork()
             t = self._cache.get(key)
@@ -523,15 +537,15 @@ class Client:
         return t.obtained_at + max(0, t.expires_in) * self._refresh_fraction
 
     def invalidate(self, audience=None, scopes=None):
-        """Drop cached tokens: all, one audience's, or one (audience, scopes)."""
+        """Drop cached tokens: all, one audience's, or one (audience, scopes)'s (whatever their
+        ttl and task)."""
         with self._lock:
             if audience is None:
                 self._cache.clear()
-            elif scopes is None:
-                for k in [k for k in self._cache if k[0] == audience]:
-                    del self._cache[k]
-            else:
-                self._cache.pop((audience, tuple(sorted(set(_scope_list(scopes))))), None)
+                return
+            want = None if scopes is None else _scope_set(_scope_list(scopes))
+            for k in [k for k in self._cache if k[0] == audience and (want is None or k[1] == want)]:
+                del self._cache[k]
 
     def _forget(self, pred):
         with self._lock:

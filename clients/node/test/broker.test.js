@@ -222,6 +222,27 @@ describe('against agent-brokerd', () => {
     }
   });
 
+  test('the token cache answers only the same request (ttl, task)', async () => {
+    const cc = await ab.connect();
+    try {
+      const short = await cc.cachedToken(NOTES, ['notes:read'], { ttl: 30 });
+      const long = await cc.cachedToken(NOTES, ['notes:read'], { ttl: 300 });
+      assert.notEqual(long.jti, short.jti);
+      let cl = claimsOf(long.token);
+      assert.equal(cl.exp - cl.iat, 300, 'ttl 300 gets a 300 s token, not the cached 30 s one');
+      cl = claimsOf(await cc.token(NOTES, ['notes:read'], { ttl: 30 }));
+      assert.deepEqual([cl.jti, cl.exp - cl.iat], [short.jti, 30]);
+      const a = await cc.cachedToken(NOTES, ['notes:read'], { ttl: 30, task: 'task A' });
+      const b = await cc.cachedToken(NOTES, ['notes:read'], { ttl: 30, task: 'task B' });
+      assert.equal(claimsOf(a.token).task, 'task A');
+      assert.equal(claimsOf(b.token).task, 'task B', 'a token labelled for task A is not reused for B');
+      assert.equal(claimsOf(short.token).task, undefined);
+      assert.equal((await cc.cachedToken(NOTES, ['notes:read'], { ttl: 30, task: 'task A' })).jti, a.jti);
+    } finally {
+      cc.close();
+    }
+  });
+
   test('ReauthRequired is handled', async () => {
     const first = await c.authenticate();
     await sleep((REAUTH + 1.1) * 1000);

@@ -402,6 +402,40 @@ describe('token cache', () => {
     assert.equal(await st.c.token('aud', 'a'), a);
   });
 
+  test('keyed by ttl and task too: reused only for the same request', async (t) => {
+    const st = await setup(t);
+    const c = st.c;
+    const params = () => st.fb.requests.at(-1).parameters;
+    const t30 = await c.cachedToken('aud', ['a'], { ttl: 30 });
+    const t300 = await c.cachedToken('aud', ['a'], { ttl: 300 });
+    assert.notEqual(t300.jti, t30.jti, 'a 30 s token is not what ttl 300 asked for');
+    assert.equal(t300.expiresIn, 300);
+    assert.equal(params().ttl, 300);
+    assert.equal((await c.cachedToken('aud', ['a'], { ttl: 30 })).jti, t30.jti);
+    assert.equal((await c.cachedToken('aud', ['a'], { ttl: 300 })).jti, t300.jti);
+    const d = await c.cachedToken('aud', ['a']);
+    assert.ok(![t30.jti, t300.jti].includes(d.jti), "no ttl (the policy's default) is a request of its own");
+    assert.equal(params().ttl, undefined);
+    assert.equal((await c.cachedToken('aud', ['a'], { ttl: null })).jti, d.jti, 'null and undefined both send no ttl');
+    const n = st.n;
+    const x = await c.cachedToken('aud', ['a'], { ttl: 30, task: 'triage #1' });
+    assert.equal(params().task, 'triage #1');
+    const y = await c.cachedToken('aud', ['a'], { ttl: 30, task: 'triage #2' });
+    assert.equal(params().task, 'triage #2');
+    assert.equal(new Set([x.jti, y.jti, t30.jti]).size, 3, 'a task label is not reused for another task');
+    assert.equal((await c.cachedToken('aud', ['a'], { ttl: 30, task: 'triage #1' })).jti, x.jti);
+    assert.equal(await c.token('aud', ['a'], { ttl: 30, task: 'triage #2' }), y.token);
+    assert.equal(st.n, n + 2);
+    // concurrent callers share a request only when they ask for the same token
+    const [p, q] = await Promise.all([c.cachedToken('b', ['a'], { ttl: 30 }), c.cachedToken('b', ['a'], { ttl: 60 })]);
+    assert.deepEqual([p.expiresIn, q.expiresIn], [30, 60]);
+    // invalidate(audience, scopes) drops them whatever their ttl and task
+    c.invalidate('aud', ['a']);
+    assert.notEqual((await c.cachedToken('aud', ['a'], { ttl: 30, task: 'triage #1' })).jti, x.jti);
+    assert.notEqual((await c.cachedToken('aud', ['a'], { ttl: 300 })).jti, t300.jti);
+    assert.equal((await c.cachedToken('b', ['a'], { ttl: 30 })).jti, p.jti, 'another audience stays');
+  });
+
   test('concurrent callers share one request', async (t) => {
     const st = await setup(t);
     const all = await Promise.all(Array.from({ length: 10 }, () => st.c.token('aud', ['a'])));

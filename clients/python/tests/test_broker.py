@@ -214,6 +214,23 @@ class TestBroker(unittest.TestCase):
         t3 = c.cached_token(NOTES, ["notes:read", "notes:write"], ttl=60)
         self.assertNotEqual(t3.jti, t2.jti, "a token revoked through the client leaves the cache")
 
+    def test_cache_answers_only_the_same_request(self):
+        c = ab.connect()
+        self.addCleanup(c.close)
+        short = c.cached_token(NOTES, ["notes:read"], ttl=60)
+        long = c.cached_token(NOTES, ["notes:read"], ttl=300)
+        self.assertNotEqual(long.jti, short.jti)
+        claims = jwt_part(long.token, 1)
+        self.assertEqual(claims["exp"] - claims["iat"], 300, "ttl=300 gets a 300 s token, not the cached 60 s one")
+        claims = jwt_part(c.token(NOTES, ["notes:read"], ttl=60), 1)
+        self.assertEqual((claims["jti"], claims["exp"] - claims["iat"]), (short.jti, 60))
+        a = c.cached_token(NOTES, ["notes:read"], ttl=60, task="task A")
+        b = c.cached_token(NOTES, ["notes:read"], ttl=60, task="task B")
+        self.assertEqual(jwt_part(a.token, 1).get("task"), "task A")
+        self.assertEqual(jwt_part(b.token, 1).get("task"), "task B", "a token labelled for task A is not reused for B")
+        self.assertNotIn("task", jwt_part(short.token, 1))
+        self.assertEqual(c.cached_token(NOTES, ["notes:read"], ttl=60, task="task A").jti, a.jti)
+
     def test_reauth_required_is_handled(self):
         first = self.c.authenticate()
         time.sleep(REAUTH + 1.1)

@@ -96,6 +96,10 @@ def token_reply(jti="j1", expires_in=300, scope="a b", now=None):
                            "sid": "s" * 22, "auth_time": now}}
 
 
+def fb_ttl(req):
+    return req.get("parameters", {}).get("ttl")
+
+
 def err(name, **params):
     return {"error": name, "parameters": params}
 
@@ -480,6 +484,31 @@ class TestCache(Base):
         d = c.token("other", ["a"])
         self.assertEqual(len({a, b, d}), 3)
         self.assertEqual(c.token("aud", "a"), a)
+
+    def test_keys_include_ttl_and_task(self):
+        c = self.c
+        t60 = c.cached_token("aud", ["a"], ttl=60)
+        t300 = c.cached_token("aud", ["a"], ttl=300)
+        self.assertNotEqual(t300.jti, t60.jti, "a 60 s token is not what ttl=300 asked for")
+        self.assertEqual(t300.expires_in, 300)
+        self.assertEqual(fb_ttl(self.fb.requests[-1]), 300)
+        self.assertEqual(c.cached_token("aud", ["a"], ttl=60).jti, t60.jti)
+        self.assertEqual(c.cached_token("aud", ["a"], ttl=300).jti, t300.jti)
+        d = c.cached_token("aud", ["a"])
+        self.assertNotIn(d.jti, (t60.jti, t300.jti), "no ttl (the policy's default) is a request of its own")
+        self.assertNotIn("ttl", self.fb.requests[-1].get("parameters", {}))
+        n = self.n
+        x = c.cached_token("aud", ["a"], ttl=60, task="triage #1")
+        y = c.cached_token("aud", ["a"], ttl=60, task="triage #2")
+        self.assertEqual(len({x.jti, y.jti, t60.jti}), 3, "a task label is not reused for another task")
+        self.assertEqual([r["parameters"].get("task") for r in self.fb.requests[-2:]], ["triage #1", "triage #2"])
+        self.assertEqual(c.cached_token("aud", ["a"], ttl=60, task="triage #1").jti, x.jti)
+        self.assertEqual(c.token("aud", ["a"], ttl=60, task="triage #2"), y.token)
+        self.assertEqual(self.n, n + 2)
+        # invalidate(audience, scopes) drops them whatever their ttl and task
+        c.invalidate("aud", ["a"])
+        self.assertNotEqual(c.cached_token("aud", ["a"], ttl=60, task="triage #1").jti, x.jti)
+        self.assertNotEqual(c.cached_token("aud", ["a"], ttl=300).jti, t300.jti)
 
     def test_invalidate_and_revoke_forget(self):
         c = self.c
