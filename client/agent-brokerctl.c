@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /* agent-brokerctl: ask the broker for tokens, and administer it. */
+#include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
+#include <limits.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +17,7 @@
 #include <jansson.h>
 #include <sodium.h>
 #include "agentbroker.h"
+#include "client-internal.h"
 #include "../common/util.h"
 #include "../broker/policy.h"
 #include "ctl.h"
@@ -46,7 +49,8 @@ static void usage(FILE *f)
                 "  policy check [--json] PATH...   validate policy files (no broker needed);\n"
                 "                      exit 0 clean, 1 warnings, 2 errors\n"
                 "  policy show [AGENT] [--json]    the compiled policy (admin socket)\n"
-                "  policy reload [--json]          recompile the policy sources now (admin socket)\n"
+                "  policy reload [--json]          recompile the policy sources now (admin socket);\n"
+                "                      refused: exit 1 and each finding, as policy check shows it\n"
                 "  policy sign --key FILE [--json] PATH   write PATH.sig, as a control plane would\n"
                 "  keygen --out FILE [--json]      make a control-plane signing key (FILE, FILE.pub)\n"
                 "  authenticate [--json]           open or re-authenticate this process's session\n"
@@ -169,7 +173,13 @@ int ctl_connect(const opts *o, bool admin, ab_client **ret)
         return 0;
 }
 
-int simple_call(const opts *o, bool admin, const char *method, json_t *params, json_t **ret)
+/*
+ * simple_call(), and when the broker answers with an error, *ret_error (if
+ * not NULL) gets {"error": NAME, "parameters": {...}} (a new reference;
+ * NULL for any other outcome), after the error was printed.
+ */
+static int call_keep_error(const opts *o, bool admin, const char *method, json_t *params, json_t **ret,
+                           json_t **ret_error)
 {
         ab_client *c = NULL;
         char *in = NULL, *out = NULL;
@@ -192,6 +202,9 @@ int simple_call(const opts *o, bool admin, const char *method, json_t *params, j
         free(in);
         if (r < 0) {
                 ex = ctl_fail(c, r, method);
+                if (ret_error && *ab_client_error_name(c))
+                        *ret_error = json_pack("{s:s, s:O?}", "error", ab_client_error_name(c), "parameters",
+                                               (json_t *)ab_client_error_parameters(c));
                 ab_client_free(c);
                 return ex;
         }
@@ -199,6 +212,11 @@ int simple_call(const opts *o, bool admin, const char *method, json_t *params, j
         *ret = json_loads(out, 0, NULL);
         ab_token_free(out);
         return *ret ? EXIT_OK : EXIT_ERROR;
+}
+
+int simple_call(const opts *o, bool admin, const char *method, json_t *params, json_t **ret)
+{
+        return call_keep_error(o, admin, method, params, ret, NULL);
 }
 
 static int parse_uint_arg(const char *what, const char *v, long max, long *ret);
@@ -482,6 +500,21 @@ static int cmd_whoami(const opts *o, int argc, char **argv)
         return ex;
 }
 
+/*
+ * One policy finding, as policy check and policy reload show it: the line
+ * "FILE: PATH: severity: message" on f, or (f NULL) appended to the JSON
+ * array findings as {file, path, severity, message}.
+ */
+static void put_finding(FILE *f, json_t *findings, const char *file, const char *path, const char *severity,
+                        const char *msg)
+{
+        if (f)
+                fprintf(f, "%s: %s: %s: %s\n", file, path, severity, msg);
+        else
+                json_array_append_new(findings, json_pack("{s:s, s:s, s:s, s:s}", "file", file, "path", path,
+                                                          "severity", severity, "message", msg));
+}
+
 typedef struct check_out {
         json_t *findings;
         bool as_json;
@@ -490,13 +523,31 @@ typedef struct check_out {
 static void check_emit(void *ud, int sev, const char *file, const char *path, const char *msg)
 {
         check_out *co = ud;
-        const char *s = sev == AB_DIAG_ERROR ? "error" : "warning";
 
-        if (co->as_json)
-                json_array_append_new(co->findings, json_pack("{s:s, s:s, s:s, s:s}", "file", file, "path", path,
-                                                              "severity", s, "message", msg));
-        else
-                printf("%s: %s: %s: %s\n", file, path, s, msg);
+        put_finding(co->as_json ? NULL : stdout, co->findings, file, path,
+                    sev == AB_DIAG_ERROR ? "error" : "warning", msg);
+}
+
+/*
+ * How many sources ab_policy_load_path() compiles from the directory dir:
+ * its *.json files, hidden ones left out (the same rule). -errno if it
+ * cannot be listed.
+ */
+static int count_policy_sources(const char *dir)
+{
+        DIR *d = opendir(dir);
+        struct dirent *de;
+        int n = 0;
+
+        if (!d)
+                return -errno;
+        while ((de = readdir(d))) {
+                size_t l = strlen(de->d_name);
+                if (de->d_name[0] != '.' && l >= 6 && strcmp(de->d_name + l - 5, ".json") == 0 && n < INT_MAX)
+                        n++;
+        }
+        closedir(d);
+        return n;
 }
 
 static int cmd_policy_check(int argc, char **argv)
@@ -526,17 +577,26 @@ static int cmd_policy_check(int argc, char **argv)
                 return EXIT_ERROR;
         for (; i < argc; i++) {
                 struct stat st;
+                char msg[256];
+                int r;
                 if (stat(argv[i], &st) == 0 && S_ISDIR(st.st_mode)) {
+                        /* compiled as the broker would (*.json in name order), and each of them is a file */
                         ab_policy *dp = NULL;
-                        /* a directory is compiled as the broker would: *.json in name order */
+                        r = count_policy_sources(argv[i]);
+                        if (r < 0) {
+                                snprintf(msg, sizeof msg, "cannot read: %s", ab_strerror(r));
+                                diag.errors++;
+                                check_emit(&co, AB_DIAG_ERROR, argv[i], "$", msg);
+                                continue;
+                        }
+                        files += r;
                         if (ab_policy_load_path(argv[i], &diag, &dp) == 0)
                                 ab_policy_free(dp);
                 } else {
                         char *text = NULL;
                         size_t len = 0;
-                        int r = ab_read_file(argv[i], AB_POLICY_MAX_FILE, &text, &len);
+                        r = ab_read_file(argv[i], AB_POLICY_MAX_FILE, &text, &len);
                         if (r < 0) {
-                                char msg[256];
                                 snprintf(msg, sizeof msg, "cannot read: %s", ab_strerror(r));
                                 diag.errors++;
                                 check_emit(&co, AB_DIAG_ERROR, argv[i], "$", msg);
@@ -544,8 +604,8 @@ static int cmd_policy_check(int argc, char **argv)
                                 (void)ab_policy_add_document(p, argv[i], text, len, &diag);
                         }
                         free(text);
+                        files++;
                 }
-                files++;
         }
         ab_policy_free(p);
         if (co.as_json) {
@@ -1115,6 +1175,48 @@ static int cmd_keygen_o(const opts *o, int argc, char **argv)
         return cmd_keygen(argc, argv);
 }
 
+#define POLICY_REJECTED "io.agentbroker.admin.PolicyRejected"
+
+/*
+ * A reload the broker refused (PolicyRejected, whose parameters carry
+ * "findings"): each finding on stderr as policy check prints it, and with
+ * as_json {error, reason, errors, warnings, findings} on stdout, findings
+ * as policy check --json gives them.
+ */
+static void show_rejected(const json_t *params, bool as_json)
+{
+        json_t *findings = json_array(), *f;
+        unsigned errors = 0, warnings = 0;
+        size_t i;
+
+        if (!findings)
+                return;
+        json_array_foreach(json_object_get(params, "findings"), i, f) {
+                const char *file = json_string_value(json_object_get(f, "file"));
+                const char *path = json_string_value(json_object_get(f, "path"));
+                const char *sev = json_string_value(json_object_get(f, "severity"));
+                const char *msg = json_string_value(json_object_get(f, "message"));
+                if (!file || !path || !sev || !msg)
+                        continue; /* not a finding */
+                if (strcmp(sev, "error") == 0)
+                        errors++;
+                else if (strcmp(sev, "warning") == 0)
+                        warnings++;
+                put_finding(stderr, NULL, file, path, sev, msg);
+                put_finding(NULL, findings, file, path, sev, msg);
+        }
+        if (as_json) {
+                const char *reason = json_string_value(json_object_get(params, "reason"));
+                json_t *out = json_pack("{s:s, s:s, s:i, s:i, s:O}", "error", POLICY_REJECTED, "reason",
+                                        reason ? reason : "", "errors", (int)errors, "warnings", (int)warnings,
+                                        "findings", findings);
+                if (out)
+                        print_json(out);
+                json_decref(out);
+        }
+        json_decref(findings);
+}
+
 static int cmd_policy(const opts *o, int argc, char **argv)
 {
         json_t *reply = NULL, *params = NULL;
@@ -1129,9 +1231,14 @@ static int cmd_policy(const opts *o, int argc, char **argv)
         if (strcmp(argv[1], "sign") == 0)
                 return cmd_policy_sign(argc - 1, argv + 1);
         if (strcmp(argv[1], "reload") == 0 && (argc == 2 || (argc == 3 && strcmp(argv[2], "--json") == 0))) {
-                ex = simple_call(o, true, "io.agentbroker.admin.ReloadPolicy", NULL, &reply);
-                if (ex)
+                json_t *err = NULL;
+                ex = call_keep_error(o, true, "io.agentbroker.admin.ReloadPolicy", NULL, &reply, &err);
+                if (ex) {
+                        if (err && strcmp(json_string_value(json_object_get(err, "error")), POLICY_REJECTED) == 0)
+                                show_rejected(json_object_get(err, "parameters"), argc == 3);
+                        json_decref(err);
                         return ex;
+                }
                 if (argc == 3)
                         print_json(reply);
                 else

@@ -37,4 +37,12 @@ int ab_encode_token_call(const char *method, const char *token, const json_t *pa
 int ab_client_call_token(ab_client *c, const char *method, const char *token, const json_t *params,
                          json_t **ret_params);
 
+/*
+ * The parameters object of the error reply that ab_client_error_name()
+ * names (e.g. PolicyRejected's "reason" and "findings"), borrowed: valid
+ * until the next call on c or ab_client_free(). NULL when that names no
+ * error reply (the call succeeded, or the transport failed), or c is NULL.
+ */
+const json_t *ab_client_error_parameters(const ab_client *c);
+
 #endif

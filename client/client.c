@@ -28,6 +28,7 @@ struct ab_client {
         ab_frame in;
         char error_name[256];
         char error_message[512];
+        json_t *error_params; /* the last error reply's parameters, or NULL */
 };
 
 #define AB_EXPORT __attribute__((visibility("default")))
@@ -60,6 +61,8 @@ static int wait_fd(int fd, short events, int64_t deadline)
 
 static void set_error(ab_client *c, const char *name, const char *msg)
 {
+        json_decref(c->error_params);
+        c->error_params = NULL;
         snprintf(c->error_name, sizeof c->error_name, "%s", name ? name : "");
         snprintf(c->error_message, sizeof c->error_message, "%s", msg ? msg : "");
 }
@@ -132,6 +135,7 @@ AB_EXPORT void ab_client_free(ab_client *c)
         if (c->in.buf)
                 sodium_memzero(c->in.buf, c->in.cap); /* replies may hold tokens */
         ab_frame_free(&c->in);
+        json_decref(c->error_params);
         free(c);
 }
 
@@ -236,7 +240,7 @@ static int call_message(ab_client *c, const char *msg, size_t len, json_t **ret_
                             ? AB_ERR_DENIED
                             : AB_ERR_REMOTE;
                 free(err);
-                json_decref(reply);
+                c->error_params = reply; /* reasons, names and findings, never a token: see ab_client_error_parameters() */
                 return r;
         }
         *ret_params = reply;
@@ -453,5 +457,10 @@ AB_EXPORT const char *ab_client_error_name(const ab_client *c)
 AB_EXPORT const char *ab_client_error_message(const ab_client *c)
 {
         return c ? c->error_message : "";
+}
+
+const json_t *ab_client_error_parameters(const ab_client *c)
+{
+        return c ? c->error_params : NULL;
 }
 

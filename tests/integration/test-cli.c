@@ -4,7 +4,8 @@
  * every command that prints data (and --help and the man page say so),
  * keys --jwks --out (publishing the JWKS), token --out --refresh across
  * the broker's idle-connection timeout, the message for an admin socket
- * that refuses this user, and the bash completion.
+ * that refuses this user, the bash completion, policy check of a
+ * directory (how many files) and a refused policy reload (its findings).
  */
 #include <dirent.h>
 #include <errno.h>
@@ -31,19 +32,25 @@
 /* ---- fixtures ----------------------------------------------------------------- */
 
 /* This test's uid is the agent cli-agent; nobody is nobody-agent. */
-static void start(hx_broker *b)
+static void policy_text(char *policy, size_t max)
 {
-        char policy[1024];
         int n;
 
-        n = snprintf(policy, sizeof policy,
+        n = snprintf(policy, max,
                      "{\"version\": 1, \"agents\": [\n"
                      " {\"id\": \"" AGENT_ID "\", \"owner\": \"alice@example.com\", \"match\": {\"uid\": %d},\n"
                      "  \"grants\": [{\"audience\": \"" AUD "\", \"scopes\": [\"read\", \"write\"], \"max_ttl\": 600}]},\n"
                      " {\"id\": \"nobody-agent\", \"owner\": \"bob@example.com\", \"match\": {\"uid\": %d},\n"
                      "  \"grants\": [{\"audience\": \"" AUD "\", \"scopes\": [\"read\"], \"max_ttl\": 600}]}]}\n",
                      (int)geteuid(), HX_NOBODY_UID);
-        assert_true(n > 0 && (size_t)n < sizeof policy);
+        assert_true(n > 0 && (size_t)n < max);
+}
+
+static void start(hx_broker *b)
+{
+        char policy[1024];
+
+        policy_text(policy, sizeof policy);
         assert_int_equal(hx_broker_write_policy(b, policy), 0);
         hx_start(b);
 }
@@ -686,6 +693,204 @@ static void test_token_refresh_reconnects_quietly(void **state)
         free(text);
 }
 
+/* ---- policy check DIR, policy reload refused ------------------------------------------------ */
+
+/* Two sources that do not compile, with what policy check says of them. */
+#define BAD_ID_SRC "{\"version\": 1, \"agents\": [{\"id\": \"bad agent!\", \"match\": {\"uid\": 5}, \"grants\": []}]}\n"
+#define BAD_ID_PATH "$.agents[0]"
+#define BAD_ID_MSG "\"id\" may hold only letters, digits and - _ . @ (at most 64)"
+#define BAD_KEY_SRC "{\"version\": 1, \"agents\": [], \"extra\": 1}\n"
+#define BAD_KEY_MSG "unknown key \"extra\""
+/* and one with two errors (the broker reports the first source that fails, with all its findings) */
+#define BAD_TWO_SRC                                                                                             \
+        "{\"version\": 1, \"agents\": [{\"id\": \"bad agent!\", \"owner\": \"a@example.com\", \"match\": {\"uid\": 5}, " \
+        "\"grants\": []}, {\"id\": \"ok\", \"owner\": \"a@example.com\", \"match\": {\"uid\": 6}, \"grants\": "           \
+        "[{\"audience\": \"mcp://x\", \"scopes\": [\"r\"], \"max_ttl\": 99999999}]}]}\n"
+#define BAD_TTL_PATH "$.agents[1].grants[0]"
+#define BAD_TTL_MSG "\"max_ttl\" must be between 1 and 86400 seconds"
+
+static void write_in(const char *dir, const char *name, const char *text)
+{
+        char path[PATH_MAX + 64];
+
+        assert_true((size_t)snprintf(path, sizeof path, "%s/%s", dir, name) < sizeof path);
+        assert_int_equal(hx_write_file(path, text, 0644), 0);
+}
+
+/* text holds the line "DIR/NAME: PATH: SEVERITY: MESSAGE" (a whole line). */
+static void assert_finding_line(const char *text, const char *dir, const char *name, const char *path,
+                                const char *sev, const char *msg)
+{
+        char line[PATH_MAX + 512];
+        const char *p;
+
+        snprintf(line, sizeof line, "%s/%s: %s: %s: %s\n", dir, name, path, sev, msg);
+        p = strstr(text, line);
+        if (!p || (p != text && p[-1] != '\n'))
+                fprintf(stderr, "no line \"%.*s\" in:\n%s\n", (int)strlen(line) - 1, line, text);
+        assert_true(p && (p == text || p[-1] == '\n'));
+}
+
+/* findings (an array) holds {file: DIR/NAME, path, severity, message}. */
+static void assert_finding_json(json_t *findings, const char *dir, const char *name, const char *path,
+                                const char *sev, const char *msg)
+{
+        char file[PATH_MAX + 64];
+        json_t *want, *f;
+        size_t i;
+        bool found = false;
+
+        snprintf(file, sizeof file, "%s/%s", dir, name);
+        want = json_pack("{s:s, s:s, s:s, s:s}", "file", file, "path", path, "severity", sev, "message", msg);
+        assert_non_null(want);
+        assert_true(json_is_array(findings));
+        json_array_foreach(findings, i, f) found = found || json_equal(f, want);
+        if (!found) {
+                char *a = json_dumps(findings, JSON_INDENT(2)), *w = json_dumps(want, 0);
+                fprintf(stderr, "no finding %s in %s\n", w, a);
+                free(a);
+                free(w);
+        }
+        assert_true(found);
+        json_decref(want);
+}
+
+/*
+ * policy check DIR counts the sources it compiles (each *.json of the
+ * directory, not hidden ones), as policy check DIR/\*.json does: it said
+ * "1 file" for any directory.
+ */
+static void test_policy_check_counts_directory_sources(void **state)
+{
+        hx_broker *b = *state;
+        hx_run_result res;
+        char dir[PATH_MAX + 64], empty[PATH_MAX + 64], one[PATH_MAX + 64], f[4][PATH_MAX + 64], policy[1024];
+        static const char *const names[4] = { "10-agents.json", "20-empty.json", "30-bad-id.json", "40-bad-key.json" };
+        json_t *j;
+
+        policy_text(policy, sizeof policy);
+        snprintf(dir, sizeof dir, "%s/policy.d", b->dir);
+        assert_int_equal(mkdir(dir, 0755), 0);
+        write_in(dir, names[0], policy);
+        write_in(dir, names[1], "{\"version\": 1, \"agents\": []}\n");
+        write_in(dir, names[2], BAD_ID_SRC);
+        write_in(dir, names[3], BAD_KEY_SRC);
+        /* not sources: another extension, a hidden file (which would not compile) */
+        write_in(dir, "README", "not a source\n");
+        write_in(dir, ".hidden.json", "{}\n");
+        for (int i = 0; i < 4; i++)
+                snprintf(f[i], sizeof f[i], "%s/%s", dir, names[i]);
+
+        CTL(b, -1, &res, 2, "policy", "check", dir);
+        assert_non_null(strstr(res.out, "\n4 files: 2 errors, "));
+        assert_finding_line(res.out, dir, names[2], BAD_ID_PATH, "error", BAD_ID_MSG);
+        assert_finding_line(res.out, dir, names[3], "$", "error", BAD_KEY_MSG);
+        assert_null(strstr(res.out, ".hidden.json"));
+        hx_run_result_done(&res);
+        /* the same as naming each source */
+        CTL(b, -1, &res, 2, "policy", "check", f[0], f[1], f[2], f[3]);
+        assert_non_null(strstr(res.out, "\n4 files: 2 errors, "));
+        hx_run_result_done(&res);
+
+        CTL(b, -1, &res, 2, "policy", "check", "--json", dir);
+        j = json_of("policy check --json DIR", res.out);
+        assert_int_equal(json_integer_value(json_object_get(j, "files")), 4);
+        assert_int_equal(json_integer_value(json_object_get(j, "errors")), 2);
+        assert_finding_json(json_object_get(j, "findings"), dir, names[2], BAD_ID_PATH, "error", BAD_ID_MSG);
+        json_decref(j);
+        hx_run_result_done(&res);
+        CTL(b, -1, &res, 2, "policy", "check", "--json", f[0], f[1], f[2], f[3]);
+        j = json_of("policy check --json DIR/*.json", res.out);
+        assert_int_equal(json_integer_value(json_object_get(j, "files")), 4);
+        json_decref(j);
+        hx_run_result_done(&res);
+
+        /* a directory and a file: 5; an empty directory: none; one source: 1 */
+        CTL(b, -1, &res, 2, "policy", "check", "--json", dir, f[1]);
+        j = json_of("policy check --json DIR FILE", res.out);
+        assert_int_equal(json_integer_value(json_object_get(j, "files")), 5);
+        json_decref(j);
+        hx_run_result_done(&res);
+        snprintf(empty, sizeof empty, "%s/empty.d", b->dir);
+        assert_int_equal(mkdir(empty, 0755), 0);
+        CTL(b, -1, &res, 0, "policy", "check", empty);
+        assert_string_equal(res.out, "0 files: 0 errors, 0 warnings\n");
+        hx_run_result_done(&res);
+        snprintf(one, sizeof one, "%s/one.d", b->dir);
+        assert_int_equal(mkdir(one, 0755), 0);
+        write_in(one, "only.json", "{\"version\": 1, \"agents\": []}\n");
+        CTL(b, -1, &res, 0, "policy", "check", one);
+        assert_string_equal(res.out, "1 file: 0 errors, 0 warnings\n");
+        hx_run_result_done(&res);
+}
+
+/*
+ * policy reload that the broker refuses (PolicyRejected): each finding on
+ * stderr as policy check prints it, and with --json an object with the
+ * findings on stdout; exit 1 as before, and the policy in force is kept.
+ * It said only "...: invalid policy (2 errors)" and printed nothing with
+ * --json.
+ */
+static void test_policy_reload_shows_findings(void **state)
+{
+        hx_broker *b = *state;
+        hx_run_result res;
+        char dir[PATH_MAX + 64], policy[1024];
+        json_t *j, *check, *f;
+        size_t i;
+
+        /* the broker on a directory of sources, as installed */
+        policy_text(policy, sizeof policy);
+        snprintf(dir, sizeof dir, "%s/policy.d", b->dir);
+        assert_int_equal(mkdir(dir, 0755), 0);
+        write_in(dir, "10-agents.json", policy);
+        assert_true((size_t)snprintf(b->policy, sizeof b->policy, "%s", dir) < sizeof b->policy);
+        hx_start(b);
+        CTL(b, -1, &res, 0, "policy", "reload");
+        hx_run_result_done(&res);
+
+        write_in(dir, "30-bad.json", BAD_TWO_SRC);
+
+        CTL(b, -1, &res, 1, "policy", "reload");
+        assert_string_equal(res.out, "");
+        assert_non_null(strstr(res.err, "io.agentbroker.admin.PolicyRejected: "));
+        assert_finding_line(res.err, dir, "30-bad.json", BAD_ID_PATH, "error", BAD_ID_MSG);
+        assert_finding_line(res.err, dir, "30-bad.json", BAD_TTL_PATH, "error", BAD_TTL_MSG);
+        hx_run_result_done(&res);
+
+        CTL(b, -1, &res, 1, "policy", "reload", "--json");
+        j = json_of("policy reload --json (rejected)", res.out);
+        assert_string_equal(str(j, "error"), "io.agentbroker.admin.PolicyRejected");
+        assert_non_null(strstr(str(j, "reason"), "invalid policy"));
+        assert_int_equal(json_integer_value(json_object_get(j, "errors")), 2);
+        assert_true(json_is_integer(json_object_get(j, "warnings")));
+        assert_finding_json(json_object_get(j, "findings"), dir, "30-bad.json", BAD_ID_PATH, "error", BAD_ID_MSG);
+        assert_finding_json(json_object_get(j, "findings"), dir, "30-bad.json", BAD_TTL_PATH, "error", BAD_TTL_MSG);
+        /* the lines are on stderr with --json too */
+        assert_finding_line(res.err, dir, "30-bad.json", BAD_TTL_PATH, "error", BAD_TTL_MSG);
+        hx_run_result_done(&res);
+
+        /* the shape of policy check --json: each finding the broker gave, policy check gives */
+        CTL(b, -1, &res, 2, "policy", "check", "--json", dir);
+        check = json_of("policy check --json", res.out);
+        assert_int_equal(json_integer_value(json_object_get(check, "errors")), 2);
+        json_array_foreach(json_object_get(j, "findings"), i, f) {
+                assert_finding_json(json_object_get(check, "findings"), dir, strrchr(str(f, "file"), '/') + 1,
+                                    str(f, "path"), str(f, "severity"), str(f, "message"));
+                assert_int_equal(json_object_size(f), 4);
+        }
+        json_decref(check);
+        json_decref(j);
+        hx_run_result_done(&res);
+
+        /* the policy in force is kept */
+        CTL(b, -1, &res, 0, "whoami", "--json");
+        j = json_of("whoami --json", res.out);
+        assert_string_equal(str(j, "agent"), AGENT_ID);
+        json_decref(j);
+        hx_run_result_done(&res);
+}
+
 /* ---- the admin socket refuses this user ------------------------------------------------- */
 
 static void test_admin_socket_permission_denied(void **state)
@@ -840,9 +1045,11 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_token_refresh_reconnects_quietly, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_admin_socket_permission_denied, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_bash_completion, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_policy_check_counts_directory_sources, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_policy_reload_shows_findings, hx_setup, hx_teardown),
         };
         if (getenv("HX_FILTER"))
                 cmocka_set_test_filter(getenv("HX_FILTER"));
-        return cmocka_run_group_tests_name("integration: agent-brokerctl (--json, JWKS, refresh, completion)", tests,
+        return cmocka_run_group_tests_name("integration: agent-brokerctl (--json, JWKS, refresh, completion, policy)", tests,
                                            NULL, NULL);
 }
