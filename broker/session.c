@@ -431,23 +431,28 @@ static int revoke_sweep(ab_store *st, sweep *w, unsigned *ret_n)
 }
 
 /*
- * As ab_revoke_before: the agent's mark first (one key: it fits in a store
- * that agent filled), then the sweep. load_session judges by the mark, so
- * the revocation holds if the sweep cannot be written.
+ * A one-key revocation (the host-wide cut-off "b", or "a"+AGENT): the key
+ * first, in a transaction of its own (it fits when the store is full of an
+ * agent's sessions, which it must be able to end), moving only forward;
+ * then the sweep that marks each session it covers, for listings.
+ * load_session judges every session by the key itself, so a sweep that
+ * fails leaves the revocation in force: 1, and the log says so.
  */
-int ab_revoke_agent(ab_store *st, const char *agent, int64_t now, unsigned *ret_n)
+static int mark_then_sweep(ab_store *st, const char *k, size_t kl, int64_t when, sweep *w, unsigned *ret_n,
+                           const char *what)
 {
-        sweep w = { .agent = agent, .now = now };
-        char k[2 + AB_ID_MAX];
         uint8_t v[8];
-        int64_t old = 0;
+        const void *old;
+        size_t ol;
         ab_txn *t;
         int r = ab_store_begin(st, true, &t);
 
         if (r < 0)
                 return r;
-        put_be64(v, (uint64_t)(agent_revoked_at(t, agent, &old) && old > now ? old : now));
-        r = ab_txn_put(t, AB_DB_REVOCATIONS, k, agent_key(k, agent), v, sizeof v);
+        if (ab_txn_get(t, AB_DB_REVOCATIONS, k, kl, &old, &ol) == 0 && ol == 8 && (int64_t)get_be64(old) > when)
+                when = (int64_t)get_be64(old);
+        put_be64(v, (uint64_t)when);
+        r = ab_txn_put(t, AB_DB_REVOCATIONS, k, kl, v, sizeof v);
         if (r < 0) {
                 ab_txn_abort(t);
                 return r;
@@ -455,10 +460,10 @@ int ab_revoke_agent(ab_store *st, const char *agent, int64_t now, unsigned *ret_
         r = ab_txn_commit(t);
         if (r < 0)
                 return r;
-        r = revoke_sweep(st, &w, ret_n);
+        r = revoke_sweep(st, w, ret_n);
         if (r < 0) {
-                ab_log(LOG_WARNING, "agent %s is revoked, but marking its sessions failed (%s): they are refused all "
-                       "the same", agent, ab_strerror(r));
+                ab_log(LOG_WARNING, "%s is in force, but marking its sessions failed (%s): they are refused all the "
+                       "same", what, ab_strerror(r));
                 if (ret_n)
                         *ret_n = 0;
                 return 1;
@@ -466,46 +471,22 @@ int ab_revoke_agent(ab_store *st, const char *agent, int64_t now, unsigned *ret_
         return 0;
 }
 
-/*
- * The cut-off first, in a transaction of its own (one key: it fits when the
- * store is full of an agent's sessions, which it must be able to end), then
- * the sweep that marks each session it covers, for listings. Tokens and
- * sessions are judged by the cut-off itself (ab_introspect_finish,
- * ab_session_check), so a sweep that fails leaves the revocation in force.
- */
+int ab_revoke_agent(ab_store *st, const char *agent, int64_t now, unsigned *ret_n)
+{
+        sweep w = { .agent = agent, .now = now };
+        char k[2 + AB_ID_MAX], what[AB_ID_MAX + 32];
+
+        snprintf(what, sizeof what, "the revocation of agent %s", agent);
+        return mark_then_sweep(st, k, agent_key(k, agent), now, &w, ret_n, what);
+}
+
 int ab_revoke_before(ab_store *st, int64_t t, int64_t now, unsigned *ret_n)
 {
         sweep w = { .before = t, .now = now };
-        ab_txn *tx;
-        uint8_t v[8];
-        const void *old;
-        size_t ol;
-        int r = ab_store_begin(st, true, &tx);
+        char what[64];
 
-        if (r < 0)
-                return r;
-        /* the cut-off only moves forward */
-        if (ab_txn_get(tx, AB_DB_REVOCATIONS, "b", 1, &old, &ol) == 0 && ol == 8 && (int64_t)get_be64(old) > t)
-                put_be64(v, get_be64(old));
-        else
-                put_be64(v, (uint64_t)t);
-        r = ab_txn_put(tx, AB_DB_REVOCATIONS, "b", 1, v, sizeof v);
-        if (r < 0) {
-                ab_txn_abort(tx);
-                return r;
-        }
-        r = ab_txn_commit(tx);
-        if (r < 0)
-                return r;
-        r = revoke_sweep(st, &w, ret_n);
-        if (r < 0) {
-                ab_log(LOG_WARNING, "revocation cut-off %lld is in force, but marking the sessions it covers failed "
-                       "(%s): they are refused all the same", (long long)t, ab_strerror(r));
-                if (ret_n)
-                        *ret_n = 0;
-                return 1;
-        }
-        return 0;
+        snprintf(what, sizeof what, "the revocation cut-off %lld", (long long)t);
+        return mark_then_sweep(st, "b", 1, t, &w, ret_n, what);
 }
 
 /* ---- introspection ---------------------------------------------------------- */
