@@ -106,33 +106,40 @@ static int load_session_raw(ab_txn *t, const char *sid, ab_session *ret)
         return 0;
 }
 
-static int load_session(ab_txn *t, const char *sid, ab_session *ret)
+/*
+ * Revocations written as one key each (ab_revoke_before, ab_revoke_agent)
+ * hold whether or not the sweep that marks every session they cover was
+ * written: a session opened before the host-wide cut-off, or at or before
+ * its agent's revocation, is revoked.
+ */
+static void apply_marks(ab_txn *t, ab_session *s)
 {
+        int64_t cutoff = 0, agent_at = 0, when = 0;
         const void *v;
         size_t vl;
+
+        if (s->state == AB_SESSION_REVOKED)
+                return;
+        if (ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &v, &vl) == 0 && vl == 8)
+                cutoff = (int64_t)get_be64(v);
+        if (s->created < cutoff)
+                when = cutoff;
+        else if (agent_revoked_at(t, s->agent, &agent_at) && s->created <= agent_at)
+                when = agent_at;
+        if (when) {
+                s->state = AB_SESSION_REVOKED;
+                if (!s->revoked_at)
+                        s->revoked_at = when;
+        }
+}
+
+static int load_session(ab_txn *t, const char *sid, ab_session *ret)
+{
         int r = load_session_raw(t, sid, ret);
 
-        if (r < 0)
-                return r;
-        if (ret->state != AB_SESSION_REVOKED) {
-                /* Revocations written as one key each (ab_revoke_before, ab_revoke_agent) hold
-                 * whether or not the sweep that marks every session they cover was written:
-                 * a session opened before the host-wide cut-off, or at or before its agent's
-                 * revocation, is revoked. */
-                int64_t cutoff = 0, agent_at = 0, when = 0;
-                if (ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &v, &vl) == 0 && vl == 8)
-                        cutoff = (int64_t)get_be64(v);
-                if (ret->created < cutoff)
-                        when = cutoff;
-                else if (agent_revoked_at(t, ret->agent, &agent_at) && ret->created <= agent_at)
-                        when = agent_at;
-                if (when) {
-                        ret->state = AB_SESSION_REVOKED;
-                        if (!ret->revoked_at)
-                                ret->revoked_at = when;
-                }
-        }
-        return 0;
+        if (r == 0)
+                apply_marks(t, ret);
+        return r;
 }
 
 static int store_session(ab_txn *t, const ab_session *s)
@@ -875,6 +882,7 @@ static int list_one(void *ud, const void *key, size_t klen, const void *val, siz
         s.sid[AB_SID_LEN] = s.agent[AB_ID_MAX] = s.sha256[64] = s.exe[AB_SESSION_EXE_MAX - 1] = '\0';
         if ((l->agent && strcmp(s.agent, l->agent) != 0) || (l->uid && s.uid != *l->uid))
                 return 0;
+        apply_marks(l->t, &s); /* as every other reader sees it */
         j = ab_session_json(&s, ab_policy_find(l->policy, s.agent), l->now);
         if (!j)
                 return -ENOMEM;

@@ -2037,6 +2037,19 @@ static void test_full_store_keeps_room_for_revocation(void **state)
         root = hx_rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
         hx_assert_error(root, "io.agentbroker.SessionRevoked");
         json_decref(root);
+        {
+                /* the listing says so too, though no session record was rewritten */
+                hx_conn *adm = hx_connect(b, b->admin_sock);
+                json_t *s;
+                size_t i, n = 0;
+                root = expect_ok(adm, M_ALIST, json_pack("{s:s}", "agent", AGENT_ID));
+                json_array_foreach(json_object_get(hx_reply_params(root), "sessions"), i, s) {
+                        assert_string_equal(json_string_value(json_object_get(s, "state")), "revoked");
+                        n++;
+                }
+                assert_true(n > 0);
+                json_decref(root);
+        }
         /* and so does the host-wide cut-off */
         assert_int_equal(hx_ctl(b, -1, &res, "revoke", "--before", "now", NULL), 0);
         ctl_expect(&res, 0);
