@@ -106,22 +106,28 @@ static int load_session_raw(ab_txn *t, const char *sid, ab_session *ret)
         return 0;
 }
 
-/*
- * Revocations written as one key each (ab_revoke_before, ab_revoke_agent)
- * hold whether or not the sweep that marks every session they cover was
- * written: a session opened before the host-wide cut-off, or at or before
- * its agent's revocation, is revoked.
- */
-static void apply_marks(ab_txn *t, ab_session *s)
+/* The host-wide cut-off ("b": ab_revoke_before), 0 if none. */
+static int64_t cutoff_of(ab_txn *t)
 {
-        int64_t cutoff = 0, agent_at = 0, when = 0;
         const void *v;
         size_t vl;
 
+        return ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &v, &vl) == 0 && vl == 8 ? (int64_t)get_be64(v) : 0;
+}
+
+/*
+ * Revocations written as one key each (ab_revoke_before, ab_revoke_agent)
+ * hold whether or not the sweep that marks every session they cover was
+ * written: a session opened before the host-wide cut-off (cutoff_of, read
+ * once per transaction by the caller), or at or before its agent's
+ * revocation, is revoked.
+ */
+static void apply_marks(ab_txn *t, ab_session *s, int64_t cutoff)
+{
+        int64_t agent_at = 0, when = 0;
+
         if (s->state == AB_SESSION_REVOKED)
                 return;
-        if (ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &v, &vl) == 0 && vl == 8)
-                cutoff = (int64_t)get_be64(v);
         if (s->created < cutoff)
                 when = cutoff;
         else if (agent_revoked_at(t, s->agent, &agent_at) && s->created <= agent_at)
@@ -138,7 +144,7 @@ static int load_session(ab_txn *t, const char *sid, ab_session *ret)
         int r = load_session_raw(t, sid, ret);
 
         if (r == 0)
-                apply_marks(t, ret);
+                apply_marks(t, ret, cutoff_of(t));
         return r;
 }
 
@@ -292,12 +298,8 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
                  * its agent was revoked: no session is opened, so the revocation
                  * fails closed without binding a revoked session to a process that
                  * only came a little early. */
-                const void *b;
-                size_t bl;
                 int64_t agent_at;
-                if ((ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &b, &bl) == 0 && bl == 8 &&
-                     cur.created < (int64_t)get_be64(b)) ||
-                    (agent_revoked_at(t, a->id, &agent_at) && cur.created <= agent_at)) {
+                if (cur.created < cutoff_of(t) || (agent_revoked_at(t, a->id, &agent_at) && cur.created <= agent_at)) {
                         ab_txn_abort(t);
                         *ret_new = false;
                         return -EAGAIN;
@@ -625,8 +627,7 @@ int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introsp
         const ab_grant *g;
         json_t *anc;
         ab_txn *t = NULL;
-        const void *v;
-        size_t vl, i;
+        size_t i;
         int r;
 
         if (!sig->verified) {
@@ -654,13 +655,14 @@ int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introsp
         r = ab_store_begin(st, false, &t);
         if (r < 0)
                 return r;
-        if (ab_txn_get(t, AB_DB_REVOCATIONS, "b", 1, &v, &vl) == 0 && vl == 8)
-                cutoff = (int64_t)get_be64(v);
+        cutoff = cutoff_of(t);
         bool revoked = iat < cutoff || jti_revoked(t, jti);
         anc = json_object_get(res->claims, "ancestors");
         for (i = 0; !revoked && json_is_array(anc) && i < json_array_size(anc) && i < MAX_ANCESTORS; i++)
                 revoked = jti_revoked(t, json_string_value(json_array_get(anc, i)));
-        r = revoked ? 0 : load_session(t, sid, &res->session);
+        r = revoked ? 0 : load_session_raw(t, sid, &res->session);
+        if (r == 0 && !revoked)
+                apply_marks(t, &res->session, cutoff); /* the cut-off read above, once */
         ab_txn_abort(t);
         if (revoked)
                 return inactive(res, "revoked");
@@ -827,6 +829,7 @@ typedef struct lister {
         const uid_t *uid;
         const char *after;
         int64_t now;
+        int64_t cutoff;             /* cutoff_of, read once for the listing */
         json_t *out;
         size_t used;                /* bytes of JSON in out */
         char last[AB_SID_LEN + 1];  /* the last sid in out */
@@ -882,7 +885,7 @@ static int list_one(void *ud, const void *key, size_t klen, const void *val, siz
         s.sid[AB_SID_LEN] = s.agent[AB_ID_MAX] = s.sha256[64] = s.exe[AB_SESSION_EXE_MAX - 1] = '\0';
         if ((l->agent && strcmp(s.agent, l->agent) != 0) || (l->uid && s.uid != *l->uid))
                 return 0;
-        apply_marks(l->t, &s); /* as every other reader sees it */
+        apply_marks(l->t, &s, l->cutoff); /* as every other reader sees it */
         j = ab_session_json(&s, ab_policy_find(l->policy, s.agent), l->now);
         if (!j)
                 return -ENOMEM;
@@ -923,6 +926,7 @@ int ab_session_list(ab_store *st, const ab_policy *policy, const char *agent, co
                 json_decref(l.out);
                 return r;
         }
+        l.cutoff = cutoff_of(l.t);
         r = ab_txn_foreach(l.t, AB_DB_SESSIONS, "s", 1, list_one, &l);
         ab_txn_abort(l.t);
         if (r < 0) {
