@@ -170,6 +170,7 @@ static int verify_file(verifier *v, const char *path)
                 long long seq;
                 uint8_t h[crypto_hash_sha256_BYTES];
                 char hex[65];
+                bool verified = false; /* a checkpoint whose signature verified: the chain up to it is signed */
 
                 lineno++;
                 if (line[n - 1] != '\n') {
@@ -224,11 +225,10 @@ static int verify_file(verifier *v, const char *path)
                                 ex = fail_at(v, path, lineno, seq, "checkpoint signature does not verify");
                         } else {
                                 v->checkpoints++;
-                                v->tail = 0;
+                                verified = true;
                         }
                 }
-                if (strcmp(event, "audit.checkpoint") != 0 || v->tail > 0 || !v->keys)
-                        v->tail++;
+                v->tail = verified ? 0 : v->tail + 1;
                 crypto_hash_sha256(h, (const uint8_t *)line, (size_t)n - 1);
                 sodium_bin2hex(hex, sizeof hex, h, sizeof h);
                 memcpy(v->prev, hex, sizeof hex);
