@@ -190,16 +190,13 @@ static void test_recycled_pid(void **state)
         close(fd);
 }
 
-/* A process that execs another binary after connecting is attested as the new binary. */
-static void test_exec_after_connect(void **state)
+/* Restart b with one agent, "pinned": uid 0 and this test binary's sha256, granted mcp://t r. */
+static void restart_pinned_to_self(hx_broker *b)
 {
-        hx_broker *b = *state;
         char policy[2048], sha[65], self[4096];
         int st;
-        ssize_t n;
+        ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
 
-        /* grant only this test binary's hash; then exec /bin/sh on the same connection */
-        n = readlink("/proc/self/exe", self, sizeof self - 1);
         assert_true(n > 0);
         self[n] = '\0';
         assert_int_equal(hx_sha256_file(self, sha), 0);
@@ -210,6 +207,15 @@ static void test_exec_after_connect(void **state)
         assert_int_equal(hx_broker_stop(b, &st), 0);
         assert_int_equal(hx_broker_write_policy(b, policy), 0);
         assert_int_equal(hx_broker_start(b), 0);
+}
+
+/* A process that execs another binary after connecting is attested as the new binary. */
+static void test_exec_after_connect(void **state)
+{
+        hx_broker *b = *state;
+
+        /* grant only this test binary's hash; then exec /bin/sh on the same connection */
+        restart_pinned_to_self(b);
 
         pid_t pid = fork();
         if (pid == 0) {
@@ -243,27 +249,16 @@ static void test_exec_after_connect(void **state)
 static void test_exec_then_new_connection(void **state)
 {
         hx_broker *b = *state;
-        char policy[2048], sha[65], self[4096], helper[PATH_MAX], out[4200];
+        char helper[PATH_MAX], out[4200];
         int st;
-        ssize_t n;
 
         if (hx_under_wrapper()) {
                 /* the broker sees the tool's executable, not this test's, so the first token fails */
                 printf("SKIPPED: sha256 of this process under AB_TEST_WRAPPER\n");
                 skip();
         }
-        n = readlink("/proc/self/exe", self, sizeof self - 1);
-        assert_true(n > 0);
-        self[n] = '\0';
-        assert_int_equal(hx_sha256_file(self, sha), 0);
         assert_int_equal(hx_build_path("tests/helper-issue", helper, sizeof helper), 0);
-        snprintf(policy, sizeof policy,
-                 "{\"version\":1,\"agents\":[{\"id\":\"pinned\",\"owner\":\"ops@example.com\","
-                 "\"match\":{\"uid\":0,\"sha256\":\"%s\"},\"grants\":[{\"audience\":\"mcp://t\",\"scopes\":[\"r\"],"
-                 "\"max_ttl\":60}]}]}", sha);
-        assert_int_equal(hx_broker_stop(b, &st), 0);
-        assert_int_equal(hx_broker_write_policy(b, policy), 0);
-        assert_int_equal(hx_broker_start(b), 0);
+        restart_pinned_to_self(b);
         snprintf(out, sizeof out, "%s/exec2.out", b->dir);
 
         pid_t pid = fork();

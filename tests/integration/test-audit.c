@@ -1489,6 +1489,21 @@ static void test_tiny_fs_state_dir(void **state)
 
 /* ---- rotation ----------------------------------------------------------------- */
 
+/* The broker rotating its audit file at 1 MiB, --audit-keep keep unless NULL, no rate limit (floods). */
+static void start_rotating(hx_broker *b, const char *keep)
+{
+        hx_add_arg(b, "--audit-max-size");
+        hx_add_arg(b, "1");
+        if (keep) {
+                hx_add_arg(b, "--audit-keep");
+                hx_add_arg(b, keep);
+        }
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
+        write_policy(b, NULL);
+        hx_start(b);
+}
+
 /* --audit-max-size 1: past 1 MiB the file rotates; the chain goes on across both files. */
 static void test_rotation(void **state)
 {
@@ -1500,12 +1515,7 @@ static void test_rotation(void **state)
         unsigned total = 0;
         hx_conn *c;
 
-        hx_add_arg(b, "--audit-max-size");
-        hx_add_arg(b, "1");
-        hx_add_arg(b, "--rate-limit");
-        hx_add_arg(b, "0");
-        write_policy(b, NULL);
-        hx_start(b);
+        start_rotating(b, NULL);
         save_jwks(f, jwks, sizeof jwks);
         audit_file(b, apath, sizeof apath);
         snprintf(old, sizeof old, "%s.1", apath);
@@ -1618,12 +1628,7 @@ static void test_rotation_without_inode(void **state)
         snprintf(old, sizeof old, "%s.1", apath);
         hx_add_arg(b, "--audit-log");
         hx_add_arg(b, apath);
-        hx_add_arg(b, "--audit-max-size");
-        hx_add_arg(b, "1");
-        hx_add_arg(b, "--rate-limit");
-        hx_add_arg(b, "0");
-        write_policy(b, NULL);
-        hx_start(b);
+        start_rotating(b, NULL);
         save_jwks(f, jwks, sizeof jwks);
         hx_path_in(filler, sizeof filler, tiny, "filler"); /* the last inode: root, audit.jsonl, this */
         assert_int_equal(hx_write_file(filler, "x", 0600), 0);
@@ -1771,12 +1776,7 @@ static void test_rotation_keeps_every_file(void **state)
         unsigned total = 0;
         hx_conn *c;
 
-        hx_add_arg(b, "--audit-max-size");
-        hx_add_arg(b, "1");
-        hx_add_arg(b, "--rate-limit");
-        hx_add_arg(b, "0");
-        write_policy(b, NULL);
-        hx_start(b);
+        start_rotating(b, NULL);
         save_jwks(f, jwks, sizeof jwks);
         audit_file(b, apath, sizeof apath);
         /* an archive the admin made next to the trail: not a rotated file, never touched */
@@ -1818,12 +1818,7 @@ static void test_rotation_stops_at_bound(void **state)
         struct stat st;
         hx_conn *c;
 
-        hx_add_arg(b, "--audit-max-size");
-        hx_add_arg(b, "1");
-        hx_add_arg(b, "--rate-limit");
-        hx_add_arg(b, "0");
-        write_policy(b, NULL);
-        hx_start(b);
+        start_rotating(b, NULL);
         audit_file(b, apath, sizeof apath);
         /* PATH.2 ... PATH.10001: PATH.1 is free, but 10,000 files are too many to shift */
         for (unsigned k = 2; k <= 10001; k++) {
@@ -1876,14 +1871,7 @@ static void test_rotation_keep_two(void **state)
         unsigned total = 0;
         hx_conn *c;
 
-        hx_add_arg(b, "--audit-max-size");
-        hx_add_arg(b, "1");
-        hx_add_arg(b, "--audit-keep");
-        hx_add_arg(b, "2");
-        hx_add_arg(b, "--rate-limit");
-        hx_add_arg(b, "0");
-        write_policy(b, NULL);
-        hx_start(b);
+        start_rotating(b, "2");
         save_jwks(f, jwks, sizeof jwks);
         audit_file(b, apath, sizeof apath);
         c = hx_connect(b, b->sock);
@@ -1920,14 +1908,7 @@ static void test_failed_rotation_deletes_nothing(void **state)
         unsigned total = 0;
         hx_conn *c;
 
-        hx_add_arg(b, "--audit-max-size");
-        hx_add_arg(b, "1");
-        hx_add_arg(b, "--audit-keep");
-        hx_add_arg(b, "3");
-        hx_add_arg(b, "--rate-limit");
-        hx_add_arg(b, "0");
-        write_policy(b, NULL);
-        hx_start(b);
+        start_rotating(b, "3");
         audit_file(b, apath, sizeof apath);
         c = hx_connect(b, b->sock);
         while (!rotated_exists(apath, 3) && total < 100000) {
