@@ -674,7 +674,7 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
         }
         ab_manager_drain_jobs(c->m); /* a token being signed now is issued before, not after, the ack */
         if (jti) {
-                r = ab_revoke_jti(c->m->store, jti, s.expires);
+                r = ab_revoke_jti(c->m->store, jti, s.expires, false);
                 snprintf(what, sizeof what, "token %s", jti);
         } else {
                 r = ab_revoke_session(c->m->store, sid, ab_manager_now(c->m));
@@ -729,7 +729,7 @@ void ab_m_admin_revoke(ab_conn *c, ab_vl_call *call)
                 }
                 if (ab_session_get(c->m->store, sid, &s) == 0 && s.expires > now)
                         keep = s.expires;
-                r = ab_revoke_jti(c->m->store, jti, keep);
+                r = ab_revoke_jti(c->m->store, jti, keep, true);
                 snprintf(what, sizeof what, "token %s", jti);
         } else if (strcmp(which, "sid") == 0) {
                 const char *sid = json_string_value(json_object_get(p, "sid"));

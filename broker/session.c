@@ -345,11 +345,13 @@ static int revoke_session_txn(ab_txn *t, const char *sid, int64_t now)
         return store_session(t, &s);
 }
 
-int ab_revoke_jti(ab_store *st, const char *jti, int64_t keep_until)
+int ab_revoke_jti(ab_store *st, const char *jti, int64_t keep_until, bool reserve)
 {
         char k[1 + AB_TOKEN_JTI_LEN];
         uint8_t v[8];
         ab_txn *t = NULL;
+        const void *old;
+        size_t old_len;
         int r;
 
         if (!valid_id(jti, AB_TOKEN_JTI_LEN))
@@ -360,7 +362,13 @@ int ab_revoke_jti(ab_store *st, const char *jti, int64_t keep_until)
         r = ab_store_begin(st, true, &t);
         if (r < 0)
                 return r;
-        r = ab_txn_put(t, AB_DB_REVOCATIONS, k, sizeof k, v, sizeof v);
+        /* a new key in the last tenth only for the administrator: an agent makes up jtis of its own
+         * sessions at will, and must not fill the room kept for revoking it */
+        if (!reserve && ab_txn_get(t, AB_DB_REVOCATIONS, k, sizeof k, &old, &old_len) == -ENOENT &&
+            !ab_txn_room_to_grow(t))
+                r = -EDQUOT;
+        else
+                r = ab_txn_put(t, AB_DB_REVOCATIONS, k, sizeof k, v, sizeof v);
         if (r < 0) {
                 ab_txn_abort(t);
                 return r;

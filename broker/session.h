@@ -91,8 +91,12 @@ void ab_jti_new(const char *sid, char out[AB_TOKEN_JTI_LEN + 1]);
 
 /* ---- revocation: each durable before it returns --------------------------- */
 
-/* Revoke one token (keep the entry until keep_until). */
-int ab_revoke_jti(ab_store *st, const char *jti, int64_t keep_until);
+/*
+ * Revoke one token (keep the entry until keep_until). reserve: the entry may
+ * take room in the store's last tenth (the administrator's revocations);
+ * else -EDQUOT when it would (see ab_txn_room_to_grow).
+ */
+int ab_revoke_jti(ab_store *st, const char *jti, int64_t keep_until, bool reserve);
 /* Revoke a session; -ENOENT if unknown. */
 int ab_revoke_session(ab_store *st, const char *sid, int64_t now);
 /* Revoke every session of agent; *ret_n sessions were marked. 0, 1 (in force, but marking the

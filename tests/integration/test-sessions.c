@@ -2059,6 +2059,71 @@ static void test_full_store_keeps_room_for_revocation(void **state)
 }
 
 /*
+ * An agent may make up jtis of its own sessions and revoke them: each one a
+ * new key in the store. Those stop at 90% like new sessions (LimitReached),
+ * so the last tenth stays for the administrator, whose revocation of the
+ * agent's real token then still goes through.
+ */
+static void test_agent_revocations_keep_the_reserve(void **state)
+{
+        hx_broker *b = *state;
+        hx_run_result res;
+        json_t *r;
+        char *tok, *jti, sid[32], fake[44], *msg;
+        unsigned accepted = 0;
+        bool refused = false;
+        hx_conn *c;
+
+        hx_add_arg(b, "--store-max-size");
+        hx_add_arg(b, "1");
+        hx_add_arg(b, "--rate-limit");
+        hx_add_arg(b, "0");
+        start_with(b, NULL, -1);
+        c = hx_connect(b, b->sock);
+        tok = issue(c, AUD_GIT, "repo:read", NULL, 0, &r);
+        snprintf(sid, sizeof sid, "%s", hx_reply_str(r, "sid"));
+        json_decref(r);
+        jti = claim(tok, "jti");
+        /* 200 calls at a time on the one connection, then their 200 replies */
+        for (int round = 0; round < 200 && !refused; round++) {
+                for (int i = 0; i < 200; i++) {
+                        jti_for_sid(sid, fake);
+                        msg = NULL;
+                        assert_true(asprintf(&msg, "{\"method\":\"%s\",\"parameters\":{\"jti\":\"%s\"}}",
+                                             M_REVOKE, fake) > 0);
+                        assert_int_equal(hx_conn_send_msg(c, msg), 0);
+                        free(msg);
+                }
+                for (int i = 0; i < 200; i++) {
+                        assert_int_equal(hx_conn_recv_json(c, 10000, &r), 1);
+                        if (hx_reply_error(r)) {
+                                assert_string_equal(hx_reply_error(r), "io.agentbroker.LimitReached");
+                                assert_non_null(strstr(hx_reply_str(r, "reason"), "90%"));
+                                refused = true;
+                        } else {
+                                accepted++;
+                        }
+                        json_decref(r);
+                }
+        }
+        fprintf(stderr, "agent revocations: %u made-up jtis revoked in a 1 MiB store before LimitReached\n",
+                accepted);
+        assert_true(refused);
+        assert_true(accepted >= 1000);
+        /* the token itself is still active, and the administrator revokes it in the reserve */
+        assert_string_equal(verdict(c, tok, NULL), "active");
+        assert_int_equal(hx_ctl(b, -1, &res, "revoke", "--jti", jti, NULL), 0);
+        ctl_expect(&res, 0);
+        hx_run_result_done(&res);
+        assert_string_equal(verdict(c, tok, NULL), "revoked");
+        /* a jti revoked already is no new key: revoking it again is answered, not refused */
+        r = expect_ok(c, M_REVOKE, jti_param("jti", jti));
+        json_decref(r);
+        free(jti);
+        free(tok);
+}
+
+/*
  * Another uid (nobody, itself an agent) cannot revoke, attenuate or use
  * the first agent's tokens, sessions or PAM records; a uid that is no
  * agent cannot either. Introspection is open to anyone.
@@ -3260,6 +3325,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_revoke_admin, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revoke_before, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_full_store_keeps_room_for_revocation, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_agent_revocations_keep_the_reserve, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revoke_before_same_second_fails_closed, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_other_uid_cannot_touch, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revocations_survive_kill9, hx_setup, teardown),
