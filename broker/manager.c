@@ -1075,11 +1075,7 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
         if (r < 0)
                 return r;
         r = ab_txn_put(t, AB_DB_META, key, strlen(key), &rec, sizeof rec);
-        if (r < 0) {
-                ab_txn_abort(t);
-                return r;
-        }
-        r = ab_txn_commit(t);
+        r = ab_txn_end(t, r);
         if (r < 0)
                 return r;
         /* a token prepared under the old kid is signed with the old key, and issued before the rotation */

@@ -319,11 +319,7 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
                 proc_key(k, id->pid, id->start_time);
                 r = ab_txn_put(t, AB_DB_SESSIONS, k, sizeof k, cur.sid, AB_SID_LEN);
         }
-        if (r < 0) {
-                ab_txn_abort(t);
-                return r;
-        }
-        r = ab_txn_commit(t);
+        r = ab_txn_end(t, r);
         if (r < 0)
                 return r;
         *ret = cur;
@@ -369,11 +365,7 @@ int ab_revoke_jti(ab_store *st, const char *jti, int64_t keep_until, bool reserv
                 r = -EDQUOT;
         else
                 r = ab_txn_put(t, AB_DB_REVOCATIONS, k, sizeof k, v, sizeof v);
-        if (r < 0) {
-                ab_txn_abort(t);
-                return r;
-        }
-        return ab_txn_commit(t);
+        return ab_txn_end(t, r);
 }
 
 int ab_revoke_session(ab_store *st, const char *sid, int64_t now)
@@ -383,11 +375,7 @@ int ab_revoke_session(ab_store *st, const char *sid, int64_t now)
         if (r < 0)
                 return r;
         r = revoke_session_txn(t, sid, now);
-        if (r < 0) {
-                ab_txn_abort(t);
-                return r;
-        }
-        return ab_txn_commit(t);
+        return ab_txn_end(t, r);
 }
 
 typedef struct sweep {
@@ -437,11 +425,7 @@ static int revoke_sweep(ab_store *st, sweep *w, unsigned *ret_n)
         for (size_t i = 0; r >= 0 && i < w->n_sids; i++)
                 r = revoke_session_txn(w->t, w->sids[i], w->now);
         free(w->sids);
-        if (r < 0) {
-                ab_txn_abort(w->t);
-                return r;
-        }
-        r = ab_txn_commit(w->t);
+        r = ab_txn_end(w->t, r);
         if (r == 0 && ret_n)
                 *ret_n = (unsigned)w->n_sids;
         return r;
@@ -470,11 +454,7 @@ static int mark_then_sweep(ab_store *st, const char *k, size_t kl, int64_t when,
                 when = (int64_t)get_be64(old);
         put_be64(v, (uint64_t)when);
         r = ab_txn_put(t, AB_DB_REVOCATIONS, k, kl, v, sizeof v);
-        if (r < 0) {
-                ab_txn_abort(t);
-                return r;
-        }
-        r = ab_txn_commit(t);
+        r = ab_txn_end(t, r);
         if (r < 0)
                 return r;
         r = revoke_sweep(st, w, ret_n);
@@ -765,10 +745,7 @@ int ab_pam_open(ab_store *st, const char *sid, const char *jti, const char *serv
                         return r;
                 }
                 r = ab_txn_put(t, AB_DB_SESSIONS, k, pam_key(k, sid, id), text, strlen(text));
-                if (r < 0)
-                        ab_txn_abort(t);
-                else
-                        r = ab_txn_commit(t);
+                r = ab_txn_end(t, r);
         }
         free(text);
         return r;
@@ -805,11 +782,7 @@ int ab_pam_close(ab_store *st, const char *id, uid_t caller)
         }
         json_decref(rec);
         r = ab_txn_del(t, AB_DB_SESSIONS, k, sizeof k);
-        if (r < 0) {
-                ab_txn_abort(t);
-                return r;
-        }
-        r = ab_txn_commit(t);
+        r = ab_txn_end(t, r);
         return r < 0 ? r : 1;
 }
 

@@ -218,6 +218,15 @@ int ab_txn_commit(ab_txn *t)
         return map_err(rc);
 }
 
+int ab_txn_end(ab_txn *t, int r)
+{
+        if (r < 0) {
+                ab_txn_abort(t);
+                return r;
+        }
+        return ab_txn_commit(t);
+}
+
 void ab_txn_abort(ab_txn *t)
 {
         if (!t)

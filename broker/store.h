@@ -40,6 +40,8 @@ int ab_store_begin(ab_store *s, bool write, ab_txn **ret);
 int ab_txn_commit(ab_txn *t);
 /* Abort and free. Accepts NULL. */
 void ab_txn_abort(ab_txn *t);
+/* The end of a write: r < 0 (a step failed), abort and return r; else commit. */
+int ab_txn_end(ab_txn *t, int r);
 
 /*
  * Room to grow: false once the pages in use (every database, not the free

@@ -141,11 +141,7 @@ int ab_usage_flush(ab_usage *u, ab_store *st)
                 nw.last = e->last > old.last ? e->last : old.last;
                 r = ab_txn_put(t, AB_DB_USAGE, e->key, e->klen, &nw, sizeof nw);
         }
-        if (r < 0) {
-                ab_txn_abort(t);
-                return r;
-        }
-        r = ab_txn_commit(t);
+        r = ab_txn_end(t, r);
         if (r == 0)
                 clear(u);
         return r;
