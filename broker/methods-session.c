@@ -236,7 +236,9 @@ static void rec_copy_claims(json_t *rec, const json_t *claims, const claim_field
 /* ---- Introspect --------------------------------------------------------- */
 
 static const param_spec introspect_spec[] = {
-        { "token", P_STRING, true, AB_JWT_MAX, 0, 0 },
+        /* RFC 7662: a string that is no token of ours (empty, too long, a stray newline) is
+         * answered inactive, not refused as a parameter (ab_jwt_parse bounds and checks it) */
+        { "token", P_TOKEN, true, AB_JWT_MAX, 0, 0 },
         { "audience", P_STRING, false, AB_AUDIENCE_MAX, 0, 0 },
         { "scope", P_STRING, false, AB_SCOPE_MAX, 0, 0 },
         { "max_auth_age", P_INT, false, 0, 0, 366LL * 24 * 3600 },
@@ -286,7 +288,7 @@ static void introspect_answer(ab_conn *c, json_t *p, ab_introspect_res *res)
                 /* the claims are this call's own (parsed for it): the reply is them, not a copy */
                 reply = json_incref(res->claims);
                 json_object_set_new(reply, "active", json_true());
-                json_object_set_new(reply, "token_type", json_string("access_token"));
+                json_object_set_new(reply, "token_type", json_string("Bearer")); /* RFC 7662 2.2, RFC 6749 7.1 */
         } else {
                 reply = json_pack("{s:b, s:s}", "active", 0, "reason", res->reason);
         }

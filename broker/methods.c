@@ -208,6 +208,12 @@ int ab_check_params(ab_conn *c, json_t *params, const param_spec *spec)
                                 return -1;
                         }
                         break;
+                case P_TOKEN:
+                        if (!json_is_string(v)) {
+                                ab_invalid_param(c, s->name, "must be a string");
+                                return -1;
+                        }
+                        break;
                 case P_INT:
                         if (!json_is_integer(v) || json_integer_value(v) < s->min || json_integer_value(v) > s->imax) {
                                 snprintf(reason, sizeof reason, "must be an integer from %lld to %lld", s->min,

@@ -15,7 +15,8 @@
 #define AB_SERVICE_MAX 128
 #define AB_USER_MAX 256
 
-typedef enum { P_STRING, P_INT, P_STRINGS, P_BOOL } ptype;
+/* P_TOKEN: any string (its bytes are judged by the method, bounded by the message size) */
+typedef enum { P_STRING, P_INT, P_STRINGS, P_BOOL, P_TOKEN } ptype;
 
 typedef struct param_spec {
         const char *name;

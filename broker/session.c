@@ -633,8 +633,10 @@ int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introsp
         if (!aud || !scope || !sid || !jti || !sub || !claim_int(res->claims, "exp", &exp) ||
             !claim_int(res->claims, "iat", &iat) || !claim_int(res->claims, "auth_time", &auth_time))
                 return inactive(res, "bad_signature"); /* not a token this broker issues */
-        if (!claim_int(res->claims, "nbf", &nbf))
+        if (!json_object_get(res->claims, "nbf"))
                 nbf = iat;
+        else if (!claim_int(res->claims, "nbf", &nbf))
+                return inactive(res, "bad_signature"); /* an nbf that cannot be read is not ignored */
         if (now >= exp)
                 return inactive(res, "expired");
         if (nbf > now + AB_NBF_LEEWAY || iat > now + AB_NBF_LEEWAY)
