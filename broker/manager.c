@@ -813,6 +813,54 @@ static int conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
         return 0;
 }
 
+#define ACCEPT_PAUSE_USEC (50 * 1000)
+
+static int on_accept_resume(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        ab_manager *m = userdata;
+
+        (void)s;
+        (void)usec;
+        for (size_t i = 0; i < AB_ARRAY_SIZE(m->listen_src); i++)
+                if (m->listen_src[i])
+                        sd_event_source_set_enabled(m->listen_src[i], SD_EVENT_ON);
+        return 0;
+}
+
+/*
+ * accept() failed for want of a file descriptor or memory: the pending
+ * connection stays queued and the socket readable, so waiting in the loop
+ * would spin. Stop listening for a moment (the connections being served go
+ * on, and closing ones give descriptors back), say so at most every 10 s.
+ * Also when accept() got the last descriptor and the pidfd found none: that
+ * connection is closed, the rest of the backlog waits.
+ */
+static void accept_pause(ab_manager *m, int err)
+{
+        uint64_t now = ab_mono_usec();
+
+        m->accept_failures++;
+        if (now >= m->accept_logged + 10ull * 1000000) {
+                ab_log(LOG_WARNING,
+                       "accept: %s (%u connections open, %llu failures since the last message): not accepting "
+                       "for 50 ms to 1.6 s at a time until it succeeds; raise LimitNOFILE or lower --max-connections",
+                       strerror(err), m->n_conns, (unsigned long long)m->accept_failures);
+                m->accept_logged = now;
+                m->accept_failures = 0;
+        }
+        if (!m->accept_timer &&
+            sd_event_add_time(m->event, &m->accept_timer, CLOCK_MONOTONIC, 0, 0, on_accept_resume, m) < 0)
+                return; /* no timer: keep trying on each turn, as before */
+        for (size_t i = 0; i < AB_ARRAY_SIZE(m->listen_src); i++)
+                if (m->listen_src[i])
+                        sd_event_source_set_enabled(m->listen_src[i], SD_EVENT_OFF);
+        /* 50 ms, doubling while it keeps failing, to 1.6 s: each try may cost a waiting connection */
+        if (m->accept_backoff < 5)
+                m->accept_backoff++;
+        sd_event_source_set_time(m->accept_timer, now + ((uint64_t)ACCEPT_PAUSE_USEC << (m->accept_backoff - 1)));
+        sd_event_source_set_enabled(m->accept_timer, SD_EVENT_ONESHOT);
+}
+
 static void accept_one(ab_manager *m, int lfd, bool admin)
 {
         ab_conn *c;
@@ -820,7 +868,9 @@ static void accept_one(ab_manager *m, int lfd, bool admin)
 
         fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-                if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
+                if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                        accept_pause(m, errno);
+                else if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
                         ab_log(LOG_WARNING, "accept: %s", strerror(errno));
                 return;
         }
@@ -846,6 +896,8 @@ static void accept_one(ab_manager *m, int lfd, bool admin)
         if (r < 0) {
                 ab_log(LOG_DEBUG, "peer credentials unavailable: %s", strerror(-r));
                 conn_free(c);
+                if (r == -EMFILE || r == -ENFILE)
+                        accept_pause(m, -r); /* no pidfd: the rest of the backlog waits instead */
                 return;
         }
         c->uslot = uid_get(m, c->peer.uid);
@@ -854,6 +906,7 @@ static void accept_one(ab_manager *m, int lfd, bool admin)
                 return;
         }
         c->uslot->conns++;
+        m->accept_backoff = 0;
         if (sd_event_add_io(m->event, &c->io, fd, EPOLLIN, conn_io, c) < 0 ||
             sd_event_add_time(m->event, &c->timer, CLOCK_MONOTONIC, conn_deadline(c), 0, conn_timer, c) < 0 ||
             sd_event_add_defer(m->event, &c->defer, conn_defer, c) < 0) {
@@ -902,6 +955,32 @@ static int on_listen(sd_event_source *s, int fd, uint32_t revents, void *userdat
 }
 
 /* ---- startup ----------------------------------------------------------- */
+
+/*
+ * Each connection holds two descriptors (the socket and the caller's
+ * pidfd). Raise the soft limit to the hard one if that is short of
+ * --max-connections, and say so when even the hard limit is: accept() then
+ * fails before the limit is reached (see accept_pause).
+ */
+static void fit_fd_limit(ab_manager *m)
+{
+        struct rlimit rl;
+        rlim_t need = (rlim_t)m->cfg.max_connections * 2 + 256;
+
+        if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= need)
+                return;
+        if (rl.rlim_max == RLIM_INFINITY || rl.rlim_max > rl.rlim_cur) {
+                rlim_t want = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > need ? need : rl.rlim_max;
+                struct rlimit nl = { .rlim_cur = want, .rlim_max = rl.rlim_max };
+                if (setrlimit(RLIMIT_NOFILE, &nl) == 0)
+                        rl.rlim_cur = want;
+        }
+        if (rl.rlim_cur < need)
+                ab_log(LOG_WARNING,
+                       "the file descriptor limit (%llu) is below what --max-connections %u needs (%llu, two per "
+                       "connection and some to spare): new connections wait once it is reached",
+                       (unsigned long long)rl.rlim_cur, m->cfg.max_connections, (unsigned long long)need);
+}
 
 static int bind_socket(const char *path, mode_t mode, int *ret)
 {
@@ -1633,6 +1712,7 @@ int ab_manager_startup(ab_manager *m)
                 return r;
         (void)sd_event_source_set_enabled(m->purge_timer, SD_EVENT_ON);
 
+        fit_fd_limit(m);
         for (int i = 0; i < 2; i++) {
                 r = sd_event_add_io(m->event, &m->listen_src[i], m->listen_fd[i], EPOLLIN, on_listen, m);
                 if (r < 0)
@@ -1675,6 +1755,7 @@ void ab_manager_free(ab_manager *m)
         while (m->conns)
                 conn_free(m->conns);
         uid_sweep(m, true);
+        m->accept_timer = sd_event_source_disable_unref(m->accept_timer);
         for (int i = 0; i < 2; i++) {
                 sd_event_source_disable_unref(m->listen_src[i]);
                 if (m->listen_bound[i]) {

@@ -134,6 +134,9 @@ struct ab_manager {
         ab_sync_job sync;
         bool sync_out;            /* a batch is out */
         bool audit_stalled;       /* calls wait because the queue behind it is full */
+        sd_event_source *accept_timer; /* listening again after accept() ran out of descriptors */
+        uint64_t accept_logged, accept_failures;
+        unsigned accept_backoff;  /* pauses in a row: each twice as long */
         ab_conn *inflight;        /* connections whose replies wait for that batch */
         size_t usage_inflight, sessions_inflight; /* usage_pending / turn_sessions entries of that batch */
         char policy_version[17];  /* short fingerprint of the compiled policy, for audit */

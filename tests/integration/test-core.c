@@ -1610,6 +1610,89 @@ static void test_connection_caps(void **state)
         }
 }
 
+/* The broker's CPU time so far (user + system), in clock ticks. */
+static long long cpu_ticks(pid_t pid)
+{
+        char path[64], buf[1024], *p;
+        unsigned long long ut = 0, st = 0;
+        int fd, n;
+
+        snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        assert_true(fd >= 0);
+        n = (int)read(fd, buf, sizeof buf - 1);
+        close(fd);
+        assert_true(n > 0);
+        buf[n] = '\0';
+        p = strrchr(buf, ')');
+        assert_non_null(p);
+        assert_int_equal(sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st), 2);
+        return (long long)(ut + st);
+}
+
+/*
+ * Out of file descriptors (a limit set on the running broker; each connection takes two: the
+ * socket and the pidfd): accept() fails with EMFILE and the listening
+ * socket stays readable. The broker must neither spin on it nor flood its
+ * log, and must take connections again once descriptors are free.
+ */
+static void test_fd_exhaustion_pauses_accept(void **state)
+{
+        hx_broker *b = *state;
+        struct rlimit low;
+        hx_conn *cs[28];
+        long long t0, used;
+        char *log = NULL;
+        size_t lines = 0;
+        json_t *root;
+
+        start_with(b, "\"uid\": 0");
+        /* room for 5 more connections than it holds now (2 descriptors each), on the running broker */
+        low.rlim_cur = low.rlim_max = (rlim_t)hx_proc_fd_count(b->pid) + 10;
+        assert_int_equal(prlimit(b->pid, RLIMIT_NOFILE, &low, NULL), 0);
+        for (size_t i = 0; i < (sizeof cs / sizeof cs[0]); i++)
+                cs[i] = hx_connect(b, b->sock); /* connect() succeeds in the backlog, served or not */
+        nanosleep(&(struct timespec){ 0, 300000000L }, NULL);
+        t0 = cpu_ticks(b->pid);
+        nanosleep(&(struct timespec){ 1, 0 }, NULL);
+        used = cpu_ticks(b->pid) - t0;
+        fprintf(stderr, "out of descriptors: the broker used %lld of %ld ticks in 1 s\n", used, sysconf(_SC_CLK_TCK));
+        assert_true(used * 4 < sysconf(_SC_CLK_TCK)); /* under a quarter of a core: not spinning */
+        assert_int_equal(hx_read_file(b->log, 1 << 22, &log, NULL), 0);
+        for (char *p = log; (p = strstr(p, "accept: ")); p++)
+                lines++;
+        assert_true(lines >= 1 && lines <= 2);
+        {
+                /* the connections past the limit wait in the backlog; each try to take one when
+                 * the last descriptor goes to the socket and none is left for its pidfd costs that
+                 * one, and the tries back off: 50, 100, 200, 400, 800 ms */
+                int closed = 0;
+                char byte;
+                for (size_t i = 0; i < (sizeof cs / sizeof cs[0]); i++)
+                        closed += recv(cs[i]->fd, &byte, 1, MSG_DONTWAIT | MSG_PEEK) == 0;
+                fprintf(stderr, "%d of %zu connections closed by the broker\n", closed, sizeof cs / sizeof cs[0]);
+                assert_true(closed <= 6);
+        }
+        free(log);
+        /* descriptors come back: connections are taken again */
+        for (size_t i = 0; i < (sizeof cs / sizeof cs[0]); i++)
+                hx_conn_close(b, cs[i]);
+        long long deadline = hx_now_ms() + HX_IO_TIMEOUT_MS;
+        for (;;) {
+                hx_conn *c = hx_connect(b, b->sock);
+                (void)hx_conn_send_msg(c, "{\"method\":\"org.varlink.service.GetInfo\"}");
+                int r = hx_conn_recv_json(c, 1000, &root);
+                bool ok = r == 1 && hx_reply_error(root) == NULL;
+                if (r == 1)
+                        json_decref(root);
+                hx_conn_close(b, c);
+                if (ok)
+                        break;
+                assert_true(hx_now_ms() < deadline);
+                nanosleep(&(struct timespec){ 0, 50000000L }, NULL);
+        }
+}
+
 static const char *issue_on(hx_conn *c, json_t **keep)
 {
         json_t *root = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_GIT
@@ -1797,6 +1880,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_admin_socket, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_refused_client_learns_why, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_connection_caps, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_fd_exhaustion_pauses_accept, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_rate_limit_per_uid, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_rate_limit_survives_reconnect, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_sigterm_clean_exit, hx_setup, hx_teardown),
