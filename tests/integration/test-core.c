@@ -883,6 +883,17 @@ static void test_invalid_parameters(void **state)
         expect_invalid_param(c, "{" A "," S ",\"ttl\":4294967297}", "ttl"); /* 2^32 + 1: must not wrap to 1 */
         expect_invalid_param(c, "{" A "," S ",\"ttl\":9223372036854775807}", "ttl");
         expect_invalid_param(c, "{" A "," S ",\"bogus\":1}", "bogus");
+        {
+                /* a long unknown name is cut for the reply at a character boundary, never inside one
+                 * (cut inside, the reply lost its "parameter": not UTF-8) */
+                char params[512], name[128] = "a", want[128] = "a";
+                for (int i = 0; i < 40; i++)
+                        strcat(name, "\xc3\xa9");
+                for (int i = 0; i < 29; i++)
+                        strcat(want, "\xc3\xa9");
+                snprintf(params, sizeof params, "{" A "," S ",\"%s\":1}", name);
+                expect_invalid_param(c, params, want);
+        }
         expect_invalid_param(c, "{\"audience\":\"mcp://git\\u0001internal\"," S "}", "audience");
         expect_invalid_param(c, "{\"audience\":\"mcp://git\\ninternal\"," S "}", "audience");
         expect_invalid_param(c, "{\"audience\":\"\"," S "}", "audience");
