@@ -155,11 +155,15 @@ int ab_peer_from_socket(int fd, ab_peer *ret)
         return 0;
 }
 
+static void drop_pending(ab_peer_cache *pc);
+
 void ab_peer_done(ab_peer *p)
 {
         if (p->pidfd >= 0)
                 close(p->pidfd);
         p->pidfd = -1;
+        if (p->cache)
+                drop_pending(p->cache);
         free(p->cache);
         p->cache = NULL;
 }
@@ -178,7 +182,7 @@ static bool same_file(const cache_entry *e, const struct stat *st)
                e->ctime.tv_sec == st->st_ctim.tv_sec && e->ctime.tv_nsec == st->st_ctim.tv_nsec;
 }
 
-static int hash_fd(int fd, uint64_t size, char out[65])
+int ab_exe_hash_fd(int fd, uint64_t size, const atomic_bool *cancel, char out[65])
 {
         crypto_hash_sha256_state st;
         uint8_t digest[crypto_hash_sha256_BYTES];
@@ -195,6 +199,8 @@ static int hash_fd(int fd, uint64_t size, char out[65])
                 }
                 if (n == 0)
                         break;
+                if (cancel && atomic_load(cancel))
+                        return -ECANCELED;
                 total += (uint64_t)n;
                 if (total > size)
                         return -EFBIG; /* grew while we read: do not trust */
@@ -205,33 +211,48 @@ static int hash_fd(int fd, uint64_t size, char out[65])
         return 0;
 }
 
-/* Hash the executable through an fd opened from the magic link. */
-static void exe_hash(ab_exe_cache *c, int exefd, char out[65])
+static bool same_identity(const struct stat *a, const struct stat *b)
 {
-        struct stat st, st2;
+        return a->st_dev == b->st_dev && a->st_ino == b->st_ino && a->st_size == b->st_size &&
+               a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
+               a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
+}
+
+void ab_exe_cache_put(ab_exe_cache *c, int fd, const struct stat *st, const char hex[65])
+{
+        struct stat now;
         cache_entry *e;
-        char hex[65];
+
+        if (fstat(fd, &now) < 0 || !same_identity(st, &now))
+                return; /* changed while it was hashed */
+        e = cache_lookup(c, st);
+        *e = (cache_entry){ .dev = st->st_dev, .ino = st->st_ino, .size = st->st_size, .mtime = st->st_mtim,
+                           .ctime = st->st_ctim, .used = true };
+        memcpy(e->sha256, hex, 65);
+}
+
+/*
+ * The hash of the executable (as fstat() saw it), from the cache. 0: in out (""
+ * when it is no regular file, larger than the cache's maximum, or could
+ * not be hashed before); 1: not known yet, and hashing it is the caller's
+ * (ab_attest hands it to a thread: a large file takes seconds, and any
+ * local user can make a new one at will).
+ */
+static int exe_hash(ab_exe_cache *c, const struct stat *st, char out[65])
+{
+        cache_entry *e;
 
         out[0] = '\0';
-        if (fstat(exefd, &st) < 0 || !S_ISREG(st.st_mode))
-                return;
-        e = cache_lookup(c, &st);
-        if (same_file(e, &st)) {
+        if (!S_ISREG(st->st_mode))
+                return 0;
+        e = cache_lookup(c, st);
+        if (same_file(e, st)) {
                 memcpy(out, e->sha256, 65);
-                return;
+                return 0;
         }
-        if ((uint64_t)st.st_size > c->max_size)
-                return;
-        if (hash_fd(exefd, (uint64_t)st.st_size, hex) < 0)
-                return;
-        if (fstat(exefd, &st2) < 0 || st2.st_size != st.st_size || st2.st_mtim.tv_sec != st.st_mtim.tv_sec ||
-            st2.st_mtim.tv_nsec != st.st_mtim.tv_nsec || st2.st_ctim.tv_sec != st.st_ctim.tv_sec ||
-            st2.st_ctim.tv_nsec != st.st_ctim.tv_nsec)
-                return; /* changed while hashing */
-        *e = (cache_entry){ .dev = st.st_dev, .ino = st.st_ino, .size = st.st_size, .mtime = st.st_mtim,
-                           .ctime = st.st_ctim, .used = true };
-        memcpy(e->sha256, hex, 65);
-        memcpy(out, hex, 65);
+        if ((uint64_t)st->st_size > c->max_size)
+                return 0;
+        return 1;
 }
 
 static int read_start_time(pid_t pid, uint64_t *ret)
@@ -292,7 +313,35 @@ struct ab_peer_cache {
         size_t cgroup_raw_len;
         char unit[AB_UNIT_MAX];
         char cgroup[AB_CGROUP_MAX];
+        /* an executable to hash off the loop (ab_attest_take_hash): open, as stat() saw it */
+        int pending_fd;
+        struct stat pending_st;
+        /* the last one handed out: if it is still not in the cache when asked again (it could
+         * not be hashed), go on without its hash rather than ask again */
+        bool tried;
+        struct stat tried_st;
 };
+
+static void drop_pending(ab_peer_cache *pc)
+{
+        if (pc->pending_fd >= 0)
+                close(pc->pending_fd);
+        pc->pending_fd = -1;
+}
+
+int ab_attest_take_hash(ab_peer *p, int *ret_fd, struct stat *ret_st)
+{
+        ab_peer_cache *pc = p->cache;
+
+        if (!pc || pc->pending_fd < 0)
+                return -ENOENT;
+        *ret_fd = pc->pending_fd;
+        *ret_st = pc->pending_st;
+        pc->pending_fd = -1;
+        pc->tried = true;
+        pc->tried_st = *ret_st;
+        return 0;
+}
 
 static bool same_stat(const ab_peer_cache *c, const struct stat *st)
 {
@@ -301,7 +350,8 @@ static bool same_stat(const ab_peer_cache *c, const struct stat *st)
                c->ctime.tv_sec == st->st_ctim.tv_sec && c->ctime.tv_nsec == st->st_ctim.tv_nsec;
 }
 
-static void read_exe(const ab_peer *p, ab_exe_cache *cache, ab_peer_cache *pc)
+/* 0, or 1: the executable must be hashed first (pc->pending_fd, see ab_attest_take_hash). */
+static int read_exe(const ab_peer *p, ab_exe_cache *cache, ab_peer_cache *pc)
 {
         char path[64];
         struct stat st;
@@ -314,11 +364,21 @@ static void read_exe(const ab_peer *p, ab_exe_cache *cache, ab_peer_cache *pc)
                 ab_close(exefd);
                 pc->have_exe = false;
                 pc->exe[0] = pc->sha256[0] = '\0';
-                return;
+                return 0;
         }
         n = readlink(path, pc->exe, sizeof pc->exe - 1);
         pc->exe[n > 0 ? n : 0] = '\0';
-        exe_hash(cache, exefd, pc->sha256);
+        if (exe_hash(cache, &st, pc->sha256) > 0) {
+                if (!pc->tried || !same_identity(&pc->tried_st, &st)) {
+                        drop_pending(pc);
+                        pc->pending_fd = exefd; /* the file the process runs, whatever the path holds now */
+                        pc->pending_st = st;
+                        pc->have_exe = false;
+                        return 1;
+                }
+                /* handed out before and still not hashed (unreadable, or it changed meanwhile):
+                 * no hash, as for a file too large */
+        }
         ab_close(exefd);
         pc->have_exe = pc->sha256[0] != '\0';
         pc->dev = st.st_dev;
@@ -326,6 +386,7 @@ static void read_exe(const ab_peer *p, ab_exe_cache *cache, ab_peer_cache *pc)
         pc->size = st.st_size;
         pc->mtime = st.st_mtim;
         pc->ctime = st.st_ctim;
+        return 0;
 }
 
 /* Read /proc/PID/cgroup and derive unit and cgroup (have_cgroup: it fitted and can be kept). */
@@ -475,6 +536,7 @@ int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
                 pc = p->cache = calloc(1, sizeof *pc);
                 if (!pc)
                         return -ENOMEM;
+                pc->pending_fd = -1;
         }
         ret->uid = p->uid;
         ret->gid = p->gid;
@@ -506,10 +568,12 @@ int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
          */
         snprintf(path, sizeof path, "/proc/%d/exe", (int)p->pid);
         if (stat(path, &st) < 0) {
-                read_exe(p, cache, pc); /* fails closed: no executable, no hash */
+                if (read_exe(p, cache, pc) > 0) /* fails closed: no executable, no hash */
+                        goto hash_first;
                 read_cgroup(p, pc);
         } else if (!same_stat(pc, &st) && !proc_lookup(cache, p->pid, &st, pc)) {
-                read_exe(p, cache, pc);
+                if (read_exe(p, cache, pc) > 0)
+                        goto hash_first;
                 read_cgroup(p, pc); /* a new program: read everything anew */
                 if (pc->have_exe && pc->have_cgroup)
                         proc_store(cache, p, pc);
@@ -530,4 +594,13 @@ int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
         memcpy(ret->unit, pc->unit, strlen(pc->unit) + 1);
         memcpy(ret->cgroup, pc->cgroup, strlen(pc->cgroup) + 1);
         return 0;
+
+hash_first:
+        /* the file opened is the one a live process of this peer runs (else no hash is wanted) */
+        r = ab_peer_alive(p);
+        if (r < 0) {
+                drop_pending(pc);
+                return r;
+        }
+        return -EINPROGRESS;
 }

@@ -6,8 +6,10 @@
 #ifndef AB_ATTEST_H
 #define AB_ATTEST_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #define AB_MAX_GROUPS 64
@@ -64,6 +66,20 @@ void ab_peer_done(ab_peer *p);
  * /proc_root is normally "/proc" (tests may point elsewhere).
  */
 int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret);
+/*
+ * ab_attest() returns -EINPROGRESS when the executable is not in the cache
+ * yet (a new program, or the file changed): hashing it may take seconds
+ * (up to the cache's maximum size), so it is the caller's to do off the
+ * event loop. ab_attest_take_hash() hands over the file, open and as
+ * fstat() saw it (the caller closes it); ab_exe_hash_fd() hashes it (in any
+ * thread; cancel, when set, stops it); ab_exe_cache_put() keeps the result
+ * unless the file changed meanwhile. Then ab_attest() again finds it. A
+ * file handed over once and still not in the cache at the next call is not
+ * handed over again: attestation goes on without its hash.
+ */
+int ab_attest_take_hash(ab_peer *p, int *ret_fd, struct stat *ret_st);
+int ab_exe_hash_fd(int fd, uint64_t size, const atomic_bool *cancel, char out[65]);
+void ab_exe_cache_put(ab_exe_cache *c, int fd, const struct stat *st, const char hex[65]);
 
 /* true if gid is among the peer's supplementary groups */
 static inline bool ab_peer_in_group(const ab_peer *p, gid_t gid)

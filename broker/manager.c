@@ -87,7 +87,7 @@ int ab_manager_new(const ab_config *cfg, ab_manager **ret)
  * that closing and reopening connections does not reset the rate limit. */
 static bool uid_slot_idle(const ab_manager *m, const ab_uid_slot *u, uint64_t now)
 {
-        return u->conns == 0 &&
+        return u->conns == 0 && !u->hash_job &&
                (m->cfg.rate_per_sec == 0 ||
                 u->tokens + (double)(now - u->refill_usec) * m->cfg.rate_per_sec / 1e6 >= m->cfg.rate_burst);
 }
@@ -179,10 +179,11 @@ static bool audit_full(const ab_manager *m)
         return m->audit && ab_audit_queued_bytes(m->audit) > AUDIT_QUEUE_MAX;
 }
 
-/* A call of c waits for a job (busy_ref), for the audit batch out (inflight), or for room in the audit queue. */
+/* A call of c waits for a job (busy_ref), for the audit batch out (inflight), for its executable's hash
+ * (hash_job), or for room in the audit queue. */
 static bool conn_blocked(const ab_conn *c)
 {
-        return c->busy_ref || c->inflight || audit_full(c->m);
+        return c->busy_ref || c->inflight || c->hash_job || audit_full(c->m);
 }
 
 /* Calls (or an EOF) that arrived while c could not handle them: go on with them on the next turn. */
@@ -190,6 +191,95 @@ static void conn_continue(ab_conn *c)
 {
         if (ab_frame_pending(&c->in) > 0 || c->eof)
                 sd_event_source_set_enabled(c->defer, SD_EVENT_ONESHOT);
+}
+
+/* ---- hashing executables off the loop ---------------------------------- */
+
+/* Executables up to this size are hashed on their own thread: at most tens of ms each. */
+#define AB_HASH_SMALL (32ull * 1024 * 1024)
+
+struct ab_hash_job {
+        ab_job job;
+        ab_manager *m;
+        ab_uid_slot *u;
+        int fd;
+        struct stat st;
+        int result;
+        char hex[65];
+        ab_conn *waiters; /* linked by hash_next */
+};
+
+static void hash_leave(ab_conn *c)
+{
+        for (ab_conn **pp = &c->hash_job->waiters; *pp; pp = &(*pp)->hash_next)
+                if (*pp == c) {
+                        *pp = c->hash_next;
+                        break;
+                }
+        c->hash_job = NULL;
+        c->hash_next = NULL;
+}
+
+static void hash_run(ab_job *job)
+{
+        ab_hash_job *j = (ab_hash_job *)job;
+        j->result = ab_exe_hash_fd(j->fd, (uint64_t)j->st.st_size, &j->m->hash_cancel, j->hex);
+}
+
+/* Keep the hash (unless the file changed meanwhile) and let the connections that waited go on. */
+static void hash_done(ab_job *job)
+{
+        ab_hash_job *j = (ab_hash_job *)job;
+        ab_conn *c, *next;
+
+        if (j->result == 0)
+                ab_exe_cache_put(j->m->exe_cache, j->fd, &j->st, j->hex);
+        else if (j->result != -ECANCELED)
+                ab_log(LOG_WARNING, "cannot hash the executable of a process of uid %u: %s", (unsigned)j->u->uid,
+                       ab_strerror(j->result));
+        ab_close(j->fd);
+        j->u->hash_job = NULL;
+        for (c = j->waiters; c; c = next) {
+                next = c->hash_next;
+                c->hash_job = NULL;
+                c->hash_next = NULL;
+                conn_continue(c); /* its call was put back: handle it again */
+                conn_update_events(c);
+        }
+        free(j);
+}
+
+int ab_conn_wait_hash(ab_conn *c)
+{
+        ab_manager *m = c->m;
+        ab_hash_job *j = c->uslot->hash_job;
+        int fd;
+        struct stat st;
+
+        if (!m->hasher[0])
+                return -ENOSYS;
+        if (!j) {
+                j = calloc(1, sizeof *j);
+                if (!j)
+                        return -ENOMEM;
+                if (ab_attest_take_hash(&c->peer, &fd, &st) < 0) {
+                        free(j);
+                        return -ENOENT;
+                }
+                *j = (ab_hash_job){ .job = { .run = hash_run, .done = hash_done }, .m = m, .u = c->uslot, .fd = fd,
+                                    .st = st };
+                c->uslot->hash_job = j;
+                ab_worker_submit(m->hasher[(uint64_t)st.st_size > AB_HASH_SMALL], &j->job);
+        }
+        /* else another connection of this uid waits for a hash: this one waits for that first,
+         * then asks again (its own file may be the same one) */
+        c->retry_call = true;
+        if (m->cfg.rate_per_sec && (c->uslot->tokens += 1.0) > m->cfg.rate_burst)
+                c->uslot->tokens = m->cfg.rate_burst; /* the call is taken again, and counted again */
+        c->hash_job = j;
+        c->hash_next = j->waiters;
+        j->waiters = c;
+        return 0;
 }
 
 static void conn_free(ab_conn *c)
@@ -207,6 +297,8 @@ static void conn_free(ab_conn *c)
                 list_remove(c->inflight ? &m->inflight : &m->held, c);
         if (c->busy_ref)
                 *c->busy_ref = NULL; /* its job finds the connection gone */
+        if (c->hash_job)
+                hash_leave(c);
         m->in_bytes -= c->in_counted;
         if (c->uslot) {
                 c->uslot->in_bytes -= c->in_counted;
@@ -657,6 +749,14 @@ static bool conn_process(ab_conn *c, bool *ret_drained)
                 }
                 ab_dispatch(c, &call);
                 ab_vl_call_done(&call);
+                if (c->retry_call) {
+                        /* its caller's executable is being hashed (ab_conn_wait_hash): the call is
+                         * handled again, whole, once that is done */
+                        c->retry_call = false;
+                        c->oneway = false;
+                        ab_frame_unread(&c->in);
+                        return false;
+                }
         }
         return true;
 }
@@ -1657,6 +1757,10 @@ int ab_manager_startup(ab_manager *m)
                 r = ab_worker_new(m->event, "ab-audit", &m->worker);
                 if (r >= 0)
                         r = ab_worker_new(m->event, "ab-crypto", &m->crypto);
+                if (r >= 0)
+                        r = ab_worker_new(m->event, "ab-hash", &m->hasher[0]);
+                if (r >= 0)
+                        r = ab_worker_new(m->event, "ab-hash-large", &m->hasher[1]);
                 if (r < 0) {
                         ab_log(LOG_ERR, "cannot start worker threads: %s", ab_strerror(r));
                         return r;
@@ -1752,6 +1856,11 @@ void ab_manager_free(ab_manager *m)
 {
         if (!m)
                 return;
+        atomic_store(&m->hash_cancel, true);
+        for (size_t i = 0; i < AB_ARRAY_SIZE(m->hasher); i++) {
+                ab_worker_free(m->hasher[i]); /* a hash under way gives up; the connections that waited are freed next */
+                m->hasher[i] = NULL;
+        }
         while (m->conns)
                 conn_free(m->conns);
         uid_sweep(m, true);

@@ -6,6 +6,7 @@
 #ifndef AB_MANAGER_H
 #define AB_MANAGER_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -58,9 +59,12 @@ typedef struct ab_manager ab_manager;
 typedef struct ab_conn ab_conn;
 
 /* Per-uid accounting: connections held and a token bucket. */
+typedef struct ab_hash_job ab_hash_job;
+
 typedef struct ab_uid_slot {
         uid_t uid;
         unsigned conns;
+        ab_hash_job *hash_job;  /* hashing an executable for this uid: one at a time (see ab_conn_wait_hash) */
         size_t in_bytes;        /* input buffers of its connections (see IN_BYTES_PER_UID) */
         double tokens;
         uint64_t refill_usec;
@@ -96,6 +100,11 @@ struct ab_conn {
         size_t held_from;       /* offset in out where held replies begin */
         unsigned held_calls;    /* replies held */
         ab_conn *held_next;
+        /* The call at hand needs the caller's executable hashed first (ab_conn_wait_hash): it is
+         * put back unhandled (retry_call), and the connection waits on hash_job. */
+        bool retry_call;
+        ab_hash_job *hash_job;
+        ab_conn *hash_next;
         ab_conn *prev, *next;
 };
 
@@ -131,6 +140,9 @@ struct ab_manager {
         ab_conn *held;            /* connections with replies held for the next batch */
         ab_worker *worker;        /* writes and syncs audit batches off the loop */
         ab_worker *crypto;        /* signs and verifies for calls off the loop */
+        ab_worker *hasher[2];     /* hash executables off the loop (ab_conn_wait_hash): [1] those over
+                                   * AB_HASH_SMALL, so that a large file does not hold up the others */
+        atomic_bool hash_cancel;  /* stopping: a hash under way gives up */
         ab_sync_job sync;
         bool sync_out;            /* a batch is out */
         bool audit_stalled;       /* calls wait because the queue behind it is full */
@@ -199,6 +211,15 @@ void ab_conn_job_answer(ab_conn *c);
  */
 void ab_manager_drain_jobs(ab_manager *m);
 void ab_conn_resume(ab_conn *c);
+/*
+ * The call c is handling found the caller's executable not hashed yet
+ * (ab_attest returned -EINPROGRESS): the method returns without a reply,
+ * the call is put back, the file is hashed on the hasher thread (one file
+ * at a time per uid; the uid's other connections that need one wait for
+ * it), and the call is handled again once that is done. 0, or -errno (then
+ * the caller answers with an error).
+ */
+int ab_conn_wait_hash(ab_conn *c);
 /* Queue an error reply {"reason": reason} (plus extra, stolen, if not NULL). */
 int ab_conn_error(ab_conn *c, const char *error, const char *reason, json_t *extra);
 

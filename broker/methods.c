@@ -314,7 +314,12 @@ static void m_get_keys(ab_conn *c, ab_vl_call *call)
 
 int ab_attest_peer(ab_conn *c, ab_identity *id)
 {
-        if (ab_attest(&c->peer, c->m->exe_cache, id) < 0) {
+        int r = ab_attest(&c->peer, c->m->exe_cache, id);
+
+        /* a new executable: hashed off the loop, then the call is handled again (no reply now) */
+        if (r == -EINPROGRESS && ab_conn_wait_hash(c) == 0)
+                return -1;
+        if (r < 0) {
                 ab_conn_error(c, "io.agentbroker.PeerGone",
                               "the calling process has exited or cannot be identified", NULL);
                 return -1;
@@ -354,7 +359,7 @@ const ab_agent *ab_attest_agent_audited(ab_conn *c, ab_identity *id, const char 
         char reason[256];
 
         if (ab_attest_peer(c, id) < 0) {
-                if (deny_event) {
+                if (deny_event && !c->retry_call) {
                         json_t *r = ab_audit_rec(c, "deny", "the caller exited or cannot be identified", NULL, NULL);
                         if (r && deny_fields)
                                 json_object_update(r, deny_fields);

@@ -18,6 +18,15 @@ void ab_frame_free(ab_frame *f)
         *f = (ab_frame){ .max = f->max };
 }
 
+void ab_frame_unread(ab_frame *f)
+{
+        /* after the last message the frame was emptied (head = len = 0), its bytes still in place */
+        if (f->len < f->last_end)
+                f->len = f->last_end;
+        f->head = f->last_head;
+        f->scan = 0;
+}
+
 size_t ab_frame_pending(const ab_frame *f)
 {
         return f->len - f->head;
@@ -78,6 +87,8 @@ int ab_frame_next(ab_frame *f, const char **ret_msg, size_t *ret_len)
                 return AB_ERR_TOO_LARGE;
         *ret_msg = start;
         *ret_len = (size_t)(nul - start);
+        f->last_head = f->head;
+        f->last_end = f->head + *ret_len + 1;
         f->head += *ret_len + 1;
         f->scan = 0;
         if (f->head == f->len)

@@ -16,6 +16,7 @@ typedef struct ab_frame {
         size_t scan; /* bytes from head already known to hold no NUL */
         size_t cap;
         size_t max;  /* largest message, without its NUL */
+        size_t last_head, last_end; /* where the message ab_frame_next returned last was (ab_frame_unread) */
 } ab_frame;
 
 /* Prepare an empty frame for messages up to max bytes. No allocation yet. */
@@ -43,6 +44,12 @@ void ab_frame_commit(ab_frame *f, size_t n);
  * max (the stream cannot be resynchronised: close it).
  */
 int ab_frame_next(ab_frame *f, const char **ret_msg, size_t *ret_len);
+
+/*
+ * Put back the message ab_frame_next returned last, to be returned again
+ * by the next call. Only before anything else is done with f (no read).
+ */
+void ab_frame_unread(ab_frame *f);
 
 /* Bytes of an incomplete message held (0: idle between messages). */
 size_t ab_frame_pending(const ab_frame *f);

@@ -17,7 +17,9 @@
 #include <grp.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
 #include "harness.h"
@@ -288,6 +290,106 @@ static void test_exec_then_new_connection(void **state)
         free(text);
 }
 
+/*
+ * Hashing a new executable must not hold up anyone else. nobody (no agent)
+ * runs a 400 MiB copy of python3 (sparse: the padding costs no disk) and
+ * changes its mtime before each of 3 WhoAmI calls, so that each needs the
+ * whole file hashed anew (about a second each here). Meanwhile root's 20
+ * IssueToken calls are all answered before nobody's first reply: the
+ * hashing runs off the event loop. (On the loop, each of root's calls
+ * waited for a hash to finish.)
+ */
+static void test_large_new_executable_does_not_stall_others(void **state)
+{
+        hx_broker *b = *state;
+        static const char script[] =
+                "import os, socket, sys, time\n"
+                "exe = os.readlink('/proc/self/exe')\n"
+                "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+                "print('ready', flush=True)\n"
+                "for i in range(3):\n"
+                "    os.utime(exe, None)\n"
+                "    s.sendall(b'{\"method\":\"io.agentbroker.WhoAmI\"}\\0')\n"
+                "    buf = b''\n"
+                "    while not buf.endswith(b'\\0'):\n"
+                "        d = s.recv(65536)\n"
+                "        if not d: sys.exit(3)\n"
+                "        buf += d\n"
+                "    print('reply %d %.6f' % (i, time.clock_gettime(time.CLOCK_MONOTONIC)), flush=True)\n";
+        char dir[] = "/tmp/ab-bigexe.XXXXXX", exe[64], py[64], line[256];
+        struct timespec done;
+        double first_reply = -1, victim_done;
+        int out[2], fd, st = 0;
+        pid_t pid;
+        FILE *f;
+
+        if (access("/usr/bin/python3", X_OK) != 0)
+                skip();
+        assert_non_null(mkdtemp(dir));
+        assert_int_equal(chmod(dir, 0755), 0);
+        snprintf(exe, sizeof exe, "%s/python3-big", dir);
+        snprintf(py, sizeof py, "%s/attacker.py", dir);
+        {
+                char *data = NULL;
+                size_t len = 0;
+                assert_int_equal(hx_read_file("/usr/bin/python3", 64 << 20, &data, &len), 0);
+                assert_int_equal(hx_write_file(py, script, 0644), 0);
+                fd = open(exe, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0755);
+                assert_true(fd >= 0);
+                assert_int_equal(write(fd, data, len), (ssize_t)len);
+                assert_int_equal(ftruncate(fd, 400 << 20), 0);
+                close(fd);
+                free(data);
+                assert_int_equal(chown(exe, HX_NOBODY_UID, HX_NOBODY_GID), 0); /* nobody may touch it */
+        }
+        assert_int_equal(pipe2(out, O_CLOEXEC), 0);
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                dup2(out[1], 1);
+                if (setgroups(0, NULL) < 0 || setresgid(HX_NOBODY_GID, HX_NOBODY_GID, HX_NOBODY_GID) < 0 ||
+                    setresuid(HX_NOBODY_UID, HX_NOBODY_UID, HX_NOBODY_UID) < 0)
+                        _exit(2);
+                execl(exe, exe, py, b->sock, (char *)NULL);
+                _exit(127);
+        }
+        close(out[1]);
+        f = fdopen(out[0], "r");
+        assert_non_null(f);
+        assert_non_null(fgets(line, sizeof line, f));
+        assert_string_equal(line, "ready\n");
+        nanosleep(&(struct timespec){ 0, 200000000L }, NULL); /* its first call is in, its file being hashed */
+        {
+                int c = connect_to(b->sock);
+                assert_true(c >= 0);
+                for (int i = 0; i < 20; i++) {
+                        json_t *r = call_fd(c, issue_msg);
+                        assert_non_null(r);
+                        assert_null(json_object_get(r, "error"));
+                        json_decref(r);
+                }
+                close(c);
+        }
+        clock_gettime(CLOCK_MONOTONIC, &done);
+        victim_done = (double)done.tv_sec + (double)done.tv_nsec / 1e9;
+        while (fgets(line, sizeof line, f)) {
+                int i;
+                double t;
+                if (sscanf(line, "reply %d %lf", &i, &t) == 2 && i == 0)
+                        first_reply = t;
+        }
+        fclose(f);
+        assert_int_equal(waitpid(pid, &st, 0), pid);
+        assert_true(WIFEXITED(st));
+        assert_int_equal(WEXITSTATUS(st), 0); /* its 3 calls were answered */
+        fprintf(stderr, "root's 20 calls done %.3f s before nobody's first reply\n", first_reply - victim_done);
+        assert_true(first_reply > 0);
+        assert_true(victim_done < first_reply);
+        unlink(exe);
+        unlink(py);
+        rmdir(dir);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -295,6 +397,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_recycled_pid, setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_exec_after_connect, setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_exec_then_new_connection, setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_large_new_executable_does_not_stall_others, setup, hx_teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
