@@ -376,9 +376,10 @@ static int read_exe(const ab_peer *p, ab_exe_cache *cache, ab_peer_cache *pc)
                         pc->have_exe = false;
                         return 1;
                 }
-                /* handed out before and still not hashed (unreadable, or it changed meanwhile):
-                 * no hash, as for a file too large */
+                /* handed out just before and still not hashed (unreadable, or it changed meanwhile):
+                 * this once no hash, as for a file too large; the next call asks again */
         }
+        pc->tried = false;
         ab_close(exefd);
         pc->have_exe = pc->sha256[0] != '\0';
         pc->dev = st.st_dev;

@@ -74,8 +74,10 @@ int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret);
  * fstat() saw it (the caller closes it); ab_exe_hash_fd() hashes it (in any
  * thread; cancel, when set, stops it); ab_exe_cache_put() keeps the result
  * unless the file changed meanwhile. Then ab_attest() again finds it. A
- * file handed over once and still not in the cache at the next call is not
- * handed over again: attestation goes on without its hash.
+ * file handed over and still not in the cache at the very next call is not
+ * handed over again then: that call is attested without the hash (and the
+ * one after asks again), so a file that cannot be hashed never makes a
+ * call wait for ever.
  */
 int ab_attest_take_hash(ab_peer *p, int *ret_fd, struct stat *ret_st);
 int ab_exe_hash_fd(int fd, uint64_t size, const atomic_bool *cancel, char out[65]);
