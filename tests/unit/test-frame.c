@@ -86,6 +86,31 @@ static void test_init_free(void **state)
         ab_frame_free(&f);
 }
 
+/* A message put back comes out again, the one in the middle and the last (after which the frame was emptied). */
+static void test_unread(void **state)
+{
+        ab_frame f;
+
+        (void)state;
+        ab_frame_init(&f, 64);
+        put_str(&f, "one\0two\0", 8);
+        expect_msg(&f, "one", 3);
+        ab_frame_unread(&f);
+        assert_int_equal(ab_frame_pending(&f), 8);
+        expect_msg(&f, "one", 3);
+        expect_msg(&f, "two", 3);
+        assert_int_equal(ab_frame_pending(&f), 0);
+        ab_frame_unread(&f);
+        assert_int_equal(ab_frame_pending(&f), 4);
+        expect_msg(&f, "two", 3);
+        expect_none(&f);
+        /* and reading goes on after it as before */
+        put_str(&f, "three\0", 6);
+        expect_msg(&f, "three", 5);
+        expect_none(&f);
+        ab_frame_free(&f);
+}
+
 static void test_one_byte_commits(void **state)
 {
         static const char stream[] = "{\"method\":\"a.B\"}\0{\"parameters\":{}}\0{}\0";
@@ -463,6 +488,7 @@ int main(void)
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_init_free),
                 cmocka_unit_test(test_one_byte_commits),
+                cmocka_unit_test(test_unread),
                 cmocka_unit_test(test_merged_messages),
                 cmocka_unit_test(test_empty_message),
                 cmocka_unit_test(test_max_small),
