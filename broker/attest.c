@@ -218,17 +218,18 @@ static bool same_identity(const struct stat *a, const struct stat *b)
                a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
 }
 
-void ab_exe_cache_put(ab_exe_cache *c, int fd, const struct stat *st, const char hex[65])
+int ab_exe_cache_put(ab_exe_cache *c, int fd, const struct stat *st, const char hex[65])
 {
         struct stat now;
         cache_entry *e;
 
         if (fstat(fd, &now) < 0 || !same_identity(st, &now))
-                return; /* changed while it was hashed */
+                return -ESTALE; /* changed while it was hashed */
         e = cache_lookup(c, st);
         *e = (cache_entry){ .dev = st->st_dev, .ino = st->st_ino, .size = st->st_size, .mtime = st->st_mtim,
                            .ctime = st->st_ctim, .used = true };
         memcpy(e->sha256, hex, 65);
+        return 0;
 }
 
 /*
@@ -320,6 +321,11 @@ struct ab_peer_cache {
          * not be hashed), go on without its hash rather than ask again */
         bool tried;
         struct stat tried_st;
+        /* a hash this connection waited for (ab_attest_hash_known): used when the cache no longer
+         * holds it (another file took its slot meanwhile) */
+        bool known;
+        struct stat known_st;
+        char known_hex[65];
 };
 
 static void drop_pending(ab_peer_cache *pc)
@@ -327,6 +333,23 @@ static void drop_pending(ab_peer_cache *pc)
         if (pc->pending_fd >= 0)
                 close(pc->pending_fd);
         pc->pending_fd = -1;
+}
+
+void ab_attest_drop_hash(ab_peer *p)
+{
+        if (p->cache)
+                drop_pending(p->cache);
+}
+
+void ab_attest_hash_known(ab_peer *p, const struct stat *st, const char hex[65])
+{
+        ab_peer_cache *pc = p->cache;
+
+        if (!pc)
+                return;
+        pc->known = true;
+        pc->known_st = *st;
+        memcpy(pc->known_hex, hex, 65);
 }
 
 int ab_attest_take_hash(ab_peer *p, int *ret_fd, struct stat *ret_st)
@@ -356,7 +379,7 @@ static int read_exe(const ab_peer *p, ab_exe_cache *cache, ab_peer_cache *pc)
         char path[64];
         struct stat st;
         ssize_t n;
-        int exefd;
+        int exefd, h;
 
         snprintf(path, sizeof path, "/proc/%d/exe", (int)p->pid);
         exefd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
@@ -368,7 +391,14 @@ static int read_exe(const ab_peer *p, ab_exe_cache *cache, ab_peer_cache *pc)
         }
         n = readlink(path, pc->exe, sizeof pc->exe - 1);
         pc->exe[n > 0 ? n : 0] = '\0';
-        if (exe_hash(cache, &st, pc->sha256) > 0) {
+        h = exe_hash(cache, &st, pc->sha256);
+        if (h > 0 && pc->known && same_identity(&pc->known_st, &st)) {
+                /* waited for, and pushed out of the cache since (by any other file: its slot is
+                 * a hash of stat fields a user can choose) */
+                memcpy(pc->sha256, pc->known_hex, 65);
+                h = 0;
+        }
+        if (h > 0) {
                 if (!pc->tried || !same_identity(&pc->tried_st, &st)) {
                         drop_pending(pc);
                         pc->pending_fd = exefd; /* the file the process runs, whatever the path holds now */

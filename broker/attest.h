@@ -80,8 +80,17 @@ int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret);
  * call wait for ever.
  */
 int ab_attest_take_hash(ab_peer *p, int *ret_fd, struct stat *ret_st);
+/* Close the file ab_attest() left to hash (this connection waits for another one's hash first). */
+void ab_attest_drop_hash(ab_peer *p);
+/*
+ * The hash of the file as st describes it, for this peer: ab_attest() uses
+ * it while the file is unchanged, also once another file has pushed it out
+ * of the shared cache.
+ */
+void ab_attest_hash_known(ab_peer *p, const struct stat *st, const char hex[65]);
 int ab_exe_hash_fd(int fd, uint64_t size, const atomic_bool *cancel, char out[65]);
-void ab_exe_cache_put(ab_exe_cache *c, int fd, const struct stat *st, const char hex[65]);
+/* 0, or -ESTALE: the file changed while it was hashed (nothing kept). */
+int ab_exe_cache_put(ab_exe_cache *c, int fd, const struct stat *st, const char hex[65]);
 
 /* true if gid is among the peer's supplementary groups */
 static inline bool ab_peer_in_group(const ab_peer *p, gid_t gid)

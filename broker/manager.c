@@ -232,8 +232,9 @@ static void hash_done(ab_job *job)
         ab_hash_job *j = (ab_hash_job *)job;
         ab_conn *c, *next;
 
-        if (j->result == 0)
-                ab_exe_cache_put(j->m->exe_cache, j->fd, &j->st, j->hex);
+        if (j->result == 0 && ab_exe_cache_put(j->m->exe_cache, j->fd, &j->st, j->hex) == 0)
+                for (c = j->waiters; c; c = c->hash_next)
+                        ab_attest_hash_known(&c->peer, &j->st, j->hex); /* not only through the cache */
         else if (j->result != -ECANCELED)
                 ab_log(LOG_WARNING, "cannot hash the executable of a process of uid %u: %s", (unsigned)j->u->uid,
                        ab_strerror(j->result));
@@ -271,11 +272,11 @@ int ab_conn_wait_hash(ab_conn *c)
                 c->uslot->hash_job = j;
                 ab_worker_submit(m->hasher[(uint64_t)st.st_size > AB_HASH_SMALL], &j->job);
         }
-        /* else another connection of this uid waits for a hash: this one waits for that first,
-         * then asks again (its own file may be the same one) */
+        else
+                /* another connection of this uid waits for a hash: this one waits for that first,
+                 * then asks again (its own file may be the same one; it is opened again then) */
+                ab_attest_drop_hash(&c->peer);
         c->retry_call = true;
-        if (m->cfg.rate_per_sec && (c->uslot->tokens += 1.0) > m->cfg.rate_burst)
-                c->uslot->tokens = m->cfg.rate_burst; /* the call is taken again, and counted again */
         c->hash_job = j;
         c->hash_next = j->waiters;
         j->waiters = c;
@@ -949,13 +950,13 @@ static void accept_pause(ab_manager *m, int err)
                 m->accept_failures = 0;
         }
         if (!m->accept_timer &&
-            sd_event_add_time(m->event, &m->accept_timer, CLOCK_MONOTONIC, 0, 0, on_accept_resume, m) < 0)
+            sd_event_add_time(m->event, &m->accept_timer, CLOCK_MONOTONIC, 0, 1000, on_accept_resume, m) < 0)
                 return; /* no timer: keep trying on each turn, as before */
         for (size_t i = 0; i < AB_ARRAY_SIZE(m->listen_src); i++)
                 if (m->listen_src[i])
                         sd_event_source_set_enabled(m->listen_src[i], SD_EVENT_OFF);
         /* 50 ms, doubling while it keeps failing, to 1.6 s: each try may cost a waiting connection */
-        if (m->accept_backoff < 5)
+        if (m->accept_backoff < 6)
                 m->accept_backoff++;
         sd_event_source_set_time(m->accept_timer, now + ((uint64_t)ACCEPT_PAUSE_USEC << (m->accept_backoff - 1)));
         sd_event_source_set_enabled(m->accept_timer, SD_EVENT_ONESHOT);
