@@ -133,6 +133,17 @@ static void uid_put(ab_manager *m, ab_uid_slot *u)
         u->conns--;
 }
 
+bool ab_conn_rate_take(ab_conn *c)
+{
+        if (c->retry_paid) {
+                c->retry_paid = false;
+                c->call_paid = true;
+                return true;
+        }
+        c->call_paid = ab_rate_take(c->m, c->uslot);
+        return c->call_paid;
+}
+
 bool ab_rate_take(ab_manager *m, ab_uid_slot *u)
 {
         uint64_t now;
@@ -277,6 +288,7 @@ int ab_conn_wait_hash(ab_conn *c)
                  * then asks again (its own file may be the same one; it is opened again then) */
                 ab_attest_drop_hash(&c->peer);
         c->retry_call = true;
+        c->retry_paid = c->call_paid; /* taken again, whole: the rate-limit token once */
         c->hash_job = j;
         c->hash_next = j->waiters;
         j->waiters = c;

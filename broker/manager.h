@@ -103,6 +103,8 @@ struct ab_conn {
         /* The call at hand needs the caller's executable hashed first (ab_conn_wait_hash): it is
          * put back unhandled (retry_call), and the connection waits on hash_job. */
         bool retry_call;
+        bool call_paid;         /* the call at hand took a rate-limit token */
+        bool retry_paid;        /* the call put back took one already: its next run takes none */
         ab_hash_job *hash_job;
         ab_conn *hash_next;
         ab_conn *prev, *next;
@@ -234,5 +236,11 @@ void ab_dispatch(ab_conn *c, ab_vl_call *call);
 
 /* Per-uid rate limit: true if the request may proceed. */
 bool ab_rate_take(ab_manager *m, ab_uid_slot *u);
+/*
+ * ab_rate_take for the call c is handling; a call put back while its
+ * executable was hashed (ab_conn_wait_hash) and handled again is not
+ * charged a second time.
+ */
+bool ab_conn_rate_take(ab_conn *c);
 
 #endif

@@ -180,7 +180,7 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
-        if (!ab_rate_take(c->m, c->uslot)) {
+        if (!ab_conn_rate_take(c)) {
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
                 return;
         }
@@ -364,7 +364,7 @@ void ab_m_introspect(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, p, introspect_spec) < 0)
                 return;
-        if (!ab_rate_take(c->m, c->uslot)) {
+        if (!ab_conn_rate_take(c)) {
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
                 return;
         }
@@ -459,7 +459,7 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, p, spec) < 0)
                 return;
-        if (!ab_rate_take(c->m, c->uslot)) {
+        if (!ab_conn_rate_take(c)) {
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
                 return;
         }
@@ -639,7 +639,7 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, p, spec) < 0 || one_of(c, p, names, 3, &which) < 0)
                 return;
-        if (!ab_rate_take(c->m, c->uslot)) {
+        if (!ab_conn_rate_take(c)) {
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
                 return;
         }
@@ -897,7 +897,7 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, p, spec) < 0)
                 return;
-        if (!ab_rate_take(c->m, c->uslot)) {
+        if (!ab_conn_rate_take(c)) {
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
                 return;
         }
@@ -957,7 +957,7 @@ void ab_m_close_pam_session(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
-        if (!ab_rate_take(c->m, c->uslot)) {
+        if (!ab_conn_rate_take(c)) {
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
                 return;
         }

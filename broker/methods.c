@@ -502,7 +502,7 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, p, spec) < 0)
                 return;
-        if (!ab_rate_take(c->m, c->uslot)) {
+        if (!ab_conn_rate_take(c)) {
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
                 return;
         }
@@ -883,6 +883,7 @@ void ab_dispatch(ab_conn *c, ab_vl_call *call)
         const method *m = NULL;
 
         c->oneway = call->oneway; /* no reply to a oneway call */
+        c->call_paid = false;
 
         for (size_t i = 0; i < AB_ARRAY_SIZE(methods); i++)
                 if (strcmp(methods[i].name, call->method) == 0) {
