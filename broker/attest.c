@@ -29,12 +29,33 @@
 
 #define CACHE_SLOTS 256
 
-typedef struct cache_entry {
+/*
+ * A file as stat() saw it. Another exec gives another inode; a rewrite
+ * changes the size, mtime or ctime (and ctime cannot be set from user
+ * space, unlike mtime).
+ */
+typedef struct file_id {
         dev_t dev;
         ino_t ino;
         off_t size;
-        struct timespec mtime;
-        struct timespec ctime; /* cannot be set from user space, unlike mtime */
+        struct timespec mtime, ctime;
+} file_id;
+
+static file_id file_id_of(const struct stat *st)
+{
+        return (file_id){ .dev = st->st_dev, .ino = st->st_ino, .size = st->st_size, .mtime = st->st_mtim,
+                          .ctime = st->st_ctim };
+}
+
+static bool file_id_is(const file_id *id, const struct stat *st)
+{
+        return id->dev == st->st_dev && id->ino == st->st_ino && id->size == st->st_size &&
+               id->mtime.tv_sec == st->st_mtim.tv_sec && id->mtime.tv_nsec == st->st_mtim.tv_nsec &&
+               id->ctime.tv_sec == st->st_ctim.tv_sec && id->ctime.tv_nsec == st->st_ctim.tv_nsec;
+}
+
+typedef struct cache_entry {
+        file_id id;
         bool used;
         char sha256[65];
 } cache_entry;
@@ -46,10 +67,7 @@ typedef struct proc_entry {
         pid_t pid;
         uint64_t proc_ino; /* see ab_peer.proc_ino; 0: unknown */
         uint64_t start_time;
-        dev_t dev; /* the executable as stat() saw it */
-        ino_t ino;
-        off_t size;
-        struct timespec mtime, ctime;
+        file_id id; /* the executable */
         char *exe; /* NULL: empty slot */
         char sha256[65];
         char unit[AB_UNIT_MAX];
@@ -177,9 +195,7 @@ static cache_entry *cache_lookup(ab_exe_cache *c, const struct stat *st)
 
 static bool same_file(const cache_entry *e, const struct stat *st)
 {
-        return e->used && e->dev == st->st_dev && e->ino == st->st_ino && e->size == st->st_size &&
-               e->mtime.tv_sec == st->st_mtim.tv_sec && e->mtime.tv_nsec == st->st_mtim.tv_nsec &&
-               e->ctime.tv_sec == st->st_ctim.tv_sec && e->ctime.tv_nsec == st->st_ctim.tv_nsec;
+        return e->used && file_id_is(&e->id, st);
 }
 
 int ab_exe_hash_fd(int fd, uint64_t size, const atomic_bool *cancel, char out[65])
@@ -211,23 +227,16 @@ int ab_exe_hash_fd(int fd, uint64_t size, const atomic_bool *cancel, char out[65
         return 0;
 }
 
-static bool same_identity(const struct stat *a, const struct stat *b)
-{
-        return a->st_dev == b->st_dev && a->st_ino == b->st_ino && a->st_size == b->st_size &&
-               a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
-               a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
-}
-
 int ab_exe_cache_put(ab_exe_cache *c, int fd, const struct stat *st, const char hex[65])
 {
+        file_id id = file_id_of(st);
         struct stat now;
         cache_entry *e;
 
-        if (fstat(fd, &now) < 0 || !same_identity(st, &now))
+        if (fstat(fd, &now) < 0 || !file_id_is(&id, &now))
                 return -ESTALE; /* changed while it was hashed */
         e = cache_lookup(c, st);
-        *e = (cache_entry){ .dev = st->st_dev, .ino = st->st_ino, .size = st->st_size, .mtime = st->st_mtim,
-                           .ctime = st->st_ctim, .used = true };
+        *e = (cache_entry){ .id = id, .used = true };
         memcpy(e->sha256, hex, 65);
         return 0;
 }
@@ -304,10 +313,7 @@ static void copy_bounded(char *dst, size_t max, const char *src)
 struct ab_peer_cache {
         bool have_start, have_exe, have_cgroup;
         uint64_t start_time;
-        dev_t dev;
-        ino_t ino;
-        off_t size;
-        struct timespec mtime, ctime;
+        file_id id; /* the executable */
         char exe[AB_EXE_MAX];
         char sha256[65];
         char cgroup_raw[AB_CGROUP_MAX + 64];
@@ -320,11 +326,11 @@ struct ab_peer_cache {
         /* the last one handed out: if it is still not in the cache when asked again (it could
          * not be hashed), go on without its hash rather than ask again */
         bool tried;
-        struct stat tried_st;
+        file_id tried_id;
         /* a hash this connection waited for (ab_attest_hash_known): used when the cache no longer
          * holds it (another file took its slot meanwhile) */
         bool known;
-        struct stat known_st;
+        file_id known_id;
         char known_hex[65];
 };
 
@@ -348,7 +354,7 @@ void ab_attest_hash_known(ab_peer *p, const struct stat *st, const char hex[65])
         if (!pc)
                 return;
         pc->known = true;
-        pc->known_st = *st;
+        pc->known_id = file_id_of(st);
         memcpy(pc->known_hex, hex, 65);
 }
 
@@ -362,15 +368,13 @@ int ab_attest_take_hash(ab_peer *p, int *ret_fd, struct stat *ret_st)
         *ret_st = pc->pending_st;
         pc->pending_fd = -1;
         pc->tried = true;
-        pc->tried_st = *ret_st;
+        pc->tried_id = file_id_of(ret_st);
         return 0;
 }
 
 static bool same_stat(const ab_peer_cache *c, const struct stat *st)
 {
-        return c->have_exe && c->dev == st->st_dev && c->ino == st->st_ino && c->size == st->st_size &&
-               c->mtime.tv_sec == st->st_mtim.tv_sec && c->mtime.tv_nsec == st->st_mtim.tv_nsec &&
-               c->ctime.tv_sec == st->st_ctim.tv_sec && c->ctime.tv_nsec == st->st_ctim.tv_nsec;
+        return c->have_exe && file_id_is(&c->id, st);
 }
 
 /* 0, or 1: the executable must be hashed first (pc->pending_fd, see ab_attest_take_hash). */
@@ -392,14 +396,14 @@ static int read_exe(const ab_peer *p, ab_exe_cache *cache, ab_peer_cache *pc)
         n = readlink(path, pc->exe, sizeof pc->exe - 1);
         pc->exe[n > 0 ? n : 0] = '\0';
         h = exe_hash(cache, &st, pc->sha256);
-        if (h > 0 && pc->known && same_identity(&pc->known_st, &st)) {
+        if (h > 0 && pc->known && file_id_is(&pc->known_id, &st)) {
                 /* waited for, and pushed out of the cache since (by any other file: its slot is
                  * a hash of stat fields a user can choose) */
                 memcpy(pc->sha256, pc->known_hex, 65);
                 h = 0;
         }
         if (h > 0) {
-                if (!pc->tried || !same_identity(&pc->tried_st, &st)) {
+                if (!pc->tried || !file_id_is(&pc->tried_id, &st)) {
                         drop_pending(pc);
                         pc->pending_fd = exefd; /* the file the process runs, whatever the path holds now */
                         pc->pending_st = st;
@@ -412,11 +416,7 @@ static int read_exe(const ab_peer *p, ab_exe_cache *cache, ab_peer_cache *pc)
         pc->tried = false;
         ab_close(exefd);
         pc->have_exe = pc->sha256[0] != '\0';
-        pc->dev = st.st_dev;
-        pc->ino = st.st_ino;
-        pc->size = st.st_size;
-        pc->mtime = st.st_mtim;
-        pc->ctime = st.st_ctim;
+        pc->id = file_id_of(&st);
         return 0;
 }
 
@@ -522,20 +522,13 @@ static bool proc_lookup(ab_exe_cache *cache, pid_t pid, const struct stat *st, a
 {
         const proc_entry *e = &cache->proc[(unsigned)pid % PROC_SLOTS];
 
-        if (!e->exe || e->pid != pid || e->start_time != pc->start_time || e->dev != st->st_dev ||
-            e->ino != st->st_ino || e->size != st->st_size || e->mtime.tv_sec != st->st_mtim.tv_sec ||
-            e->mtime.tv_nsec != st->st_mtim.tv_nsec || e->ctime.tv_sec != st->st_ctim.tv_sec ||
-            e->ctime.tv_nsec != st->st_ctim.tv_nsec)
+        if (!e->exe || e->pid != pid || e->start_time != pc->start_time || !file_id_is(&e->id, st))
                 return false;
         memcpy(pc->exe, e->exe, strlen(e->exe) + 1);
         memcpy(pc->sha256, e->sha256, sizeof pc->sha256);
         memcpy(pc->unit, e->unit, sizeof pc->unit);
         memcpy(pc->cgroup, e->cgroup, sizeof pc->cgroup);
-        pc->dev = st->st_dev;
-        pc->ino = st->st_ino;
-        pc->size = st->st_size;
-        pc->mtime = st->st_mtim;
-        pc->ctime = st->st_ctim;
+        pc->id = e->id;
         pc->have_exe = pc->have_cgroup = true;
         return true;
 }
@@ -548,9 +541,8 @@ static void proc_store(ab_exe_cache *cache, const ab_peer *p, const ab_peer_cach
         if (!exe)
                 return;
         free(e->exe);
-        *e = (proc_entry){ .pid = p->pid, .proc_ino = p->proc_ino, .start_time = pc->start_time,
-                           .dev = pc->dev, .ino = pc->ino,
-                           .size = pc->size, .mtime = pc->mtime, .ctime = pc->ctime, .exe = exe };
+        *e = (proc_entry){ .pid = p->pid, .proc_ino = p->proc_ino, .start_time = pc->start_time, .id = pc->id,
+                           .exe = exe };
         memcpy(e->sha256, pc->sha256, sizeof e->sha256);
         memcpy(e->unit, pc->unit, sizeof e->unit);
         memcpy(e->cgroup, pc->cgroup, sizeof e->cgroup);
