@@ -314,9 +314,7 @@ static bool shorten_strings(json_t *rec, size_t max)
                 char *copy;
                 if (!json_is_string(v) || n <= max)
                         continue;
-                n = max;
-                while (n > 0 && ((unsigned char)json_string_value(v)[n] & 0xC0) == 0x80)
-                        n--;
+                n = ab_utf8_cut(json_string_value(v), n, max);
                 copy = strndup(json_string_value(v), n);
                 if (copy && json_string_setn(v, copy, n) == 0)
                         cut = true;

@@ -184,11 +184,8 @@ int ab_check_params(ab_conn *c, json_t *params, const param_spec *spec)
                                 break;
                 if (!s->name) {
                         char name[64];
-                        size_t n = strlen(key);
-                        if (n > 60) /* cut at a character boundary: the name goes out in JSON (UTF-8) */
-                                for (n = 60; n > 0 && ((unsigned char)key[n] & 0xC0) == 0x80; n--)
-                                        ;
-                        snprintf(name, sizeof name, "%.*s", (int)n, key);
+                        /* cut at a character boundary: the name goes out in JSON (UTF-8) */
+                        snprintf(name, sizeof name, "%.*s", (int)ab_utf8_cut(key, strlen(key), 60), key);
                         ab_invalid_param(c, name, "unknown parameter");
                         return -1;
                 }

@@ -47,3 +47,13 @@ int ab_is_printable(const char *s, size_t max)
         }
         return i > 0;
 }
+
+size_t ab_utf8_cut(const char *s, size_t len, size_t max)
+{
+        size_t n = len;
+
+        if (n > max)
+                for (n = max; n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80; n--)
+                        ;
+        return n;
+}

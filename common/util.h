@@ -25,5 +25,7 @@ int ab_close(int fd);
 int ab_is_scope_token(const char *s, size_t len);
 /* true if s is printable UTF-8-free ASCII 0x20..0x7e, length 1..max. */
 int ab_is_printable(const char *s, size_t max);
+/* The length of s (len bytes of UTF-8) cut to at most max bytes, never inside a character. */
+size_t ab_utf8_cut(const char *s, size_t len, size_t max);
 
 #endif
