@@ -243,12 +243,14 @@ static void hash_done(ab_job *job)
         ab_hash_job *j = (ab_hash_job *)job;
         ab_conn *c, *next;
 
-        if (j->result == 0 && ab_exe_cache_put(j->m->exe_cache, j->fd, &j->st, j->hex) == 0)
-                for (c = j->waiters; c; c = c->hash_next)
-                        ab_attest_hash_known(&c->peer, &j->st, j->hex); /* not only through the cache */
-        else if (j->result != -ECANCELED)
+        if (j->result == 0) {
+                if (ab_exe_cache_put(j->m->exe_cache, j->fd, &j->st, j->hex) == 0)
+                        for (c = j->waiters; c; c = c->hash_next)
+                                ab_attest_hash_known(&c->peer, &j->st, j->hex); /* not only through the cache */
+        } else if (j->result != -ECANCELED) {
                 ab_log(LOG_WARNING, "cannot hash the executable of a process of uid %u: %s", (unsigned)j->u->uid,
                        ab_strerror(j->result));
+        }
         ab_close(j->fd);
         j->u->hash_job = NULL;
         for (c = j->waiters; c; c = next) {
@@ -270,7 +272,11 @@ int ab_conn_wait_hash(ab_conn *c)
 
         if (!m->hasher[0])
                 return -ENOSYS;
-        if (!j) {
+        if (j) {
+                /* another connection of this uid waits for a hash: this one waits for that first,
+                 * then asks again (its own file may be the same one; it is opened again then) */
+                ab_attest_drop_hash(&c->peer);
+        } else {
                 j = calloc(1, sizeof *j);
                 if (!j)
                         return -ENOMEM;
@@ -283,10 +289,6 @@ int ab_conn_wait_hash(ab_conn *c)
                 c->uslot->hash_job = j;
                 ab_worker_submit(m->hasher[(uint64_t)st.st_size > AB_HASH_SMALL], &j->job);
         }
-        else
-                /* another connection of this uid waits for a hash: this one waits for that first,
-                 * then asks again (its own file may be the same one; it is opened again then) */
-                ab_attest_drop_hash(&c->peer);
         c->retry_call = true;
         c->retry_paid = c->call_paid; /* taken again, whole: the rate-limit token once */
         c->hash_job = j;
@@ -928,15 +930,18 @@ static int conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 
 #define ACCEPT_PAUSE_USEC (50 * 1000)
 
-static int on_accept_resume(sd_event_source *s, uint64_t usec, void *userdata)
+static void listen_enable(ab_manager *m, int how)
 {
-        ab_manager *m = userdata;
-
-        (void)s;
-        (void)usec;
         for (size_t i = 0; i < AB_ARRAY_SIZE(m->listen_src); i++)
                 if (m->listen_src[i])
-                        sd_event_source_set_enabled(m->listen_src[i], SD_EVENT_ON);
+                        sd_event_source_set_enabled(m->listen_src[i], how);
+}
+
+static int on_accept_resume(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        (void)s;
+        (void)usec;
+        listen_enable(userdata, SD_EVENT_ON);
         return 0;
 }
 
@@ -964,9 +969,7 @@ static void accept_pause(ab_manager *m, int err)
         if (!m->accept_timer &&
             sd_event_add_time(m->event, &m->accept_timer, CLOCK_MONOTONIC, 0, 1000, on_accept_resume, m) < 0)
                 return; /* no timer: keep trying on each turn, as before */
-        for (size_t i = 0; i < AB_ARRAY_SIZE(m->listen_src); i++)
-                if (m->listen_src[i])
-                        sd_event_source_set_enabled(m->listen_src[i], SD_EVENT_OFF);
+        listen_enable(m, SD_EVENT_OFF);
         /* 50 ms, doubling while it keeps failing, to 1.6 s: each try may cost a waiting connection */
         if (m->accept_backoff < 6)
                 m->accept_backoff++;
