@@ -534,6 +534,21 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
                         goto out;
                 }
         }
+        /* a new token: the policy and the session's re-authentication apply as to IssueToken */
+        if (!ab_token_granted(a, pc, aud, scope, exp - now)) {
+                snprintf(reason, sizeof reason,
+                         "the policy no longer grants agent \"%s\" audience \"%.200s\" with scopes \"%.200s\"", a->id,
+                         aud, scope);
+                attenuate_refuse(c, &id, a, pc, p, "io.agentbroker.ScopeNotGranted", reason, NULL);
+                goto out;
+        }
+        if (now >= ab_session_reauth_before(&res.session, a)) {
+                snprintf(reason, sizeof reason, "session %s must re-authenticate (Authenticate) before it delegates",
+                         res.session.sid);
+                attenuate_refuse(c, &id, a, pc, p, "io.agentbroker.ReauthRequired", reason,
+                                 json_pack("{s:s}", "sid", res.session.sid));
+                goto out;
+        }
         delegator = ab_policy_match(c->m->policy, &id);
         act = json_pack("{s:s}", "sub", delegator ? delegator->id : a->id);
         if (act && json_is_object(json_object_get(pc, "act")))
@@ -552,6 +567,8 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
                            "act", act, "parent", json_object_get(pc, "jti"), "ancestors", anc);
         if (claims && task)
                 json_object_set_new(claims, "task", json_string(task));
+        if (claims && json_is_string(json_object_get(pc, "grant")))
+                json_object_set(claims, "grant", json_object_get(pc, "grant")); /* judged by the parent's grant */
         if (!claims || ab_token_sign(c->m->signer, claims, &token, &len) < 0) {
                 ab_conn_error(c, "io.agentbroker.InternalError", "could not sign the token", NULL);
                 goto out;

@@ -59,7 +59,7 @@ static const char interface_description[] =
         "  user: ?string, service: ?string) -> (active: bool, reason: ?string, token_type: ?string,\n"
         "  iss: ?string, sub: ?string, aud: ?string, scope: ?string, client_id: ?string, iat: ?int,\n"
         "  nbf: ?int, exp: ?int, jti: ?string, sid: ?string, auth_time: ?int, owner: ?string,\n"
-        "  task: ?string, act: ?object, parent: ?string, ancestors: ?[]string)\n"
+        "  grant: ?string, task: ?string, act: ?object, parent: ?string, ancestors: ?[]string)\n"
         "\n"
         "# A narrower token derived from one the caller's uid holds; never wider than the parent.\n"
         "method Attenuate(token: string, audience: ?string, scopes: ?[]string, ttl: ?int, task: ?string) -> (\n"
@@ -123,7 +123,7 @@ static const char admin_description[] =
         "  user: ?string, service: ?string) -> (active: bool, reason: ?string, token_type: ?string,\n"
         "  iss: ?string, sub: ?string, aud: ?string, scope: ?string, client_id: ?string, iat: ?int,\n"
         "  nbf: ?int, exp: ?int, jti: ?string, sid: ?string, auth_time: ?int, owner: ?string,\n"
-        "  task: ?string, act: ?object, parent: ?string, ancestors: ?[]string)\n"
+        "  grant: ?string, task: ?string, act: ?object, parent: ?string, ancestors: ?[]string)\n"
         "\n"
         "type Usage (agent: string, audience: string, scope: string, count: int, last_issued: int)\n"
         "\n"
@@ -556,6 +556,8 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
                            (json_int_t)sess.auth_time);
         if (claims && task)
                 json_object_set_new(claims, "task", json_string(task));
+        if (claims)
+                json_object_set_new(claims, "grant", json_string(g->id));
         j = calloc(1, sizeof *j);
         if (!j || !claims || ab_token_prepare(c->m->signer, claims, &j->buf, &j->len) < 0 ||
             !(j->agent = strdup(a->id)) || !(j->audience = strdup(audience)) || !(j->scope = strdup(scope_str))) {

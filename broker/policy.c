@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sodium.h>
 #include <unistd.h>
 #include "policy.h"
 #include "../common/util.h"
@@ -210,6 +211,36 @@ static int add_scopes(ctx *c, ab_grant *g, json_t *arr, const char *path, int de
         return 0;
 }
 
+static void hash_str(crypto_hash_sha256_state *h, const char *s)
+{
+        crypto_hash_sha256_update(h, (const unsigned char *)s, strlen(s) + 1); /* with its NUL: no two lists alike */
+}
+
+/*
+ * A grant's id: the first 8 bytes of the SHA-256 of everything it says, in
+ * hex. A token carries the id of the grant that issued it, so that
+ * Introspect judges it by that grant while the policy still has it; a
+ * grant changed in any way is another grant.
+ */
+static void grant_id(ab_grant *g)
+{
+        crypto_hash_sha256_state h;
+        unsigned char d[crypto_hash_sha256_BYTES];
+        char n[64];
+
+        crypto_hash_sha256_init(&h);
+        hash_str(&h, g->audience);
+        snprintf(n, sizeof n, "%zu %u %u %zu", g->n_scopes, g->max_ttl, g->max_auth_age,
+                 g->users ? g->n_users : SIZE_MAX);
+        hash_str(&h, n);
+        for (size_t i = 0; i < g->n_scopes; i++)
+                hash_str(&h, g->scopes[i]);
+        for (size_t i = 0; g->users && i < g->n_users; i++)
+                hash_str(&h, g->users[i]);
+        crypto_hash_sha256_final(&h, d);
+        sodium_bin2hex(g->id, sizeof g->id, d, AB_GRANT_ID_LEN / 2);
+}
+
 static int parse_grant(ctx *c, json_t *jg, const char *path, ab_grant *g)
 {
         static const char *const keys[] = { "audience", "scopes", "max_ttl", "max_auth_age", "users", NULL };
@@ -273,6 +304,7 @@ static int parse_grant(ctx *c, json_t *jg, const char *path, ab_grant *g)
                         g->users[g->n_users++] = json_string_value(u);
                 }
         }
+        grant_id(g);
         return 0;
 }
 

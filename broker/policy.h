@@ -28,6 +28,7 @@
 #define AB_DEFAULT_TTL 300
 #define AB_DEFAULT_MAX_LIFETIME (8 * 3600)
 #define AB_DEFAULT_REAUTH (15 * 60)
+#define AB_GRANT_ID_LEN 16
 
 typedef struct ab_grant {
         const char *audience;
@@ -37,6 +38,7 @@ typedef struct ab_grant {
         uint32_t max_auth_age; /* 0: not limited */
         const char **users;    /* PAM users this grant allows; NULL: none given */
         size_t n_users;
+        char id[AB_GRANT_ID_LEN + 1]; /* digest of all of the above: the token's "grant" claim */
 } ab_grant;
 
 typedef struct ab_agent {

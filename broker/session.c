@@ -531,45 +531,109 @@ static bool scope_has(const char *scope, const char *want)
 }
 
 /* The grant under which a token for aud with these scopes was issued (first covering one). */
-static const ab_grant *grant_for(const ab_agent *a, const char *aud, const char *scope)
+/* Whether g covers aud with every scope of the space-separated scope, for a lifetime of life seconds. */
+static bool grant_fits(const ab_grant *g, const char *aud, const char *scope, int64_t life)
 {
-        for (size_t gi = 0; a && gi < a->n_grants; gi++) {
-                const ab_grant *g = &a->grants[gi];
-                bool all = true;
-                char buf[AB_SCOPE_MAX + 1];
-                if (strcmp(g->audience, aud) != 0)
-                        continue;
-                for (const char *p = scope; *p && all;) {
-                        const char *e = strchr(p, ' ');
-                        size_t l = e ? (size_t)(e - p) : strlen(p);
-                        if (l > AB_SCOPE_MAX)
-                                return NULL;
-                        memcpy(buf, p, l);
-                        buf[l] = '\0';
-                        all = ab_grant_covers(g, buf);
-                        p = e ? e + 1 : p + l;
-                }
-                if (all)
-                        return g;
+        char buf[AB_SCOPE_MAX + 1];
+
+        if (strcmp(g->audience, aud) != 0 || life > (int64_t)g->max_ttl)
+                return false;
+        for (const char *p = scope; *p;) {
+                const char *e = strchr(p, ' ');
+                size_t l = e ? (size_t)(e - p) : strlen(p);
+                if (l > AB_SCOPE_MAX)
+                        return false;
+                memcpy(buf, p, l);
+                buf[l] = '\0';
+                if (!ab_grant_covers(g, buf))
+                        return false;
+                p = e ? e + 1 : p + l;
         }
-        return NULL;
+        return true;
 }
 
+/*
+ * The grants a token is judged by: the one its "grant" claim names, while
+ * the policy has it; else (the grant changed or went, or a token from
+ * before the claim) every grant of the agent that could have issued it.
+ * The checks then take the strictest of them, and with none left no user
+ * is allowed: a reload never lets a token in further than before.
+ */
+typedef struct grant_set {
+        const ab_agent *a;
+        const ab_grant *named;
+        const char *aud, *scope;
+        int64_t life;
+} grant_set;
+
+static grant_set grants_of(const ab_agent *a, json_t *claims, const char *aud, const char *scope, int64_t life)
+{
+        grant_set gs = { a, NULL, aud, scope, life };
+        const char *id = claim_str(claims, "grant");
+
+        for (size_t i = 0; a && id && i < a->n_grants && !gs.named; i++)
+                if (strcmp(a->grants[i].id, id) == 0 && grant_fits(&a->grants[i], aud, scope, life))
+                        gs.named = &a->grants[i];
+        return gs;
+}
+
+static bool grant_in(const grant_set *gs, const ab_grant *g)
+{
+        return gs->named ? g == gs->named : grant_fits(g, gs->aud, gs->scope, gs->life);
+}
+
+bool ab_token_granted(const ab_agent *a, json_t *claims, const char *aud, const char *scope, int64_t life)
+{
+        grant_set gs = grants_of(a, claims, aud, scope, life);
+
+        for (size_t i = 0; a && !gs.named && i < a->n_grants; i++)
+                if (grant_in(&gs, &a->grants[i]))
+                        return true;
+        return gs.named != NULL;
+}
+
+/* The smallest max_auth_age of the set and the caller's (-1: no limit). */
+static int64_t max_auth_age_of(const grant_set *gs, int64_t max_age)
+{
+        for (size_t i = 0; gs->a && i < gs->a->n_grants; i++) {
+                const ab_grant *g = &gs->a->grants[i];
+                if (grant_in(gs, g) && g->max_auth_age && (max_age < 0 || (int64_t)g->max_auth_age < max_age))
+                        max_age = g->max_auth_age;
+        }
+        return max_age;
+}
+
+/* Whether a grant allows user: its users list, or without one only the user the agent runs as. */
 static bool user_allowed(const ab_grant *g, const ab_session *s, const char *user)
 {
         struct passwd pw, *res = NULL;
         char buf[4096];
 
-        if (g && g->users) {
+        if (g->users) {
                 for (size_t i = 0; i < g->n_users; i++)
                         if (strcmp(g->users[i], user) == 0)
                                 return true;
                 return false;
         }
-        /* no users list: only the user the agent runs as */
         if (getpwnam_r(user, &pw, buf, sizeof buf, &res) != 0 || !res)
                 return false;
         return res->pw_uid == s->uid;
+}
+
+/* Whether every grant of the set allows user, and there is one. */
+static bool users_allowed(const grant_set *gs, const ab_session *s, const char *user)
+{
+        size_t n = 0;
+
+        for (size_t i = 0; gs->a && i < gs->a->n_grants; i++) {
+                const ab_grant *g = &gs->a->grants[i];
+                if (!grant_in(gs, g))
+                        continue;
+                if (!user_allowed(g, s, user))
+                        return false;
+                n++;
+        }
+        return n > 0;
 }
 
 static int inactive(ab_introspect_res *res, const char *reason)
@@ -612,7 +676,7 @@ int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introsp
         const char *aud, *scope, *sid, *jti, *sub;
         int64_t exp, nbf, iat, auth_time, cutoff = 0, max_age = req->max_auth_age;
         const ab_agent *a;
-        const ab_grant *g;
+        grant_set gs;
         json_t *anc;
         ab_txn *t = NULL;
         size_t i;
@@ -670,12 +734,11 @@ int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introsp
                 return inactive(res, "wrong_audience");
         if (req->scope && !scope_has(scope, req->scope))
                 return inactive(res, "scope_missing");
-        g = grant_for(a, aud, scope);
-        if (g && g->max_auth_age && (max_age < 0 || (int64_t)g->max_auth_age < max_age))
-                max_age = g->max_auth_age;
+        gs = grants_of(a, res->claims, aud, scope, exp - iat);
+        max_age = max_auth_age_of(&gs, max_age);
         if (max_age >= 0 && now - auth_time > max_age)
                 return inactive(res, "auth_too_old");
-        if (req->user && !user_allowed(g, &res->session, req->user))
+        if (req->user && !users_allowed(&gs, &res->session, req->user))
                 return inactive(res, "user_not_allowed");
         res->active = true;
         return 0;

@@ -154,6 +154,14 @@ void ab_introspect_verify(ab_introspect_sig *sig);
 int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introspect_req *req, int64_t now,
                          ab_introspect_sig *sig, ab_introspect_res *res);
 
+/*
+ * Whether the policy in force still grants agent a a token with claims
+ * (its "grant" claim naming the grant that issued it), narrowed to aud,
+ * scope (space-separated) and life seconds: the grant it names, or (that
+ * one gone) any grant of a that covers it.
+ */
+bool ab_token_granted(const ab_agent *a, json_t *claims, const char *aud, const char *scope, int64_t life);
+
 /* ---- PAM sessions ---------------------------------------------------------- */
 
 int ab_pam_open(ab_store *st, const char *sid, const char *jti, const char *service, const char *user,

@@ -147,6 +147,19 @@ static void start_with(hx_broker *b, const char *session_json, int depth)
         hx_start(b);
 }
 
+/* One agent, root's, with GRANTS (a JSON array's contents) and SESSION (an object's contents, or NULL). */
+static void write_root_grants(hx_broker *b, const char *session_json, const char *grants_json)
+{
+        char policy[4096];
+        int n = snprintf(policy, sizeof policy,
+                         "{\"version\": 1, \"agents\": [{\"id\": \"" AGENT_ID "\", \"owner\": \"" OWNER "\",\n"
+                         " \"match\": {\"uid\": 0}, \"session\": {%s},\n"
+                         " \"grants\": [%s]}]}\n",
+                         session_json ? session_json : "", grants_json);
+        assert_true(n > 0 && (size_t)n < sizeof policy);
+        assert_int_equal(hx_broker_write_policy(b, policy), 0);
+}
+
 /* SIGKILL the daemon: no shutdown code runs. */
 static void kill9(hx_broker *b)
 {
@@ -763,6 +776,128 @@ static void test_wall_time_reauth_and_expiry(void **state)
         free(t2);
         json_decref(r1);
         json_decref(r2);
+}
+
+static void reload(hx_broker *b)
+{
+        hx_conn *a = hx_connect(b, b->admin_sock);
+        json_decref(expect_ok(a, "io.agentbroker.admin.ReloadPolicy", NULL));
+}
+
+static json_t *user_param(const char *user)
+{
+        return json_pack("{s:s}", "user", user);
+}
+
+#define G_PAM_DEPLOY "{\"audience\": \"" AUD_PAM "\", \"scopes\": [\"login\"], \"max_ttl\": 60, \"users\": [\"deploy\"]}"
+#define G_PAM_NOBODY \
+        "{\"audience\": \"" AUD_PAM "\", \"scopes\": [\"login\"], \"max_ttl\": 3600, \"users\": [\"nobody\"], " \
+        "\"max_auth_age\": 30}"
+#define G_GIT "{\"audience\": \"" AUD_GIT "\", \"scopes\": [\"repo:read\", \"repo:write\"], \"max_ttl\": 600}"
+
+/*
+ * A token is judged by the grant that issued it (its "grant" claim): with
+ * two grants for the same service, a token that only the second could issue
+ * (its ttl) gets the second's users and max_auth_age, and one from the first
+ * the first's. A reload keeps tokens valid but never lets them in further:
+ * with the grant removed, no user is allowed, not even the agent's own
+ * (root); with it changed, the grants in force that could have issued the
+ * token decide, the strictest of them.
+ */
+static void test_tokens_keep_their_grant(void **state)
+{
+        hx_broker *b = *state;
+        char clock_path[PATH_MAX], *t_long, *t_short, *g_long, *g_short;
+        hx_conn *c;
+
+        use_test_clock(b, clock_path, sizeof clock_path);
+        write_root_grants(b, "\"reauth_interval\": 3600", G_PAM_DEPLOY ", " G_PAM_NOBODY ", " G_GIT);
+        hx_start(b);
+        c = hx_connect(b, b->sock);
+        t_long = issue(c, AUD_PAM, "login", NULL, 3600, NULL);
+        t_short = issue(c, AUD_PAM, "login", NULL, 60, NULL);
+        g_long = claim(t_long, "grant");
+        g_short = claim(t_short, "grant");
+        assert_int_equal(strlen(g_long), 16);
+        assert_string_not_equal(g_long, g_short);
+        free(g_long);
+        free(g_short);
+
+        assert_string_equal(verdict(c, t_long, user_param("deploy")), "user_not_allowed");
+        assert_string_equal(verdict(c, t_long, user_param("nobody")), "active");
+        assert_string_equal(verdict(c, t_short, user_param("deploy")), "active");
+        assert_string_equal(verdict(c, t_short, user_param("nobody")), "user_not_allowed");
+        hx_set_test_clock(clock_path, 31); /* past the second grant's max_auth_age only */
+        assert_string_equal(verdict(c, t_long, NULL), "auth_too_old");
+        assert_string_equal(verdict(c, t_short, NULL), "active");
+        hx_set_test_clock(clock_path, 0);
+
+        /* the first grant changed (users widened): t_short falls back to both grants, the strictest */
+        write_root_grants(b, "\"reauth_interval\": 3600",
+                          "{\"audience\": \"" AUD_PAM "\", \"scopes\": [\"login\"], \"max_ttl\": 60, "
+                          "\"users\": [\"deploy\", \"nobody\"]}, " G_PAM_NOBODY ", " G_GIT);
+        reload(b);
+        assert_string_equal(verdict(c, t_short, NULL), "active");
+        assert_string_equal(verdict(c, t_short, user_param("deploy")), "user_not_allowed");
+        assert_string_equal(verdict(c, t_short, user_param("nobody")), "active");
+        assert_string_equal(verdict(c, t_long, user_param("nobody")), "active"); /* its grant is unchanged */
+
+        /* both pam grants removed: the tokens stay valid, but let no user in */
+        write_root_grants(b, "\"reauth_interval\": 3600", G_GIT);
+        reload(b);
+        assert_string_equal(verdict(c, t_long, NULL), "active");
+        assert_string_equal(verdict(c, t_long, user_param("nobody")), "user_not_allowed");
+        assert_string_equal(verdict(c, t_short, user_param("deploy")), "user_not_allowed");
+        assert_string_equal(verdict(c, t_short, user_param("root")), "user_not_allowed");
+        free(t_long);
+        free(t_short);
+}
+
+/*
+ * Attenuate is a new request: after a reload that takes a scope away, a
+ * child for it is refused (the parent stays valid); once reauth_interval has
+ * passed, it asks for re-authentication as IssueToken does. The child
+ * carries the parent's grant claim.
+ */
+static void test_attenuate_sees_policy_and_reauth(void **state)
+{
+        hx_broker *b = *state;
+        char clock_path[PATH_MAX], *t, *g, *pg, *sid;
+        hx_conn *c;
+        json_t *root;
+
+        use_test_clock(b, clock_path, sizeof clock_path);
+        write_root_grants(b, "\"reauth_interval\": 120", G_GIT);
+        hx_start(b);
+        c = hx_connect(b, b->sock);
+        t = issue(c, AUD_GIT, "repo:read", "repo:write", 0, NULL);
+        root = expect_ok(c, M_ATT, json_pack("{s:s, s:[s]}", "token", t, "scopes", "repo:write"));
+        g = claim(hx_reply_str(root, "token"), "grant");
+        pg = claim(t, "grant");
+        assert_string_equal(g, pg);
+        json_decref(root);
+
+        write_root_grants(b, "\"reauth_interval\": 120",
+                          "{\"audience\": \"" AUD_GIT "\", \"scopes\": [\"repo:read\"], \"max_ttl\": 600}");
+        reload(b);
+        assert_string_equal(verdict(c, t, NULL), "active");
+        expect_error(c, M_ATT, json_pack("{s:s, s:[s]}", "token", t, "scopes", "repo:write"),
+                     "io.agentbroker.ScopeNotGranted");
+        expect_error(c, M_ATT, jti_param("token", t), "io.agentbroker.ScopeNotGranted"); /* all its scopes */
+        json_decref(expect_ok(c, M_ATT, json_pack("{s:s, s:[s]}", "token", t, "scopes", "repo:read")));
+
+        hx_set_test_clock(clock_path, 121);
+        root = hx_rpc(c, M_ATT, json_pack("{s:s, s:[s]}", "token", t, "scopes", "repo:read"));
+        hx_assert_error(root, "io.agentbroker.ReauthRequired");
+        sid = claim(t, "sid");
+        assert_string_equal(hx_reply_str(root, "sid"), sid);
+        free(sid);
+        json_decref(root);
+        json_decref(expect_ok(c, M_AUTH, NULL));
+        json_decref(expect_ok(c, M_ATT, json_pack("{s:s, s:[s]}", "token", t, "scopes", "repo:read")));
+        free(t);
+        free(g);
+        free(pg);
 }
 
 /*
@@ -3345,6 +3480,8 @@ int main(void)
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_wall_time_reauth_and_expiry, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_session_lifetime_caps_tokens, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_tokens_keep_their_grant, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_attenuate_sees_policy_and_reauth, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_expired_sessions_purged, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_other_process_own_session, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_exec_needs_reauth, hx_setup, teardown),
