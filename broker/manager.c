@@ -1252,9 +1252,46 @@ static void load_retired_keys(ab_manager *m)
         ab_txn_abort(t);
 }
 
+/* The retired keys that verify past a rotation's overlap, to be cut to it. */
+typedef struct retired_cap {
+        size_t n;
+        int64_t until;
+        struct {
+                char key[64];
+                retired_rec rec;
+        } v[AB_MAX_RETIRED_KEYS];
+} retired_cap;
+
+static int find_longer(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        retired_cap *cap = ud;
+        retired_rec r;
+
+        if (vlen != sizeof r || klen >= sizeof cap->v[0].key)
+                return 0;
+        memcpy(&r, val, sizeof r);
+        if (r.until <= cap->until)
+                return 0;
+        if (cap->n == AB_ARRAY_SIZE(cap->v))
+                return 1; /* the rest at the next rotation */
+        memcpy(cap->v[cap->n].key, key, klen);
+        cap->v[cap->n].key[klen] = '\0';
+        cap->v[cap->n].rec = r;
+        cap->v[cap->n++].rec.until = cap->until;
+        return 0;
+}
+
+/*
+ * A new signing key. The current one is kept for verification for overlap
+ * seconds, and so, at most, is every key retired before it: a rotation
+ * with a short overlap (a key leaked, and which one may not be known) ends
+ * them all. Tokens of an earlier key were issued before the previous
+ * rotation, so a default overlap ends none of them early.
+ */
 int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t old_kid_max, int64_t *ret_until)
 {
         retired_rec rec;
+        retired_cap *cap;
         char key[64];
         ab_txn *t = NULL;
         int64_t now = (int64_t)(ab_now_usec() / 1000000);
@@ -1266,10 +1303,22 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
         snprintf(old_kid, old_kid_max, "%s", ab_signer_kid(m->signer));
         snprintf(key, sizeof key, RETIRED_PREFIX "%s", old_kid);
         /* the old public key is durable before the new key replaces it */
+        cap = calloc(1, sizeof *cap);
+        if (!cap)
+                return -ENOMEM;
+        cap->until = rec.until;
         r = ab_store_begin(m->store, true, &t);
-        if (r < 0)
+        if (r < 0) {
+                free(cap);
                 return r;
-        r = ab_txn_put(t, AB_DB_META, key, strlen(key), &rec, sizeof rec);
+        }
+        r = ab_txn_foreach(t, AB_DB_META, RETIRED_PREFIX, strlen(RETIRED_PREFIX), find_longer, cap);
+        for (size_t i = 0; r >= 0 && i < cap->n; i++)
+                r = ab_txn_put(t, AB_DB_META, cap->v[i].key, strlen(cap->v[i].key), &cap->v[i].rec,
+                               sizeof cap->v[i].rec);
+        if (r >= 0)
+                r = ab_txn_put(t, AB_DB_META, key, strlen(key), &rec, sizeof rec);
+        free(cap);
         r = ab_txn_end(t, r);
         if (r < 0)
                 return r;
@@ -1278,6 +1327,7 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
         r = ab_signer_rotate(m->signer, m->state_fd);
         if (r < 0)
                 return r;
+        ab_signer_cap_retired(m->signer, rec.until);
         (void)ab_signer_add_retired(m->signer, rec.pk, rec.retired_at, rec.until);
         *ret_until = rec.until;
         ab_log(LOG_NOTICE, "signing key rotated: %s replaces %s (verifiable until %lld)", ab_signer_kid(m->signer),

@@ -240,6 +240,13 @@ int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at
         return 0;
 }
 
+void ab_signer_cap_retired(ab_signer *s, int64_t until)
+{
+        for (size_t i = 0; i < s->n_old; i++)
+                if (s->old[i].until > until)
+                        s->old[i].until = until;
+}
+
 int ab_signer_rotate(ab_signer *s, int dirfd)
 {
         uint8_t seed[crypto_sign_SEEDBYTES], pk[crypto_sign_PUBLICKEYBYTES];

@@ -63,6 +63,8 @@ void ab_random_id(char out[AB_JTI_LEN + 1]);
 json_t *ab_signer_all_keys(const ab_signer *s);
 /* Remember an earlier public key, valid for verification until `until`. */
 int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at, int64_t until);
+/* No earlier key verifies past until (a rotation's overlap ends them all). */
+void ab_signer_cap_retired(ab_signer *s, int64_t until);
 /* Replace the signing key with a new one (written to AB_KEY_FILE atomically). */
 int ab_signer_rotate(ab_signer *s, int dirfd);
 

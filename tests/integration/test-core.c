@@ -1190,7 +1190,8 @@ static void test_one_broker_per_state_dir(void **state)
  * RotateKey: an overlap shorter than the longest token lifetime the policy
  * grants (600 s here, + 5 s leeway) is refused unless forced; with enough
  * overlap a token signed before the rotation stays active and its key stays
- * in GetKeys.
+ * in GetKeys. A forced rotation with no overlap ends every earlier key, also
+ * one still in the overlap of the rotation before, for good.
  */
 static void test_rotate_key_overlap(void **state)
 {
@@ -1230,13 +1231,30 @@ static void test_rotate_key_overlap(void **state)
         assert_true(json_is_true(json_object_get(hx_reply_params(root), "active")));
         json_decref(root);
 
-        /* forced: the admin retires a (leaked) key sooner on purpose */
+        /* forced: the admin retires a (leaked) key sooner on purpose, and with it the key
+         * still in its overlap from the rotation before, which signed the token */
         root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":"
                             "{\"overlap\":0,\"force\":true}}");
         assert_ok(root);
         json_decref(root);
+        for (int restarted = 0; restarted < 2; restarted++) {
+                root = hx_call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
+                assert_ok(root);
+                assert_int_equal(json_array_size(json_object_get(hx_reply_params(root), "keys")), 1);
+                json_decref(root);
+                root = hx_call(c, text);
+                assert_ok(root);
+                assert_true(json_is_false(json_object_get(hx_reply_params(root), "active")));
+                assert_string_equal(hx_reply_str(root, "reason"), "unknown_key");
+                json_decref(root);
+                assert_token_works(c);
+                if (!restarted) {
+                        hx_stop_clean(b);
+                        hx_start(b);
+                        c = hx_connect(b, b->sock);
+                }
+        }
         json_decref(tok_reply);
-        assert_token_works(c);
 }
 
 /* --audit-log in a directory that does not exist: created (0750), not "No such file". */
