@@ -235,6 +235,10 @@ ab_session_verdict ab_session_check(ab_store *st, const ab_identity *id, const a
                 return AB_SESSION_IS_REVOKED;
         if (now >= ab_session_expires(ret, a))
                 return AB_SESSION_EXPIRED;
+        /* opened or authenticated "in the future": the clock stepped back since, and
+         * neither its age nor its lifetime can be trusted until it authenticates again */
+        if (ret->created > now + AB_NBF_LEEWAY || ret->auth_time > now + AB_NBF_LEEWAY)
+                return AB_SESSION_NEED_REAUTH;
         /* the same pid and start time but another agent entry or another
          * executable (the process exec'd): it must prove itself again */
         if (strcmp(ret->agent, a->id) != 0 || strcmp(ret->sha256, id->sha256) != 0)
@@ -263,6 +267,10 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
             (v == AB_SESSION_NEED_REAUTH && strcmp(cur.agent, a->id) == 0 && strcmp(cur.sha256, id->sha256) == 0)) {
                 cur.auth_time = now;
                 cur.pid = id->pid;
+                if (cur.created > now) { /* the clock stepped back: max_lifetime counts from now */
+                        cur.created = now;
+                        cur.expires = AB_MIN(cur.expires, now + (int64_t)a->max_lifetime);
+                }
                 *ret_new = false;
         } else {
                 uint8_t raw[16];
@@ -399,7 +407,9 @@ static int collect(void *ud, const void *key, size_t klen, const void *val, size
         s.agent[AB_ID_MAX] = '\0';
         if (s.state == AB_SESSION_REVOKED)
                 return 0;
-        if (w->agent ? strcmp(s.agent, w->agent) != 0 : s.created >= w->before)
+        /* a session opened "in the future" (the clock stepped back since) cannot show that it
+         * was opened after the cut-off */
+        if (w->agent ? strcmp(s.agent, w->agent) != 0 : s.created >= w->before && s.created <= w->now + AB_NBF_LEEWAY)
                 return 0;
         if (w->n_sids == w->cap) {
                 size_t nc = w->cap ? w->cap * 2 : 64;
@@ -736,7 +746,8 @@ int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introsp
                 return inactive(res, "scope_missing");
         gs = grants_of(a, res->claims, aud, scope, exp - iat);
         max_age = max_auth_age_of(&gs, max_age);
-        if (max_age >= 0 && now - auth_time > max_age)
+        /* an auth_time ahead of the clock (it stepped back) proves no recent authentication */
+        if (max_age >= 0 && (now - auth_time > max_age || auth_time > now + AB_NBF_LEEWAY))
                 return inactive(res, "auth_too_old");
         if (req->user && !users_allowed(&gs, &res->session, req->user))
                 return inactive(res, "user_not_allowed");

@@ -901,6 +901,82 @@ static void test_attenuate_sees_policy_and_reauth(void **state)
 }
 
 /*
+ * The clock steps back a day: a session opened or authenticated while it
+ * was ahead must authenticate again before it gets a token (its auth_time
+ * proves nothing), and then counts its max_lifetime from now; a token whose
+ * auth_time is ahead fails any max_auth_age; a cut-off revokes a session
+ * opened "in the future".
+ */
+static void test_clock_step_back(void **state)
+{
+        hx_broker *b = *state;
+        char clock_path[PATH_MAX], *t, *sid;
+        long long now;
+        hx_conn *c, *a;
+        json_t *root, *list, *s;
+        size_t i;
+        int seen = 0;
+
+        use_test_clock(b, clock_path, sizeof clock_path);
+        start_with(b, "\"max_lifetime\": 7200, \"reauth_interval\": 3600", -1);
+        c = hx_connect(b, b->sock);
+        a = hx_connect(b, b->admin_sock);
+        hx_set_test_clock(clock_path, 86400);
+        t = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
+        sid = claim(t, "sid");
+        free(t);
+        hx_set_test_clock(clock_path, 0);
+        now = (long long)time(NULL);
+
+        root = hx_rpc(c, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+        hx_assert_error(root, "io.agentbroker.ReauthRequired");
+        assert_string_equal(hx_reply_str(root, "sid"), sid);
+        json_decref(root);
+        root = expect_ok(c, M_AUTH, NULL);
+        assert_string_equal(hx_reply_str(root, "sid"), sid); /* the same session, authenticated again */
+        assert_true(pint(root, "created") <= now + 2);
+        assert_true(pint(root, "expires") <= now + 2 + 7200);
+        assert_true(pint(root, "auth_time") <= now + 2);
+        json_decref(root);
+        t = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
+        assert_true(claim_int(t, "auth_time") <= now + 2);
+        assert_string_equal(verdict(c, t, json_pack("{s:i}", "max_auth_age", 60)), "active");
+        {
+                /* the same token with an auth_time an hour ahead (signed with the broker's key) */
+                keypair bk;
+                json_t *cl = claims_of(t);
+                char *ahead;
+                broker_key(b, &bk);
+                json_object_set_new(cl, "auth_time", json_integer(now + 3600));
+                ahead = forge(&bk, SIG_ED25519, "EdDSA", bk.kid, cl);
+                assert_string_equal(verdict(c, ahead, NULL), "active");
+                assert_string_equal(verdict(c, ahead, json_pack("{s:i}", "max_auth_age", 60)), "auth_too_old");
+                free(ahead);
+                json_decref(cl);
+        }
+        free(t);
+
+        /* a process that opens its session while the clock is ahead, then the clock steps back */
+        hx_set_test_clock(clock_path, 86400);
+        t = issue_as(b, HX_NOBODY_UID, AUD_GIT, "repo:read", NULL);
+        free(t);
+        hx_set_test_clock(clock_path, 0);
+        now = (long long)time(NULL);
+        json_decref(expect_ok(a, M_AREVOKE, json_pack("{s:I}", "before", (json_int_t)now)));
+        root = expect_ok(a, M_ALIST, NULL);
+        list = json_object_get(hx_reply_params(root), "sessions");
+        json_array_foreach(list, i, s) {
+                if (strcmp(json_string_value(json_object_get(s, "agent")), NOBODY_AGENT) != 0)
+                        continue;
+                assert_string_equal(json_string_value(json_object_get(s, "state")), "revoked");
+                seen++;
+        }
+        assert_int_equal(seen, 1);
+        json_decref(root);
+        free(sid);
+}
+
+/*
  * max_lifetime (the broker's clock moved by the test clock: policy allows
  * no lifetime under 60 s). Token exp is capped by the session's expiry; a
  * tightened policy applies at once; after expiry IssueToken says
@@ -3480,6 +3556,7 @@ int main(void)
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_wall_time_reauth_and_expiry, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_session_lifetime_caps_tokens, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_clock_step_back, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_tokens_keep_their_grant, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_attenuate_sees_policy_and_reauth, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_expired_sessions_purged, hx_setup, teardown),
