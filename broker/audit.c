@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include <dirent.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -155,20 +156,45 @@ static int recover(ab_audit *a)
         }
         json_t *rec = json_loadb(tail + start, end - 1 - start, 0, NULL);
         json_t *seq = json_object_get(rec, "seq");
-        if (!json_is_integer(seq)) {
+        const char *event = json_string_value(json_object_get(rec, "event"));
+        if (!json_is_integer(seq) || json_integer_value(seq) < 1 || json_integer_value(seq) >= AB_AUDIT_MAX_SEQ) {
                 json_decref(rec);
                 free(tail);
                 return -EBADMSG;
         }
         a->seq = (uint64_t)json_integer_value(seq);
         hash_hex(tail + start, end - 1 - start, a->prev);
+        /* records after the last checkpoint (a crash, or lines someone appended while the broker
+         * was stopped): a clean shutdown still ends the file with a checkpoint, and the log says
+         * that the next checkpoint signs records this broker did not write in this run */
+        if (!event || strcmp(event, "audit.checkpoint") != 0) {
+                a->since_checkpoint = 1;
+                ab_log(LOG_WARNING,
+                       "audit log %s does not end with a checkpoint (seq %" PRIu64 " is %s): the records after "
+                       "the last one are taken over unsigned, and the next checkpoint signs them; run "
+                       "'agent-brokerctl audit verify' on a copy taken before this start to check them",
+                       a->path, a->seq, event ? event : "not an event");
+        }
         json_decref(rec);
         free(tail);
         return 0;
 }
 
+static int move_noreplace(const char *from, const char *to);
+static void sync_dir(const char *path);
+
 static int open_file(ab_audit *a)
 {
+        char fresh[4200];
+
+        /* a rotation that a crash cut between its two renames (PATH -> PATH.1 done, PATH.new ->
+         * PATH not): finish it, or the chain would start again at seq 1 in a new PATH */
+        snprintf(fresh, sizeof fresh, "%s.new", a->path);
+        if (access(a->path, F_OK) < 0 && errno == ENOENT && move_noreplace(fresh, a->path) == 0) {
+                sync_dir(a->path);
+                ab_log(LOG_WARNING, "audit log %s was missing and %s was there: finished a rotation cut short",
+                       a->path, fresh);
+        }
         a->fd = open(a->path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0640);
         if (a->fd < 0)
                 return -errno;

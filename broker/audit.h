@@ -35,6 +35,7 @@
  */
 #define AB_AUDIT_MAX_ROTATED 10000
 #define AB_AUDIT_MAX_RECORD 16384
+#define AB_AUDIT_MAX_SEQ (1LL << 53) /* what any JSON reader holds exactly */
 
 typedef struct ab_audit ab_audit;
 

@@ -231,6 +231,21 @@ int print_json(json_t *v)
         return EXIT_OK;
 }
 
+int print_safe(const char *s)
+{
+        int n = 0;
+
+        for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+                if (*p == '"' || *p == '\\')
+                        n += printf("\\%c", *p);
+                else if (*p >= 0x20 && *p < 0x7f)
+                        n += putchar(*p) != EOF;
+                else
+                        n += printf("\\x%02x", *p);
+        }
+        return n;
+}
+
 static int cmd_token(const opts *o, int argc, char **argv)
 {
         static const struct option lo[] = {

@@ -14,6 +14,7 @@
 #include "ctl.h"
 #include "../broker/audit.h"
 #include "../common/b64.h"
+#include "../common/util.h"
 
 typedef struct filter {
         long long since;     /* seconds, 0: any */
@@ -31,6 +32,11 @@ static bool matches(json_t *rec, const filter *f)
         if (f->event && (!e || strcmp(e, f->event) != 0))
                 return false;
         return true;
+}
+
+static void pad(int printed, int width)
+{
+        printf("%*s", printed < width ? width - printed : 0, "");
 }
 
 static void print_record(json_t *rec, bool as_json)
@@ -52,19 +58,26 @@ static void print_record(json_t *rec, bool as_json)
         }
         if (gmtime_r(&t, &tm))
                 strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S", &tm);
-        printf("%s.%06lldZ %6lld %-24s %-8s", when, us % 1000000, (long long)json_integer_value(json_object_get(rec, "seq")),
-               json_string_value(json_object_get(rec, "event")) ? json_string_value(json_object_get(rec, "event")) : "?",
-               json_string_value(json_object_get(rec, "decision")) ? json_string_value(json_object_get(rec, "decision")) : "");
+        printf("%s.%06lldZ %6lld ", when, us % 1000000, (long long)json_integer_value(json_object_get(rec, "seq")));
+        /* every string as print_safe shows it: a record's text cannot pose as another line */
+        pad(print_safe(json_string_value(json_object_get(rec, "event")) ? json_string_value(json_object_get(rec, "event")) : "?"), 24);
+        putchar(' ');
+        pad(print_safe(json_string_value(json_object_get(rec, "decision")) ? json_string_value(json_object_get(rec, "decision")) : ""), 8);
         for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
                 v = json_object_get(rec, keys[i]);
-                if (json_is_string(v))
-                        printf(" %s=%s", keys[i], json_string_value(v));
-                else if (json_is_integer(v))
+                if (json_is_string(v)) {
+                        printf(" %s=", keys[i]);
+                        print_safe(json_string_value(v));
+                } else if (json_is_integer(v)) {
                         printf(" %s=%lld", keys[i], (long long)json_integer_value(v));
+                }
         }
         v = json_object_get(rec, "reason");
-        if (json_is_string(v))
-                printf(" reason=\"%s\"", json_string_value(v));
+        if (json_is_string(v)) {
+                printf(" reason=\"");
+                print_safe(json_string_value(v));
+                putchar('"');
+        }
         printf("\n");
 }
 
@@ -128,6 +141,22 @@ typedef struct verifier {
         json_t *broken;      /* the first broken record: {file, line, seq, error}, or NULL */
 } verifier;
 
+static bool checkpoint_members_only(json_t *rec)
+{
+        static const char *const allowed[] = { "time", "event", "seq", "prev", "kid", "sig", "alg" };
+        const char *k;
+        json_t *val;
+
+        json_object_foreach(rec, k, val) {
+                size_t i;
+                for (i = 0; i < AB_ARRAY_SIZE(allowed) && strcmp(k, allowed[i]) != 0; i++)
+                        ;
+                if (i == AB_ARRAY_SIZE(allowed))
+                        return false;
+        }
+        return json_is_integer(json_object_get(rec, "time"));
+}
+
 static int fail_at(verifier *v, const char *file, size_t line, long long seq, const char *what)
 {
         json_decref(v->broken);
@@ -187,7 +216,10 @@ static int verify_file(verifier *v, const char *path)
                         break;
                 }
                 seq = json_integer_value(jseq);
-                if (v->seq < 0 && seq != 1 && strcmp(event, "audit.rotated") != 0) {
+                if (seq < 1 || seq > AB_AUDIT_MAX_SEQ) {
+                        /* v->seq < 0 means "no record yet", and v->seq + 1 must not overflow */
+                        ex = fail_at(v, path, lineno, seq, "seq out of range (1 to 2^53)");
+                } else if (v->seq < 0 && seq != 1 && strcmp(event, "audit.rotated") != 0) {
                         /* only a file begun by rotation may start mid-chain */
                         ex = fail_at(v, path, lineno, seq,
                                      "the chain does not start here (seq 1, or audit.rotated after a rotation): "
@@ -213,7 +245,11 @@ static int verify_file(verifier *v, const char *path)
                         const char *kid = json_string_value(json_object_get(rec, "kid"));
                         const char *alg = json_string_value(json_object_get(rec, "alg"));
                         int in_len = ab_audit_checkpoint_input((uint64_t)seq, prev, input, sizeof input);
-                        if (!alg || strcmp(alg, "EdDSA") != 0) {
+                        if (!checkpoint_members_only(rec)) {
+                                /* its signature covers seq and prev only: nothing else may ride on it */
+                                ex = fail_at(v, path, lineno, seq,
+                                             "a checkpoint holds time, event, seq, prev, kid, sig and alg only");
+                        } else if (!alg || strcmp(alg, "EdDSA") != 0) {
                                 ex = fail_at(v, path, lineno, seq, "checkpoint alg is not EdDSA");
                         } else if (!v->keys) {
                                 v->unchecked++;

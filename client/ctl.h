@@ -38,6 +38,14 @@ int simple_call(const opts *o, bool admin, const char *method, json_t *params, j
 /* Print v as indented JSON on stdout. */
 int print_json(json_t *v);
 /*
+ * Print s (from a record a local user may have shaped, e.g. through an
+ * executable's path) on stdout for a terminal: printable ASCII as it is,
+ * '"' and '\\' escaped, every other byte (newline, ESC, the bytes of a
+ * bidirectional override) as \xNN, so that no text can pose as a line of
+ * output or move the cursor. Returns the number of characters printed.
+ */
+int print_safe(const char *s);
+/*
  * Write text and a newline to path atomically: a temporary file in the same
  * directory with mode, fsync, rename, fsync of the directory. 0 or -errno.
  */

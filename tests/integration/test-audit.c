@@ -870,6 +870,26 @@ static void test_verify_detects_missing_head(void **state)
         lines_write(&l, order, copy);
         snprintf(where, sizeof where, "%s:1: seq 3:", copy);
         expect_broken(&f->b, copy, jwks, where, NULL);
+        /* forged records before seq 1: audit.rotated with seq -2 and -1 (-1 once meant "no record
+         * yet", so the real seq 1 after them was taken as a new start), or a seq that overflows */
+        {
+                static const char *const heads[] = {
+                        "{\"seq\":-2,\"prev\":\"" ZERO64 "\",\"time\":1,\"event\":\"audit.rotated\"}\n"
+                        "{\"seq\":-1,\"prev\":\"" ZERO64 "\",\"time\":1,\"event\":\"audit.rotated\","
+                        "\"agent\":\"demo-agent\",\"audience\":\"mcp://prod-db\",\"scopes\":\"db:admin\"}\n",
+                        "{\"seq\":9223372036854775807,\"prev\":\"" ZERO64 "\",\"time\":1,\"event\":\"audit.rotated\"}\n",
+                };
+                for (size_t h = 0; h < sizeof heads / sizeof heads[0]; h++) {
+                        FILE *w = fopen(copy, "we");
+                        assert_non_null(w);
+                        fputs(heads[h], w);
+                        for (size_t i = 0; i < l.n; i++)
+                                fwrite(l.line[i], 1, l.len[i], w);
+                        assert_int_equal(fclose(w), 0);
+                        snprintf(where, sizeof where, "%s:1: seq %s:", copy, h ? "9223372036854775807" : "-2");
+                        expect_broken(&f->b, copy, jwks, where, "seq out of range");
+                }
+        }
         free(l.text);
 }
 
@@ -927,6 +947,22 @@ static void test_checkpoint_signatures(void **state)
                 alg[11] = 'A';
                 snprintf(where, sizeof where, "%s:8: seq 8:", copy);
                 expect_broken(&f->b, copy, jwks, where, "alg is not EdDSA");
+        }
+        /* the last checkpoint (which no later hash covers) given members its signature does not cover */
+        {
+                char *saved = l.line[7], forged[1024];
+                size_t len = l.len[7];
+                int order[] = { 0, 1, 2, 3, 4, 5, 6, 7, -1 };
+                int n = snprintf(forged, sizeof forged, "%.*s,\"decision\":\"revoke\",\"agent\":\"demo-agent\"}\n",
+                                 (int)len - 2, saved); /* without its closing brace and newline */
+                assert_true(n > 0 && (size_t)n < sizeof forged);
+                l.line[7] = forged;
+                l.len[7] = (size_t)n;
+                lines_write(&l, order, copy);
+                l.line[7] = saved;
+                l.len[7] = len;
+                snprintf(where, sizeof where, "%s:8: seq 8:", copy);
+                expect_broken(&f->b, copy, jwks, where, "a checkpoint holds time, event, seq, prev, kid, sig and alg only");
         }
         /* a record appended after the last checkpoint, chained right: the chain alone cannot tell, and
          * verify says how many records only the chain protects */
@@ -1153,6 +1189,77 @@ static void test_torn_tail_cut_on_restart(void **state)
         assert_chain(apath);
         const char *args[] = { "--file", apath, "--keys", jwks, NULL };
         verify_ok(b, args);
+}
+
+/*
+ * A restart after kill -9 takes over records that follow the last
+ * checkpoint: the log says so, and a clean stop still ends the file with a
+ * checkpoint that signs them (before, with no new record, it wrote none).
+ */
+static void test_checkpoint_owed_after_crash(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], jwks[PATH_MAX], out[4096];
+        json_t *recs;
+
+        write_policy(b, NULL);
+        hx_start(b);
+        save_jwks(f, jwks, sizeof jwks);
+        hx_conn *c = hx_connect(b, b->sock);
+        assert_int_equal(issue_many(c, 3, NULL, NULL, 0), 3);
+        hx_conn_close(b, c);
+        kill9(b);
+        audit_file(b, apath, sizeof apath);
+        hx_start(b);
+        hx_stop_clean(b);
+        {
+                char *log = hx_read_text(b->log, READ_MAX, NULL);
+                assert_non_null(log);
+                assert_non_null(strstr(log, "does not end with a checkpoint"));
+                free(log);
+        }
+        recs = file_records(apath);
+        assert_string_equal(rs(json_array_get(recs, json_array_size(recs) - 1), "event"), "audit.checkpoint");
+        json_decref(recs);
+        const char *args[] = { "--file", apath, "--keys", jwks, NULL };
+        assert_int_equal(ctl_verify(b, args, out, sizeof out), 0);
+        assert_null(strstr(out, "follow the last verified checkpoint"));
+}
+
+/*
+ * `audit` prints a record's strings so that none can pose as another line
+ * or move the cursor: a newline, ESC and a right-to-left override in a
+ * reason (an executable's path reaches it) come out as \xNN, a quote as \".
+ */
+static void test_listing_escapes_control_characters(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char path[PATH_MAX];
+        hx_run_result res;
+        FILE *w;
+
+        hx_path_in(path, sizeof path, f->work, "shaped.jsonl");
+        w = fopen(path, "we");
+        assert_non_null(w);
+        fputs("{\"seq\":1,\"prev\":\"" ZERO64 "\",\"time\":1000000,\"event\":\"token.denied\",\"decision\":\"deny\","
+              "\"agent\":\"a\\nb\",\"reason\":\"exe /tmp/x\\n2026-11-29T09:00:00.000000Z 3 token.revoked revoke "
+              "\\u001b[1A\\u202e\\\"q\\\"\"}\n",
+              w);
+        assert_int_equal(fclose(w), 0);
+        const char *args[] = { "audit", "--file", path, NULL };
+        ctlv(b, args, &res);
+        assert_int_equal(res.exit_code, 0);
+        if (strchr(res.out, '\n') != res.out + strlen(res.out) - 1 || strchr(res.out, 0x1b))
+                fprintf(stderr, "audit printed:\n%s\n", res.out);
+        assert_true(strchr(res.out, '\n') == res.out + strlen(res.out) - 1); /* one line */
+        assert_null(strchr(res.out, 0x1b));
+        assert_null(strstr(res.out, "\xe2\x80\xae"));
+        assert_non_null(strstr(res.out, "agent=a\\x0ab"));
+        assert_non_null(strstr(res.out, "exe /tmp/x\\x0a2026"));
+        assert_non_null(strstr(res.out, "\\x1b[1A\\xe2\\x80\\xae\\\"q\\\"\""));
+        hx_run_result_done(&res);
 }
 
 /* A complete last line that is not a record: the broker refuses to start and says why. */
@@ -1604,6 +1711,19 @@ static void test_rotation(void **state)
                 snprintf(where, sizeof where, "%s:1:", old);
                 assert_int_equal(ctl_verify(b, args, out, sizeof out), 1);
                 assert_non_null(strstr(out, where));
+        }
+        {
+                /* a crash between rotation's two renames: PATH gone, PATH.new there; the next start
+                 * finishes the rotation instead of beginning a new chain at seq 1 */
+                char fresh[PATH_MAX + 8];
+                const char *args[] = { "--file", old, "--file", apath, "--keys", jwks, NULL };
+                snprintf(fresh, sizeof fresh, "%s.new", apath);
+                assert_int_equal(rename(apath, fresh), 0);
+                hx_start(b);
+                hx_stop_clean(b);
+                assert_true(stat(fresh, &st) < 0);
+                assert_int_equal(ctl_verify(b, args, out, sizeof out), 0);
+                assert_non_null(strstr(out, "audit chain intact"));
         }
 }
 
@@ -2751,6 +2871,8 @@ int main(void)
                                                 hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_periodic_checkpoints, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_torn_tail_cut_on_restart, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_checkpoint_owed_after_crash, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_listing_escapes_control_characters, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_garbage_tail_refused, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_kill9_during_burst, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_tiny_fs_audit_log, hx_fixture_setup, hx_fixture_teardown),
