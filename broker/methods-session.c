@@ -428,8 +428,20 @@ static void attenuate_refuse(ab_conn *c, const ab_identity *id, const ab_agent *
         static const claim_field map[] = { { "jti", "parent" }, { "sid", "sid" }, { "aud", "audience" } };
         json_t *rec = ab_audit_rec(c, "deny", reason, id, a);
         rec_copy_claims(rec, pc, map, AB_ARRAY_SIZE(map));
-        if (rec && json_is_array(json_object_get(p, "scopes")))
-                json_object_set(rec, "scopes", json_object_get(p, "scopes"));
+        if (rec && json_is_array(json_object_get(p, "scopes"))) {
+                /* space-separated, as in every other record */
+                char buf[AB_REQ_MAX_SCOPES * (AB_SCOPE_MAX + 1)];
+                size_t off = 0, i;
+                json_t *e;
+                json_array_foreach(json_object_get(p, "scopes"), i, e) {
+                        int k = snprintf(buf + off, sizeof buf - off, "%s%s", off ? " " : "", json_string_value(e));
+                        if (k < 0 || (size_t)k >= sizeof buf - off)
+                                break;
+                        off += (size_t)k;
+                }
+                buf[off] = '\0';
+                json_object_set_new(rec, "scopes", json_string(buf));
+        }
         if (rec && json_is_string(json_object_get(p, "audience")))
                 json_object_set(rec, "audience", json_object_get(p, "audience"));
         ab_manager_audit(c->m, "token.attenuated", rec);
@@ -660,7 +672,7 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
                 ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
                 return;
         }
-        a = ab_attest_agent(c, &id);
+        a = ab_attest_agent_audited(c, &id, strcmp(which, "sid") == 0 ? "session.revoked" : "token.revoked", NULL);
         if (!a)
                 return;
         if (strcmp(which, "sid") == 0) {
@@ -685,10 +697,17 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
         }
         r = ab_session_get(c->m->store, sid, &s);
         if (r < 0 || strcmp(s.agent, a->id) != 0 || s.uid != id.uid) {
+                static const char why[] =
+                        "no session of this agent and user by that identifier; an agent revokes only its own";
+                json_t *rec = ab_audit_rec(c, "deny", why, &id, a);
+                if (rec) {
+                        json_object_set_new(rec, "sid", json_string(sid));
+                        if (jti)
+                                json_object_set_new(rec, "jti", json_string(jti));
+                }
+                ab_manager_audit(c->m, jti ? "token.revoked" : "session.revoked", rec);
                 json_decref(res.claims);
-                ab_conn_error(c, "io.agentbroker.PermissionDenied",
-                              "no session of this agent and user by that identifier; an agent revokes only its own",
-                              NULL);
+                ab_conn_error(c, "io.agentbroker.PermissionDenied", why, NULL);
                 return;
         }
         ab_manager_drain_jobs(c->m); /* a token being signed now is issued before, not after, the ack */

@@ -752,7 +752,7 @@ static void m_read_audit(ab_conn *c, ab_vl_call *call)
 {
         static const param_spec spec[] = {
                 { "after_seq", P_INT, false, 0, 0, 1LL << 62 },
-                { "since", P_INT, false, 0, 0, 1LL << 62 },
+                { "since", P_INT, false, 0, 0, INT64_MAX / 1000000 }, /* seconds; in µs it must fit */
                 { "agent", P_STRING, false, AB_ID_MAX, 0, 0 },
                 { "event", P_STRING, false, 64, 0, 0 },
                 { "limit", P_INT, false, 0, 1, 200 },

@@ -842,22 +842,22 @@ int parse_time_arg(const char *v, long long *ret)
         char *end;
 
         if (strcmp(v, "now") == 0) {
-                /* everything up to and including this second */
-                *ret = (long long)time(NULL) + 1;
+                *ret = (long long)time(NULL);
                 return 0;
         }
         if (*v == '@')
                 v++;
         errno = 0;
         *ret = strtoll(v, &end, 10);
-        if (!errno && *end == '\0' && end != v && *ret >= 0)
+        if (!errno && *end == '\0' && end != v && *ret >= 0 && *ret <= AB_TIME_ARG_MAX)
                 return 0;
         e = strptime(v, "%Y-%m-%dT%H:%M:%S", &tm);
         if (e && (strcmp(e, "Z") == 0 || *e == '\0')) {
                 *ret = (long long)timegm(&tm);
-                return 0;
+                if (*ret >= 0 && *ret <= AB_TIME_ARG_MAX)
+                        return 0;
         }
-        fprintf(stderr, "agent-brokerctl: a time takes Unix seconds, @SECONDS, now, or YYYY-MM-DDTHH:MM:SSZ\n");
+        fprintf(stderr, "agent-brokerctl: a time takes Unix seconds, @SECONDS, now, or YYYY-MM-DDTHH:MM:SSZ (up to year 9999)\n");
         return -1;
 }
 
@@ -1024,6 +1024,8 @@ static int cmd_revoke(const opts *o, int argc, char **argv)
                                 json_decref(params);
                                 return EXIT_USAGE;
                         }
+                        if (strcmp(optarg, "now") == 0)
+                                t++; /* everything up to and including this second */
                         json_object_set_new(params, "before", json_integer(t));
                         n++;
                         needs_admin = true;

@@ -53,7 +53,8 @@ int ctl_write_atomic(const char *path, const char *text, mode_t mode);
 /* May this user open the admin socket (root, or a group it is open to)? */
 bool admin_usable(const opts *o);
 
-/* Unix seconds from "now" (the next second), "@S", "S" or "YYYY-MM-DDTHH:MM:SSZ"; prints why not. */
+#define AB_TIME_ARG_MAX 253402300799LL /* 9999-12-31T23:59:59Z */
+/* Unix seconds from "now", "@S", "S" or "YYYY-MM-DDTHH:MM:SSZ", up to AB_TIME_ARG_MAX; prints why not. */
 int parse_time_arg(const char *v, long long *ret);
 
 /* Commands in other files: argv[0] is the command name. */

@@ -2314,7 +2314,8 @@ static size_t count_denials(const json_t *recs, const char *event, const char *k
 
 /*
  * Attenuate refused (a wider scope; a revoked parent; too deep) is a
- * decision like any denial: one record each, naming the parent and the reason.
+ * decision like any denial: one record each, naming the parent and the reason
+ * (and the scopes asked for, as a string). So is a refused Revoke.
  */
 static void test_attenuate_denial_audited(void **state)
 {
@@ -2343,6 +2344,10 @@ static void test_attenuate_denial_audited(void **state)
                      hx_reply_str(req, "token"));
         hx_assert_error_name(root, "io.agentbroker.InvalidToken");
         json_decref(root);
+        /* a Revoke refused (not this agent's session) is a decision too */
+        root = hx_call(c, "{\"method\":\"io.agentbroker.Revoke\",\"parameters\":{\"sid\":\"AAAAAAAAAAAAAAAAAAAAAA\"}}");
+        hx_assert_error_name(root, "io.agentbroker.PermissionDenied");
+        json_decref(root);
         json_decref(req);
         hx_stop_clean(b);
         recs = file_records(apath);
@@ -2352,6 +2357,9 @@ static void test_attenuate_denial_audited(void **state)
                                 "parent=%s and a reason for each)\n",
                         n, jti);
         assert_int_equal(n, 2);
+        /* the scopes asked for, space-separated as in every record */
+        assert_int_equal(count_denials(recs, "token.attenuated", "scopes", "repo:write"), 1);
+        assert_int_equal(count_denials(recs, "session.revoked", "sid", "AAAAAAAAAAAAAAAAAAAAAA"), 1);
         json_decref(recs);
 }
 
