@@ -1252,14 +1252,17 @@ static void load_retired_keys(ab_manager *m)
         ab_txn_abort(t);
 }
 
-/* The retired keys that verify past a rotation's overlap, to be cut to it. */
+/* The retired keys that verify past a rotation's overlap, to be cut to it: every one in the
+ * store, not only the ones the signer lists, which a restart would bring back. */
+typedef struct retired_key {
+        char key[64];
+        retired_rec rec;
+} retired_key;
+
 typedef struct retired_cap {
-        size_t n;
+        size_t n, max;
         int64_t until;
-        struct {
-                char key[64];
-                retired_rec rec;
-        } v[AB_MAX_RETIRED_KEYS];
+        retired_key *v;
 } retired_cap;
 
 static int find_longer(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
@@ -1272,8 +1275,14 @@ static int find_longer(void *ud, const void *key, size_t klen, const void *val, 
         memcpy(&r, val, sizeof r);
         if (r.until <= cap->until)
                 return 0;
-        if (cap->n == AB_ARRAY_SIZE(cap->v))
-                return 1; /* the rest at the next rotation */
+        if (cap->n == cap->max) {
+                size_t nm = cap->max ? cap->max * 2 : 16;
+                retired_key *v = realloc(cap->v, nm * sizeof *v);
+                if (!v)
+                        return -ENOMEM;
+                cap->v = v;
+                cap->max = nm;
+        }
         memcpy(cap->v[cap->n].key, key, klen);
         cap->v[cap->n].key[klen] = '\0';
         cap->v[cap->n].rec = r;
@@ -1291,7 +1300,7 @@ static int find_longer(void *ud, const void *key, size_t klen, const void *val, 
 int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t old_kid_max, int64_t *ret_until)
 {
         retired_rec rec;
-        retired_cap *cap;
+        retired_cap cap = { 0 };
         char key[64];
         ab_txn *t = NULL;
         int64_t now = (int64_t)(ab_now_usec() / 1000000);
@@ -1303,22 +1312,17 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
         snprintf(old_kid, old_kid_max, "%s", ab_signer_kid(m->signer));
         snprintf(key, sizeof key, RETIRED_PREFIX "%s", old_kid);
         /* the old public key is durable before the new key replaces it */
-        cap = calloc(1, sizeof *cap);
-        if (!cap)
-                return -ENOMEM;
-        cap->until = rec.until;
+        cap.until = rec.until;
         r = ab_store_begin(m->store, true, &t);
-        if (r < 0) {
-                free(cap);
+        if (r < 0)
                 return r;
-        }
-        r = ab_txn_foreach(t, AB_DB_META, RETIRED_PREFIX, strlen(RETIRED_PREFIX), find_longer, cap);
-        for (size_t i = 0; r >= 0 && i < cap->n; i++)
-                r = ab_txn_put(t, AB_DB_META, cap->v[i].key, strlen(cap->v[i].key), &cap->v[i].rec,
-                               sizeof cap->v[i].rec);
+        r = ab_txn_foreach(t, AB_DB_META, RETIRED_PREFIX, strlen(RETIRED_PREFIX), find_longer, &cap);
+        for (size_t i = 0; r >= 0 && i < cap.n; i++)
+                r = ab_txn_put(t, AB_DB_META, cap.v[i].key, strlen(cap.v[i].key), &cap.v[i].rec,
+                               sizeof cap.v[i].rec);
         if (r >= 0)
                 r = ab_txn_put(t, AB_DB_META, key, strlen(key), &rec, sizeof rec);
-        free(cap);
+        free(cap.v);
         r = ab_txn_end(t, r);
         if (r < 0)
                 return r;

@@ -547,7 +547,7 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
                 }
         }
         /* a new token: the policy and the session's re-authentication apply as to IssueToken */
-        if (!ab_token_granted(a, pc, aud, scope, exp - now)) {
+        if (!ab_token_granted(a, pc, aud, scope)) {
                 snprintf(reason, sizeof reason,
                          "the policy no longer grants agent \"%s\" audience \"%.200s\" with scopes \"%.200s\"", a->id,
                          aud, scope);

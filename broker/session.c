@@ -541,12 +541,16 @@ static bool scope_has(const char *scope, const char *want)
 }
 
 /* The grant under which a token for aud with these scopes was issued (first covering one). */
-/* Whether g covers aud with every scope of the space-separated scope, for a lifetime of life seconds. */
-static bool grant_fits(const ab_grant *g, const char *aud, const char *scope, int64_t life)
+/*
+ * Whether g covers aud with every scope of the space-separated scope. (Not
+ * the token's lifetime: a grant whose max_ttl was lowered still judges the
+ * tokens it covers, so that its max_auth_age and users go on applying.)
+ */
+static bool grant_fits(const ab_grant *g, const char *aud, const char *scope)
 {
         char buf[AB_SCOPE_MAX + 1];
 
-        if (strcmp(g->audience, aud) != 0 || life > (int64_t)g->max_ttl)
+        if (strcmp(g->audience, aud) != 0)
                 return false;
         for (const char *p = scope; *p;) {
                 const char *e = strchr(p, ' ');
@@ -573,28 +577,27 @@ typedef struct grant_set {
         const ab_agent *a;
         const ab_grant *named;
         const char *aud, *scope;
-        int64_t life;
 } grant_set;
 
-static grant_set grants_of(const ab_agent *a, json_t *claims, const char *aud, const char *scope, int64_t life)
+static grant_set grants_of(const ab_agent *a, json_t *claims, const char *aud, const char *scope)
 {
-        grant_set gs = { a, NULL, aud, scope, life };
+        grant_set gs = { a, NULL, aud, scope };
         const char *id = claim_str(claims, "grant");
 
         for (size_t i = 0; a && id && i < a->n_grants && !gs.named; i++)
-                if (strcmp(a->grants[i].id, id) == 0 && grant_fits(&a->grants[i], aud, scope, life))
+                if (strcmp(a->grants[i].id, id) == 0 && grant_fits(&a->grants[i], aud, scope))
                         gs.named = &a->grants[i];
         return gs;
 }
 
 static bool grant_in(const grant_set *gs, const ab_grant *g)
 {
-        return gs->named ? g == gs->named : grant_fits(g, gs->aud, gs->scope, gs->life);
+        return gs->named ? g == gs->named : grant_fits(g, gs->aud, gs->scope);
 }
 
-bool ab_token_granted(const ab_agent *a, json_t *claims, const char *aud, const char *scope, int64_t life)
+bool ab_token_granted(const ab_agent *a, json_t *claims, const char *aud, const char *scope)
 {
-        grant_set gs = grants_of(a, claims, aud, scope, life);
+        grant_set gs = grants_of(a, claims, aud, scope);
 
         for (size_t i = 0; a && !gs.named && i < a->n_grants; i++)
                 if (grant_in(&gs, &a->grants[i]))
@@ -613,33 +616,35 @@ static int64_t max_auth_age_of(const grant_set *gs, int64_t max_age)
         return max_age;
 }
 
-/* Whether a grant allows user: its users list, or without one only the user the agent runs as. */
-static bool user_allowed(const ab_grant *g, const ab_session *s, const char *user)
+/* Whether user is the user the agent runs as (looked up once: *known -1 until then). */
+static bool is_agent_user(const ab_session *s, const char *user, int *known)
 {
         struct passwd pw, *res = NULL;
         char buf[4096];
 
-        if (g->users) {
-                for (size_t i = 0; i < g->n_users; i++)
-                        if (strcmp(g->users[i], user) == 0)
-                                return true;
-                return false;
-        }
-        if (getpwnam_r(user, &pw, buf, sizeof buf, &res) != 0 || !res)
-                return false;
-        return res->pw_uid == s->uid;
+        if (*known < 0)
+                *known = getpwnam_r(user, &pw, buf, sizeof buf, &res) == 0 && res && res->pw_uid == s->uid;
+        return *known == 1;
 }
 
-/* Whether every grant of the set allows user, and there is one. */
+/*
+ * Whether every grant of the set allows user, and there is one: a grant's
+ * users list, or without one only the user the agent runs as.
+ */
 static bool users_allowed(const grant_set *gs, const ab_session *s, const char *user)
 {
         size_t n = 0;
+        int own = -1;
 
         for (size_t i = 0; gs->a && i < gs->a->n_grants; i++) {
                 const ab_grant *g = &gs->a->grants[i];
+                bool ok;
                 if (!grant_in(gs, g))
                         continue;
-                if (!user_allowed(g, s, user))
+                ok = !g->users && is_agent_user(s, user, &own);
+                for (size_t k = 0; g->users && k < g->n_users && !ok; k++)
+                        ok = strcmp(g->users[k], user) == 0;
+                if (!ok)
                         return false;
                 n++;
         }
@@ -744,7 +749,7 @@ int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introsp
                 return inactive(res, "wrong_audience");
         if (req->scope && !scope_has(scope, req->scope))
                 return inactive(res, "scope_missing");
-        gs = grants_of(a, res->claims, aud, scope, exp - iat);
+        gs = grants_of(a, res->claims, aud, scope);
         max_age = max_auth_age_of(&gs, max_age);
         /* an auth_time ahead of the clock (it stepped back) proves no recent authentication */
         if (max_age >= 0 && (now - auth_time > max_age || auth_time > now + AB_NBF_LEEWAY))

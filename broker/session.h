@@ -156,11 +156,11 @@ int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introsp
 
 /*
  * Whether the policy in force still grants agent a a token with claims
- * (its "grant" claim naming the grant that issued it), narrowed to aud,
- * scope (space-separated) and life seconds: the grant it names, or (that
- * one gone) any grant of a that covers it.
+ * (its "grant" claim naming the grant that issued it), narrowed to aud and
+ * scope (space-separated): the grant it names, or (that one gone) any
+ * grant of a that covers it.
  */
-bool ab_token_granted(const ab_agent *a, json_t *claims, const char *aud, const char *scope, int64_t life);
+bool ab_token_granted(const ab_agent *a, json_t *claims, const char *aud, const char *scope);
 
 /* ---- PAM sessions ---------------------------------------------------------- */
 

@@ -1121,6 +1121,28 @@ static void test_many_rotations_keep_keys_in_overlap(void **state)
                 assert_int_equal(ctl_verify(b, args, out, sizeof out), 0);
                 assert_non_null(strstr(out, "1 signed checkpoints verified"));
         }
+        /* more keys in their overlap than the list holds (19 + 250), then a forced rotation: every
+         * one ends, in the store too, so a restart brings none back into the key set */
+        for (int i = 0; i < 250; i++) {
+                root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\"}");
+                hx_assert_ok(root);
+                json_decref(root);
+        }
+        root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.RotateKey\",\"parameters\":"
+                            "{\"overlap\":0,\"force\":true}}");
+        hx_assert_ok(root);
+        json_decref(root);
+        hx_stop_clean(b);
+        hx_start(b);
+        c = hx_connect(b, b->sock);
+        root = hx_call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
+        hx_assert_ok(root);
+        assert_int_equal(json_array_size(json_object_get(hx_reply_params(root), "keys")), 1);
+        json_decref(root);
+        root = callf(c, "{\"method\":\"io.agentbroker.Introspect\",\"parameters\":{\"token\":\"%s\"}}", tok);
+        hx_assert_ok(root);
+        assert_string_equal(hx_reply_str(root, "reason"), "unknown_key");
+        json_decref(root);
         free(tok);
         hx_stop_clean(b);
 }

@@ -842,6 +842,16 @@ static void test_tokens_keep_their_grant(void **state)
         assert_string_equal(verdict(c, t_short, user_param("nobody")), "active");
         assert_string_equal(verdict(c, t_long, user_param("nobody")), "active"); /* its grant is unchanged */
 
+        /* the second grant narrowed (max_ttl below t_long's lifetime, a 1 s max_auth_age): it still
+         * judges t_long, which its max_ttl would no longer let it issue */
+        write_root_grants(b, "\"reauth_interval\": 3600",
+                          G_PAM_DEPLOY ", {\"audience\": \"" AUD_PAM "\", \"scopes\": [\"login\"], \"max_ttl\": 300, "
+                          "\"users\": [\"nobody\"], \"max_auth_age\": 1}, " G_GIT);
+        reload(b);
+        hx_set_test_clock(clock_path, 3);
+        assert_string_equal(verdict(c, t_long, NULL), "auth_too_old");
+        hx_set_test_clock(clock_path, 0);
+
         /* both pam grants removed: the tokens stay valid, but let no user in */
         write_root_grants(b, "\"reauth_interval\": 3600", G_GIT);
         reload(b);
