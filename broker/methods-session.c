@@ -648,6 +648,19 @@ static void revoked_reply(ab_conn *c, unsigned n, const char *what)
         ab_conn_reply(c, json_pack("{s:i, s:s}", "revoked", (int)n, "message", msg), NULL);
 }
 
+/* The record of an agent's Revoke (decision "revoke", or "deny" when refused). */
+static void audit_revoke(ab_conn *c, const ab_identity *id, const ab_agent *a, const char *decision,
+                         const char *reason, const char *sid, const char *jti)
+{
+        json_t *rec = ab_audit_rec(c, decision, reason, id, a);
+        if (rec) {
+                json_object_set_new(rec, "sid", json_string(sid));
+                if (jti)
+                        json_object_set_new(rec, "jti", json_string(jti));
+        }
+        ab_manager_audit(c->m, jti ? "token.revoked" : "session.revoked", rec);
+}
+
 void ab_m_revoke(ab_conn *c, ab_vl_call *call)
 {
         static const param_spec spec[] = {
@@ -699,13 +712,7 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
         if (r < 0 || strcmp(s.agent, a->id) != 0 || s.uid != id.uid) {
                 static const char why[] =
                         "no session of this agent and user by that identifier; an agent revokes only its own";
-                json_t *rec = ab_audit_rec(c, "deny", why, &id, a);
-                if (rec) {
-                        json_object_set_new(rec, "sid", json_string(sid));
-                        if (jti)
-                                json_object_set_new(rec, "jti", json_string(jti));
-                }
-                ab_manager_audit(c->m, jti ? "token.revoked" : "session.revoked", rec);
+                audit_revoke(c, &id, a, "deny", why, sid, jti);
                 json_decref(res.claims);
                 ab_conn_error(c, "io.agentbroker.PermissionDenied", why, NULL);
                 return;
@@ -723,15 +730,7 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
                 store_error(c, r, "cannot record the revocation");
                 return;
         }
-        {
-                json_t *rec = ab_audit_rec(c, "revoke", what, &id, a);
-                if (rec) {
-                        json_object_set_new(rec, "sid", json_string(sid));
-                        if (jti)
-                                json_object_set_new(rec, "jti", json_string(jti));
-                }
-                ab_manager_audit(c->m, jti ? "token.revoked" : "session.revoked", rec);
-        }
+        audit_revoke(c, &id, a, "revoke", what, sid, jti);
         json_decref(res.claims); /* jti points into it when revoking by token */
         revoked_reply(c, 1, what);
 }
