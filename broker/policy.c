@@ -849,6 +849,23 @@ out:
         return 0;
 }
 
+/*
+ * The exe selector: the path /proc/PID/exe shows, and, when the broker knows
+ * the file the process runs, that very file at that path in the broker's
+ * view. A path alone can be made up: in a mount namespace of its own any
+ * user can put its own program at the path the policy names.
+ */
+static bool exe_matches(const char *want, const ab_identity *id)
+{
+        struct stat st;
+
+        if (strcmp(want, id->exe) != 0)
+                return false;
+        if (!id->exe_ino)
+                return true; /* unit tests; the broker always knows the file with the path */
+        return stat(want, &st) == 0 && st.st_dev == id->exe_dev && st.st_ino == id->exe_ino;
+}
+
 const ab_agent *ab_policy_match(const ab_policy *p, const ab_identity *id)
 {
         for (size_t i = 0; i < p->n_agents; i++) {
@@ -859,7 +876,7 @@ const ab_agent *ab_policy_match(const ab_policy *p, const ab_identity *id)
                         continue;
                 if (a->has_gid && a->gid != id->gid && !(id->peer && ab_peer_in_group(id->peer, a->gid)))
                         continue;
-                if (a->exe && strcmp(a->exe, id->exe) != 0)
+                if (a->exe && !exe_matches(a->exe, id))
                         continue;
                 if (a->sha256 && strcmp(a->sha256, id->sha256) != 0)
                         continue;

@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <grp.h>
+#include <sched.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/stat.h>
@@ -290,6 +292,80 @@ static void test_exec_then_new_connection(void **state)
         free(text);
 }
 
+/* Copy file from to to (mode 0755). */
+static void copy_exec(const char *from, const char *to)
+{
+        char *data = NULL;
+        size_t len = 0;
+        int fd;
+
+        assert_int_equal(hx_read_file(from, 64 << 20, &data, &len), 0);
+        fd = open(to, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0755);
+        assert_true(fd >= 0);
+        assert_int_equal(write(fd, data, len), (ssize_t)len);
+        assert_int_equal(close(fd), 0);
+        free(data);
+}
+
+/* Run helper-issue as path, in a mount namespace of its own where fake (if any) is bind-mounted over path. */
+static int issue_as_path(hx_broker *b, const char *path, const char *fake)
+{
+        int st;
+        pid_t pid = fork();
+
+        if (pid == 0) {
+                int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
+                if (null >= 0)
+                        (void)dup2(null, 1);
+                if (fake && (unshare(CLONE_NEWNS) < 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0 ||
+                             mount(fake, path, NULL, MS_BIND, NULL) < 0))
+                        _exit(5);
+                execl(path, path, b->sock, "mcp://t", "r", (char *)NULL);
+                _exit(127);
+        }
+        assert_int_equal(waitpid(pid, &st, 0), pid);
+        assert_true(WIFEXITED(st));
+        return WEXITSTATUS(st);
+}
+
+/*
+ * The exe selector is the file, not only its path: a process that runs
+ * another file at the policy's path (bind-mounted there in a mount
+ * namespace of its own, as any user can with unshare -Urm) is not the
+ * agent. Before, the path text alone decided, and it got the token.
+ */
+static void test_exe_selector_is_the_file(void **state)
+{
+        hx_broker *b = *state;
+        char helper[PATH_MAX], dir[PATH_MAX], tool[PATH_MAX + 16], fake[PATH_MAX + 16], policy[2 * PATH_MAX];
+        int st;
+
+        if (hx_under_wrapper()) {
+                printf("SKIPPED: the broker sees the wrapper's executable\n");
+                skip();
+        }
+        assert_int_equal(hx_build_path("tests/helper-issue", helper, sizeof helper), 0);
+        snprintf(dir, sizeof dir, "%s/bin", b->dir);
+        assert_int_equal(mkdir(dir, 0755), 0);
+        snprintf(tool, sizeof tool, "%s/agent-tool", dir);
+        snprintf(fake, sizeof fake, "%s/other-tool", dir);
+        copy_exec(helper, tool);
+        copy_exec(helper, fake); /* the same bytes, another file */
+        snprintf(policy, sizeof policy,
+                 "{\"version\":1,\"agents\":[{\"id\":\"tool\",\"owner\":\"ops@example.com\","
+                 "\"match\":{\"uid\":0,\"exe\":\"%s\"},\"grants\":[{\"audience\":\"mcp://t\",\"scopes\":[\"r\"],"
+                 "\"max_ttl\":60}]}]}",
+                 tool);
+        assert_int_equal(hx_broker_stop(b, &st), 0);
+        assert_int_equal(hx_broker_write_policy(b, policy), 0);
+        assert_int_equal(hx_broker_start(b), 0);
+
+        assert_int_equal(issue_as_path(b, tool, NULL), 0);  /* the file itself: a token */
+        assert_int_equal(issue_as_path(b, fake, NULL), 1);  /* another path: denied */
+        assert_int_equal(issue_as_path(b, tool, fake), 1);  /* another file at the path: denied */
+        assert_int_equal(issue_as_path(b, tool, NULL), 0);
+}
+
 /*
  * Hashing a new executable must not hold up anyone else. nobody (no agent)
  * runs a 400 MiB copy of python3 (sparse: the padding costs no disk) and
@@ -397,6 +473,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_recycled_pid, setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_exec_after_connect, setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_exec_then_new_connection, setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_exe_selector_is_the_file, setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_large_new_executable_does_not_stall_others, setup, hx_teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
