@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <sodium.h>
 #include "compile.h"
+#include "log.h"
 #include "../common/util.h"
 
 #define MAX_SOURCES 1024
@@ -58,6 +59,8 @@ static int list_sources(const char *path, source **ret, size_t *ret_n)
                 *ret_n = 1;
                 return 0;
         }
+        if (!ab_owned_safely(&st))
+                return -EPERM; /* another user could add, replace or remove sources */
         d = opendir(path);
         if (!d)
                 return -errno;
@@ -115,7 +118,7 @@ static int decode_b64_file(const char *path, uint8_t *out, size_t want)
         char *text = NULL;
         size_t len = 0, got = 0;
         const char *end = NULL;
-        int r = ab_read_file(path, 4096, &text, &len);
+        int r = ab_read_trusted_file(path, 4096, &text, &len);
 
         if (r < 0)
                 return r;
@@ -137,7 +140,15 @@ int ab_verify_detached(const char *trusted_keys_dir, const char *sig_path, const
         r = decode_b64_file(sig_path, sig, sizeof sig);
         if (r < 0)
                 return r == -ENOENT ? -ENOENT : AB_ERR_CRYPTO;
-        d = trusted_keys_dir ? opendir(trusted_keys_dir) : NULL;
+        struct stat st;
+        if (!trusted_keys_dir || stat(trusted_keys_dir, &st) < 0)
+                return AB_ERR_CRYPTO;
+        if (!ab_owned_safely(&st)) {
+                ab_log(LOG_WARNING, "trusted keys directory %s is owned by another user or writable by others: no key "
+                       "in it is trusted", trusted_keys_dir);
+                return AB_ERR_CRYPTO;
+        }
+        d = opendir(trusted_keys_dir);
         if (!d)
                 return AB_ERR_CRYPTO;
         r = AB_ERR_CRYPTO;
@@ -150,8 +161,11 @@ int ab_verify_detached(const char *trusted_keys_dir, const char *sig_path, const
                 if (asprintf(&p, "%s/%s", trusted_keys_dir, de->d_name) < 0)
                         break;
                 tried++;
-                if (decode_b64_file(p, pk, sizeof pk) == 0 &&
-                    crypto_sign_verify_detached(sig, data, len, pk) == 0) {
+                int kr = decode_b64_file(p, pk, sizeof pk);
+                if (kr == -EPERM)
+                        ab_log(LOG_WARNING, "trusted key %s is owned by another user or writable by others: ignored",
+                               p);
+                if (kr == 0 && crypto_sign_verify_detached(sig, data, len, pk) == 0) {
                         crypto_hash_sha256(h, pk, sizeof pk);
                         sodium_bin2hex(ret_signer, 17, h, 8);
                         r = 0;
@@ -271,7 +285,8 @@ int ab_policy_compile(ab_store *st, const ab_compile_opts *o, ab_diag *diag, ab_
         reason[0] = '\0';
         r = list_sources(o->policy_path, &s, &n);
         if (r < 0) {
-                snprintf(reason, reasonmax, "cannot list policy sources in %s: %s", o->policy_path, ab_strerror(r));
+                snprintf(reason, reasonmax, "cannot list policy sources in %s: %s", o->policy_path,
+                         r == -EPERM ? "the directory is owned by another user or writable by others" : ab_strerror(r));
                 return r == AB_ERR_TOO_LARGE ? r : AB_ERR_POLICY;
         }
         r = ab_policy_fingerprint(o->policy_path, fp);
@@ -302,9 +317,12 @@ int ab_policy_compile(ab_store *st, const ab_compile_opts *o, ab_diag *diag, ab_
                         r = AB_ERR_POLICY;
                         goto out;
                 }
-                r = ab_read_file(s[i].path, AB_POLICY_MAX_FILE, &s[i].text, &s[i].len);
+                r = ab_read_trusted_file(s[i].path, AB_POLICY_MAX_FILE, &s[i].text, &s[i].len);
                 if (r < 0) {
-                        snprintf(reason, reasonmax, "%s: cannot read: %s", s[i].path, ab_strerror(r));
+                        snprintf(reason, reasonmax, "%s: %s", s[i].path,
+                                 r == -EPERM ? "owned by another user or writable by others (it decides what agents "
+                                               "get): refused"
+                                             : ab_strerror(r));
                         r = r == AB_ERR_TOO_LARGE ? r : AB_ERR_POLICY;
                         goto out;
                 }

@@ -696,7 +696,28 @@ out:
         return r;
 }
 
+bool ab_owned_safely(const struct stat *st)
+{
+        if (st->st_uid != 0 && st->st_uid != geteuid())
+                return false;
+        if (st->st_mode & S_IWOTH)
+                return false;
+        return !(st->st_mode & S_IWGRP) || st->st_gid == 0 || st->st_gid == getegid();
+}
+
+static int read_file(const char *path, size_t max, bool trusted, char **ret_buf, size_t *ret_len);
+
 int ab_read_file(const char *path, size_t max, char **ret_buf, size_t *ret_len)
+{
+        return read_file(path, max, false, ret_buf, ret_len);
+}
+
+int ab_read_trusted_file(const char *path, size_t max, char **ret_buf, size_t *ret_len)
+{
+        return read_file(path, max, true, ret_buf, ret_len);
+}
+
+static int read_file(const char *path, size_t max, bool trusted, char **ret_buf, size_t *ret_len)
 {
         struct stat st;
         char *buf = NULL;
@@ -713,6 +734,10 @@ int ab_read_file(const char *path, size_t max, char **ret_buf, size_t *ret_len)
         }
         if (!S_ISREG(st.st_mode)) {
                 r = -EINVAL;
+                goto out;
+        }
+        if (trusted && !ab_owned_safely(&st)) {
+                r = -EPERM;
                 goto out;
         }
         if ((uint64_t)st.st_size > max) {

@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/stat.h>
 #include <jansson.h>
 #include "attest.h"
 
@@ -91,6 +92,15 @@ int ab_policy_load_path(const char *path, ab_diag *diag, ab_policy **ret);
 
 /* Read a whole file of at most max bytes (O_NOFOLLOW not applied). */
 int ab_read_file(const char *path, size_t max, char **ret_buf, size_t *ret_len);
+/*
+ * ab_read_file for a file that decides what the broker grants (a policy
+ * source, a trusted key): the file read (symlinks followed) must be owned
+ * by root or this process's user, and writable by no other user (group
+ * write only for group root or this process's group). -EPERM if not.
+ */
+int ab_read_trusted_file(const char *path, size_t max, char **ret_buf, size_t *ret_len);
+/* That rule for st (a file or a directory of such files). */
+bool ab_owned_safely(const struct stat *st);
 
 /* The first agent (in source order) whose selectors all match, or NULL. */
 const ab_agent *ab_policy_match(const ab_policy *p, const ab_identity *id);

@@ -443,6 +443,87 @@ static void test_inotify_swaps_grants(void **state)
         free(token);
 }
 
+/* ReloadPolicy must be refused (PolicyRejected) with a reason containing why. */
+static void expect_reload_rejected(fx *f, const char *why)
+{
+        json_t *root = call_on(f, f->b.admin_sock, M_RELOAD, NULL);
+        const char *e = hx_reply_error(root), *reason = hx_reply_str(root, "reason");
+        if (!e || strcmp(e, E_REJECTED) != 0 || !reason || !strstr(reason, why))
+                dump("ReloadPolicy", root);
+        assert_non_null(e);
+        assert_string_equal(e, E_REJECTED);
+        assert_non_null(reason);
+        assert_non_null(strstr(reason, why));
+        json_decref(root);
+}
+
+/*
+ * What decides grants must be root's (or the broker user's) alone: a
+ * source that is a symlink to a file nobody owns and anyone may write, a
+ * policy directory anyone may write, and a trusted key (a symlink to a
+ * world-writable key nobody made) are refused, and the policy in force
+ * stays. Before, each was honoured.
+ */
+static void test_foreign_files_refused(void **state)
+{
+        fx *f = *state;
+        char foreign[PATH_MAX * 2], link[PATH_MAX * 2], nkey[PATH_MAX * 2], npub[PATH_MAX * 2], *text, *pub = NULL;
+
+        deploy_bundle(f, "20-agents.json", 1, "\"repo:read\"", f->key);
+        hx_start(&f->b);
+        assert_grants(f, true, false);
+
+        /* a source owned by nobody, mode 0666, linked into policy.d (signed all the same) */
+        path_in(foreign, sizeof foreign, f->b.dir, "foreign.json", "");
+        text = bundle(2, "\"repo:write\"", "");
+        assert_int_equal(hx_write_file(foreign, text, 0644), 0);
+        free(text);
+        sign(f, f->key, foreign);
+        assert_int_equal(chmod(foreign, 0666), 0);
+        assert_int_equal(chown(foreign, HX_NOBODY_UID, HX_NOBODY_UID), 0);
+        path_in(link, sizeof link, f->pol, "20-agents.json", "");
+        assert_int_equal(unlink(link), 0);
+        assert_int_equal(symlink(foreign, link), 0);
+        path_in(link, sizeof link, f->pol, "20-agents.json", ".sig");
+        path_in(npub, sizeof npub, f->b.dir, "foreign.json", ".sig");
+        assert_int_equal(rename(npub, link), 0);
+        expect_reload_rejected(f, "owned by another user or writable by others");
+        assert_grants(f, true, false);
+        /* the same file owned by root, 0644: accepted */
+        assert_int_equal(chown(foreign, 0, 0), 0);
+        assert_int_equal(chmod(foreign, 0644), 0);
+        json_decref(call_on(f, f->b.admin_sock, M_RELOAD, NULL));
+        assert_grants(f, false, true);
+
+        /* the policy directory writable by anyone */
+        assert_int_equal(chmod(f->pol, 0777), 0);
+        expect_reload_rejected(f, "the directory is owned by another user or writable by others");
+        assert_int_equal(chmod(f->pol, 0755), 0);
+
+        /* a trusted key that nobody owns and anyone may write, and a bundle signed with it */
+        path_in(nkey, sizeof nkey, f->stage, "nobody.key", "");
+        keygen(f, nkey);
+        path_in(npub, sizeof npub, f->b.dir, "nobody.pub", "");
+        snprintf(link, sizeof link, "%s.pub", nkey);
+        assert_int_equal(hx_read_file(link, 4096, &pub, NULL), 0);
+        assert_int_equal(hx_write_file(npub, pub, 0644), 0);
+        free(pub);
+        assert_int_equal(chmod(npub, 0666), 0);
+        assert_int_equal(chown(npub, HX_NOBODY_UID, HX_NOBODY_UID), 0);
+        path_in(link, sizeof link, f->keys, "nobody.pub", "");
+        assert_int_equal(symlink(npub, link), 0);
+        deploy_bundle(f, "30-more.json", 3, "\"repo:read\"", nkey);
+        expect_reload_rejected(f, "signature does not verify with any trusted key");
+        /* (the trusted set changed and no longer verifies what is there: no agent is served, as
+         * test_removed_key_evicts_policy shows); without that source, the rest loads again */
+        path_in(link, sizeof link, f->pol, "30-more.json", "");
+        assert_int_equal(unlink(link), 0);
+        path_in(link, sizeof link, f->pol, "30-more.json", ".sig");
+        assert_int_equal(unlink(link), 0);
+        json_decref(call_on(f, f->b.admin_sock, M_RELOAD, NULL));
+        assert_grants(f, false, true);
+}
+
 /*
  * Under require_signed, with B (version 2) in force: an unsigned bundle, one
  * signed by an untrusted key, one whose signature is over other bytes, a
@@ -988,6 +1069,7 @@ int main(void)
         const struct CMUnitTest tests[] = {
                 T(test_inotify_swaps_grants),
                 T(test_refused_bundles_keep_policy),
+                T(test_foreign_files_refused),
                 T(test_sighup_and_cli_reload),
                 T(test_restart_answers_from_store),
                 T(test_newer_schema_refused),
