@@ -544,24 +544,56 @@ static bool may_overlap(const ab_agent *a, const ab_agent *b)
         return true;
 }
 
+/*
+ * One warning per grant whose audience an earlier agent with overlapping
+ * selectors also has (naming the first such agent), at most
+ * LINT_OVERLAP_MAX of them, and at most LINT_OVERLAP_WORK comparisons: a
+ * small hostile file of many agents with many grants must not make
+ * millions of findings or minutes of work.
+ */
+#define LINT_OVERLAP_MAX 100
+#define LINT_OVERLAP_WORK (20u * 1000 * 1000)
+
 static void lint_overlaps(ctx *c, const ab_agent *agents, size_t n, size_t first_new)
 {
+        size_t found = 0, more = 0;
+        unsigned long work = 0;
+
         for (size_t i = first_new; i < n; i++)
-                for (size_t j = 0; j < i; j++) {
-                        if (!may_overlap(&agents[i], &agents[j]))
-                                continue;
-                        for (size_t gi = 0; gi < agents[i].n_grants; gi++)
-                                for (size_t gj = 0; gj < agents[j].n_grants; gj++) {
-                                        char p[64];
-                                        if (strcmp(agents[i].grants[gi].audience, agents[j].grants[gj].audience))
-                                                continue;
-                                        snprintf(p, sizeof p, "$.agents[%zu].grants[%zu]", i - first_new, gi);
-                                        report(c, AB_DIAG_WARNING, p,
-                                               "audience \"%.100s\" is also granted to agent \"%s\" whose selectors "
-                                               "overlap; only the first matching agent is used",
-                                               agents[i].grants[gi].audience, agents[j].id);
+                for (size_t gi = 0; gi < agents[i].n_grants; gi++) {
+                        const ab_agent *other = NULL;
+                        for (size_t j = 0; j < i && !other; j++) {
+                                if (++work > LINT_OVERLAP_WORK) {
+                                        report(c, AB_DIAG_WARNING, "$",
+                                               "too many agents and grants to check every overlap of selectors; "
+                                               "the check stopped at agent %zu",
+                                               i - first_new);
+                                        goto out;
                                 }
+                                if (!may_overlap(&agents[i], &agents[j]))
+                                        continue;
+                                for (size_t gj = 0; gj < agents[j].n_grants && !other; gj++, work++)
+                                        if (strcmp(agents[i].grants[gi].audience, agents[j].grants[gj].audience) == 0)
+                                                other = &agents[j];
+                        }
+                        if (!other)
+                                continue;
+                        if (found++ < LINT_OVERLAP_MAX) {
+                                char p[64];
+                                snprintf(p, sizeof p, "$.agents[%zu].grants[%zu]", i - first_new, gi);
+                                report(c, AB_DIAG_WARNING, p,
+                                       "audience \"%.100s\" is also granted to agent \"%s\" whose selectors overlap; "
+                                       "only the first matching agent is used",
+                                       agents[i].grants[gi].audience, other->id);
+                        } else {
+                                more++;
+                        }
                 }
+out:
+        if (more)
+                report(c, AB_DIAG_WARNING, "$", "%zu more grants whose audience an agent with overlapping selectors "
+                                                 "also has (not listed)",
+                       more);
 }
 
 /*

@@ -2256,6 +2256,40 @@ static void test_lint_selectors(void **state)
         drop(p);
 }
 
+/*
+ * 100 agents with the same selectors and 64 grants each, all to one
+ * audience (a 200 KB file): one warning per grant at most, the first 100
+ * listed and the rest counted in one line. Before, one warning per pair of
+ * grants: 20 million lines.
+ */
+static void test_lint_overlap_bounded(void **state)
+{
+        size_t cap = 1 << 20, off = 0;
+        char *doc = malloc(cap);
+        ab_policy *p;
+        (void)state;
+
+        assert_non_null(doc);
+        off += (size_t)snprintf(doc + off, cap - off, "{\"version\":1,\"agents\":[");
+        for (int a = 0; a < 100; a++) {
+                off += (size_t)snprintf(doc + off, cap - off,
+                                        "%s{\"id\":\"a%d\",\"owner\":\"o\",\"match\":{\"uid\":1,\"unit\":\"u\"},"
+                                        "\"grants\":[",
+                                        a ? "," : "", a);
+                for (int g = 0; g < 64; g++)
+                        off += (size_t)snprintf(doc + off, cap - off, "%s{\"audience\":\"x\",\"scopes\":[\"s%d\"]}",
+                                                g ? "," : "", g);
+                off += (size_t)snprintf(doc + off, cap - off, "]}");
+        }
+        off += (size_t)snprintf(doc + off, cap - off, "]}");
+        assert_true(off < cap);
+        p = load_ok(doc, true);
+        assert_true(rec_count(AB_DIAG_WARNING) <= 110);
+        assert_true(rec_has_msg(AB_DIAG_WARNING, "6236 more grants whose audience an agent with overlapping"));
+        drop(p);
+        free(doc);
+}
+
 static void test_lint_overlap(void **state)
 {
         ab_policy *p;
@@ -2350,6 +2384,7 @@ int main(void)
                 T(test_lint_users_outside_pam),
                 T(test_lint_selectors),
                 T(test_lint_overlap),
+                T(test_lint_overlap_bounded),
         };
 #undef T
         return cmocka_run_group_tests_name("policy", tests, NULL, group_teardown);
