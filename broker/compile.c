@@ -21,7 +21,35 @@ typedef struct source {
         char signer[17];
         bool signed_ok;
         json_int_t version;
+        char replaces[65]; /* the content compiled before under this name, if other: superseded now */
+        json_int_t replaces_version;
 } source;
+
+#define SUPERSEDED_PREFIX "superseded:"
+
+/*
+ * Whether content (its SHA-256) was once replaced by a newer version under
+ * its own name. The version floor is kept per name, and a signature covers
+ * the content only: without this, an old signed bundle copied in under
+ * another name (the newer one removed) would be taken. 1 (and its version)
+ * if so, 0 if not.
+ */
+static int was_superseded(ab_txn *t, const char sha[65], json_int_t *ret_version)
+{
+        char key[sizeof SUPERSEDED_PREFIX + 64];
+        const void *v;
+        size_t vl;
+        int r;
+
+        snprintf(key, sizeof key, SUPERSEDED_PREFIX "%s", sha);
+        r = ab_txn_get(t, AB_DB_META, key, strlen(key), &v, &vl);
+        if (r == -ENOENT)
+                return 0;
+        if (r < 0)
+                return r;
+        *ret_version = vl == 8 ? (json_int_t)get_be64(v) : 0;
+        return 1;
+}
 
 static void src_free(source *s, size_t n)
 {
@@ -358,6 +386,22 @@ int ab_policy_compile(ab_store *st, const ab_compile_opts *o, ab_diag *diag, ab_
                         r = -ESTALE;
                         goto out;
                 }
+                if (hw_sha[0] && strcmp(hw_sha, s[i].sha256) != 0) {
+                        memcpy(s[i].replaces, hw_sha, sizeof s[i].replaces);
+                        s[i].replaces_version = hw;
+                }
+                json_int_t sv = 0;
+                r = was_superseded(t, s[i].sha256, &sv);
+                if (r < 0)
+                        goto out;
+                if (r > 0) {
+                        snprintf(reason, reasonmax,
+                                 "%s: this content (version %lld) was replaced by a newer version before, under its "
+                                 "own name: rollback refused",
+                                 s[i].path, (long long)s[i].version);
+                        r = -ESTALE;
+                        goto out;
+                }
         }
 
         /* All good: replace the compiled sources in one transaction. */
@@ -397,6 +441,12 @@ int ab_policy_compile(ab_store *st, const ab_compile_opts *o, ab_diag *diag, ab_
                 snprintf(key, sizeof key, "version:%s", s[i].name);
                 r = ab_txn_put(t, AB_DB_META, key, strlen(key), rec, strlen(rec));
                 free(rec);
+                if (r == 0 && s[i].replaces[0]) {
+                        uint8_t v[8];
+                        put_be64(v, (uint64_t)s[i].replaces_version);
+                        snprintf(key, sizeof key, SUPERSEDED_PREFIX "%s", s[i].replaces);
+                        r = ab_txn_put(t, AB_DB_META, key, strlen(key), v, sizeof v);
+                }
         }
         if (r == 0)
                 r = ab_txn_put(t, AB_DB_META, "policy_fingerprint", 18, fp, 64);

@@ -18,20 +18,6 @@
 
 /* ---- keys and records ----------------------------------------------------- */
 
-static void put_be64(uint8_t *p, uint64_t v)
-{
-        for (int i = 7; i >= 0; i--, v >>= 8)
-                p[i] = (uint8_t)v;
-}
-
-static uint64_t get_be64(const uint8_t *p)
-{
-        uint64_t v = 0;
-        for (int i = 0; i < 8; i++)
-                v = v << 8 | p[i];
-        return v;
-}
-
 static void proc_key(uint8_t k[PKEY_LEN], pid_t pid, uint64_t start)
 {
         uint32_t u = (uint32_t)pid;

@@ -28,4 +28,20 @@ int ab_is_printable(const char *s, size_t max);
 /* The length of s (len bytes of UTF-8) cut to at most max bytes, never inside a character. */
 size_t ab_utf8_cut(const char *s, size_t len, size_t max);
 
+/* A 64-bit number in 8 bytes, big-endian (LMDB keys and values sort and compare as numbers). */
+static inline void put_be64(uint8_t *p, uint64_t v)
+{
+        for (int i = 7; i >= 0; i--, v >>= 8)
+                p[i] = (uint8_t)v;
+}
+
+static inline uint64_t get_be64(const void *q)
+{
+        const uint8_t *p = q;
+        uint64_t v = 0;
+        for (int i = 0; i < 8; i++)
+                v = v << 8 | p[i];
+        return v;
+}
+
 #endif

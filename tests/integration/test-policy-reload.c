@@ -525,6 +525,49 @@ static void test_foreign_files_refused(void **state)
 }
 
 /*
+ * An old signed bundle copied in under another name, the newer one
+ * removed: its content was replaced by a newer version under its own name
+ * before, so it is refused (the version floor is per name and a signature
+ * covers the content only: before, it was taken and its grants came back).
+ * The content in force, renamed, is still fine.
+ */
+static void test_renamed_old_bundle_refused(void **state)
+{
+        fx *f = *state;
+        char path[PATH_MAX * 2];
+
+        deploy_bundle(f, "20-agents.json", 1, "\"repo:write\"", f->key);
+        hx_start(&f->b);
+        assert_grants(f, false, true);
+        deploy_bundle(f, "20-agents.json", 2, "\"repo:read\"", f->key);
+        json_decref(call_on(f, f->b.admin_sock, M_RELOAD, NULL));
+        assert_grants(f, true, false);
+
+        /* swapped while the broker is down (else the watch might compile the empty directory between) */
+        hx_stop_clean(&f->b);
+        path_in(path, sizeof path, f->pol, "20-agents.json", "");
+        assert_int_equal(unlink(path), 0);
+        path_in(path, sizeof path, f->pol, "20-agents.json", ".sig");
+        assert_int_equal(unlink(path), 0);
+        deploy_bundle(f, "30-old.json", 1, "\"repo:write\"", f->key); /* version 1's very bytes */
+        hx_start(&f->b);
+        assert_grants(f, true, false); /* refused at start: the compiled policy stays */
+        expect_reload_rejected(f, "was replaced by a newer version before");
+        assert_grants(f, true, false);
+
+        /* version 2 under a new name is what was in force: accepted */
+        path_in(path, sizeof path, f->pol, "30-old.json", "");
+        assert_int_equal(unlink(path), 0);
+        path_in(path, sizeof path, f->pol, "30-old.json", ".sig");
+        assert_int_equal(unlink(path), 0);
+        deploy_bundle(f, "40-agents.json", 2, "\"repo:read\"", f->key);
+        json_t *root = call_on(f, f->b.admin_sock, M_RELOAD, NULL);
+        hx_assert_ok(root);
+        json_decref(root);
+        assert_grants(f, true, false);
+}
+
+/*
  * Under require_signed, with B (version 2) in force: an unsigned bundle, one
  * signed by an untrusted key, one whose signature is over other bytes, a
  * rollback (version 1, validly signed) and version 2 with other content are
@@ -1070,6 +1113,7 @@ int main(void)
                 T(test_inotify_swaps_grants),
                 T(test_refused_bundles_keep_policy),
                 T(test_foreign_files_refused),
+                T(test_renamed_old_bundle_refused),
                 T(test_sighup_and_cli_reload),
                 T(test_restart_answers_from_store),
                 T(test_newer_schema_refused),
