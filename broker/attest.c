@@ -613,9 +613,11 @@ int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
         }
         ret->start_time = pc->start_time;
         memcpy(ret->exe, pc->exe, strlen(pc->exe) + 1);
-        /* set with the path by read_exe and proc_lookup, and what same_stat compared */
-        ret->exe_dev = pc->exe[0] ? pc->id.dev : 0;
-        ret->exe_ino = pc->exe[0] ? pc->id.ino : 0;
+        /* set with the path by read_exe and proc_lookup, and what same_stat compared (an inode
+         * number may be anything a file system says, 0 included) */
+        ret->exe_known = pc->exe[0] != '\0';
+        ret->exe_dev = pc->id.dev;
+        ret->exe_ino = pc->id.ino;
         memcpy(ret->sha256, pc->sha256, sizeof ret->sha256);
         memcpy(ret->unit, pc->unit, strlen(pc->unit) + 1);
         memcpy(ret->cgroup, pc->cgroup, strlen(pc->cgroup) + 1);

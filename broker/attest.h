@@ -39,8 +39,9 @@ typedef struct ab_identity {
         pid_t pid;
         uint64_t start_time;          /* /proc/PID/stat starttime (clock ticks after boot) */
         char exe[AB_EXE_MAX];         /* path for display; may end " (deleted)" */
-        dev_t exe_dev;                /* the file the process runs (stat of /proc/PID/exe); */
-        ino_t exe_ino;                /* 0: not known */
+        bool exe_known;               /* the broker identified the file the process runs: */
+        dev_t exe_dev;                /* its device and inode (stat of /proc/PID/exe) */
+        ino_t exe_ino;
         char sha256[65];              /* hex, "" when not computed (too large, unreadable) */
         char unit[AB_UNIT_MAX];       /* systemd unit, "" if none */
         char cgroup[AB_CGROUP_MAX];   /* cgroup path, "" if none */

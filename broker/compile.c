@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 #include <dirent.h>
 #include <errno.h>
+#include <unistd.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,11 +89,18 @@ static int list_sources(const char *path, source **ret, size_t *ret_n)
                 *ret_n = 1;
                 return 0;
         }
-        if (!ab_owned_safely(&st))
-                return -EPERM; /* another user could add, replace or remove sources */
-        d = opendir(path);
-        if (!d)
+        int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0)
                 return -errno;
+        if (!ab_fd_owned_safely(dfd)) {
+                close(dfd);
+                return -EPERM; /* another user could add, replace or remove sources */
+        }
+        d = fdopendir(dfd);
+        if (!d) {
+                close(dfd);
+                return -errno;
+        }
         s = calloc(MAX_SOURCES, sizeof *s);
         if (!s) {
                 closedir(d);
@@ -168,17 +177,20 @@ int ab_verify_detached(const char *trusted_keys_dir, const char *sig_path, const
         r = decode_b64_file(sig_path, sig, sizeof sig);
         if (r < 0)
                 return r == -ENOENT ? -ENOENT : AB_ERR_CRYPTO;
-        struct stat st;
-        if (!trusted_keys_dir || stat(trusted_keys_dir, &st) < 0)
+        int dfd = trusted_keys_dir ? open(trusted_keys_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+        if (dfd < 0)
                 return AB_ERR_CRYPTO;
-        if (!ab_owned_safely(&st)) {
+        if (!ab_fd_owned_safely(dfd)) {
                 ab_log(LOG_WARNING, "trusted keys directory %s is owned by another user or writable by others: no key "
                        "in it is trusted", trusted_keys_dir);
+                close(dfd);
                 return AB_ERR_CRYPTO;
         }
-        d = opendir(trusted_keys_dir);
-        if (!d)
+        d = fdopendir(dfd);
+        if (!d) {
+                close(dfd);
                 return AB_ERR_CRYPTO;
+        }
         r = AB_ERR_CRYPTO;
         while ((de = readdir(d)) && tried < AB_MAX_TRUSTED_KEYS) {
                 uint8_t pk[crypto_sign_PUBLICKEYBYTES], h[crypto_hash_sha256_BYTES];
@@ -386,7 +398,9 @@ int ab_policy_compile(ab_store *st, const ab_compile_opts *o, ab_diag *diag, ab_
                         r = -ESTALE;
                         goto out;
                 }
-                if (hw_sha[0] && strcmp(hw_sha, s[i].sha256) != 0) {
+                /* only a newer version supersedes: an unsigned source edited (or an edit reverted)
+                 * under the same version replaces nothing for good */
+                if (hw_sha[0] && s[i].version > hw) {
                         memcpy(s[i].replaces, hw_sha, sizeof s[i].replaces);
                         s[i].replaces_version = hw;
                 }
@@ -396,9 +410,9 @@ int ab_policy_compile(ab_store *st, const ab_compile_opts *o, ab_diag *diag, ab_
                         goto out;
                 if (r > 0) {
                         snprintf(reason, reasonmax,
-                                 "%s: this content (version %lld) was replaced by a newer version before, under its "
-                                 "own name: rollback refused",
-                                 s[i].path, (long long)s[i].version);
+                                 "%s: this content (version %lld) was once replaced by a newer version under its "
+                                 "own name: rollback refused (deploy it with a higher version)",
+                                 s[i].path, (long long)sv);
                         r = -ESTALE;
                         goto out;
                 }

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <sodium.h>
 #include <unistd.h>
 #include "policy.h"
@@ -737,6 +738,39 @@ bool ab_owned_safely(const struct stat *st)
         return !(st->st_mode & S_IWGRP) || st->st_gid == 0 || st->st_gid == getegid();
 }
 
+/*
+ * Whether the POSIX access ACL of fd (if any) lets a user or group other
+ * than root and this process's write: the mode's group bits then show the
+ * ACL mask, not who may write. Entries (after a 4-byte header): tag u16,
+ * perm u16, id u32, little-endian; ACL_USER 2, ACL_GROUP 8, write 2.
+ */
+static bool acl_lets_others_write(int fd)
+{
+        uint8_t buf[4 + 8 * 64];
+        ssize_t n = fgetxattr(fd, "system.posix_acl_access", buf, sizeof buf);
+
+        if (n < 0)
+                return errno == ERANGE; /* more entries than any sane file has: refuse */
+        for (ssize_t off = 4; off + 8 <= n; off += 8) {
+                unsigned tag = buf[off] | buf[off + 1] << 8, perm = buf[off + 2] | buf[off + 3] << 8;
+                uint32_t id = (uint32_t)buf[off + 4] | (uint32_t)buf[off + 5] << 8 | (uint32_t)buf[off + 6] << 16 |
+                              (uint32_t)buf[off + 7] << 24;
+                if (!(perm & 2))
+                        continue;
+                if (tag == 2 && id != 0 && id != (uint32_t)geteuid())
+                        return true;
+                if (tag == 8 && id != 0 && id != (uint32_t)getegid())
+                        return true;
+        }
+        return false;
+}
+
+bool ab_fd_owned_safely(int fd)
+{
+        struct stat st;
+        return fstat(fd, &st) == 0 && ab_owned_safely(&st) && !acl_lets_others_write(fd);
+}
+
 static int read_file(const char *path, size_t max, bool trusted, char **ret_buf, size_t *ret_len);
 
 int ab_read_file(const char *path, size_t max, char **ret_buf, size_t *ret_len)
@@ -768,7 +802,7 @@ static int read_file(const char *path, size_t max, bool trusted, char **ret_buf,
                 r = -EINVAL;
                 goto out;
         }
-        if (trusted && !ab_owned_safely(&st)) {
+        if (trusted && (!ab_owned_safely(&st) || acl_lets_others_write(fd))) {
                 r = -EPERM;
                 goto out;
         }
@@ -914,13 +948,22 @@ out:
  */
 static bool exe_matches(const char *want, const ab_identity *id)
 {
+        char host[AB_EXE_MAX + 16];
         struct stat st;
 
         if (strcmp(want, id->exe) != 0)
                 return false;
-        if (!id->exe_ino)
-                return true; /* unit tests; the broker always knows the file with the path */
-        return stat(want, &st) == 0 && st.st_dev == id->exe_dev && st.st_ino == id->exe_ino;
+        if (!id->exe_known)
+                return true; /* unit tests: the broker knows the file whenever it has the path */
+        /* the path as the host sees it (PID 1's mount namespace), not through the broker's own
+         * sandbox (ProtectHome=, PrivateTmp=); a broker that may not look there (not root, no
+         * CAP_SYS_PTRACE) has no sandbox of its own and looks itself */
+        snprintf(host, sizeof host, "/proc/1/root%s", want);
+        if (stat(host, &st) < 0) {
+                if ((errno != EACCES && errno != EPERM) || stat(want, &st) < 0)
+                        return false;
+        }
+        return st.st_dev == id->exe_dev && st.st_ino == id->exe_ino;
 }
 
 const ab_agent *ab_policy_match(const ab_policy *p, const ab_identity *id)

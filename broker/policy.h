@@ -99,8 +99,10 @@ int ab_read_file(const char *path, size_t max, char **ret_buf, size_t *ret_len);
  * write only for group root or this process's group). -EPERM if not.
  */
 int ab_read_trusted_file(const char *path, size_t max, char **ret_buf, size_t *ret_len);
-/* That rule for st (a file or a directory of such files). */
+/* That rule for st (a file or a directory of such files), by its mode bits. */
 bool ab_owned_safely(const struct stat *st);
+/* The rule for an open file or directory, its POSIX ACL included. */
+bool ab_fd_owned_safely(int fd);
 
 /* The first agent (in source order) whose selectors all match, or NULL. */
 const ab_agent *ab_policy_match(const ab_policy *p, const ab_identity *id);

@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -489,9 +490,24 @@ static void test_foreign_files_refused(void **state)
         assert_int_equal(rename(npub, link), 0);
         expect_reload_rejected(f, "owned by another user or writable by others");
         assert_grants(f, true, false);
-        /* the same file owned by root, 0644: accepted */
+        /* owned by root, 0644, but an ACL lets nobody write (the mode's group bits show the mask) */
         assert_int_equal(chown(foreign, 0, 0), 0);
         assert_int_equal(chmod(foreign, 0644), 0);
+        {
+                /* version 2; user_obj rw, user nobody rw, group_obj r, mask rw, other r */
+                static const uint8_t acl[] = { 2, 0, 0, 0,                                  /* */
+                                               1, 0, 6, 0, 0xff, 0xff, 0xff, 0xff,          /* */
+                                               2, 0, 6, 0, 0xfe, 0xff, 0, 0,                /* 65534 */
+                                               4, 0, 4, 0, 0xff, 0xff, 0xff, 0xff,          /* */
+                                               0x10, 0, 6, 0, 0xff, 0xff, 0xff, 0xff,       /* */
+                                               0x20, 0, 4, 0, 0xff, 0xff, 0xff, 0xff };
+                assert_int_equal(setxattr(foreign, "system.posix_acl_access", acl, sizeof acl, 0), 0);
+                expect_reload_rejected(f, "owned by another user or writable by others");
+                assert_grants(f, true, false);
+                assert_int_equal(removexattr(foreign, "system.posix_acl_access"), 0);
+                assert_int_equal(chmod(foreign, 0644), 0);
+        }
+        /* the same file owned by root, 0644, no ACL: accepted */
         json_decref(call_on(f, f->b.admin_sock, M_RELOAD, NULL));
         assert_grants(f, false, true);
 
@@ -552,7 +568,7 @@ static void test_renamed_old_bundle_refused(void **state)
         deploy_bundle(f, "30-old.json", 1, "\"repo:write\"", f->key); /* version 1's very bytes */
         hx_start(&f->b);
         assert_grants(f, true, false); /* refused at start: the compiled policy stays */
-        expect_reload_rejected(f, "was replaced by a newer version before");
+        expect_reload_rejected(f, "was once replaced by a newer version under its own name");
         assert_grants(f, true, false);
 
         /* version 2 under a new name is what was in force: accepted */

@@ -864,6 +864,28 @@ static void test_tokens_keep_their_grant(void **state)
 }
 
 /*
+ * An unsigned source edited under the same version and then reverted to
+ * its very bytes: the revert is taken (only a newer version makes a
+ * content stale for good), and takes the access away again.
+ */
+static void test_unsigned_edit_reverted(void **state)
+{
+        hx_broker *b = *state;
+        hx_conn *c;
+
+        write_root_grants(b, NULL, "{\"audience\": \"" AUD_GIT "\", \"scopes\": [\"repo:read\"], \"max_ttl\": 600}");
+        hx_start(b);
+        c = hx_connect(b, b->sock);
+        expect_error(c, M_ISSUE, issue_params(AUD_GIT, "repo:write", 0), "io.agentbroker.ScopeNotGranted");
+        write_root_grants(b, NULL, G_GIT);
+        reload(b);
+        free(issue(c, AUD_GIT, "repo:write", NULL, 0, NULL));
+        write_root_grants(b, NULL, "{\"audience\": \"" AUD_GIT "\", \"scopes\": [\"repo:read\"], \"max_ttl\": 600}");
+        reload(b);
+        expect_error(c, M_ISSUE, issue_params(AUD_GIT, "repo:write", 0), "io.agentbroker.ScopeNotGranted");
+}
+
+/*
  * Attenuate is a new request: after a reload that takes a scope away, a
  * child for it is refused (the parent stays valid); once reauth_interval has
  * passed, it asks for re-authentication as IssueToken does. The child
@@ -3569,6 +3591,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_clock_step_back, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_tokens_keep_their_grant, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_attenuate_sees_policy_and_reauth, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_unsigned_edit_reverted, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_expired_sessions_purged, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_other_process_own_session, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_exec_needs_reauth, hx_setup, teardown),

@@ -259,7 +259,8 @@ cat >"$T/policy/test.json" <<EOF
 {"version": 1, "agents": [
  {"id": "pkg-root", "owner": "packaging test", "match": {"uid": 0, "sha256": "$SHA"},
   "grants": [{"audience": "mcp://pkg.test", "scopes": ["read"]}]},
- {"id": "pkg-nobody", "owner": "packaging test", "match": {"uid": 65534, "sha256": "$SHA"},
+ {"id": "pkg-nobody", "owner": "packaging test",
+  "match": {"uid": 65534, "sha256": "$SHA", "exe": "$T/home/agent/agent-brokerctl"},
   "grants": [{"audience": "mcp://pkg.test", "scopes": ["read"]}]},
  {"id": "pkg-lib", "owner": "packaging test", "match": {"uid": 0},
   "grants": [{"audience": "mcp://pkg.test", "scopes": ["read"]}]}]}
@@ -315,7 +316,7 @@ PID_DAEMON=$(pgrep -f "^$ROOT$EXEC_BIN" | head -1)
 [ -n "$PID_DAEMON" ] && grep -q "^CapEff:.*0000000000080004$" "/proc/$PID_DAEMON/status" || \
         echo "   note: daemon capabilities: $(grep CapEff "/proc/$PID_DAEMON/status" 2>/dev/null)"
 NTOKEN=$(AS_NOBODY token --audience mcp://pkg.test --scope read) || { tail -5 "$T/broker.log"; fail "uid 65534: no token"; }
-ok "uid 65534, 0700 binary under a hidden directory: token ${NTOKEN:0:24}..."
+ok "uid 65534, 0700 binary under a hidden directory, matched by sha256 and exe: token ${NTOKEN:0:24}..."
 # The packaged library, header and pkg-config file, from C.
 cat >"$T/libtest.c" <<'EOF'
 #include <stdio.h>
