@@ -548,6 +548,24 @@ static void proc_store(ab_exe_cache *cache, const ab_peer *p, const ab_peer_cach
         memcpy(e->cgroup, pc->cgroup, sizeof e->cgroup);
 }
 
+/* Whether pid is in a user namespace other than this process's (or that cannot be told). */
+static bool in_foreign_userns(pid_t pid)
+{
+        static dev_t own_dev;
+        static ino_t own_ino;
+        char path[64];
+        struct stat st;
+
+        if (!own_ino) {
+                if (stat("/proc/self/ns/user", &st) < 0)
+                        return true;
+                own_dev = st.st_dev;
+                own_ino = st.st_ino;
+        }
+        snprintf(path, sizeof path, "/proc/%d/ns/user", (int)pid);
+        return stat(path, &st) < 0 || st.st_dev != own_dev || st.st_ino != own_ino;
+}
+
 int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
 {
         ab_peer_cache *pc = p->cache;
@@ -603,6 +621,9 @@ int ab_attest(ab_peer *p, ab_exe_cache *cache, ab_identity *ret)
         } else if (!pc->have_cgroup) {
                 read_cgroup(p, pc); /* one too long to keep */
         }
+
+        /* Per request, as a process may enter a new user namespace at any time (unshare -U). */
+        ret->foreign_userns = in_foreign_userns(p->pid);
 
         /* Everything above was read by PID. If the pidfd's process still
          * exists, the PID was not recycled while we read. */

@@ -39,6 +39,8 @@ typedef struct ab_identity {
         pid_t pid;
         uint64_t start_time;          /* /proc/PID/stat starttime (clock ticks after boot) */
         char exe[AB_EXE_MAX];         /* path for display; may end " (deleted)" */
+        bool foreign_userns;          /* in a user namespace other than the broker's: it may have
+                                         mounted another file at any path */
         bool exe_known;               /* the broker identified the file the process runs: */
         dev_t exe_dev;                /* its device and inode (stat of /proc/PID/exe) */
         ino_t exe_ino;

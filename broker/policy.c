@@ -955,15 +955,16 @@ static bool exe_matches(const char *want, const ab_identity *id)
                 return false;
         if (!id->exe_known)
                 return true; /* unit tests: the broker knows the file whenever it has the path */
-        /* the path as the host sees it (PID 1's mount namespace), not through the broker's own
-         * sandbox (ProtectHome=, PrivateTmp=); a broker that may not look there (not root, no
-         * CAP_SYS_PTRACE) has no sandbox of its own and looks itself */
+        /* the path as the host sees it (PID 1's mount namespace), past the broker's own sandbox
+         * (ProtectHome=, PrivateTmp=); where the broker may not look there, in its own view */
         snprintf(host, sizeof host, "/proc/1/root%s", want);
-        if (stat(host, &st) < 0) {
-                if ((errno != EACCES && errno != EPERM) || stat(want, &st) < 0)
-                        return false;
-        }
-        return st.st_dev == id->exe_dev && st.st_ino == id->exe_ino;
+        if (stat(host, &st) == 0 || ((errno == EACCES || errno == EPERM) && stat(want, &st) == 0))
+                return st.st_dev == id->exe_dev && st.st_ino == id->exe_ino;
+        /* the broker cannot see the path (its sandbox hides it, or the process runs in a mount
+         * namespace of its own, e.g. PrivateTmp=): the kernel's path can be trusted only from a
+         * process that cannot have mounted anything over it, i.e. one in the broker's user
+         * namespace (mounting needs CAP_SYS_ADMIN there) */
+        return !id->foreign_userns;
 }
 
 const ab_agent *ab_policy_match(const ab_policy *p, const ab_identity *id)

@@ -307,8 +307,27 @@ static void copy_exec(const char *from, const char *to)
         free(data);
 }
 
-/* Run helper-issue as path, in a mount namespace of its own where fake (if any) is bind-mounted over path. */
-static int issue_as_path(hx_broker *b, const char *path, const char *fake)
+static bool write_proc_self(const char *name, const char *text)
+{
+        char path[64];
+        int fd;
+        bool ok;
+
+        snprintf(path, sizeof path, "/proc/self/%s", name);
+        fd = open(path, O_WRONLY | O_CLOEXEC);
+        ok = fd >= 0 && write(fd, text, strlen(text)) == (ssize_t)strlen(text);
+        if (fd >= 0)
+                close(fd);
+        return ok;
+}
+
+/*
+ * Run helper-issue as path, in a mount namespace of its own where fake (if
+ * any) is bind-mounted over path; with userns, in a user namespace of its
+ * own too (uid 0 mapped to itself), as an unprivileged user would do it
+ * (unshare -Urm).
+ */
+static int issue_as_path(hx_broker *b, const char *path, const char *fake, bool userns)
 {
         int st;
         pid_t pid = fork();
@@ -317,6 +336,9 @@ static int issue_as_path(hx_broker *b, const char *path, const char *fake)
                 int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
                 if (null >= 0)
                         (void)dup2(null, 1);
+                if (userns && (unshare(CLONE_NEWUSER) < 0 || !write_proc_self("setgroups", "deny") ||
+                               !write_proc_self("uid_map", "0 0 1") || !write_proc_self("gid_map", "0 0 1")))
+                        _exit(6);
                 if (fake && (unshare(CLONE_NEWNS) < 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0 ||
                              mount(fake, path, NULL, MS_BIND, NULL) < 0))
                         _exit(5);
@@ -360,10 +382,12 @@ static void test_exe_selector_is_the_file(void **state)
         assert_int_equal(hx_broker_write_policy(b, policy), 0);
         assert_int_equal(hx_broker_start(b), 0);
 
-        assert_int_equal(issue_as_path(b, tool, NULL), 0);  /* the file itself: a token */
-        assert_int_equal(issue_as_path(b, fake, NULL), 1);  /* another path: denied */
-        assert_int_equal(issue_as_path(b, tool, fake), 1);  /* another file at the path: denied */
-        assert_int_equal(issue_as_path(b, tool, NULL), 0);
+        assert_int_equal(issue_as_path(b, tool, NULL, false), 0); /* the file itself: a token */
+        assert_int_equal(issue_as_path(b, fake, NULL, false), 1); /* another path: denied */
+        assert_int_equal(issue_as_path(b, tool, fake, false), 1); /* another file at the path: denied */
+        assert_int_equal(issue_as_path(b, tool, fake, true), 1);  /* the same from a user namespace */
+        assert_int_equal(issue_as_path(b, tool, NULL, true), 0);  /* the file itself, from one: a token */
+        assert_int_equal(issue_as_path(b, tool, NULL, false), 0);
 }
 
 /*
