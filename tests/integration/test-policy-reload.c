@@ -198,6 +198,16 @@ static void deploy_bundle(fx *f, const char *name, int version, const char *scop
         free(text);
 }
 
+/* Remove policy.d/name and its signature. */
+static void undeploy(fx *f, const char *name)
+{
+        char path[PATH_MAX * 2];
+        path_in(path, sizeof path, f->pol, name, "");
+        assert_int_equal(unlink(path), 0);
+        path_in(path, sizeof path, f->pol, name, ".sig");
+        assert_int_equal(unlink(path), 0);
+}
+
 static void kill9(fx *f)
 {
         int st = 0;
@@ -444,20 +454,6 @@ static void test_inotify_swaps_grants(void **state)
         free(token);
 }
 
-/* ReloadPolicy must be refused (PolicyRejected) with a reason containing why. */
-static void expect_reload_rejected(fx *f, const char *why)
-{
-        json_t *root = call_on(f, f->b.admin_sock, M_RELOAD, NULL);
-        const char *e = hx_reply_error(root), *reason = hx_reply_str(root, "reason");
-        if (!e || strcmp(e, E_REJECTED) != 0 || !reason || !strstr(reason, why))
-                dump("ReloadPolicy", root);
-        assert_non_null(e);
-        assert_string_equal(e, E_REJECTED);
-        assert_non_null(reason);
-        assert_non_null(strstr(reason, why));
-        json_decref(root);
-}
-
 /*
  * What decides grants must be root's (or the broker user's) alone: a
  * source that is a symlink to a file nobody owns and anyone may write, a
@@ -488,7 +484,7 @@ static void test_foreign_files_refused(void **state)
         path_in(link, sizeof link, f->pol, "20-agents.json", ".sig");
         path_in(npub, sizeof npub, f->b.dir, "foreign.json", ".sig");
         assert_int_equal(rename(npub, link), 0);
-        expect_reload_rejected(f, "owned by another user or writable by others");
+        reload_refused(f, "owned by another user or writable by others");
         assert_grants(f, true, false);
         /* owned by root, 0644, but an ACL lets nobody write (the mode's group bits show the mask) */
         assert_int_equal(chown(foreign, 0, 0), 0);
@@ -502,18 +498,18 @@ static void test_foreign_files_refused(void **state)
                                                0x10, 0, 6, 0, 0xff, 0xff, 0xff, 0xff,       /* */
                                                0x20, 0, 4, 0, 0xff, 0xff, 0xff, 0xff };
                 assert_int_equal(setxattr(foreign, "system.posix_acl_access", acl, sizeof acl, 0), 0);
-                expect_reload_rejected(f, "owned by another user or writable by others");
+                reload_refused(f, "owned by another user or writable by others");
                 assert_grants(f, true, false);
                 assert_int_equal(removexattr(foreign, "system.posix_acl_access"), 0);
                 assert_int_equal(chmod(foreign, 0644), 0);
         }
         /* the same file owned by root, 0644, no ACL: accepted */
-        json_decref(call_on(f, f->b.admin_sock, M_RELOAD, NULL));
+        reload_ok(f);
         assert_grants(f, false, true);
 
         /* the policy directory writable by anyone */
         assert_int_equal(chmod(f->pol, 0777), 0);
-        expect_reload_rejected(f, "the directory is owned by another user or writable by others");
+        reload_refused(f, "the directory is owned by another user or writable by others");
         assert_int_equal(chmod(f->pol, 0755), 0);
 
         /* a trusted key that nobody owns and anyone may write, and a bundle signed with it */
@@ -529,14 +525,11 @@ static void test_foreign_files_refused(void **state)
         path_in(link, sizeof link, f->keys, "nobody.pub", "");
         assert_int_equal(symlink(npub, link), 0);
         deploy_bundle(f, "30-more.json", 3, "\"repo:read\"", nkey);
-        expect_reload_rejected(f, "signature does not verify with any trusted key");
+        reload_refused(f, "signature does not verify with any trusted key");
         /* (the trusted set changed and no longer verifies what is there: no agent is served, as
          * test_removed_key_evicts_policy shows); without that source, the rest loads again */
-        path_in(link, sizeof link, f->pol, "30-more.json", "");
-        assert_int_equal(unlink(link), 0);
-        path_in(link, sizeof link, f->pol, "30-more.json", ".sig");
-        assert_int_equal(unlink(link), 0);
-        json_decref(call_on(f, f->b.admin_sock, M_RELOAD, NULL));
+        undeploy(f, "30-more.json");
+        reload_ok(f);
         assert_grants(f, false, true);
 }
 
@@ -550,7 +543,6 @@ static void test_foreign_files_refused(void **state)
 static void test_renamed_old_bundle_refused(void **state)
 {
         fx *f = *state;
-        char path[PATH_MAX * 2];
 
         deploy_bundle(f, "20-agents.json", 1, "\"repo:write\"", f->key);
         hx_start(&f->b);
@@ -561,25 +553,17 @@ static void test_renamed_old_bundle_refused(void **state)
 
         /* swapped while the broker is down (else the watch might compile the empty directory between) */
         hx_stop_clean(&f->b);
-        path_in(path, sizeof path, f->pol, "20-agents.json", "");
-        assert_int_equal(unlink(path), 0);
-        path_in(path, sizeof path, f->pol, "20-agents.json", ".sig");
-        assert_int_equal(unlink(path), 0);
+        undeploy(f, "20-agents.json");
         deploy_bundle(f, "30-old.json", 1, "\"repo:write\"", f->key); /* version 1's very bytes */
         hx_start(&f->b);
         assert_grants(f, true, false); /* refused at start: the compiled policy stays */
-        expect_reload_rejected(f, "was once replaced by a newer version under its own name");
+        reload_refused(f, "was once replaced by a newer version under its own name");
         assert_grants(f, true, false);
 
         /* version 2 under a new name is what was in force: accepted */
-        path_in(path, sizeof path, f->pol, "30-old.json", "");
-        assert_int_equal(unlink(path), 0);
-        path_in(path, sizeof path, f->pol, "30-old.json", ".sig");
-        assert_int_equal(unlink(path), 0);
+        undeploy(f, "30-old.json");
         deploy_bundle(f, "40-agents.json", 2, "\"repo:read\"", f->key);
-        json_t *root = call_on(f, f->b.admin_sock, M_RELOAD, NULL);
-        hx_assert_ok(root);
-        json_decref(root);
+        reload_ok(f);
         assert_grants(f, true, false);
 }
 
@@ -732,7 +716,6 @@ static void test_sighup_and_cli_reload(void **state)
 static void test_restart_answers_from_store(void **state)
 {
         fx *f = *state;
-        char path[PATH_MAX * 2];
         int startups;
 
         deploy_bundle(f, "20-agents.json", 2, "\"repo:write\"", f->key);
@@ -750,10 +733,7 @@ static void test_restart_answers_from_store(void **state)
 
         /* emptied directory */
         kill9(f);
-        path_in(path, sizeof path, f->pol, "20-agents.json", "");
-        assert_int_equal(unlink(path), 0);
-        path_in(path, sizeof path, f->pol, "20-agents.json", ".sig");
-        assert_int_equal(unlink(path), 0);
+        undeploy(f, "20-agents.json");
         hx_start(&f->b);
         assert_grants(f, false, true);
         assert_true(log_has(f, "no policy sources in"));
@@ -774,10 +754,7 @@ static void test_restart_answers_from_store(void **state)
         assert_true(count_audit(f, "policy.rejected", "\"via\":\"startup\"") >= 1);
 
         /* an explicit reload of an empty directory applies the empty set */
-        path_in(path, sizeof path, f->pol, "20-agents.json", "");
-        assert_int_equal(unlink(path), 0);
-        path_in(path, sizeof path, f->pol, "20-agents.json", ".sig");
-        assert_int_equal(unlink(path), 0);
+        undeploy(f, "20-agents.json");
         reload_ok(f);
         {
                 json_t *root = call_on(f, f->b.sock, M_ISSUE,
@@ -1021,10 +998,7 @@ static void test_hostile_sources_refused(void **state)
         deploy(f, "\xff\xfe.json", "{\"version\": 1, \"agents\": []}", f->key);
         reload_refused(f, "/??.json: the file name is not printable UTF-8");
         assert_grants(f, false, true);
-        path_in(path, sizeof path, f->pol, "\xff\xfe.json", "");
-        assert_int_equal(unlink(path), 0);
-        path_in(path, sizeof path, f->pol, "\xff\xfe.json", ".sig");
-        assert_int_equal(unlink(path), 0);
+        undeploy(f, "\xff\xfe.json");
 
         for (size_t i = 0; i < sizeof docs / sizeof docs[0]; i++) {
                 deploy(f, "30-bad.json", docs[i], f->key);
