@@ -141,6 +141,8 @@ bool ab_conn_rate_take(ab_conn *c)
                 return true;
         }
         c->call_paid = ab_rate_take(c->m, c->uslot);
+        if (!c->call_paid)
+                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
         return c->call_paid;
 }
 

@@ -239,7 +239,7 @@ bool ab_rate_take(ab_manager *m, ab_uid_slot *u);
 /*
  * ab_rate_take for the call c is handling; a call put back while its
  * executable was hashed (ab_conn_wait_hash) and handled again is not
- * charged a second time.
+ * charged a second time. false: the call is answered RateLimited.
  */
 bool ab_conn_rate_take(ab_conn *c);
 

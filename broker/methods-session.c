@@ -180,10 +180,8 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
-        if (!ab_conn_rate_take(c)) {
-                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+        if (!ab_conn_rate_take(c))
                 return;
-        }
         a = ab_attest_agent_audited(c, &id, "session.opened", NULL);
         if (!a)
                 return;
@@ -364,10 +362,8 @@ void ab_m_introspect(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, p, introspect_spec) < 0)
                 return;
-        if (!ab_conn_rate_take(c)) {
-                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+        if (!ab_conn_rate_take(c))
                 return;
-        }
         j = calloc(1, sizeof *j);
         if (!j) {
                 ab_conn_error(c, "io.agentbroker.InternalError", "out of memory", NULL);
@@ -471,10 +467,8 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, p, spec) < 0)
                 return;
-        if (!ab_conn_rate_take(c)) {
-                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+        if (!ab_conn_rate_take(c))
                 return;
-        }
         if (ab_attest_peer(c, &id) < 0)
                 return;
         if (introspect_token(c, p, false, &res) < 0)
@@ -681,10 +675,8 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, p, spec) < 0 || one_of(c, p, names, 3, &which) < 0)
                 return;
-        if (!ab_conn_rate_take(c)) {
-                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+        if (!ab_conn_rate_take(c))
                 return;
-        }
         a = ab_attest_agent_audited(c, &id, strcmp(which, "sid") == 0 ? "session.revoked" : "token.revoked", NULL);
         if (!a)
                 return;
@@ -932,10 +924,8 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, p, spec) < 0)
                 return;
-        if (!ab_conn_rate_take(c)) {
-                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+        if (!ab_conn_rate_take(c))
                 return;
-        }
         /* A login is recorded only for a token that would log in to this service: its audience
          * (pam:SERVICE unless the module names another pam: one) and scope (login unless named),
          * as pam_sm_authenticate's Introspect asked. Any other active token would let its holder
@@ -992,10 +982,8 @@ void ab_m_close_pam_session(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
-        if (!ab_conn_rate_take(c)) {
-                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+        if (!ab_conn_rate_take(c))
                 return;
-        }
         id = json_string_value(json_object_get(call->parameters, "id"));
         r = ab_pam_close(c->m->store, id, c->peer.uid);
         if (r == -EPERM) {

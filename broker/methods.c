@@ -499,10 +499,8 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
 
         if (ab_check_params(c, p, spec) < 0)
                 return;
-        if (!ab_conn_rate_take(c)) {
-                ab_conn_error(c, "io.agentbroker.RateLimited", "too many requests from this uid; retry shortly", NULL);
+        if (!ab_conn_rate_take(c))
                 return;
-        }
         audience = json_string_value(json_object_get(p, "audience"));
         task = json_string_value(json_object_get(p, "task"));
         if (json_is_integer(json_object_get(p, "ttl")))
