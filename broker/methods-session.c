@@ -392,21 +392,6 @@ void ab_m_introspect(ab_conn *c, ab_vl_call *call)
 
 /* ---- Attenuate ------------------------------------------------------------ */
 
-static bool scope_list_has(const char *scope, const char *want)
-{
-        size_t n = strlen(want);
-        for (const char *p = scope; *p;) {
-                const char *e = strchr(p, ' ');
-                size_t l = e ? (size_t)(e - p) : strlen(p);
-                if (l == n && memcmp(p, want, n) == 0)
-                        return true;
-                if (!e)
-                        break;
-                p = e + 1;
-        }
-        return false;
-}
-
 static void token_invalid(ab_conn *c, const char *verdict)
 {
         char reason[128];
@@ -514,12 +499,12 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
         if (json_is_array(json_object_get(p, "scopes"))) {
                 json_array_foreach(json_object_get(p, "scopes"), i, e) {
                         const char *s = json_string_value(e);
-                        if (!scope_list_has(pscope, s)) {
+                        if (!ab_scope_list_has(pscope, s)) {
                                 snprintf(reason, sizeof reason, "scope \"%.128s\" is not in the parent token", s);
                                 attenuate_refuse(c, &id, a, pc, p, "io.agentbroker.ScopeNotGranted", reason, NULL);
                                 goto out;
                         }
-                        if (scope_list_has(off ? scope : "", s))
+                        if (ab_scope_list_has(off ? scope : "", s))
                                 continue;
                         if (off)
                                 scope[off++] = ' ';

@@ -511,7 +511,7 @@ static bool jti_revoked(ab_txn *t, const char *jti)
         return ab_txn_get(t, AB_DB_REVOCATIONS, k, sizeof k, &v, &vl) == 0;
 }
 
-static bool scope_has(const char *scope, const char *want)
+bool ab_scope_list_has(const char *scope, const char *want)
 {
         size_t n = strlen(want);
         for (const char *p = scope; *p;) {
@@ -526,7 +526,6 @@ static bool scope_has(const char *scope, const char *want)
         return false;
 }
 
-/* The grant under which a token for aud with these scopes was issued (first covering one). */
 /*
  * Whether g covers aud with every scope of the space-separated scope. (Not
  * the token's lifetime: a grant whose max_ttl was lowered still judges the
@@ -585,10 +584,10 @@ bool ab_token_granted(const ab_agent *a, json_t *claims, const char *aud, const 
 {
         grant_set gs = grants_of(a, claims, aud, scope);
 
-        for (size_t i = 0; a && !gs.named && i < a->n_grants; i++)
+        for (size_t i = 0; a && i < a->n_grants; i++)
                 if (grant_in(&gs, &a->grants[i]))
                         return true;
-        return gs.named != NULL;
+        return false;
 }
 
 /* The smallest max_auth_age of the set and the caller's (-1: no limit). */
@@ -733,7 +732,7 @@ int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introsp
                 return inactive(res, "session_ended");
         if (req->audience && strcmp(req->audience, aud) != 0)
                 return inactive(res, "wrong_audience");
-        if (req->scope && !scope_has(scope, req->scope))
+        if (req->scope && !ab_scope_list_has(scope, req->scope))
                 return inactive(res, "scope_missing");
         gs = grants_of(a, res->claims, aud, scope);
         max_age = max_auth_age_of(&gs, max_age);

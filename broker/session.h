@@ -154,6 +154,9 @@ void ab_introspect_verify(ab_introspect_sig *sig);
 int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introspect_req *req, int64_t now,
                          ab_introspect_sig *sig, ab_introspect_res *res);
 
+/* Whether the space-separated scope list holds want (whole words only). */
+bool ab_scope_list_has(const char *scope, const char *want);
+
 /*
  * Whether the policy in force still grants agent a a token with claims
  * (its "grant" claim naming the grant that issued it), narrowed to aud and
