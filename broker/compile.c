@@ -1,8 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <dirent.h>
 #include <errno.h>
-#include <unistd.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,18 +87,9 @@ static int list_sources(const char *path, source **ret, size_t *ret_n)
                 *ret_n = 1;
                 return 0;
         }
-        int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd < 0)
+        d = ab_opendir_trusted(path); /* EPERM: another user could add, replace or remove sources */
+        if (!d)
                 return -errno;
-        if (!ab_fd_owned_safely(dfd)) {
-                close(dfd);
-                return -EPERM; /* another user could add, replace or remove sources */
-        }
-        d = fdopendir(dfd);
-        if (!d) {
-                close(dfd);
-                return -errno;
-        }
         s = calloc(MAX_SOURCES, sizeof *s);
         if (!s) {
                 closedir(d);
@@ -177,18 +166,11 @@ int ab_verify_detached(const char *trusted_keys_dir, const char *sig_path, const
         r = decode_b64_file(sig_path, sig, sizeof sig);
         if (r < 0)
                 return r == -ENOENT ? -ENOENT : AB_ERR_CRYPTO;
-        int dfd = trusted_keys_dir ? open(trusted_keys_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
-        if (dfd < 0)
-                return AB_ERR_CRYPTO;
-        if (!ab_fd_owned_safely(dfd)) {
-                ab_log(LOG_WARNING, "trusted keys directory %s is owned by another user or writable by others: no key "
-                       "in it is trusted", trusted_keys_dir);
-                close(dfd);
-                return AB_ERR_CRYPTO;
-        }
-        d = fdopendir(dfd);
+        d = trusted_keys_dir ? ab_opendir_trusted(trusted_keys_dir) : NULL;
         if (!d) {
-                close(dfd);
+                if (trusted_keys_dir && errno == EPERM)
+                        ab_log(LOG_WARNING, "trusted keys directory %s is owned by another user or writable by "
+                               "others: no key in it is trusted", trusted_keys_dir);
                 return AB_ERR_CRYPTO;
         }
         r = AB_ERR_CRYPTO;

@@ -729,7 +729,8 @@ out:
         return r;
 }
 
-bool ab_owned_safely(const struct stat *st)
+/* The rule by st's mode bits (an ACL comes on top: acl_lets_others_write). */
+static bool owned_safely(const struct stat *st)
 {
         if (st->st_uid != 0 && st->st_uid != geteuid())
                 return false;
@@ -765,10 +766,32 @@ static bool acl_lets_others_write(int fd)
         return false;
 }
 
-bool ab_fd_owned_safely(int fd)
+/* The rule for fd, whose stat is st. */
+static bool fd_owned_safely(int fd, const struct stat *st)
+{
+        return owned_safely(st) && !acl_lets_others_write(fd);
+}
+
+DIR *ab_opendir_trusted(const char *path)
 {
         struct stat st;
-        return fstat(fd, &st) == 0 && ab_owned_safely(&st) && !acl_lets_others_write(fd);
+        DIR *d;
+        int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+        if (fd < 0)
+                return NULL;
+        if (fstat(fd, &st) < 0 || !fd_owned_safely(fd, &st)) {
+                close(fd);
+                errno = EPERM;
+                return NULL;
+        }
+        d = fdopendir(fd);
+        if (!d) {
+                int e = errno;
+                close(fd);
+                errno = e;
+        }
+        return d;
 }
 
 static int read_file(const char *path, size_t max, bool trusted, char **ret_buf, size_t *ret_len);
@@ -802,7 +825,7 @@ static int read_file(const char *path, size_t max, bool trusted, char **ret_buf,
                 r = -EINVAL;
                 goto out;
         }
-        if (trusted && (!ab_owned_safely(&st) || acl_lets_others_write(fd))) {
+        if (trusted && !fd_owned_safely(fd, &st)) {
                 r = -EPERM;
                 goto out;
         }

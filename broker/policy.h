@@ -13,7 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
-#include <sys/stat.h>
+#include <dirent.h>
 #include <jansson.h>
 #include "attest.h"
 
@@ -99,10 +99,12 @@ int ab_read_file(const char *path, size_t max, char **ret_buf, size_t *ret_len);
  * write only for group root or this process's group). -EPERM if not.
  */
 int ab_read_trusted_file(const char *path, size_t max, char **ret_buf, size_t *ret_len);
-/* That rule for st (a file or a directory of such files), by its mode bits. */
-bool ab_owned_safely(const struct stat *st);
-/* The rule for an open file or directory, its POSIX ACL included. */
-bool ab_fd_owned_safely(int fd);
+/*
+ * opendir(path) for a directory of such files, under the same rule (its
+ * POSIX ACL included), checked on the directory opened: NULL and errno
+ * EPERM if it fails the rule.
+ */
+DIR *ab_opendir_trusted(const char *path);
 
 /* The first agent (in source order) whose selectors all match, or NULL. */
 const ab_agent *ab_policy_match(const ab_policy *p, const ab_identity *id);
