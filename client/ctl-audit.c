@@ -47,6 +47,7 @@ static void print_record(json_t *rec, bool as_json)
         time_t t = (time_t)(us / 1000000);
         struct tm tm;
         char when[40] = "?";
+        const char *event, *decision;
         json_t *v;
 
         if (as_json) {
@@ -60,9 +61,11 @@ static void print_record(json_t *rec, bool as_json)
                 strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S", &tm);
         printf("%s.%06lldZ %6lld ", when, us % 1000000, (long long)json_integer_value(json_object_get(rec, "seq")));
         /* every string as print_safe shows it: a record's text cannot pose as another line */
-        pad(print_safe(json_string_value(json_object_get(rec, "event")) ? json_string_value(json_object_get(rec, "event")) : "?"), 24);
+        event = json_string_value(json_object_get(rec, "event"));
+        decision = json_string_value(json_object_get(rec, "decision"));
+        pad(print_safe(event ? event : "?"), 24);
         putchar(' ');
-        pad(print_safe(json_string_value(json_object_get(rec, "decision")) ? json_string_value(json_object_get(rec, "decision")) : ""), 8);
+        pad(print_safe(decision ? decision : ""), 8);
         for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
                 v = json_object_get(rec, keys[i]);
                 if (json_is_string(v)) {
