@@ -84,7 +84,9 @@ _agent_brokerctl()
         policy)
                 case $sub in
                 "") $first && w="check show reload sign" ;;
-                check) COMPREPLY=($(compgen -f -- "$cur")); w="--json" ;;
+                check) # options come before the first file name
+                        COMPREPLY=($(compgen -f -- "$cur"))
+                        ((cword == cmdi + 2)) && w="--json --" ;;
                 sign) COMPREPLY=($(compgen -f -- "$cur")); w="--key --json" ;;
                 reload|show) w="--json" ;;
                 esac ;;

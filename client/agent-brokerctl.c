@@ -33,8 +33,9 @@ static void usage(FILE *f)
                 "                      print a token for this process (compact JWS, or the reply as JSON);\n"
                 "                      --out writes FILE (mode 0600, atomic); --refresh keeps renewing it\n"
                 "                      at 2/3 of its lifetime until SIGTERM\n"
-                "  exec --audience AUD --scope S [--ttl N] [--env NAME] -- CMD [ARGS]\n"
-                "                      run CMD with a fresh token in $NAME (default AGENT_BROKER_TOKEN)\n"
+                "  exec --audience AUD --scope S [--ttl N] [--task ID] [--env NAME] -- CMD [ARGS]\n"
+                "                      run CMD with a fresh token in $NAME (default AGENT_BROKER_TOKEN);\n"
+                "                      the exit status is then CMD's (126: not runnable, 127: not found)\n"
                 "  keys [--jwks|--json] [--out FILE]\n"
                 "                      the broker's JSON Web Key Set for verifiers; --out writes FILE\n"
                 "                      (mode 0644, atomic) to publish, e.g. /run/agent-broker/jwks.json\n"
@@ -94,7 +95,8 @@ int ctl_exit_for(int r)
         case 0: return EXIT_OK;
         case AB_ERR_DENIED: return EXIT_DENIED;
         case AB_ERR_UNREACHABLE: return EXIT_UNREACHABLE;
-        case AB_ERR_INVALID: return EXIT_USAGE;
+        case AB_ERR_INVALID:
+        case AB_ERR_TOO_LARGE: return EXIT_USAGE; /* what the command line gave */
         default: return EXIT_ERROR;
         }
 }
@@ -219,7 +221,8 @@ int simple_call(const opts *o, bool admin, const char *method, json_t *params, j
         return call_keep_error(o, admin, method, params, ret, NULL);
 }
 
-static int parse_uint_arg(const char *what, const char *v, long max, long *ret);
+static int parse_uint_arg(const char *what, const char *v, long min, long max, long *ret);
+static int only_json_arg(int argc, char **argv);
 
 int print_json(json_t *v)
 {
@@ -246,6 +249,36 @@ int print_safe(const char *s)
         return n;
 }
 
+json_t *ctl_arg(const char *opt, const char *v)
+{
+        json_t *j = json_string(v);
+
+        if (!j) {
+                fprintf(stderr, "agent-brokerctl: %s: the value is not valid UTF-8\n", opt);
+                exit(EXIT_USAGE);
+        }
+        return j;
+}
+
+json_t *ctl_json_text(const char *s)
+{
+        json_t *j = json_string(s);
+        char *t, *q;
+
+        if (j || !s)
+                return j;
+        /* not UTF-8 (a file name may be anything): bytes past ASCII as \xNN */
+        t = malloc(strlen(s) * 4 + 1);
+        if (!t)
+                return NULL;
+        q = t;
+        for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+                q += *p < 0x80 ? sprintf(q, "%c", *p) : sprintf(q, "\\x%02x", *p);
+        j = json_string(t);
+        free(t);
+        return j;
+}
+
 static int cmd_token(const opts *o, int argc, char **argv)
 {
         static const struct option lo[] = {
@@ -266,8 +299,8 @@ static int cmd_token(const opts *o, int argc, char **argv)
         optind = 0;
         while ((c = getopt_long(argc, argv, "h", lo, NULL)) >= 0) {
                 switch (c) {
-                case 'a': json_object_set_new(params, "audience", json_string(optarg)); break;
-                case 's': json_array_append_new(scopes, json_string(optarg)); break;
+                case 'a': json_object_set_new(params, "audience", ctl_arg("--audience", optarg)); break;
+                case 's': json_array_append_new(scopes, ctl_arg("--scope", optarg)); break;
                 case 't': {
                         char *end;
                         long v = strtol(optarg, &end, 10);
@@ -279,7 +312,7 @@ static int cmd_token(const opts *o, int argc, char **argv)
                         json_object_set_new(params, "ttl", json_integer(v));
                         break;
                 }
-                case 'k': json_object_set_new(params, "task", json_string(optarg)); break;
+                case 'k': json_object_set_new(params, "task", ctl_arg("--task", optarg)); break;
                 case 'j': as_json = true; break;
                 case 'o': out = optarg; break;
                 case 'r': refresh = true; break;
@@ -331,7 +364,7 @@ static int cmd_keys_rotate(const opts *o, int argc, char **argv)
                 else if (strcmp(argv[i], "--force") == 0)
                         json_object_set_new(params, "force", json_true());
                 else if (strcmp(argv[i], "--overlap") == 0 && i + 1 < argc &&
-                         parse_uint_arg("--overlap", argv[i + 1], 366L * 86400, &v) == 0) {
+                         parse_uint_arg("--overlap", argv[i + 1], 0, 366L * 86400, &v) == 0) {
                         json_object_set_new(params, "overlap", json_integer(v));
                         i++;
                 } else {
@@ -435,11 +468,9 @@ static int cmd_status(const opts *o, int argc, char **argv)
         json_t *reply = NULL;
         int ex;
 
-        if (argc > 2 || (argc == 2 && strcmp(argv[1], "--json") != 0)) {
-                fprintf(stderr, "agent-brokerctl: status: unexpected argument \"%s\"\n", argv[1]);
-                return EXIT_USAGE;
-        }
-        ex = simple_call(o, false, "org.varlink.service.GetInfo", NULL, &reply);
+        ex = only_json_arg(argc, argv);
+        if (ex == EXIT_OK)
+                ex = simple_call(o, false, "org.varlink.service.GetInfo", NULL, &reply);
         if (ex)
                 return ex;
         if (argc == 2) {
@@ -483,9 +514,11 @@ static int cmd_call(const opts *o, int argc, char **argv)
                 return EXIT_USAGE;
         }
         if (n == 2) {
-                params = json_loads(args[1], JSON_REJECT_DUPLICATES, NULL);
+                json_error_t jerr;
+                params = json_loads(args[1], JSON_REJECT_DUPLICATES, &jerr);
                 if (!json_is_object(params)) {
-                        fprintf(stderr, "agent-brokerctl: parameters must be a JSON object\n");
+                        fprintf(stderr, "agent-brokerctl: call: the parameters must be one JSON object%s%s\n",
+                                params ? "" : ": ", params ? "" : jerr.text);
                         json_decref(params);
                         return EXIT_USAGE;
                 }
@@ -498,21 +531,35 @@ static int cmd_call(const opts *o, int argc, char **argv)
         return ex;
 }
 
-static int cmd_whoami(const opts *o, int argc, char **argv)
+/* A command whose only argument is an optional --json: EXIT_OK, or EXIT_USAGE after naming the first other one. */
+static int only_json_arg(int argc, char **argv)
+{
+        for (int i = 1; i < argc; i++)
+                if (i > 1 || strcmp(argv[i], "--json") != 0) {
+                        fprintf(stderr, "agent-brokerctl: %s: unexpected argument \"%s\"\n", argv[0], argv[i]);
+                        return EXIT_USAGE;
+                }
+        return EXIT_OK;
+}
+
+/* Call method with no parameters and print the reply as JSON (whoami, authenticate: JSON with or without --json). */
+static int call_and_print(const opts *o, int argc, char **argv, const char *method)
 {
         json_t *reply = NULL;
-        int ex;
+        int ex = only_json_arg(argc, argv);
 
-        if (argc > 1 && strcmp(argv[1], "--json") != 0) {
-                fprintf(stderr, "agent-brokerctl: whoami: unexpected argument \"%s\"\n", argv[1]);
-                return EXIT_USAGE;
-        }
-        ex = simple_call(o, false, "io.agentbroker.WhoAmI", NULL, &reply);
+        if (ex == EXIT_OK)
+                ex = simple_call(o, false, method, NULL, &reply);
         if (ex)
                 return ex;
         ex = print_json(reply);
         json_decref(reply);
         return ex;
+}
+
+static int cmd_whoami(const opts *o, int argc, char **argv)
+{
+        return call_and_print(o, argc, argv, "io.agentbroker.WhoAmI");
 }
 
 /*
@@ -526,8 +573,9 @@ static void put_finding(FILE *f, json_t *findings, const char *file, const char 
         if (f)
                 fprintf(f, "%s: %s: %s: %s\n", file, path, severity, msg);
         else
-                json_array_append_new(findings, json_pack("{s:s, s:s, s:s, s:s}", "file", file, "path", path,
-                                                          "severity", severity, "message", msg));
+                json_array_append_new(findings, json_pack("{s:o, s:o, s:s, s:o}", "file", ctl_json_text(file), "path",
+                                                          ctl_json_text(path), "severity", severity, "message",
+                                                          ctl_json_text(msg)));
 }
 
 typedef struct check_out {
@@ -571,18 +619,23 @@ static int cmd_policy_check(int argc, char **argv)
         ab_diag diag = { .emit = check_emit, .userdata = &co, .lint = true };
         ab_policy *p = NULL;
         int i = 1, files = 0;
+        bool dashdash = false;
 
         if (i < argc && strcmp(argv[i], "--json") == 0) {
                 co.as_json = true;
                 i++;
         }
+        if (i < argc && strcmp(argv[i], "--") == 0) { /* file names follow, even those that start with '-' */
+                dashdash = true;
+                i++;
+        }
         if (i >= argc) {
-                fprintf(stderr, "agent-brokerctl: policy check [--json] PATH...\n");
+                fprintf(stderr, "agent-brokerctl: policy check [--json] [--] PATH...\n");
                 json_decref(co.findings);
                 return EXIT_USAGE;
         }
         for (int k = i; k < argc; k++)
-                if (argv[k][0] == '-' && argv[k][1]) { /* an option here is a mistake, not a file name */
+                if (!dashdash && argv[k][0] == '-' && argv[k][1]) { /* an option here is a mistake */
                         fprintf(stderr, "agent-brokerctl policy check: unrecognized option '%s' (--json comes first)\n",
                                 argv[k]);
                         json_decref(co.findings);
@@ -636,7 +689,8 @@ static int cmd_policy_check(int argc, char **argv)
         return diag.errors ? 2 : diag.warnings ? 1 : 0;
 }
 
-static int write_file_mode(const char *path, const char *data, mode_t mode)
+/* Write data to path (mode) through a synced temporary file; replace an existing path only if replace. 0 or -errno. */
+static int write_file_mode(const char *path, const char *data, mode_t mode, bool replace)
 {
         char tmp[4200];
         int fd;
@@ -653,11 +707,13 @@ static int write_file_mode(const char *path, const char *data, mode_t mode)
                 return r ? r : -EIO;
         }
         close(fd);
-        if (rename(tmp, path) < 0) {
+        if (replace ? rename(tmp, path) < 0 : link(tmp, path) < 0) {
                 int r = -errno;
                 unlink(tmp);
                 return r;
         }
+        if (!replace)
+                unlink(tmp);
         return 0;
 }
 
@@ -702,17 +758,30 @@ static int cmd_keygen(int argc, char **argv)
                 fprintf(stderr, "agent-brokerctl: keygen --out FILE [--json]\n");
                 return EXIT_USAGE;
         }
+        snprintf(pubpath, sizeof pubpath, "%s.pub", out);
+        /* a key that exists may be the one every host trusts: never replaced */
+        for (int i = 0; i < 2; i++) {
+                struct stat st;
+                const char *p = i ? pubpath : out;
+                if (lstat(p, &st) == 0) {
+                        fprintf(stderr, "agent-brokerctl: keygen: %s exists; remove it first to make a new key\n", p);
+                        return EXIT_USAGE;
+                }
+        }
         crypto_sign_keypair(pk, sk);
         b64_line(sk, sizeof sk, skb, sizeof skb);
         b64_line(pk, sizeof pk, pkb, sizeof pkb);
         sodium_memzero(sk, sizeof sk);
-        snprintf(pubpath, sizeof pubpath, "%s.pub", out);
-        r = write_file_mode(out, skb, 0600);
+        r = write_file_mode(out, skb, 0600, false);
         sodium_memzero(skb, sizeof skb);
-        if (r == 0)
-                r = write_file_mode(pubpath, pkb, 0644);
         if (r < 0) {
-                fprintf(stderr, "agent-brokerctl: keygen: %s\n", strerror(-r));
+                fprintf(stderr, "agent-brokerctl: keygen: %s: %s\n", out, strerror(-r));
+                return EXIT_ERROR;
+        }
+        r = write_file_mode(pubpath, pkb, 0644, false);
+        if (r < 0) {
+                fprintf(stderr, "agent-brokerctl: keygen: %s: %s\n", pubpath, strerror(-r));
+                unlink(out); /* no secret key without its public half */
                 return EXIT_ERROR;
         }
         key_id(pk, id);
@@ -780,7 +849,7 @@ static int cmd_policy_sign(int argc, char **argv)
         free(text);
         b64_line(sig, sizeof sig, sigb, sizeof sigb);
         snprintf(sigpath, sizeof sigpath, "%s.sig", src);
-        r = write_file_mode(sigpath, sigb, 0644);
+        r = write_file_mode(sigpath, sigb, 0644, true);
         if (r < 0) {
                 fprintf(stderr, "agent-brokerctl: %s: %s\n", sigpath, strerror(-r));
                 return EXIT_ERROR;
@@ -821,14 +890,14 @@ static char *token_arg(const char *arg)
         return t;
 }
 
-static int parse_uint_arg(const char *what, const char *v, long max, long *ret)
+static int parse_uint_arg(const char *what, const char *v, long min, long max, long *ret)
 {
         char *end;
         long x;
         errno = 0;
         x = strtol(v, &end, 10);
-        if (errno || *end || end == v || x < 0 || x > max) {
-                fprintf(stderr, "agent-brokerctl: %s takes a number from 0 to %ld\n", what, max);
+        if (errno || *end || end == v || x < min || x > max) {
+                fprintf(stderr, "agent-brokerctl: %s takes a number from %ld to %ld\n", what, min, max);
                 return -1;
         }
         *ret = x;
@@ -853,9 +922,16 @@ int parse_time_arg(const char *v, long long *ret)
                 return 0;
         e = strptime(v, "%Y-%m-%dT%H:%M:%S", &tm);
         if (e && (strcmp(e, "Z") == 0 || *e == '\0')) {
-                *ret = (long long)timegm(&tm);
-                if (*ret >= 0 && *ret <= AB_TIME_ARG_MAX)
+                struct tm back = tm;
+                time_t t = timegm(&back);
+                struct tm chk;
+                /* a date that does not exist (February 31st) is refused, not moved on to March */
+                if (gmtime_r(&t, &chk) && chk.tm_year == tm.tm_year && chk.tm_mon == tm.tm_mon &&
+                    chk.tm_mday == tm.tm_mday && chk.tm_hour == tm.tm_hour && chk.tm_min == tm.tm_min &&
+                    chk.tm_sec == tm.tm_sec && t >= 0 && (long long)t <= AB_TIME_ARG_MAX) {
+                        *ret = (long long)t;
                         return 0;
+                }
         }
         fprintf(stderr, "agent-brokerctl: a time takes Unix seconds, @SECONDS, now, or YYYY-MM-DDTHH:MM:SSZ (up to year 9999)\n");
         return -1;
@@ -863,19 +939,7 @@ int parse_time_arg(const char *v, long long *ret)
 
 static int cmd_authenticate(const opts *o, int argc, char **argv)
 {
-        json_t *reply = NULL;
-        int ex;
-
-        if (argc > 1 && strcmp(argv[1], "--json") != 0) {
-                fprintf(stderr, "agent-brokerctl: authenticate: unexpected argument \"%s\"\n", argv[1]);
-                return EXIT_USAGE;
-        }
-        ex = simple_call(o, false, "io.agentbroker.Authenticate", NULL, &reply);
-        if (ex)
-                return ex;
-        ex = print_json(reply);
-        json_decref(reply);
-        return ex;
+        return call_and_print(o, argc, argv, "io.agentbroker.Authenticate");
 }
 
 static int cmd_introspect(const opts *o, int argc, char **argv)
@@ -893,11 +957,11 @@ static int cmd_introspect(const opts *o, int argc, char **argv)
         optind = 0;
         while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
                 switch (c) {
-                case 'a': json_object_set_new(params, "audience", json_string(optarg)); break;
-                case 's': json_object_set_new(params, "scope", json_string(optarg)); break;
-                case 'u': json_object_set_new(params, "user", json_string(optarg)); break;
+                case 'a': json_object_set_new(params, "audience", ctl_arg("--audience", optarg)); break;
+                case 's': json_object_set_new(params, "scope", ctl_arg("--scope", optarg)); break;
+                case 'u': json_object_set_new(params, "user", ctl_arg("--user", optarg)); break;
                 case 'm':
-                        if (parse_uint_arg("--max-auth-age", optarg, 366L * 86400, &v) < 0) {
+                        if (parse_uint_arg("--max-auth-age", optarg, 0, 366L * 86400, &v) < 0) {
                                 json_decref(params);
                                 return EXIT_USAGE;
                         }
@@ -917,7 +981,7 @@ static int cmd_introspect(const opts *o, int argc, char **argv)
                 json_decref(params);
                 return EXIT_ERROR;
         }
-        json_object_set_new(params, "token", json_string(token));
+        json_object_set_new(params, "token", ctl_arg("the token", token));
         sodium_memzero(token, strlen(token));
         free(token);
         ex = simple_call(o, false, "io.agentbroker.Introspect", params, &reply);
@@ -946,11 +1010,11 @@ static int cmd_attenuate(const opts *o, int argc, char **argv)
         optind = 0;
         while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
                 switch (c) {
-                case 'a': json_object_set_new(params, "audience", json_string(optarg)); break;
-                case 's': json_array_append_new(scopes, json_string(optarg)); break;
-                case 'k': json_object_set_new(params, "task", json_string(optarg)); break;
+                case 'a': json_object_set_new(params, "audience", ctl_arg("--audience", optarg)); break;
+                case 's': json_array_append_new(scopes, ctl_arg("--scope", optarg)); break;
+                case 'k': json_object_set_new(params, "task", ctl_arg("--task", optarg)); break;
                 case 't':
-                        if (parse_uint_arg("--ttl", optarg, 86400, &v) < 0 || v == 0) {
+                        if (parse_uint_arg("--ttl", optarg, 1, 86400, &v) < 0) {
                                 json_decref(params);
                                 json_decref(scopes);
                                 return EXIT_USAGE;
@@ -976,7 +1040,7 @@ static int cmd_attenuate(const opts *o, int argc, char **argv)
                 json_decref(params);
                 return EXIT_ERROR;
         }
-        json_object_set_new(params, "token", json_string(token));
+        json_object_set_new(params, "token", ctl_arg("the token", token));
         sodium_memzero(token, strlen(token));
         free(token);
         ex = simple_call(o, false, "io.agentbroker.Attenuate", params, &reply);
@@ -1006,11 +1070,11 @@ static int cmd_revoke(const opts *o, int argc, char **argv)
         optind = 0;
         while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
                 switch (c) {
-                case 'j': json_object_set_new(params, "jti", json_string(optarg)); n++; break;
-                case 's': json_object_set_new(params, "sid", json_string(optarg)); n++; break;
+                case 'j': json_object_set_new(params, "jti", ctl_arg("--jti", optarg)); n++; break;
+                case 's': json_object_set_new(params, "sid", ctl_arg("--session", optarg)); n++; break;
                 case 't': {
                         char *tok = token_arg(optarg);
-                        json_object_set_new(params, "token", json_string(tok ? tok : ""));
+                        json_object_set_new(params, "token", ctl_arg("--token", tok ? tok : ""));
                         if (tok) {
                                 sodium_memzero(tok, strlen(tok));
                                 free(tok);
@@ -1018,7 +1082,7 @@ static int cmd_revoke(const opts *o, int argc, char **argv)
                         n++;
                         break;
                 }
-                case 'a': json_object_set_new(params, "agent", json_string(optarg)); n++; needs_admin = true; break;
+                case 'a': json_object_set_new(params, "agent", ctl_arg("--agent", optarg)); n++; needs_admin = true; break;
                 case 'b':
                         if (parse_time_arg(optarg, &t) < 0) {
                                 json_decref(params);
@@ -1039,12 +1103,9 @@ static int cmd_revoke(const opts *o, int argc, char **argv)
                 json_decref(params);
                 return EXIT_USAGE;
         }
-        admin = admin_usable(o);
-        if (needs_admin && !admin) {
-                fprintf(stderr, "agent-brokerctl: revoke --agent/--before need the admin socket (root)\n");
-                json_decref(params);
-                return EXIT_DENIED;
-        }
+        /* --agent and --before exist on the admin socket only: a user who may
+         * not open it hears so from ctl_connect (exit 3) */
+        admin = needs_admin || admin_usable(o);
         if (admin && json_object_get(params, "token")) {
                 /* the admin interface revokes by jti: take it from the token */
                 json_t *q = json_pack("{s:O}", "token", json_object_get(params, "token")), *v = NULL;
@@ -1092,7 +1153,7 @@ static int list_all_sessions(const opts *o, bool admin, const char *agent, json_
                 json_t *p = json_object();
                 const char *next;
                 if (p && admin && agent)
-                        json_object_set_new(p, "agent", json_string(agent));
+                        json_object_set_new(p, "agent", ctl_arg("--agent", agent));
                 if (p && after[0])
                         json_object_set_new(p, "after", json_string(after));
                 ex = simple_call(o, admin, admin ? "io.agentbroker.admin.ListSessions" : "io.agentbroker.ListSessions",
@@ -1125,7 +1186,8 @@ static int cmd_sessions(const opts *o, int argc, char **argv)
         static const struct option lo[] = {
                 { "agent", required_argument, NULL, 'a' }, { "json", no_argument, NULL, 'j' }, { 0 },
         };
-        json_t *params = NULL, *reply = NULL, *s;
+        json_t *reply = NULL, *s;
+        const char *agent = NULL;
         bool as_json = false, admin = admin_usable(o);
         size_t i;
         int c, ex;
@@ -1133,21 +1195,16 @@ static int cmd_sessions(const opts *o, int argc, char **argv)
         optind = 0;
         while ((c = getopt_long(argc, argv, "", lo, NULL)) >= 0) {
                 switch (c) {
-                case 'a':
-                        json_decref(params);
-                        params = json_pack("{s:s}", "agent", optarg);
-                        break;
+                case 'a': agent = optarg; break;
                 case 'j': as_json = true; break;
-                default: json_decref(params); return EXIT_USAGE;
+                default: return EXIT_USAGE;
                 }
         }
         if (optind != argc) {
-                json_decref(params);
+                fprintf(stderr, "agent-brokerctl: sessions: unexpected argument \"%s\"\n", argv[optind]);
                 return EXIT_USAGE;
         }
-        ex = list_all_sessions(o, admin, params ? json_string_value(json_object_get(params, "agent")) : NULL,
-                               &reply);
-        json_decref(params);
+        ex = list_all_sessions(o, admin, agent, &reply);
         if (ex)
                 return ex;
         if (as_json) {
@@ -1263,10 +1320,18 @@ static int cmd_policy(const opts *o, int argc, char **argv)
                 json_decref(reply);
                 return EXIT_OK;
         }
-        if (strcmp(argv[1], "show") == 0 && argc <= 4) {
-                for (int i = 2; i < argc; i++)
-                        if (strcmp(argv[i], "--json") != 0)
-                                params = json_pack("{s:s}", "agent", argv[i]);
+        if (strcmp(argv[1], "show") == 0) {
+                for (int i = 2; i < argc; i++) {
+                        if (strcmp(argv[i], "--json") == 0)
+                                continue;
+                        if (params) {
+                                fprintf(stderr, "agent-brokerctl: policy show [AGENT] [--json]: one agent at most\n");
+                                json_decref(params);
+                                return EXIT_USAGE;
+                        }
+                        params = json_object();
+                        json_object_set_new(params, "agent", ctl_arg("the agent", argv[i]));
+                }
                 ex = simple_call(o, true, "io.agentbroker.admin.ShowPolicy", params, &reply);
                 if (ex)
                         return ex;
@@ -1303,8 +1368,15 @@ int main(int argc, char **argv)
         opterr = 0; /* one line of our own below */
         while ((c = getopt_long(argc, argv, "+:h", lo, NULL)) >= 0) {
                 switch (c) {
-                case 's': o.socket = optarg; break;
-                case 'A': o.admin_socket = optarg; break;
+                case 's':
+                case 'A':
+                        if (!*optarg) {
+                                fprintf(stderr, "agent-brokerctl: %s takes a path\n",
+                                        c == 's' ? "--socket" : "--admin-socket");
+                                return EXIT_USAGE;
+                        }
+                        *(c == 's' ? &o.socket : &o.admin_socket) = optarg;
+                        break;
                 case 'T': {
                         char *end;
                         long v = strtol(optarg, &end, 10);

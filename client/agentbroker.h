@@ -12,7 +12,8 @@
  *     if (r == 0)
  *             r = ab_issue_token(c, "mcp://git.internal", scopes, 1, 0, NULL, &token);
  *     if (r < 0)
- *             fprintf(stderr, "%s%s%s\n", ab_strerror(r), c ? ": " : "", ab_client_error_message(c));
+ *             fprintf(stderr, "%s%s%s\n", ab_strerror(r), *ab_client_error_message(c) ? ": " : "",
+ *                     ab_client_error_message(c));
  *     ...
  *     ab_token_free(token);
  *     ab_client_free(c);
@@ -62,7 +63,8 @@ typedef struct ab_client ab_client;
 /*
  * Connect to the broker. path NULL means $AGENT_BROKER_SOCKET, else
  * AB_DEFAULT_SOCKET. timeout_ms bounds connect and each call (0: 5000).
- * Returns 0, AB_ERR_UNREACHABLE, AB_ERR_INVALID (path too long), -ENOMEM.
+ * Returns 0, AB_ERR_UNREACHABLE (also when the broker's listen queue stays
+ * full for the timeout), AB_ERR_INVALID (path too long), -ENOMEM.
  */
 int ab_client_connect(const char *path, int timeout_ms, ab_client **ret);
 
@@ -79,10 +81,16 @@ void ab_client_free(ab_client *c);
  * Call a varlink method. params_json is a JSON object ("{}" if NULL).
  * On success *ret_reply is the reply's "parameters" object as JSON text
  * (free with ab_token_free or free()). When the broker answers with an
- * error, returns AB_ERR_DENIED (for io.agentbroker denials) or
- * AB_ERR_REMOTE, and ab_client_error_name()/ab_client_error_message()
- * say which. Other returns: AB_ERR_TIMEOUT, AB_ERR_CLOSED,
- * AB_ERR_PROTOCOL, AB_ERR_INVALID (params not an object), -ENOMEM, -errno.
+ * error, returns AB_ERR_DENIED for a decision (NotAnAgent, ...NotGranted,
+ * TtlTooLong, ReauthRequired, SessionExpired, SessionRevoked, InvalidToken,
+ * DelegationTooDeep, PermissionDenied, NoSuchSession, NoSuchAgent,
+ * PolicyRejected) or AB_ERR_REMOTE for any other error (RateLimited,
+ * TooManyConnections, AuditUnavailable, LimitReached, PeerGone,
+ * InternalError: worth a retry; InvalidParameter and the like: a bug), and
+ * ab_client_error_name()/ab_client_error_message() say which. Other
+ * returns: AB_ERR_TIMEOUT, AB_ERR_CLOSED, AB_ERR_PROTOCOL, AB_ERR_INVALID
+ * (params not an object), AB_ERR_TOO_LARGE (a call over 64 KiB), -ENOMEM,
+ * -errno.
  * After a transport failure the handle is unusable; reconnect.
  */
 int ab_client_call(ab_client *c, const char *method, const char *params_json,
@@ -103,8 +111,10 @@ int ab_get_keys(ab_client *c, char **ret_jwks);
 void ab_token_free(char *s);
 
 /*
- * The varlink error name and human reason of the last failed call on this
- * handle ("" when there is none). Valid until the next call on the handle.
+ * The varlink error name and the broker's reason for the last failed call
+ * on this handle ("" when there is none, or when the call failed without
+ * an answer from the broker: then ab_strerror() of its code says it).
+ * Valid until the next call on the handle.
  * A failed ab_client_connect leaves no handle: c is NULL, both say "", and
  * ab_strerror() of its code is the whole story.
  */

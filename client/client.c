@@ -97,13 +97,24 @@ AB_EXPORT int ab_client_connect(const char *path, int timeout_ms, ab_client **re
                 goto fail;
         }
         deadline = mono_ms() + timeout_ms;
-        if (connect(c->fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
-                if (errno != EINPROGRESS && errno != EAGAIN) {
+        while (connect(c->fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+                int err = 0;
+                socklen_t len = sizeof err;
+                if (errno == EAGAIN) {
+                        /* the broker's listen queue is full and nothing is
+                         * connected: try again every 10 ms until the timeout */
+                        int64_t left = deadline - mono_ms();
+                        if (left <= 0) {
+                                r = AB_ERR_UNREACHABLE;
+                                goto fail;
+                        }
+                        poll(NULL, 0, left < 10 ? (int)left : 10);
+                        continue;
+                }
+                if (errno != EINPROGRESS) {
                         r = AB_ERR_UNREACHABLE;
                         goto fail;
                 }
-                int err = 0;
-                socklen_t len = sizeof err;
                 r = wait_fd(c->fd, POLLOUT, deadline);
                 if (r < 0)
                         goto fail;
@@ -111,6 +122,7 @@ AB_EXPORT int ab_client_connect(const char *path, int timeout_ms, ab_client **re
                         r = AB_ERR_UNREACHABLE;
                         goto fail;
                 }
+                break;
         }
         *ret = c;
         return 0;
@@ -193,6 +205,29 @@ static int recv_message(ab_client *c, const char **ret_msg, size_t *ret_len, int
 }
 
 /*
+ * Is the error name a decision of the broker (policy, session, token,
+ * unknown name)? The others (its limits, its audit trail failing, a bad
+ * request, an internal error) are AB_ERR_REMOTE: a client may retry those
+ * that say so in docs/clients.md, never a denial.
+ */
+static bool is_denial(const char *err)
+{
+        static const char *const denials[] = {
+                "NotAnAgent",        "AudienceNotGranted", "ScopeNotGranted", "TtlTooLong",    "ReauthRequired",
+                "SessionExpired",    "SessionRevoked",     "InvalidToken",    "DelegationTooDeep",
+                "PermissionDenied",  "NoSuchSession",      "NoSuchAgent",     "PolicyRejected",
+        };
+        const char *name = strrchr(err, '.');
+
+        if (strncmp(err, "io.agentbroker.", 15) != 0 || !name)
+                return false;
+        for (size_t i = 0; i < sizeof denials / sizeof denials[0]; i++)
+                if (strcmp(name + 1, denials[i]) == 0)
+                        return true;
+        return false;
+}
+
+/*
  * Send the call msg[0..len) (len counts its NUL; the caller owns, wipes
  * and frees msg) and read the reply; on success *ret_params is a new
  * reference.
@@ -222,23 +257,17 @@ static int call_message(ab_client *c, const char *msg, size_t len, json_t **ret_
                 if (r == 0 || k == 0)
                         r = k;
         }
-        if (r == 0 && ab_vl_parse_reply(in, inlen, &reply, &err) < 0)
+        /* one call, one reply: bytes after it are none of this call's */
+        if (r == 0 && (ab_frame_pending(&c->in) > 0 || ab_vl_parse_reply(in, inlen, &reply, &err) < 0))
                 r = AB_ERR_PROTOCOL;
         if (r < 0) {
-                c->broken = true;
-                set_error(c, NULL, ab_strerror(r));
+                c->broken = true; /* ab_strerror(r) says it all: no name, no message */
                 return r;
         }
         if (err) {
                 reason = json_object_get(reply, "reason");
                 set_error(c, err, json_is_string(reason) ? json_string_value(reason) : "");
-                r = strncmp(err, "io.agentbroker.", 15) == 0 &&
-                                    strcmp(err, "io.agentbroker.InternalError") != 0 &&
-                                    strcmp(err, "io.agentbroker.InvalidParameter") != 0 &&
-                                    strcmp(err, "io.agentbroker.InvalidMessage") != 0 &&
-                                    strcmp(err, "io.agentbroker.MessageTooLarge") != 0
-                            ? AB_ERR_DENIED
-                            : AB_ERR_REMOTE;
+                r = is_denial(err) ? AB_ERR_DENIED : AB_ERR_REMOTE;
                 free(err);
                 c->error_params = reply; /* reasons, names and findings, never a token: see ab_client_error_parameters() */
                 return r;
@@ -368,6 +397,8 @@ AB_EXPORT int ab_client_call(ab_client *c, const char *method, const char *param
         json_t *params = NULL, *reply = NULL;
         int r;
 
+        if (c)
+                set_error(c, NULL, NULL); /* no error of an earlier call stays */
         if (!c || !method || !ret_reply || !ab_vl_valid_qualified_name(method))
                 return AB_ERR_INVALID;
         if (params_json) {
@@ -390,6 +421,8 @@ AB_EXPORT int ab_issue_token(ab_client *c, const char *audience, const char *con
         char *s;
         int r;
 
+        if (c)
+                set_error(c, NULL, NULL);
         if (!c || !audience || (!scopes && n_scopes) || !ret_token)
                 return AB_ERR_INVALID;
         arr = json_array();
@@ -433,6 +466,8 @@ AB_EXPORT int ab_get_keys(ab_client *c, char **ret_jwks)
         json_t *reply = NULL;
         int r;
 
+        if (c)
+                set_error(c, NULL, NULL); /* no error of an earlier call stays */
         if (!c || !ret_jwks)
                 return AB_ERR_INVALID;
         r = call_json(c, "io.agentbroker.GetKeys", NULL, &reply);

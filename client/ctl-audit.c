@@ -117,9 +117,9 @@ static int list_broker(const opts *o, const filter *f, bool as_json)
                 if (f->since)
                         json_object_set_new(p, "since", json_integer(f->since));
                 if (f->agent)
-                        json_object_set_new(p, "agent", json_string(f->agent));
+                        json_object_set_new(p, "agent", ctl_arg("--agent", f->agent));
                 if (f->event)
-                        json_object_set_new(p, "event", json_string(f->event));
+                        json_object_set_new(p, "event", ctl_arg("--event", f->event));
                 ex = simple_call(o, true, "io.agentbroker.admin.ReadAudit", p, &reply);
                 if (ex)
                         return ex;
@@ -344,7 +344,7 @@ static int cmd_audit_verify(const opts *o, int argc, char **argv)
                 switch (c) {
                 case 'f':
                         if (n == sizeof files / sizeof files[0])
-                                return EXIT_USAGE;
+                                goto too_many;
                         files[n++] = optarg;
                         break;
                 case 'k': keys_file = optarg; break;
@@ -352,8 +352,11 @@ static int cmd_audit_verify(const opts *o, int argc, char **argv)
                 default: return EXIT_USAGE;
                 }
         }
-        for (; optind < argc && n < sizeof files / sizeof files[0]; optind++)
+        for (; optind < argc; optind++) {
+                if (n == sizeof files / sizeof files[0])
+                        goto too_many;
                 files[n++] = argv[optind];
+        }
         if (n == 0) {
                 auto_file = broker_file(o);
                 files[n++] = auto_file ? auto_file : AB_AUDIT_DEFAULT_PATH;
@@ -365,7 +368,7 @@ static int cmd_audit_verify(const opts *o, int argc, char **argv)
                 /* the verdict as one object: intact or not, and where it broke */
                 json_t *fl = json_array(), *out;
                 for (size_t i = 0; i < n; i++)
-                        json_array_append_new(fl, json_string(files[i]));
+                        json_array_append_new(fl, ctl_json_text(files[i]));
                 out = json_pack("{s:b, s:o, s:I, s:I, s:I, s:I, s:I}", "intact", ex == EXIT_OK, "files", fl,
                                 "records", (json_int_t)v.records, "last_seq", (json_int_t)(v.records ? v.seq : 0),
                                 "checkpoints_verified", (json_int_t)v.checkpoints,
@@ -397,6 +400,10 @@ static int cmd_audit_verify(const opts *o, int argc, char **argv)
         json_decref(v.keys);
         free(auto_file);
         return ex;
+too_many:
+        fprintf(stderr, "agent-brokerctl: audit verify takes at most %zu files in one run\n",
+                sizeof files / sizeof files[0]);
+        return EXIT_USAGE;
 }
 
 int cmd_audit(const opts *o, int argc, char **argv)

@@ -164,8 +164,10 @@ int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refr
                 }
                 if (r < 0) {
                         ex = ctl_fail(c, r, "io.agentbroker.IssueToken");
-                        if (!refresh || r == AB_ERR_DENIED)
-                                break; /* a denial will not heal by retrying */
+                        /* a denial or a bad request will not heal by retrying; the
+                         * broker's limits, its audit trail and a lost connection may */
+                        if (!refresh || r == AB_ERR_DENIED || ex == EXIT_USAGE)
+                                break;
                         ab_client_free(c);
                         c = NULL;
                         goto retry;
@@ -215,9 +217,9 @@ int cmd_exec(const opts *o, int argc, char **argv)
         optind = 0;
         while ((ch = getopt_long(argc, argv, "+", lo, NULL)) >= 0) {
                 switch (ch) {
-                case 'a': json_object_set_new(params, "audience", json_string(optarg)); break;
-                case 's': json_array_append_new(scopes, json_string(optarg)); break;
-                case 'k': json_object_set_new(params, "task", json_string(optarg)); break;
+                case 'a': json_object_set_new(params, "audience", ctl_arg("--audience", optarg)); break;
+                case 's': json_array_append_new(scopes, ctl_arg("--scope", optarg)); break;
+                case 'k': json_object_set_new(params, "task", ctl_arg("--task", optarg)); break;
                 case 'e': env = optarg; break;
                 case 't': {
                         char *end;
@@ -235,7 +237,7 @@ int cmd_exec(const opts *o, int argc, char **argv)
         }
         if (!json_object_get(params, "audience") || json_array_size(scopes) == 0 || optind >= argc || !*env ||
             strchr(env, '=')) {
-                fprintf(stderr, "agent-brokerctl: exec --audience A --scope S [--ttl N] [--env NAME] -- CMD [ARGS]\n");
+                fprintf(stderr, "agent-brokerctl: exec --audience A --scope S [--ttl N] [--task ID] [--env NAME] -- CMD [ARGS]\n");
                 json_decref(params);
                 return EXIT_USAGE;
         }

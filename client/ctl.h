@@ -35,6 +35,14 @@ const char *ctl_socket_path(const opts *o, bool admin);
 int ctl_connect(const opts *o, bool admin, ab_client **ret);
 /* Call method (params stolen, may be NULL); *ret is the reply's parameters. Returns an exit code. */
 int simple_call(const opts *o, bool admin, const char *method, json_t *params, json_t **ret);
+/*
+ * json_string(v) for the value of option opt (what the broker is sent);
+ * a value that is not valid UTF-8 ends the program: one line naming opt,
+ * exit 2.
+ */
+json_t *ctl_arg(const char *opt, const char *v);
+/* json_string(s) for text to show (a file name may be any bytes): bytes past ASCII as \xNN if s is not UTF-8. */
+json_t *ctl_json_text(const char *s);
 /* Print v as indented JSON on stdout. */
 int print_json(json_t *v);
 /*

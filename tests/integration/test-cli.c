@@ -185,6 +185,26 @@ static void test_json_on_every_command(void **state)
         hx_run_result_done(&res);
         assert_int_equal(access(key, R_OK), 0);
         assert_int_equal(access(path, R_OK), 0);
+        {
+                /* keygen never replaces a key (every host may trust it), nor half of one */
+                char *before = NULL, *after = NULL, other[PATH_MAX];
+                size_t nb = 0, na = 0;
+                assert_int_equal(hx_read_file(key, 4096, &before, &nb), 0);
+                CTL(b, -1, &res, 2, "keygen", "--out", key);
+                assert_non_null(strstr(res.err, "exists"));
+                hx_run_result_done(&res);
+                assert_int_equal(hx_read_file(key, 4096, &after, &na), 0);
+                assert_int_equal(na, nb);
+                assert_memory_equal(after, before, nb);
+                free(before);
+                free(after);
+                snprintf(other, sizeof other, "%s/lone.key", b->dir);
+                snprintf(src, sizeof src, "%s.pub", other);
+                assert_int_equal(hx_write_file(src, "someone's public key\n", 0644), 0);
+                CTL(b, -1, &res, 2, "keygen", "--out", other);
+                hx_run_result_done(&res);
+                assert_int_equal(access(other, F_OK), -1); /* no secret key without its public half */
+        }
 
         snprintf(src, sizeof src, "%s/signed.json", b->dir);
         assert_int_equal(hx_write_file(src, "{\"version\": 1, \"agents\": []}\n", 0644), 0);
@@ -350,6 +370,15 @@ static void test_usage_errors_are_one_line(void **state)
                 { "audit", "verify", "--bogus" }, { "audit", "verify", "--file" }, { "review", "--bogus", NULL },
                 { "coverage", "--bogus", NULL }, { "whoami", "--bogus", NULL }, { "authenticate", "--bogus", NULL },
                 { "policy", "check", "--bogus" }, { "keygen", "--bogus", NULL }, { "call", "--bogus", NULL },
+                /* values the broker would never see right: said so, not dropped or taken differently */
+                { "--socket=", "status", NULL }, { "--admin-socket=", "sessions", NULL },
+                { "token", "--audience", "a\xff", "--scope=x" }, { "token", "--audience=a", "--scope", "x\xff" },
+                { "introspect", "--audience", "mcp://other\xff", "T" }, { "introspect", "--user", "\xff", "T" },
+                { "attenuate", "--scope", "repo:read\xff", "T" }, { "attenuate", "--ttl", "0", "T" },
+                { "revoke", "--jti", "\xff", NULL }, { "revoke", "--before", "2026-02-31T00:00:00Z", NULL },
+                { "sessions", "foo", NULL }, { "whoami", "--json", "extra" }, { "authenticate", "--json", "extra" },
+                { "status", "--json", "extra" }, { "policy", "show", "a", "b" },
+                { "call", "io.agentbroker.WhoAmI", "{\"a\":1,\"a\":2}", NULL },
         };
         char ctl[PATH_MAX];
 
@@ -371,6 +400,18 @@ static void test_usage_errors_are_one_line(void **state)
                 assert_int_equal(res.exit_code, 2);
                 assert_int_equal(lines, 1);
                 assert_string_equal(res.out, "");
+                hx_run_result_done(&res);
+        }
+
+        /* audit verify takes 64 files: a 65th is refused, not dropped unchecked */
+        {
+                char *argv[80] = { ctl, (char *)"audit", (char *)"verify" };
+                hx_run_result res;
+                for (int i = 0; i < 65; i++)
+                        argv[3 + i] = (char *)"/nonexistent/audit.log";
+                assert_int_equal(hx_run(argv, NULL, -1, 10000, &res), 0);
+                assert_int_equal(res.exit_code, 2);
+                assert_non_null(strstr(res.err, "at most 64 files"));
                 hx_run_result_done(&res);
         }
 

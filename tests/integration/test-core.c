@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -1730,6 +1731,101 @@ static const char *issue_on(hx_conn *c, json_t **keep)
         return hx_reply_error(root) ? hx_reply_error(root) : "ok";
 }
 
+/* A listening socket at path with the given backlog; the fd. */
+static int listen_at(const char *path, int backlog)
+{
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+        assert_true(fd >= 0);
+        snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+        unlink(path);
+        assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+        assert_int_equal(listen(fd, backlog), 0);
+        return fd;
+}
+
+/*
+ * The library against servers that are not the broker: one whose listen
+ * queue is full (connect's EAGAIN means nothing is connected: it waits
+ * for room until its timeout, and gets in once there is room), and one
+ * that answers a call twice (the second reply is no later call's answer).
+ */
+static void test_library_odd_servers(void **state)
+{
+        hx_broker *b = *state;
+        char path[PATH_MAX];
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int lfd, filler[4], n_fill = 0;
+        ab_client *c = NULL;
+        char *reply = NULL;
+        long long t0;
+        pid_t pid;
+
+        snprintf(path, sizeof path, "%s/odd.sock", b->dir);
+        snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+        lfd = listen_at(path, 0);
+        /* fill the queue */
+        for (int i = 0; i < 4; i++) {
+                int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+                assert_true(fd >= 0);
+                if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+                        assert_int_equal(errno, EAGAIN);
+                        close(fd);
+                        break;
+                }
+                filler[n_fill++] = fd;
+        }
+        assert_true(n_fill >= 1);
+        t0 = hx_now_ms();
+        assert_int_equal(ab_client_connect(path, 300, &c), AB_ERR_UNREACHABLE);
+        assert_true(hx_now_ms() - t0 >= 250);
+        /* room comes while it waits: it connects */
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                usleep(100 * 1000);
+                for (int i = 0; i < 20; i++) {
+                        int fd = accept(lfd, NULL, NULL);
+                        (void)fd;
+                }
+                _exit(0);
+        }
+        assert_int_equal(ab_client_connect(path, 3000, &c), 0);
+        ab_client_free(c);
+        c = NULL;
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        for (int i = 0; i < n_fill; i++)
+                close(filler[i]);
+        close(lfd);
+
+        /* two replies to one call */
+        lfd = listen_at(path, 8);
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                static const char two[] = "{\"parameters\":{}}\0{\"parameters\":{\"stale\":true}}";
+                char buf[4096];
+                int fd = accept(lfd, NULL, NULL);
+                ssize_t k;
+                do
+                        k = read(fd, buf, sizeof buf);
+                while (k > 0 && !memchr(buf, '\0', (size_t)k));
+                if (write(fd, two, sizeof two) != (ssize_t)sizeof two)
+                        _exit(1);
+                pause();
+                _exit(0);
+        }
+        assert_int_equal(ab_client_connect(path, 3000, &c), 0);
+        assert_int_equal(ab_client_call(c, "io.agentbroker.WhoAmI", NULL, &reply), AB_ERR_PROTOCOL);
+        assert_int_equal(ab_client_call(c, "io.agentbroker.WhoAmI", NULL, &reply), AB_ERR_CLOSED); /* unusable now */
+        ab_client_free(c);
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        close(lfd);
+}
+
 /* --rate-limit 1/2: a burst of two, then RateLimited for that uid only. */
 static void test_rate_limit_per_uid(void **state)
 {
@@ -1754,6 +1850,20 @@ static void test_rate_limit_per_uid(void **state)
         json_decref(r2);
         json_decref(r3);
         json_decref(r4);
+        {
+                /* to the library, a limit is not a denial: worth a retry (AB_ERR_REMOTE), and a
+                 * later call's own failure does not keep reporting it */
+                ab_client *lc = NULL;
+                const char *scope = "repo:read";
+                char *tok = NULL, *reply = NULL;
+                assert_int_equal(ab_client_connect(b->sock, 5000, &lc), 0);
+                assert_int_equal(ab_issue_token(lc, AUD_GIT, &scope, 1, 0, NULL, &tok), AB_ERR_REMOTE);
+                assert_string_equal(ab_client_error_name(lc), "io.agentbroker.RateLimited");
+                assert_int_equal(ab_client_call(lc, "io.agentbroker.WhoAmI", "not json", &reply), AB_ERR_INVALID);
+                assert_string_equal(ab_client_error_name(lc), "");
+                assert_string_equal(ab_client_error_message(lc), "");
+                ab_client_free(lc);
+        }
         /* Another uid has its own bucket: nobody is told it is not an agent, not to slow down. */
         issue_as_nobody(b, out, sizeof out, &ex);
         assert_string_equal(out, "ERR io.agentbroker.NotAnAgent");
@@ -1914,6 +2024,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_rate_limit_survives_reconnect, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_sigterm_clean_exit, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_cli_status_keys_and_errors, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_library_odd_servers, hx_setup, hx_teardown),
         };
         if (getenv("HX_FILTER")) /* e.g. HX_FILTER='test_sha256*' */
                 cmocka_set_test_filter(getenv("HX_FILTER"));
