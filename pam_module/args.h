@@ -27,6 +27,7 @@ typedef struct ab_pam_args {
         int timeout_ms;    /* connect + reply */
         bool ignore_non_token;
         bool debug;
+        bool scope_set, max_auth_age_set; /* given on this line, not the defaults */
 } ab_pam_args;
 
 /* Called for each argument that is ignored; why is a short English phrase. */

@@ -34,6 +34,7 @@
 
 #define DATA_TOKEN "pam_agent_broker:token"
 #define DATA_PAM_ID "pam_agent_broker:pam_session"
+#define DATA_CHECK "pam_agent_broker:check" /* the audience, scope and max_auth_age auth accepted the token for */
 #define ENV_PAM_ID "AGENT_BROKER_PAM_SESSION"
 #define ENV_JTI "AGENT_BROKER_JTI"
 #define PROMPT "Agent token: "
@@ -75,6 +76,40 @@ static bool sane(const char *s, size_t max)
                 if ((unsigned char)s[i] < 0x20 || (unsigned char)s[i] >= 0x7f)
                         return false; /* printable ASCII only: what the broker accepts */
         return true;
+}
+
+/*
+ * A user name for the log: sshd passes any name a client sends, so only
+ * [A-Za-z0-9._@+-] is shown as is, every other byte as \xNN (no space or
+ * bracket can make a name look like more of the line), at most 64 bytes.
+ */
+typedef struct shown_name {
+        char s[64 * 4 + 4];
+} shown_name;
+
+static const char *shown(shown_name *b, const char *name)
+{
+        size_t o = 0, i;
+
+        for (i = 0; name && name[i] && i < 64; i++) {
+                unsigned char ch = (unsigned char)name[i];
+                if ((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '.' ||
+                    ch == '_' || ch == '@' || ch == '+' || ch == '-')
+                        b->s[o++] = (char)ch;
+                else
+                        o += (size_t)snprintf(b->s + o, sizeof b->s - o, "\\x%02x", ch);
+        }
+        if (name && name[i])
+                o += (size_t)snprintf(b->s + o, sizeof b->s - o, "...");
+        b->s[o] = '\0';
+        return b->s;
+}
+
+/* Drop a PAM environment variable if it is set (libpam logs an error for one that is not). */
+static void unset_env(pam_handle_t *pamh, const char *name)
+{
+        if (pam_getenv(pamh, name))
+                (void)pam_putenv(pamh, name);
 }
 
 /* Arguments and service: PAM_SUCCESS or PAM_SERVICE_ERR. */
@@ -183,9 +218,9 @@ static int broker_call(ctx *x, const char *method, const char *token, json_t *pa
 /* A failed call: the broker could not be asked (fail closed), or it refused the request itself. */
 static bool call_unavailable(const ctx *x, int r)
 {
-        if (r == AB_ERR_DENIED)
-                return strcmp(x->error, "io.agentbroker.RateLimited") == 0;
-        if (r == AB_ERR_REMOTE)
+        if (r == AB_ERR_DENIED) /* a decision on the token or its session */
+                return false;
+        if (r == AB_ERR_REMOTE) /* its limits (RateLimited, TooManyConnections), its audit trail, a failure */
                 return strcmp(x->error, "io.agentbroker.InvalidParameter") != 0;
         return true;
 }
@@ -232,6 +267,41 @@ static int introspect(ctx *x, const char *token, const char *user)
         return r;
 }
 
+typedef struct check_args {
+        char audience[AB_PAM_AUDIENCE_MAX + 1];
+        char scope[AB_PAM_SCOPE_MAX + 1];
+        long max_auth_age;
+} check_args;
+
+static void free_cleanup(pam_handle_t *pamh, void *data, int status)
+{
+        (void)pamh;
+        (void)status;
+        free(data);
+}
+
+/*
+ * account and session check the token as auth accepted it: the audience,
+ * scope and max_auth_age of the auth line, unless their own line names
+ * them (so "account required pam_agent_broker.so" after "auth ...
+ * scope=ticketdb:login" asks for ticketdb:login, not the default login).
+ */
+static void inherit_check(ctx *x)
+{
+        const void *d = NULL;
+        const check_args *c;
+
+        if (pam_get_data(x->pamh, DATA_CHECK, &d) != PAM_SUCCESS || !d)
+                return;
+        c = d;
+        if (!x->args.audience[0])
+                memcpy(x->audience, c->audience, sizeof x->audience);
+        if (!x->args.scope_set)
+                memcpy(x->args.scope, c->scope, sizeof x->args.scope);
+        if (!x->args.max_auth_age_set)
+                x->args.max_auth_age = c->max_auth_age;
+}
+
 /*
  * A PAM item as set (PAM_USER: never prompting; PAM_TTY, PAM_RHOST), if it
  * is fit to send (the broker takes at most 256 printable ASCII bytes for
@@ -254,14 +324,28 @@ static void tell_reauth(ctx *x, int flags)
 PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, const char **argv)
 {
         const char *user = NULL, *tok = NULL;
+        const void *open_id = NULL;
+        check_args *check;
+        shown_name sn;
         char *copy;
         ctx x;
         int r;
 
         /* a new attempt on this handle: what an earlier one accepted no longer counts */
         (void)pam_set_data(pamh, DATA_TOKEN, NULL, NULL);
-        (void)pam_putenv(pamh, ENV_JTI);
+        (void)pam_set_data(pamh, DATA_CHECK, NULL, NULL);
+        unset_env(pamh, ENV_JTI);
         r = ctx_init(&x, pamh, argc, argv);
+        if (pam_get_data(pamh, DATA_PAM_ID, &open_id) == PAM_SUCCESS && open_id) {
+                /* nor does the PAM session recorded for it: its record is closed
+                 * (best effort), so that open_session records the new one */
+                json_t *reply = NULL;
+                if (r == PAM_SUCCESS &&
+                    broker_call(&x, M_CLOSE, NULL, json_pack("{s:s}", "id", (const char *)open_id), &reply) == 0)
+                        json_decref(reply);
+                (void)pam_set_data(pamh, DATA_PAM_ID, NULL, NULL);
+                unset_env(pamh, ENV_PAM_ID);
+        }
         if (r != PAM_SUCCESS)
                 return r;
         r = pam_get_user(pamh, &user, NULL);
@@ -271,10 +355,8 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
                 pam_syslog(pamh, LOG_NOTICE, "cannot determine the user: %s", pam_strerror(pamh, r));
                 return r == PAM_USER_UNKNOWN ? r : PAM_USER_UNKNOWN;
         }
-        if (!sane(user, ITEM_MAX)) {
-                pam_syslog(pamh, LOG_NOTICE, "refusing an empty, overlong or unprintable user name");
-                return PAM_USER_UNKNOWN;
-        }
+        /* (a user name the broker cannot take is refused below, once the
+         * authtok is known to be a token: a password goes on to pam_unix) */
         r = pam_get_authtok(pamh, PAM_AUTHTOK, &tok, PROMPT);
         if (r == PAM_CONV_AGAIN)
                 return PAM_INCOMPLETE;
@@ -286,11 +368,16 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
         if (!looks_like_token(tok)) {
                 if (x.args.ignore_non_token) {
                         if (x.args.debug)
-                                pam_syslog(pamh, LOG_DEBUG, "user %s: not an agent token, ignored", user);
+                                pam_syslog(pamh, LOG_DEBUG, "user %s: not an agent token, ignored", shown(&sn, user));
                         return PAM_IGNORE;
                 }
-                pam_syslog(pamh, LOG_NOTICE, "user %s: refused: not an agent token", user);
+                pam_syslog(pamh, LOG_NOTICE, "user %s: refused: not an agent token", shown(&sn, user));
                 return PAM_AUTH_ERR;
+        }
+        if (!sane(user, ITEM_MAX)) {
+                pam_syslog(pamh, LOG_NOTICE, "user %s: refused: an empty, overlong or unprintable user name",
+                           shown(&sn, user));
+                return PAM_USER_UNKNOWN;
         }
         r = introspect(&x, tok, user);
         if (r < 0) {
@@ -298,11 +385,21 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
                 return call_unavailable(&x, r) ? PAM_AUTHINFO_UNAVAIL : PAM_AUTH_ERR;
         }
         if (r == 0) {
-                pam_syslog(pamh, LOG_NOTICE, "user %s: token refused by the broker: %s (audience %s, scope %s)", user,
-                           x.reason, x.audience, x.args.scope);
+                pam_syslog(pamh, LOG_NOTICE, "user %s: token refused by the broker: %s (audience %s, scope %s)",
+                           shown(&sn, user), x.reason, x.audience, x.args.scope);
                 if (strcmp(x.reason, "auth_too_old") == 0)
                         tell_reauth(&x, flags);
                 return PAM_AUTH_ERR;
+        }
+        check = calloc(1, sizeof *check);
+        if (!check)
+                return PAM_BUF_ERR;
+        memcpy(check->audience, x.audience, sizeof check->audience);
+        memcpy(check->scope, x.args.scope, sizeof check->scope);
+        check->max_auth_age = x.args.max_auth_age;
+        if (pam_set_data(pamh, DATA_CHECK, check, free_cleanup) != PAM_SUCCESS) {
+                free(check);
+                return PAM_BUF_ERR;
         }
         copy = strdup(tok);
         if (!copy)
@@ -322,7 +419,8 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
                 snprintf(env, sizeof env, "%s=%s", ENV_JTI, x.jti);
                 (void)pam_putenv(pamh, env);
         }
-        pam_syslog(pamh, LOG_INFO, "user %s: accepted the token of agent %s (jti %s)", user, x.agent, x.jti);
+        pam_syslog(pamh, LOG_INFO, "user %s: accepted the token of agent %s (jti %s)", shown(&sn, user), x.agent,
+                   x.jti);
         return PAM_SUCCESS;
 }
 
@@ -353,6 +451,7 @@ PAM_EXTERN int pam_sm_acct_mgmt(pam_handle_t *pamh, int flags, int argc, const c
 {
         const void *token = NULL;
         const char *user;
+        shown_name sn;
         ctx x;
         int r;
 
@@ -361,6 +460,7 @@ PAM_EXTERN int pam_sm_acct_mgmt(pam_handle_t *pamh, int flags, int argc, const c
         r = ctx_init(&x, pamh, argc, argv);
         if (r != PAM_SUCCESS)
                 return r;
+        inherit_check(&x);
         user = item_to_send(pamh, PAM_USER);
         if (!user)
                 return PAM_USER_UNKNOWN;
@@ -370,14 +470,14 @@ PAM_EXTERN int pam_sm_acct_mgmt(pam_handle_t *pamh, int flags, int argc, const c
                 return call_unavailable(&x, r) ? PAM_AUTHINFO_UNAVAIL : PAM_PERM_DENIED;
         }
         if (r == 0) {
-                pam_syslog(pamh, LOG_NOTICE, "user %s: account refused: the token is no longer valid: %s", user,
-                           x.reason);
+                pam_syslog(pamh, LOG_NOTICE, "user %s: account refused: the token is no longer valid: %s",
+                           shown(&sn, user), x.reason);
                 if (strcmp(x.reason, "auth_too_old") == 0)
                         tell_reauth(&x, flags);
                 return PAM_PERM_DENIED;
         }
         if (x.args.debug)
-                pam_syslog(pamh, LOG_DEBUG, "user %s: token still active (jti %s)", user, x.jti);
+                pam_syslog(pamh, LOG_DEBUG, "user %s: token still active (jti %s)", shown(&sn, user), x.jti);
         return PAM_SUCCESS;
 }
 
@@ -387,6 +487,7 @@ PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, cons
         const char *user, *tty, *rhost, *id;
         json_t *params, *reply = NULL;
         char env[sizeof ENV_PAM_ID + 64], *copy;
+        shown_name sn;
         ctx x;
         int r;
 
@@ -409,6 +510,7 @@ PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, cons
         r = ctx_init(&x, pamh, argc, argv);
         if (r != PAM_SUCCESS)
                 return r;
+        inherit_check(&x);
         user = item_to_send(pamh, PAM_USER);
         if (!user)
                 return PAM_SESSION_ERR;
@@ -440,7 +542,7 @@ PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, cons
         }
         snprintf(env, sizeof env, "%s=%s", ENV_PAM_ID, copy);
         (void)pam_putenv(pamh, env); /* informational: the session's processes can name their record */
-        pam_syslog(pamh, LOG_INFO, "user %s: PAM session %s recorded with the broker", user, copy);
+        pam_syslog(pamh, LOG_INFO, "user %s: PAM session %s recorded with the broker", shown(&sn, user), copy);
         return PAM_SUCCESS;
 }
 

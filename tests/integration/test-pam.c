@@ -703,6 +703,69 @@ static void test_handle_reuse_and_odd_items(void **state)
         free(tok);
 }
 
+/*
+ * account and session check the token as auth accepted it (its scope and
+ * max_auth_age), unless their own line says otherwise; a second
+ * pam_authenticate on the handle closes the PAM session recorded for the
+ * first token; a user name the broker cannot take still lets a password
+ * go on to the next module; a module argument that is not printable ASCII
+ * is ignored, its default kept.
+ */
+static void test_stages_follow_auth(void **state)
+{
+        fixture *f = *state;
+        char *dep = issue(f, AUD, "deploy", 0), *dep2 = issue(f, AUD, "deploy", 0), *tok = issue(f, AUD, "login", 0);
+        char id1[128];
+        conv_data cd = { .answer = dep };
+        struct pam_conv conv;
+        pam_handle_t *h;
+        json_t *recs;
+
+        /* as docs/pam.md's ticketdb example: the arguments on the auth line only */
+        write_conf(f, SERVICE,
+                   "auth required MODULE socket=SOCKET scope=deploy max_auth_age=120\n"
+                   "account required MODULE socket=SOCKET\n"
+                   "session required MODULE socket=SOCKET\n");
+        h = start(f, "root", &cd, &conv);
+        assert_int_equal(pam_authenticate(h, 0), PAM_SUCCESS);
+        assert_int_equal(pam_acct_mgmt(h, 0), PAM_SUCCESS);      /* scope deploy, not the default login */
+        assert_int_equal(pam_open_session(h, 0), PAM_SUCCESS);
+        assert_non_null(pam_getenv(h, "AGENT_BROKER_PAM_SESSION"));
+        snprintf(id1, sizeof id1, "%s", pam_getenv(h, "AGENT_BROKER_PAM_SESSION"));
+        /* another token on the same handle: the first one's record is closed, the new one recorded */
+        cd.answer = dep2;
+        assert_int_equal(pam_authenticate(h, 0), PAM_SUCCESS);
+        assert_null(pam_getenv(h, "AGENT_BROKER_PAM_SESSION"));
+        assert_int_equal(pam_open_session(h, 0), PAM_SUCCESS);
+        assert_non_null(pam_getenv(h, "AGENT_BROKER_PAM_SESSION"));
+        assert_string_not_equal(pam_getenv(h, "AGENT_BROKER_PAM_SESSION"), id1);
+        recs = pam_records(f);
+        assert_int_equal(json_array_size(recs), 1);
+        assert_string_equal(json_string_value(json_object_get(json_array_get(recs, 0), "id")),
+                            pam_getenv(h, "AGENT_BROKER_PAM_SESSION"));
+        json_decref(recs);
+        /* account keeps auth's max_auth_age (120 s), not the default 300 s */
+        hx_set_test_clock(f->clock, 200);
+        assert_int_equal(pam_acct_mgmt(h, 0), PAM_PERM_DENIED);
+        assert_int_equal(pam_close_session(h, 0), PAM_SUCCESS);
+        pam_end(h, PAM_SUCCESS);
+        hx_set_test_clock(f->clock, 0);
+
+        /* a human whose name the broker cannot take: the password goes on */
+        write_conf(f, SERVICE,
+                   "auth [success=done ignore=ignore default=die] MODULE socket=SOCKET ignore_non_token\n"
+                   "auth required pam_permit.so\n");
+        expect_auth(f, "jos\xc3\xa9", "a password", PAM_SUCCESS);
+        expect_auth(f, "jos\xc3\xa9", tok, PAM_USER_UNKNOWN); /* a token for such a name: refused */
+
+        /* a scope that is not printable ASCII is ignored: the default login applies */
+        write_default(f, "scope=l\xc3\xb6gin");
+        expect_auth(f, "root", tok, PAM_SUCCESS);
+        free(dep);
+        free(dep2);
+        free(tok);
+}
+
 typedef struct thread_arg {
         fixture *f;
         const char *tok;
@@ -953,6 +1016,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_ignore_non_token_stacking, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_unknown_arguments_ignored, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_handle_reuse_and_odd_items, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_stages_follow_auth, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_threads, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_pamtester, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_sshd, setup, teardown),
