@@ -4,6 +4,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -135,6 +136,32 @@ static uint64_t pidfs_ino(int pidfd)
         return (uint64_t)st.st_ino;
 }
 
+/*
+ * The real uid of process pid, from the "Uid:" line of /proc/PID/status
+ * (real, effective, saved, fs); -1 if it cannot be read.
+ */
+static long long real_uid_of(pid_t pid)
+{
+        char path[64], buf[2048], *l;
+        long long ruid;
+        ssize_t n;
+        int fd;
+
+        snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0)
+                return -1;
+        n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0)
+                return -1;
+        buf[n] = '\0';
+        l = strstr(buf, "\nUid:\t");
+        if (!l || sscanf(l + 6, "%lld", &ruid) != 1 || ruid < 0 || ruid > UINT32_MAX)
+                return -1;
+        return ruid;
+}
+
 int ab_peer_from_socket(int fd, ab_peer *ret)
 {
         struct ucred uc;
@@ -163,6 +190,21 @@ int ab_peer_from_socket(int fd, ab_peer *ret)
         /* both hand out pidfds with O_CLOEXEC set */
         p.pidfd = pidfd;
         p.proc_ino = pidfs_ino(pidfd);
+
+        /*
+         * A setuid-root program (su, sudo, a PAM consumer) that a user
+         * starts and stops (SIGSTOP) after it connects would hold root's
+         * connections and spend root's rate budget: such a connection
+         * counts against the user who started it. Identity and policy
+         * still see uid 0. Read only for euid 0, and kept only if the
+         * process still runs after the read (so the pid was not recycled).
+         */
+        p.charge_uid = p.uid;
+        if (p.uid == 0) {
+                long long ruid = real_uid_of(p.pid);
+                if (ruid > 0 && ab_peer_alive(&p) == 0)
+                        p.charge_uid = (uid_t)ruid;
+        }
 
         len = sizeof p.groups;
         if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, p.groups, &len) == 0)

@@ -24,6 +24,8 @@ typedef struct ab_peer {
         uid_t uid;
         gid_t gid;
         pid_t pid;
+        uid_t charge_uid;    /* whose connection and rate limits it counts against: uid, or the
+                                real uid of a setuid-root program (su run by a user) */
         int pidfd;           /* refers to the connecting process, never a recycled PID */
         bool pidfd_exact;    /* from SO_PEERPIDFD (exact) rather than pidfd_open (racy) */
         uint64_t proc_ino;   /* the pidfd's inode on pidfs: one process's for the whole boot; 0: no pidfs */

@@ -1018,7 +1018,7 @@ static void accept_one(ab_manager *m, int lfd, bool admin)
                         accept_pause(m, -r); /* no pidfd: the rest of the backlog waits instead */
                 return;
         }
-        c->uslot = uid_get(m, c->peer.uid);
+        c->uslot = uid_get(m, c->peer.charge_uid); /* its connection, rate and input limits */
         if (!c->uslot) {
                 conn_free(c);
                 return;

@@ -1588,6 +1588,57 @@ static void test_refused_client_learns_why(void **state)
         assert_string_equal(out, "io.agentbroker.PermissionDenied|denied by the broker");
 }
 
+/*
+ * A setuid-root program that nobody starts (as su) connects with euid 0: it
+ * is attested as root, but its connection counts against nobody's cap, so a
+ * user cannot fill root's connections (or spend root's rate budget) by
+ * starting su and stopping it once connected (helper-35's finding).
+ */
+static void test_setuid_peer_charged_to_real_uid(void **state)
+{
+        hx_broker *b = *state;
+        char helper[PATH_MAX], copy[PATH_MAX + 16], *data = NULL;
+        char *argv[] = { copy, b->sock, (char *)AUD_GIT, (char *)"repo:read", NULL };
+        hx_conn *cs[2];
+        hx_run_result res;
+        size_t len = 0;
+
+        b->extra_args[b->n_extra_args++] = "--max-connections-per-uid";
+        b->extra_args[b->n_extra_args++] = "2";
+        start_with(b, "\"uid\": 0");
+        for (int i = 0; i < 2; i++) {
+                cs[i] = hx_connect(b, b->sock);
+                assert_getinfo_works(cs[i]);
+        }
+        assert_int_equal(hx_build_path("tests/helper-issue", helper, sizeof helper), 0);
+        assert_int_equal(hx_read_file(helper, 64 << 20, &data, &len), 0);
+        snprintf(copy, sizeof copy, "%s/helper-suid", b->dir);
+        {
+                int fd = open(copy, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0700);
+                assert_true(fd >= 0);
+                assert_int_equal(write(fd, data, len), (ssize_t)len);
+                assert_int_equal(fchmod(fd, 04755), 0);
+                close(fd);
+        }
+        free(data);
+        /* root itself is at its cap */
+        assert_int_equal(hx_run(argv, NULL, 0, 10000, &res), 0);
+        assert_non_null(strstr(res.out, "ERR io.agentbroker.TooManyConnections"));
+        hx_run_result_done(&res);
+        /* nobody running the setuid-root copy: root's agent, on nobody's count */
+        assert_int_equal(hx_run(argv, NULL, HX_NOBODY_UID, 10000, &res), 0);
+        if (strstr(res.out, "ERR io.agentbroker.NotAnAgent") || strstr(res.out, "ERR connect")) {
+                hx_run_result_done(&res);
+                skip(); /* the setuid bit did not take (a nosuid mount): nothing to show */
+        }
+        if (strncmp(res.out, "OK ", 3) != 0)
+                fprintf(stderr, "setuid helper as nobody: %s%s\n", res.out, res.err);
+        assert_int_equal(strncmp(res.out, "OK ", 3), 0);
+        hx_run_result_done(&res);
+        for (int i = 0; i < 2; i++)
+                hx_conn_close(b, cs[i]);
+}
+
 /* Connection caps: per uid and in total; a refused connection is told why and closed. */
 static void test_connection_caps(void **state)
 {
@@ -2025,6 +2076,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_sigterm_clean_exit, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_cli_status_keys_and_errors, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_library_odd_servers, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_setuid_peer_charged_to_real_uid, hx_setup, hx_teardown),
         };
         if (getenv("HX_FILTER")) /* e.g. HX_FILTER='test_sha256*' */
                 cmocka_set_test_filter(getenv("HX_FILTER"));
