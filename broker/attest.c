@@ -136,26 +136,36 @@ static uint64_t pidfs_ino(int pidfd)
         return (uint64_t)st.st_ino;
 }
 
+/* The start of /proc/PID/what, NUL-terminated, in buf[0..max): 0 or -errno. */
+static int read_proc(pid_t pid, const char *what, char *buf, size_t max)
+{
+        char path[64];
+        ssize_t n;
+        int fd;
+
+        snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, what);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        n = read(fd, buf, max - 1);
+        ab_close(fd);
+        if (n <= 0)
+                return -EIO;
+        buf[n] = '\0';
+        return 0;
+}
+
 /*
  * The real uid of process pid, from the "Uid:" line of /proc/PID/status
  * (real, effective, saved, fs); -1 if it cannot be read.
  */
 static long long real_uid_of(pid_t pid)
 {
-        char path[64], buf[2048], *l;
+        char buf[2048], *l;
         long long ruid;
-        ssize_t n;
-        int fd;
 
-        snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0)
+        if (read_proc(pid, "status", buf, sizeof buf) < 0)
                 return -1;
-        n = read(fd, buf, sizeof buf - 1);
-        close(fd);
-        if (n <= 0)
-                return -1;
-        buf[n] = '\0';
         l = strstr(buf, "\nUid:\t");
         if (!l || sscanf(l + 6, "%lld", &ruid) != 1 || ruid < 0 || ruid > UINT32_MAX)
                 return -1;
@@ -309,19 +319,12 @@ static int exe_hash(ab_exe_cache *c, const struct stat *st, char out[65])
 
 static int read_start_time(pid_t pid, uint64_t *ret)
 {
-        char path[64], buf[1024], *p;
-        ssize_t n;
-        int fd, field;
+        char buf[1024], *p;
+        int field, r;
 
-        snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-        fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
-                return -errno;
-        n = read(fd, buf, sizeof buf - 1);
-        ab_close(fd);
-        if (n <= 0)
-                return -EIO;
-        buf[n] = '\0';
+        r = read_proc(pid, "stat", buf, sizeof buf);
+        if (r < 0)
+                return r;
         /* comm may contain spaces and parentheses: fields resume after the last ')' */
         p = strrchr(buf, ')');
         if (!p)
