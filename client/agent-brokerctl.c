@@ -142,7 +142,8 @@ static int connect_denied(const char *path)
         if (strlen(path) >= sizeof sa.sun_path)
                 return 0;
         memcpy(sa.sun_path, path, strlen(path) + 1);
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        /* non-blocking: a full listen queue (EAGAIN) must not hang the probe */
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (fd < 0)
                 return 0;
         if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && (errno == EACCES || errno == EPERM))
@@ -689,13 +690,30 @@ static int cmd_policy_check(int argc, char **argv)
         return diag.errors ? 2 : diag.warnings ? 1 : 0;
 }
 
-/* Write data to path (mode) through a synced temporary file; replace an existing path only if replace. 0 or -errno. */
+/*
+ * Write data to path (mode), synced: if replace, through a temporary file
+ * renamed over path; else created where path is (O_EXCL: never over an
+ * existing file; no link(), which vfat lacks), and removed again if the
+ * write fails. 0 or -errno.
+ */
 static int write_file_mode(const char *path, const char *data, mode_t mode, bool replace)
 {
         char tmp[4200];
         int fd;
         size_t len = strlen(data);
 
+        if (!replace) {
+                fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode);
+                if (fd < 0)
+                        return -errno;
+                if (write(fd, data, len) != (ssize_t)len || fsync(fd) < 0) {
+                        int r = errno ? -errno : -EIO;
+                        close(fd);
+                        unlink(path);
+                        return r;
+                }
+                return close(fd) < 0 ? -errno : 0;
+        }
         snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
         fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode);
         if (fd < 0)
@@ -707,13 +725,11 @@ static int write_file_mode(const char *path, const char *data, mode_t mode, bool
                 return r ? r : -EIO;
         }
         close(fd);
-        if (replace ? rename(tmp, path) < 0 : link(tmp, path) < 0) {
+        if (rename(tmp, path) < 0) {
                 int r = -errno;
                 unlink(tmp);
                 return r;
         }
-        if (!replace)
-                unlink(tmp);
         return 0;
 }
 

@@ -85,8 +85,9 @@ void ab_client_free(ab_client *c);
  * TtlTooLong, ReauthRequired, SessionExpired, SessionRevoked, InvalidToken,
  * DelegationTooDeep, PermissionDenied, NoSuchSession, NoSuchAgent,
  * PolicyRejected) or AB_ERR_REMOTE for any other error (RateLimited,
- * TooManyConnections, AuditUnavailable, LimitReached, PeerGone,
- * InternalError: worth a retry; InvalidParameter and the like: a bug), and
+ * TooManyConnections, AuditUnavailable, PeerGone, InternalError: worth a
+ * retry; LimitReached: see docs/clients.md; InvalidParameter and the like:
+ * a bug), and
  * ab_client_error_name()/ab_client_error_message() say which. Other
  * returns: AB_ERR_TIMEOUT, AB_ERR_CLOSED, AB_ERR_PROTOCOL, AB_ERR_INVALID
  * (params not an object), AB_ERR_TOO_LARGE (a call over 64 KiB), -ENOMEM,

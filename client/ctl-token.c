@@ -112,14 +112,40 @@ static int issue(ab_client *c, json_t *params, json_t **ret_reply)
                 if (attempt == 0 && (strcmp(name, "io.agentbroker.ReauthRequired") == 0 ||
                                      strcmp(name, "io.agentbroker.SessionExpired") == 0)) {
                         char *a = NULL;
-                        if (ab_client_call(c, "io.agentbroker.Authenticate", NULL, &a) == 0) {
+                        r = ab_client_call(c, "io.agentbroker.Authenticate", NULL, &a);
+                        if (r == 0) {
                                 ab_token_free(a);
                                 continue;
                         }
+                        /* Authenticate's own failure (a rate limit, say) is the one to report */
                 }
                 return r;
         }
         return AB_ERR_DENIED;
+}
+
+/*
+ * May a failed renewal succeed later? A lost or silent broker, its limits
+ * (RateLimited, TooManyConnections, LimitReached), an audit trail that
+ * cannot record, a failure on its side: yes. A denial or a request it
+ * calls bad (InvalidParameter, MethodNotFound, ...): never.
+ */
+static bool may_heal(ab_client *c, int r)
+{
+        static const char *const healing[] = {
+                "io.agentbroker.RateLimited",   "io.agentbroker.TooManyConnections", "io.agentbroker.LimitReached",
+                "io.agentbroker.AuditUnavailable", "io.agentbroker.PeerGone",       "io.agentbroker.InternalError",
+        };
+        const char *name = ab_client_error_name(c);
+
+        if (r == AB_ERR_DENIED)
+                return false;
+        if (r != AB_ERR_REMOTE)
+                return r != AB_ERR_INVALID && r != AB_ERR_TOO_LARGE; /* the transport: yes */
+        for (size_t i = 0; i < sizeof healing / sizeof healing[0]; i++)
+                if (strcmp(name, healing[i]) == 0)
+                        return true;
+        return false;
 }
 
 int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refresh)
@@ -143,7 +169,7 @@ int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refr
 
                 if (!c) {
                         if ((ex = ctl_connect(o, false, &c)) != 0) {
-                                if (!refresh)
+                                if (!refresh || ex == EXIT_USAGE) /* a socket path that can never work */
                                         break;
                                 c = NULL;
                                 goto retry;
@@ -164,9 +190,7 @@ int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refr
                 }
                 if (r < 0) {
                         ex = ctl_fail(c, r, "io.agentbroker.IssueToken");
-                        /* a denial or a bad request will not heal by retrying; the
-                         * broker's limits, its audit trail and a lost connection may */
-                        if (!refresh || r == AB_ERR_DENIED || ex == EXIT_USAGE)
+                        if (!refresh || !may_heal(c, r))
                                 break;
                         ab_client_free(c);
                         c = NULL;

@@ -12,14 +12,18 @@ static const char *value_of(const char *arg, const char *name)
         return strncmp(arg, name, n) == 0 && arg[n] == '=' ? arg + n + 1 : NULL;
 }
 
-/* Copy a non-empty value of at most max-1 bytes of printable ASCII (what the broker takes). */
-static bool copy_value(char *dst, size_t max, const char *v)
+/*
+ * Copy a non-empty value of at most max-1 bytes without control
+ * characters; if ascii, printable ASCII only (a value sent to the broker,
+ * which takes nothing else; a socket path is not sent).
+ */
+static bool copy_value(char *dst, size_t max, const char *v, bool ascii)
 {
         size_t n = strlen(v);
         if (n == 0 || n >= max)
                 return false;
         for (size_t i = 0; i < n; i++)
-                if ((unsigned char)v[i] < 0x20 || (unsigned char)v[i] >= 0x7f)
+                if ((unsigned char)v[i] < 0x20 || v[i] == 0x7f || (ascii && (unsigned char)v[i] > 0x7f))
                         return false;
         memcpy(dst, v, n + 1);
         return true;
@@ -55,15 +59,15 @@ void ab_pam_args_parse(int argc, const char **argv, ab_pam_args *ret, ab_pam_arg
                 if (!a)
                         continue;
                 if ((v = value_of(a, "socket"))) {
-                        if (v[0] != '/' || !copy_value(ret->socket, sizeof ret->socket, v))
-                                bad = "not an absolute socket path of printable ASCII that fits sun_path";
+                        if (v[0] != '/' || !copy_value(ret->socket, sizeof ret->socket, v, false))
+                                bad = "not an absolute socket path that fits sun_path";
                 } else if ((v = value_of(a, "audience"))) {
                         /* the broker records PAM sessions only for pam: audiences: a token for an
                          * API must not log anyone in */
-                        if (strncmp(v, "pam:", 4) != 0 || !copy_value(ret->audience, sizeof ret->audience, v))
+                        if (strncmp(v, "pam:", 4) != 0 || !copy_value(ret->audience, sizeof ret->audience, v, true))
                                 bad = "not a pam: audience (empty, too long, or not printable ASCII)";
                 } else if ((v = value_of(a, "scope"))) {
-                        if (strchr(v, ' ') || !copy_value(ret->scope, sizeof ret->scope, v))
+                        if (strchr(v, ' ') || !copy_value(ret->scope, sizeof ret->scope, v, true))
                                 bad = "not one scope (empty, too long, spaces, or not printable ASCII)";
                         else
                                 ret->scope_set = true;

@@ -34,6 +34,7 @@
 
 #define DATA_TOKEN "pam_agent_broker:token"
 #define DATA_PAM_ID "pam_agent_broker:pam_session"
+#define DATA_PAM_STALE "pam_agent_broker:pam_session_stale" /* an earlier token's record not yet closed */
 #define DATA_CHECK "pam_agent_broker:check" /* the audience, scope and max_auth_age auth accepted the token for */
 #define ENV_PAM_ID "AGENT_BROKER_PAM_SESSION"
 #define ENV_JTI "AGENT_BROKER_JTI"
@@ -321,6 +322,22 @@ static void tell_reauth(ctx *x, int flags)
                 pam_info(x->pamh, "%s", REAUTH_MESSAGE);
 }
 
+/* Close the broker's record of PAM session id: 0, or a negative AB_ERR_* code (logged). */
+static int close_record(ctx *x, const char *id)
+{
+        json_t *reply = NULL;
+        int r = broker_call(x, M_CLOSE, NULL, json_pack("{s:s}", "id", id), &reply);
+
+        if (r < 0) {
+                log_call_failure(x, "cannot close the PAM session record", r);
+                return r;
+        }
+        json_decref(reply);
+        if (x->args.debug)
+                pam_syslog(x->pamh, LOG_DEBUG, "PAM session %s closed", id);
+        return 0;
+}
+
 PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, const char **argv)
 {
         const char *user = NULL, *tok = NULL;
@@ -336,16 +353,6 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
         (void)pam_set_data(pamh, DATA_CHECK, NULL, NULL);
         unset_env(pamh, ENV_JTI);
         r = ctx_init(&x, pamh, argc, argv);
-        if (pam_get_data(pamh, DATA_PAM_ID, &open_id) == PAM_SUCCESS && open_id) {
-                /* nor does the PAM session recorded for it: its record is closed
-                 * (best effort), so that open_session records the new one */
-                json_t *reply = NULL;
-                if (r == PAM_SUCCESS &&
-                    broker_call(&x, M_CLOSE, NULL, json_pack("{s:s}", "id", (const char *)open_id), &reply) == 0)
-                        json_decref(reply);
-                (void)pam_set_data(pamh, DATA_PAM_ID, NULL, NULL);
-                unset_env(pamh, ENV_PAM_ID);
-        }
         if (r != PAM_SUCCESS)
                 return r;
         r = pam_get_user(pamh, &user, NULL);
@@ -390,6 +397,16 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
                 if (strcmp(x.reason, "auth_too_old") == 0)
                         tell_reauth(&x, flags);
                 return PAM_AUTH_ERR;
+        }
+        /* a PAM session recorded for an earlier token on this handle is that
+         * token's: close its record, so that open_session records this one */
+        if (pam_get_data(pamh, DATA_PAM_ID, &open_id) == PAM_SUCCESS && open_id) {
+                if (close_record(&x, open_id) == 0)
+                        (void)pam_set_data(pamh, DATA_PAM_ID, NULL, NULL);
+                else /* keep it for close_session to try again */
+                        (void)pam_set_data(pamh, DATA_PAM_STALE, strdup(open_id), wipe_cleanup);
+                (void)pam_set_data(pamh, DATA_PAM_ID, NULL, NULL);
+                unset_env(pamh, ENV_PAM_ID);
         }
         check = calloc(1, sizeof *check);
         if (!check)
@@ -548,25 +565,23 @@ PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, cons
 
 PAM_EXTERN int pam_sm_close_session(pam_handle_t *pamh, int flags, int argc, const char **argv)
 {
-        const void *id = NULL;
-        json_t *reply = NULL;
+        const void *id = NULL, *stale = NULL;
         ctx x;
         int r;
 
         (void)flags;
-        if (pam_get_data(pamh, DATA_PAM_ID, &id) != PAM_SUCCESS || !id)
+        (void)pam_get_data(pamh, DATA_PAM_STALE, &stale);
+        if ((pam_get_data(pamh, DATA_PAM_ID, &id) != PAM_SUCCESS || !id) && !stale)
                 return PAM_IGNORE;
         r = ctx_init(&x, pamh, argc, argv);
         if (r != PAM_SUCCESS)
                 return r;
-        r = broker_call(&x, M_CLOSE, NULL, json_pack("{s:s}", "id", (const char *)id), &reply);
-        if (r < 0) {
-                log_call_failure(&x, "cannot close the PAM session record", r);
+        if (stale && close_record(&x, stale) == 0)
+                (void)pam_set_data(pamh, DATA_PAM_STALE, NULL, NULL);
+        if (!id)
+                return PAM_SUCCESS;
+        if (close_record(&x, id) < 0)
                 return PAM_SESSION_ERR;
-        }
-        json_decref(reply);
-        if (x.args.debug)
-                pam_syslog(pamh, LOG_DEBUG, "PAM session %s closed", (const char *)id);
         (void)pam_set_data(pamh, DATA_PAM_ID, NULL, NULL);
         return PAM_SUCCESS;
 }

@@ -1831,6 +1831,17 @@ static void test_library_odd_servers(void **state)
         t0 = hx_now_ms();
         assert_int_equal(ab_client_connect(path, 300, &c), AB_ERR_UNREACHABLE);
         assert_true(hx_now_ms() - t0 >= 250);
+        {
+                /* the CLI too: unreachable (exit 3) within its --timeout, not hung */
+                char ctl[PATH_MAX];
+                char *argv[] = { ctl, (char *)"--socket", path, (char *)"--timeout", (char *)"300", (char *)"whoami",
+                                 NULL };
+                hx_run_result res;
+                assert_int_equal(hx_build_path("agent-brokerctl", ctl, sizeof ctl), 0);
+                assert_int_equal(hx_run(argv, NULL, -1, 10000, &res), 0);
+                assert_int_equal(res.exit_code, 3);
+                hx_run_result_done(&res);
+        }
         /* room comes while it waits: it connects */
         pid = fork();
         assert_true(pid >= 0);

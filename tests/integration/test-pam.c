@@ -744,10 +744,23 @@ static void test_stages_follow_auth(void **state)
         assert_string_equal(json_string_value(json_object_get(json_array_get(recs, 0), "id")),
                             pam_getenv(h, "AGENT_BROKER_PAM_SESSION"));
         json_decref(recs);
+        /* a refused token on the same handle leaves the open record alone: close_session closes it */
+        cd.answer = tok; /* scope login, where the auth line wants deploy */
+        assert_int_equal(pam_authenticate(h, 0), PAM_AUTH_ERR);
+        recs = pam_records(f);
+        assert_int_equal(json_array_size(recs), 1);
+        json_decref(recs);
+        assert_int_equal(pam_close_session(h, 0), PAM_SUCCESS);
+        recs = pam_records(f);
+        assert_int_equal(json_array_size(recs), 0);
+        json_decref(recs);
+        pam_end(h, PAM_SUCCESS);
         /* account keeps auth's max_auth_age (120 s), not the default 300 s */
+        cd.answer = dep2;
+        h = start(f, "root", &cd, &conv);
+        assert_int_equal(pam_authenticate(h, 0), PAM_SUCCESS);
         hx_set_test_clock(f->clock, 200);
         assert_int_equal(pam_acct_mgmt(h, 0), PAM_PERM_DENIED);
-        assert_int_equal(pam_close_session(h, 0), PAM_SUCCESS);
         pam_end(h, PAM_SUCCESS);
         hx_set_test_clock(f->clock, 0);
 
@@ -761,6 +774,16 @@ static void test_stages_follow_auth(void **state)
         /* a scope that is not printable ASCII is ignored: the default login applies */
         write_default(f, "scope=l\xc3\xb6gin");
         expect_auth(f, "root", tok, PAM_SUCCESS);
+        {
+                /* a socket path is not sent to the broker: any bytes but controls will do */
+                char link[PATH_MAX], stack[PATH_MAX * 2];
+                snprintf(link, sizeof link, "%s/d\xc3\xbcr", f->b.dir);
+                assert_int_equal(symlink(".", link), 0);
+                snprintf(stack, sizeof stack, "auth required MODULE socket=%s/%s\n", link, strrchr(f->b.sock, '/') + 1);
+                write_conf(f, SERVICE, stack);
+                expect_auth(f, "root", tok, PAM_SUCCESS);
+                unlink(link);
+        }
         free(dep);
         free(dep2);
         free(tok);
