@@ -6,7 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <linux/fs.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include <sodium.h>
@@ -45,6 +47,7 @@ static const struct { const char *event, *id; } message_ids[] = {
 struct ab_audit {
         char *path;
         int fd;
+        bool broken;          /* a failed write could not be cut back: nothing more is written */
         const ab_signer *signer;
         uint64_t max_size;
         unsigned keep;        /* rotated files kept, 0: all (ab_audit_set_keep) */
@@ -209,6 +212,15 @@ static int open_file(ab_audit *a)
                 return -errno;
         ab_close(a->fd);
         a->fd = rw;
+        {
+                int flags = 0;
+                if (ioctl(a->fd, FS_IOC_GETFLAGS, &flags) == 0 && (flags & FS_APPEND_FL))
+                        ab_log(LOG_WARNING,
+                               "audit log %s is append-only (chattr +a): the broker cannot cut back a torn or "
+                               "failed write, nor rotate the file; a full disk would stop the trail for good "
+                               "(remove the flag: chattr -a)",
+                               a->path);
+        }
         return recover(a);
 }
 
@@ -351,7 +363,7 @@ static bool shorten_strings(json_t *rec, size_t max)
         return cut;
 }
 
-static int queue_record(ab_audit *a, const char *event, json_t *rec)
+static int queue_record(ab_audit *a, const char *event, json_t *rec, bool journal)
 {
         char *line;
         size_t len, max = 1024;
@@ -384,7 +396,8 @@ static int queue_record(ab_audit *a, const char *event, json_t *rec)
         free(line);
         a->q_seq++;
         a->q_records++;
-        to_journal(a, event, rec);
+        if (journal)
+                to_journal(a, event, rec);
         return 0;
 }
 
@@ -396,7 +409,24 @@ int ab_audit_add(ab_audit *a, const char *event, json_t *rec)
                 return -ENOMEM;
         /* never a token or a key: callers pass identifiers only */
         json_object_del(rec, "token");
-        r = queue_record(a, event, rec);
+        r = queue_record(a, event, rec, true);
+        json_decref(rec);
+        return r;
+}
+
+static void drop_queue(ab_audit *a);
+
+int ab_audit_requeue(ab_audit *a, const char *event, json_t *rec)
+{
+        int r;
+
+        if (!rec)
+                return -ENOMEM;
+        json_object_del(rec, "token");
+        /* "seq", "prev" and "time" are set afresh (queue_record); journald had this one */
+        json_object_del(rec, "seq");
+        json_object_del(rec, "prev");
+        r = queue_record(a, event, rec, false);
         json_decref(rec);
         return r;
 }
@@ -427,7 +457,6 @@ static int add_checkpoint(ab_audit *a)
                                       "EdDSA"));
 }
 
-static void drop_queue(ab_audit *a);
 
 static int write_all(int fd, const char *p, size_t n)
 {
@@ -580,9 +609,17 @@ void ab_audit_set_keep(ab_audit *a, unsigned keep)
 /* A write or sync failed: keep the chain whole by forgetting what was not made durable. */
 static void cut_back(ab_audit *a)
 {
-        if (a->fd >= 0 && ftruncate(a->fd, (off_t)a->size) < 0)
-                ab_log(LOG_ERR, "audit log %s: cannot cut back to %llu bytes: %s", a->path,
-                       (unsigned long long)a->size, strerror(errno));
+        if (a->fd >= 0 && ftruncate(a->fd, (off_t)a->size) < 0) {
+                /* what follows byte a->size is not the chain (a torn line, records
+                 * whose requests were refused): writing after it would break the
+                 * trail for good, so nothing more is written (fail closed) */
+                ab_log(LOG_CRIT,
+                       "audit log %s: cannot cut a failed write back to %llu bytes (%s): refusing every request "
+                       "that needs the audit trail until the broker is restarted%s",
+                       a->path, (unsigned long long)a->size, strerror(errno),
+                       errno == EPERM ? " (is the file append-only, chattr +a? remove the flag)" : "");
+                a->broken = true;
+        }
         drop_queue(a);
         a->q_checkpoint = false;
 }
@@ -751,6 +788,11 @@ int ab_audit_sync_start(ab_audit *a, ab_audit_batch *b)
                 r = ab_audit_sync(a);
                 return r < 0 ? r : 1;
         }
+        if (a->broken) {
+                drop_queue(a);
+                a->q_checkpoint = false;
+                return -EIO;
+        }
         r = checkpoint_if_due(a);
         if (r < 0)
                 return r;
@@ -816,6 +858,11 @@ int ab_audit_sync(ab_audit *a)
 
         if (!a || a->q_records == 0)
                 return 0;
+        if (a->broken) {
+                drop_queue(a);
+                a->q_checkpoint = false;
+                return -EIO;
+        }
         r = checkpoint_if_due(a);
         if (r < 0)
                 return r;

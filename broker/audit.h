@@ -62,6 +62,12 @@ void ab_audit_set_keep(ab_audit *a, unsigned keep);
  * to the file by the next ab_audit_sync.
  */
 int ab_audit_add(ab_audit *a, const char *event, json_t *rec);
+/*
+ * Queue again a record (rec stolen) that a failed sync dropped: as
+ * ab_audit_add, with a new "seq" and "prev", and not sent to journald a
+ * second time.
+ */
+int ab_audit_requeue(ab_audit *a, const char *event, json_t *rec);
 /* Records queued and not yet durable. */
 bool ab_audit_pending(const ab_audit *a);
 /* Bytes of records queued (not counting a batch out). */

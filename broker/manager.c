@@ -515,11 +515,77 @@ static void release_held(ab_conn *list, int r)
  * A sync has ended with r: settle the first n_usage pending usage counts
  * and n_sessions session.opened records it covered, and the replies on list.
  */
+/*
+ * LMDB reported MDB_PANIC: the environment fails every transaction until
+ * it is opened again, while GetInfo would still answer the watchdog. Exit
+ * with a failure, so that systemd (Restart=on-failure) starts a broker
+ * that opens it afresh; what was acknowledged is durable already.
+ */
+static void store_fatal(void *userdata)
+{
+        ab_manager *m = userdata;
+
+        ab_log(LOG_CRIT, "the store in %s failed for good (LMDB: MDB_PANIC, a failed write of its meta page): "
+               "exiting to be restarted", m->cfg.state_dir);
+        (void)sd_event_exit(m->event, -EIO);
+}
+
+static int on_audit_retry(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        ab_manager *m = userdata;
+
+        (void)s;
+        (void)usec;
+        m->audit_retry_at = 0; /* the next turn tries the disk again */
+        if ((ab_audit_pending(m->audit) || m->held) && m->audit_defer)
+                sd_event_source_set_enabled(m->audit_defer, SD_EVENT_ONESHOT);
+        return 0;
+}
+
+/*
+ * A sync failed (r < 0) or worked. A failed sync leaves records queued
+ * again (the session.opened records of sessions that exist in LMDB), and
+ * trying those at once, every turn, kept a full disk spinning a core with
+ * a log line per try (helper-37). Without a call waiting for the trail,
+ * they are tried again after 100 ms, then twice as long each time up to
+ * 5 s; a call that needs the trail still tries the disk at once, so that
+ * the broker serves again as soon as there is room. Logged when the
+ * failures start, every 10 s while they last, and when they end.
+ */
+static void audit_backoff(ab_manager *m, int r)
+{
+        uint64_t now = ab_mono_usec(), next;
+
+        if (r >= 0) {
+                if (m->audit_backoff)
+                        ab_log(LOG_NOTICE, "audit trail %s is written again", ab_audit_path(m->audit));
+                m->audit_backoff = 0;
+                m->audit_retry_at = 0;
+                return;
+        }
+        next = m->audit_backoff ? m->audit_backoff * 2 : 100 * 1000;
+        if (next > 5ull * 1000000)
+                next = 5ull * 1000000;
+        if (!m->audit_backoff || now - m->audit_logged >= 10ull * 1000000) {
+                ab_log(LOG_ERR, "audit trail %s cannot be written (%s): refusing the requests that need it, "
+                       "trying again in %llu ms", ab_audit_path(m->audit), ab_strerror(r),
+                       (unsigned long long)(next / 1000));
+                m->audit_logged = now;
+        }
+        m->audit_backoff = next;
+        m->audit_retry_at = now + m->audit_backoff;
+        if (!m->audit_retry) {
+                if (sd_event_add_time(m->event, &m->audit_retry, CLOCK_MONOTONIC, m->audit_retry_at, 0,
+                                      on_audit_retry, m) < 0)
+                        m->audit_retry_at = 0; /* no timer: no waiting either */
+        } else {
+                (void)sd_event_source_set_time(m->audit_retry, m->audit_retry_at);
+                (void)sd_event_source_set_enabled(m->audit_retry, SD_EVENT_ONESHOT);
+        }
+}
+
 static void audit_settle(ab_manager *m, int r, ab_conn *list, size_t n_usage, size_t n_sessions)
 {
-        if (r < 0)
-                ab_log(LOG_ERR, "audit trail %s cannot be written (%s): refusing the requests that waited for it",
-                       ab_audit_path(m->audit), ab_strerror(r));
         usage_pending_settle(m, n_usage, r >= 0);
         release_held(list, r);
         if (r >= 0) {
@@ -533,7 +599,7 @@ static void audit_settle(ab_manager *m, int r, ab_conn *list, size_t n_usage, si
                 size_t i;
                 json_t *rec;
                 json_array_foreach(m->turn_sessions, i, rec)
-                        (void)ab_audit_add(m->audit, "session.opened", json_deep_copy(rec));
+                        (void)ab_audit_requeue(m->audit, "session.opened", json_deep_copy(rec));
         }
 }
 
@@ -571,6 +637,7 @@ static void sync_done(ab_job *j)
         } else {
                 audit_settle(m, r, list, m->usage_inflight, m->sessions_inflight);
         }
+        audit_backoff(m, r);
         if ((ab_audit_pending(m->audit) || m->held) && m->audit_defer)
                 sd_event_source_set_enabled(m->audit_defer, SD_EVENT_ONESHOT);
 }
@@ -591,11 +658,15 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
         (void)s;
         if (m->sync_out)
                 return 0; /* sync_done starts the next */
+        if (!m->held && m->audit_retry_at && ab_mono_usec() < m->audit_retry_at)
+                return 0; /* only what a failed sync left (sessions opened) waits: on_audit_retry tries again */
         r = ab_audit_sync_start(m->audit, &m->sync.batch);
         if (r != 0) {
                 list = m->held;
                 m->held = NULL;
                 audit_settle(m, r < 0 ? r : 0, list, m->n_usage_pending, json_array_size(m->turn_sessions));
+                if (r < 0)
+                        audit_backoff(m, r);
                 wake_stalled(m);
                 return 0;
         }
@@ -623,13 +694,25 @@ static int on_usage_timer(sd_event_source *s, uint64_t usec, void *userdata)
         int r = ab_usage_flush(m->usage, m->store);
         (void)s;
         (void)usec;
-        if (r < 0)
-                ab_log(LOG_WARNING, "usage counters not saved: %s", ab_strerror(r));
+        if (r < 0) {
+                /* kept in memory (bounded) and tried again by the timer, not by every
+                 * issuance while the table is full (a full store made each one retry) */
+                if (!m->usage_failing)
+                        ab_log(LOG_WARNING, "usage counters not saved: %s (trying again every %llu s)",
+                               ab_strerror(r), (unsigned long long)(AB_USAGE_FLUSH_USEC / 1000000));
+                m->usage_failing = true;
+                if (m->usage_timer) {
+                        sd_event_source_set_time(m->usage_timer, ab_mono_usec() + AB_USAGE_FLUSH_USEC);
+                        sd_event_source_set_enabled(m->usage_timer, SD_EVENT_ONESHOT);
+                }
+        } else {
+                m->usage_failing = false;
+        }
         return 0;
 }
 
 struct ab_usage_pending {
-        char *agent, *audience, *scope;
+        char *agent, *audience, *scope, *wild;
         int64_t now;
 };
 
@@ -637,6 +720,7 @@ static void usage_pending_free(ab_manager *m)
 {
         for (size_t i = 0; i < m->n_usage_pending; i++) {
                 free(m->usage_pending[i].agent);
+                free(m->usage_pending[i].wild);
                 free(m->usage_pending[i].audience);
                 free(m->usage_pending[i].scope);
         }
@@ -645,7 +729,7 @@ static void usage_pending_free(ab_manager *m)
 
 static void usage_count(ab_manager *m, bool full)
 {
-        if (full)
+        if (full && !m->usage_failing)
                 (void)on_usage_timer(NULL, 0, m);
         else if (m->usage_timer && sd_event_source_get_enabled(m->usage_timer, NULL) == 0) {
                 sd_event_source_set_time(m->usage_timer, ab_mono_usec() + AB_USAGE_FLUSH_USEC);
@@ -662,7 +746,8 @@ static void usage_pending_settle(ab_manager *m, size_t n, bool ok)
         for (size_t i = 0; i < n; i++) {
                 struct ab_usage_pending *u = &m->usage_pending[i];
                 if (ok)
-                        full |= ab_usage_add(m->usage, u->agent, u->audience, u->scope, u->now);
+                        full |= ab_usage_add(m->usage, u->agent, u->audience, u->scope, u->wild, u->now);
+                free(u->wild);
                 free(u->agent);
                 free(u->audience);
                 free(u->scope);
@@ -673,14 +758,14 @@ static void usage_pending_settle(ab_manager *m, size_t n, bool ok)
                 usage_count(m, full);
 }
 
-void ab_usage_note(ab_manager *m, const char *agent, const char *audience, const char *const *scopes, size_t n,
-                   int64_t now)
+void ab_usage_note(ab_manager *m, const char *agent, const char *audience, const char *const *scopes,
+                   const char *const *wild, size_t n, int64_t now)
 {
         bool full = false;
 
         if (!m->audit) { /* no audit trail: nothing to wait for */
                 for (size_t i = 0; i < n; i++)
-                        full |= ab_usage_add(m->usage, agent, audience, scopes[i], now);
+                        full |= ab_usage_add(m->usage, agent, audience, scopes[i], wild[i], now);
                 usage_count(m, full);
                 return;
         }
@@ -698,11 +783,13 @@ void ab_usage_note(ab_manager *m, const char *agent, const char *audience, const
                 u->agent = strdup(agent);
                 u->audience = strdup(audience);
                 u->scope = strdup(scopes[i]);
+                u->wild = wild[i] ? strdup(wild[i]) : NULL;
                 u->now = now;
-                if (!u->agent || !u->audience || !u->scope) {
+                if (!u->agent || !u->audience || !u->scope || (wild[i] && !u->wild)) {
                         free(u->agent);
                         free(u->audience);
                         free(u->scope);
+                        free(u->wild);
                         return;
                 }
                 m->n_usage_pending++;
@@ -1857,6 +1944,7 @@ int ab_manager_startup(ab_manager *m)
                         return r;
                 }
         }
+        ab_store_on_fatal(store_fatal, m);
         load_retired_keys(m);
         if (m->cfg.admin_group[0]) {
                 struct group gr, *res = NULL;
@@ -1958,6 +2046,8 @@ void ab_manager_free(ab_manager *m)
         m->worker = NULL;
         sd_event_source_disable_unref(m->audit_defer);
         m->audit_defer = NULL;
+        sd_event_source_disable_unref(m->audit_retry);
+        m->audit_retry = NULL;
         sd_event_source_disable_unref(m->usage_timer);
         usage_pending_free(m); /* records of a turn that never synced */
         json_decref(m->turn_sessions);

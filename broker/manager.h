@@ -139,6 +139,10 @@ struct ab_manager {
         char issuer[128];
         ab_audit *audit;
         sd_event_source *audit_defer;
+        sd_event_source *audit_retry; /* after a failed sync: when what it left is tried again */
+        uint64_t audit_retry_at;      /* CLOCK_MONOTONIC µs; 0: no failed sync to wait for */
+        uint64_t audit_backoff;       /* µs, doubling from 100 ms to 5 s while syncs fail */
+        uint64_t audit_logged;        /* when the failure was last logged */
         ab_conn *held;            /* connections with replies held for the next batch */
         ab_worker *worker;        /* writes and syncs audit batches off the loop */
         ab_worker *crypto;        /* signs and verifies for calls off the loop */
@@ -156,6 +160,7 @@ struct ab_manager {
         char policy_version[17];  /* short fingerprint of the compiled policy, for audit */
         ab_usage *usage;
         sd_event_source *usage_timer;
+        bool usage_failing;       /* the last flush failed: only the timer tries again */
         /* Usage of tokens whose audit records wait for this turn's sync:
          * counted only once the sync succeeds (a refused token is not used). */
         struct ab_usage_pending *usage_pending;

@@ -37,9 +37,12 @@ const ab_agent *ab_attest_agent_audited(ab_conn *c, ab_identity *id, const char 
 /* An audit record with the caller's identity (id may be NULL: peer credentials only) and agent. */
 json_t *ab_audit_rec(ab_conn *c, const char *decision, const char *reason, const ab_identity *id,
                      const ab_agent *a);
-/* Count an issued token in the usage counters (flushed to LMDB in batches). */
-void ab_usage_note(ab_manager *m, const char *agent, const char *audience, const char *const *scopes, size_t n,
-                   int64_t now);
+/*
+ * Count an issued token in the usage counters (flushed to LMDB in batches):
+ * scopes[i] was granted through the wildcard wild[i] (NULL: by name).
+ */
+void ab_usage_note(ab_manager *m, const char *agent, const char *audience, const char *const *scopes,
+                   const char *const *wild, size_t n, int64_t now);
 
 /* Attest the caller only. On failure replies PeerGone and returns -1. */
 int ab_attest_peer(ab_conn *c, ab_identity *id);

@@ -1026,6 +1026,23 @@ bool ab_grant_covers(const ab_grant *g, const char *want)
         return false;
 }
 
+const char *ab_grant_wildcard_for(const ab_grant *g, const char *want)
+{
+        const char *wild = NULL;
+
+        for (size_t i = 0; i < g->n_scopes; i++) {
+                const char *s = g->scopes[i];
+                size_t n = strlen(s);
+                if (n > 0 && s[n - 1] == '*') {
+                        if (!wild && strncmp(s, want, n - 1) == 0)
+                                wild = s;
+                } else if (strcmp(s, want) == 0) {
+                        return NULL;
+                }
+        }
+        return wild;
+}
+
 ab_deny ab_policy_decide(const ab_agent *a, const char *audience, const char *const *scopes, size_t n,
                          uint32_t ttl, const ab_grant **ret_grant, uint32_t *ret_ttl, char *reason,
                          size_t reasonmax)

@@ -114,6 +114,8 @@ const ab_agent *ab_policy_find(const ab_policy *p, const char *id);
 
 /* true if grant g covers scope want (exactly, or by a trailing-'*' prefix). */
 bool ab_grant_covers(const ab_grant *g, const char *want);
+/* The wildcard scope of g ("repo:*") that covers want, or NULL when g names want exactly (or not at all). */
+const char *ab_grant_wildcard_for(const ab_grant *g, const char *want);
 
 /* Denials, each mapping to one varlink error. */
 typedef enum ab_deny {

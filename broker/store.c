@@ -27,8 +27,24 @@ struct ab_txn {
 };
 
 /* The one boundary where LMDB codes become ours. */
+static void (*fatal_cb)(void *);
+static void *fatal_userdata;
+
+void ab_store_on_fatal(void (*cb)(void *userdata), void *userdata)
+{
+        fatal_cb = cb;
+        fatal_userdata = userdata;
+}
+
 static int map_err(int rc)
 {
+        if (rc == MDB_PANIC && fatal_cb) {
+                /* LMDB has marked the environment unusable (a failed meta-page
+                 * write): every later transaction fails the same way */
+                void (*cb)(void *) = fatal_cb;
+                fatal_cb = NULL;
+                cb(fatal_userdata);
+        }
         switch (rc) {
         case MDB_SUCCESS: return 0;
         case MDB_NOTFOUND: return -ENOENT;

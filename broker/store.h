@@ -33,6 +33,11 @@ typedef struct ab_txn ab_txn;
  */
 int ab_store_open(const char *dir, uint64_t mapsize, ab_store **ret, unsigned *ret_found_schema);
 void ab_store_close(ab_store *s);
+/*
+ * cb(userdata) is called once when LMDB reports MDB_PANIC (the environment
+ * is unusable until it is opened again): the broker exits and is restarted.
+ */
+void ab_store_on_fatal(void (*cb)(void *userdata), void *userdata);
 
 /* Begin a transaction. Read transactions are cheap (reset/renewed internally). */
 int ab_store_begin(ab_store *s, bool write, ab_txn **ret);

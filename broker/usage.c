@@ -5,11 +5,13 @@
 #include "usage.h"
 
 #define USAGE_MAX_KEY 512
-#define USAGE_FLUSH_AT 4096 /* entries: flush early past this */
+#define USAGE_FLUSH_AT 4096   /* entries: flush early past this */
+#define USAGE_MAX_ENTRIES (4 * USAGE_FLUSH_AT) /* while flushes fail: new keys beyond this are not counted */
 
 typedef struct entry {
         char *key;      /* agent \0 audience \0 scope, klen bytes */
         size_t klen;
+        char *wild;     /* the grant's wildcard that covered scope (NULL: named in the grant) */
         uint64_t count;
         int64_t last;
 } entry;
@@ -43,7 +45,9 @@ static void clear(ab_usage *u)
 {
         for (size_t i = 0; i < u->cap; i++) {
                 free(u->tab[i].key);
+                free(u->tab[i].wild);
                 u->tab[i].key = NULL;
+                u->tab[i].wild = NULL;
         }
         u->n = 0;
 }
@@ -88,7 +92,8 @@ static int grow(ab_usage *u)
         return 0;
 }
 
-bool ab_usage_add(ab_usage *u, const char *agent, const char *audience, const char *scope, int64_t now)
+bool ab_usage_add(ab_usage *u, const char *agent, const char *audience, const char *scope, const char *wild,
+                  int64_t now)
 {
         char k[USAGE_MAX_KEY];
         size_t a = strlen(agent), b = strlen(audience), c = strlen(scope), n = a + b + c + 2;
@@ -105,9 +110,16 @@ bool ab_usage_add(ab_usage *u, const char *agent, const char *audience, const ch
                 return true;
         e = slot(u->tab, u->cap, k, n);
         if (!e->key) {
+                if (u->n >= USAGE_MAX_ENTRIES)
+                        return true; /* flushes keep failing: a count lost, memory bounded */
                 e->key = malloc(n);
-                if (!e->key)
+                e->wild = wild ? strdup(wild) : NULL;
+                if (!e->key || (wild && !e->wild)) {
+                        free(e->key);
+                        free(e->wild);
+                        e->key = e->wild = NULL;
                         return true;
+                }
                 memcpy(e->key, k, n);
                 e->klen = n;
                 e->count = 0;
@@ -116,6 +128,64 @@ bool ab_usage_add(ab_usage *u, const char *agent, const char *audience, const ch
         e->count++;
         e->last = now;
         return u->n >= USAGE_FLUSH_AT;
+}
+
+static int count_one(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        (void)key;
+        (void)klen;
+        (void)val;
+        (void)vlen;
+        return ++*(size_t *)ud >= AB_USAGE_SCOPES_PER_AUDIENCE ? 1 : 0; /* enough: stop */
+}
+
+/* The length of "agent \0 audience \0" at the start of key. */
+static size_t prefix_len(const char *key, size_t klen)
+{
+        const char *a = memchr(key, '\0', klen), *b = a ? memchr(a + 1, '\0', klen - (size_t)(a + 1 - key)) : NULL;
+        return b ? (size_t)(b + 1 - key) : klen;
+}
+
+/* Add e's count to the row key[0..klen). */
+static int merge(ab_txn *t, const char *key, size_t klen, const entry *e)
+{
+        const void *v;
+        size_t vl;
+        rec old = { 0 }, nw;
+
+        if (ab_txn_get(t, AB_DB_USAGE, key, klen, &v, &vl) == 0 && vl == sizeof old)
+                memcpy(&old, v, sizeof old);
+        nw.count = old.count + e->count;
+        nw.last = e->last > old.last ? e->last : old.last;
+        return ab_txn_put(t, AB_DB_USAGE, key, klen, &nw, sizeof nw);
+}
+
+/*
+ * A scope granted through a wildcard (repo:*) is counted under its own
+ * name while its agent and audience have fewer than
+ * AB_USAGE_SCOPES_PER_AUDIENCE rows; past that, under the wildcard: an
+ * agent that asks for repo:<random> each time cannot fill the store
+ * (helper-37's finding), and the review still sees the grant used.
+ */
+static int flush_one(ab_txn *t, const entry *e)
+{
+        const void *v;
+        size_t vl, plen, rows = 0, wl;
+        char k[USAGE_MAX_KEY];
+        int r;
+
+        if (!e->wild || ab_txn_get(t, AB_DB_USAGE, e->key, e->klen, &v, &vl) == 0)
+                return merge(t, e->key, e->klen, e);
+        plen = prefix_len(e->key, e->klen);
+        r = ab_txn_foreach(t, AB_DB_USAGE, e->key, plen, count_one, &rows);
+        if (r < 0)
+                return r;
+        wl = strlen(e->wild);
+        if (rows < AB_USAGE_SCOPES_PER_AUDIENCE || plen + wl > sizeof k)
+                return merge(t, e->key, e->klen, e);
+        memcpy(k, e->key, plen);
+        memcpy(k + plen, e->wild, wl);
+        return merge(t, k, plen + wl, e);
 }
 
 int ab_usage_flush(ab_usage *u, ab_store *st)
@@ -128,19 +198,9 @@ int ab_usage_flush(ab_usage *u, ab_store *st)
         r = ab_store_begin(st, true, &t);
         if (r < 0)
                 return r;
-        for (size_t i = 0; i < u->cap && r >= 0; i++) {
-                entry *e = &u->tab[i];
-                const void *v;
-                size_t vl;
-                rec old = { 0 }, nw;
-                if (!e->key)
-                        continue;
-                if (ab_txn_get(t, AB_DB_USAGE, e->key, e->klen, &v, &vl) == 0 && vl == sizeof old)
-                        memcpy(&old, v, sizeof old);
-                nw.count = old.count + e->count;
-                nw.last = e->last > old.last ? e->last : old.last;
-                r = ab_txn_put(t, AB_DB_USAGE, e->key, e->klen, &nw, sizeof nw);
-        }
+        for (size_t i = 0; i < u->cap && r >= 0; i++)
+                if (u->tab[i].key)
+                        r = flush_one(t, &u->tab[i]);
         r = ab_txn_end(t, r);
         if (r == 0)
                 clear(u);

@@ -17,8 +17,15 @@ typedef struct ab_usage ab_usage;
 
 int ab_usage_new(ab_usage **ret);
 void ab_usage_free(ab_usage *u);
-/* Count one issuance. Returns true if the table is full enough to flush now. */
-bool ab_usage_add(ab_usage *u, const char *agent, const char *audience, const char *scope, int64_t now);
+#define AB_USAGE_SCOPES_PER_AUDIENCE 256 /* rows per agent and audience before wildcard scopes fold */
+
+/*
+ * Count one issuance of scope, granted by name (wild NULL) or through the
+ * grant's wildcard wild. Returns true if the table is full enough to flush
+ * now.
+ */
+bool ab_usage_add(ab_usage *u, const char *agent, const char *audience, const char *scope, const char *wild,
+                  int64_t now);
 /* Merge the counts into the store and clear them. 0 or a store error (counts kept). */
 int ab_usage_flush(ab_usage *u, ab_store *st);
 /* Rows {agent, audience, scope, count, last_issued}, for one agent or all. */

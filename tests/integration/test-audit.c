@@ -2263,6 +2263,127 @@ static long long usage_count(hx_broker *b, const char *scope)
         return n;
 }
 
+/* Lines of path that contain what. */
+static unsigned count_lines(const char *path, const char *what)
+{
+        FILE *fp = fopen(path, "r");
+        char line[4096];
+        unsigned n = 0;
+        assert_non_null(fp);
+        while (fgets(line, sizeof line, fp))
+                n += strstr(line, what) != NULL;
+        fclose(fp);
+        return n;
+}
+
+/*
+ * A full disk under sessions being opened: a failed sync queues their
+ * session.opened records again, and the broker once retried them every
+ * loop turn, a full core and tens of thousands of log lines a second
+ * (helper-37). Now they wait for a retry timer and the failure is logged
+ * once; once there is room the next call is served.
+ */
+static void test_full_disk_quiet(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char tiny[PATH_MAX], filler[PATH_MAX], apath[PATH_MAX];
+        hx_run_result res;
+        unsigned n0, n1;
+
+        hx_path_in(tiny, sizeof tiny, f->work, "tiny");
+        hx_fixture_mount(f, tiny, "64k");
+        hx_path_in(apath, sizeof apath, tiny, "audit.jsonl");
+        hx_add_arg(b, "--audit-log");
+        hx_add_arg(b, apath);
+        write_policy(b, NULL);
+        hx_start(b);
+        fill(tiny, filler, sizeof filler, 0);
+        for (int i = 0, refused = 0; refused < 3; i++) { /* each CLI process opens a session */
+                assert_true(i < 200);
+                assert_int_equal(hx_ctl(b, -1, &res, "token", "--audience", AUD_GIT, "--scope", "repo:read", NULL), 0);
+                if (res.exit_code != 0) {
+                        assert_non_null(strstr(res.err, "AuditUnavailable"));
+                        refused++;
+                }
+                hx_run_result_done(&res);
+        }
+        n0 = count_lines(b->log, "cannot be written");
+        usleep(1500 * 1000);
+        n1 = count_lines(b->log, "cannot be written");
+        fprintf(stderr, "full disk: %u failure lines, %u more in 1.5 s idle\n", n0, n1 - n0);
+        assert_true(n0 >= 1);
+        assert_true(n1 - n0 <= 1);
+        assert_int_equal(unlink(filler), 0);
+        assert_int_equal(hx_ctl(b, -1, &res, "token", "--audience", AUD_GIT, "--scope", "repo:read", NULL), 0);
+        assert_int_equal(res.exit_code, 0);
+        hx_run_result_done(&res);
+        hx_stop_clean(b);
+        {
+                const char *args[] = { "--file", apath, NULL };
+                verify_ok(b, args);
+        }
+}
+
+/*
+ * Scopes granted through a wildcard are counted by name only up to
+ * AB_USAGE_SCOPES_PER_AUDIENCE rows per agent and audience, then under the
+ * wildcard: an agent asking for w:<random> each time once filled the store
+ * and made every issuance retry a flush (helper-37). No count is lost.
+ */
+static void test_usage_rows_bounded(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        hx_conn *c, *adm;
+        json_t *root, *row;
+        long long rows = 0, total = 0, folded = -1, named = -1;
+        size_t i;
+
+        write_policy(b, "{\"audience\": \"mcp://wild\", \"scopes\": [\"w:*\", \"w:named\"], \"max_ttl\": 60}");
+        hx_start(b);
+        c = hx_connect(b, b->sock);
+        root = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"mcp://wild\","
+                          "\"scopes\":[\"w:named\"]}}");
+        hx_assert_ok(root);
+        json_decref(root);
+        for (int k = 0; k < 5; k++) {
+                json_t *scopes = json_array();
+                for (int j = 0; j < 64; j++) {
+                        char sc[32];
+                        snprintf(sc, sizeof sc, "w:r%d-%d", k, j);
+                        json_array_append_new(scopes, json_string(sc));
+                }
+                root = hx_rpc(c, "io.agentbroker.IssueToken", json_pack("{s:s, s:o}", "audience", "mcp://wild",
+                                                                        "scopes", scopes));
+                hx_assert_ok(root);
+                json_decref(root);
+        }
+        hx_stop_clean(b); /* the counts go to LMDB */
+        hx_start(b);
+        adm = hx_connect(b, b->admin_sock);
+        root = hx_call(adm, "{\"method\":\"io.agentbroker.admin.GetUsage\",\"parameters\":{\"agent\":\"" AGENT_ID
+                            "\"}}");
+        hx_assert_ok(root);
+        json_array_foreach(json_object_get(hx_reply_params(root), "usage"), i, row) {
+                if (strcmp(rs(row, "audience"), "mcp://wild") != 0)
+                        continue;
+                rows++;
+                total += ri(row, "count");
+                if (strcmp(rs(row, "scope"), "w:*") == 0)
+                        folded = ri(row, "count");
+                if (strcmp(rs(row, "scope"), "w:named") == 0)
+                        named = ri(row, "count");
+        }
+        json_decref(root);
+        fprintf(stderr, "usage rows for mcp://wild: %lld, %lld issuances, %lld under w:*\n", rows, total, folded);
+        assert_int_equal(total, 321);
+        assert_int_equal(named, 1);
+        assert_int_equal(rows, 257);   /* 256 by name (w:named among them), and w:* */
+        assert_int_equal(folded, 65); /* 320 - 255 */
+        hx_conn_close(b, adm);
+}
+
 /*
  * Usage counters: exact across a clean restart; a kill -9 may lose the
  * last few seconds of counts (they are flushed every 5 s), never an audit
@@ -2916,6 +3037,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_introspect_flood_rate_limited, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_read_audit_large_file, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_usage_counters, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_usage_rows_bounded, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_full_disk_quiet, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_journald, hx_fixture_setup, hx_fixture_teardown),
                 /* gaps found while writing these: decisions missing from the record */
                 cmocka_unit_test_setup_teardown(test_attenuate_denial_audited, hx_fixture_setup, hx_fixture_teardown),
