@@ -48,6 +48,7 @@ struct ab_audit {
         char *path;
         int fd;
         bool broken;          /* a failed write could not be cut back: nothing more is written */
+        uint64_t queued_total; /* records ever queued: only grows (ab_audit_queued_total) */
         const ab_signer *signer;
         uint64_t max_size;
         unsigned keep;        /* rotated files kept, 0: all (ab_audit_set_keep) */
@@ -396,6 +397,7 @@ static int queue_record(ab_audit *a, const char *event, json_t *rec, bool journa
         free(line);
         a->q_seq++;
         a->q_records++;
+        a->queued_total++;
         if (journal)
                 to_journal(a, event, rec);
         return 0;
@@ -429,6 +431,11 @@ int ab_audit_requeue(ab_audit *a, const char *event, json_t *rec)
         r = queue_record(a, event, rec, false);
         json_decref(rec);
         return r;
+}
+
+uint64_t ab_audit_queued_total(const ab_audit *a)
+{
+        return a ? a->queued_total : 0;
 }
 
 bool ab_audit_pending(const ab_audit *a)
@@ -609,6 +616,15 @@ void ab_audit_set_keep(ab_audit *a, unsigned keep)
 /* A write or sync failed: keep the chain whole by forgetting what was not made durable. */
 static void cut_back(ab_audit *a)
 {
+        struct stat st;
+
+        /* nothing written past the durable end (a write that failed at once): nothing to cut,
+         * and an append-only file would refuse even a truncate to its own size */
+        if (a->fd >= 0 && fstat(a->fd, &st) == 0 && (uint64_t)st.st_size == a->size) {
+                drop_queue(a);
+                a->q_checkpoint = false;
+                return;
+        }
         if (a->fd >= 0 && ftruncate(a->fd, (off_t)a->size) < 0) {
                 /* what follows byte a->size is not the chain (a torn line, records
                  * whose requests were refused): writing after it would break the
@@ -642,6 +658,7 @@ static int rotate(ab_audit *a)
         char from[4200], to[4200], next[4200], fresh[4200], prev[65], largest[4200] = "", smallest[4200] = "";
         int old_fd = a->fd, fd, r;
         uint64_t old_size = a->size, old_seq = a->seq, old_since = a->since_checkpoint;
+        bool old_broken = a->broken;
         unsigned *ks = NULL;
         size_t n = 0, shifted = 0, dropped = 0;
 
@@ -735,6 +752,7 @@ undo:
         a->size = old_size;
         a->seq = old_seq;
         a->since_checkpoint = old_since;
+        a->broken = old_broken; /* a cut back that failed on the new file, now gone, says nothing of this one */
         memcpy(a->prev, prev, sizeof prev);
         drop_queue(a);
         return r;
@@ -786,7 +804,7 @@ int ab_audit_sync_start(ab_audit *a, ab_audit_batch *b)
                 return 1;
         if (rotation_due(a)) { /* rare: rotate here, in the caller's thread, as ab_audit_sync does */
                 r = ab_audit_sync(a);
-                return r < 0 ? r : 1;
+                return r < 0 ? r : 2;
         }
         if (a->broken) {
                 drop_queue(a);

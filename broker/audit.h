@@ -68,6 +68,8 @@ int ab_audit_add(ab_audit *a, const char *event, json_t *rec);
  * second time.
  */
 int ab_audit_requeue(ab_audit *a, const char *event, json_t *rec);
+/* How many records were ever queued (never decreases: a call compares it before and after). */
+uint64_t ab_audit_queued_total(const ab_audit *a);
 /* Records queued and not yet durable. */
 bool ab_audit_pending(const ab_audit *a);
 /* Bytes of records queued (not counting a batch out). */
@@ -85,7 +87,7 @@ const char *ab_audit_path(const ab_audit *a);
  *
  * ab_audit_sync_start() detaches the queued records (adding a checkpoint
  * when due) into *b: 0, then ab_audit_batch_write(b) runs in any thread and
- * ab_audit_sync_finish() back in this one. 1: nothing was queued, or a
+ * ab_audit_sync_finish() back in this one. 1: nothing was queued; 2: a
  * rotation was due and the whole sync was done here (as ab_audit_sync);
  * -errno: none of the queued records was kept.
  *

@@ -434,7 +434,11 @@ int ab_conn_reply(ab_conn *c, json_t *params, const char *error)
         r = ab_vl_encode_reply(params, error, &msg, &len);
         if (r < 0)
                 return r;
-        if (!c->held && ab_audit_pending(c->m->audit)) {
+        /* held if this call queued a record: GetInfo, GetKeys, a refusal are not
+         * made to wait for (or fail with) other calls' records, which a failing
+         * disk may keep queued for seconds */
+        if (!c->held && ab_audit_pending(c->m->audit) &&
+            ab_audit_queued_total(c->m->audit) != c->call_records) {
                 c->held = true;
                 c->held_calls = 0;
                 c->held_from = c->out_len;
@@ -665,7 +669,7 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
                 list = m->held;
                 m->held = NULL;
                 audit_settle(m, r < 0 ? r : 0, list, m->n_usage_pending, json_array_size(m->turn_sessions));
-                if (r < 0)
+                if (r != 1) /* failed, or written with a rotation */
                         audit_backoff(m, r);
                 wake_stalled(m);
                 return 0;
@@ -851,6 +855,7 @@ static bool conn_process(ab_conn *c, bool *ret_drained)
                         c->closing = true;
                         return false;
                 }
+                c->call_records = ab_audit_queued_total(c->m->audit);
                 ab_dispatch(c, &call);
                 ab_vl_call_done(&call);
                 if (c->retry_call) {
@@ -948,6 +953,7 @@ void ab_manager_drain_jobs(ab_manager *m)
 void ab_conn_job_answer(ab_conn *c)
 {
         c->oneway = c->busy_oneway;
+        c->call_records = ab_audit_queued_total(c->m->audit); /* the job's records are queued from here */
 }
 
 void ab_conn_resume(ab_conn *c)
@@ -1090,6 +1096,7 @@ static void accept_one(ab_manager *m, int lfd, bool admin)
         c->peer.pidfd = -1;
         ab_frame_init(&c->in, AB_MAX_MESSAGE);
         c->last_active = ab_mono_usec();
+        c->call_records = ab_audit_queued_total(m->audit);
         c->next = m->conns;
         if (m->conns)
                 m->conns->prev = c;

@@ -90,6 +90,8 @@ struct ab_conn {
         uint64_t msg_started;   /* when the pending partial message began, 0: none */
         /* Replies held until the audit records queued before them are durable. */
         bool held;
+        uint64_t call_records;  /* ab_audit_queued_total when the call at hand began: a reply
+                                   waits only if its call queued a record (or one waits already) */
         bool inflight;          /* held by the batch being written: read nothing until it is durable */
         ab_conn **busy_ref;     /* a job works for the call at hand (ab_conn_submit): the job's pointer to c */
         bool busy_oneway;       /* that call wants no reply (see ab_conn_job_answer) */
