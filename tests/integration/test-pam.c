@@ -326,6 +326,14 @@ static json_t *pam_records(fixture *f)
         return out;
 }
 
+/* The pam-agent session holds n open PAM session records. */
+static void expect_records(fixture *f, size_t n)
+{
+        json_t *recs = pam_records(f);
+        assert_int_equal(json_array_size(recs), n);
+        json_decref(recs);
+}
+
 /* ---- tests ------------------------------------------------------------------------ */
 
 static void test_success_all_stages(void **state)
@@ -365,9 +373,7 @@ static void test_success_all_stages(void **state)
         json_decref(recs);
 
         assert_int_equal(pam_close_session(h, 0), PAM_SUCCESS);
-        recs = pam_records(f);
-        assert_int_equal(json_array_size(recs), 0);
-        json_decref(recs);
+        expect_records(f, 0);
         assert_int_equal(pam_setcred(h, PAM_DELETE_CRED), PAM_SUCCESS);
         assert_int_equal(pam_end(h, PAM_SUCCESS), PAM_SUCCESS);
         assert_int_equal(count_fds(), fds); /* no descriptor left behind */
@@ -676,13 +682,9 @@ static void test_handle_reuse_and_odd_items(void **state)
         h = start(f, "root", &cd, &conv);
         assert_int_equal(pam_authenticate(h, 0), PAM_SUCCESS);
         assert_int_equal(pam_open_session(h, 0), PAM_SUCCESS);
-        recs = pam_records(f);
-        assert_int_equal(json_array_size(recs), 1);
-        json_decref(recs);
+        expect_records(f, 1);
         assert_int_equal(pam_close_session(h, 0), PAM_SUCCESS);
-        recs = pam_records(f);
-        assert_int_equal(json_array_size(recs), 0);
-        json_decref(recs);
+        expect_records(f, 0);
         pam_end(h, PAM_SUCCESS);
 
         /* odd user names and items */
@@ -747,13 +749,9 @@ static void test_stages_follow_auth(void **state)
         /* a refused token on the same handle leaves the open record alone: close_session closes it */
         cd.answer = tok; /* scope login, where the auth line wants deploy */
         assert_int_equal(pam_authenticate(h, 0), PAM_AUTH_ERR);
-        recs = pam_records(f);
-        assert_int_equal(json_array_size(recs), 1);
-        json_decref(recs);
+        expect_records(f, 1);
         assert_int_equal(pam_close_session(h, 0), PAM_SUCCESS);
-        recs = pam_records(f);
-        assert_int_equal(json_array_size(recs), 0);
-        json_decref(recs);
+        expect_records(f, 0);
         pam_end(h, PAM_SUCCESS);
         /* account keeps auth's max_auth_age (120 s), not the default 300 s */
         cd.answer = dep2;
