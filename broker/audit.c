@@ -386,12 +386,16 @@ static int queue_record(ab_audit *a, const char *event, json_t *rec, bool journa
                         return -E2BIG;
                 max /= 4;
         }
-        r = buf_append(a, line, len);
-        if (r == 0)
-                r = buf_append(a, "\n", 1);
-        if (r < 0) {
-                free(line);
-                return r;
+        {
+                size_t was = a->len;
+                r = buf_append(a, line, len);
+                if (r == 0)
+                        r = buf_append(a, "\n", 1);
+                if (r < 0) {
+                        a->len = was; /* no half record for the next one to be glued to */
+                        free(line);
+                        return r;
+                }
         }
         hash_hex(line, len, a->q_prev);
         free(line);

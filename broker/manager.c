@@ -950,6 +950,11 @@ void ab_manager_drain_jobs(ab_manager *m)
                 ab_worker_drain(m->crypto);
 }
 
+void ab_conn_after_pending(ab_conn *c)
+{
+        c->call_records = UINT64_MAX; /* never a count: held if anything is queued */
+}
+
 void ab_conn_job_answer(ab_conn *c)
 {
         c->oneway = c->busy_oneway;
@@ -1966,6 +1971,11 @@ int ab_manager_startup(ab_manager *m)
         r = startup_policy(m);
         if (r < 0)
                 return r;
+        /* what start-up recorded (policy.loaded) is durable before the first call is
+         * served; if the disk refuses, the first calls that need the trail try again */
+        if (m->audit && (r = ab_audit_sync(m->audit)) < 0)
+                ab_log(LOG_WARNING, "audit trail %s cannot be written at start: %s", ab_audit_path(m->audit),
+                       ab_strerror(r));
         r = watch_policy(m);
         if (r < 0)
                 return r;

@@ -212,6 +212,8 @@ void ab_conn_submit(ab_conn *c, ab_job *j, ab_conn **ref);
  * ab_conn_resume() answer the job's call (none if that call was oneway).
  */
 void ab_conn_job_answer(ab_conn *c);
+/* The reply of the call at hand depends on records other calls queued: it waits for them as well. */
+void ab_conn_after_pending(ab_conn *c);
 /*
  * Finish every job out now (their replies and records queued), before a
  * change that must not overtake them: a revocation, a policy reload, a

@@ -628,8 +628,8 @@ static void revoked_reply(ab_conn *c, unsigned n, const char *what)
 }
 
 /* The record of an agent's Revoke (decision "revoke", or "deny" when refused). */
-static void audit_revoke(ab_conn *c, const ab_identity *id, const ab_agent *a, const char *decision,
-                         const char *reason, const char *sid, const char *jti)
+static int audit_revoke(ab_conn *c, const ab_identity *id, const ab_agent *a, const char *decision,
+                        const char *reason, const char *sid, const char *jti)
 {
         json_t *rec = ab_audit_rec(c, decision, reason, id, a);
         if (rec) {
@@ -637,7 +637,23 @@ static void audit_revoke(ab_conn *c, const ab_identity *id, const ab_agent *a, c
                 if (jti)
                         json_object_set_new(rec, "jti", json_string(jti));
         }
-        ab_manager_audit(c->m, jti ? "token.revoked" : "session.revoked", rec);
+        return ab_manager_audit(c->m, jti ? "token.revoked" : "session.revoked", rec);
+}
+
+/*
+ * A change is made (a revocation in force, a PAM session recorded or
+ * closed) but its audit record could not be queued (r < 0): say so
+ * instead of acknowledging it, which would leave no record at all.
+ */
+static bool unrecorded(ab_conn *c, int r, const char *what)
+{
+        char reason[256];
+
+        if (r >= 0)
+                return false;
+        snprintf(reason, sizeof reason, "%s, but its audit record could not be written (%s)", what, ab_strerror(r));
+        ab_conn_error(c, "io.agentbroker.AuditUnavailable", reason, NULL);
+        return true;
 }
 
 void ab_m_revoke(ab_conn *c, ab_vl_call *call)
@@ -707,9 +723,10 @@ void ab_m_revoke(ab_conn *c, ab_vl_call *call)
                 store_error(c, r, "cannot record the revocation");
                 return;
         }
-        audit_revoke(c, &id, a, "revoke", what, sid, jti);
+        r = audit_revoke(c, &id, a, "revoke", what, sid, jti);
         json_decref(res.claims); /* jti points into it when revoking by token */
-        revoked_reply(c, 1, what);
+        if (!unrecorded(c, r, "the revocation is in force"))
+                revoked_reply(c, 1, what);
 }
 
 void ab_m_admin_revoke(ab_conn *c, ab_vl_call *call)
@@ -808,9 +825,10 @@ void ab_m_admin_revoke(ab_conn *c, ab_vl_call *call)
                         }
                         json_object_set_new(rec, "count", json_integer(n));
                 }
-                ab_manager_audit(c->m, events[k], rec);
+                r = ab_manager_audit(c->m, events[k], rec);
         }
-        revoked_reply(c, n, what);
+        if (!unrecorded(c, r, "the revocation is in force"))
+                revoked_reply(c, n, what);
 }
 
 /* ---- ListSessions ------------------------------------------------------- */
@@ -868,8 +886,8 @@ void ab_m_admin_list_sessions(ab_conn *c, ab_vl_call *call)
  * user, tty, rhost) and, from the token when it parsed, its jti, sid,
  * agent and owner; for an active token, sid and agent of its session.
  */
-static void audit_pam_open(ab_conn *c, const char *decision, const char *reason, json_t *p,
-                           const ab_introspect_res *res, const char *pam_id)
+static int audit_pam_open(ab_conn *c, const char *decision, const char *reason, json_t *p,
+                          const ab_introspect_res *res, const char *pam_id)
 {
         static const char *const asked[] = { "service", "user", "tty", "rhost" };
         static const claim_field map[] = { { "jti", "jti" }, { "sid", "sid" }, { "sub", "agent" }, { "owner", "owner" } };
@@ -887,7 +905,7 @@ static void audit_pam_open(ab_conn *c, const char *decision, const char *reason,
                         json_object_set_new(rec, "agent", json_string(res->session.agent));
                 }
         }
-        ab_manager_audit(c->m, "pam.opened", rec);
+        return ab_manager_audit(c->m, "pam.opened", rec);
 }
 
 void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
@@ -954,9 +972,10 @@ void ab_m_open_pam_session(ab_conn *c, ab_vl_call *call)
         }
         ab_log(LOG_INFO, "PAM session %s opened (service %s, user %s)", id,
                json_string_value(json_object_get(p, "service")), json_string_value(json_object_get(p, "user")));
-        audit_pam_open(c, "open", NULL, p, &res, id);
+        r = audit_pam_open(c, "open", NULL, p, &res, id);
         json_decref(res.claims);
-        ab_conn_reply(c, json_pack("{s:s}", "id", id), NULL);
+        if (!unrecorded(c, r, "the PAM session is recorded"))
+                ab_conn_reply(c, json_pack("{s:s}", "id", id), NULL);
 }
 
 void ab_m_close_pam_session(ab_conn *c, ab_vl_call *call)
@@ -981,6 +1000,8 @@ void ab_m_close_pam_session(ab_conn *c, ab_vl_call *call)
                 return;
         }
         if (r == 0) { /* unknown or already closed: idempotent, and nothing to record */
+                /* a close may be waiting for its record: this answer waits with it */
+                ab_conn_after_pending(c);
                 ab_conn_reply(c, json_object(), NULL);
                 return;
         }
@@ -997,7 +1018,8 @@ void ab_m_close_pam_session(ab_conn *c, ab_vl_call *call)
                                         json_object_set_new(rec, "agent", json_string(sess.agent));
                         }
                 }
-                ab_manager_audit(c->m, "pam.closed", rec);
+                r = ab_manager_audit(c->m, "pam.closed", rec);
         }
-        ab_conn_reply(c, json_object(), NULL);
+        if (!unrecorded(c, r, "the PAM session is closed"))
+                ab_conn_reply(c, json_object(), NULL);
 }

@@ -849,7 +849,11 @@ static void m_rotate_key(ab_conn *c, ab_vl_call *call)
                 json_object_set_new(rec, "previous_kid", json_string(old));
                 json_object_set_new(rec, "previous_valid_until", json_integer(until));
         }
-        ab_manager_audit(c->m, "key.rotated", rec);
+        if (ab_manager_audit(c->m, "key.rotated", rec) < 0) {
+                ab_conn_error(c, "io.agentbroker.AuditUnavailable",
+                              "the key is rotated, but its audit record could not be written", NULL);
+                return;
+        }
         ab_conn_reply(c, json_pack("{s:s, s:s, s:I}", "kid", ab_signer_kid(c->m->signer), "previous_kid", old,
                                    "previous_valid_until", (json_int_t)until),
                       NULL);
