@@ -116,13 +116,14 @@ int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a,
         case AB_SESSION_NONE:
                 r = ab_session_authenticate(c->m->store, id, a, now, ret, &created);
                 if (r == -EAGAIN) {
-                        cutoff_pending(c);
+                        /* the record first: a refusal waits for its own record like any reply */
                         audit_session(c, "token.denied", "deny", CUTOFF_REASON, id, a, NULL, deny_fields);
+                        cutoff_pending(c);
                         return -1;
                 }
                 if (r < 0) {
-                        store_error(c, r, "cannot open a session");
                         audit_session(c, "token.denied", "deny", "cannot open a session", id, a, NULL, deny_fields);
+                        store_error(c, r, "cannot open a session");
                         return -1;
                 }
                 ab_log(LOG_INFO, "session %s opened for agent %s pid %d uid %u", ret->sid, a->id, (int)id->pid,
@@ -188,8 +189,8 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
         now = ab_manager_now(c->m);
         r = ab_session_authenticate(c->m->store, &id, a, now, &s, &created);
         if (r == -EAGAIN) {
-                cutoff_pending(c);
                 audit_session(c, "session.reauthenticated", "deny", CUTOFF_REASON, &id, a, NULL, NULL);
+                cutoff_pending(c);
                 return;
         }
         if (r < 0 && r != -EPERM) {
