@@ -429,7 +429,8 @@ int ab_audit_requeue(ab_audit *a, const char *event, json_t *rec)
         if (!rec)
                 return -ENOMEM;
         json_object_del(rec, "token");
-        /* "seq", "prev" and "time" are set afresh (queue_record); journald had this one */
+        /* "seq" and "prev" are set afresh (queue_record), "time" stays when the request was
+         * made; journald had this one */
         json_object_del(rec, "seq");
         json_object_del(rec, "prev");
         r = queue_record(a, event, rec, false);

@@ -437,8 +437,10 @@ int ab_conn_reply(ab_conn *c, json_t *params, const char *error)
         /* held if this call queued a record: GetInfo, GetKeys, a refusal are not
          * made to wait for (or fail with) other calls' records, which a failing
          * disk may keep queued for seconds */
-        if (!c->held && ab_audit_pending(c->m->audit) &&
-            ab_audit_queued_total(c->m->audit) != c->call_records) {
+        if (!c->held &&
+            (c->call_records == UINT64_MAX /* ab_conn_after_pending: the batch being written counts too */
+                     ? ab_audit_pending(c->m->audit) || ab_audit_batch_out(c->m->audit)
+                     : ab_audit_pending(c->m->audit) && ab_audit_queued_total(c->m->audit) != c->call_records)) {
                 c->held = true;
                 c->held_calls = 0;
                 c->held_from = c->out_len;

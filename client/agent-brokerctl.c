@@ -706,6 +706,7 @@ static int write_file_mode(const char *path, const char *data, mode_t mode, bool
                 fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode);
                 if (fd < 0)
                         return -errno;
+                errno = 0; /* a short write sets none */
                 if (write(fd, data, len) != (ssize_t)len || fsync(fd) < 0) {
                         int r = errno ? -errno : -EIO;
                         close(fd);

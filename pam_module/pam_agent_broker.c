@@ -401,10 +401,16 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
         /* a PAM session recorded for an earlier token on this handle is that
          * token's: close its record, so that open_session records this one */
         if (pam_get_data(pamh, DATA_PAM_ID, &open_id) == PAM_SUCCESS && open_id) {
-                if (close_record(&x, open_id) == 0)
-                        (void)pam_set_data(pamh, DATA_PAM_ID, NULL, NULL);
-                else /* keep it for close_session to try again */
+                if (close_record(&x, open_id) != 0) {
+                        /* keep it for close_session to try again; an older one waiting
+                         * there gets one more try first (only one is kept) */
+                        const void *older = NULL;
+                        if (pam_get_data(pamh, DATA_PAM_STALE, &older) == PAM_SUCCESS && older &&
+                            close_record(&x, older) != 0)
+                                pam_syslog(pamh, LOG_ERR, "PAM session record %s stays open at the broker",
+                                           (const char *)older);
                         (void)pam_set_data(pamh, DATA_PAM_STALE, strdup(open_id), wipe_cleanup);
+                }
                 (void)pam_set_data(pamh, DATA_PAM_ID, NULL, NULL);
                 unset_env(pamh, ENV_PAM_ID);
         }
