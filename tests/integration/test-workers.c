@@ -63,7 +63,7 @@
 
 typedef hx_fixture fx; /* the broker, DIR/work, a tmpfs or a helper process to remove in teardown */
 
-/* One agent (root, any executable) with two audiences; the longest max_ttl is 600 s. */
+/* One agent (root, any executable) with three audiences (one a PAM service); the longest max_ttl is 600 s. */
 static void write_policy(hx_broker *b)
 {
         static const char policy[] =
@@ -73,7 +73,8 @@ static void write_policy(hx_broker *b)
                 "   \"match\": {\"uid\": 0},\n"
                 "   \"grants\": [\n"
                 "     {\"audience\": \"" AUD_GIT "\", \"scopes\": [\"repo:read\", \"repo:write\"], \"max_ttl\": 600},\n"
-                "     {\"audience\": \"" AUD_TICKETS "\", \"scopes\": [\"tickets:read\"], \"max_ttl\": 60}]}]}\n";
+                "     {\"audience\": \"" AUD_TICKETS "\", \"scopes\": [\"tickets:read\"], \"max_ttl\": 60},\n"
+                "     {\"audience\": \"pam:svc\", \"scopes\": [\"login\"], \"max_ttl\": 600, \"users\": [\"root\"]}]}]}\n";
         assert_int_equal(hx_broker_write_policy(b, policy), 0);
 }
 
@@ -1579,6 +1580,74 @@ static void test_sigterm_under_load(void **state)
 /* ---- 6. a disk that stops answering ------------------------------------------------------------ */
 
 /*
+ * An answer that rests on another call's record waits for it, also while
+ * that record's batch is being written (helper-40, helper-41): with the
+ * disk stuck, a second ClosePamSession of the id another connection has
+ * just closed gets no answer until that close's pam.closed record is
+ * durable (it used to answer {} at once, and a crash then left the trail
+ * without the close).
+ */
+static void test_repeated_pam_close_waits(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char shim[PATH_MAX], stall[PATH_MAX], msg[4096], *id;
+        hx_conn *c1, *c2;
+        json_t *root;
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+        skip(); /* the preloaded shim must not come before the sanitizer's runtime */
+#endif
+        if (hx_under_wrapper())
+                skip();
+        assert_int_equal(hx_build_path("tests/stall-fdatasync.so", shim, sizeof shim), 0);
+        hx_path_in(stall, sizeof stall, f->work, "stall");
+        assert_int_equal(setenv("LD_PRELOAD", shim, 1), 0);
+        assert_int_equal(setenv("AB_STALL_FILE", stall, 1), 0);
+        assert_int_equal(setenv("AB_STALL_MATCH", "audit.jsonl", 1), 0); /* LMDB's commits go on */
+        start_loaded(b);
+        unsetenv("LD_PRELOAD");
+        unsetenv("AB_STALL_MATCH");
+        c1 = hx_connect(b, b->sock);
+        c2 = hx_connect(b, b->sock);
+        root = hx_call(c1, "{\"method\":\"" M_ISSUE "\",\"parameters\":{\"audience\":\"pam:svc\",\"scopes\":[\"login\"]}}");
+        hx_assert_ok(root);
+        snprintf(msg, sizeof msg,
+                 "{\"method\":\"io.agentbroker.OpenPamSession\",\"parameters\":{\"token\":\"%s\",\"service\":\"svc\","
+                 "\"user\":\"root\"}}",
+                 hx_reply_str(root, "token"));
+        json_decref(root);
+        root = hx_call(c1, msg);
+        hx_assert_ok(root);
+        id = strdup(hx_reply_str(root, "id"));
+        json_decref(root);
+        snprintf(msg, sizeof msg, "{\"method\":\"io.agentbroker.ClosePamSession\",\"parameters\":{\"id\":\"%s\"}}", id);
+
+        assert_int_equal(hx_write_file(stall, "", 0644), 0);
+        assert_int_equal(hx_conn_send_msg(c1, msg), 0); /* closes it in LMDB; its record's batch sticks */
+        hx_sleep_ms(300);
+        assert_int_equal(hx_conn_send_msg(c2, msg), 0); /* already closed: rests on c1's record */
+        {
+                int r2 = hx_conn_recv_json(c2, 700, &root);
+                if (r2 == 1) {
+                        fprintf(stderr, "the second close was answered while the first one's record was not durable\n");
+                        json_decref(root);
+                }
+                assert_int_equal(unlink(stall), 0); /* first: a failed assertion must not leave the disk stuck */
+                assert_int_equal(r2, -ETIMEDOUT);
+        }
+        assert_int_equal(hx_conn_recv_json(c1, 10000, &root), 1);
+        hx_assert_ok(root);
+        json_decref(root);
+        assert_int_equal(hx_conn_recv_json(c2, 10000, &root), 1);
+        hx_assert_ok(root);
+        json_decref(root);
+        free(id);
+        hx_conn_close(b, c1);
+        hx_conn_close(b, c2);
+}
+
+/*
  * Every fdatasync of the broker waits (tests/stall-fdatasync.so, preloaded)
  * while 4 connections stream oneway IssueToken as fast as the broker reads
  * them: oneway calls hold no reply, so only the cap on the records queued
@@ -1709,6 +1778,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_audit_enospc_under_pipelined_load, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_sigterm_under_load, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_stuck_disk_memory_bounded, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_repeated_pam_close_waits, hx_fixture_setup, hx_fixture_teardown),
         };
         if (sodium_init() < 0)
                 return 1;
