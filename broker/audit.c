@@ -407,7 +407,8 @@ static int queue_record(ab_audit *a, const char *event, json_t *rec, bool journa
         return 0;
 }
 
-int ab_audit_add(ab_audit *a, const char *event, json_t *rec)
+/* ab_audit_add, and ab_audit_requeue for a record journald had (journal false). */
+static int add_record(ab_audit *a, const char *event, json_t *rec, bool journal)
 {
         int r;
 
@@ -415,27 +416,19 @@ int ab_audit_add(ab_audit *a, const char *event, json_t *rec)
                 return -ENOMEM;
         /* never a token or a key: callers pass identifiers only */
         json_object_del(rec, "token");
-        r = queue_record(a, event, rec, true);
+        r = queue_record(a, event, rec, journal); /* "seq" and "prev" afresh, "time" kept if set */
         json_decref(rec);
         return r;
 }
 
-static void drop_queue(ab_audit *a);
+int ab_audit_add(ab_audit *a, const char *event, json_t *rec)
+{
+        return add_record(a, event, rec, true);
+}
 
 int ab_audit_requeue(ab_audit *a, const char *event, json_t *rec)
 {
-        int r;
-
-        if (!rec)
-                return -ENOMEM;
-        json_object_del(rec, "token");
-        /* "seq" and "prev" are set afresh (queue_record), "time" stays when the request was
-         * made; journald had this one */
-        json_object_del(rec, "seq");
-        json_object_del(rec, "prev");
-        r = queue_record(a, event, rec, false);
-        json_decref(rec);
-        return r;
+        return add_record(a, event, rec, false);
 }
 
 uint64_t ab_audit_queued_total(const ab_audit *a)
@@ -469,6 +462,7 @@ static int add_checkpoint(ab_audit *a)
                                       "EdDSA"));
 }
 
+static void drop_queue(ab_audit *a);
 
 static int write_all(int fd, const char *p, size_t n)
 {
@@ -490,6 +484,7 @@ static void drop_queue(ab_audit *a)
 {
         a->len = 0;
         a->q_records = 0;
+        a->q_checkpoint = false;
         a->q_seq = a->seq;
         memcpy(a->q_prev, a->prev, sizeof a->prev);
         if (a->cap > 1024 * 1024) {
@@ -622,15 +617,11 @@ void ab_audit_set_keep(ab_audit *a, unsigned keep)
 static void cut_back(ab_audit *a)
 {
         struct stat st;
-
         /* nothing written past the durable end (a write that failed at once): nothing to cut,
          * and an append-only file would refuse even a truncate to its own size */
-        if (a->fd >= 0 && fstat(a->fd, &st) == 0 && (uint64_t)st.st_size == a->size) {
-                drop_queue(a);
-                a->q_checkpoint = false;
-                return;
-        }
-        if (a->fd >= 0 && ftruncate(a->fd, (off_t)a->size) < 0) {
+        bool written = a->fd >= 0 && !(fstat(a->fd, &st) == 0 && (uint64_t)st.st_size == a->size);
+
+        if (written && ftruncate(a->fd, (off_t)a->size) < 0) {
                 /* what follows byte a->size is not the chain (a torn line, records
                  * whose requests were refused): writing after it would break the
                  * trail for good, so nothing more is written (fail closed) */
@@ -642,7 +633,6 @@ static void cut_back(ab_audit *a)
                 a->broken = true;
         }
         drop_queue(a);
-        a->q_checkpoint = false;
 }
 
 /*
@@ -813,7 +803,6 @@ int ab_audit_sync_start(ab_audit *a, ab_audit_batch *b)
         }
         if (a->broken) {
                 drop_queue(a);
-                a->q_checkpoint = false;
                 return -EIO;
         }
         r = checkpoint_if_due(a);
@@ -883,7 +872,6 @@ int ab_audit_sync(ab_audit *a)
                 return 0;
         if (a->broken) {
                 drop_queue(a);
-                a->q_checkpoint = false;
                 return -EIO;
         }
         r = checkpoint_if_due(a);
