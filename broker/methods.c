@@ -395,7 +395,9 @@ typedef struct issue_job {
         size_t len;
         json_t *rec;                 /* the token.issued record, queued with the reply */
         char *agent, *audience, *scope;
-        char *wild;                  /* per scope, space-separated: the grant's wildcard that covered it, or "" */
+        /* per scope, the grant's wildcard that covered it (NULL: named): pointers into the
+         * policy, which outlives the job (a reload drains the jobs first, as for signer) */
+        const char *wild[AB_REQ_MAX_SCOPES];
         int64_t now, exp, auth_time;
         char jti[AB_TOKEN_JTI_LEN + 1], sid[AB_SID_LEN + 1];
 } issue_job;
@@ -412,7 +414,6 @@ static void issue_job_free(issue_job *j)
         free(j->agent);
         free(j->audience);
         free(j->scope);
-        free(j->wild);
         free(j);
 }
 
@@ -432,10 +433,9 @@ static void issue_job_done(ab_job *job)
 {
         issue_job *j = (issue_job *)job;
         ab_conn *c = j->c;
-        const char *scopes[AB_REQ_MAX_SCOPES], *wild[AB_REQ_MAX_SCOPES];
+        const char *scopes[AB_REQ_MAX_SCOPES];
         size_t n = 0;
         json_t *reply;
-        char *w;
 
         if (!c) {
                 issue_job_free(j);
@@ -457,19 +457,16 @@ static void issue_job_done(ab_job *job)
                 json_object_set_new(reply, "auth_time", json_integer(j->auth_time));
         }
         ab_conn_reply(c, reply, NULL);
-        /* the scope string is the request's scopes joined by spaces; wild has one field for each */
-        w = j->wild;
+        /* the scope string is the request's scopes joined by spaces (in j->wild's order) */
         for (char *p = j->scope; *p && n < AB_REQ_MAX_SCOPES;) {
                 char *e = strchr(p, ' ');
-                const char *f = w ? strsep(&w, " ") : NULL;
-                wild[n] = f && *f ? f : NULL;
                 scopes[n++] = p;
                 if (!e)
                         break;
                 *e = '\0';
                 p = e + 1;
         }
-        ab_usage_note(c->m, j->agent, j->audience, scopes, wild, n, j->now);
+        ab_usage_note(c->m, j->agent, j->audience, scopes, j->wild, n, j->now);
         issue_job_free(j);
         ab_conn_resume(c);
 }
@@ -563,21 +560,9 @@ static void m_issue_token(ab_conn *c, ab_vl_call *call)
         if (claims)
                 json_object_set_new(claims, "grant", json_string(g->id));
         j = calloc(1, sizeof *j);
-        if (j) {
-                /* for the usage counters: the wildcard of the grant behind each scope */
-                char wild_str[sizeof scope_str + AB_REQ_MAX_SCOPES];
-                size_t wo = 0;
-                for (i = 0; i < n; i++) {
-                        const char *wc = ab_grant_wildcard_for(g, scopes[i]);
-                        int k = snprintf(wild_str + wo, sizeof wild_str - wo, "%s%s", i ? " " : "", wc ? wc : "");
-                        if (k < 0 || (size_t)k >= sizeof wild_str - wo)
-                                break;
-                        wo += (size_t)k;
-                }
-                wild_str[wo] = '\0';
-                j->wild = strdup(wild_str);
-        }
-        if (!j || !j->wild || !claims || ab_token_prepare(c->m->signer, claims, &j->buf, &j->len) < 0 ||
+        for (i = 0; j && i < n; i++) /* for the usage counters */
+                j->wild[i] = ab_grant_wildcard_for(g, scopes[i]);
+        if (!j || !claims || ab_token_prepare(c->m->signer, claims, &j->buf, &j->len) < 0 ||
             !(j->agent = strdup(a->id)) || !(j->audience = strdup(audience)) || !(j->scope = strdup(scope_str))) {
                 json_decref(claims);
                 json_decref(req);

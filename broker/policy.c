@@ -1011,22 +1011,12 @@ const ab_agent *ab_policy_match(const ab_policy *p, const ab_identity *id)
         return NULL;
 }
 
-bool ab_grant_covers(const ab_grant *g, const char *want)
-{
-        for (size_t i = 0; i < g->n_scopes; i++) {
-                const char *s = g->scopes[i];
-                size_t n = strlen(s);
-                if (n > 0 && s[n - 1] == '*') {
-                        if (strncmp(s, want, n - 1) == 0)
-                                return true;
-                } else if (strcmp(s, want) == 0) {
-                        return true;
-                }
-        }
-        return false;
-}
-
-const char *ab_grant_wildcard_for(const ab_grant *g, const char *want)
+/*
+ * Whether g covers want (exactly, or by a trailing-'*' prefix); with
+ * ret_wild, also which wildcard of g covers it when g does not name it
+ * exactly (NULL when it does).
+ */
+static bool grant_match(const ab_grant *g, const char *want, const char **ret_wild)
 {
         const char *wild = NULL;
 
@@ -1034,12 +1024,32 @@ const char *ab_grant_wildcard_for(const ab_grant *g, const char *want)
                 const char *s = g->scopes[i];
                 size_t n = strlen(s);
                 if (n > 0 && s[n - 1] == '*') {
-                        if (!wild && strncmp(s, want, n - 1) == 0)
-                                wild = s;
+                        if (strncmp(s, want, n - 1) != 0 || wild)
+                                continue;
+                        if (!ret_wild)
+                                return true;
+                        wild = s; /* a later exact name still wins */
                 } else if (strcmp(s, want) == 0) {
-                        return NULL;
+                        if (ret_wild)
+                                *ret_wild = NULL;
+                        return true;
                 }
         }
+        if (ret_wild)
+                *ret_wild = wild;
+        return wild != NULL;
+}
+
+bool ab_grant_covers(const ab_grant *g, const char *want)
+{
+        return grant_match(g, want, NULL);
+}
+
+const char *ab_grant_wildcard_for(const ab_grant *g, const char *want)
+{
+        const char *wild;
+
+        (void)grant_match(g, want, &wild);
         return wild;
 }
 
