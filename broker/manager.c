@@ -421,6 +421,22 @@ static int conn_flush(ab_conn *c)
         return 0;
 }
 
+/*
+ * Whether the reply of the call at hand waits for the audit sync: if the
+ * call queued a record. GetInfo, GetKeys, a refusal are not made to wait
+ * for (or fail with) other calls' records, which a failing disk may keep
+ * queued for seconds. After ab_conn_after_pending, for every record queued
+ * and the batch being written.
+ */
+static bool reply_waits(const ab_conn *c)
+{
+        const ab_audit *a = c->m->audit;
+
+        if (c->call_records == UINT64_MAX)
+                return ab_audit_pending(a) || ab_audit_batch_out(a);
+        return ab_audit_pending(a) && ab_audit_queued_total(a) != c->call_records;
+}
+
 int ab_conn_reply(ab_conn *c, json_t *params, const char *error)
 {
         char *msg = NULL;
@@ -434,13 +450,7 @@ int ab_conn_reply(ab_conn *c, json_t *params, const char *error)
         r = ab_vl_encode_reply(params, error, &msg, &len);
         if (r < 0)
                 return r;
-        /* held if this call queued a record: GetInfo, GetKeys, a refusal are not
-         * made to wait for (or fail with) other calls' records, which a failing
-         * disk may keep queued for seconds */
-        if (!c->held &&
-            (c->call_records == UINT64_MAX /* ab_conn_after_pending: the batch being written counts too */
-                     ? ab_audit_pending(c->m->audit) || ab_audit_batch_out(c->m->audit)
-                     : ab_audit_pending(c->m->audit) && ab_audit_queued_total(c->m->audit) != c->call_records)) {
+        if (!c->held && reply_waits(c)) {
                 c->held = true;
                 c->held_calls = 0;
                 c->held_from = c->out_len;
@@ -518,10 +528,6 @@ static void release_held(ab_conn *list, int r)
 }
 
 /*
- * A sync has ended with r: settle the first n_usage pending usage counts
- * and n_sessions session.opened records it covered, and the replies on list.
- */
-/*
  * LMDB reported MDB_PANIC: the environment fails every transaction until
  * it is opened again, while GetInfo would still answer the watchdog. Exit
  * with a failure, so that systemd (Restart=on-failure) starts a broker
@@ -542,8 +548,7 @@ static int on_audit_retry(sd_event_source *s, uint64_t usec, void *userdata)
 
         (void)s;
         (void)usec;
-        m->audit_retry_at = 0; /* the next turn tries the disk again */
-        if ((ab_audit_pending(m->audit) || m->held) && m->audit_defer)
+        if ((ab_audit_pending(m->audit) || m->held) && m->audit_defer) /* the next turn tries the disk again */
                 sd_event_source_set_enabled(m->audit_defer, SD_EVENT_ONESHOT);
         return 0;
 }
@@ -566,7 +571,8 @@ static void audit_backoff(ab_manager *m, int r)
                 if (m->audit_backoff)
                         ab_log(LOG_NOTICE, "audit trail %s is written again", ab_audit_path(m->audit));
                 m->audit_backoff = 0;
-                m->audit_retry_at = 0;
+                if (m->audit_retry)
+                        (void)sd_event_source_set_enabled(m->audit_retry, SD_EVENT_OFF);
                 return;
         }
         next = m->audit_backoff ? m->audit_backoff * 2 : 100 * 1000;
@@ -579,17 +585,26 @@ static void audit_backoff(ab_manager *m, int r)
                 m->audit_logged = now;
         }
         m->audit_backoff = next;
-        m->audit_retry_at = now + m->audit_backoff;
-        if (!m->audit_retry) {
-                if (sd_event_add_time(m->event, &m->audit_retry, CLOCK_MONOTONIC, m->audit_retry_at, 0,
-                                      on_audit_retry, m) < 0)
-                        m->audit_retry_at = 0; /* no timer: no waiting either */
-        } else {
-                (void)sd_event_source_set_time(m->audit_retry, m->audit_retry_at);
+        if (!m->audit_retry) /* failing, no timer: no waiting either (audit_waiting) */
+                (void)sd_event_add_time(m->event, &m->audit_retry, CLOCK_MONOTONIC, now + next, 0, on_audit_retry, m);
+        else {
+                (void)sd_event_source_set_time(m->audit_retry, now + next);
                 (void)sd_event_source_set_enabled(m->audit_retry, SD_EVENT_ONESHOT);
         }
 }
 
+/* Whether what a failed sync left waits for the retry timer. */
+static bool audit_waiting(ab_manager *m)
+{
+        int e = SD_EVENT_OFF;
+
+        return m->audit_retry && sd_event_source_get_enabled(m->audit_retry, &e) >= 0 && e != SD_EVENT_OFF;
+}
+
+/*
+ * A sync has ended with r: settle the first n_usage pending usage counts
+ * and n_sessions session.opened records it covered, and the replies on list.
+ */
 static void audit_settle(ab_manager *m, int r, ab_conn *list, size_t n_usage, size_t n_sessions)
 {
         usage_pending_settle(m, n_usage, r >= 0);
@@ -664,7 +679,7 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
         (void)s;
         if (m->sync_out)
                 return 0; /* sync_done starts the next */
-        if (!m->held && m->audit_retry_at && ab_mono_usec() < m->audit_retry_at)
+        if (!m->held && audit_waiting(m))
                 return 0; /* only what a failed sync left (sessions opened) waits: on_audit_retry tries again */
         r = ab_audit_sync_start(m->audit, &m->sync.batch);
         if (r != 0) {
@@ -694,6 +709,15 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
 
 #define AB_USAGE_FLUSH_USEC (5ull * 1000000)
 
+/* The next merge of the usage counts, AB_USAGE_FLUSH_USEC from now. */
+static void usage_timer_arm(ab_manager *m)
+{
+        if (!m->usage_timer)
+                return;
+        sd_event_source_set_time(m->usage_timer, ab_mono_usec() + AB_USAGE_FLUSH_USEC);
+        sd_event_source_set_enabled(m->usage_timer, SD_EVENT_ONESHOT);
+}
+
 static int on_usage_timer(sd_event_source *s, uint64_t usec, void *userdata)
 {
         ab_manager *m = userdata;
@@ -707,10 +731,7 @@ static int on_usage_timer(sd_event_source *s, uint64_t usec, void *userdata)
                         ab_log(LOG_WARNING, "usage counters not saved: %s (trying again every %llu s)",
                                ab_strerror(r), (unsigned long long)(AB_USAGE_FLUSH_USEC / 1000000));
                 m->usage_failing = true;
-                if (m->usage_timer) {
-                        sd_event_source_set_time(m->usage_timer, ab_mono_usec() + AB_USAGE_FLUSH_USEC);
-                        sd_event_source_set_enabled(m->usage_timer, SD_EVENT_ONESHOT);
-                }
+                usage_timer_arm(m);
         } else {
                 m->usage_failing = false;
         }
@@ -722,14 +743,18 @@ struct ab_usage_pending {
         int64_t now;
 };
 
+static void usage_pending_clear(struct ab_usage_pending *u)
+{
+        free(u->agent);
+        free(u->audience);
+        free(u->scope);
+        free(u->wild);
+}
+
 static void usage_pending_free(ab_manager *m)
 {
-        for (size_t i = 0; i < m->n_usage_pending; i++) {
-                free(m->usage_pending[i].agent);
-                free(m->usage_pending[i].wild);
-                free(m->usage_pending[i].audience);
-                free(m->usage_pending[i].scope);
-        }
+        for (size_t i = 0; i < m->n_usage_pending; i++)
+                usage_pending_clear(&m->usage_pending[i]);
         m->n_usage_pending = 0;
 }
 
@@ -737,10 +762,8 @@ static void usage_count(ab_manager *m, bool full)
 {
         if (full && !m->usage_failing)
                 (void)on_usage_timer(NULL, 0, m);
-        else if (m->usage_timer && sd_event_source_get_enabled(m->usage_timer, NULL) == 0) {
-                sd_event_source_set_time(m->usage_timer, ab_mono_usec() + AB_USAGE_FLUSH_USEC);
-                sd_event_source_set_enabled(m->usage_timer, SD_EVENT_ONESHOT);
-        }
+        else if (m->usage_timer && sd_event_source_get_enabled(m->usage_timer, NULL) == 0)
+                usage_timer_arm(m);
 }
 
 /* The audit records of the first n pending counts are durable (ok) or lost: count their tokens' usage, or drop it. */
@@ -753,10 +776,7 @@ static void usage_pending_settle(ab_manager *m, size_t n, bool ok)
                 struct ab_usage_pending *u = &m->usage_pending[i];
                 if (ok)
                         full |= ab_usage_add(m->usage, u->agent, u->audience, u->scope, u->wild, u->now);
-                free(u->wild);
-                free(u->agent);
-                free(u->audience);
-                free(u->scope);
+                usage_pending_clear(u);
         }
         memmove(m->usage_pending, m->usage_pending + n, (m->n_usage_pending - n) * sizeof *m->usage_pending);
         m->n_usage_pending -= n;
@@ -792,10 +812,7 @@ void ab_usage_note(ab_manager *m, const char *agent, const char *audience, const
                 u->wild = wild[i] ? strdup(wild[i]) : NULL;
                 u->now = now;
                 if (!u->agent || !u->audience || !u->scope || (wild[i] && !u->wild)) {
-                        free(u->agent);
-                        free(u->audience);
-                        free(u->scope);
-                        free(u->wild);
+                        usage_pending_clear(u);
                         return;
                 }
                 m->n_usage_pending++;

@@ -141,8 +141,7 @@ struct ab_manager {
         char issuer[128];
         ab_audit *audit;
         sd_event_source *audit_defer;
-        sd_event_source *audit_retry; /* after a failed sync: when what it left is tried again */
-        uint64_t audit_retry_at;      /* CLOCK_MONOTONIC µs; 0: no failed sync to wait for */
+        sd_event_source *audit_retry; /* after a failed sync: when what it left is tried again (on while it waits) */
         uint64_t audit_backoff;       /* µs, doubling from 100 ms to 5 s while syncs fail */
         uint64_t audit_logged;        /* when the failure was last logged */
         ab_conn *held;            /* connections with replies held for the next batch */

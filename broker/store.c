@@ -26,7 +26,6 @@ struct ab_txn {
         bool write;
 };
 
-/* The one boundary where LMDB codes become ours. */
 static void (*fatal_cb)(void *);
 static void *fatal_userdata;
 
@@ -36,6 +35,7 @@ void ab_store_on_fatal(void (*cb)(void *userdata), void *userdata)
         fatal_userdata = userdata;
 }
 
+/* The one boundary where LMDB codes become ours. */
 static int map_err(int rc)
 {
         if (rc == MDB_PANIC && fatal_cb) {
