@@ -1580,6 +1580,33 @@ static void test_sigterm_under_load(void **state)
 /* ---- 6. a disk that stops answering ------------------------------------------------------------ */
 
 /*
+ * start_loaded with tests/stall-fdatasync.so preloaded: while the file
+ * stall (its path written there) exists, the broker's fdatasync and fsync
+ * wait, of every file or (match) only of files whose path contains it.
+ * Skipped under a sanitizer (the shim must not come before its runtime)
+ * and under a wrapper.
+ */
+static void start_stalled(fx *f, char *stall, size_t stall_max, const char *match)
+{
+        char shim[PATH_MAX];
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+        skip();
+#endif
+        if (hx_under_wrapper())
+                skip();
+        assert_int_equal(hx_build_path("tests/stall-fdatasync.so", shim, sizeof shim), 0);
+        hx_path_in(stall, stall_max, f->work, "stall");
+        assert_int_equal(setenv("LD_PRELOAD", shim, 1), 0);
+        assert_int_equal(setenv("AB_STALL_FILE", stall, 1), 0);
+        if (match)
+                assert_int_equal(setenv("AB_STALL_MATCH", match, 1), 0);
+        start_loaded(&f->b);
+        unsetenv("LD_PRELOAD");
+        unsetenv("AB_STALL_MATCH");
+}
+
+/*
  * An answer that rests on another call's record waits for it, also while
  * that record's batch is being written (helper-40, helper-41): with the
  * disk stuck, a second ClosePamSession of the id another connection has
@@ -1591,23 +1618,11 @@ static void test_repeated_pam_close_waits(void **state)
 {
         fx *f = *state;
         hx_broker *b = &f->b;
-        char shim[PATH_MAX], stall[PATH_MAX], msg[4096], *id;
+        char stall[PATH_MAX], msg[4096], *id;
         hx_conn *c1, *c2;
         json_t *root;
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-        skip(); /* the preloaded shim must not come before the sanitizer's runtime */
-#endif
-        if (hx_under_wrapper())
-                skip();
-        assert_int_equal(hx_build_path("tests/stall-fdatasync.so", shim, sizeof shim), 0);
-        hx_path_in(stall, sizeof stall, f->work, "stall");
-        assert_int_equal(setenv("LD_PRELOAD", shim, 1), 0);
-        assert_int_equal(setenv("AB_STALL_FILE", stall, 1), 0);
-        assert_int_equal(setenv("AB_STALL_MATCH", "audit.jsonl", 1), 0); /* LMDB's commits go on */
-        start_loaded(b);
-        unsetenv("LD_PRELOAD");
-        unsetenv("AB_STALL_MATCH");
+        start_stalled(f, stall, sizeof stall, "audit.jsonl"); /* LMDB's commits go on */
         c1 = hx_connect(b, b->sock);
         c2 = hx_connect(b, b->sock);
         root = hx_call(c1, "{\"method\":\"" M_ISSUE "\",\"parameters\":{\"audience\":\"pam:svc\",\"scopes\":[\"login\"]}}");
@@ -1661,7 +1676,7 @@ static void test_stuck_disk_memory_bounded(void **state)
         hx_broker *b = &f->b;
         static const char one[] = "{\"method\":\"" M_ISSUE "\",\"parameters\":{\"audience\":\"" AUD_GIT
                                   "\",\"scopes\":[\"repo:read\"]},\"oneway\":true}";
-        char shim[PATH_MAX], stall[PATH_MAX], *blob, *tok;
+        char stall[PATH_MAX], *blob, *tok;
         size_t one_len = sizeof one, blob_len = 200 * one_len, off[4] = { 0 };
         unsigned long long sent = 0, whole = 0, sent_by[4] = { 0 };
         int fds[4];
@@ -1670,17 +1685,7 @@ static void test_stuck_disk_memory_bounded(void **state)
         long long t_end;
         hx_conn *ctl;
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-        skip(); /* the preloaded shim must not come before the sanitizer's runtime, and RSS means little there */
-#endif
-        if (hx_under_wrapper())
-                skip();
-        assert_int_equal(hx_build_path("tests/stall-fdatasync.so", shim, sizeof shim), 0);
-        hx_path_in(stall, sizeof stall, f->work, "stall");
-        assert_int_equal(setenv("LD_PRELOAD", shim, 1), 0);
-        assert_int_equal(setenv("AB_STALL_FILE", stall, 1), 0);
-        start_loaded(b);
-        unsetenv("LD_PRELOAD");
+        start_stalled(f, stall, sizeof stall, NULL); /* RSS means little under a sanitizer either */
         ctl = hx_connect(b, b->sock);
         tok = issue_task(ctl, "before-the-stall"); /* the session is durable before the disk stops */
         free(tok);
