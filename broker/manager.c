@@ -508,7 +508,8 @@ static void release_held(ab_conn *list, int r)
                                 char reason[256];
                                 c->out_len = c->held_from;
                                 snprintf(reason, sizeof reason,
-                                         "the audit trail cannot be written (%s); nothing was issued",
+                                         "the audit trail cannot be written (%s); nothing was issued, and a "
+                                         "change already made is recorded once it can be",
                                          ab_strerror(r));
                                 for (unsigned i = 0; i < n; i++)
                                         ab_conn_error(c, "io.agentbroker.AuditUnavailable", reason, NULL);
@@ -603,24 +604,25 @@ static bool audit_waiting(ab_manager *m)
 
 /*
  * A sync has ended with r: settle the first n_usage pending usage counts
- * and n_sessions session.opened records it covered, and the replies on list.
+ * and n_changes records of changes it covered, and the replies on list.
  */
-static void audit_settle(ab_manager *m, int r, ab_conn *list, size_t n_usage, size_t n_sessions)
+static void audit_settle(ab_manager *m, int r, ab_conn *list, size_t n_usage, size_t n_changes)
 {
         usage_pending_settle(m, n_usage, r >= 0);
         release_held(list, r);
         if (r >= 0) {
-                if (m->turn_sessions)
-                        for (size_t i = 0; i < n_sessions; i++)
-                                json_array_remove(m->turn_sessions, 0);
+                if (m->turn_changes)
+                        for (size_t i = 0; i < n_changes; i++)
+                                json_array_remove(m->turn_changes, 0);
         } else {
-                /* Their sessions exist in LMDB: their records go with the next
-                 * sync, before any token of those sessions. Queued after the
+                /* Their changes are made in LMDB: their records go with the next
+                 * sync (a session's before any token of it). Queued after the
                  * refusals above were sent, so that those are not held. */
                 size_t i;
-                json_t *rec;
-                json_array_foreach(m->turn_sessions, i, rec)
-                        (void)ab_audit_requeue(m->audit, "session.opened", json_deep_copy(rec));
+                json_t *ch;
+                json_array_foreach(m->turn_changes, i, ch)
+                        (void)ab_audit_requeue(m->audit, json_string_value(json_array_get(ch, 0)),
+                                               json_deep_copy(json_array_get(ch, 1)));
         }
 }
 
@@ -654,9 +656,9 @@ static void sync_done(ab_job *j)
                         tail = &(*tail)->held_next;
                 *tail = m->held;
                 m->held = NULL;
-                audit_settle(m, r, list, m->n_usage_pending, json_array_size(m->turn_sessions));
+                audit_settle(m, r, list, m->n_usage_pending, json_array_size(m->turn_changes));
         } else {
-                audit_settle(m, r, list, m->usage_inflight, m->sessions_inflight);
+                audit_settle(m, r, list, m->usage_inflight, m->changes_inflight);
         }
         audit_backoff(m, r);
         if ((ab_audit_pending(m->audit) || m->held) && m->audit_defer)
@@ -685,7 +687,7 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
         if (r != 0) {
                 list = m->held;
                 m->held = NULL;
-                audit_settle(m, r < 0 ? r : 0, list, m->n_usage_pending, json_array_size(m->turn_sessions));
+                audit_settle(m, r < 0 ? r : 0, list, m->n_usage_pending, json_array_size(m->turn_changes));
                 if (r != 1) /* failed, or written with a rotation */
                         audit_backoff(m, r);
                 wake_stalled(m);
@@ -701,7 +703,7 @@ static int on_audit_defer(sd_event_source *s, void *userdata)
                 conn_update_events(c);
         }
         m->usage_inflight = m->n_usage_pending;
-        m->sessions_inflight = json_array_size(m->turn_sessions);
+        m->changes_inflight = json_array_size(m->turn_changes);
         ab_worker_submit(m->worker, &m->sync.job);
         wake_stalled(m);
         return 0;
@@ -819,6 +821,13 @@ void ab_usage_note(ab_manager *m, const char *agent, const char *audience, const
         }
 }
 
+/* A record names the policy in force when it was made. */
+static void stamp_policy(ab_manager *m, json_t *rec)
+{
+        if (rec && m->policy_version[0] && !json_object_get(rec, "policy"))
+                json_object_set_new(rec, "policy", json_string(m->policy_version));
+}
+
 int ab_manager_audit(ab_manager *m, const char *event, json_t *rec)
 {
         int r;
@@ -827,16 +836,35 @@ int ab_manager_audit(ab_manager *m, const char *event, json_t *rec)
                 json_decref(rec);
                 return 0;
         }
-        if (rec && m->policy_version[0] && !json_object_get(rec, "policy"))
-                json_object_set_new(rec, "policy", json_string(m->policy_version));
-        if (rec && strcmp(event, "session.opened") == 0 &&
-            (m->turn_sessions || (m->turn_sessions = json_array())))
-                json_array_append_new(m->turn_sessions, json_deep_copy(rec));
+        stamp_policy(m, rec);
         r = ab_audit_add(m->audit, event, rec);
         if (r < 0)
                 ab_log(LOG_ERR, "audit record %s could not be queued: %s", event, ab_strerror(r));
         if (m->audit_defer)
                 sd_event_source_set_enabled(m->audit_defer, SD_EVENT_ONESHOT);
+        return r;
+}
+
+int ab_manager_audit_change(ab_manager *m, const char *event, json_t *rec)
+{
+        json_t *copy;
+        int r;
+
+        stamp_policy(m, rec);
+        copy = m->audit && rec ? json_deep_copy(rec) : NULL;
+        r = ab_manager_audit(m, event, rec);
+
+        if (r >= 0 && copy) {
+                if (!m->turn_changes)
+                        m->turn_changes = json_array();
+                /* without memory for the copy, the record is still queued: only a retry after
+                 * a failed sync is lost */
+                if (!m->turn_changes ||
+                    json_array_append_new(m->turn_changes, json_pack("[s,o]", event, copy)) < 0)
+                        ab_log(LOG_ERR, "audit record %s: no memory to keep it for a retry", event);
+                copy = NULL;
+        }
+        json_decref(copy);
         return r;
 }
 
@@ -2086,7 +2114,7 @@ void ab_manager_free(ab_manager *m)
         m->audit_retry = NULL;
         sd_event_source_disable_unref(m->usage_timer);
         usage_pending_free(m); /* records of a turn that never synced */
-        json_decref(m->turn_sessions);
+        json_decref(m->turn_changes);
         free(m->usage_pending);
         if (m->usage && m->store)
                 (void)ab_usage_flush(m->usage, m->store);

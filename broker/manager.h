@@ -157,7 +157,7 @@ struct ab_manager {
         uint64_t accept_logged, accept_failures;
         unsigned accept_backoff;  /* pauses in a row: each twice as long */
         ab_conn *inflight;        /* connections whose replies wait for that batch */
-        size_t usage_inflight, sessions_inflight; /* usage_pending / turn_sessions entries of that batch */
+        size_t usage_inflight, changes_inflight; /* usage_pending / turn_changes entries of that batch */
         char policy_version[17];  /* short fingerprint of the compiled policy, for audit */
         ab_usage *usage;
         sd_event_source *usage_timer;
@@ -166,9 +166,10 @@ struct ab_manager {
          * counted only once the sync succeeds (a refused token is not used). */
         struct ab_usage_pending *usage_pending;
         size_t n_usage_pending, cap_usage_pending;
-        /* session.opened records of this turn: a session stays in LMDB even
-         * when the turn's audit sync fails, so its record is queued again. */
-        json_t *turn_sessions;
+        /* [event, record] of changes made in LMDB whose records wait for a sync
+         * (ab_manager_audit_change): a change stays made when the sync fails,
+         * so its record is queued again until one succeeds. */
+        json_t *turn_changes;
 };
 
 int ab_manager_new(const ab_config *cfg, ab_manager **ret);
@@ -238,6 +239,15 @@ int ab_conn_error(ab_conn *c, const char *error, const char *reason, json_t *ext
  * this are held until the record is durable.
  */
 int ab_manager_audit(ab_manager *m, const char *event, json_t *rec);
+/*
+ * ab_manager_audit for the record of a change already made in LMDB (a
+ * session opened or re-authenticated, a revocation in force, a PAM session
+ * recorded or closed, a key rotated): when the sync of its batch fails, the
+ * caller is refused, but the change stays made, so the record is queued
+ * again and written by the next sync that succeeds. A change is never left
+ * without its record.
+ */
+int ab_manager_audit_change(ab_manager *m, const char *event, json_t *rec);
 
 /* Method dispatch (methods.c). Handles one parsed call on c. */
 void ab_dispatch(ab_conn *c, ab_vl_call *call);

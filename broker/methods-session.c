@@ -99,7 +99,10 @@ static void audit_session(ab_conn *c, const char *event, const char *decision, c
                 json_object_set_new(rec, "sid", json_string(s->sid));
         if (rec && fields)
                 json_object_update(rec, fields);
-        ab_manager_audit(c->m, event, rec);
+        if (strcmp(decision, "grant") == 0) /* a session opened or re-authenticated in LMDB */
+                ab_manager_audit_change(c->m, event, rec);
+        else
+                ab_manager_audit(c->m, event, rec);
 }
 
 int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a, ab_session *ret,
@@ -638,6 +641,8 @@ static int audit_revoke(ab_conn *c, const ab_identity *id, const ab_agent *a, co
                 if (jti)
                         json_object_set_new(rec, "jti", json_string(jti));
         }
+        if (strcmp(decision, "revoke") == 0) /* in force in LMDB */
+                return ab_manager_audit_change(c->m, jti ? "token.revoked" : "session.revoked", rec);
         return ab_manager_audit(c->m, jti ? "token.revoked" : "session.revoked", rec);
 }
 
@@ -826,7 +831,7 @@ void ab_m_admin_revoke(ab_conn *c, ab_vl_call *call)
                         }
                         json_object_set_new(rec, "count", json_integer(n));
                 }
-                r = ab_manager_audit(c->m, events[k], rec);
+                r = ab_manager_audit_change(c->m, events[k], rec);
         }
         if (!unrecorded(c, r, "the revocation is in force"))
                 revoked_reply(c, n, what);
@@ -906,6 +911,8 @@ static int audit_pam_open(ab_conn *c, const char *decision, const char *reason, 
                         json_object_set_new(rec, "agent", json_string(res->session.agent));
                 }
         }
+        if (pam_id) /* recorded in LMDB */
+                return ab_manager_audit_change(c->m, "pam.opened", rec);
         return ab_manager_audit(c->m, "pam.opened", rec);
 }
 
@@ -1019,7 +1026,7 @@ void ab_m_close_pam_session(ab_conn *c, ab_vl_call *call)
                                         json_object_set_new(rec, "agent", json_string(sess.agent));
                         }
                 }
-                r = ab_manager_audit(c->m, "pam.closed", rec);
+                r = ab_manager_audit_change(c->m, "pam.closed", rec);
         }
         if (!unrecorded(c, r, "the PAM session is closed"))
                 ab_conn_reply(c, json_object(), NULL);

@@ -834,7 +834,7 @@ static void m_rotate_key(ab_conn *c, ab_vl_call *call)
                 json_object_set_new(rec, "previous_kid", json_string(old));
                 json_object_set_new(rec, "previous_valid_until", json_integer(until));
         }
-        if (ab_manager_audit(c->m, "key.rotated", rec) < 0) {
+        if (ab_manager_audit_change(c->m, "key.rotated", rec) < 0) {
                 ab_conn_error(c, "io.agentbroker.AuditUnavailable",
                               "the key is rotated, but its audit record could not be written", NULL);
                 return;

@@ -2341,6 +2341,123 @@ static void test_full_disk_quiet(void **state)
 }
 
 /*
+ * A change made in LMDB whose record's sync failed keeps its record: it is
+ * queued again and written once the disk has room. A ClosePamSession, a
+ * PAM open and a revocation refused with AuditUnavailable on a full disk
+ * all end up on the record, and the PAM module's retry of the close is not
+ * answered until the first close's record is durable. Before, the
+ * retry was answered {} ("already closed") while the disk was still full
+ * and no pam.closed record was ever written (helper-41).
+ */
+static void test_changes_recorded_after_failed_sync(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char tiny[PATH_MAX], filler[PATH_MAX], apath[PATH_MAX], ids[8][64], id[64] = "", jti[64], err[128],
+                reason[256];
+        json_t *root, *recs, *jtis = json_array();
+        hx_conn *c;
+        char *token;
+        size_t i, closed = 0, revoked = 0, opened = 0;
+        json_t *r;
+
+        hx_path_in(tiny, sizeof tiny, f->work, "tiny");
+        hx_fixture_mount(f, tiny, "64k");
+        hx_path_in(apath, sizeof apath, tiny, "audit.jsonl");
+        hx_add_arg(b, "--audit-log");
+        hx_add_arg(b, apath);
+        write_policy(b, "{\"audience\": \"" AUD_PAM "\", \"scopes\": [\"login\"]}");
+        hx_start(b);
+        c = hx_connect(b, b->sock);
+        root = hx_call(c, "{\"method\":\"io.agentbroker.IssueToken\",\"parameters\":{\"audience\":\"" AUD_PAM
+                          "\",\"scopes\":[\"login\"]}}");
+        hx_assert_ok(root);
+        token = strdup(hx_reply_str(root, "token"));
+        json_decref(root);
+        root = hx_call(c, ISSUE_GIT_READ);
+        hx_assert_ok(root);
+        snprintf(jti, sizeof jti, "%s", hx_reply_str(root, "jti"));
+        json_decref(root);
+        for (int k = 0; k < 8; k++) {
+                root = callf(c,
+                             "{\"method\":\"io.agentbroker.OpenPamSession\",\"parameters\":{\"token\":\"%s\","
+                             "\"service\":\"sshd\",\"user\":\"root\"}}",
+                             token);
+                hx_assert_ok(root);
+                snprintf(ids[k], sizeof ids[k], "%s", hx_reply_str(root, "id"));
+                json_decref(root);
+        }
+
+        /* full: the audit file's last page may still hold a record or two */
+        fill(tiny, filler, sizeof filler, 0);
+        issue_until_refused(c, jtis, 200, err, sizeof err, reason, sizeof reason);
+        assert_string_equal(err, "io.agentbroker.AuditUnavailable");
+        for (int k = 0; k < 8 && !id[0]; k++) { /* the first close whose record does not fit */
+                root = callf(c, "{\"method\":\"io.agentbroker.ClosePamSession\",\"parameters\":{\"id\":\"%s\"}}",
+                             ids[k]);
+                if (hx_reply_error(root)) {
+                        hx_assert_error_name(root, "io.agentbroker.AuditUnavailable");
+                        snprintf(id, sizeof id, "%s", ids[k]);
+                }
+                json_decref(root);
+        }
+        assert_true(id[0] != '\0');
+        /* the PAM module's retry of that close: refused too, while its record cannot be written */
+        root = callf(c, "{\"method\":\"io.agentbroker.ClosePamSession\",\"parameters\":{\"id\":\"%s\"}}", id);
+        if (!hx_reply_error(root))
+                fprintf(stderr, "GAP: a retried ClosePamSession was answered while the close's record cannot be "
+                                "written\n");
+        hx_assert_error_name(root, "io.agentbroker.AuditUnavailable");
+        json_decref(root);
+        root = callf(c,
+                     "{\"method\":\"io.agentbroker.OpenPamSession\",\"parameters\":{\"token\":\"%s\",\"service\":"
+                     "\"sshd\",\"user\":\"root\"}}",
+                     token);
+        hx_assert_error_name(root, "io.agentbroker.AuditUnavailable");
+        json_decref(root);
+        root = callf(c, "{\"method\":\"io.agentbroker.Revoke\",\"parameters\":{\"jti\":\"%s\"}}", jti);
+        hx_assert_error_name(root, "io.agentbroker.AuditUnavailable");
+        json_decref(root);
+
+        assert_int_equal(unlink(filler), 0);
+        root = callf(c, "{\"method\":\"io.agentbroker.ClosePamSession\",\"parameters\":{\"id\":\"%s\"}}", id);
+        hx_assert_ok(root);
+        json_decref(root);
+        hx_conn_close(b, c);
+        hx_stop_clean(b);
+
+        recs = file_records(apath);
+        json_array_foreach(recs, i, r) {
+                const char *ev = rs(r, "event");
+                if (strcmp(ev, "pam.closed") == 0 && rs(r, "pam_id") && strcmp(rs(r, "pam_id"), id) == 0)
+                        closed++;
+                if (strcmp(ev, "pam.opened") == 0 && rs(r, "pam_id")) {
+                        bool earlier = false;
+                        for (int k = 0; k < 8; k++)
+                                earlier |= strcmp(rs(r, "pam_id"), ids[k]) == 0;
+                        opened += !earlier;
+                }
+                if (strcmp(ev, "token.revoked") == 0 && strcmp(rs(r, "decision"), "revoke") == 0 && rs(r, "jti") &&
+                    strcmp(rs(r, "jti"), jti) == 0)
+                        revoked++;
+        }
+        if (closed != 1 || opened != 1 || revoked != 1)
+                fprintf(stderr, "GAP: after the disk had room again: %zu pam.closed, %zu pam.opened (the refused "
+                                "open's), %zu token.revoked records (1 each wanted)\n",
+                        closed, opened, revoked);
+        assert_int_equal(closed, 1);
+        assert_int_equal(opened, 1);
+        assert_int_equal(revoked, 1);
+        json_decref(recs);
+        json_decref(jtis);
+        free(token);
+        {
+                const char *args[] = { "--file", apath, NULL };
+                verify_ok(b, args);
+        }
+}
+
+/*
  * Scopes granted through a wildcard are counted by name only up to
  * AB_USAGE_SCOPES_PER_AUDIENCE rows per agent and audience, then under the
  * wildcard: an agent asking for w:<random> each time once filled the store
@@ -3054,6 +3171,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_usage_counters, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_usage_rows_bounded, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_full_disk_quiet, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_changes_recorded_after_failed_sync, hx_fixture_setup,
+                                                hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_journald, hx_fixture_setup, hx_fixture_teardown),
                 /* gaps found while writing these: decisions missing from the record */
                 cmocka_unit_test_setup_teardown(test_attenuate_denial_audited, hx_fixture_setup, hx_fixture_teardown),
