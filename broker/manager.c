@@ -1451,7 +1451,7 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
         retired_cap cap = { 0 };
         char key[64];
         ab_txn *t = NULL;
-        int64_t now = (int64_t)(ab_now_usec() / 1000000);
+        int64_t now = ab_manager_now(m);
         int r;
 
         memcpy(rec.pk, ab_signer_public_key(m->signer), 32);

@@ -383,7 +383,7 @@ void ab_m_introspect(ab_conn *c, ab_vl_call *call)
                 .user = json_string_value(json_object_get(p, "user")),
                 .max_auth_age = json_is_integer(age) ? json_integer_value(age) : -1,
         };
-        if (!ab_introspect_prepare(c->m->signer, &j->req, &j->sig, &res)) {
+        if (!ab_introspect_prepare(c->m->signer, &j->req, ab_manager_now(c->m), &j->sig, &res)) {
                 free(j);
                 introspect_answer(c, p, &res); /* malformed or unknown key: no signature to check */
                 return;

@@ -306,7 +306,7 @@ static void m_get_keys(ab_conn *c, ab_vl_call *call)
         static const param_spec spec[] = { { 0 } };
         if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
-        ab_conn_reply(c, ab_signer_jwks(c->m->signer), NULL);
+        ab_conn_reply(c, ab_signer_jwks(c->m->signer, ab_manager_now(c->m)), NULL);
 }
 
 int ab_attest_peer(ab_conn *c, ab_identity *id)
@@ -849,7 +849,7 @@ static void m_list_keys(ab_conn *c, ab_vl_call *call)
         static const param_spec spec[] = { { 0 } };
         if (ab_check_params(c, call->parameters, spec) < 0)
                 return;
-        ab_conn_reply(c, ab_signer_all_keys(c->m->signer), NULL);
+        ab_conn_reply(c, ab_signer_all_keys(c->m->signer, ab_manager_now(c->m)), NULL);
 }
 
 /* ---- dispatch ---------------------------------------------------------- */

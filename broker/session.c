@@ -393,9 +393,12 @@ static int collect(void *ud, const void *key, size_t klen, const void *val, size
         s.agent[AB_ID_MAX] = '\0';
         if (s.state == AB_SESSION_REVOKED)
                 return 0;
-        /* a session opened "in the future" (the clock stepped back since) cannot show that it
-         * was opened after the cut-off */
-        if (w->agent ? strcmp(s.agent, w->agent) != 0 : s.created >= w->before && s.created <= w->now + AB_NBF_LEEWAY)
+        /* Every session that exists was opened before this revocation: one opened "in the
+         * future" (after now; the clock stepped back since) cannot show that it was opened
+         * after the cut-off, and goes too. There is no leeway here: a step back of a few
+         * seconds left such sessions and their tokens valid after `revoke --before now`
+         * was acknowledged (helper-43). */
+        if (w->agent ? strcmp(s.agent, w->agent) != 0 : s.created >= w->before && s.created <= w->now)
                 return 0;
         if (w->n_sids == w->cap) {
                 size_t nc = w->cap ? w->cap * 2 : 64;
@@ -643,8 +646,8 @@ static int inactive(ab_introspect_res *res, const char *reason)
         return 0;
 }
 
-bool ab_introspect_prepare(const ab_signer *signer, const ab_introspect_req *req, ab_introspect_sig *sig,
-                           ab_introspect_res *res)
+bool ab_introspect_prepare(const ab_signer *signer, const ab_introspect_req *req, int64_t now,
+                           ab_introspect_sig *sig, ab_introspect_res *res)
 {
         const uint8_t *pk;
 
@@ -655,7 +658,7 @@ bool ab_introspect_prepare(const ab_signer *signer, const ab_introspect_req *req
                 inactive(res, "bad_signature");
                 return false;
         }
-        pk = ab_signer_find_key(signer, sig->jwt.kid);
+        pk = ab_signer_find_key(signer, sig->jwt.kid, now);
         if (!pk) {
                 ab_jwt_done(&sig->jwt);
                 inactive(res, "unknown_key");
@@ -750,7 +753,7 @@ int ab_introspect(ab_store *st, const ab_signer *signer, const ab_policy *policy
 {
         ab_introspect_sig sig;
 
-        if (!ab_introspect_prepare(signer, req, &sig, res))
+        if (!ab_introspect_prepare(signer, req, now, &sig, res))
                 return 0;
         ab_introspect_verify(&sig);
         return ab_introspect_finish(st, policy, req, now, &sig, res);
@@ -988,6 +991,7 @@ int ab_session_list(ab_store *st, const ab_policy *policy, const char *agent, co
 typedef struct purger {
         ab_txn *t;
         int64_t now;
+        int64_t cutoff; /* cutoff_of, read once for the pass */
         bool (*running)(pid_t pid, uint64_t start_time);
         uint8_t (*keys)[1 + AB_SID_LEN + AB_PAM_ID_LEN];
         size_t *lens;
@@ -1037,6 +1041,9 @@ static int purge_session(void *ud, const void *key, size_t klen, const void *val
         memcpy(&s, val, sizeof s);
         if (s.expires > p->now)
                 return 0;
+        /* revoked by a one-key revocation whose sweep could not mark it, too (helper-43) */
+        s.agent[AB_ID_MAX] = '\0';
+        apply_marks(p->t, &s, p->cutoff);
         /* "a revoked session stays bound to its process": while it runs */
         if (s.state == AB_SESSION_REVOKED && p->running && p->running(s.pid, s.start_time))
                 return 0;
@@ -1075,6 +1082,7 @@ int ab_session_purge(ab_store *st, int64_t now, bool (*running)(pid_t pid, uint6
         if (r < 0)
                 return r;
         p.t = t;
+        p.cutoff = cutoff_of(t);
         r = ab_txn_foreach(t, AB_DB_SESSIONS, "s", 1, purge_session, &p);
         n_sess = p.n;
         if (r >= 0)

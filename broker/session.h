@@ -148,8 +148,8 @@ typedef struct ab_introspect_sig {
         uint8_t pk[AB_JWT_PK_LEN];
         bool verified;
 } ab_introspect_sig;
-bool ab_introspect_prepare(const ab_signer *signer, const ab_introspect_req *req, ab_introspect_sig *sig,
-                           ab_introspect_res *res);
+bool ab_introspect_prepare(const ab_signer *signer, const ab_introspect_req *req, int64_t now,
+                           ab_introspect_sig *sig, ab_introspect_res *res);
 void ab_introspect_verify(ab_introspect_sig *sig);
 int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introspect_req *req, int64_t now,
                          ab_introspect_sig *sig, ab_introspect_res *res);

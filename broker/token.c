@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <stdatomic.h>
 #include <sodium.h>
 #include "token.h"
 #include "../common/b64.h"
@@ -25,6 +26,7 @@ struct ab_signer {
         json_t *header;
         retired old[AB_MAX_RETIRED_KEYS]; /* earlier keys, newest first */
         size_t n_old;
+        _Atomic int64_t seen; /* the latest second seen: keys_now */
 };
 
 static int write_all(int fd, const uint8_t *p, size_t n)
@@ -147,19 +149,32 @@ const char *ab_signer_kid(const ab_signer *s) { return s->kid; }
 const char *ab_signer_issuer(const ab_signer *s) { return s->issuer; }
 const uint8_t *ab_signer_public_key(const ab_signer *s) { return s->pk; }
 
-static int64_t now_sec(void)
+/*
+ * The time retired keys are judged at: now, never earlier than a time seen
+ * before. A key ended by `keys rotate --overlap 0 --force` came back for
+ * as long as the clock stood behind its end after a step back (helper-43).
+ */
+static int64_t keys_now(const ab_signer *s, int64_t now)
 {
-        return (int64_t)time(NULL);
+        /* only the atomic changes, in an object that was never defined const */
+        _Atomic int64_t *seen = &((ab_signer *)s)->seen;
+        int64_t was = atomic_load_explicit(seen, memory_order_relaxed);
+
+        while (now > was && !atomic_compare_exchange_weak_explicit(seen, &was, now, memory_order_relaxed,
+                                                                    memory_order_relaxed))
+                ;
+        return now > was ? now : was;
 }
 
-const uint8_t *ab_signer_find_key(const ab_signer *s, const char *kid)
+const uint8_t *ab_signer_find_key(const ab_signer *s, const char *kid, int64_t now)
 {
         if (!kid)
                 return NULL;
         if (strcmp(kid, s->kid) == 0)
                 return s->pk;
+        now = keys_now(s, now);
         for (size_t i = 0; i < s->n_old; i++)
-                if (strcmp(kid, s->old[i].kid) == 0 && s->old[i].until > now_sec())
+                if (strcmp(kid, s->old[i].kid) == 0 && s->old[i].until > now)
                         return s->old[i].pk;
         return NULL;
 }
@@ -173,23 +188,25 @@ static json_t *jwk(const uint8_t pk[32], const char *kid)
                          "EdDSA", "use", "sig");
 }
 
-json_t *ab_signer_jwks(const ab_signer *s)
+json_t *ab_signer_jwks(const ab_signer *s, int64_t now)
 {
         json_t *keys = json_array();
         if (!keys)
                 return NULL;
+        now = keys_now(s, now);
         json_array_append_new(keys, jwk(s->pk, s->kid));
         for (size_t i = 0; i < s->n_old; i++)
-                if (s->old[i].until > now_sec())
+                if (s->old[i].until > now)
                         json_array_append_new(keys, jwk(s->old[i].pk, s->old[i].kid));
         return json_pack("{s:o}", "keys", keys);
 }
 
-json_t *ab_signer_all_keys(const ab_signer *s)
+json_t *ab_signer_all_keys(const ab_signer *s, int64_t now)
 {
         json_t *keys = json_array(), *k;
         if (!keys)
                 return NULL;
+        now = keys_now(s, now);
         k = jwk(s->pk, s->kid);
         if (k)
                 json_object_set_new(k, "status", json_string("current"));
@@ -198,7 +215,7 @@ json_t *ab_signer_all_keys(const ab_signer *s)
                 k = jwk(s->old[i].pk, s->old[i].kid);
                 if (!k)
                         continue;
-                json_object_set_new(k, "status", json_string(s->old[i].until > now_sec() ? "retiring" : "retired"));
+                json_object_set_new(k, "status", json_string(s->old[i].until > now ? "retiring" : "retired"));
                 json_object_set_new(k, "retired_at", json_integer(s->old[i].retired_at));
                 json_object_set_new(k, "valid_until", json_integer(s->old[i].until));
                 json_array_append_new(keys, k);
@@ -214,6 +231,7 @@ int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at
         memcpy(r.pk, pk, 32);
         if (ab_jwk_thumbprint(pk, r.kid) < 0)
                 return -EINVAL;
+        (void)keys_now(s, retired_at); /* the broker has seen that time */
         if (strcmp(r.kid, s->kid) == 0)
                 return 0;
         for (i = 0; i < s->n_old; i++)

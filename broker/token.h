@@ -33,8 +33,16 @@ const char *ab_signer_kid(const ab_signer *s);
 const char *ab_signer_issuer(const ab_signer *s);
 const uint8_t *ab_signer_public_key(const ab_signer *s);
 
+/*
+ * Retired keys are judged at now (wall-clock seconds), or at the latest
+ * second this signer has seen if that is later (a time it was given, or a
+ * key's retirement): a clock stepped back does not bring back a key whose
+ * overlap ended, such as one ended at once by a forced rotation after a
+ * leak. After a restart the latest retirement is the floor.
+ */
+
 /* The JWKS: {"keys":[{"kty":"OKP","crv":"Ed25519","x":..,"kid":..,"alg":"EdDSA","use":"sig"}]}. */
-json_t *ab_signer_jwks(const ab_signer *s);
+json_t *ab_signer_jwks(const ab_signer *s, int64_t now);
 
 /*
  * Sign claims (an object; "iss" is set here) as a compact JWS with header
@@ -60,7 +68,7 @@ void ab_signer_sign(const ab_signer *s, const void *data, size_t len, uint8_t si
 void ab_random_id(char out[AB_JTI_LEN + 1]);
 
 /* Every key: current, retiring (still in the JWKS) and retired, with times (admin view). */
-json_t *ab_signer_all_keys(const ab_signer *s);
+json_t *ab_signer_all_keys(const ab_signer *s, int64_t now);
 /* Remember an earlier public key, valid for verification until `until`. */
 int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at, int64_t until);
 /* No earlier key verifies past until (a rotation's overlap ends them all). */
@@ -69,6 +77,6 @@ void ab_signer_cap_retired(ab_signer *s, int64_t until);
 int ab_signer_rotate(ab_signer *s, int dirfd);
 
 /* Public key of kid (current, or retired and still valid), or NULL if this broker does not know it. */
-const uint8_t *ab_signer_find_key(const ab_signer *s, const char *kid);
+const uint8_t *ab_signer_find_key(const ab_signer *s, const char *kid, int64_t now);
 
 #endif

@@ -1009,6 +1009,90 @@ static void test_clock_step_back(void **state)
 }
 
 /*
+ * A step back within the clock leeway (5 s): a session opened while the
+ * clock was 3 s ahead is still "in the future" for `revoke --before now`,
+ * which now revokes it. Before, the sweep left sessions up to now + 5 s
+ * alone, and both the session and its token stayed valid after the
+ * revocation was acknowledged (helper-43).
+ */
+static void test_small_step_back_revoked(void **state)
+{
+        hx_broker *b = *state;
+        char clock_path[PATH_MAX], *t;
+        long long now;
+        hx_conn *c, *a;
+
+        use_test_clock(b, clock_path, sizeof clock_path);
+        start_with(b, NULL, -1);
+        c = hx_connect(b, b->sock);
+        a = hx_connect(b, b->admin_sock);
+        hx_set_test_clock(clock_path, 3);
+        t = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
+        hx_set_test_clock(clock_path, 0);
+        now = (long long)time(NULL);
+        assert_string_equal(verdict(c, t, NULL), "active");
+        /* what `revoke --before now` sends: the next second */
+        json_decref(expect_ok(a, M_AREVOKE, json_pack("{s:I}", "before", (json_int_t)now + 1)));
+        if (strcmp(verdict(c, t, NULL), "revoked") != 0)
+                fprintf(stderr, "GAP: a token of a session opened 3 s \"in the future\" is %s after revoke --before now\n",
+                        verdict(c, t, NULL));
+        assert_string_equal(verdict(c, t, NULL), "revoked");
+        free(t);
+}
+
+/*
+ * A key ended at once by a forced rotation (a leaked key) stays ended when
+ * the clock steps back: before, it verified again, and was published in
+ * GetKeys, for as long as the clock stood behind the rotation (helper-43).
+ */
+static void test_ended_key_stays_ended(void **state)
+{
+        hx_broker *b = *state;
+        char clock_path[PATH_MAX], *t, *kid;
+        hx_conn *c, *a;
+        json_t *root;
+
+        use_test_clock(b, clock_path, sizeof clock_path);
+        start_with(b, NULL, -1);
+        c = hx_connect(b, b->sock);
+        a = hx_connect(b, b->admin_sock);
+        t = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
+        {
+                json_t *h = hx_jwt_segment_json(t, 0);
+                kid = strdup(json_string_value(json_object_get(h, "kid")));
+                json_decref(h);
+        }
+        json_decref(expect_ok(a, "io.agentbroker.admin.RotateKey", json_pack("{s:i, s:b}", "overlap", 0, "force", 1)));
+        assert_string_equal(verdict(c, t, NULL), "unknown_key");
+        for (int restart = 0; restart < 2; restart++) {
+                hx_set_test_clock(clock_path, -3);
+                if (strcmp(verdict(c, t, NULL), "unknown_key") != 0)
+                        fprintf(stderr, "GAP: a key ended by a forced rotation verifies again 3 s back%s: %s\n",
+                                restart ? " after a restart" : "", verdict(c, t, NULL));
+                assert_string_equal(verdict(c, t, NULL), "unknown_key");
+                root = hx_call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
+                hx_assert_ok(root);
+                char *jwks = json_dumps(hx_reply_params(root), JSON_COMPACT);
+                assert_non_null(jwks);
+                assert_null(strstr(jwks, kid)); /* not published */
+                free(jwks);
+                json_decref(root);
+                if (restart)
+                        break;
+                /* the broker learns the floor again from the stored retirement */
+                hx_set_test_clock(clock_path, 0);
+                hx_conn_close(b, c);
+                hx_conn_close(b, a);
+                hx_stop_clean(b);
+                hx_start(b);
+                c = hx_connect(b, b->sock);
+                a = hx_connect(b, b->admin_sock);
+        }
+        free(kid);
+        free(t);
+}
+
+/*
  * max_lifetime (the broker's clock moved by the test clock: policy allows
  * no lifetime under 60 s). Token exp is capped by the session's expiry; a
  * tightened policy applies at once; after expiry IssueToken says
@@ -3623,6 +3707,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_list_sessions_pages, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_hostile_params, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_cli_revoke_and_sessions, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_small_step_back_revoked, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_ended_key_stays_ended, hx_setup, teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
