@@ -16,8 +16,10 @@
 #include <time.h>
 #include <unistd.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <sodium.h>
 #include "ctl.h"
+#include "../common/jwt.h"
 
 int ctl_write_atomic(const char *path, const char *text, mode_t mode)
 {
@@ -90,6 +92,28 @@ static bool nap(long long ms)
         return !stop_signal;
 }
 
+static long long wall_ms(void)
+{
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/*
+ * Sleep until the wall clock reads until_ms (a token's times are wall-clock
+ * times). ppoll's clock stops while the machine is suspended and ignores
+ * clock steps, so one long nap could leave an expired token in the file
+ * for hours after a resume: naps of at most 10 s, the clock read after
+ * each. false when told to stop.
+ */
+static bool nap_until(long long until_ms)
+{
+        for (long long left; (left = until_ms - wall_ms()) > 0;)
+                if (!nap(left < 10000 ? left : 10000))
+                        return false;
+        return !stop_signal;
+}
+
 /*
  * One issuance on c, re-authenticating when the broker asks for it.
  * Returns 0 with *ret_reply, or a library error.
@@ -104,9 +128,16 @@ static int issue(ab_client *c, json_t *params, json_t **ret_reply)
                 r = ab_client_call(c, "io.agentbroker.IssueToken", in, &out);
                 free(in);
                 if (r == 0) {
-                        *ret_reply = json_loads(out, 0, NULL);
+                        json_t *reply = json_loads(out, 0, NULL);
                         ab_token_free(out);
-                        return *ret_reply ? 0 : AB_ERR_PROTOCOL;
+                        /* a reply without its token is the broker's error, never a crash here */
+                        if (!json_is_string(json_object_get(reply, "token")) ||
+                            !json_is_integer(json_object_get(reply, "expires_in"))) {
+                                json_decref(reply);
+                                return AB_ERR_PROTOCOL;
+                        }
+                        *ret_reply = reply;
+                        return 0;
                 }
                 const char *name = ab_client_error_name(c);
                 if (attempt == 0 && (strcmp(name, "io.agentbroker.ReauthRequired") == 0 ||
@@ -196,6 +227,7 @@ int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refr
                         c = NULL;
                         goto retry;
                 }
+                long long issued_ms = wall_ms();
                 r = ctl_write_atomic(path, json_string_value(json_object_get(reply, "token")), 0600);
                 if (r < 0) {
                         fprintf(stderr, "agent-brokerctl: cannot write %s: %s\n", path, strerror(-r));
@@ -211,7 +243,7 @@ int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refr
                 if (!refresh)
                         break;
                 /* renew at two thirds of the lifetime */
-                if (!nap(ttl > 0 ? ttl * 2000 / 3 : 1000))
+                if (!nap_until(issued_ms + (ttl > 0 ? ttl * 2000 / 3 : 1000)))
                         break;
                 continue;
         retry:
@@ -265,24 +297,76 @@ int cmd_exec(const opts *o, int argc, char **argv)
                 json_decref(params);
                 return EXIT_USAGE;
         }
-        ex = ctl_connect(o, false, &c);
-        if (ex) {
+        /*
+         * The token is fetched by a child that then exits. The broker binds a
+         * session to the process that asks; had this process asked and then
+         * exec'd CMD, CMD's own first call would find "its" session opened by
+         * another program, get ReauthRequired, and re-authenticating would
+         * end the session of the token it was given (helper-42). CMD's own
+         * calls now open a session of their own.
+         */
+        int pfd[2];
+        pid_t pid;
+        char token[AB_JWT_MAX + 2];
+        size_t len = 0;
+        int status;
+
+        fflush(NULL);
+        if (pipe2(pfd, O_CLOEXEC) < 0 || (pid = fork()) < 0) {
+                fprintf(stderr, "agent-brokerctl: exec: %s\n", strerror(errno));
                 json_decref(params);
-                return ex;
-        }
-        r = issue(c, params, &reply);
-        json_decref(params);
-        if (r < 0) {
-                ex = ctl_fail(c, r, "io.agentbroker.IssueToken");
-                ab_client_free(c);
-                return ex;
-        }
-        ab_client_free(c);
-        if (setenv(env, json_string_value(json_object_get(reply, "token")), 1) < 0) {
-                json_decref(reply);
                 return EXIT_ERROR;
         }
-        json_decref(reply);
+        if (pid == 0) {
+                close(pfd[0]);
+                ex = ctl_connect(o, false, &c);
+                if (ex == 0) {
+                        r = issue(c, params, &reply);
+                        if (r < 0)
+                                ex = ctl_fail(c, r, "io.agentbroker.IssueToken");
+                        ab_client_free(c);
+                }
+                if (ex == 0) {
+                        const char *t = json_string_value(json_object_get(reply, "token"));
+                        size_t n = strlen(t);
+                        for (size_t off = 0; ex == 0 && off < n;) {
+                                ssize_t w = write(pfd[1], t + off, n - off);
+                                if (w < 0 && errno == EINTR)
+                                        continue;
+                                if (w <= 0)
+                                        ex = EXIT_ERROR;
+                                else
+                                        off += (size_t)w;
+                        }
+                }
+                json_decref(reply);
+                fflush(NULL);
+                _exit(ex);
+        }
+        close(pfd[1]);
+        json_decref(params);
+        for (;;) {
+                ssize_t n = read(pfd[0], token + len, sizeof token - 1 - len);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n <= 0)
+                        break;
+                len += (size_t)n;
+                if (len == sizeof token - 1)
+                        break;
+        }
+        close(pfd[0]);
+        token[len] = '\0';
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+                ;
+        ex = WIFEXITED(status) ? WEXITSTATUS(status) : EXIT_ERROR;
+        if (ex == 0 && (len == 0 || len > AB_JWT_MAX))
+                ex = EXIT_ERROR;
+        if (ex != 0 || setenv(env, token, 1) < 0) {
+                sodium_memzero(token, sizeof token);
+                return ex ? ex : EXIT_ERROR;
+        }
+        sodium_memzero(token, sizeof token); /* the environment holds the copy CMD gets */
         execvp(argv[optind], argv + optind);
         fprintf(stderr, "agent-brokerctl: exec %s: %s\n", argv[optind], strerror(errno));
         return errno == ENOENT ? 127 : 126;

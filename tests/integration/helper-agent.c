@@ -14,6 +14,7 @@
  *                        time, another executable)
  *   grow MB              map MB more of (untouched) address space: the
  *                        process's virtual size changes, nothing else; "OK"
+ *   env NAME             print "ENV " and the variable's value (or "ERR unset")
  *   quit                 exit 0
  *
  * Every call uses a fresh connection on purpose: the session belongs to
@@ -188,6 +189,13 @@ int main(int argc, char **argv)
                         size_t mb = strtoul(line + 5, NULL, 10);
                         void *m = mmap(NULL, mb << 20, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
                         printf(m == MAP_FAILED ? "ERR mmap\n" : "OK\n");
+                }
+                else if (strncmp(line, "env ", 4) == 0) {
+                        const char *v = getenv(line + 4);
+                        if (v)
+                                printf("ENV %s\n", v);
+                        else
+                                printf("ERR unset\n");
                 }
                 else if (strcmp(line, "quit") == 0)
                         break;

@@ -19,7 +19,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -355,6 +357,125 @@ static void check_synopses(const char *what, char **entries, size_t n)
 }
 
 /* Bad usage is one line on stderr (the reason) and exit 2, nothing on stdout. */
+/*
+ * exec: the command it runs may talk to the broker itself without ending
+ * the token it was given. Before, exec asked for the token as its own
+ * process and then became CMD: CMD's first call found that session opened
+ * by another program (ReauthRequired), and the Authenticate a client then
+ * sends ended the session of the handed-over token (helper-42). Now a
+ * child asks, and CMD opens a session of its own.
+ */
+static void test_exec_token_survives_own_calls(void **state)
+{
+        hx_broker *b = *state;
+        char ctl[PATH_MAX], agent[PATH_MAX], *line, *save = NULL, *token = NULL;
+        hx_run_result res;
+        json_t *root;
+        hx_conn *c;
+        int issued = 0;
+
+        start(b);
+        assert_int_equal(hx_build_path("agent-brokerctl", ctl, sizeof ctl), 0);
+        assert_int_equal(hx_build_path("tests/helper-agent", agent, sizeof agent), 0);
+        char *argv[] = { ctl, (char *)"--socket", b->sock, (char *)"exec", (char *)"--audience", (char *)AUD,
+                         (char *)"--scope", (char *)"read", (char *)"--", agent, b->sock, NULL };
+        assert_int_equal(hx_run(argv,
+                                "env AGENT_BROKER_TOKEN\n"
+                                "call io.agentbroker.IssueToken {\"audience\":\"" AUD "\",\"scopes\":[\"read\"]}\n"
+                                "call io.agentbroker.Authenticate {}\n"
+                                "quit\n",
+                                -1, 10000, &res),
+                     0);
+        assert_int_equal(res.exit_code, 0);
+        for (line = strtok_r(res.out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+                if (strncmp(line, "ENV ", 4) == 0)
+                        token = strdup(line + 4);
+                if (strstr(line, "\"token\""))
+                        issued++;
+                if (strstr(line, "ReauthRequired"))
+                        fprintf(stderr, "GAP: the command exec ran was asked to re-authenticate on its first call: %s\n",
+                                line);
+        }
+        assert_non_null(token);
+        assert_int_equal(issued, 1); /* CMD's own IssueToken, answered at once */
+        c = hx_connect(b, b->sock);
+        root = hx_rpc(c, "io.agentbroker.Introspect", json_pack("{s:s, s:s}", "token", token, "audience", AUD));
+        hx_assert_ok(root);
+        if (!json_is_true(json_object_get(hx_reply_params(root), "active")))
+                fprintf(stderr, "GAP: the token exec handed over is inactive (%s) once CMD talked to the broker\n",
+                        hx_reply_str(root, "reason"));
+        assert_true(json_is_true(json_object_get(hx_reply_params(root), "active")));
+        json_decref(root);
+        hx_conn_close(b, c);
+        free(token);
+        hx_run_result_done(&res);
+}
+
+/*
+ * A server that answers IssueToken without a token: token --out and exec
+ * report a protocol error (exit 4). Before, both crashed (strlen(NULL),
+ * setenv(NULL): exit 139) (helper-42).
+ */
+static void test_reply_without_token(void **state)
+{
+        hx_broker *b = *state;
+        char path[PATH_MAX], out[PATH_MAX], ctl[PATH_MAX];
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        pid_t pid;
+
+        snprintf(path, sizeof path, "%s/fake.sock", b->dir);
+        snprintf(out, sizeof out, "%s/token.out", b->dir);
+        snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+        assert_true(lfd >= 0);
+        assert_int_equal(bind(lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+        assert_int_equal(listen(lfd, 8), 0);
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                static const char reply[] = "{\"parameters\":{\"expires_in\":60,\"jti\":\"x\"}}";
+                alarm(30); /* gone even if the test fails before it kills this */
+                for (;;) {
+                        int fd = accept(lfd, NULL, NULL);
+                        char buf[4096];
+                        ssize_t n;
+                        if (fd < 0)
+                                _exit(0);
+                        /* one reply per message, as long as the connection stays */
+                        while ((n = recv(fd, buf, sizeof buf, 0)) > 0)
+                                for (ssize_t i = 0; i < n; i++)
+                                        if (buf[i] == '\0')
+                                                (void)send(fd, reply, sizeof reply, MSG_NOSIGNAL);
+                        close(fd);
+                }
+        }
+        close(lfd);
+        assert_int_equal(hx_build_path("agent-brokerctl", ctl, sizeof ctl), 0);
+        {
+                char *argv[] = { ctl, (char *)"--socket", path, (char *)"token", (char *)"--audience", (char *)AUD,
+                                 (char *)"--scope", (char *)"read", (char *)"--out", out, NULL };
+                hx_run_result res;
+                assert_int_equal(hx_run(argv, NULL, -1, 10000, &res), 0);
+                if (res.exit_code != 4)
+                        fprintf(stderr, "token --out: exit %d, stderr %s\n", res.exit_code, res.err);
+                assert_int_equal(res.exit_code, 4);
+                assert_int_equal(access(out, F_OK), -1);
+                hx_run_result_done(&res);
+        }
+        {
+                char *argv[] = { ctl, (char *)"--socket", path, (char *)"exec", (char *)"--audience", (char *)AUD,
+                                 (char *)"--scope", (char *)"read", (char *)"--", (char *)"true", NULL };
+                hx_run_result res;
+                assert_int_equal(hx_run(argv, NULL, -1, 10000, &res), 0);
+                if (res.exit_code != 4)
+                        fprintf(stderr, "exec: exit %d, stderr %s\n", res.exit_code, res.err);
+                assert_int_equal(res.exit_code, 4);
+                hx_run_result_done(&res);
+        }
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+}
+
 static void test_usage_errors_are_one_line(void **state)
 {
         hx_broker *b = *state;
@@ -1082,6 +1203,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_json_on_every_command, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_help_and_man_list_json, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_usage_errors_are_one_line, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_exec_token_survives_own_calls, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_reply_without_token, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_keys_jwks_out, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_token_refresh_reconnects_quietly, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_admin_socket_permission_denied, hx_setup, hx_teardown),
