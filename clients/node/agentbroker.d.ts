@@ -86,7 +86,7 @@ export class Token {
 export interface ClientOptions {
   /** Socket path; default $AGENT_BROKER_SOCKET, else DEFAULT_SOCKET. */
   path?: string;
-  /** Milliseconds for connect and each reply (5000). */
+  /** Milliseconds for connecting, and for each call from its request to the end of its reply (5000). */
   timeout?: number;
   /** Seconds since the epoch (for tests). */
   clock?: () => number;

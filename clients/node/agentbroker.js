@@ -160,20 +160,24 @@ export function errorFromReply(name, parameters) {
  */
 export class Token {
   constructor(reply, obtainedAt = Date.now() / 1000) {
-    if (!reply || typeof reply.token !== 'string') throw new ProtocolError('token reply without a token');
+    // The broker's reply is checked, not trusted: a wrong type is a ProtocolError here, never a
+    // NaN expiry (or a token string that is not one) later.
+    if (!reply || typeof reply !== 'object' || typeof reply.token !== 'string' || !reply.token) {
+      throw new ProtocolError('token reply without a token');
+    }
     Object.defineProperty(this, 'raw', { value: reply, enumerable: false });
     Object.defineProperty(this, 'token', { value: reply.token, enumerable: false });
-    this.tokenType = reply.token_type ?? 'Bearer';
-    this.expiresIn = Number(reply.expires_in ?? 0);
-    this.expiresAt = Number(reply.expires_at ?? 0);
-    this.jti = reply.jti;
-    this.scope = typeof reply.scope === 'string' ? reply.scope : '';
-    this.scopes = this.scope ? this.scope.split(' ') : [];
-    this.agent = reply.agent;
-    this.sid = reply.sid;
-    this.authTime = reply.auth_time;
-    this.parent = reply.parent;
-    this.depth = reply.depth;
+    this.tokenType = field(reply, 'token_type', 'string', 'Bearer');
+    this.expiresIn = field(reply, 'expires_in', 'integer', 0);
+    this.expiresAt = field(reply, 'expires_at', 'integer', 0);
+    this.jti = field(reply, 'jti', 'string');
+    this.scope = field(reply, 'scope', 'string', '');
+    this.scopes = this.scope.split(' ').filter(Boolean);
+    this.agent = field(reply, 'agent', 'string');
+    this.sid = field(reply, 'sid', 'string');
+    this.authTime = field(reply, 'auth_time', 'integer');
+    this.parent = field(reply, 'parent', 'string');
+    this.depth = field(reply, 'depth', 'integer');
     this.obtainedAt = obtainedAt;
   }
 
@@ -188,6 +192,16 @@ export class Token {
   [inspect.custom]() {
     return this.toString();
   }
+}
+
+/** reply[name] if of kind ('string' or 'integer'), dflt if absent or null, else ProtocolError. */
+function field(reply, name, kind, dflt = undefined) {
+  const v = reply[name];
+  if (v === undefined || v === null) return dflt;
+  if (kind === 'integer' ? !Number.isSafeInteger(v) : typeof v !== kind) {
+    throw new ProtocolError(`reply: ${name} is not ${kind === 'integer' ? 'an integer' : 'a string'}`);
+  }
+  return v;
 }
 
 function tokenText(t) {
@@ -225,20 +239,39 @@ function compact(params) {
 // ---- transport ---------------------------------------------------------------
 
 /** The connection ended or failed before a reply (internal: call() turns it into BrokerUnavailable). */
-class ConnectionLost extends Error {}
+class ConnectionLost extends Error {
+  constructor(message, code = undefined) {
+    super(message);
+    this.code = code;
+  }
 
-/** One socket, one request at a time. */
+  /** The broker closed before reading our request (EPIPE, ECONNRESET): it never saw it. */
+  get unread() {
+    return this.code === 'EPIPE' || this.code === 'ECONNRESET';
+  }
+}
+
+/** How long a second connection listens for the broker's refusal before it writes (ms). */
+const REFUSAL_WAIT_MS = 250;
+
+/**
+ * One socket, one request at a time, one reply per request: bytes after a
+ * reply, or bytes while no request waits, put the connection out of step, so
+ * it is closed (a ProtocolError for the request that waits, if one does).
+ */
 class Connection {
   #sock;
   #chunks = [];
   #size = 0;
   #waiter = null;
   #dead = null;
+  #requested = false; // a request was sent (or answered by #early)
+  #early = null; // a message that came before any request: the broker refusing the connection
 
   constructor(sock) {
     this.#sock = sock;
     sock.on('data', (d) => this.#onData(d));
-    sock.on('error', (e) => this.#fail(new ConnectionLost(e.message)));
+    sock.on('error', (e) => this.#fail(new ConnectionLost(e.message, e.code)));
     sock.on('close', () => this.#fail(new ConnectionLost('the broker closed the connection')));
     sock.unref(); // an idle client never keeps the process alive
   }
@@ -262,11 +295,13 @@ class Connection {
     });
   }
 
+  /** Unusable for another request (a refusal still to be read counts as usable: it is the reply). */
   get dead() {
-    return this.#dead !== null;
+    return this.#dead !== null && this.#early === null;
   }
 
   close() {
+    this.#early = null;
     this.#fail(new ConnectionLost('closed'));
     this.#sock.destroy();
   }
@@ -281,44 +316,54 @@ class Connection {
   }
 
   #onData(d) {
-    let nul = d.indexOf(0);
+    if (this.#dead) return;
+    const w = this.#waiter;
+    if (!w && (this.#requested || this.#early)) return this.#protocolError('the broker sent bytes that answer no request');
+    const nul = d.indexOf(0);
     if (nul < 0) {
       this.#chunks.push(d);
       this.#size += d.length;
       if (this.#size > MAX_MESSAGE) this.#protocolError(`reply over ${MAX_MESSAGE} bytes`);
       return;
     }
-    while (nul >= 0) {
-      const msg = Buffer.concat([...this.#chunks, d.subarray(0, nul)]);
-      this.#chunks = [];
-      this.#size = 0;
-      d = d.subarray(nul + 1);
-      if (msg.length > MAX_MESSAGE) return this.#protocolError(`reply over ${MAX_MESSAGE} bytes`);
-      const w = this.#waiter;
-      this.#waiter = null;
-      if (!w) return this.#protocolError('a reply nobody asked for');
-      w.resolve(msg);
-      nul = d.indexOf(0);
+    const msg = Buffer.concat([...this.#chunks, d.subarray(0, nul)]);
+    this.#chunks = [];
+    this.#size = 0;
+    if (msg.length > MAX_MESSAGE) return this.#protocolError(`reply over ${MAX_MESSAGE} bytes`);
+    // One request, one reply: bytes after it answer nothing we asked.
+    if (nul + 1 < d.length) return this.#protocolError('the broker sent more than one reply');
+    if (!w) {
+      this.#early = msg; // the reply to the first request (which need not be sent)
+      return;
     }
-    if (d.length) {
-      this.#chunks.push(d);
-      this.#size = d.length;
-      if (this.#size > MAX_MESSAGE) this.#protocolError(`reply over ${MAX_MESSAGE} bytes`);
-    }
+    this.#waiter = null;
+    w.resolve(msg);
   }
 
   #protocolError(reason) {
     const w = this.#waiter;
     this.#waiter = null;
+    this.#early = null;
     this.#dead = new ProtocolError(reason);
     this.#sock.destroy();
     if (w) w.reject(this.#dead);
   }
 
-  /** Send data (ending in NUL) and resolve with the reply's bytes (without the NUL). */
-  request(data, timeoutMs, path) {
+  /**
+   * Send data (ending in NUL) and resolve with the reply's bytes (without the
+   * NUL). writeDelayMs: listen that long before writing, so that a refusal
+   * the broker writes on accepting is read before a write could fail.
+   */
+  request(data, timeoutMs, path, writeDelayMs = 0) {
+    this.#requested = true;
+    if (this.#early) {
+      const msg = this.#early; // the broker refused this connection: that is the reply
+      this.#early = null;
+      return Promise.resolve(msg);
+    }
     if (this.#dead) return Promise.reject(this.#dead);
     return new Promise((resolve, reject) => {
+      let delay = null;
       const timer = setTimeout(() => {
         this.#waiter = null;
         this.#dead = new BrokerUnavailable(`no reply within ${timeoutMs} ms`, path);
@@ -328,13 +373,19 @@ class Connection {
       this.#sock.ref();
       const done = () => {
         clearTimeout(timer);
+        if (delay) clearTimeout(delay);
         this.#sock.unref();
       };
-      this.#waiter = {
+      const w = {
         resolve: (v) => { done(); resolve(v); },
         reject: (e) => { done(); reject(e); },
       };
-      this.#sock.write(data);
+      this.#waiter = w;
+      const send = () => {
+        if (this.#waiter === w && !this.#dead) this.#sock.write(data);
+      };
+      if (writeDelayMs > 0) delay = setTimeout(send, writeDelayMs);
+      else send();
     });
   }
 }
@@ -363,7 +414,7 @@ export class Client {
   /**
    * @param {object} [options]
    * @param {string} [options.path] socket (default: $AGENT_BROKER_SOCKET, else DEFAULT_SOCKET)
-   * @param {number} [options.timeout] ms for connect and each reply (5000)
+   * @param {number} [options.timeout] ms for connecting, and for each call from its request to the end of its reply (5000)
    * @param {() => number} [options.clock] seconds since the epoch (tests)
    * @param {number} [options.refreshFraction] share of a token's life after which token() renews it (2/3)
    */
@@ -410,25 +461,17 @@ export class Client {
     }
     const data = Buffer.concat([body, Buffer.from([0])]);
     return this.#serialized(async () => {
-      let fresh = false;
-      if (!this.#conn || this.#conn.dead) {
-        this.#conn = await Connection.open(this.path, this.timeout);
-        fresh = true;
-      }
       let raw;
-      try {
-        raw = await this.#conn.request(data, this.timeout, this.path);
-      } catch (e) {
-        if (!(e instanceof ConnectionLost)) throw e;
-        if (fresh) throw new BrokerUnavailable(e.message, this.path);
-        // The broker closes idle connections; the session belongs to the process, so asking
-        // again on a new connection is the same request.
-        this.#conn = await Connection.open(this.path, this.timeout);
+      if (!this.#conn || this.#conn.dead) {
+        raw = await this.#exchangeNew(data);
+      } else {
         try {
           raw = await this.#conn.request(data, this.timeout, this.path);
-        } catch (e2) {
-          if (e2 instanceof ConnectionLost) throw new BrokerUnavailable(e2.message, this.path);
-          throw e2;
+        } catch (e) {
+          if (!(e instanceof ConnectionLost)) throw e;
+          // The broker closes idle connections; the session belongs to the process, so asking
+          // again on a new connection is the same request.
+          raw = await this.#exchangeNew(data);
         }
       }
       let reply;
@@ -447,6 +490,28 @@ export class Client {
       }
       return params;
     });
+  }
+
+  /** One request on a new connection; its failure is BrokerUnavailable (or the broker's refusal). */
+  async #exchangeNew(data) {
+    this.#conn = await Connection.open(this.path, this.timeout);
+    try {
+      return await this.#conn.request(data, this.timeout, this.path);
+    } catch (e) {
+      if (!(e instanceof ConnectionLost)) throw e;
+      if (!e.unread) throw new BrokerUnavailable(e.message, this.path);
+    }
+    // A broker that refuses a connection (TooManyConnections, PermissionDenied on the admin
+    // socket) writes why and closes. Our write then fails (EPIPE) and Node destroys the socket
+    // before that reply is read. It never saw the request, so ask once more on a new
+    // connection, listening first: the refusal, if it comes again, is the reply.
+    this.#conn = await Connection.open(this.path, this.timeout);
+    try {
+      return await this.#conn.request(data, this.timeout, this.path, Math.min(REFUSAL_WAIT_MS, this.timeout / 2));
+    } catch (e) {
+      if (e instanceof ConnectionLost) throw new BrokerUnavailable(e.message, this.path);
+      throw e;
+    }
   }
 
   /** call(), re-authenticating once on ReauthRequired or SessionExpired and retrying. */
@@ -508,7 +573,7 @@ export class Client {
         this.#cache.delete(key);
       }
     }
-    return Number(reply.revoked ?? 0);
+    return field(reply, 'revoked', 'integer', 0);
   }
 
   /** The broker's JSON Web Key Set ({keys: [...]}), e.g. for jose's createLocalJWKSet. */
@@ -527,7 +592,9 @@ export class Client {
     let after;
     for (let page = 0; page < 1000000; page++) {
       const reply = await this.call('io.agentbroker.ListSessions', after ? { after } : undefined);
-      out.push(...(reply.sessions ?? []));
+      const sessions = reply.sessions ?? [];
+      if (!Array.isArray(sessions)) throw new ProtocolError('ListSessions reply: sessions is not an array');
+      out.push(...sessions);
       const next = reply.next;
       if (typeof next !== 'string' || next === '' || next === after) break;
       after = next;

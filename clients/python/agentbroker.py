@@ -22,9 +22,11 @@ cannot be reached raises BrokerUnavailable. See docs/clients.md.
 
 import json
 import os
+import select
 import socket
 import threading
 import time
+import weakref
 
 __all__ = [
     "DEFAULT_SOCKET", "DEFAULT_ADMIN_SOCKET", "MAX_MESSAGE", "connect", "Client", "Token",
@@ -216,21 +218,23 @@ class Token:
                  "sid", "auth_time", "parent", "depth", "obtained_at", "raw")
 
     def __init__(self, reply, obtained_at=None):
-        if not isinstance(reply, dict) or not isinstance(reply.get("token"), str):
+        # The broker's reply is checked, not trusted: a wrong type is a ProtocolError here, never a
+        # TypeError or ValueError (or a token string that is not one) later.
+        if not isinstance(reply, dict) or not isinstance(reply.get("token"), str) or not reply["token"]:
             raise ProtocolError("token reply without a token")
         self.raw = reply
         self.token = reply["token"]
-        self.token_type = reply.get("token_type", "Bearer")
-        self.expires_in = int(reply.get("expires_in", 0))
-        self.expires_at = int(reply.get("expires_at", 0))
-        self.jti = reply.get("jti")
-        self.scope = reply.get("scope", "")
-        self.scopes = self.scope.split() if isinstance(self.scope, str) else []
-        self.agent = reply.get("agent")
-        self.sid = reply.get("sid")
-        self.auth_time = reply.get("auth_time")
-        self.parent = reply.get("parent")
-        self.depth = reply.get("depth")
+        self.token_type = _field(reply, "token_type", str, "Bearer")
+        self.expires_in = _field(reply, "expires_in", int, 0)
+        self.expires_at = _field(reply, "expires_at", int, 0)
+        self.jti = _field(reply, "jti", str)
+        self.scope = _field(reply, "scope", str, "")
+        self.scopes = self.scope.split()
+        self.agent = _field(reply, "agent", str)
+        self.sid = _field(reply, "sid", str)
+        self.auth_time = _field(reply, "auth_time", int)
+        self.parent = _field(reply, "parent", str)
+        self.depth = _field(reply, "depth", int)
         self.obtained_at = time.time() if obtained_at is None else obtained_at
 
     def expired(self, now=None):
@@ -240,6 +244,21 @@ class Token:
         return "Token(jti=%s, scope=%r, expires_at=%d)" % (self.jti, self.scope, self.expires_at)
 
     __repr__ = __str__
+
+
+def _field(reply, name, kind, default=None):
+    """reply[name] if it is of kind (an int is never a bool), default if absent or null, else ProtocolError."""
+    v = reply.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise ProtocolError("reply: %s is not %s" % (name, "an integer" if kind is int else "a string"))
+    return v
+
+
+def _reject_constant(name):
+    # json accepts NaN, Infinity and -Infinity, which are not JSON (RFC 8259) and which no broker sends
+    raise ValueError("not JSON: " + name)
 
 
 def _token_text(token):
@@ -279,6 +298,22 @@ def default_socket_path():
     return os.environ.get("AGENT_BROKER_SOCKET") or DEFAULT_SOCKET
 
 
+# Every Client of this process, so that a forked child can reset them all (see _reset_after_fork).
+_CLIENTS = weakref.WeakSet()
+
+
+def _clients_after_fork():
+    # In the child of os.fork() only this thread exists. A client lock held by another thread of
+    # the parent at fork time would never be released here: each client gets a new lock, and
+    # drops its connection and tokens, which belong to the parent (see Client._reset_after_fork).
+    for c in list(_CLIENTS):
+        c._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_clients_after_fork)
+
+
 class Client:
     """One connection to the broker, shared safely between threads (calls are serialized).
 
@@ -295,27 +330,36 @@ class Client:
             raise ValueError("refresh_fraction must be in (0, 1]")
         self._refresh_fraction = refresh_fraction
         self._sock = None
+        self._used = False  # a call was sent on _sock
         self._buf = b""
         self._lock = threading.RLock()
         self._cache = {}
         self._pid = os.getpid()
+        _CLIENTS.add(self)
 
     # -- transport --
 
-    def _after_fork(self):
+    def _reset_after_fork(self):
         # The broker attests the process that opened the connection: a forked child must not
         # speak on its parent's socket (it would be taken for the parent), nor use the parent's
-        # tokens. Drop both; the child opens its own connection and gets its own session.
+        # tokens. Drop both; the child opens its own connection and gets its own session. The
+        # lock is new: the parent's may have been held by a thread that does not exist here.
+        self._lock = threading.RLock()
+        if self._sock is not None:
+            try:
+                self._sock.close()  # the child's copy of the descriptor only
+            except OSError:
+                pass
+        self._sock = None
+        self._used = False
+        self._buf = b""
+        self._cache = {}
+        self._pid = os.getpid()
+
+    def _after_fork(self):
+        # Also for a child that did not come from os.fork() (no fork handlers ran).
         if self._pid != os.getpid():
-            if self._sock is not None:
-                try:
-                    self._sock.close()  # the child's copy of the descriptor only
-                except OSError:
-                    pass
-            self._sock = None
-            self._buf = b""
-            self._cache = {}
-            self._pid = os.getpid()
+            self._reset_after_fork()
 
     def open(self):
         """Connect now (the first call does it otherwise). Raises BrokerUnavailable."""
@@ -334,6 +378,7 @@ class Client:
             s.close()
             raise BrokerUnavailable("cannot connect to %s: %s" % (self.path, e.strerror or e), self.path) from None
         self._buf = b""
+        self._used = False
         return s
 
     def close(self):
@@ -343,6 +388,7 @@ class Client:
                     self._sock.close()
                 finally:
                     self._sock = None
+                    self._used = False
                     self._buf = b""
 
     def __enter__(self):
@@ -357,21 +403,44 @@ class Client:
         except Exception:
             pass
 
-    def _recv_message(self):
+    def _stale(self):
+        # Between calls the broker sends nothing: if the socket is readable now, it was closed
+        # (idle timeout) or holds bytes that answer no call of ours. Either way it is not used
+        # again. A connection not used yet may hold the broker's refusal (TooManyConnections):
+        # that is read as the reply to the first call.
+        if not self._used or self._buf:
+            return bool(self._buf)
+        try:
+            p = select.poll()
+            p.register(self._sock, select.POLLIN)
+            return bool(p.poll(0))
+        except (OSError, ValueError):
+            return True
+
+    def _recv_message(self, deadline):
         while True:
             nul = self._buf.find(b"\0")
             if nul >= 0:
                 msg, self._buf = self._buf[:nul], self._buf[nul + 1:]
                 if len(msg) > MAX_MESSAGE:
                     raise ProtocolError("reply over %d bytes" % MAX_MESSAGE)
+                # One call, one reply: bytes after it answer nothing we asked.
+                if self._buf:
+                    raise ProtocolError("the broker sent more than one reply")
                 return msg
             if len(self._buf) > MAX_MESSAGE:
                 raise ProtocolError("reply over %d bytes" % MAX_MESSAGE)
+            left = deadline - time.monotonic()
             try:
+                if left <= 0:
+                    raise socket.timeout()
+                self._sock.settimeout(left)
                 chunk = self._sock.recv(MAX_MESSAGE + 1)
             except socket.timeout:
                 raise BrokerUnavailable("no reply within %g s" % self.timeout, self.path) from None
             except OSError as e:
+                if self._buf:
+                    raise ProtocolError("the broker closed the connection in the middle of a reply") from None
                 raise ConnectionError(e.strerror or str(e)) from None
             if not chunk:
                 if self._buf:
@@ -380,20 +449,32 @@ class Client:
             self._buf += chunk
 
     def _exchange(self, data):
+        # The timeout bounds the whole call (sending and the whole reply), not each read.
+        deadline = time.monotonic() + self.timeout
+        self._used = True
         try:
+            self._sock.settimeout(self.timeout)
             self._sock.sendall(data)
         except socket.timeout:
             raise BrokerUnavailable("could not send within %g s" % self.timeout, self.path) from None
+        except (BrokenPipeError, ConnectionResetError) as e:
+            # A broker that refuses the connection (TooManyConnections, PermissionDenied on the
+            # admin socket) writes its reason and closes: that reply is the answer, not the EPIPE.
+            try:
+                return self._recv_message(deadline)
+            except ConnectionError:
+                raise ConnectionError(e.strerror or str(e)) from None
         except OSError as e:
             raise ConnectionError(e.strerror or str(e)) from None
-        return self._recv_message()
+        return self._recv_message(deadline)
 
     def call(self, method, parameters=None):
         """Send one varlink call and return the reply's parameters (a dict).
 
         Raises the BrokerError subclass for an error reply, BrokerUnavailable
-        when no broker answers, ProtocolError for a malformed reply. A
-        connection the broker closed while idle is reopened once.
+        when no broker answers within the timeout, ProtocolError for a
+        malformed reply or one followed by more bytes. A connection the broker
+        closed while idle is reopened once.
         """
         msg = {"method": method}
         if parameters:
@@ -404,6 +485,8 @@ class Client:
         data += b"\0"
         with self._lock:
             self._after_fork()
+            if self._sock is not None and self._stale():
+                self.close()
             fresh = self._sock is None
             if fresh:
                 self._sock = self._connect()
@@ -421,12 +504,15 @@ class Client:
                 except ConnectionError as e2:
                     self.close()
                     raise BrokerUnavailable(str(e2), self.path) from None
+                except BaseException:
+                    self.close()
+                    raise
             except BaseException:
                 self.close()  # a reply may still be in flight: the stream is out of step
                 raise
         try:
-            reply = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            reply = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError):
             self.close()
             raise ProtocolError("reply is not JSON") from None
         if not isinstance(reply, dict):
@@ -489,7 +575,7 @@ class Client:
         reply = self.call("io.agentbroker.Revoke", {k: v})
         self._forget(lambda t: (k == "token" and t.token == v) or (k == "jti" and t.jti == v) or
                      (k == "sid" and t.sid == v))
-        return int(reply.get("revoked", 0))
+        return _field(reply, "revoked", int, 0)
 
     def get_keys(self):
         """The broker's JSON Web Key Set: {"keys": [...]}, for verifying its tokens."""
@@ -504,7 +590,10 @@ class Client:
         out, after = [], None
         for _ in range(1000000):
             reply = self.call("io.agentbroker.ListSessions", {"after": after} if after else None)
-            out.extend(reply.get("sessions", []))
+            sessions = reply.get("sessions") or []
+            if not isinstance(sessions, list):
+                raise ProtocolError("ListSessions reply: sessions is not an array")
+            out.extend(sessions)
             nxt = reply.get("next")
             if not isinstance(nxt, str) or not nxt or nxt == after:
                 break
@@ -555,6 +644,7 @@ class Client:
 
 def connect(path=None, timeout=DEFAULT_TIMEOUT, **kwargs):
     """A connected Client. path: the socket, else $AGENT_BROKER_SOCKET, else
-    /run/agent-broker/io.agentbroker. timeout bounds connect and each reply (seconds).
+    /run/agent-broker/io.agentbroker. timeout bounds connecting, and each call from sending
+    its request to the end of the reply (seconds).
     Raises BrokerUnavailable."""
     return Client(path, timeout, **kwargs).open()

@@ -2,9 +2,10 @@
 // An OAuth 2.0 resource server's view of agent-broker tokens.
 //
 // 1. Offline, with jose: the signature against the broker's JWKS (from a
-//    file, or fetched once over the broker socket), alg EdDSA, typ at+jwt
-//    (RFC 9068), exp, aud equal to this server's resource id, and iss if
-//    one is configured. Failure: 401 invalid_token.
+//    file, re-read when it changes; or over the broker socket), alg EdDSA,
+//    typ at+jwt (RFC 9068), exp, aud equal to this server's resource id, iss
+//    if one is configured, and a lifetime (exp - iat) no broker issues past.
+//    Failure: 401 invalid_token. A key set that cannot be (re)loaded: 503.
 // 2. Scope: every scope the request needs (per tool) must be in the token's
 //    "scope" claim. Failure: 403 insufficient_scope.
 // 3. Revocation: a signature cannot say that a token was revoked, so when a
@@ -18,6 +19,11 @@ import './webcrypto.js';
 import fs from 'node:fs';
 import { createLocalJWKSet, jwtVerify } from 'jose';
 import { BrokerError } from 'agentbroker';
+
+/** The longest life of a broker token: AB_TTL_MAX (24 h) plus the 5 s the broker allows clocks. */
+export const MAX_TOKEN_LIFETIME = 24 * 3600 + 5;
+/** How far in the future an iat may be (the broker's Introspect allows 5 s). */
+const CLOCK_LEEWAY = 5;
 
 /** A refusal: HTTP status, RFC 6750 error code (or undefined: no credentials), description, scope. */
 export class AuthError extends Error {
@@ -72,6 +78,11 @@ function describeJoseError(e) {
   }
 }
 
+/** What identifies a version of a file: a rename over it (new inode) or a write (size, times) changes it. */
+function fileVersion(st) {
+  return `${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
+}
+
 /**
  * Verifies broker tokens for one resource.
  *
@@ -81,12 +92,25 @@ function describeJoseError(e) {
  * GetKeys when there is no file, and revocation via Introspect unless
  * introspect is false), service (names this server in the broker's audit
  * trail), log (a function for one-line decisions; never given a token).
+ *
+ * The key set is current, not the one of the start: a key the broker
+ * retired (`keys rotate`, also `--overlap 0 --force` after a leak) stops
+ * verifying here once the key set without it is published. The file is
+ * looked at (stat) at most every fileCheckInterval ms (1 s) and re-read
+ * when it changed; it, or the broker's set, is re-read in any case every
+ * refreshInterval ms (60 s), and at once (at most every 10 s) for a token
+ * naming an unknown kid. A key set that cannot be re-read is not used:
+ * tokens are refused (503) until it can.
  */
 export class TokenVerifier {
   #keys = null;
   #loadedAt = 0;
+  #checkedAt = 0;
+  #version = null;
+  #loading = null;
 
-  constructor({ resource, issuer, jwksFile, broker, introspect = true, service = 'mcp-server', log = () => {} }) {
+  constructor({ resource, issuer, jwksFile, broker, introspect = true, service = 'mcp-server', log = () => {},
+    refreshInterval = 60000, fileCheckInterval = 1000 }) {
     if (!resource) throw new Error('a resource id is required');
     if (!jwksFile && !broker) throw new Error('give a JWKS file or a broker client (or both)');
     this.resource = resource;
@@ -96,15 +120,66 @@ export class TokenVerifier {
     this.introspect = Boolean(broker) && introspect;
     this.service = service;
     this.log = log;
+    this.refreshInterval = refreshInterval;
+    this.fileCheckInterval = fileCheckInterval;
   }
 
-  /** Load the key set (file, else the broker). Called again when a token names an unknown kid. */
-  async loadKeys() {
-    const jwks = this.jwksFile ? JSON.parse(fs.readFileSync(this.jwksFile, 'utf8')) : await this.broker.getKeys();
-    if (!Array.isArray(jwks?.keys)) throw new Error('the JWKS has no "keys" array');
-    this.#keys = createLocalJWKSet({ keys: jwks.keys });
-    this.#loadedAt = Date.now();
-    return jwks.keys.length;
+  /** Load the key set (file, else the broker); resolves with the number of keys. Concurrent calls share one load. */
+  loadKeys() {
+    if (!this.#loading) this.#loading = this.#load().finally(() => { this.#loading = null; });
+    return this.#loading;
+  }
+
+  async #load() {
+    try {
+      let jwks;
+      let version = null;
+      if (this.jwksFile) {
+        // stat first: a file replaced between the two is seen as changed at the next check
+        version = fileVersion(fs.statSync(this.jwksFile));
+        jwks = JSON.parse(fs.readFileSync(this.jwksFile, 'utf8'));
+      } else {
+        jwks = await this.broker.getKeys();
+      }
+      if (!Array.isArray(jwks?.keys)) throw new Error('the JWKS has no "keys" array');
+      this.#keys = createLocalJWKSet({ keys: jwks.keys });
+      this.#version = version;
+      this.#loadedAt = this.#checkedAt = Date.now();
+      return jwks.keys.length;
+    } catch (e) {
+      this.#keys = null; // never verify with a set we could not confirm
+      throw e;
+    }
+  }
+
+  /** Reload, or refuse with 503: keys that may have been retired are not used. */
+  async #reload(why) {
+    try {
+      await this.loadKeys();
+    } catch (e) {
+      this.log(`cannot load the key set (${why}): ${e.message}`);
+      throw new AuthError(503, undefined, 'the key set cannot be loaded; try again shortly');
+    }
+  }
+
+  /** The key set, re-read if it is due or its file changed. */
+  async #currentKeys() {
+    const now = Date.now();
+    if (!this.#keys) {
+      await this.#reload('not loaded');
+    } else if (now - this.#loadedAt >= this.refreshInterval) {
+      await this.#reload('periodic');
+    } else if (this.jwksFile && now - this.#checkedAt >= this.fileCheckInterval) {
+      this.#checkedAt = now;
+      let version;
+      try {
+        version = fileVersion(fs.statSync(this.jwksFile));
+      } catch {
+        version = 'gone';
+      }
+      if (version !== this.#version) await this.#reload('the file changed');
+    }
+    return this.#keys;
   }
 
   async #verifyJwt(token) {
@@ -115,15 +190,26 @@ export class TokenVerifier {
       requiredClaims: ['exp', 'iat', 'jti', 'sub'],
     };
     if (this.issuer) options.issuer = this.issuer;
-    if (!this.#keys) await this.loadKeys();
+    let payload;
     try {
-      return (await jwtVerify(token, this.#keys, options)).payload;
+      payload = (await jwtVerify(token, await this.#currentKeys(), options)).payload;
     } catch (e) {
       // A key rotated in since we loaded: reload once (at most every 10 s) and try again.
       if (e?.code !== 'ERR_JWKS_NO_MATCHING_KEY' || Date.now() - this.#loadedAt < 10000) throw e;
-      await this.loadKeys();
-      return (await jwtVerify(token, this.#keys, options)).payload;
+      await this.#reload('unknown kid');
+      payload = (await jwtVerify(token, this.#keys, options)).payload;
     }
+    // The broker never signs a longer life nor a future iat: such a token was not made by it
+    // (for instance with a leaked key, to outlive the key's retirement).
+    const { iat, exp } = payload;
+    if (!Number.isInteger(iat) || !Number.isInteger(exp)) {
+      throw new AuthError(401, 'invalid_token', 'the token\'s iat or exp is not an integer');
+    }
+    if (exp - iat > MAX_TOKEN_LIFETIME) {
+      throw new AuthError(401, 'invalid_token', 'the token lives longer than broker tokens do');
+    }
+    if (iat > Date.now() / 1000 + CLOCK_LEEWAY) throw new AuthError(401, 'invalid_token', 'the token is issued in the future');
+    return payload;
   }
 
   /** Step 1: the token's signature and claims. Resolves with the claims; throws AuthError (401). */

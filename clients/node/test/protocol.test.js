@@ -14,7 +14,8 @@ import * as ab from '../agentbroker.js';
  * A Unix socket server. handler(request, connIndex) returns what to send: an
  * object (JSON-encoded, NUL added), a string (NUL added), a Buffer (as is),
  * null (close without a reply), {close: Buffer} (send, then close), or
- * {delay: ms, then: reply}.
+ * {delay: ms, then: reply}. The third argument is the server's end of the
+ * connection, for a handler that writes more later.
  */
 async function fakeBroker(t, handler) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ab-fake-'));
@@ -34,7 +35,7 @@ async function fakeBroker(t, handler) {
         const req = JSON.parse(buf.subarray(0, nul).toString());
         buf = buf.subarray(nul + 1);
         fb.requests.push(req);
-        let out = fb.handler(req, index);
+        let out = fb.handler(req, index, c);
         if (out && out.delay) {
           await new Promise((r) => setTimeout(r, out.delay));
           out = out.then;
@@ -135,6 +136,63 @@ describe('framing', () => {
     t.after(() => c.close());
     assert.deepEqual(await c.whoami(), { n: 1 });
     assert.deepEqual(await c.whoami(), { n: 2 });
+  });
+
+  test('two replies in one read: ProtocolError, and the next call opens a new connection', async (t) => {
+    // One call, one reply (as the C and Python clients): a second reply would answer nothing we asked.
+    const fb = await fakeBroker(t, (req, i) => (i === 1
+      ? Buffer.from(`${JSON.stringify(tokenReply({ jti: 'asked' }))}\0${JSON.stringify(tokenReply({ jti: 'other' }))}\0`)
+      : { parameters: { conn: i } }));
+    const c = await ab.connect(fb.path);
+    t.after(() => c.close());
+    await assert.rejects(c.issue('aud', ['a']), (e) => e instanceof ab.ProtocolError && /more than one reply/.test(e.message));
+    assert.deepEqual(await c.whoami(), { conn: 2 });
+  });
+
+  test('part of a second reply is a ProtocolError too', async (t) => {
+    const fb = await fakeBroker(t, () => Buffer.from(`${JSON.stringify(tokenReply())}\0{"parameters":{"token":"INJ`));
+    const c = await ab.connect(fb.path);
+    t.after(() => c.close());
+    await assert.rejects(c.issue('aud', ['a']), ab.ProtocolError);
+  });
+
+  test('bytes between calls are never the next reply', async (t) => {
+    // a whole stale reply, or the start of one that the next reply would complete
+    for (const stale of [`${JSON.stringify(tokenReply({ jti: 'stale' }))}\0`, '{"parameters":{"token":"stale","x":"']) {
+      const fb = await fakeBroker(t, (req, i, conn) => {
+        if (i > 1) return tokenReply({ jti: 'fresh' });
+        setTimeout(() => conn.write(stale), 50);
+        return { parameters: { conn: 1 } };
+      });
+      const c = await ab.connect(fb.path);
+      t.after(() => c.close());
+      assert.deepEqual(await c.whoami(), { conn: 1 });
+      await new Promise((r) => setTimeout(r, 200));
+      assert.equal((await c.issue('aud', ['a'])).jti, 'fresh', stale);
+      assert.equal(fb.connections, 2);
+    }
+  });
+
+  test('reply fields are type-checked', async (t) => {
+    let params;
+    const fb = await fakeBroker(t, () => ({ parameters: params }));
+    const c = new ab.Client({ path: fb.path });
+    t.after(() => c.close());
+    const good = tokenReply().parameters;
+    for (const [name, value] of [['token', ''], ['token', ['x']], ['expires_in', 'abc'], ['expires_in', '300'],
+      ['expires_in', true], ['expires_in', 300.5], ['expires_in', 1e300], ['expires_at', 'x'], ['token_type', 1],
+      ['jti', 5], ['scope', ['a']], ['sid', {}], ['agent', 1], ['auth_time', 'now'], ['parent', 1], ['depth', '1']]) {
+      params = { ...good, [name]: value };
+      await assert.rejects(c.issue('a', ['s']), ab.ProtocolError, `${name}=${JSON.stringify(value)}`);
+      await assert.rejects(c.token('a', ['s']), ab.ProtocolError, `${name}=${JSON.stringify(value)}`);
+    }
+    params = { ...good, parent: null, depth: null };
+    const tok = await c.issue('a', ['s']);
+    assert.deepEqual([tok.expiresIn, tok.parent, tok.depth], [300, undefined, undefined]);
+    params = { revoked: '1' };
+    await assert.rejects(c.revoke({ jti: 'x' }), ab.ProtocolError);
+    params = { sessions: 'abc' };
+    await assert.rejects(c.listSessions(), ab.ProtocolError);
   });
 
   test('printing a Token never shows the token', () => {
@@ -292,6 +350,43 @@ describe('errors', () => {
     const c = new ab.Client({ path: fb.path });
     t.after(() => c.close());
     await assert.rejects(c.whoami(), (e) => e instanceof ab.ProtocolError && /middle/.test(e.message));
+  });
+
+  test('a refusal is read even when the write fails', async (t) => {
+    // A broker at its connection limit (or the admin socket refusing a uid) writes its error and
+    // closes without reading: the write fails (EPIPE), and the error is still the answer.
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ab-fake-'));
+    const sockPath = path.join(dir, 'sock');
+    const refusal = `${JSON.stringify(err('io.agentbroker.TooManyConnections', { reason: 'too many connections from this uid' }))}\0`;
+    let n = 0;
+    let refuseAll = false;
+    let firstClosed;
+    const closed = new Promise((r) => { firstClosed = r; });
+    const server = net.createServer((s) => {
+      s.on('error', () => {});
+      if (++n === 1 || refuseAll) {
+        s.end(refusal, () => s.destroy());
+        s.on('close', firstClosed);
+        return;
+      }
+      s.once('data', () => s.end('{"parameters":{"ok":true}}\0')); // a later connection is answered
+    });
+    await new Promise((r) => server.listen(sockPath, r));
+    t.after(async () => {
+      await new Promise((r) => server.close(r));
+      fs.rmSync(dir, { recursive: true, force: true });
+    });
+    const c = await ab.connect(sockPath);
+    t.after(() => c.close());
+    await closed;
+    await new Promise((r) => setTimeout(r, 50));
+    await assert.rejects(c.whoami(), (e) => e instanceof ab.TooManyConnections && /too many/.test(e.reason));
+    refuseAll = true;
+    for (let i = 0; i < 5; i++) {
+      const c2 = new ab.Client({ path: sockPath });
+      await assert.rejects(c2.whoami(), ab.TooManyConnections);
+      c2.close();
+    }
   });
 
   test('timeout', async (t) => {

@@ -18,7 +18,8 @@ import agentbroker as ab  # noqa: E402
 class FakeBroker:
     """A Unix socket server in a thread. handler(request_dict, conn_index) returns the
     bytes to send (without the NUL: str/dict are encoded and NUL-terminated), or None to
-    close the connection without a reply, or ("close", bytes) to send and then close."""
+    close the connection without a reply, or ("close", bytes) to send and then close, or a
+    list of those to send one after the other, where a float is a pause (seconds)."""
 
     def __init__(self, handler):
         self.dir = tempfile.mkdtemp(prefix="ab-fake-")
@@ -63,12 +64,16 @@ class FakeBroker:
                     close_after = isinstance(out, tuple)
                     if close_after:
                         out = out[1]
-                    if isinstance(out, dict):
-                        out = json.dumps(out).encode() + b"\0"
-                    elif isinstance(out, str):
-                        out = out.encode() + b"\0"
                     try:
-                        conn.sendall(out)
+                        for part in out if isinstance(out, list) else [out]:
+                            if isinstance(part, float):
+                                time.sleep(part)
+                                continue
+                            if isinstance(part, dict):
+                                part = json.dumps(part).encode() + b"\0"
+                            elif isinstance(part, str):
+                                part = part.encode() + b"\0"
+                            conn.sendall(part)
                     except OSError:
                         return
                     if close_after:
@@ -159,15 +164,37 @@ class TestFraming(Base):
         self.assertEqual(fb.requests, [])
 
     def test_two_replies_in_one_read(self):
-        # A reply may arrive together with the next: the client keeps what follows the NUL.
+        # One call, one reply (as the C client): bytes after the reply answer nothing we asked
+        # (a broker answering twice would hand the second reply, a token for another audience,
+        # to the next call). The call fails and the connection is closed; the next opens anew.
         def handler(req, i):
-            if req["method"].endswith("WhoAmI"):
-                return b'{"parameters":{"n":1}}\0'
-            return {"parameters": {"n": 2}}
+            if req["method"].endswith("IssueToken") and i == 1:
+                return b'{"parameters":{"n":1}}\0' + json.dumps(token_reply(jti="other")).encode() + b"\0"
+            return {"parameters": {"conn": i}}
         fb = self.serve(handler)
         with ab.connect(fb.path) as c:
-            self.assertEqual(c.whoami(), {"n": 1})
-            self.assertEqual(c.authenticate(), {"n": 2})
+            with self.assertRaises(ab.ProtocolError) as cm:
+                c.issue("aud", ["a"])
+            self.assertIn("more than one reply", str(cm.exception))
+            self.assertEqual(c.authenticate(), {"conn": 2})
+
+    def test_part_of_a_second_reply_is_an_error_too(self):
+        fb = self.serve(lambda req, i: json.dumps(token_reply()).encode() + b'\0{"parameters":{"token":"INJ')
+        with ab.connect(fb.path) as c:
+            self.assertRaises(ab.ProtocolError, c.issue, "aud", ["a"])
+
+    def test_a_reply_nobody_asked_for_is_never_the_next_reply(self):
+        # Bytes that come between calls are no answer to the next: that connection is dropped.
+        def handler(req, i):
+            if i == 1:
+                return [{"parameters": {"conn": 1}}, 0.1, json.dumps(token_reply(jti="stale")).encode() + b"\0"]
+            return token_reply(jti="fresh")
+        fb = self.serve(handler)
+        with ab.connect(fb.path) as c:
+            self.assertEqual(c.whoami(), {"conn": 1})
+            time.sleep(0.4)
+            self.assertEqual(c.issue("aud", ["a"]).jti, "fresh")
+        self.assertEqual(fb.connections, 2)
 
     def test_threads_share_one_client(self):
         fb = self.serve(lambda req, i: {"parameters": {"echo": req["parameters"]["token"]}})
@@ -211,6 +238,43 @@ class TestFraming(Base):
         self.assertNotEqual(out["token"], parent_token, "the parent's cached token stays with the parent")
         self.assertEqual(c.whoami(), {"conn": 1}, "the parent keeps its connection")
         self.assertEqual(c.token("aud", ["a"]), parent_token)
+
+    def test_a_fork_while_another_thread_holds_the_client(self):
+        # A thread is in a call (it holds the client's lock) when the process forks. In the child
+        # that thread does not exist: the child must not wait for its lock forever.
+        def handler(req, i):
+            if i == 1:
+                time.sleep(1.5)
+            return {"parameters": {"conn": i}}
+        fb = self.serve(handler)
+        c = ab.Client(fb.path, timeout=5.0)
+        self.addCleanup(c.close)
+        t = threading.Thread(target=c.whoami, daemon=True)
+        t.start()
+        time.sleep(0.3)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                os.write(w, json.dumps(c.whoami()).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            os.close(r)
+            self.fail("the child is stuck on the lock its parent's thread held at fork time")
+        with os.fdopen(r, "rb") as f:
+            self.assertEqual(json.loads(f.read().decode()), {"conn": 2})
+        t.join(5)
 
     def test_token_repr_hides_the_token(self):
         t = ab.Token(token_reply()["parameters"])
@@ -329,6 +393,48 @@ class TestErrors(Base):
             with self.assertRaises(ab.ProtocolError, msg=repr(out)):
                 c.issue("a", ["s"])
 
+    def test_hostile_json_is_a_protocol_error(self):
+        # Python's json takes NaN and Infinity (not JSON) and recurses on nesting: neither may
+        # escape as anything but ProtocolError.
+        box = {}
+        fb = self.serve(lambda req, i: box["out"])
+        c = ab.Client(fb.path)
+        self.addCleanup(c.close)
+        deep_array = b"[" * 60000 + b"\0"
+        deep_object = b'{"parameters":' + b'{"a":' * 10000 + b"1" + b"}" * 10001 + b"\0"
+        for out in [b'{"parameters":{"token":"t","expires_in":NaN,"expires_at":0}}\0',
+                    b'{"parameters":{"token":"t","expires_in":Infinity,"expires_at":0}}\0',
+                    b'{"parameters":{"token":"t","expires_in":-Infinity,"expires_at":0}}\0',
+                    deep_array, deep_object]:
+            box["out"] = out
+            with self.assertRaises(ab.ProtocolError, msg=repr(out[:60])):
+                c.issue("a", ["s"])
+            with self.assertRaises(ab.ProtocolError, msg=repr(out[:60])):
+                c.whoami()
+
+    def test_token_fields_are_type_checked(self):
+        box = {}
+        fb = self.serve(lambda req, i: {"parameters": box["params"]})
+        c = ab.Client(fb.path)
+        self.addCleanup(c.close)
+        good = token_reply()["parameters"]
+        for name, value in [("token", ""), ("token", ["x"]), ("expires_in", "abc"), ("expires_in", "300"),
+                            ("expires_in", True), ("expires_in", 300.5), ("expires_in", 1e400),
+                            ("expires_at", "x"), ("token_type", 1), ("jti", 5), ("scope", ["a"]), ("sid", {}),
+                            ("agent", 1), ("auth_time", "now"), ("parent", 1), ("depth", "1")]:
+            box["params"] = dict(good, **{name: value})
+            with self.assertRaises(ab.ProtocolError, msg="%s=%r" % (name, value)):
+                c.issue("a", ["s"])
+            with self.assertRaises(ab.ProtocolError, msg="%s=%r" % (name, value)):
+                c.token("a", ["s"])
+        box["params"] = dict(good, parent=None, depth=None)
+        t = c.issue("a", ["s"])
+        self.assertEqual((t.expires_in, t.parent, t.depth), (300, None, None))
+        box["params"] = {"revoked": "1"}
+        self.assertRaises(ab.ProtocolError, c.revoke, jti="x")
+        box["params"] = {"sessions": "abc"}
+        self.assertRaises(ab.ProtocolError, c.list_sessions)
+
     def test_reply_over_64k(self):
         big = b'{"parameters":{"x":"' + b"a" * ab.MAX_MESSAGE + b'"}}\0'
         fb = self.serve(lambda req, i: big)
@@ -375,6 +481,70 @@ class TestErrors(Base):
         t0 = time.monotonic()
         self.assertRaises(ab.BrokerUnavailable, c.whoami)
         self.assertLess(time.monotonic() - t0, 0.9)
+
+    def test_timeout_bounds_the_whole_reply(self):
+        # A broker that trickles its reply, a byte at a time, is still held to the timeout.
+        reply = json.dumps({"parameters": {"x": "y" * 20}}).encode() + b"\0"
+        trickle = []
+        for b in reply:
+            trickle += [bytes([b]), 0.05]
+        fb = self.serve(lambda req, i: trickle)
+        c = ab.Client(fb.path, timeout=0.5)
+        self.addCleanup(c.close)
+        t0 = time.monotonic()
+        with self.assertRaises(ab.BrokerUnavailable) as cm:
+            c.whoami()
+        self.assertLess(time.monotonic() - t0, 1.0)
+        self.assertIn("no reply", str(cm.exception))
+
+    def test_a_refusal_is_read_even_when_the_send_fails(self):
+        # A broker at its connection limit (or the admin socket refusing a uid) writes its error
+        # and closes without reading: the send fails (EPIPE), the reply is the answer.
+        d = tempfile.mkdtemp(prefix="ab-fake-")
+        path = os.path.join(d, "sock")
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(8)
+        refusal = json.dumps(err("io.agentbroker.TooManyConnections", reason="too many connections from this uid"))
+        closed = threading.Event()
+        served = {"n": 0}
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                served["n"] += 1
+                if served["n"] == 1 or refuse_all.is_set():
+                    conn.sendall(refusal.encode() + b"\0")
+                    conn.close()
+                    closed.set()
+                    continue
+                with conn:  # a second connection is answered: the refusal must not be skipped
+                    conn.recv(65536)
+                    conn.sendall(b'{"parameters":{"ok":true}}\0')
+
+        refuse_all = threading.Event()
+        th = threading.Thread(target=serve, daemon=True)
+        th.start()
+
+        def cleanup():
+            srv.close()
+            th.join(2)
+            os.unlink(path)
+            os.rmdir(d)
+        self.addCleanup(cleanup)
+        c = ab.connect(path)
+        self.addCleanup(c.close)
+        self.assertTrue(closed.wait(2))
+        time.sleep(0.05)
+        with self.assertRaises(ab.TooManyConnections) as cm:
+            c.whoami()
+        self.assertIn("too many connections", cm.exception.reason)
+        refuse_all.set()
+        for _ in range(5):
+            self.assertRaises(ab.TooManyConnections, ab.Client(path).whoami)
 
     def test_idle_close_reconnects_once(self):
         # The broker closes idle connections; the next call opens a new one.

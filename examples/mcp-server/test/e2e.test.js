@@ -20,6 +20,8 @@ import '../webcrypto.js';
 import { Client as McpClient } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import { connect } from 'agentbroker';
+// test-clients runs this file alone: it brings the broker-less tests of auth.js and agent.js along
+import './unit.test.js';
 
 const SOCK = process.env.AGENT_BROKER_SOCKET;
 const ADMIN = process.env.AGENT_BROKER_ADMIN_SOCKET;
@@ -133,12 +135,13 @@ describe('MCP server with broker tokens', { skip }, () => {
   let offline; // keys from a JWKS file only
   let closedBroker; // JWKS file, and a broker socket where nobody answers
   let tmp;
+  let jwks; // the offline servers' key file
 
   before(async () => {
     broker = await connect();
     admin = await connect(ADMIN);
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'ab-mcp-e2e-'));
-    const jwks = path.join(tmp, 'jwks.json');
+    jwks = path.join(tmp, 'jwks.json');
     fs.writeFileSync(jwks, JSON.stringify(await broker.getKeys()));
     [online, offline, closedBroker] = await Promise.all([
       startServer([]),
@@ -156,17 +159,30 @@ describe('MCP server with broker tokens', { skip }, () => {
 
   test('the agent example gets a token and calls the tools', async () => {
     const note = `hello from the e2e test ${process.pid}`;
-    const r = await run('agent.js', ['--url', online.url, '--note', note]);
+    // the server's resource id is not its URL, so the agent is told which one to expect
+    const r = await run('agent.js', ['--url', online.url, '--resource', RESOURCE, '--note', note]);
     assert.equal(r.code, 0, r.stderr + online.log());
     assert.match(r.stdout, new RegExp(`agent ${AGENT} .* asks for ${RESOURCE.replace(/[.]/g, '\\.')} \\[notes:read notes:write\\]`));
     assert.match(r.stdout, /tools: add_note, list_notes/);
     assert.match(r.stdout, /add_note: added note #\d+/);
     assert.ok(r.stdout.includes(`${note} (by ${AGENT})`), r.stdout);
     // read only: it asks for notes:read alone, and listing works with it
-    const r2 = await run('agent.js', ['--url', online.url]);
+    const r2 = await run('agent.js', ['--url', online.url, '--resource', RESOURCE]);
     assert.equal(r2.code, 0, r2.stderr);
     assert.match(r2.stdout, /\[notes:read\]/);
     assert.ok(r2.stdout.includes(note));
+  });
+
+  test('the agent asks for no token when the metadata names another resource than expected', async () => {
+    // RFC 9728 §3.3: without --resource the metadata must name the URL used; here it names mcp://notes.test
+    const r = await run('agent.js', ['--url', online.url]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /says it is "mcp:\/\/notes\.test", not "http:\/\/127\.0\.0\.1:\d+\/mcp"/);
+    assert.doesNotMatch(r.stdout, /asks for/);
+    const r2 = await run('agent.js', ['--url', online.url, '--resource', OTHER]);
+    assert.equal(r2.code, 1);
+    assert.match(r2.stderr, /--resource/);
+    assert.doesNotMatch(r2.stdout, /asks for/);
   });
 
   test('an allowed tool call succeeds (SDK client and plain HTTP)', async () => {
@@ -306,6 +322,26 @@ describe('MCP server with broker tokens', { skip }, () => {
     assert.equal(get.status, 405);
     assert.equal(get.headers.get('allow'), 'POST');
     assert.equal((await fetch(online.url, { headers: { accept: headers.accept } })).status, 401, 'no token first');
+  });
+
+  // Last of the tests that use tokens: it retires the key the others were signed with.
+  test('a key retired at once (rotate --overlap 0 --force) stops verifying once republished', async () => {
+    const old = await broker.issue(RESOURCE, ['notes:read'], { ttl: 300 });
+    assert.equal((await callTool(offline.url, old.token, 'list_notes')).status, 200, 'valid before');
+    const r = await admin.call('io.agentbroker.admin.RotateKey', { overlap: 0, force: true });
+    assert.equal(r.previous_kid, JSON.parse(Buffer.from(old.token.split('.')[0], 'base64url')).kid);
+    // republish as `agent-brokerctl keys --jwks --out` does: a new file renamed over the old
+    fs.writeFileSync(`${jwks}.new`, JSON.stringify(await broker.getKeys()));
+    fs.renameSync(`${jwks}.new`, jwks);
+    let status;
+    for (let i = 0; i < 50 && status !== 401; i++) {
+      await sleep(100);
+      status = (await callTool(offline.url, old.token, 'list_notes')).status;
+    }
+    assertRefused(await callTool(offline.url, old.token, 'list_notes'), 401, 'invalid_token', /key this server does not know/);
+    assertRefused(await callTool(online.url, old.token, 'list_notes'), 401, 'invalid_token');
+    const fresh = await broker.issue(RESOURCE, ['notes:read'], { ttl: 60 });
+    assert.equal((await callTool(offline.url, fresh.token, 'list_notes')).status, 200, 'the new key verifies');
   });
 
   test('the server never logs a token', async () => {

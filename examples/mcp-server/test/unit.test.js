@@ -1,0 +1,205 @@
+// SPDX-License-Identifier: MIT
+// The verifier (auth.js) and the agent's helpers (agent.js) without a broker:
+// keys made here, tokens signed here, fake fetch and fake broker clients.
+// e2e.test.js imports this file, so `node --test test/e2e.test.js` (what
+// tests/integration/test-clients runs) runs these too.
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import '../webcrypto.js';
+import { AuthError, MAX_TOKEN_LIFETIME, TokenVerifier } from '../auth.js';
+import { bearerFetch, discoverResource } from '../agent.js';
+
+const RESOURCE = 'mcp://unit.test';
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+
+function newKey(kid) {
+  const { publicKey, privateKey } = crypto.generateKeyPairSync('ed25519');
+  return { kid, privateKey, jwk: { ...publicKey.export({ format: 'jwk' }), kid, alg: 'EdDSA', use: 'sig' } };
+}
+
+/** A token as the broker signs it, claims overridable. */
+function mint(key, claims = {}) {
+  const now = Math.floor(Date.now() / 1000);
+  const input = `${b64({ alg: 'EdDSA', typ: 'at+jwt', kid: key.kid })}.${b64({
+    iss: 'urn:unit', sub: 'agent', aud: RESOURCE, scope: 'notes:read', iat: now, nbf: now, exp: now + 300,
+    jti: crypto.randomBytes(8).toString('hex'), ...claims,
+  })}`;
+  return `${input}.${crypto.sign(null, Buffer.from(input), key.privateKey).toString('base64url')}`;
+}
+
+/** Write a JWKS the way `agent-brokerctl keys --jwks --out` does: a new file renamed over the old. */
+function publish(file, keys) {
+  fs.writeFileSync(`${file}.tmp`, JSON.stringify({ keys: keys.map((k) => k.jwk) }));
+  fs.renameSync(`${file}.tmp`, file);
+}
+
+async function verdict(v, token) {
+  try {
+    return (await v.authenticate(token)).sub;
+  } catch (e) {
+    if (!(e instanceof AuthError)) throw e;
+    return e.status;
+  }
+}
+
+function tmpdir(t) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ab-mcp-unit-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+describe('TokenVerifier: the key set stays current', () => {
+  test('a key retired from the JWKS file stops verifying within the check interval', async (t) => {
+    const file = path.join(tmpdir(t), 'jwks.json');
+    const [oldKey, newKey2] = [newKey('old'), newKey('new')];
+    publish(file, [oldKey]);
+    const v = new TokenVerifier({ resource: RESOURCE, jwksFile: file, fileCheckInterval: 100 });
+    assert.equal(await v.loadKeys(), 1);
+    const leaked = mint(oldKey, { exp: Math.floor(Date.now() / 1000) + 3600 });
+    assert.equal(await verdict(v, leaked), 'agent');
+    // keys rotate --overlap 0 --force, then republish: only the new key
+    publish(file, [newKey2]);
+    await sleep(150);
+    assert.equal(await verdict(v, leaked), 401, 'the retired key no longer verifies');
+    assert.equal(await verdict(v, mint(newKey2)), 'agent', 'the new key does');
+  });
+
+  test('a file rewritten in place (same size, mtime put back) is re-read', async (t) => {
+    const file = path.join(tmpdir(t), 'jwks.json');
+    const [a, b] = [newKey('aaaa'), newKey('bbbb')];
+    publish(file, [a]);
+    const st = fs.statSync(file);
+    const v = new TokenVerifier({ resource: RESOURCE, jwksFile: file, fileCheckInterval: 0 });
+    await v.loadKeys();
+    const tok = mint(a);
+    assert.equal(await verdict(v, tok), 'agent');
+    fs.writeFileSync(file, JSON.stringify({ keys: [b.jwk] }));
+    assert.equal(fs.statSync(file).size, st.size);
+    fs.utimesSync(file, st.atime, st.mtime);
+    assert.equal(await verdict(v, tok), 401);
+  });
+
+  test('the file is re-read every refreshInterval even when it looks the same', async (t) => {
+    const file = path.join(tmpdir(t), 'jwks.json');
+    const [a, b] = [newKey('aaaa'), newKey('bbbb')];
+    publish(file, [a]);
+    const v = new TokenVerifier({ resource: RESOURCE, jwksFile: file, fileCheckInterval: 1e9, refreshInterval: 200 });
+    await v.loadKeys();
+    const tok = mint(a);
+    publish(file, [b]);
+    assert.equal(await verdict(v, tok), 'agent', 'not yet checked');
+    await sleep(250);
+    assert.equal(await verdict(v, tok), 401);
+  });
+
+  test('keys from the broker are fetched again every refreshInterval', async (t) => {
+    const [a, b] = [newKey('aaaa'), newKey('bbbb')];
+    let set = [a];
+    let calls = 0;
+    const broker = { getKeys: async () => { calls++; return { keys: set.map((k) => k.jwk) }; } };
+    const v = new TokenVerifier({ resource: RESOURCE, broker, introspect: false, refreshInterval: 200 });
+    await v.loadKeys();
+    const tok = mint(a);
+    assert.equal(await verdict(v, tok), 'agent');
+    set = [b];
+    await sleep(250);
+    assert.equal(await verdict(v, tok), 401, 'a key the broker no longer lists stops verifying');
+    assert.equal(await verdict(v, mint(b)), 'agent');
+    assert.equal(calls, 2);
+  });
+
+  test('a key set that cannot be re-read is not used: 503 until it can', async (t) => {
+    const file = path.join(tmpdir(t), 'jwks.json');
+    const a = newKey('aaaa');
+    publish(file, [a]);
+    const logged = [];
+    const v = new TokenVerifier({ resource: RESOURCE, jwksFile: file, fileCheckInterval: 0, log: (m) => logged.push(m) });
+    await v.loadKeys();
+    const tok = mint(a);
+    fs.writeFileSync(file, '{"keys": [');
+    assert.equal(await verdict(v, tok), 503);
+    fs.rmSync(file);
+    assert.equal(await verdict(v, tok), 503);
+    publish(file, [a]);
+    assert.equal(await verdict(v, tok), 'agent');
+    assert.ok(logged.some((m) => /cannot load the key set/.test(m)));
+  });
+});
+
+describe('TokenVerifier: lifetimes the broker never issues', () => {
+  const key = newKey('k');
+  const jwks = { getKeys: async () => ({ keys: [key.jwk] }) };
+
+  test(`exp - iat at most ${MAX_TOKEN_LIFETIME} s (AB_TTL_MAX + 5 s)`, async () => {
+    assert.equal(MAX_TOKEN_LIFETIME, 24 * 3600 + 5);
+    const v = new TokenVerifier({ resource: RESOURCE, broker: jwks, introspect: false });
+    const now = Math.floor(Date.now() / 1000);
+    assert.equal(await verdict(v, mint(key, { iat: now, exp: now + MAX_TOKEN_LIFETIME })), 'agent');
+    assert.equal(await verdict(v, mint(key, { iat: now, exp: now + MAX_TOKEN_LIFETIME + 1 })), 401);
+    assert.equal(await verdict(v, mint(key, { iat: now - 10, exp: now + 365 * 86400 })), 401);
+    await assert.rejects(v.authenticate(mint(key, { iat: now, exp: now + 2 * 86400 })),
+      (e) => e instanceof AuthError && e.code === 'invalid_token' && /longer/.test(e.message));
+  });
+
+  test('iat more than 5 s ahead, or not an integer', async () => {
+    const v = new TokenVerifier({ resource: RESOURCE, broker: jwks, introspect: false });
+    const now = Math.floor(Date.now() / 1000);
+    assert.equal(await verdict(v, mint(key, { iat: now + 4, nbf: now, exp: now + 300 })), 'agent');
+    assert.equal(await verdict(v, mint(key, { iat: now + 60, nbf: now, exp: now + 300 })), 401);
+    assert.equal(await verdict(v, mint(key, { iat: now + 0.5, exp: now + 300 })), 401);
+  });
+});
+
+/** A fetch that answers from a list of [status, body] and records what it was asked. */
+function fakeFetch(answers) {
+  const calls = [];
+  const f = async (input, init = {}) => {
+    calls.push({ url: String(input), auth: new Headers(init.headers).get('authorization'), body: init.body });
+    const [status, body] = answers.shift();
+    return new Response(JSON.stringify(body), { status, headers: { 'content-type': 'application/json' } });
+  };
+  f.calls = calls;
+  return f;
+}
+
+describe('agent: the resource it asks tokens for', () => {
+  test('the metadata must name the URL the agent uses (RFC 9728 §3.3)', async () => {
+    const url = 'http://127.0.0.1:1/mcp';
+    const ok = fakeFetch([[200, { resource: url }]]);
+    assert.equal(await discoverResource(url, { fetchImpl: ok }), url);
+    assert.equal(ok.calls[0].url, 'http://127.0.0.1:1/.well-known/oauth-protected-resource/mcp');
+    // a server that claims another audience (one the agent holds grants for) gets no token for it
+    const liar = fakeFetch([[200, { resource: 'mcp://git.internal' }]]);
+    await assert.rejects(discoverResource(url, { fetchImpl: liar }), /says it is "mcp:\/\/git\.internal"/);
+    await assert.rejects(discoverResource(url, { fetchImpl: fakeFetch([[200, {}]]) }), /names no resource/);
+  });
+
+  test('or the id pinned with --resource', async () => {
+    const url = 'http://127.0.0.1:1/mcp';
+    assert.equal(await discoverResource(url, { pinned: 'mcp://notes', fetchImpl: fakeFetch([[200, { resource: 'mcp://notes' }]]) }),
+      'mcp://notes');
+    assert.equal(await discoverResource(url, { pinned: 'mcp://notes', fetchImpl: fakeFetch([[404, {}]]) }), 'mcp://notes');
+    await assert.rejects(discoverResource(url, { pinned: 'mcp://notes', fetchImpl: fakeFetch([[200, { resource: 'mcp://other' }]]) }),
+      /--resource/);
+  });
+
+  test('a 401 drops the cached token and the request is tried once with a new one', async () => {
+    let n = 0;
+    const invalidated = [];
+    const broker = { token: async () => `tok${++n}`, invalidate: (aud, scopes) => invalidated.push([aud, scopes]) };
+    const f = fakeFetch([[401, {}], [200, { ok: true }]]);
+    const res = await bearerFetch(broker, 'mcp://notes', ['notes:read'], f)('http://x/mcp', { method: 'POST', body: '{}' });
+    assert.equal(res.status, 200);
+    assert.deepEqual(invalidated, [['mcp://notes', ['notes:read']]]);
+    assert.deepEqual(f.calls.map((c) => [c.auth, c.body]), [['Bearer tok1', '{}'], ['Bearer tok2', '{}']]);
+    // refused again: that answer is the caller's, no loop
+    const f2 = fakeFetch([[401, {}], [401, {}]]);
+    assert.equal((await bearerFetch(broker, 'mcp://notes', ['notes:read'], f2)('http://x/mcp', {})).status, 401);
+    assert.equal(f2.calls.length, 2);
+  });
+});
