@@ -208,13 +208,11 @@ int main(int argc, char **argv)
         if (r != 0)
                 return r > 0 ? EXIT_SUCCESS : 2;
         ab_log_init(cfg.log_level);
-        /* broker.conf, then the command line wins */
-        if (ab_config_load_file(&cfg, cfg.config_path) < 0)
+        /* broker.conf, then the command line wins (again at every reload) */
+        cfg.trusted_keys_arg = trusted_flag;
+        cfg.require_signed_arg = signed_flag;
+        if (ab_config_apply_file(&cfg) < 0)
                 return EXIT_FAILURE;
-        if (trusted_flag)
-                cfg.trusted_keys_dir = trusted_flag;
-        if (signed_flag)
-                cfg.require_signed = true;
         if (sodium_init() < 0) {
                 ab_log(LOG_ERR, "libsodium failed to initialise");
                 return EXIT_FAILURE;

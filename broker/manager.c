@@ -1510,7 +1510,7 @@ static void policy_trust(const ab_manager *m, char out[8 + 65])
                 return;
         }
         crypto_hash_sha256_init(&h);
-        n = m->cfg.trusted_keys_dir ? scandir(m->cfg.trusted_keys_dir, &names, NULL, alphasort) : -1;
+        n = scandir(m->cfg.trusted_keys_dir, &names, NULL, alphasort);
         for (int i = 0; i < n; i++) {
                 char path[PATH_MAX], buf[4096];
                 int fd = -1;
@@ -1575,6 +1575,8 @@ static void set_policy_version(ab_manager *m)
         snprintf(m->policy_version, sizeof m->policy_version, "%.16s", fp);
 }
 
+static int reload_config(ab_manager *m);
+
 int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char *reason, size_t reasonmax)
 {
         char old_version[sizeof m->policy_version];
@@ -1584,12 +1586,20 @@ int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char 
         ab_diag diag = { .emit = policy_diag, .userdata = &sink };
 
         ab_manager_drain_jobs(m); /* tokens decided under the old policy are issued before it goes */
+        ab_policy *p = NULL;
+        int r = 0;
+
+        if (!via || strcmp(via, "startup") != 0) /* at start it was just read */
+                r = reload_config(m);
         ab_compile_opts o = { .policy_path = m->cfg.policy_path, .trusted_keys_dir = m->cfg.trusted_keys_dir,
                               .require_signed = m->cfg.require_signed };
-        ab_policy *p = NULL;
-        int r;
-
-        r = ab_policy_compile(m->store, &o, &diag, &p, reason, reasonmax);
+        if (r < 0) {
+                snprintf(reason, reasonmax, "%s does not parse or names no existing admin_group (see the broker's "
+                         "log): nothing was reloaded", m->cfg.config_path);
+                r = AB_ERR_POLICY;
+        } else {
+                r = ab_policy_compile(m->store, &o, &diag, &p, reason, reasonmax);
+        }
         if (r < 0) {
                 ab_log(LOG_ERR, "policy not loaded: %s; %s", reason,
                        m->policy->n_agents ? "the previous policy stays in force" : "no agent is served");
@@ -1810,11 +1820,9 @@ int ab_config_load_file(ab_config *c, const char *path)
                                 goto bad;
                         snprintf(c->admin_group, sizeof c->admin_group, "%s", v);
                 } else if (strcmp(k, "trusted_keys") == 0) {
-                        static char keys_dir[4096];
-                        if (v[0] != '/' || strlen(v) >= sizeof keys_dir)
+                        if (v[0] != '/' || strlen(v) >= sizeof c->trusted_keys_dir)
                                 goto bad;
-                        snprintf(keys_dir, sizeof keys_dir, "%s", v);
-                        c->trusted_keys_dir = keys_dir;
+                        snprintf(c->trusted_keys_dir, sizeof c->trusted_keys_dir, "%s", v);
                 } else {
                         ab_log(LOG_ERR, "%s:%d: unknown setting \"%.64s\"", path, lineno, k);
                         free(text);
@@ -1828,6 +1836,75 @@ bad:
                "\"trusted_keys = /DIR\"", path, lineno);
         free(text);
         return -EINVAL;
+}
+
+int ab_config_apply_file(ab_config *c)
+{
+        int r;
+
+        c->require_signed = false;
+        snprintf(c->trusted_keys_dir, sizeof c->trusted_keys_dir, "%s", AB_DEFAULT_TRUSTED_KEYS);
+        c->admin_group[0] = '\0';
+        r = ab_config_load_file(c, c->config_path);
+        if (r < 0)
+                return r;
+        if (c->trusted_keys_arg) {
+                if (strlen(c->trusted_keys_arg) >= sizeof c->trusted_keys_dir) {
+                        ab_log(LOG_ERR, "--trusted-keys: path too long");
+                        return -ENAMETOOLONG;
+                }
+                snprintf(c->trusted_keys_dir, sizeof c->trusted_keys_dir, "%s", c->trusted_keys_arg);
+        }
+        if (c->require_signed_arg)
+                c->require_signed = true;
+        return 0;
+}
+
+/* The gid of admin_group (none: *ret_has false). -EINVAL, logged, if there is no such group. */
+static int admin_group_gid(const char *name, gid_t *ret_gid, bool *ret_has)
+{
+        struct group gr, *res = NULL;
+        char buf[16384];
+
+        *ret_has = false;
+        if (!name[0])
+                return 0;
+        if (getgrnam_r(name, &gr, buf, sizeof buf, &res) != 0 || !res) {
+                ab_log(LOG_ERR, "admin_group \"%s\" does not exist", name);
+                return -EINVAL;
+        }
+        *ret_gid = res->gr_gid;
+        *ret_has = true;
+        return 0;
+}
+
+/*
+ * On a reload, broker.conf is read again: turning require_signed on, a
+ * trusted key directory or an admin group took effect only at a restart
+ * before, while a reload reported success (helper-44). A file that does
+ * not parse, or names no existing group, changes nothing: -EINVAL.
+ */
+static int reload_config(ab_manager *m)
+{
+        ab_config c = m->cfg;
+        gid_t gid = 0;
+        bool has = false;
+
+        if (ab_config_apply_file(&c) < 0 || admin_group_gid(c.admin_group, &gid, &has) < 0)
+                return -EINVAL;
+        if (c.require_signed != m->cfg.require_signed)
+                ab_log(LOG_NOTICE, "%s: require_signed is now %s", c.config_path, c.require_signed ? "on" : "off");
+        if (strcmp(c.trusted_keys_dir, m->cfg.trusted_keys_dir) != 0)
+                ab_log(LOG_NOTICE, "%s: trusted keys are now in %s", c.config_path, c.trusted_keys_dir);
+        if (strcmp(c.admin_group, m->cfg.admin_group) != 0)
+                ab_log(LOG_NOTICE, "%s: admin_group is now %s (for new admin connections)", c.config_path,
+                       c.admin_group[0] ? c.admin_group : "none (root only)");
+        m->cfg.require_signed = c.require_signed;
+        memcpy(m->cfg.trusted_keys_dir, c.trusted_keys_dir, sizeof c.trusted_keys_dir);
+        memcpy(m->cfg.admin_group, c.admin_group, sizeof c.admin_group);
+        m->admin_gid = gid;
+        m->has_admin_gid = has;
+        return 0;
 }
 
 static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata)
@@ -2005,16 +2082,9 @@ int ab_manager_startup(ab_manager *m)
         }
         ab_store_on_fatal(store_fatal, m);
         load_retired_keys(m);
-        if (m->cfg.admin_group[0]) {
-                struct group gr, *res = NULL;
-                char buf[16384];
-                if (getgrnam_r(m->cfg.admin_group, &gr, buf, sizeof buf, &res) != 0 || !res) {
-                        ab_log(LOG_ERR, "admin_group \"%s\" does not exist", m->cfg.admin_group);
-                        return -EINVAL;
-                }
-                m->admin_gid = res->gr_gid;
-                m->has_admin_gid = true;
-        }
+        r = admin_group_gid(m->cfg.admin_group, &m->admin_gid, &m->has_admin_gid);
+        if (r < 0)
+                return r;
         r = startup_policy(m);
         if (r < 0)
                 return r;

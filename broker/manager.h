@@ -35,7 +35,11 @@ typedef struct ab_config {
         const char *policy_path;
         const char *issuer;            /* NULL: from the machine id */
         const char *config_path;       /* broker.conf */
-        const char *trusted_keys_dir;
+        /* From broker.conf, read at start and again on every reload (ab_config_apply_file);
+         * the command line's --trusted-keys and --require-signed win over it. */
+        char trusted_keys_dir[4096];
+        const char *trusted_keys_arg;  /* --trusted-keys, or NULL */
+        bool require_signed_arg;       /* --require-signed */
         const char *audit_path;        /* NULL: AB_AUDIT_DEFAULT_PATH */
         uint64_t audit_max_size;
         unsigned audit_keep;           /* rotated audit files kept, 0: all */
@@ -195,6 +199,12 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
 
 /* Read broker.conf (key = value lines). Missing file: defaults. */
 int ab_config_load_file(ab_config *c, const char *path);
+/*
+ * The settings broker.conf holds (require_signed, trusted_keys, admin_group)
+ * from c->config_path over their defaults, then the command line's: 0, or
+ * < 0 with the reason logged (c may then be half changed: use a copy).
+ */
+int ab_config_apply_file(ab_config *c);
 void ab_manager_free(ab_manager *m);
 
 /* Queue a reply on c (steals params). error NULL: success. */

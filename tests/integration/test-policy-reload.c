@@ -1062,6 +1062,63 @@ static void test_require_signed_turned_on_evicts_unsigned(void **state)
 }
 
 /*
+ * broker.conf is read again on a reload: turning require_signed on and
+ * running `policy reload` takes the unsigned policy out of force at once.
+ * Before, broker.conf was read only at start, and the reload compiled the
+ * unsigned source and said so, while the admin believed signing was
+ * enforced (helper-44). A broker.conf that does not parse changes nothing.
+ */
+/* No token for repo:write: the policy that granted it is out of force. */
+static void assert_write_refused(fx *f)
+{
+        json_t *root = call_on(f, f->b.sock, M_ISSUE, json_pack("{s:s, s:[s]}", "audience", AUD, "scopes", "repo:write"));
+        if (!hx_reply_error(root))
+                fprintf(stderr, "GAP: a token from an unsigned source after require_signed was turned on and reloaded\n");
+        assert_non_null(hx_reply_error(root));
+        json_decref(root);
+}
+
+static void test_config_read_on_reload(void **state)
+{
+        fx *f = *state;
+        char conf[PATH_MAX + 64];
+        hx_run_result res;
+
+        snprintf(conf, sizeof conf, "require_signed = false\ntrusted_keys = %s\n", f->keys);
+        assert_int_equal(hx_write_file(f->conf, conf, 0644), 0);
+        deploy_bundle(f, "20-agents.json", 2, "\"repo:write\"", NULL);
+        hx_start(&f->b);
+        assert_grants(f, false, true);
+
+        snprintf(conf, sizeof conf, "require_signed = true\ntrusted_keys = %s\n", f->keys);
+        assert_int_equal(hx_write_file(f->conf, conf, 0644), 0);
+        assert_int_equal(hx_ctl(&f->b, -1, &res, "policy", "reload", NULL), 0);
+        if (res.exit_code != 1)
+                fprintf(stderr, "GAP: policy reload after require_signed was turned on: exit %d, %s%s\n", res.exit_code,
+                        res.out, res.err);
+        assert_int_equal(res.exit_code, 1);
+        assert_non_null(strstr(res.err, "unsigned, and require_signed is set"));
+        hx_run_result_done(&res);
+        assert_write_refused(f);
+
+        /* a broken broker.conf: refused, nothing changes */
+        assert_int_equal(hx_write_file(f->conf, "require_signed = perhaps\n", 0644), 0);
+        assert_int_equal(hx_ctl(&f->b, -1, &res, "policy", "reload", NULL), 0);
+        assert_int_equal(res.exit_code, 1);
+        assert_non_null(strstr(res.err, "does not parse"));
+        hx_run_result_done(&res);
+        assert_write_refused(f);
+
+        /* off again: the unsigned source is served after the next reload */
+        snprintf(conf, sizeof conf, "require_signed = false\ntrusted_keys = %s\n", f->keys);
+        assert_int_equal(hx_write_file(f->conf, conf, 0644), 0);
+        assert_int_equal(hx_ctl(&f->b, -1, &res, "policy", "reload", NULL), 0);
+        run_ok(&res, "policy reload");
+        hx_run_result_done(&res);
+        assert_grants(f, false, true);
+}
+
+/*
  * Under require_signed, removing the key that signed the policy in force
  * and reloading: the recompile fails, and the old policy must not stay in
  * force (no trusted key signs it any more). The same across a restart.
@@ -1111,6 +1168,7 @@ int main(void)
                 T(test_whoami_only_own_agent),
                 T(test_hostile_sources_refused),
                 T(test_require_signed_turned_on_evicts_unsigned),
+                T(test_config_read_on_reload),
                 T(test_removed_key_evicts_policy),
         };
 #undef T
