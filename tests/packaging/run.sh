@@ -160,6 +160,8 @@ ok "examples, bash completion"
 # Maintainer scripts: sockets enabled and started, state removed on purge only.
 CTL=$T/control; mkdir -p "$CTL"; dpkg-deb -e "$PKG_DIR"/deb/agent-broker_*.deb "$CTL"
 for s in postinst prerm postrm; do sh -n "$CTL/$s" || fail "$s: syntax"; done
+# An upgrade stops nothing: the sockets keep listening, an enabled JWKS timer keeps running.
+if [ -f "$CTL/preinst" ] && grep -q "stop" "$CTL/preinst"; then fail "preinst stops units on upgrade"; fi
 grep -q "enable 'agent-broker.socket'" "$CTL/postinst" && grep -q "enable 'agent-broker-admin.socket'" "$CTL/postinst" \
         || fail "postinst does not enable the sockets"
 grep -q "start 'agent-broker-admin.socket' 'agent-broker.socket'" "$CTL/postinst" || fail "postinst does not start the sockets"
@@ -175,15 +177,14 @@ if grep -q "start .*agent-broker-jwks" "$CTL/postinst"; then fail "postinst star
 grep -q "stop agent-broker.service agent-broker-jwks.timer agent-broker-jwks.service" "$CTL/prerm" || fail "prerm does not stop the JWKS timer"
 PURGE_ROOT=$T/purge; mkdir -p "$PURGE_ROOT/var/lib/agent-broker" "$PURGE_ROOT/var/log/agent-broker"
 # Our own part of postrm only (debhelper's part would touch this host's systemd state).
-{ echo 'set -e'; sed -n '/^if \[ "\$1" = purge \]; then/,/^fi/p' "$CTL/postrm"; } |
-        sed "s|/var/lib/agent-broker|$PURGE_ROOT/var/lib/agent-broker|; s|/var/log/agent-broker|$PURGE_ROOT/var/log/agent-broker|" \
-        >"$T/postrm.test"
-grep -q "rm -rf $PURGE_ROOT/var/lib/agent-broker" "$T/postrm.test" || fail "postrm has no purge of the state"
-sh "$T/postrm.test" remove || fail "postrm remove"
+{ echo 'set -e'; sed -n '/^if \[ "\$1" = purge \]; then/,/^fi/p' "$CTL/postrm"; } >"$T/postrm.test"
+grep -q 'DPKG_ROOT' "$T/postrm.test" || fail "postrm's purge ignores DPKG_ROOT"
+DPKG_ROOT=$PURGE_ROOT sh "$T/postrm.test" remove || fail "postrm remove"
 [ -d "$PURGE_ROOT/var/lib/agent-broker" ] || fail "postrm remove deleted the state"
-sh "$T/postrm.test" purge || fail "postrm purge"
-[ ! -e "$PURGE_ROOT/var/lib/agent-broker" ] && [ ! -e "$PURGE_ROOT/var/log/agent-broker" ] || fail "postrm purge kept the state"
-ok "maintainer scripts: sockets enabled and started, service try-restarted on upgrade, JWKS timer shipped but not enabled, state kept on remove, deleted on purge"
+DPKG_ROOT=$PURGE_ROOT sh "$T/postrm.test" purge 2>"$T/purge.err" || fail "postrm purge"
+[ -d "$PURGE_ROOT/var/lib/agent-broker" ] && [ -d "$PURGE_ROOT/var/log/agent-broker" ] || fail "postrm purge deleted the audit trail or keys"
+grep -q "kept $PURGE_ROOT/var/log/agent-broker" "$T/purge.err" || fail "postrm purge does not say where the audit trail is"
+ok "maintainer scripts: sockets enabled and started, nothing stopped on upgrade, service try-restarted, JWKS timer shipped but not enabled, state and audit trail kept on remove and purge"
 
 # The same paths in the .rpm.
 RPM_MAIN=$(ls "$PKG_DIR"/rpm/RPMS/*/agent-broker-[0-9]*.rpm)
