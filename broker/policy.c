@@ -772,6 +772,24 @@ static bool fd_owned_safely(int fd, const struct stat *st)
         return owned_safely(st) && !acl_lets_others_write(fd);
 }
 
+int ab_trust_problem(const char *path, uid_t *ret_owner)
+{
+        struct stat st;
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK), r = 0;
+
+        if (fd < 0)
+                return 0; /* reading it says why */
+        if (fstat(fd, &st) == 0) {
+                *ret_owner = st.st_uid;
+                if ((st.st_mode & S_IWOTH) || ((st.st_mode & S_IWGRP) && st.st_gid != 0) || acl_lets_others_write(fd))
+                        r = 2;
+                else if (st.st_uid != 0)
+                        r = 1;
+        }
+        close(fd);
+        return r;
+}
+
 DIR *ab_opendir_trusted(const char *path)
 {
         struct stat st;

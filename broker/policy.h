@@ -100,6 +100,13 @@ int ab_read_file(const char *path, size_t max, char **ret_buf, size_t *ret_len);
  */
 int ab_read_trusted_file(const char *path, size_t max, char **ret_buf, size_t *ret_len);
 /*
+ * Why a broker running as root would refuse path as a policy source or its
+ * directory: 2 if users other than root may write to it (mode or ACL), 1
+ * if it is owned by a user other than root (*ret_owner), 0 if neither or
+ * it cannot be opened (reading it then says why). For `policy check`.
+ */
+int ab_trust_problem(const char *path, uid_t *ret_owner);
+/*
  * opendir(path) for a directory of such files, under the same rule (its
  * POSIX ACL included), checked on the directory opened: NULL and errno
  * EPERM if it fails the rule.

@@ -592,12 +592,36 @@ static void check_emit(void *ud, int sev, const char *file, const char *path, co
                     sev == AB_DIAG_ERROR ? "error" : "warning", msg);
 }
 
+/* What the broker (as root) would say of path's owner and mode: an error, a warning, or nothing. */
+static void check_trust(check_out *co, ab_diag *diag, const char *path)
+{
+        uid_t owner = 0;
+        char msg[200];
+
+        switch (ab_trust_problem(path, &owner)) {
+        case 2:
+                diag->errors++;
+                check_emit(co, AB_DIAG_ERROR, path, "$",
+                           "writable by users other than root: the broker refuses it (it decides what agents get)");
+                break;
+        case 1:
+                diag->warnings++;
+                snprintf(msg, sizeof msg, "owned by uid %u, not root: a broker running as root refuses it",
+                         (unsigned)owner);
+                check_emit(co, AB_DIAG_WARNING, path, "$", msg);
+                break;
+        default:
+                break;
+        }
+}
+
 /*
  * How many sources ab_policy_load_path() compiles from the directory dir:
- * its *.json files, hidden ones left out (the same rule). -errno if it
- * cannot be listed.
+ * its *.json files, hidden ones left out (the same rule), each and the
+ * directory checked for what the broker refuses (check_trust). -errno if
+ * it cannot be listed.
  */
-static int count_policy_sources(const char *dir)
+static int count_policy_sources(check_out *co, ab_diag *diag, const char *dir)
 {
         DIR *d = opendir(dir);
         struct dirent *de;
@@ -605,10 +629,15 @@ static int count_policy_sources(const char *dir)
 
         if (!d)
                 return -errno;
+        check_trust(co, diag, dir);
         while ((de = readdir(d))) {
                 size_t l = strlen(de->d_name);
-                if (de->d_name[0] != '.' && l >= 6 && strcmp(de->d_name + l - 5, ".json") == 0 && n < INT_MAX)
+                if (de->d_name[0] != '.' && l >= 6 && strcmp(de->d_name + l - 5, ".json") == 0 && n < INT_MAX) {
+                        char path[PATH_MAX];
                         n++;
+                        if (snprintf(path, sizeof path, "%s/%s", dir, de->d_name) < (int)sizeof path)
+                                check_trust(co, diag, path);
+                }
         }
         closedir(d);
         return n;
@@ -651,7 +680,7 @@ static int cmd_policy_check(int argc, char **argv)
                 if (stat(argv[i], &st) == 0 && S_ISDIR(st.st_mode)) {
                         /* compiled as the broker would (*.json in name order), and each of them is a file */
                         ab_policy *dp = NULL;
-                        r = count_policy_sources(argv[i]);
+                        r = count_policy_sources(&co, &diag, argv[i]);
                         if (r < 0) {
                                 snprintf(msg, sizeof msg, "cannot read: %s", ab_strerror(r));
                                 diag.errors++;

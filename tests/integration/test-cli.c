@@ -984,6 +984,29 @@ static void test_policy_check_counts_directory_sources(void **state)
         CTL(b, -1, &res, 0, "policy", "check", one);
         assert_string_equal(res.out, "1 file: 0 errors, 0 warnings\n");
         hx_run_result_done(&res);
+
+        /* what the broker refuses in a directory, as it does: a source others may write (an
+         * error; before, "0 errors" while the broker served nobody: helper-44), one owned by
+         * another user (a warning: the check may run as that user), the directory itself */
+        char only[PATH_MAX + 80];
+        snprintf(only, sizeof only, "%s/only.json", one);
+        assert_int_equal(chmod(only, 0666), 0);
+        CTL(b, -1, &res, 2, "policy", "check", one);
+        char want[PATH_MAX + 160];
+        snprintf(want, sizeof want, "%s: $: error: writable by users other than root", only);
+        assert_non_null(strstr(res.out, want));
+        hx_run_result_done(&res);
+        assert_int_equal(chmod(only, 0644), 0);
+        assert_int_equal(chown(only, HX_NOBODY_UID, 0), 0);
+        CTL(b, -1, &res, 1, "policy", "check", one);
+        snprintf(want, sizeof want, "%s: $: warning: owned by uid %d, not root", only, HX_NOBODY_UID);
+        assert_non_null(strstr(res.out, want));
+        hx_run_result_done(&res);
+        assert_int_equal(chown(only, 0, 0), 0);
+        assert_int_equal(chmod(one, 0777), 0);
+        CTL(b, -1, &res, 2, "policy", "check", one);
+        assert_non_null(strstr(res.out, "writable by users other than root"));
+        hx_run_result_done(&res);
 }
 
 /*
