@@ -168,6 +168,8 @@ install: all
 	        sed -e 's|=/usr/sbin/agent-brokerd|=$(SBINDIR)/agent-brokerd|' \
 	            -e 's|=/usr/bin/agent-brokerctl|=$(BINDIR)/agent-brokerctl|' $$u > $(DESTDIR)$(UNITDIR)/$${u#systemd/} && \
 	        chmod 0644 $(DESTDIR)$(UNITDIR)/$${u#systemd/} || exit 1; done; fi
+	# a library installed into the running system is found by the loader at once
+	if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ] && command -v ldconfig >/dev/null; then ldconfig; fi
 
 demo: all
 	examples/demo.sh
