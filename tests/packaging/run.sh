@@ -197,6 +197,8 @@ for f in "$RPM_UNITDIR/agent-broker.socket" "$RPM_UNITDIR/agent-broker-admin.soc
          "$(rpm --eval '%{_libdir}')/libagentbroker.so.0" /usr/include/agentbroker.h; do
         grep -qx "$f" <<<"$rpm_files" || fail "$f is not in the .rpm packages"
 done
+# the examples where agent-broker.policy(5) says (Debian's rpm names the docdir NAME-VERSION, Fedora's NAME)
+grep -Eqx "/usr/share/doc/agent-broker(-[0-9.]+)?/examples/demo.json" <<<"$rpm_files" || fail "the .rpm has no docdir/examples/"
 for f in docs/man/*.[1-8]; do
         grep -q "/man${f##*.}/$(basename "$f")" <<<"$rpm_files" || fail "$f is not in the .rpm"
 done
