@@ -25,6 +25,7 @@ struct ab_client {
         int fd;
         int timeout_ms;
         bool broken;
+        bool used;            /* a call has been answered on it */
         ab_frame in;
         char error_name[256];
         char error_message[512];
@@ -248,6 +249,17 @@ static int call_message(ab_client *c, const char *msg, size_t len, json_t **ret_
         }
         if (len - 1 > AB_MAX_MESSAGE)
                 return AB_ERR_TOO_LARGE;
+        if (c->used) {
+                /* Between calls the broker sends nothing: bytes waiting now answer no call of
+                 * ours, and would be taken for this one's reply. (On a new connection they may
+                 * be the broker's refusal, which is read as the reply below.) */
+                char b;
+                ssize_t n = recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+                if (n > 0) {
+                        c->broken = true;
+                        return AB_ERR_PROTOCOL;
+                }
+        }
         deadline = mono_ms() + c->timeout_ms;
         r = send_all(c, msg, len, deadline);
         /* a broker that refuses us (rate limit, too many connections)
@@ -264,6 +276,7 @@ static int call_message(ab_client *c, const char *msg, size_t len, json_t **ret_
                 c->broken = true; /* ab_strerror(r) says it all: no name, no message */
                 return r;
         }
+        c->used = true;
         if (err) {
                 reason = json_object_get(reply, "reason");
                 set_error(c, err, json_is_string(reason) ? json_string_value(reason) : "");

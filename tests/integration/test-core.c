@@ -1886,6 +1886,45 @@ static void test_library_odd_servers(void **state)
         kill(pid, SIGKILL);
         waitpid(pid, NULL, 0);
         close(lfd);
+
+        /* a second reply that comes after the first, between calls: not the next call's answer
+         * (before, the next call returned it as its own reply) */
+        lfd = listen_at(path, 8);
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                static const char one[] = "{\"parameters\":{}}", late[] = "{\"parameters\":{\"stale\":true}}";
+                char buf[4096];
+                int fd = accept(lfd, NULL, NULL);
+                ssize_t k;
+                alarm(30);
+                do
+                        k = read(fd, buf, sizeof buf);
+                while (k > 0 && !memchr(buf, '\0', (size_t)k));
+                if (write(fd, one, sizeof one) != (ssize_t)sizeof one)
+                        _exit(1);
+                usleep(100 * 1000);
+                if (write(fd, late, sizeof late) != (ssize_t)sizeof late)
+                        _exit(1);
+                for (;;) { /* answer every later call, so that only the check can refuse */
+                        k = read(fd, buf, sizeof buf);
+                        if (k <= 0)
+                                _exit(0);
+                        if (memchr(buf, '\0', (size_t)k) && write(fd, one, sizeof one) != (ssize_t)sizeof one)
+                                _exit(1);
+                }
+        }
+        assert_int_equal(ab_client_connect(path, 3000, &c), 0);
+        assert_int_equal(ab_client_call(c, "io.agentbroker.WhoAmI", NULL, &reply), 0);
+        free(reply);
+        reply = NULL;
+        usleep(300 * 1000);
+        assert_int_equal(ab_client_call(c, "io.agentbroker.WhoAmI", NULL, &reply), AB_ERR_PROTOCOL);
+        assert_null(reply);
+        ab_client_free(c);
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        close(lfd);
 }
 
 /* --rate-limit 1/2: a burst of two, then RateLimited for that uid only. */
