@@ -15,6 +15,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <sodium.h>
@@ -92,26 +93,41 @@ static bool nap(long long ms)
         return !stop_signal;
 }
 
-static long long wall_ms(void)
+static long long clock_ms(clockid_t id)
 {
         struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
+        clock_gettime(id, &ts);
         return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/*
- * Sleep until the wall clock reads until_ms (a token's times are wall-clock
- * times). ppoll's clock stops while the machine is suspended and ignores
- * clock steps, so one long nap could leave an expired token in the file
- * for hours after a resume: naps of at most 10 s, the clock read after
- * each. false when told to stop.
- */
-static bool nap_until(long long until_ms)
+/* When to renew: wall is the wall clock's reading, boot CLOCK_BOOTTIME's. */
+typedef struct deadline {
+        long long wall, boot;
+} deadline;
+
+static deadline deadline_in(long long ms)
 {
-        for (long long left; (left = until_ms - wall_ms()) > 0;)
+        return (deadline){ clock_ms(CLOCK_REALTIME) + ms, clock_ms(CLOCK_BOOTTIME) + ms };
+}
+
+/*
+ * Sleep until d, by whichever clock gets there first: CLOCK_BOOTTIME counts
+ * a suspend and ignores clock steps (a step back delayed renewal by the
+ * step, with an expired token in the file), the wall clock follows a step
+ * forward (the token's times are wall-clock times). ppoll's own clock stops
+ * during a suspend: naps of at most 10 s, both clocks read after each.
+ * false when told to stop.
+ */
+static bool nap_until(deadline d)
+{
+        for (;;) {
+                long long lw = d.wall - clock_ms(CLOCK_REALTIME), lb = d.boot - clock_ms(CLOCK_BOOTTIME);
+                long long left = lw < lb ? lw : lb;
+                if (left <= 0)
+                        return !stop_signal;
                 if (!nap(left < 10000 ? left : 10000))
                         return false;
-        return !stop_signal;
+        }
 }
 
 /*
@@ -227,7 +243,7 @@ int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refr
                         c = NULL;
                         goto retry;
                 }
-                long long issued_ms = wall_ms();
+                deadline renew = deadline_in(0);
                 r = ctl_write_atomic(path, json_string_value(json_object_get(reply, "token")), 0600);
                 if (r < 0) {
                         fprintf(stderr, "agent-brokerctl: cannot write %s: %s\n", path, strerror(-r));
@@ -243,7 +259,10 @@ int ctl_token_to_file(const opts *o, json_t *params, const char *path, bool refr
                 if (!refresh)
                         break;
                 /* renew at two thirds of the lifetime */
-                if (!nap_until(issued_ms + (ttl > 0 ? ttl * 2000 / 3 : 1000)))
+                long long wait = ttl > 0 ? ttl * 2000 / 3 : 1000;
+                renew.wall += wait;
+                renew.boot += wait;
+                if (!nap_until(renew))
                         break;
                 continue;
         retry:
@@ -306,11 +325,16 @@ int cmd_exec(const opts *o, int argc, char **argv)
          * calls now open a session of their own.
          */
         int pfd[2];
-        pid_t pid;
+        pid_t pid, parent = getpid();
         char token[AB_JWT_MAX + 2];
         size_t len = 0;
-        int status;
+        int status = 0;
+        struct sigaction dfl = { .sa_handler = SIG_DFL }, inherited;
 
+        /* an ignored SIGCHLD (a supervisor's, kept across exec) would make the kernel reap the
+         * child and waitpid fail: the default while it runs, and CMD gets what we inherited */
+        sigemptyset(&dfl.sa_mask);
+        sigaction(SIGCHLD, &dfl, &inherited);
         fflush(NULL);
         if (pipe2(pfd, O_CLOEXEC) < 0 || (pid = fork()) < 0) {
                 fprintf(stderr, "agent-brokerctl: exec: %s\n", strerror(errno));
@@ -318,6 +342,9 @@ int cmd_exec(const opts *o, int argc, char **argv)
                 return EXIT_ERROR;
         }
         if (pid == 0) {
+                /* no token for nobody: it goes when the command's process does */
+                if (prctl(PR_SET_PDEATHSIG, SIGTERM) < 0 || getppid() != parent)
+                        _exit(EXIT_ERROR);
                 close(pfd[0]);
                 ex = ctl_connect(o, false, &c);
                 if (ex == 0) {
@@ -357,9 +384,21 @@ int cmd_exec(const opts *o, int argc, char **argv)
         }
         close(pfd[0]);
         token[len] = '\0';
-        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-                ;
-        ex = WIFEXITED(status) ? WEXITSTATUS(status) : EXIT_ERROR;
+        for (;;) {
+                if (waitpid(pid, &status, 0) >= 0) {
+                        ex = WIFEXITED(status) ? WEXITSTATUS(status) : EXIT_ERROR;
+                        if (WIFSIGNALED(status))
+                                fprintf(stderr, "agent-brokerctl: exec: the token request was killed by signal %d\n",
+                                        WTERMSIG(status));
+                        break;
+                }
+                if (errno != EINTR) {
+                        fprintf(stderr, "agent-brokerctl: exec: waiting for the token request: %s\n", strerror(errno));
+                        ex = EXIT_ERROR;
+                        break;
+                }
+        }
+        sigaction(SIGCHLD, &inherited, NULL);
         if (ex == 0 && (len == 0 || len > AB_JWT_MAX))
                 ex = EXIT_ERROR;
         if (ex != 0 || setenv(env, token, 1) < 0) {

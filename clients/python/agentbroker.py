@@ -430,11 +430,12 @@ class Client:
                 return msg
             if len(self._buf) > MAX_MESSAGE:
                 raise ProtocolError("reply over %d bytes" % MAX_MESSAGE)
-            left = deadline - time.monotonic()
             try:
-                if left <= 0:
-                    raise socket.timeout()
-                self._sock.settimeout(left)
+                if deadline is not None:  # None: timeout=None, block as socket.settimeout(None) does
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise socket.timeout()
+                    self._sock.settimeout(left)
                 chunk = self._sock.recv(MAX_MESSAGE + 1)
             except socket.timeout:
                 raise BrokerUnavailable("no reply within %g s" % self.timeout, self.path) from None
@@ -450,7 +451,7 @@ class Client:
 
     def _exchange(self, data):
         # The timeout bounds the whole call (sending and the whole reply), not each read.
-        deadline = time.monotonic() + self.timeout
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         self._used = True
         try:
             self._sock.settimeout(self.timeout)

@@ -28,18 +28,34 @@ import { connect as connectBroker } from 'agentbroker';
 /**
  * The resource id to ask the broker for. The server's metadata
  * (/.well-known/oauth-protected-resource + the URL's path, RFC 9728 §3.1)
- * must name the URL itself, or, with pinned (--resource), that id; a server
- * that publishes no metadata is taken at the pinned id.
+ * must name the URL itself, or, with pinned (--resource), that id; with a
+ * pinned id, a server whose metadata cannot be had (no such document, an
+ * error, no answer) is taken at that id: only metadata naming another
+ * resource is refused.
  */
 export async function discoverResource(url, { pinned, fetchImpl = fetch } = {}) {
   const u = new URL(url);
   u.hash = '';
   const expected = pinned ?? u.href;
   const metaUrl = new URL(`/.well-known/oauth-protected-resource${u.pathname === '/' ? '' : u.pathname}`, u);
-  const res = await fetchImpl(metaUrl);
-  if (pinned && res.status === 404) return pinned;
-  if (!res.ok) throw new Error(`no protected resource metadata at ${metaUrl} (HTTP ${res.status})`);
-  const meta = await res.json();
+  let res;
+  try {
+    res = await fetchImpl(metaUrl);
+  } catch (e) {
+    if (pinned) return pinned;
+    throw e;
+  }
+  if (!res.ok) {
+    if (pinned) return pinned;
+    throw new Error(`no protected resource metadata at ${metaUrl} (HTTP ${res.status})`);
+  }
+  let meta;
+  try {
+    meta = await res.json();
+  } catch (e) {
+    if (pinned) return pinned;
+    throw e;
+  }
   if (typeof meta?.resource !== 'string') throw new Error('the protected resource metadata names no resource');
   if (meta.resource !== expected) {
     throw new Error(`the server at ${u.href} says it is ${JSON.stringify(meta.resource)}, not ` +

@@ -105,6 +105,7 @@ function fileVersion(st) {
 export class TokenVerifier {
   #keys = null;
   #loadedAt = 0;
+  #unknownKidAt = 0; // the last reload for an unknown kid: at most one every 10 s
   #checkedAt = 0;
   #version = null;
   #loading = null;
@@ -195,7 +196,14 @@ export class TokenVerifier {
       payload = (await jwtVerify(token, await this.#currentKeys(), options)).payload;
     } catch (e) {
       // A key rotated in since we loaded: reload once (at most every 10 s) and try again.
-      if (e?.code !== 'ERR_JWKS_NO_MATCHING_KEY' || Date.now() - this.#loadedAt < 10000) throw e;
+      // Throttled on its own clock: the periodic reload must not make a key rotated in just
+      // after it wait 10 s (every token of the new key was refused meanwhile). A set loaded
+      // within the last second is current enough.
+      const now = Date.now();
+      if (e?.code !== 'ERR_JWKS_NO_MATCHING_KEY' || now - this.#unknownKidAt < 10000 || now - this.#loadedAt < 1000) {
+        throw e;
+      }
+      this.#unknownKidAt = Date.now();
       await this.#reload('unknown kid');
       payload = (await jwtVerify(token, this.#keys, options)).payload;
     }

@@ -409,6 +409,25 @@ static void test_exec_token_survives_own_calls(void **state)
         hx_conn_close(b, c);
         free(token);
         hx_run_result_done(&res);
+
+        /* started with SIGCHLD ignored (a supervisor's, kept across exec): the documented exit
+         * codes still hold (waitpid failed with ECHILD and the status was garbage: helper-47),
+         * and CMD still gets SIGCHLD ignored */
+        char script[PATH_MAX * 2 + 256];
+        snprintf(script, sizeof script,
+                 "trap '' CHLD; \"$0\" --socket \"$1\" exec --audience " AUD " --scope admin -- true; echo \"denied $?\"; "
+                 "\"$0\" --socket \"$1\" exec --audience " AUD " --scope read -- "
+                 "grep -q '^SigIgn:.*[13579bdf]....$' /proc/self/status && echo ignored");
+        /* bash: dash does not pass an ignored SIGCHLD on */
+        char *sh[] = { (char *)"/bin/bash", (char *)"-c", script, ctl, b->sock, NULL };
+        assert_int_equal(hx_run(sh, NULL, -1, 10000, &res), 0);
+        if (!strstr(res.out, "denied 1\n") || !strstr(res.out, "ignored"))
+                fprintf(stderr, "exec with SIGCHLD ignored: exit %d, stdout %s, stderr %s\n", res.exit_code, res.out,
+                        res.err);
+        assert_non_null(strstr(res.out, "denied 1\n"));
+        assert_non_null(strstr(res.out, "ignored"));
+        assert_int_equal(res.exit_code, 0);
+        hx_run_result_done(&res);
 }
 
 /*

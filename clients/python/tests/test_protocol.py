@@ -482,6 +482,13 @@ class TestErrors(Base):
         self.assertRaises(ab.BrokerUnavailable, c.whoami)
         self.assertLess(time.monotonic() - t0, 0.9)
 
+    def test_no_timeout(self):
+        # timeout=None blocks, as socket.settimeout(None) does (it raised TypeError on every call)
+        fb = self.serve(lambda req, i: (time.sleep(0.2), b'{"parameters":{"agent":"a"}}\0')[1])
+        c = ab.Client(fb.path, timeout=None)
+        self.addCleanup(c.close)
+        self.assertEqual(c.whoami().get("agent"), "a")
+
     def test_timeout_bounds_the_whole_reply(self):
         # A broker that trickles its reply, a byte at a time, is still held to the timeout.
         reply = json.dumps({"parameters": {"x": "y" * 20}}).encode() + b"\0"

@@ -113,6 +113,24 @@ describe('TokenVerifier: the key set stays current', () => {
     assert.equal(calls, 2);
   });
 
+  test('a key rotated in just after a periodic reload verifies at once', async () => {
+    // the unknown-kid reload has a 10 s throttle of its own: a periodic reload (which
+    // loads the set too) must not start it (every token of the new key was refused)
+    const [a, b] = [newKey('aaaa'), newKey('bbbb')];
+    let set = [a];
+    const broker = { getKeys: async () => ({ keys: set.map((k) => k.jwk) }) };
+    const v = new TokenVerifier({ resource: RESOURCE, broker, introspect: false, refreshInterval: 100 });
+    await v.loadKeys();
+    await sleep(150);
+    assert.equal(await verdict(v, mint(a)), 'agent'); // a periodic reload here
+    set = [a, b];
+    await sleep(1050); // the set is not fresh any more (and the next periodic reload is not due)
+    v.refreshInterval = 60000;
+    assert.equal(await verdict(v, mint(b)), 'agent', 'the new kid is looked up at once');
+    set = [a, b, newKey('cccc')];
+    assert.equal(await verdict(v, mint(newKey('dddd'))), 401, 'an unknown kid: no second lookup within 10 s');
+  });
+
   test('a key set that cannot be re-read is not used: 503 until it can', async (t) => {
     const file = path.join(tmpdir(t), 'jwks.json');
     const a = newKey('aaaa');
@@ -184,6 +202,14 @@ describe('agent: the resource it asks tokens for', () => {
     assert.equal(await discoverResource(url, { pinned: 'mcp://notes', fetchImpl: fakeFetch([[200, { resource: 'mcp://notes' }]]) }),
       'mcp://notes');
     assert.equal(await discoverResource(url, { pinned: 'mcp://notes', fetchImpl: fakeFetch([[404, {}]]) }), 'mcp://notes');
+    // pinned: metadata that cannot be had is no reason to refuse (only metadata naming another resource is)
+    for (const status of [401, 403, 500]) {
+      assert.equal(await discoverResource(url, { pinned: 'mcp://notes', fetchImpl: fakeFetch([[status, {}]]) }),
+        'mcp://notes');
+    }
+    const down = async () => { throw new TypeError('fetch failed'); };
+    assert.equal(await discoverResource(url, { pinned: 'mcp://notes', fetchImpl: down }), 'mcp://notes');
+    await assert.rejects(discoverResource(url, { fetchImpl: down }), /fetch failed/);
     await assert.rejects(discoverResource(url, { pinned: 'mcp://notes', fetchImpl: fakeFetch([[200, { resource: 'mcp://other' }]]) }),
       /--resource/);
   });
