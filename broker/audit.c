@@ -40,6 +40,7 @@ static const struct { const char *event, *id; } message_ids[] = {
         { "key.rotated", "088b33190b1e438bb4ec72a461801fa6" },
         { "audit.checkpoint", "9b4a93722e0b411f8b7cf7fffab7c1b9" },
         { "audit.rotated", "0d40d1c9911f4881a2700aa63d25b283" },
+        { "audit.reopened", "2c7c7812a7c144a7219995c528b116bb" },
         { "broker.started", "386c72618540400b8baae6fe08e58afa" },
         { "broker.stopped", "21ac19dde7154811b32ae404566b1deb" },
 };
@@ -74,6 +75,9 @@ struct ab_audit {
         char *spare;          /* the buffer of the last batch, for the next queue */
         size_t spare_cap;
         bool journal;
+        uint64_t checked_usec;  /* when file_moved last looked (monotonic) */
+        const char *moved;      /* file_moved's reason, for ab_audit_sync */
+        bool reopen_failed;     /* logged once until a reopen works */
         /* where the last ReadAudit page ended, so the next one need not rescan the file */
         struct read_hint {
                 uint64_t seq; /* every line before off has a seq <= this */
@@ -774,6 +778,82 @@ static int sync_once(ab_audit *a)
         return 0;
 }
 
+/*
+ * Whether PATH still names the file the broker writes, looked at once a
+ * second at most, before a batch: logrotate's rename (without
+ * copytruncate), a mv or an rm left the broker writing, until a restart,
+ * into a file nobody looked at or that was gone (compressed away, say).
+ * Returns why it does not (then ab_audit_sync goes on in a new file at
+ * PATH: reopen), or NULL. A file truncated in place (copytruncate) is
+ * logged and its durable size corrected, so that a failed write is never
+ * "cut back" past the end, which would fill the gap with NUL bytes.
+ */
+static const char *file_moved(ab_audit *a)
+{
+        struct stat fst, pst;
+        uint64_t now = ab_mono_usec();
+
+        if (a->fd < 0 || a->out || now - a->checked_usec < 1000000)
+                return NULL;
+        a->checked_usec = now;
+        if (fstat(a->fd, &fst) < 0)
+                return NULL;
+        if (stat(a->path, &pst) < 0)
+                return errno == ENOENT ? "removed or moved away" : NULL;
+        if (pst.st_dev != fst.st_dev || pst.st_ino != fst.st_ino)
+                return "moved away (another file is at its path)";
+        if ((uint64_t)fst.st_size < a->size) {
+                ab_log(LOG_ERR,
+                       "audit log %s was truncated in place (%llu bytes where %llu were written): the trail goes "
+                       "on where it now ends, and the file no longer verifies on its own; let the broker rotate it "
+                       "(--audit-max-size), not logrotate",
+                       a->path, (unsigned long long)fst.st_size, (unsigned long long)a->size);
+                a->size = (uint64_t)fst.st_size;
+        }
+        return NULL;
+}
+
+/*
+ * Go on in a new file at PATH after the old one was moved or removed
+ * (file_moved): an empty file there (logrotate's "create" makes one) or a
+ * new one, whose first record, audit.reopened, continues the chain from
+ * the last record written to the old file, as audit.rotated does after a
+ * rotation. A file with content there is not ours: -EEXIST, and the trail
+ * stays in the old file. On any failure nothing changes.
+ */
+static int reopen(ab_audit *a, const char *why)
+{
+        int old_fd = a->fd, fd, r;
+        uint64_t old_size = a->size;
+        bool old_broken = a->broken;
+        struct stat st;
+
+        fd = open(a->path, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0640);
+        if (fd < 0)
+                return -errno;
+        if (fstat(fd, &st) < 0 || st.st_size != 0) {
+                ab_close(fd);
+                return -EEXIST;
+        }
+        a->fd = fd;
+        a->size = 0;
+        r = ab_audit_add(a, "audit.reopened", json_pack("{s:s}", "reason", why));
+        if (r == 0)
+                r = sync_once(a); /* on failure it cut the new file back to empty and dropped the queue */
+        if (r < 0) {
+                drop_queue(a);
+                ab_close(fd);
+                a->fd = old_fd;
+                a->size = old_size;
+                a->broken = old_broken;
+                return r;
+        }
+        ab_close(old_fd);
+        sync_dir(a->path);
+        memset(a->hint, 0, sizeof *a->hint); /* offsets of the old file */
+        return 0;
+}
+
 static int checkpoint_if_due(ab_audit *a)
 {
         int r = 0;
@@ -797,7 +877,8 @@ int ab_audit_sync_start(ab_audit *a, ab_audit_batch *b)
 
         if (!a || a->q_records == 0)
                 return 1;
-        if (rotation_due(a)) { /* rare: rotate here, in the caller's thread, as ab_audit_sync does */
+        if (rotation_due(a) || (a->moved = file_moved(a))) { /* rare: rotate or reopen here, in the caller's
+                                                              * thread, as ab_audit_sync does */
                 r = ab_audit_sync(a);
                 return r < 0 ? r : 2;
         }
@@ -866,6 +947,7 @@ bool ab_audit_batch_out(const ab_audit *a)
 
 int ab_audit_sync(ab_audit *a)
 {
+        const char *moved;
         int r;
 
         if (!a || a->q_records == 0)
@@ -874,12 +956,30 @@ int ab_audit_sync(ab_audit *a)
                 drop_queue(a);
                 return -EIO;
         }
+        moved = a->moved ? a->moved : file_moved(a);
+        a->moved = NULL;
         r = checkpoint_if_due(a);
         if (r < 0)
                 return r;
-        r = sync_once(a);
+        r = sync_once(a); /* what was queued goes where the chain was: to the old file */
         if (r < 0)
                 return r;
+        if (moved) {
+                r = reopen(a, moved);
+                if (r < 0 && !a->reopen_failed)
+                        ab_log(LOG_ERR,
+                               "audit log %s was %s, and the broker cannot go on in a new file there (%s): the trail "
+                               "goes on in the old file; trying again every second",
+                               a->path, moved, r == -EEXIST ? "a file with content is at the path" : ab_strerror(r));
+                else if (r == 0)
+                        ab_log(LOG_WARNING,
+                               "audit log %s was %s: the trail goes on in a new file at that path, whose first "
+                               "record (audit.reopened) continues the chain from the last one written to the old "
+                               "file; use the broker's rotation (--audit-max-size), not logrotate or mv",
+                               a->path, moved);
+                a->reopen_failed = r < 0;
+                return 0; /* the caller's records are durable either way */
+        }
         if (rotation_due(a)) {
                 r = add_checkpoint(a);
                 if (r == 0)

@@ -222,8 +222,9 @@ static int verify_file(verifier *v, const char *path)
                 if (seq < 1 || seq > AB_AUDIT_MAX_SEQ) {
                         /* v->seq < 0 means "no record yet", and v->seq + 1 must not overflow */
                         ex = fail_at(v, path, lineno, seq, "seq out of range (1 to 2^53)");
-                } else if (v->seq < 0 && seq != 1 && strcmp(event, "audit.rotated") != 0) {
-                        /* only a file begun by rotation may start mid-chain */
+                } else if (v->seq < 0 && seq != 1 && strcmp(event, "audit.rotated") != 0 &&
+                           strcmp(event, "audit.reopened") != 0) {
+                        /* only a file begun by rotation (or after the old one was moved away) may start mid-chain */
                         ex = fail_at(v, path, lineno, seq,
                                      "the chain does not start here (seq 1, or audit.rotated after a rotation): "
                                      "the records before it are missing");
