@@ -1002,8 +1002,13 @@ void ab_audit_close(ab_audit *a)
         if (!a)
                 return;
         if (a->fd >= 0 && (a->q_records > 0 || a->since_checkpoint > 0)) {
-                if (add_checkpoint(a) == 0)
-                        (void)ab_audit_sync(a);
+                size_t n = a->q_records;
+                int r = add_checkpoint(a);
+                if (r == 0)
+                        r = ab_audit_sync(a);
+                if (r < 0 && n > 0) /* among them, perhaps, the records of changes made (revocations, ...) */
+                        ab_log(LOG_ERR, "audit log %s: %zu records could not be written before exit: %s", a->path, n,
+                               ab_strerror(r));
         }
         ab_close(a->fd);
         free(a->buf);

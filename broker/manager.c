@@ -851,18 +851,37 @@ int ab_manager_audit_change(ab_manager *m, const char *event, json_t *rec)
         int r;
 
         stamp_policy(m, rec);
+        /* the time of the change, not of a retry */
+        if (rec && !json_object_get(rec, "time"))
+                json_object_set_new(rec, "time", json_integer((json_int_t)ab_now_usec()));
         copy = m->audit && rec ? json_deep_copy(rec) : NULL;
         r = ab_manager_audit(m, event, rec);
 
         if (r >= 0 && copy) {
+                json_t *entry = json_pack("[s,o]", event, copy);
+                size_t i = m->sync_out ? m->changes_inflight : 0; /* those of the batch out stay */
+                copy = NULL;
                 if (!m->turn_changes)
                         m->turn_changes = json_array();
+                /* One session re-authenticating in a loop while the disk is full kept a record
+                 * per call, each written again at every failed sync (helper-46): only its latest
+                 * re-authentication is kept for a retry (the one whose auth_time is in force). */
+                if (entry && strcmp(event, "session.reauthenticated") == 0) {
+                        const char *sid = json_string_value(json_object_get(json_array_get(entry, 1), "sid"));
+                        for (; sid && i < json_array_size(m->turn_changes); i++) {
+                                json_t *ch = json_array_get(m->turn_changes, i);
+                                const char *s2 = json_string_value(json_object_get(json_array_get(ch, 1), "sid"));
+                                if (strcmp(json_string_value(json_array_get(ch, 0)), event) == 0 && s2 &&
+                                    strcmp(s2, sid) == 0) {
+                                        json_array_remove(m->turn_changes, i);
+                                        break;
+                                }
+                        }
+                }
                 /* without memory for the copy, the record is still queued: only a retry after
                  * a failed sync is lost */
-                if (!m->turn_changes ||
-                    json_array_append_new(m->turn_changes, json_pack("[s,o]", event, copy)) < 0)
+                if (!m->turn_changes || !entry || json_array_append_new(m->turn_changes, entry) < 0)
                         ab_log(LOG_ERR, "audit record %s: no memory to keep it for a retry", event);
-                copy = NULL;
         }
         json_decref(copy);
         return r;
@@ -1409,7 +1428,7 @@ typedef struct retired_key {
 
 typedef struct retired_cap {
         size_t n, max;
-        int64_t until;
+        int64_t until, now;
         retired_key *v;
 } retired_cap;
 
@@ -1421,7 +1440,11 @@ static int find_longer(void *ud, const void *key, size_t klen, const void *val, 
         if (vlen != sizeof r || klen >= sizeof cap->v[0].key)
                 return 0;
         memcpy(&r, val, sizeof r);
-        if (r.until <= cap->until)
+        /* a forced rotation (the overlap ends now) ends every earlier key for good, also those
+         * whose overlap ended already: stored as an end not after its own retirement, which
+         * stays ended whatever the clock says after a restart (see token.c key_valid) */
+        bool forced = cap->until <= cap->now;
+        if (forced ? r.until <= r.retired_at : r.until <= cap->until)
                 return 0;
         if (cap->n == cap->max) {
                 size_t nm = cap->max ? cap->max * 2 : 16;
@@ -1434,7 +1457,7 @@ static int find_longer(void *ud, const void *key, size_t klen, const void *val, 
         memcpy(cap->v[cap->n].key, key, klen);
         cap->v[cap->n].key[klen] = '\0';
         cap->v[cap->n].rec = r;
-        cap->v[cap->n++].rec.until = cap->until;
+        cap->v[cap->n++].rec.until = forced && r.retired_at < cap->until ? r.retired_at : cap->until;
         return 0;
 }
 
@@ -1461,6 +1484,7 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
         snprintf(key, sizeof key, RETIRED_PREFIX "%s", old_kid);
         /* the old public key is durable before the new key replaces it */
         cap.until = rec.until;
+        cap.now = now;
         r = ab_store_begin(m->store, true, &t);
         if (r < 0)
                 return r;
@@ -1479,7 +1503,7 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
         r = ab_signer_rotate(m->signer, m->state_fd);
         if (r < 0)
                 return r;
-        ab_signer_cap_retired(m->signer, rec.until);
+        ab_signer_cap_retired(m->signer, rec.until, now);
         (void)ab_signer_add_retired(m->signer, rec.pk, rec.retired_at, rec.until);
         *ret_until = rec.until;
         ab_log(LOG_NOTICE, "signing key rotated: %s replaces %s (verifiable until %lld)", ab_signer_kid(m->signer),
@@ -1575,7 +1599,18 @@ static void set_policy_version(ab_manager *m)
         snprintf(m->policy_version, sizeof m->policy_version, "%.16s", fp);
 }
 
-static int reload_config(ab_manager *m);
+static int reload_config(ab_manager *m, json_t *who);
+
+/* A reload's reason: ...; and broker.conf was not applied. */
+static void conf_not_applied(ab_manager *m, char *reason, size_t reasonmax)
+{
+        size_t l = strlen(reason);
+        if (l < reasonmax)
+                snprintf(reason + l, reasonmax - l,
+                         "; %s was not applied (it does not parse, or its admin_group cannot be found: see the "
+                         "broker's log), its previous settings stay",
+                         m->cfg.config_path);
+}
 
 int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char *reason, size_t reasonmax)
 {
@@ -1587,30 +1622,30 @@ int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char 
 
         ab_manager_drain_jobs(m); /* tokens decided under the old policy are issued before it goes */
         ab_policy *p = NULL;
-        int r = 0;
-
-        if (!via || strcmp(via, "startup") != 0) /* at start it was just read */
-                r = reload_config(m);
+        int r;
+        /* A broker.conf that cannot be applied does not hold up the policy: a grant removed
+         * must go even while an unrelated setting is broken or a group lookup fails
+         * (helper-46). Its previous settings stay, and the reply and the log say so. */
+        bool conf_failed = (!via || strcmp(via, "startup") != 0) && reload_config(m, who) < 0;
         ab_compile_opts o = { .policy_path = m->cfg.policy_path, .trusted_keys_dir = m->cfg.trusted_keys_dir,
                               .require_signed = m->cfg.require_signed };
-        if (r < 0) {
-                snprintf(reason, reasonmax, "%s does not parse or names no existing admin_group (see the broker's "
-                         "log): nothing was reloaded", m->cfg.config_path);
-                r = AB_ERR_POLICY;
-        } else {
-                r = ab_policy_compile(m->store, &o, &diag, &p, reason, reasonmax);
-        }
+
+        r = ab_policy_compile(m->store, &o, &diag, &p, reason, reasonmax);
+        if (conf_failed)
+                conf_not_applied(m, reason, reasonmax);
         if (r < 0) {
                 ab_log(LOG_ERR, "policy not loaded: %s; %s", reason,
                        m->policy->n_agents ? "the previous policy stays in force" : "no agent is served");
                 /* Under require_signed, a policy compiled under another trust (a key
                  * removed since, or require_signed turned on) must not outlive a
                  * failed recompile: serve nobody rather than what no trusted key signs. */
+                bool emptied = false;
                 if (m->cfg.require_signed && !stored_trust_ok(m)) {
                         ab_policy *empty = NULL;
                         if (ab_policy_new(&empty) == 0) {
                                 ab_policy_free(m->policy);
                                 m->policy = empty;
+                                emptied = true;
                                 ab_log(LOG_ERR, "the policy in force is no longer signed by a trusted key: no agent "
                                                 "is served until signed policy sources are deployed");
                         }
@@ -1620,7 +1655,11 @@ int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char 
                 if (rec && who)
                         json_object_update(rec, who);
                 json_decref(who);
-                ab_manager_audit(m, "policy.rejected", rec);
+                /* the policy in force changed (emptied): recorded even if this sync fails */
+                if (emptied)
+                        ab_manager_audit_change(m, "policy.rejected", rec);
+                else
+                        ab_manager_audit(m, "policy.rejected", rec);
                 return r;
         }
         snprintf(old_version, sizeof old_version, "%s", m->policy_version);
@@ -1629,6 +1668,8 @@ int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char 
         set_policy_version(m);
         store_policy_trust(m);
         snprintf(reason, reasonmax, "policy compiled from %s: %zu agents", m->cfg.policy_path, p->n_agents);
+        if (conf_failed)
+                conf_not_applied(m, reason, reasonmax);
         if (via && strcmp(via, "inotify") == 0 && strcmp(old_version, m->policy_version) == 0) {
                 ab_log(LOG_DEBUG, "policy directory changed, policy unchanged (%s)", m->policy_version);
                 json_decref(who);
@@ -1640,7 +1681,7 @@ int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char 
         if (rec && who)
                 json_object_update(rec, who);
         json_decref(who);
-        ab_manager_audit(m, "policy.loaded", rec);
+        ab_manager_audit_change(m, "policy.loaded", rec); /* in force: recorded even if this sync fails */
         sd_notifyf(0, "STATUS=Serving %zu agents", p->n_agents);
         return 0;
 }
@@ -1864,17 +1905,35 @@ int ab_config_apply_file(ab_config *c)
 static int admin_group_gid(const char *name, gid_t *ret_gid, bool *ret_has)
 {
         struct group gr, *res = NULL;
-        char buf[16384];
+        char *buf = NULL;
+        int e = ERANGE;
 
         *ret_has = false;
         if (!name[0])
                 return 0;
-        if (getgrnam_r(name, &gr, buf, sizeof buf, &res) != 0 || !res) {
+        /* a group with many members needs more than a fixed buffer (ERANGE) */
+        for (size_t size = 16384; e == ERANGE && size <= 4u << 20; size *= 2) {
+                char *nb = realloc(buf, size);
+                if (!nb) {
+                        e = ENOMEM;
+                        break;
+                }
+                buf = nb;
+                e = getgrnam_r(name, &gr, buf, size, &res);
+        }
+        if (e == 0 && res) {
+                *ret_gid = res->gr_gid;
+                *ret_has = true;
+        }
+        free(buf);
+        if (e != 0) {
+                ab_log(LOG_ERR, "admin_group \"%s\": the group lookup failed: %s", name, strerror(e));
+                return -e;
+        }
+        if (!*ret_has) {
                 ab_log(LOG_ERR, "admin_group \"%s\" does not exist", name);
                 return -EINVAL;
         }
-        *ret_gid = res->gr_gid;
-        *ret_has = true;
         return 0;
 }
 
@@ -1882,28 +1941,56 @@ static int admin_group_gid(const char *name, gid_t *ret_gid, bool *ret_has)
  * On a reload, broker.conf is read again: turning require_signed on, a
  * trusted key directory or an admin group took effect only at a restart
  * before, while a reload reported success (helper-44). A file that does
- * not parse, or names no existing group, changes nothing: -EINVAL.
+ * not parse, or whose group cannot be found, changes nothing: < 0.
  */
-static int reload_config(ab_manager *m)
+static int reload_config(ab_manager *m, json_t *who)
 {
         ab_config c = m->cfg;
         gid_t gid = 0;
-        bool has = false;
+        bool has = false, group_changed;
+        json_t *changed = json_object();
 
-        if (ab_config_apply_file(&c) < 0 || admin_group_gid(c.admin_group, &gid, &has) < 0)
+        if (ab_config_apply_file(&c) < 0 || admin_group_gid(c.admin_group, &gid, &has) < 0) {
+                json_decref(changed);
                 return -EINVAL;
-        if (c.require_signed != m->cfg.require_signed)
+        }
+        if (c.require_signed != m->cfg.require_signed) {
                 ab_log(LOG_NOTICE, "%s: require_signed is now %s", c.config_path, c.require_signed ? "on" : "off");
-        if (strcmp(c.trusted_keys_dir, m->cfg.trusted_keys_dir) != 0)
+                json_object_set_new(changed, "require_signed", json_boolean(c.require_signed));
+        }
+        if (strcmp(c.trusted_keys_dir, m->cfg.trusted_keys_dir) != 0) {
                 ab_log(LOG_NOTICE, "%s: trusted keys are now in %s", c.config_path, c.trusted_keys_dir);
-        if (strcmp(c.admin_group, m->cfg.admin_group) != 0)
-                ab_log(LOG_NOTICE, "%s: admin_group is now %s (for new admin connections)", c.config_path,
+                json_object_set_new(changed, "trusted_keys", json_string(c.trusted_keys_dir));
+        }
+        group_changed = strcmp(c.admin_group, m->cfg.admin_group) != 0 || gid != m->admin_gid || has != m->has_admin_gid;
+        if (group_changed) {
+                ab_log(LOG_NOTICE, "%s: admin_group is now %s", c.config_path,
                        c.admin_group[0] ? c.admin_group : "none (root only)");
+                json_object_set_new(changed, "admin_group", json_string(c.admin_group));
+        }
         m->cfg.require_signed = c.require_signed;
         memcpy(m->cfg.trusted_keys_dir, c.trusted_keys_dir, sizeof c.trusted_keys_dir);
         memcpy(m->cfg.admin_group, c.admin_group, sizeof c.admin_group);
         m->admin_gid = gid;
         m->has_admin_gid = has;
+        /* on the record: the policy.loaded or policy.rejected of this reload names what changed */
+        if (who && json_object_size(changed))
+                json_object_set(who, "config", changed);
+        json_decref(changed);
+        /* an admin connection of a user the new setting no longer lets in goes (it was
+         * checked only at accept: helper-46) */
+        for (ab_conn *cn = m->conns; group_changed && cn; cn = cn->next) {
+                if (!cn->admin || cn->peer.uid == 0 || cn->closing ||
+                    (m->has_admin_gid && (cn->peer.gid == m->admin_gid || ab_peer_in_group(&cn->peer, m->admin_gid))))
+                        continue;
+                ab_log(LOG_NOTICE, "closing the admin connection of uid %u: admin_group changed",
+                       (unsigned)cn->peer.uid);
+                /* closed from its own step (conn_step), never here: this reload may be this
+                 * connection's own call, still being answered */
+                cn->closing = true;
+                sd_event_source_set_enabled(cn->defer, SD_EVENT_ONESHOT);
+                conn_update_events(cn);
+        }
         return 0;
 }
 
@@ -2089,10 +2176,17 @@ int ab_manager_startup(ab_manager *m)
         if (r < 0)
                 return r;
         /* what start-up recorded (policy.loaded) is durable before the first call is
-         * served; if the disk refuses, the first calls that need the trail try again */
-        if (m->audit && (r = ab_audit_sync(m->audit)) < 0)
-                ab_log(LOG_WARNING, "audit trail %s cannot be written at start: %s", ab_audit_path(m->audit),
-                       ab_strerror(r));
+         * served; if the disk refuses, its records of changes wait for the retry timer
+         * and the first calls that need the trail */
+        if (m->audit) {
+                r = ab_audit_sync(m->audit);
+                if (r < 0)
+                        ab_log(LOG_WARNING, "audit trail %s cannot be written at start: %s", ab_audit_path(m->audit),
+                               ab_strerror(r));
+                audit_settle(m, r, NULL, 0, json_array_size(m->turn_changes));
+                if (r < 0)
+                        audit_backoff(m, r);
+        }
         r = watch_policy(m);
         if (r < 0)
                 return r;

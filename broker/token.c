@@ -7,7 +7,6 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#include <stdatomic.h>
 #include <sodium.h>
 #include "token.h"
 #include "../common/b64.h"
@@ -16,6 +15,7 @@ typedef struct retired {
         uint8_t pk[crypto_sign_PUBLICKEYBYTES];
         char kid[44];
         int64_t retired_at, until;
+        bool ended; /* for good: see key_valid */
 } retired;
 
 struct ab_signer {
@@ -26,7 +26,6 @@ struct ab_signer {
         json_t *header;
         retired old[AB_MAX_RETIRED_KEYS]; /* earlier keys, newest first */
         size_t n_old;
-        _Atomic int64_t seen; /* the latest second seen: keys_now */
 };
 
 static int write_all(int fd, const uint8_t *p, size_t n)
@@ -150,20 +149,22 @@ const char *ab_signer_issuer(const ab_signer *s) { return s->issuer; }
 const uint8_t *ab_signer_public_key(const ab_signer *s) { return s->pk; }
 
 /*
- * The time retired keys are judged at: now, never earlier than a time seen
- * before. A key ended by `keys rotate --overlap 0 --force` came back for
- * as long as the clock stood behind its end after a step back (helper-43).
+ * Whether retired key i still verifies at now. Once it has ended it stays
+ * ended: a clock stepped back brought a key ended by `keys rotate
+ * --overlap 0 --force` back for as long as it stood behind the end
+ * (helper-43). A key whose end is not after its retirement was ended at
+ * once (forced, or capped by a forced rotation: ab_manager_rotate_key
+ * stores it so), which a restart keeps. Each key latches on its own: one
+ * moment of a clock running ahead ends the overlaps running then, not
+ * those of later rotations (helper-46). Called on the event loop only.
  */
-static int64_t keys_now(const ab_signer *s, int64_t now)
+static bool key_valid(const ab_signer *cs, size_t i, int64_t now)
 {
-        /* only the atomic changes, in an object that was never defined const */
-        _Atomic int64_t *seen = &((ab_signer *)s)->seen;
-        int64_t was = atomic_load_explicit(seen, memory_order_relaxed);
+        retired *r = &((ab_signer *)cs)->old[i]; /* only the latch changes; never a const object */
 
-        while (now > was && !atomic_compare_exchange_weak_explicit(seen, &was, now, memory_order_relaxed,
-                                                                    memory_order_relaxed))
-                ;
-        return now > was ? now : was;
+        if (!r->ended && (r->until <= r->retired_at || now >= r->until))
+                r->ended = true;
+        return !r->ended;
 }
 
 const uint8_t *ab_signer_find_key(const ab_signer *s, const char *kid, int64_t now)
@@ -172,9 +173,8 @@ const uint8_t *ab_signer_find_key(const ab_signer *s, const char *kid, int64_t n
                 return NULL;
         if (strcmp(kid, s->kid) == 0)
                 return s->pk;
-        now = keys_now(s, now);
         for (size_t i = 0; i < s->n_old; i++)
-                if (strcmp(kid, s->old[i].kid) == 0 && s->old[i].until > now)
+                if (strcmp(kid, s->old[i].kid) == 0 && key_valid(s, i, now))
                         return s->old[i].pk;
         return NULL;
 }
@@ -193,10 +193,9 @@ json_t *ab_signer_jwks(const ab_signer *s, int64_t now)
         json_t *keys = json_array();
         if (!keys)
                 return NULL;
-        now = keys_now(s, now);
         json_array_append_new(keys, jwk(s->pk, s->kid));
         for (size_t i = 0; i < s->n_old; i++)
-                if (s->old[i].until > now)
+                if (key_valid(s, i, now))
                         json_array_append_new(keys, jwk(s->old[i].pk, s->old[i].kid));
         return json_pack("{s:o}", "keys", keys);
 }
@@ -206,7 +205,6 @@ json_t *ab_signer_all_keys(const ab_signer *s, int64_t now)
         json_t *keys = json_array(), *k;
         if (!keys)
                 return NULL;
-        now = keys_now(s, now);
         k = jwk(s->pk, s->kid);
         if (k)
                 json_object_set_new(k, "status", json_string("current"));
@@ -215,7 +213,7 @@ json_t *ab_signer_all_keys(const ab_signer *s, int64_t now)
                 k = jwk(s->old[i].pk, s->old[i].kid);
                 if (!k)
                         continue;
-                json_object_set_new(k, "status", json_string(s->old[i].until > now ? "retiring" : "retired"));
+                json_object_set_new(k, "status", json_string(key_valid(s, i, now) ? "retiring" : "retired"));
                 json_object_set_new(k, "retired_at", json_integer(s->old[i].retired_at));
                 json_object_set_new(k, "valid_until", json_integer(s->old[i].until));
                 json_array_append_new(keys, k);
@@ -231,7 +229,6 @@ int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at
         memcpy(r.pk, pk, 32);
         if (ab_jwk_thumbprint(pk, r.kid) < 0)
                 return -EINVAL;
-        (void)keys_now(s, retired_at); /* the broker has seen that time */
         if (strcmp(r.kid, s->kid) == 0)
                 return 0;
         for (i = 0; i < s->n_old; i++)
@@ -258,11 +255,14 @@ int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at
         return 0;
 }
 
-void ab_signer_cap_retired(ab_signer *s, int64_t until)
+void ab_signer_cap_retired(ab_signer *s, int64_t until, int64_t now)
 {
-        for (size_t i = 0; i < s->n_old; i++)
+        for (size_t i = 0; i < s->n_old; i++) {
                 if (s->old[i].until > until)
                         s->old[i].until = until;
+                if (until <= now)
+                        s->old[i].ended = true;
+        }
 }
 
 int ab_signer_rotate(ab_signer *s, int dirfd)

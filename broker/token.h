@@ -34,11 +34,10 @@ const char *ab_signer_issuer(const ab_signer *s);
 const uint8_t *ab_signer_public_key(const ab_signer *s);
 
 /*
- * Retired keys are judged at now (wall-clock seconds), or at the latest
- * second this signer has seen if that is later (a time it was given, or a
- * key's retirement): a clock stepped back does not bring back a key whose
- * overlap ended, such as one ended at once by a forced rotation after a
- * leak. After a restart the latest retirement is the floor.
+ * Retired keys are judged at now (wall-clock seconds); a key found ended
+ * stays ended while the broker runs, so a clock stepped back does not
+ * bring it back, and one ended at once by a forced rotation (an end not
+ * after its retirement) stays ended after a restart too.
  */
 
 /* The JWKS: {"keys":[{"kty":"OKP","crv":"Ed25519","x":..,"kid":..,"alg":"EdDSA","use":"sig"}]}. */
@@ -71,8 +70,8 @@ void ab_random_id(char out[AB_JTI_LEN + 1]);
 json_t *ab_signer_all_keys(const ab_signer *s, int64_t now);
 /* Remember an earlier public key, valid for verification until `until`. */
 int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at, int64_t until);
-/* No earlier key verifies past until (a rotation's overlap ends them all). */
-void ab_signer_cap_retired(ab_signer *s, int64_t until);
+/* No earlier key verifies past until (a rotation's overlap ends them all; until <= now: at once, for good). */
+void ab_signer_cap_retired(ab_signer *s, int64_t until, int64_t now);
 /* Replace the signing key with a new one (written to AB_KEY_FILE atomically). */
 int ab_signer_rotate(ab_signer *s, int dirfd);
 

@@ -1093,6 +1093,42 @@ static void test_ended_key_stays_ended(void **state)
 }
 
 /*
+ * ... and a clock that ran ahead for a moment does not end the overlap of a
+ * later rotation: with one "latest time seen" for all keys, a GetKeys while
+ * the clock was a day ahead made every later rotation end its old key at
+ * once, also after a restart (helper-46).
+ */
+static void test_clock_ahead_keeps_later_overlaps(void **state)
+{
+        hx_broker *b = *state;
+        char clock_path[PATH_MAX], *t;
+        hx_conn *c, *a;
+        json_t *root;
+
+        use_test_clock(b, clock_path, sizeof clock_path);
+        start_with(b, NULL, -1);
+        c = hx_connect(b, b->sock);
+        a = hx_connect(b, b->admin_sock);
+        hx_set_test_clock(clock_path, 86400);
+        root = hx_call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
+        hx_assert_ok(root);
+        json_decref(root);
+        hx_set_test_clock(clock_path, 0);
+        t = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
+        json_decref(expect_ok(a, "io.agentbroker.admin.RotateKey", json_pack("{s:i}", "overlap", 7200)));
+        if (strcmp(verdict(c, t, NULL), "active") != 0)
+                fprintf(stderr, "GAP: a rotation with an overlap ended the old key at once: %s\n", verdict(c, t, NULL));
+        assert_string_equal(verdict(c, t, NULL), "active");
+        hx_conn_close(b, c);
+        hx_conn_close(b, a);
+        hx_stop_clean(b);
+        hx_start(b);
+        c = hx_connect(b, b->sock);
+        assert_string_equal(verdict(c, t, NULL), "active"); /* and after a restart */
+        free(t);
+}
+
+/*
  * max_lifetime (the broker's clock moved by the test clock: policy allows
  * no lifetime under 60 s). Token exp is capped by the session's expiry; a
  * tightened policy applies at once; after expiry IssueToken says
@@ -3709,6 +3745,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_cli_revoke_and_sessions, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_small_step_back_revoked, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_ended_key_stays_ended, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_clock_ahead_keeps_later_overlaps, hx_setup, teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
