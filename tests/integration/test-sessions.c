@@ -1008,6 +1008,26 @@ static void test_clock_step_back(void **state)
         free(sid);
 }
 
+/* A broker on the test clock (offset 0), with a connection to each socket. */
+static void start_clocked(hx_broker *b, char *clock_path, size_t max, hx_conn **c, hx_conn **a)
+{
+        use_test_clock(b, clock_path, max);
+        start_with(b, NULL, -1);
+        *c = hx_connect(b, b->sock);
+        *a = hx_connect(b, b->admin_sock);
+}
+
+/* Stop cleanly and start again (same state), with new connections. */
+static void restart_clocked(hx_broker *b, hx_conn **c, hx_conn **a)
+{
+        hx_conn_close(b, *c);
+        hx_conn_close(b, *a);
+        hx_stop_clean(b);
+        hx_start(b);
+        *c = hx_connect(b, b->sock);
+        *a = hx_connect(b, b->admin_sock);
+}
+
 /*
  * A step back within the clock leeway (5 s): a session opened while the
  * clock was 3 s ahead is still "in the future" for `revoke --before now`,
@@ -1022,10 +1042,7 @@ static void test_small_step_back_revoked(void **state)
         long long now;
         hx_conn *c, *a;
 
-        use_test_clock(b, clock_path, sizeof clock_path);
-        start_with(b, NULL, -1);
-        c = hx_connect(b, b->sock);
-        a = hx_connect(b, b->admin_sock);
+        start_clocked(b, clock_path, sizeof clock_path, &c, &a);
         hx_set_test_clock(clock_path, 3);
         t = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
         hx_set_test_clock(clock_path, 0);
@@ -1052,10 +1069,7 @@ static void test_ended_key_stays_ended(void **state)
         hx_conn *c, *a;
         json_t *root;
 
-        use_test_clock(b, clock_path, sizeof clock_path);
-        start_with(b, NULL, -1);
-        c = hx_connect(b, b->sock);
-        a = hx_connect(b, b->admin_sock);
+        start_clocked(b, clock_path, sizeof clock_path, &c, &a);
         t = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
         {
                 json_t *h = hx_jwt_segment_json(t, 0);
@@ -1079,14 +1093,9 @@ static void test_ended_key_stays_ended(void **state)
                 json_decref(root);
                 if (restart)
                         break;
-                /* the broker learns the floor again from the stored retirement */
+                /* after a restart too: its stored end is not after its retirement */
                 hx_set_test_clock(clock_path, 0);
-                hx_conn_close(b, c);
-                hx_conn_close(b, a);
-                hx_stop_clean(b);
-                hx_start(b);
-                c = hx_connect(b, b->sock);
-                a = hx_connect(b, b->admin_sock);
+                restart_clocked(b, &c, &a);
         }
         free(kid);
         free(t);
@@ -1105,10 +1114,7 @@ static void test_clock_ahead_keeps_later_overlaps(void **state)
         hx_conn *c, *a;
         json_t *root;
 
-        use_test_clock(b, clock_path, sizeof clock_path);
-        start_with(b, NULL, -1);
-        c = hx_connect(b, b->sock);
-        a = hx_connect(b, b->admin_sock);
+        start_clocked(b, clock_path, sizeof clock_path, &c, &a);
         hx_set_test_clock(clock_path, 86400);
         root = hx_call(c, "{\"method\":\"io.agentbroker.GetKeys\"}");
         hx_assert_ok(root);
@@ -1119,11 +1125,7 @@ static void test_clock_ahead_keeps_later_overlaps(void **state)
         if (strcmp(verdict(c, t, NULL), "active") != 0)
                 fprintf(stderr, "GAP: a rotation with an overlap ended the old key at once: %s\n", verdict(c, t, NULL));
         assert_string_equal(verdict(c, t, NULL), "active");
-        hx_conn_close(b, c);
-        hx_conn_close(b, a);
-        hx_stop_clean(b);
-        hx_start(b);
-        c = hx_connect(b, b->sock);
+        restart_clocked(b, &c, &a);
         assert_string_equal(verdict(c, t, NULL), "active"); /* and after a restart */
         free(t);
 }
