@@ -190,6 +190,7 @@ static int recover(ab_audit *a)
 
 static int move_noreplace(const char *from, const char *to);
 static void sync_dir(const char *path);
+static bool path_is_ours(const ab_audit *a);
 
 static int open_file(ab_audit *a)
 {
@@ -625,6 +626,16 @@ static void cut_back(ab_audit *a)
          * and an append-only file would refuse even a truncate to its own size */
         bool written = a->fd >= 0 && !(fstat(a->fd, &st) == 0 && (uint64_t)st.st_size == a->size);
 
+        if (written && (uint64_t)st.st_size < a->size) {
+                /* emptied under the broker since its last look (copytruncate): a cut "back" to the
+                 * old size would fill the gap with NUL bytes; the torn write stays instead */
+                ab_log(LOG_ERR, "audit log %s is shorter than what the broker wrote (truncated in place?): not "
+                       "cutting a failed write back", a->path);
+                a->size = (uint64_t)st.st_size;
+                memset(a->hint, 0, sizeof *a->hint);
+                written = false;
+        }
+
         if (written && ftruncate(a->fd, (off_t)a->size) < 0) {
                 /* what follows byte a->size is not the chain (a torn line, records
                  * whose requests were refused): writing after it would break the
@@ -661,6 +672,10 @@ static int rotate(ab_audit *a)
         unsigned *ks = NULL;
         size_t n = 0, shifted = 0, dropped = 0;
 
+        /* a file at PATH that is not the broker's (left there when a reopen failed) is
+         * neither renamed into the rotated files nor named as the previous one */
+        if (!path_is_ours(a))
+                return -ESTALE;
         /* this rotation makes one more: with AB_AUDIT_MAX_ROTATED there already, no */
         r = list_rotated(a->path, a->keep ? SIZE_MAX : AB_AUDIT_MAX_ROTATED - 1, &ks, &n);
         if (r == -EDQUOT)
@@ -793,7 +808,8 @@ static const char *file_moved(ab_audit *a)
         struct stat fst, pst;
         uint64_t now = ab_mono_usec();
 
-        if (a->fd < 0 || a->out || now - a->checked_usec < 1000000)
+        /* after a reopen that failed, once a minute: each try writes on the event loop */
+        if (a->fd < 0 || a->out || now - a->checked_usec < (a->reopen_failed ? 60000000ull : 1000000ull))
                 return NULL;
         a->checked_usec = now;
         if (fstat(a->fd, &fst) < 0)
@@ -802,6 +818,7 @@ static const char *file_moved(ab_audit *a)
                 return errno == ENOENT ? "removed or moved away" : NULL;
         if (pst.st_dev != fst.st_dev || pst.st_ino != fst.st_ino)
                 return "moved away (another file is at its path)";
+        a->reopen_failed = false; /* at its path again, however */
         if ((uint64_t)fst.st_size < a->size) {
                 ab_log(LOG_ERR,
                        "audit log %s was truncated in place (%llu bytes where %llu were written): the trail goes "
@@ -809,8 +826,18 @@ static const char *file_moved(ab_audit *a)
                        "(--audit-max-size), not logrotate",
                        a->path, (unsigned long long)fst.st_size, (unsigned long long)a->size);
                 a->size = (uint64_t)fst.st_size;
+                memset(a->hint, 0, sizeof *a->hint); /* offsets of what was there */
         }
         return NULL;
+}
+
+/* Whether PATH names the file the broker writes (a rotation renames PATH: only its own). */
+static bool path_is_ours(const ab_audit *a)
+{
+        struct stat fst, pst;
+
+        return a->fd >= 0 && fstat(a->fd, &fst) == 0 && stat(a->path, &pst) == 0 && pst.st_dev == fst.st_dev &&
+               pst.st_ino == fst.st_ino;
 }
 
 /*
@@ -851,6 +878,7 @@ static int reopen(ab_audit *a, const char *why)
         ab_close(old_fd);
         sync_dir(a->path);
         memset(a->hint, 0, sizeof *a->hint); /* offsets of the old file */
+        a->rotate_at = 0;
         return 0;
 }
 
@@ -958,9 +986,12 @@ int ab_audit_sync(ab_audit *a)
         }
         moved = a->moved ? a->moved : file_moved(a);
         a->moved = NULL;
-        r = checkpoint_if_due(a);
-        if (r < 0)
+        /* the old file ends with a checkpoint, as before a rotation: it verifies on its own */
+        r = moved ? add_checkpoint(a) : checkpoint_if_due(a);
+        if (r < 0) {
+                drop_queue(a);
                 return r;
+        }
         r = sync_once(a); /* what was queued goes where the chain was: to the old file */
         if (r < 0)
                 return r;
@@ -1031,7 +1062,13 @@ int ab_audit_read(const ab_audit *a, uint64_t after_seq, uint64_t since_usec, co
 
         if (!out)
                 return -ENOMEM;
-        f = fopen(a->path, "re");
+        /* the file the broker writes, through its descriptor: what is at PATH may be another
+         * (a reopen that failed leaves the broker writing into the file moved away) */
+        char self[64];
+        snprintf(self, sizeof self, "/proc/self/fd/%d", a->fd);
+        f = a->fd >= 0 ? fopen(self, "re") : NULL;
+        if (!f)
+                f = fopen(a->path, "re");
         if (!f) {
                 json_decref(out);
                 return -errno;
