@@ -78,6 +78,7 @@ struct ab_audit {
         uint64_t checked_usec;  /* when file_moved last looked (monotonic) */
         const char *moved;      /* file_moved's reason, for ab_audit_sync */
         bool reopen_failed;     /* logged once until a reopen works */
+        bool reopen_foreign;    /* it failed on a file that is not ours at PATH: look once a minute */
         /* where the last ReadAudit page ended, so the next one need not rescan the file */
         struct read_hint {
                 uint64_t seq; /* every line before off has a seq <= this */
@@ -619,22 +620,23 @@ void ab_audit_set_keep(ab_audit *a, unsigned keep)
 }
 
 /* A write or sync failed: keep the chain whole by forgetting what was not made durable. */
-static void cut_back(ab_audit *a)
+/* Cut a failed write back; start is where it began (the file's end before it), -1 if unknown. */
+static void cut_back(ab_audit *a, int64_t start)
 {
-        struct stat st;
+        struct stat st = { 0 };
+        bool known = a->fd >= 0 && fstat(a->fd, &st) == 0;
+        bool written;
+
+        if (known && (uint64_t)st.st_size < a->size) {
+                /* emptied under the broker since its last look (copytruncate): a cut "back" to the
+                 * old size would fill the gap with NUL bytes; cut to where this write began */
+                ab_log(LOG_ERR, "audit log %s is shorter than what the broker wrote (truncated in place?)", a->path);
+                a->size = start >= 0 && start <= st.st_size ? (uint64_t)start : (uint64_t)st.st_size;
+                memset(a->hint, 0, sizeof *a->hint);
+        }
         /* nothing written past the durable end (a write that failed at once): nothing to cut,
          * and an append-only file would refuse even a truncate to its own size */
-        bool written = a->fd >= 0 && !(fstat(a->fd, &st) == 0 && (uint64_t)st.st_size == a->size);
-
-        if (written && (uint64_t)st.st_size < a->size) {
-                /* emptied under the broker since its last look (copytruncate): a cut "back" to the
-                 * old size would fill the gap with NUL bytes; the torn write stays instead */
-                ab_log(LOG_ERR, "audit log %s is shorter than what the broker wrote (truncated in place?): not "
-                       "cutting a failed write back", a->path);
-                a->size = (uint64_t)st.st_size;
-                memset(a->hint, 0, sizeof *a->hint);
-                written = false;
-        }
+        written = a->fd >= 0 && !(known && (uint64_t)st.st_size == a->size);
 
         if (written && ftruncate(a->fd, (off_t)a->size) < 0) {
                 /* what follows byte a->size is not the chain (a torn line, records
@@ -775,12 +777,13 @@ undo:
 /* Write and sync the queue once. On failure cut the file back and drop the queue. */
 static int sync_once(ab_audit *a)
 {
+        int64_t start = a->fd < 0 ? -1 : (int64_t)lseek(a->fd, 0, SEEK_END); /* where an O_APPEND write goes */
         int r = a->fd < 0 ? -EBADF : write_all(a->fd, a->buf, a->len);
 
         if (r == 0 && fdatasync(a->fd) < 0)
                 r = -errno;
         if (r < 0) {
-                cut_back(a);
+                cut_back(a, start);
                 return r;
         }
         a->size += a->len;
@@ -808,8 +811,10 @@ static const char *file_moved(ab_audit *a)
         struct stat fst, pst;
         uint64_t now = ab_mono_usec();
 
-        /* after a reopen that failed, once a minute: each try writes on the event loop */
-        if (a->fd < 0 || a->out || now - a->checked_usec < (a->reopen_failed ? 60000000ull : 1000000ull))
+        /* after a reopen that failed on a file that is not ours at PATH, once a minute: each try
+         * writes on the event loop. Any other failure (the file removed, the new one refused for
+         * a moment) is tried again every second: the broker may be writing into a removed file. */
+        if (a->fd < 0 || a->out || now - a->checked_usec < (a->reopen_foreign ? 60000000ull : 1000000ull))
                 return NULL;
         a->checked_usec = now;
         if (fstat(a->fd, &fst) < 0)
@@ -818,7 +823,7 @@ static const char *file_moved(ab_audit *a)
                 return errno == ENOENT ? "removed or moved away" : NULL;
         if (pst.st_dev != fst.st_dev || pst.st_ino != fst.st_ino)
                 return "moved away (another file is at its path)";
-        a->reopen_failed = false; /* at its path again, however */
+        a->reopen_failed = a->reopen_foreign = false; /* at its path again, however */
         if ((uint64_t)fst.st_size < a->size) {
                 ab_log(LOG_ERR,
                        "audit log %s was truncated in place (%llu bytes where %llu were written): the trail goes "
@@ -940,6 +945,7 @@ int ab_audit_sync_start(ab_audit *a, ab_audit_batch *b)
 
 void ab_audit_batch_write(ab_audit_batch *b)
 {
+        b->start = (int64_t)lseek(b->fd, 0, SEEK_END); /* where an O_APPEND write goes: for cut_back */
         b->result = write_all(b->fd, b->buf, b->len);
         if (b->result == 0 && fdatasync(b->fd) < 0)
                 b->result = -errno;
@@ -951,7 +957,7 @@ int ab_audit_sync_finish(ab_audit *a, ab_audit_batch *b)
 
         a->out = false;
         if (r < 0) {
-                cut_back(a); /* records queued after the batch name its records, which are gone: they go too */
+                cut_back(a, b->start); /* records queued after the batch name its records, which are gone: they go too */
         } else {
                 a->size += b->len;
                 a->seq = a->f_seq;
@@ -1000,8 +1006,9 @@ int ab_audit_sync(ab_audit *a)
                 if (r < 0 && !a->reopen_failed)
                         ab_log(LOG_ERR,
                                "audit log %s was %s, and the broker cannot go on in a new file there (%s): the trail "
-                               "goes on in the old file; trying again every second",
-                               a->path, moved, r == -EEXIST ? "a file with content is at the path" : ab_strerror(r));
+                               "goes on in the old file; trying again every %s",
+                               a->path, moved, r == -EEXIST ? "a file with content is at the path" : ab_strerror(r),
+                               r == -EEXIST ? "minute" : "second");
                 else if (r == 0)
                         ab_log(LOG_WARNING,
                                "audit log %s was %s: the trail goes on in a new file at that path, whose first "
@@ -1009,6 +1016,7 @@ int ab_audit_sync(ab_audit *a)
                                "file; use the broker's rotation (--audit-max-size), not logrotate or mv",
                                a->path, moved);
                 a->reopen_failed = r < 0;
+                a->reopen_foreign = r == -EEXIST;
                 return 0; /* the caller's records are durable either way */
         }
         if (rotation_due(a)) {
@@ -1020,7 +1028,12 @@ int ab_audit_sync(ab_audit *a)
                 if (r < 0) {
                         /* keep writing here; try again after another sixteenth of max_size */
                         a->rotate_at = a->size + a->max_size / 16;
-                        ab_log(LOG_ERR, "audit log rotation failed (%s); %s stays current", ab_strerror(r), a->path);
+                        if (r == -ESTALE)
+                                ab_log(LOG_ERR, "audit log %s is not the file the broker writes (a new one could not "
+                                       "be made there): not rotating", a->path);
+                        else
+                                ab_log(LOG_ERR, "audit log rotation failed (%s); %s stays current", ab_strerror(r),
+                                       a->path);
                 } else {
                         a->rotate_at = 0;
                 }

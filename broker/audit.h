@@ -100,6 +100,7 @@ typedef struct ab_audit_batch {
         int fd;
         char *buf;
         size_t len, cap;
+        int64_t start; /* the file's end when the write began, -1 if unknown */
         int result;
 } ab_audit_batch;
 int ab_audit_sync_start(ab_audit *a, ab_audit_batch *b);

@@ -1670,8 +1670,11 @@ int ab_manager_reload_policy(ab_manager *m, json_t *findings, json_t *who, char 
         snprintf(reason, reasonmax, "policy compiled from %s: %zu agents", m->cfg.policy_path, p->n_agents);
         if (conf_failed)
                 conf_not_applied(m, reason, reasonmax);
-        /* nothing to record, unless broker.conf changed (or could not be applied) on the way */
-        if (via && strcmp(via, "inotify") == 0 && strcmp(old_version, m->policy_version) == 0 && !conf_failed &&
+        /* nothing to record, unless broker.conf changed, or could not be applied (recorded once
+         * until it can be: each unrelated file event would record it again) */
+        bool conf_news = conf_failed && !m->conf_fail_recorded;
+        m->conf_fail_recorded = conf_failed;
+        if (via && strcmp(via, "inotify") == 0 && strcmp(old_version, m->policy_version) == 0 && !conf_news &&
             !json_object_get(who, "config")) {
                 ab_log(LOG_DEBUG, "policy directory changed, policy unchanged (%s)", m->policy_version);
                 json_decref(who);

@@ -163,6 +163,7 @@ struct ab_manager {
         ab_conn *inflight;        /* connections whose replies wait for that batch */
         size_t usage_inflight, changes_inflight; /* usage_pending / turn_changes entries of that batch */
         char policy_version[17];  /* short fingerprint of the compiled policy, for audit */
+        bool conf_fail_recorded;  /* a reload has said that broker.conf cannot be applied */
         ab_usage *usage;
         sd_event_source *usage_timer;
         bool usage_failing;       /* the last flush failed: only the timer tries again */
