@@ -192,6 +192,7 @@ static int recover(ab_audit *a)
 static int move_noreplace(const char *from, const char *to);
 static void sync_dir(const char *path);
 static bool path_is_ours(const ab_audit *a);
+static int begin_file(ab_audit *a, int fd, const char *event, json_t *rec);
 
 static int open_file(ab_audit *a)
 {
@@ -619,8 +620,11 @@ void ab_audit_set_keep(ab_audit *a, unsigned keep)
                 a->keep = keep;
 }
 
-/* A write or sync failed: keep the chain whole by forgetting what was not made durable. */
-/* Cut a failed write back; start is where it began (the file's end before it), -1 if unknown. */
+/*
+ * A write or sync failed: keep the chain whole by forgetting what was not
+ * made durable. start is where the write began (the file's end before it),
+ * -1 if unknown.
+ */
 static void cut_back(ab_audit *a, int64_t start)
 {
         struct stat st = { 0 };
@@ -696,12 +700,7 @@ static int rotate(ab_audit *a)
                 free(ks);
                 return -errno;
         }
-        a->fd = fd;
-        a->size = 0;
-        /* the new file continues the chain: its first record names the last one */
-        r = ab_audit_add(a, "audit.rotated", json_pack("{s:s}", "previous_file", to));
-        if (r == 0)
-                r = sync_once(a);
+        r = begin_file(a, fd, "audit.rotated", json_pack("{s:s}", "previous_file", to));
         if (r < 0)
                 goto undo;
         /* PATH.k -> PATH.k+1, largest first; none is deleted before the rotation is done,
@@ -806,10 +805,23 @@ static int sync_once(ab_audit *a)
  * logged and its durable size corrected, so that a failed write is never
  * "cut back" past the end, which would fill the gap with NUL bytes.
  */
+/* What PATH names: 0 the file the broker writes (*fst its stat), 1 another file, < 0 none (-ENOENT) or unknown. */
+static int path_state(const ab_audit *a, struct stat *fst)
+{
+        struct stat pst;
+
+        if (a->fd < 0 || fstat(a->fd, fst) < 0)
+                return -EBADF;
+        if (stat(a->path, &pst) < 0)
+                return -errno;
+        return pst.st_dev == fst->st_dev && pst.st_ino == fst->st_ino ? 0 : 1;
+}
+
 static const char *file_moved(ab_audit *a)
 {
-        struct stat fst, pst;
+        struct stat fst;
         uint64_t now = ab_mono_usec();
+        int r;
 
         /* after a reopen that failed on a file that is not ours at PATH, once a minute: each try
          * writes on the event loop. Any other failure (the file removed, the new one refused for
@@ -817,12 +829,11 @@ static const char *file_moved(ab_audit *a)
         if (a->fd < 0 || a->out || now - a->checked_usec < (a->reopen_foreign ? 60000000ull : 1000000ull))
                 return NULL;
         a->checked_usec = now;
-        if (fstat(a->fd, &fst) < 0)
-                return NULL;
-        if (stat(a->path, &pst) < 0)
-                return errno == ENOENT ? "removed or moved away" : NULL;
-        if (pst.st_dev != fst.st_dev || pst.st_ino != fst.st_ino)
+        r = path_state(a, &fst);
+        if (r == 1)
                 return "moved away (another file is at its path)";
+        if (r < 0)
+                return r == -ENOENT ? "removed or moved away" : NULL;
         a->reopen_failed = a->reopen_foreign = false; /* at its path again, however */
         if ((uint64_t)fst.st_size < a->size) {
                 ab_log(LOG_ERR,
@@ -839,10 +850,25 @@ static const char *file_moved(ab_audit *a)
 /* Whether PATH names the file the broker writes (a rotation renames PATH: only its own). */
 static bool path_is_ours(const ab_audit *a)
 {
-        struct stat fst, pst;
+        struct stat st;
 
-        return a->fd >= 0 && fstat(a->fd, &fst) == 0 && stat(a->path, &pst) == 0 && pst.st_dev == fst.st_dev &&
-               pst.st_ino == fst.st_ino;
+        return path_state(a, &st) == 0;
+}
+
+/*
+ * The trail goes on in fd, a new empty file: its first record (event,
+ * rec: audit.rotated, audit.reopened) names the last one written before,
+ * so the chain continues across the files. Durable when this returns 0;
+ * on failure the caller puts a->fd and a->size back.
+ */
+static int begin_file(ab_audit *a, int fd, const char *event, json_t *rec)
+{
+        int r;
+
+        a->fd = fd;
+        a->size = 0;
+        r = ab_audit_add(a, event, rec);
+        return r < 0 ? r : sync_once(a); /* a failed sync cut fd back to empty and dropped the queue */
 }
 
 /*
@@ -867,11 +893,7 @@ static int reopen(ab_audit *a, const char *why)
                 ab_close(fd);
                 return -EEXIST;
         }
-        a->fd = fd;
-        a->size = 0;
-        r = ab_audit_add(a, "audit.reopened", json_pack("{s:s}", "reason", why));
-        if (r == 0)
-                r = sync_once(a); /* on failure it cut the new file back to empty and dropped the queue */
+        r = begin_file(a, fd, "audit.reopened", json_pack("{s:s}", "reason", why));
         if (r < 0) {
                 drop_queue(a);
                 ab_close(fd);
