@@ -845,6 +845,30 @@ int ab_manager_audit(ab_manager *m, const char *event, json_t *rec)
         return r;
 }
 
+/*
+ * One session re-authenticating in a loop while the disk is full kept a
+ * record per call, each written again at every failed sync (helper-46):
+ * only its latest re-authentication is kept for a retry (the one whose
+ * auth_time is in force). Drops an earlier one of entry's session, except
+ * those of the batch out.
+ */
+static void forget_earlier_reauth(ab_manager *m, const json_t *entry)
+{
+        const char *event = json_string_value(json_array_get(entry, 0));
+        const char *sid = json_string_value(json_object_get(json_array_get(entry, 1), "sid"));
+
+        if (!sid || strcmp(event, "session.reauthenticated") != 0)
+                return;
+        for (size_t i = m->sync_out ? m->changes_inflight : 0; i < json_array_size(m->turn_changes); i++) {
+                json_t *ch = json_array_get(m->turn_changes, i);
+                const char *s2 = json_string_value(json_object_get(json_array_get(ch, 1), "sid"));
+                if (strcmp(json_string_value(json_array_get(ch, 0)), event) == 0 && s2 && strcmp(s2, sid) == 0) {
+                        json_array_remove(m->turn_changes, i);
+                        return;
+                }
+        }
+}
+
 int ab_manager_audit_change(ab_manager *m, const char *event, json_t *rec)
 {
         json_t *copy;
@@ -859,25 +883,11 @@ int ab_manager_audit_change(ab_manager *m, const char *event, json_t *rec)
 
         if (r >= 0 && copy) {
                 json_t *entry = json_pack("[s,o]", event, copy);
-                size_t i = m->sync_out ? m->changes_inflight : 0; /* those of the batch out stay */
                 copy = NULL;
                 if (!m->turn_changes)
                         m->turn_changes = json_array();
-                /* One session re-authenticating in a loop while the disk is full kept a record
-                 * per call, each written again at every failed sync (helper-46): only its latest
-                 * re-authentication is kept for a retry (the one whose auth_time is in force). */
-                if (entry && strcmp(event, "session.reauthenticated") == 0) {
-                        const char *sid = json_string_value(json_object_get(json_array_get(entry, 1), "sid"));
-                        for (; sid && i < json_array_size(m->turn_changes); i++) {
-                                json_t *ch = json_array_get(m->turn_changes, i);
-                                const char *s2 = json_string_value(json_object_get(json_array_get(ch, 1), "sid"));
-                                if (strcmp(json_string_value(json_array_get(ch, 0)), event) == 0 && s2 &&
-                                    strcmp(s2, sid) == 0) {
-                                        json_array_remove(m->turn_changes, i);
-                                        break;
-                                }
-                        }
-                }
+                if (entry && m->turn_changes)
+                        forget_earlier_reauth(m, entry);
                 /* without memory for the copy, the record is still queued: only a retry after
                  * a failed sync is lost */
                 if (!m->turn_changes || !entry || json_array_append_new(m->turn_changes, entry) < 0)
@@ -1143,6 +1153,12 @@ static void accept_pause(ab_manager *m, int err)
         sd_event_source_set_enabled(m->accept_timer, SD_EVENT_ONESHOT);
 }
 
+/* Whether the peer may use the admin socket: root, or a member of admin_group. */
+static bool admin_allowed(const ab_manager *m, const ab_peer *p)
+{
+        return p->uid == 0 || (m->has_admin_gid && (p->gid == m->admin_gid || ab_peer_in_group(p, m->admin_gid)));
+}
+
 static void accept_one(ab_manager *m, int lfd, bool admin)
 {
         ab_conn *c;
@@ -1200,8 +1216,7 @@ static void accept_one(ab_manager *m, int lfd, bool admin)
         sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
 
         /* Limits: answer with an error the client can read, then close. */
-        if (admin && c->peer.uid != 0 && !(m->has_admin_gid && (c->peer.gid == m->admin_gid ||
-                                                                 ab_peer_in_group(&c->peer, m->admin_gid)))) {
+        if (admin && !admin_allowed(m, &c->peer)) {
                 ab_conn_error(c, "io.agentbroker.PermissionDenied", "the admin socket is for root only", NULL);
                 c->closing = true;
         } else if (m->n_conns > m->cfg.max_connections) {
@@ -1906,7 +1921,10 @@ int ab_config_apply_file(ab_config *c)
         return 0;
 }
 
-/* The gid of admin_group (none: *ret_has false). -EINVAL, logged, if there is no such group. */
+/*
+ * The gid of admin_group (none: *ret_has false). Logged and < 0 if there
+ * is no such group (-EINVAL) or the lookup failed (-errno).
+ */
 static int admin_group_gid(const char *name, gid_t *ret_gid, bool *ret_has)
 {
         struct group gr, *res = NULL;
@@ -1985,8 +2003,7 @@ static int reload_config(ab_manager *m, json_t *who)
         /* an admin connection of a user the new setting no longer lets in goes (it was
          * checked only at accept: helper-46) */
         for (ab_conn *cn = m->conns; group_changed && cn; cn = cn->next) {
-                if (!cn->admin || cn->peer.uid == 0 || cn->closing ||
-                    (m->has_admin_gid && (cn->peer.gid == m->admin_gid || ab_peer_in_group(&cn->peer, m->admin_gid))))
+                if (!cn->admin || cn->closing || admin_allowed(m, &cn->peer))
                         continue;
                 ab_log(LOG_NOTICE, "closing the admin connection of uid %u: admin_group changed",
                        (unsigned)cn->peer.uid);
