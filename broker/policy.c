@@ -729,16 +729,6 @@ out:
         return r;
 }
 
-/* The rule by st's mode bits (an ACL comes on top: acl_lets_others_write). */
-static bool owned_safely(const struct stat *st)
-{
-        if (st->st_uid != 0 && st->st_uid != geteuid())
-                return false;
-        if (st->st_mode & S_IWOTH)
-                return false;
-        return !(st->st_mode & S_IWGRP) || st->st_gid == 0 || st->st_gid == getegid();
-}
-
 /*
  * Whether the POSIX access ACL of fd (if any) lets a user or group other
  * than root and uid / gid write: the mode's group bits then show the ACL
@@ -766,10 +756,17 @@ static bool acl_lets_others_write(int fd, uid_t uid, gid_t gid)
         return false;
 }
 
-/* The rule for fd, whose stat is st. */
+/* Whether users other than root and uid / gid may write fd, whose stat is st: by its mode or its ACL. */
+static bool others_may_write(int fd, const struct stat *st, uid_t uid, gid_t gid)
+{
+        return (st->st_mode & S_IWOTH) || ((st->st_mode & S_IWGRP) && st->st_gid != 0 && st->st_gid != gid) ||
+               acl_lets_others_write(fd, uid, gid);
+}
+
+/* The rule for fd, whose stat is st: owned by root or this process's user, and nobody else may write it. */
 static bool fd_owned_safely(int fd, const struct stat *st)
 {
-        return owned_safely(st) && !acl_lets_others_write(fd, geteuid(), getegid());
+        return (st->st_uid == 0 || st->st_uid == geteuid()) && !others_may_write(fd, st, geteuid(), getegid());
 }
 
 int ab_trust_problem(const char *path, uid_t *ret_owner)
@@ -782,7 +779,7 @@ int ab_trust_problem(const char *path, uid_t *ret_owner)
         if (fstat(fd, &st) == 0) {
                 *ret_owner = st.st_uid;
                 /* judged as for a broker running as root, whoever runs the check */
-                if ((st.st_mode & S_IWOTH) || ((st.st_mode & S_IWGRP) && st.st_gid != 0) || acl_lets_others_write(fd, 0, 0))
+                if (others_may_write(fd, &st, 0, 0))
                         r = 2;
                 else if (st.st_uid != 0)
                         r = 1;
