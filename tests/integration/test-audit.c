@@ -249,6 +249,13 @@ static void verify_ok(hx_broker *b, const char *const *args)
         assert_non_null(strstr(out, "audit chain intact"));
 }
 
+/* audit verify --file path passes. */
+static void verify_file_ok(hx_broker *b, const char *path)
+{
+        const char *args[] = { "--file", path, NULL };
+        verify_ok(b, args);
+}
+
 /* `agent-brokerctl keys` into work/jwks.json. */
 static void save_jwks(fx *f, char *path, size_t pathmax)
 {
@@ -2236,8 +2243,7 @@ static void test_read_audit_large_file(void **state)
         if (t1 - t0 > 3000)
                 fprintf(stderr, "slow: ReadAudit paging took %lld ms\n", t1 - t0);
         hx_stop_clean(b);
-        const char *args[] = { "--file", apath, NULL };
-        verify_ok(b, args);
+        verify_file_ok(b, apath);
 }
 
 /* ---- usage counters -------------------------------------------------------------- */
@@ -2334,10 +2340,7 @@ static void test_full_disk_quiet(void **state)
         assert_int_equal(res.exit_code, 0);
         hx_run_result_done(&res);
         hx_stop_clean(b);
-        {
-                const char *args[] = { "--file", apath, NULL };
-                verify_ok(b, args);
-        }
+        verify_file_ok(b, apath);
 }
 
 /*
@@ -2473,10 +2476,7 @@ static void test_changes_recorded_after_failed_sync(void **state)
         json_decref(recs);
         json_decref(jtis);
         free(token);
-        {
-                const char *args[] = { "--file", apath, NULL };
-                verify_ok(b, args);
-        }
+        verify_file_ok(b, apath);
 }
 
 /* Issue one token on c; its jti into jti. */
@@ -2527,9 +2527,8 @@ static void test_moved_audit_file_reopened(void **state)
         json_decref(recs);
         {
                 const char *both[] = { "--file", moved, "--file", apath, NULL };
-                const char *alone[] = { "--file", apath, NULL };
                 verify_ok(b, both); /* one chain across the two */
-                verify_ok(b, alone);
+                verify_file_ok(b, apath);
                 /* the moved file ends with a signed checkpoint, as a rotated one does */
                 const char *old_alone[] = { "--file", moved, NULL };
                 char out[4096];
@@ -2570,10 +2569,7 @@ static void test_moved_audit_file_reopened(void **state)
         json_decref(recs);
         hx_conn_close(b, c);
         hx_stop_clean(b);
-        {
-                const char *alone[] = { "--file", moved2, NULL };
-                verify_ok(b, alone);
-        }
+        verify_file_ok(b, moved2);
 }
 
 /*
