@@ -1410,7 +1410,17 @@ static void policy_diag(void *ud, int sev, const char *file, const char *path, c
 typedef struct retired_rec {
         uint8_t pk[32];
         int64_t retired_at, until;
+        int64_t ended_at; /* when the broker found the overlap over (0: not yet); records before it lack it */
 } retired_rec;
+
+static bool retired_parse(const void *val, size_t vlen, retired_rec *r)
+{
+        if (vlen != sizeof *r && vlen != offsetof(retired_rec, ended_at))
+                return false;
+        memset(r, 0, sizeof *r);
+        memcpy(r, val, vlen);
+        return true;
+}
 
 static int load_retired(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
 {
@@ -1418,10 +1428,8 @@ static int load_retired(void *ud, const void *key, size_t klen, const void *val,
         retired_rec r;
         (void)key;
         (void)klen;
-        if (vlen != sizeof r)
-                return 0;
-        memcpy(&r, val, sizeof r);
-        (void)ab_signer_add_retired(m->signer, r.pk, r.retired_at, r.until);
+        if (retired_parse(val, vlen, &r))
+                (void)ab_signer_add_retired(m->signer, r.pk, r.retired_at, r.until, r.ended_at != 0);
         return 0;
 }
 
@@ -1445,22 +1453,11 @@ typedef struct retired_cap {
         size_t n, max;
         int64_t until, now;
         retired_key *v;
+        ab_manager *m;
 } retired_cap;
 
-static int find_longer(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+static int keep_retired(retired_cap *cap, const void *key, size_t klen, const retired_rec *r)
 {
-        retired_cap *cap = ud;
-        retired_rec r;
-
-        if (vlen != sizeof r || klen >= sizeof cap->v[0].key)
-                return 0;
-        memcpy(&r, val, sizeof r);
-        /* a forced rotation (the overlap ends now) ends every earlier key for good, also those
-         * whose overlap ended already: stored as an end not after its own retirement, which
-         * stays ended whatever the clock says after a restart (see token.c key_valid) */
-        bool forced = cap->until <= cap->now;
-        if (forced ? r.until <= r.retired_at : r.until <= cap->until)
-                return 0;
         if (cap->n == cap->max) {
                 size_t nm = cap->max ? cap->max * 2 : 16;
                 retired_key *v = realloc(cap->v, nm * sizeof *v);
@@ -1471,9 +1468,87 @@ static int find_longer(void *ud, const void *key, size_t klen, const void *val, 
         }
         memcpy(cap->v[cap->n].key, key, klen);
         cap->v[cap->n].key[klen] = '\0';
-        cap->v[cap->n].rec = r;
-        cap->v[cap->n++].rec.until = forced && r.retired_at < cap->until ? r.retired_at : cap->until;
+        cap->v[cap->n++].rec = *r;
         return 0;
+}
+
+static int find_longer(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        retired_cap *cap = ud;
+        retired_rec r;
+
+        if (!retired_parse(val, vlen, &r) || klen >= sizeof cap->v[0].key)
+                return 0;
+        /* a forced rotation (the overlap ends now) ends every earlier key for good, also those
+         * whose overlap ended already: stored as an end not after its own retirement, which
+         * stays ended whatever the clock says after a restart (see token.c key_valid) */
+        bool forced = cap->until <= cap->now;
+        if (forced ? r.until <= r.retired_at : r.until <= cap->until)
+                return 0;
+        r.until = forced && r.retired_at < cap->until ? r.retired_at : cap->until;
+        return keep_retired(cap, key, klen, &r);
+}
+
+/* The earlier keys whose overlap ran out, naturally, and that the store does not say ended. */
+static int find_ended(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        retired_cap *cap = ud;
+        ab_manager *m = cap->m;
+        size_t plen = strlen(RETIRED_PREFIX);
+        retired_rec r;
+        char kid[64];
+
+        if (!retired_parse(val, vlen, &r) || klen >= sizeof kid || klen <= plen)
+                return 0;
+        memcpy(kid, (const char *)key + plen, klen - plen);
+        kid[klen - plen] = '\0';
+        if (r.ended_at != 0 || r.until <= r.retired_at ||
+            (cap->now < r.until && !ab_signer_key_ended(m->signer, kid)))
+                return 0;
+        r.ended_at = cap->now > 0 ? cap->now : 1;
+        return keep_retired(cap, key, klen, &r);
+}
+
+/*
+ * Store that the keys found ended are ended, so that a restart with the
+ * clock behind their end does not bring them back. Called when one ends
+ * (a retired key is looked up after its overlap) and by the purge timer,
+ * which also tries again after a failure.
+ */
+static void store_key_ends(ab_manager *m)
+{
+        retired_cap cap = { .now = ab_manager_now(m), .m = m };
+        ab_txn *t = NULL;
+        int r;
+
+        r = ab_store_begin(m->store, true, &t);
+        if (r < 0)
+                goto out;
+        r = ab_txn_foreach(t, AB_DB_META, RETIRED_PREFIX, strlen(RETIRED_PREFIX), find_ended, &cap);
+        for (size_t i = 0; r >= 0 && i < cap.n; i++)
+                r = ab_txn_put(t, AB_DB_META, cap.v[i].key, strlen(cap.v[i].key), &cap.v[i].rec, sizeof cap.v[i].rec);
+        r = ab_txn_end(t, r);
+out:
+        free(cap.v);
+        if (r < 0)
+                ab_log(LOG_WARNING, "cannot store that a retired signing key ended (tried again in 10 min): %s",
+                       ab_strerror(r));
+        else
+                ab_signer_ends_stored(m->signer);
+}
+
+static int on_key_end_defer(sd_event_source *s, void *userdata)
+{
+        (void)s;
+        store_key_ends(userdata);
+        return 0;
+}
+
+static void key_ended(void *userdata)
+{
+        ab_manager *m = userdata;
+        if (m->key_end_defer)
+                (void)sd_event_source_set_enabled(m->key_end_defer, SD_EVENT_ONESHOT);
 }
 
 /*
@@ -1485,7 +1560,7 @@ static int find_longer(void *ud, const void *key, size_t klen, const void *val, 
  */
 int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t old_kid_max, int64_t *ret_until)
 {
-        retired_rec rec;
+        retired_rec rec = { 0 };
         retired_cap cap = { 0 };
         char key[64];
         ab_txn *t = NULL;
@@ -1519,7 +1594,7 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
         if (r < 0)
                 return r;
         ab_signer_cap_retired(m->signer, rec.until, now);
-        (void)ab_signer_add_retired(m->signer, rec.pk, rec.retired_at, rec.until);
+        (void)ab_signer_add_retired(m->signer, rec.pk, rec.retired_at, rec.until, false);
         *ret_until = rec.until;
         ab_log(LOG_NOTICE, "signing key rotated: %s replaces %s (verifiable until %lld)", ab_signer_kid(m->signer),
                old_kid, (long long)rec.until);
@@ -1756,12 +1831,15 @@ static int startup_policy(ab_manager *m)
 
 #define AB_PURGE_INTERVAL_USEC (10ull * 60 * 1000000)
 
-/* Drop expired sessions and stale revocation entries, now and every 10 min. */
+/* Drop expired sessions and stale revocation entries, and store which earlier keys ended,
+ * now and every 10 min. */
 static int on_purge_timer(sd_event_source *s, uint64_t usec, void *userdata)
 {
         ab_manager *m = userdata;
         unsigned n = 0;
         int r = ab_session_purge(m->store, ab_manager_now(m), ab_process_running, &n);
+
+        store_key_ends(m);
 
         if (r < 0)
                 ab_log(LOG_WARNING, "purging expired sessions failed: %s", ab_strerror(r));
@@ -2190,6 +2268,11 @@ int ab_manager_startup(ab_manager *m)
                 }
         }
         ab_store_on_fatal(store_fatal, m);
+        r = sd_event_add_defer(m->event, &m->key_end_defer, on_key_end_defer, m);
+        if (r < 0)
+                return r;
+        (void)sd_event_source_set_enabled(m->key_end_defer, SD_EVENT_OFF);
+        ab_signer_on_end(m->signer, key_ended, m);
         load_retired_keys(m);
         r = admin_group_gid(m->cfg.admin_group, &m->admin_gid, &m->has_admin_gid);
         if (r < 0)
@@ -2290,6 +2373,7 @@ void ab_manager_free(ab_manager *m)
         sd_event_source_disable_unref(m->inotify);
         sd_event_source_disable_unref(m->reload_timer);
         sd_event_source_disable_unref(m->purge_timer);
+        sd_event_source_disable_unref(m->key_end_defer);
         ab_worker_free(m->crypto); /* jobs of closed connections: freed, unanswered */
         m->crypto = NULL;
         ab_worker_free(m->worker); /* the batch out is finished first */

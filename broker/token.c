@@ -15,7 +15,8 @@ typedef struct retired {
         uint8_t pk[crypto_sign_PUBLICKEYBYTES];
         char kid[44];
         int64_t retired_at, until;
-        bool ended; /* for good: see key_valid */
+        bool ended;     /* for good: see key_valid */
+        bool end_known; /* ... and the store says so, which a restart keeps */
 } retired;
 
 struct ab_signer {
@@ -26,6 +27,8 @@ struct ab_signer {
         json_t *header;
         retired old[AB_MAX_RETIRED_KEYS]; /* earlier keys, newest first */
         size_t n_old;
+        void (*on_end)(void *userdata); /* a key ended that the store does not know ended */
+        void *on_end_userdata;
 };
 
 static int write_all(int fd, const uint8_t *p, size_t n)
@@ -154,17 +157,45 @@ const uint8_t *ab_signer_public_key(const ab_signer *s) { return s->pk; }
  * --overlap 0 --force` back for as long as it stood behind the end
  * (helper-43). A key whose end is not after its retirement was ended at
  * once (forced, or capped by a forced rotation: ab_manager_rotate_key
- * stores it so), which a restart keeps. Each key latches on its own: one
- * moment of a clock running ahead ends the overlaps running then, not
- * those of later rotations (helper-46). Called on the event loop only.
+ * stores it so), which a restart keeps. A key whose overlap ran out tells
+ * on_end, and the broker stores that it ended, which a restart keeps too:
+ * before, a restart with the clock behind the end brought it back
+ * (helper-48). Each key latches on its own: one moment of a clock running
+ * ahead ends the overlaps running then, not those of later rotations
+ * (helper-46). Called on the event loop only.
  */
 static bool key_valid(const ab_signer *cs, size_t i, int64_t now)
 {
-        retired *r = &((ab_signer *)cs)->old[i]; /* only the latch changes; never a const object */
+        ab_signer *s = (ab_signer *)cs; /* only the latch changes; never a const object */
+        retired *r = &s->old[i];
 
-        if (!r->ended && (r->until <= r->retired_at || now >= r->until))
+        if (!r->ended && (r->until <= r->retired_at || now >= r->until)) {
                 r->ended = true;
+                if (!r->end_known && s->on_end)
+                        s->on_end(s->on_end_userdata);
+        }
         return !r->ended;
+}
+
+void ab_signer_on_end(ab_signer *s, void (*fn)(void *userdata), void *userdata)
+{
+        s->on_end = fn;
+        s->on_end_userdata = userdata;
+}
+
+bool ab_signer_key_ended(const ab_signer *s, const char *kid)
+{
+        for (size_t i = 0; i < s->n_old; i++)
+                if (strcmp(kid, s->old[i].kid) == 0)
+                        return s->old[i].ended;
+        return false;
+}
+
+void ab_signer_ends_stored(ab_signer *s)
+{
+        for (size_t i = 0; i < s->n_old; i++)
+                if (s->old[i].ended)
+                        s->old[i].end_known = true;
 }
 
 const uint8_t *ab_signer_find_key(const ab_signer *s, const char *kid, int64_t now)
@@ -221,11 +252,12 @@ json_t *ab_signer_all_keys(const ab_signer *s, int64_t now)
         return json_pack("{s:o}", "keys", keys);
 }
 
-int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at, int64_t until)
+int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at, int64_t until, bool ended)
 {
         retired r = { .retired_at = retired_at, .until = until };
         size_t i;
 
+        r.ended = r.end_known = ended || until <= retired_at;
         memcpy(r.pk, pk, 32);
         if (ab_jwk_thumbprint(pk, r.kid) < 0)
                 return -EINVAL;
@@ -260,8 +292,8 @@ void ab_signer_cap_retired(ab_signer *s, int64_t until, int64_t now)
         for (size_t i = 0; i < s->n_old; i++) {
                 if (s->old[i].until > until)
                         s->old[i].until = until;
-                if (until <= now)
-                        s->old[i].ended = true;
+                if (until <= now) /* stored as ended: see ab_manager_rotate_key */
+                        s->old[i].ended = s->old[i].end_known = true;
         }
 }
 

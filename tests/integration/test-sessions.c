@@ -1102,6 +1102,48 @@ static void test_ended_key_stays_ended(void **state)
 }
 
 /*
+ * A key whose overlap ran out stays ended after a restart with the clock
+ * behind its end (the policy's tokens live 600 s at most: an overlap of
+ * 700 s), whether the broker saw it end while running or was stopped
+ * then: before, only a forced end was stored, and the retired key
+ * verified (and was published) again (helper-48).
+ */
+static void test_ran_out_key_stays_ended(void **state)
+{
+        hx_broker *b = *state;
+        char clock_path[PATH_MAX], *t[2];
+        hx_conn *c, *a;
+
+        start_clocked(b, clock_path, sizeof clock_path, &c, &a);
+        for (int stopped = 0; stopped < 2; stopped++) {
+                hx_set_test_clock(clock_path, 0);
+                t[stopped] = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
+                json_decref(expect_ok(a, "io.agentbroker.admin.RotateKey", json_pack("{s:i}", "overlap", 700)));
+                assert_string_equal(verdict(c, t[stopped], NULL), "active");
+                if (stopped) { /* the overlap runs out while the broker is stopped */
+                        hx_conn_close(b, c);
+                        hx_conn_close(b, a);
+                        hx_stop_clean(b);
+                        hx_set_test_clock(clock_path, 800);
+                        hx_start(b);
+                        c = hx_connect(b, b->sock);
+                        a = hx_connect(b, b->admin_sock);
+                } else {
+                        hx_set_test_clock(clock_path, 800);
+                }
+                assert_string_equal(verdict(c, t[stopped], NULL), "unknown_key");
+                hx_set_test_clock(clock_path, 0);
+                restart_clocked(b, &c, &a);
+                if (strcmp(verdict(c, t[stopped], NULL), "unknown_key") != 0)
+                        fprintf(stderr, "GAP: a key that ran out%s verifies again after a restart 800 s back: %s\n",
+                                stopped ? " while the broker was stopped" : "", verdict(c, t[stopped], NULL));
+                assert_string_equal(verdict(c, t[stopped], NULL), "unknown_key");
+        }
+        free(t[0]);
+        free(t[1]);
+}
+
+/*
  * ... and a clock that ran ahead for a moment does not end the overlap of a
  * later rotation: with one "latest time seen" for all keys, a GetKeys while
  * the clock was a day ahead made every later rotation end its old key at
@@ -3747,6 +3789,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_cli_revoke_and_sessions, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_small_step_back_revoked, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_ended_key_stays_ended, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_ran_out_key_stays_ended, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_clock_ahead_keeps_later_overlaps, hx_setup, teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
