@@ -496,6 +496,12 @@ static bool claim_int(json_t *c, const char *k, int64_t *ret)
         return true;
 }
 
+/* A time this broker could have signed: not before 1970, not past the year 36812 (2^40 s). */
+static bool sane_time(int64_t t)
+{
+        return t >= 0 && t < ((int64_t)1 << 40);
+}
+
 static const char *claim_str(json_t *c, const char *k)
 {
         return json_string_value(json_object_get(c, k));
@@ -665,6 +671,8 @@ bool ab_introspect_prepare(const ab_signer *signer, const ab_introspect_req *req
                 return false;
         }
         memcpy(sig->pk, pk, sizeof sig->pk); /* a key may retire before the check runs */
+        const char *iss = json_string_value(json_object_get(sig->jwt.claims, "iss"));
+        sig->foreign_iss = !iss || strcmp(iss, ab_signer_issuer(signer)) != 0;
         return true;
 }
 
@@ -704,6 +712,14 @@ int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introsp
                 nbf = iat;
         else if (!claim_int(res->claims, "nbf", &nbf))
                 return inactive(res, "bad_signature"); /* an nbf that cannot be read is not ignored */
+        /* Signed by a key of this broker but not as it signs: another issuer, times out of any
+         * range (now - auth_time overflowed for auth_time = -2^63), a lifetime longer than any
+         * it grants, a jti not of the session named. A leaked key's forgery, then: refused
+         * as one (helper-51). The session's agent is compared below. */
+        char jti_sid[AB_SID_LEN + 1];
+        if (sig->foreign_iss || !sane_time(exp) || !sane_time(iat) || !sane_time(nbf) || !sane_time(auth_time) ||
+            exp - iat > AB_TTL_MAX + AB_NBF_LEEWAY || ab_jti_sid(jti, jti_sid) < 0 || strcmp(jti_sid, sid) != 0)
+                return inactive(res, "bad_signature");
         if (now >= exp)
                 return inactive(res, "expired");
         if (nbf > now + AB_NBF_LEEWAY || iat > now + AB_NBF_LEEWAY)
@@ -730,6 +746,8 @@ int ab_introspect_finish(ab_store *st, const ab_policy *policy, const ab_introsp
         res->has_session = true;
         if (res->session.state == AB_SESSION_REVOKED)
                 return inactive(res, "revoked");
+        if (strcmp(res->session.agent, sub) != 0)
+                return inactive(res, "bad_signature"); /* its sub chose another agent's grants */
         a = ab_policy_find(policy, sub);
         if (now >= ab_session_expires(&res->session, a))
                 return inactive(res, "session_ended");

@@ -147,6 +147,7 @@ typedef struct ab_introspect_sig {
         const char *token;
         uint8_t pk[AB_JWT_PK_LEN];
         bool verified;
+        bool foreign_iss; /* its iss is not this broker's */
 } ab_introspect_sig;
 bool ab_introspect_prepare(const ab_signer *signer, const ab_introspect_req *req, int64_t now,
                            ab_introspect_sig *sig, ab_introspect_res *res);

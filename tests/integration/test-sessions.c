@@ -1970,7 +1970,7 @@ static void test_introspect_time_and_session(void **state)
         FORGED(json_object_set_new(w, "exp", json_integer(now - 1)), "expired");
         FORGED(json_object_set_new(w, "exp", json_integer(now)), "expired"); /* no leeway */
         FORGED(json_object_set_new(w, "exp", json_integer(0)), "expired");
-        FORGED(json_object_set_new(w, "exp", json_integer(-5)), "expired");
+        FORGED(json_object_set_new(w, "exp", json_integer(-5)), "bad_signature"); /* no time it signs */
         FORGED(json_object_set_new(w, "nbf", json_integer(now + 60)), "not_yet_valid");
         FORGED(json_object_set_new(w, "iat", json_integer(now + 60)), "not_yet_valid");
         FORGED((json_object_del(w, "nbf"), json_object_set_new(w, "iat", json_integer(now + 60))), "not_yet_valid");
@@ -1981,8 +1981,19 @@ static void test_introspect_time_and_session(void **state)
         jti_for_sid(sid, jti);
         FORGED((json_object_set_new(w, "sid", json_string(sid)), json_object_set_new(w, "jti", json_string(jti))),
                "session_ended");
-        FORGED(json_object_set_new(w, "sid", json_string("../../etc/passwd")), "session_ended");
-        FORGED(json_object_set_new(w, "sid", json_string("")), "session_ended");
+        /* the jti names the session too: a sid that is not the jti's is not the broker's signing */
+        FORGED(json_object_set_new(w, "sid", json_string("../../etc/passwd")), "bad_signature");
+        FORGED(json_object_set_new(w, "sid", json_string("")), "bad_signature");
+        FORGED(json_object_set_new(w, "jti", json_string(jti)), "bad_signature");
+        /* signed by the broker's key, not as the broker signs (a leaked key): before, each was
+         * active, auth_time -2^63 by an overflow of now - auth_time (helper-51) */
+        FORGED(json_object_set_new(w, "iss", json_string("urn:agent-broker:elsewhere")), "bad_signature");
+        FORGED(json_object_del(w, "iss"), "bad_signature");
+        FORGED(json_object_set_new(w, "auth_time", json_integer(INT64_MIN)), "bad_signature");
+        FORGED(json_object_set_new(w, "iat", json_integer(-1)), "bad_signature");
+        FORGED(json_object_set_new(w, "exp", json_integer(INT64_MAX)), "bad_signature");
+        FORGED(json_object_set_new(w, "exp", json_integer(now + 2 * 86400)), "bad_signature");
+        FORGED(json_object_set_new(w, "sub", json_string("another-agent")), "bad_signature");
 #undef FORGED
         assert_string_equal(verdict(c, t, NULL), "active");
         json_decref(cl);
