@@ -228,7 +228,9 @@ json_t *ab_signer_jwks(const ab_signer *s, int64_t now)
         for (size_t i = 0; i < s->n_old; i++)
                 if (key_valid(s, i, now))
                         json_array_append_new(keys, jwk(s->old[i].pk, s->old[i].kid));
-        return json_pack("{s:o}", "keys", keys);
+        /* whose keys these are: a verifier that merges the sets of several hosts keeps each key
+         * to its own issuer's tokens (RFC 7517 5: members a reader does not know are ignored) */
+        return json_pack("{s:o, s:s}", "keys", keys, "issuer", s->issuer);
 }
 
 json_t *ab_signer_all_keys(const ab_signer *s, int64_t now)

@@ -4,7 +4,9 @@
 // 1. Offline, with jose: the signature against the broker's JWKS (from a
 //    file, re-read when it changes; or over the broker socket), alg EdDSA,
 //    typ at+jwt (RFC 9068), exp, aud equal to this server's resource id, iss
-//    if one is configured, and a lifetime (exp - iat) no broker issues past.
+//    if one (or a list) is configured, iss equal to the issuer of the key
+//    that verified it when the key set says whose keys they are (a fleet's
+//    merged set), and a lifetime (exp - iat) no broker issues past.
 //    Failure: 401 invalid_token. A key set that cannot be (re)loaded: 503.
 // 2. Scope: every scope the request needs (per tool) must be in the token's
 //    "scope" claim. Failure: 403 insufficient_scope.
@@ -87,7 +89,7 @@ function fileVersion(st) {
  * Verifies broker tokens for one resource.
  *
  * options: resource (required: the audience tokens must name), issuer
- * (optional: required iss), jwksFile (a JWKS as `agent-brokerctl keys
+ * (optional: the iss required, or a list of those accepted), jwksFile (a JWKS as `agent-brokerctl keys
  * --jwks` prints it) and/or broker (an agentbroker Client: keys via
  * GetKeys when there is no file, and revocation via Introspect unless
  * introspect is false), service (names this server in the broker's audit
@@ -101,9 +103,16 @@ function fileVersion(st) {
  * refreshInterval ms (60 s), and at once (at most every 10 s) for a token
  * naming an unknown kid. A key set that cannot be re-read is not used:
  * tokens are refused (503) until it can.
+ *
+ * Whose keys: a key set's "issuer" member (GetKeys and `keys --jwks` write
+ * it), or a key's own "iss" member (a fleet's merged set, docs/clients.md),
+ * binds its keys to that issuer: a token verified by one must carry that
+ * iss. Without it, one host's broker (its root, or a leak of its key) could
+ * sign tokens in any other host's name.
  */
 export class TokenVerifier {
   #keys = null;
+  #keyIssuer = new Map(); // kid -> the iss its tokens must carry (null: the set says two)
   #loadedAt = 0;
   #unknownKidAt = 0; // the last reload for an unknown kid: at most one every 10 s
   #checkedAt = 0;
@@ -143,7 +152,14 @@ export class TokenVerifier {
         jwks = await this.broker.getKeys();
       }
       if (!Array.isArray(jwks?.keys)) throw new Error('the JWKS has no "keys" array');
+      const keyIssuer = new Map();
+      for (const k of jwks.keys) {
+        const iss = typeof k?.iss === 'string' ? k.iss : jwks.issuer;
+        if (typeof k?.kid !== 'string' || typeof iss !== 'string') continue;
+        keyIssuer.set(k.kid, keyIssuer.has(k.kid) && keyIssuer.get(k.kid) !== iss ? null : iss);
+      }
       this.#keys = createLocalJWKSet({ keys: jwks.keys });
+      this.#keyIssuer = keyIssuer;
       this.#version = version;
       this.#loadedAt = this.#checkedAt = Date.now();
       return jwks.keys.length;
@@ -192,8 +208,9 @@ export class TokenVerifier {
     };
     if (this.issuer) options.issuer = this.issuer;
     let payload;
+    let header;
     try {
-      payload = (await jwtVerify(token, await this.#currentKeys(), options)).payload;
+      ({ payload, protectedHeader: header } = await jwtVerify(token, await this.#currentKeys(), options));
     } catch (e) {
       // A key rotated in since we loaded: reload once (at most every 10 s) and try again.
       // Throttled on its own clock: the periodic reload must not make a key rotated in just
@@ -205,7 +222,11 @@ export class TokenVerifier {
       }
       this.#unknownKidAt = Date.now();
       await this.#reload('unknown kid');
-      payload = (await jwtVerify(token, this.#keys, options)).payload;
+      ({ payload, protectedHeader: header } = await jwtVerify(token, this.#keys, options));
+    }
+    const bound = this.#keyIssuer.get(header.kid);
+    if (bound === null || (bound !== undefined && payload.iss !== bound)) {
+      throw new AuthError(401, 'invalid_token', 'the token\'s iss is not the issuer of the key that signed it');
     }
     // The broker never signs a longer life nor a future iat: such a token was not made by it
     // (for instance with a leaked key, to outlive the key's retirement).
@@ -270,7 +291,7 @@ export class TokenVerifier {
       scopes,
       expiresAt: claims.exp,
       resource: safeUrl(this.resource),
-      extra: { sub: claims.sub, sid: claims.sid, jti: claims.jti, owner: claims.owner, act: claims.act },
+      extra: { iss: claims.iss, sub: claims.sub, sid: claims.sid, jti: claims.jti, owner: claims.owner, act: claims.act },
     };
   }
 }

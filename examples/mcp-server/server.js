@@ -5,7 +5,7 @@
 // MCP server object per request), two tools with one scope each.
 //
 //   node server.js [--port 8787] [--resource mcp://notes.example]
-//                  [--jwks FILE] [--broker-socket PATH] [--no-introspect] [--issuer ISS]
+//                  [--jwks FILE] [--broker-socket PATH] [--no-introspect] [--issuer ISS ...]
 //
 // Keys: --jwks FILE (what `agent-brokerctl keys --jwks` prints), else the
 // broker's GetKeys over --broker-socket ($AGENT_BROKER_SOCKET, else the
@@ -132,7 +132,7 @@ export async function startServer({ port = 8787, resource, jwksFile, brokerSocke
   const metadata = () => ({
     resource,
     resource_name: 'agent-broker notes example',
-    ...(issuer ? { authorization_servers: [issuer] } : {}),
+    ...(issuer ? { authorization_servers: [issuer].flat() } : {}),
     scopes_supported: [...new Set(Object.values(TOOLS).map((t) => t.scope))],
     bearer_methods_supported: ['header'],
     resource_signing_alg_values_supported: ['EdDSA'],
@@ -222,13 +222,13 @@ async function main() {
       jwks: { type: 'string' },
       'broker-socket': { type: 'string' },
       'no-introspect': { type: 'boolean', default: false },
-      issuer: { type: 'string' },
+      issuer: { type: 'string', multiple: true },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
   if (values.help) {
     process.stdout.write('usage: server.js [--port N] [--resource ID] [--jwks FILE] [--broker-socket PATH]\n' +
-      '                 [--no-introspect] [--issuer ISS]\n');
+      '                 [--no-introspect] [--issuer ISS ...]\n');
     return;
   }
   // A broker socket when named, or from the environment, or by default when there is no JWKS file.
@@ -237,7 +237,7 @@ async function main() {
   if (!Number.isInteger(port) || port < 0 || port > 65535) throw new Error(`bad --port ${values.port}`);
   const srv = await startServer({
     port, resource: values.resource, jwksFile: values.jwks, brokerSocket, introspect: !values['no-introspect'],
-    issuer: values.issuer,
+    issuer: values.issuer?.length ? values.issuer : undefined,
   });
   process.stdout.write(`notes MCP server for ${values.resource} listening on ${srv.url}\n`);
   const stop = async () => {

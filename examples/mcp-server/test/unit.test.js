@@ -173,6 +173,37 @@ describe('TokenVerifier: lifetimes the broker never issues', () => {
   });
 });
 
+describe('TokenVerifier: each key signs for its own issuer', () => {
+  const [a, b] = [newKey('host-a'), newKey('host-b')];
+  // what docs/clients.md's jq recipe makes of two hosts' `keys --jwks` files
+  const fleet = { keys: [{ ...a.jwk, iss: 'urn:host-a' }, { ...b.jwk, iss: 'urn:host-b' }] };
+  const from = (jwks) => ({ getKeys: async () => jwks });
+
+  test('in a merged fleet set, a host\'s key cannot sign in another host\'s name', async () => {
+    const v = new TokenVerifier({ resource: RESOURCE, broker: from(fleet), introspect: false });
+    assert.equal(await verdict(v, mint(b, { iss: 'urn:host-b' })), 'agent');
+    assert.equal(await verdict(v, mint(b, { iss: 'urn:host-a' })), 401, 'host B\'s key, host A\'s name');
+    assert.equal(await verdict(v, mint(b, { iss: undefined })), 401, 'no iss');
+    await assert.rejects(v.authenticate(mint(a, { iss: 'urn:host-b' })),
+      (e) => e instanceof AuthError && /issuer of the key/.test(e.message));
+  });
+
+  test('--issuer picks the hosts whose tokens a server takes', async () => {
+    const v = new TokenVerifier({ resource: RESOURCE, broker: from(fleet), introspect: false, issuer: ['urn:host-a'] });
+    assert.equal(await verdict(v, mint(a, { iss: 'urn:host-a' })), 'agent');
+    assert.equal(await verdict(v, mint(b, { iss: 'urn:host-b' })), 401, 'host B is not one of them');
+  });
+
+  test('one host\'s set names its issuer; a kid listed for two issuers verifies nothing', async () => {
+    let v = new TokenVerifier({ resource: RESOURCE, broker: from({ keys: [a.jwk], issuer: 'urn:host-a' }), introspect: false });
+    assert.equal(await verdict(v, mint(a, { iss: 'urn:host-a' })), 'agent');
+    assert.equal(await verdict(v, mint(a, { iss: 'urn:elsewhere' })), 401);
+    const twice = { keys: [{ ...a.jwk, iss: 'urn:host-a' }, { ...a.jwk, iss: 'urn:host-b' }] };
+    v = new TokenVerifier({ resource: RESOURCE, broker: from(twice), introspect: false });
+    assert.equal(await verdict(v, mint(a, { iss: 'urn:host-a' })), 401);
+  });
+});
+
 /** A fetch that answers from a list of [status, body] and records what it was asked. */
 function fakeFetch(answers) {
   const calls = [];
