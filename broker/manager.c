@@ -1406,21 +1406,14 @@ static void policy_diag(void *ud, int sev, const char *file, const char *path, c
 }
 
 #define RETIRED_PREFIX "retired_key:"
+/* "retired_end:KID" (the time, 8 bytes): the key's overlap ran out, for good; a record of
+ * its own, which a broker before it ignores (it kept the retired_key: record as it was) */
+#define RETIRED_END_PREFIX "retired_end:"
 
 typedef struct retired_rec {
         uint8_t pk[32];
         int64_t retired_at, until;
-        int64_t ended_at; /* when the broker found the overlap over (0: not yet); records before it lack it */
 } retired_rec;
-
-static bool retired_parse(const void *val, size_t vlen, retired_rec *r)
-{
-        if (vlen != sizeof *r && vlen != offsetof(retired_rec, ended_at))
-                return false;
-        memset(r, 0, sizeof *r);
-        memcpy(r, val, vlen);
-        return true;
-}
 
 static int load_retired(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
 {
@@ -1428,8 +1421,25 @@ static int load_retired(void *ud, const void *key, size_t klen, const void *val,
         retired_rec r;
         (void)key;
         (void)klen;
-        if (retired_parse(val, vlen, &r))
-                (void)ab_signer_add_retired(m->signer, r.pk, r.retired_at, r.until, r.ended_at != 0);
+        if (vlen != sizeof r)
+                return 0;
+        memcpy(&r, val, sizeof r);
+        (void)ab_signer_add_retired(m->signer, r.pk, r.retired_at, r.until);
+        return 0;
+}
+
+static int load_retired_end(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        ab_manager *m = ud;
+        size_t plen = strlen(RETIRED_END_PREFIX);
+        char kid[64];
+        (void)val;
+        (void)vlen;
+        if (klen <= plen || klen - plen >= sizeof kid)
+                return 0;
+        memcpy(kid, (const char *)key + plen, klen - plen);
+        kid[klen - plen] = '\0';
+        ab_signer_end_key(m->signer, kid);
         return 0;
 }
 
@@ -1439,6 +1449,7 @@ static void load_retired_keys(ab_manager *m)
         if (ab_store_begin(m->store, false, &t) < 0)
                 return;
         (void)ab_txn_foreach(t, AB_DB_META, RETIRED_PREFIX, strlen(RETIRED_PREFIX), load_retired, m);
+        (void)ab_txn_foreach(t, AB_DB_META, RETIRED_END_PREFIX, strlen(RETIRED_END_PREFIX), load_retired_end, m);
         ab_txn_abort(t);
 }
 
@@ -1454,6 +1465,7 @@ typedef struct retired_cap {
         int64_t until, now;
         retired_key *v;
         ab_manager *m;
+        ab_txn *t;
 } retired_cap;
 
 static int keep_retired(retired_cap *cap, const void *key, size_t klen, const retired_rec *r)
@@ -1477,8 +1489,9 @@ static int find_longer(void *ud, const void *key, size_t klen, const void *val, 
         retired_cap *cap = ud;
         retired_rec r;
 
-        if (!retired_parse(val, vlen, &r) || klen >= sizeof cap->v[0].key)
+        if (vlen != sizeof r || klen >= sizeof cap->v[0].key)
                 return 0;
+        memcpy(&r, val, sizeof r);
         /* a forced rotation (the overlap ends now) ends every earlier key for good, also those
          * whose overlap ended already: stored as an end not after its own retirement, which
          * stays ended whatever the clock says after a restart (see token.c key_valid) */
@@ -1489,24 +1502,30 @@ static int find_longer(void *ud, const void *key, size_t klen, const void *val, 
         return keep_retired(cap, key, klen, &r);
 }
 
-/* The earlier keys whose overlap ran out, naturally, and that the store does not say ended. */
+/* The earlier keys whose overlap ran out, naturally (a forced end is stored in the record), and
+ * that the store does not say ended: their retired_end: keys, in cap->v. */
 static int find_ended(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
 {
         retired_cap *cap = ud;
-        ab_manager *m = cap->m;
         size_t plen = strlen(RETIRED_PREFIX);
         retired_rec r;
-        char kid[64];
+        char kid[64], end_key[sizeof cap->v[0].key];
+        const void *v;
+        size_t vl;
+        int rc;
 
-        if (!retired_parse(val, vlen, &r) || klen >= sizeof kid || klen <= plen)
+        if (vlen != sizeof r || klen <= plen || klen - plen >= sizeof kid)
                 return 0;
+        memcpy(&r, val, sizeof r);
         memcpy(kid, (const char *)key + plen, klen - plen);
         kid[klen - plen] = '\0';
-        if (r.ended_at != 0 || r.until <= r.retired_at ||
-            (cap->now < r.until && !ab_signer_key_ended(m->signer, kid)))
+        if (r.until <= r.retired_at || (cap->now < r.until && !ab_signer_key_ended(cap->m->signer, kid)))
                 return 0;
-        r.ended_at = cap->now > 0 ? cap->now : 1;
-        return keep_retired(cap, key, klen, &r);
+        snprintf(end_key, sizeof end_key, RETIRED_END_PREFIX "%s", kid);
+        rc = ab_txn_get(cap->t, AB_DB_META, end_key, strlen(end_key), &v, &vl);
+        if (rc != -ENOENT)
+                return rc < 0 ? rc : 0;
+        return keep_retired(cap, end_key, strlen(end_key), &r);
 }
 
 /*
@@ -1518,23 +1537,33 @@ static int find_ended(void *ud, const void *key, size_t klen, const void *val, s
 static void store_key_ends(ab_manager *m)
 {
         retired_cap cap = { .now = ab_manager_now(m), .m = m };
+        uint8_t when[8];
         ab_txn *t = NULL;
         int r;
 
+        /* read first: a write transaction (and its sync) only when there is something to store */
+        r = ab_store_begin(m->store, false, &t);
+        if (r < 0)
+                goto out;
+        cap.t = t;
+        r = ab_txn_foreach(t, AB_DB_META, RETIRED_PREFIX, strlen(RETIRED_PREFIX), find_ended, &cap);
+        ab_txn_abort(t);
+        if (r < 0 || cap.n == 0)
+                goto out;
         r = ab_store_begin(m->store, true, &t);
         if (r < 0)
                 goto out;
-        r = ab_txn_foreach(t, AB_DB_META, RETIRED_PREFIX, strlen(RETIRED_PREFIX), find_ended, &cap);
+        put_be64(when, (uint64_t)cap.now);
         for (size_t i = 0; r >= 0 && i < cap.n; i++)
-                r = ab_txn_put(t, AB_DB_META, cap.v[i].key, strlen(cap.v[i].key), &cap.v[i].rec, sizeof cap.v[i].rec);
+                r = ab_txn_put(t, AB_DB_META, cap.v[i].key, strlen(cap.v[i].key), when, sizeof when);
         r = ab_txn_end(t, r);
+        for (size_t i = 0; r >= 0 && i < cap.n; i++)
+                ab_signer_end_key(m->signer, cap.v[i].key + strlen(RETIRED_END_PREFIX));
 out:
         free(cap.v);
         if (r < 0)
                 ab_log(LOG_WARNING, "cannot store that a retired signing key ended (tried again in 10 min): %s",
                        ab_strerror(r));
-        else
-                ab_signer_ends_stored(m->signer);
 }
 
 static int on_key_end_defer(sd_event_source *s, void *userdata)
@@ -1560,7 +1589,7 @@ static void key_ended(void *userdata)
  */
 int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t old_kid_max, int64_t *ret_until)
 {
-        retired_rec rec = { 0 };
+        retired_rec rec;
         retired_cap cap = { 0 };
         char key[64];
         ab_txn *t = NULL;
@@ -1594,7 +1623,7 @@ int ab_manager_rotate_key(ab_manager *m, int64_t overlap, char *old_kid, size_t 
         if (r < 0)
                 return r;
         ab_signer_cap_retired(m->signer, rec.until, now);
-        (void)ab_signer_add_retired(m->signer, rec.pk, rec.retired_at, rec.until, false);
+        (void)ab_signer_add_retired(m->signer, rec.pk, rec.retired_at, rec.until);
         *ret_until = rec.until;
         ab_log(LOG_NOTICE, "signing key rotated: %s replaces %s (verifiable until %lld)", ab_signer_kid(m->signer),
                old_kid, (long long)rec.until);
@@ -2373,7 +2402,9 @@ void ab_manager_free(ab_manager *m)
         sd_event_source_disable_unref(m->inotify);
         sd_event_source_disable_unref(m->reload_timer);
         sd_event_source_disable_unref(m->purge_timer);
-        sd_event_source_disable_unref(m->key_end_defer);
+        m->key_end_defer = sd_event_source_disable_unref(m->key_end_defer);
+        if (m->signer)
+                ab_signer_on_end(m->signer, NULL, NULL);
         ab_worker_free(m->crypto); /* jobs of closed connections: freed, unanswered */
         m->crypto = NULL;
         ab_worker_free(m->worker); /* the batch out is finished first */

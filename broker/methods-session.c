@@ -519,7 +519,10 @@ void ab_m_attenuate(ab_conn *c, ab_vl_call *call)
         } else {
                 snprintf(scope, sizeof scope, "%s", pscope);
         }
-        exp = pexp;
+        /* no token lives longer than AB_TTL_MAX: a parent issued up to 5 s "in the future" (the
+         * clock stepped back) would otherwise pass its exp - iat on, a few seconds longer with
+         * each level, past what Introspect and verifiers take (helper-53) */
+        exp = pexp < now + AB_TTL_MAX ? pexp : now + AB_TTL_MAX;
         if (json_is_integer(json_object_get(p, "ttl"))) {
                 exp = now + json_integer_value(json_object_get(p, "ttl"));
                 if (exp > pexp) {

@@ -191,11 +191,11 @@ bool ab_signer_key_ended(const ab_signer *s, const char *kid)
         return false;
 }
 
-void ab_signer_ends_stored(ab_signer *s)
+void ab_signer_end_key(ab_signer *s, const char *kid)
 {
         for (size_t i = 0; i < s->n_old; i++)
-                if (s->old[i].ended)
-                        s->old[i].end_known = true;
+                if (strcmp(kid, s->old[i].kid) == 0)
+                        s->old[i].ended = s->old[i].end_known = true;
 }
 
 const uint8_t *ab_signer_find_key(const ab_signer *s, const char *kid, int64_t now)
@@ -254,12 +254,12 @@ json_t *ab_signer_all_keys(const ab_signer *s, int64_t now)
         return json_pack("{s:o}", "keys", keys);
 }
 
-int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at, int64_t until, bool ended)
+int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at, int64_t until)
 {
         retired r = { .retired_at = retired_at, .until = until };
         size_t i;
 
-        r.ended = r.end_known = ended || until <= retired_at;
+        r.ended = r.end_known = until <= retired_at;
         memcpy(r.pk, pk, 32);
         if (ab_jwk_thumbprint(pk, r.kid) < 0)
                 return -EINVAL;

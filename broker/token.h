@@ -68,13 +68,14 @@ void ab_random_id(char out[AB_JTI_LEN + 1]);
 
 /* Every key: current, retiring (still in the JWKS) and retired, with times (admin view). */
 json_t *ab_signer_all_keys(const ab_signer *s, int64_t now);
-/* Remember an earlier public key, valid for verification until `until` (ended: for good already). */
-int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at, int64_t until, bool ended);
-/* fn is called when an earlier key is first found ended that was not added or stored as ended. */
+/* Remember an earlier public key, valid for verification until `until`. */
+int ab_signer_add_retired(ab_signer *s, const uint8_t pk[32], int64_t retired_at, int64_t until);
+/* fn is called when an earlier key is first found ended that the store does not say ended. */
 void ab_signer_on_end(ab_signer *s, void (*fn)(void *userdata), void *userdata);
-/* Whether earlier key kid is known and ended; ab_signer_ends_stored: every ended one is stored so. */
+/* Whether earlier key kid is known and ended. */
 bool ab_signer_key_ended(const ab_signer *s, const char *kid);
-void ab_signer_ends_stored(ab_signer *s);
+/* Earlier key kid ended for good, and the store says so. */
+void ab_signer_end_key(ab_signer *s, const char *kid);
 /* No earlier key verifies past until (a rotation's overlap ends them all; until <= now: at once, for good). */
 void ab_signer_cap_retired(ab_signer *s, int64_t until, int64_t now);
 /* Replace the signing key with a new one (written to AB_KEY_FILE atomically). */

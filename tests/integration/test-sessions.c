@@ -1128,6 +1128,12 @@ static void test_ran_out_key_stays_ended(void **state)
                         hx_start(b);
                         c = hx_connect(b, b->sock);
                         a = hx_connect(b, b->admin_sock);
+                        /* start-up found it ended and stored that: the running broker holds to it
+                         * too, though nothing looked the key up while the clock was ahead */
+                        hx_set_test_clock(clock_path, 0);
+                        if (strcmp(verdict(c, t[stopped], NULL), "unknown_key") != 0)
+                                fprintf(stderr, "GAP: stored as ended at start, the key verifies 800 s back: %s\n",
+                                        verdict(c, t[stopped], NULL));
                 } else {
                         hx_set_test_clock(clock_path, 800);
                 }
