@@ -116,6 +116,8 @@ export type Verdict =
 
 export interface Jwks {
   keys: Array<{ kty: string; crv: string; x: string; kid: string; alg: string; use: string }>;
+  /** The iss of the tokens these keys sign (the broker's --issuer, by default urn:agent-broker:MACHINE-ID). */
+  issuer?: string;
 }
 
 export class Client {

@@ -4,9 +4,10 @@
 // 1. Offline, with jose: the signature against the broker's JWKS (from a
 //    file, re-read when it changes; or over the broker socket), alg EdDSA,
 //    typ at+jwt (RFC 9068), exp, aud equal to this server's resource id, iss
-//    if one (or a list) is configured, iss equal to the issuer of the key
-//    that verified it when the key set says whose keys they are (a fleet's
-//    merged set), and a lifetime (exp - iat) no broker issues past.
+//    if one (or a list) is configured, a kid in the header, iss equal to the
+//    issuer of the key that verified it when the key set says whose keys
+//    they are (a host's set, a fleet's merged set), and a lifetime
+//    (exp - iat) no broker issues past.
 //    Failure: 401 invalid_token. A key set that cannot be (re)loaded: 503.
 // 2. Scope: every scope the request needs (per tool) must be in the token's
 //    "scope" claim. Failure: 403 insufficient_scope.
@@ -107,12 +108,19 @@ function fileVersion(st) {
  * Whose keys: a key set's "issuer" member (GetKeys and `keys --jwks` write
  * it), or a key's own "iss" member (a fleet's merged set, docs/clients.md),
  * binds its keys to that issuer: a token verified by one must carry that
- * iss. Without it, one host's broker (its root, or a leak of its key) could
- * sign tokens in any other host's name.
+ * iss. Without it, a leak of one host's key (or that host's policy author)
+ * could sign tokens in any other host's name. Once any key of a set is bound,
+ * a key of it that is not (no kid, or no issuer) verifies nothing. A token
+ * must name its key (kid: the broker always does): otherwise jose picks the
+ * only key that fits, and the issuer that key is bound to is not looked up.
+ * The keys and their issuers are one snapshot of one load: a token is
+ * checked against the issuers of the set that verified it, whatever is
+ * reloaded meanwhile.
  */
 export class TokenVerifier {
-  #keys = null;
-  #keyIssuer = new Map(); // kid -> the iss its tokens must carry (null: the set says two)
+  // { keys: jose key set, issuers: Map kid -> the iss its tokens must carry (null: none may),
+  //   bound: whether any key is bound (then a kid not in issuers verifies nothing), count }
+  #current = null;
   #loadedAt = 0;
   #unknownKidAt = 0; // the last reload for an unknown kid: at most one every 10 s
   #checkedAt = 0;
@@ -135,7 +143,12 @@ export class TokenVerifier {
   }
 
   /** Load the key set (file, else the broker); resolves with the number of keys. Concurrent calls share one load. */
-  loadKeys() {
+  async loadKeys() {
+    return (await this.#loadShared()).count;
+  }
+
+  /** The snapshot of one load (shared by concurrent callers). */
+  #loadShared() {
     if (!this.#loading) this.#loading = this.#load().finally(() => { this.#loading = null; });
     return this.#loading;
   }
@@ -152,40 +165,47 @@ export class TokenVerifier {
         jwks = await this.broker.getKeys();
       }
       if (!Array.isArray(jwks?.keys)) throw new Error('the JWKS has no "keys" array');
-      const keyIssuer = new Map();
+      // A key's issuer: its own "iss" member, else the set's "issuer"; one that is there but
+      // not a string, or a kid listed under two issuers, binds the key to no issuer (null).
+      const issuers = new Map();
+      let bound = jwks.issuer !== undefined;
       for (const k of jwks.keys) {
-        const iss = typeof k?.iss === 'string' ? k.iss : jwks.issuer;
-        if (typeof k?.kid !== 'string' || typeof iss !== 'string') continue;
-        keyIssuer.set(k.kid, keyIssuer.has(k.kid) && keyIssuer.get(k.kid) !== iss ? null : iss);
+        const own = k !== null && typeof k === 'object' && 'iss' in k;
+        bound ||= own;
+        if (typeof k?.kid !== 'string') continue;
+        let iss = own ? k.iss : jwks.issuer;
+        if (iss === undefined) continue;
+        if (typeof iss !== 'string' || (issuers.has(k.kid) && issuers.get(k.kid) !== iss)) iss = null;
+        issuers.set(k.kid, iss);
       }
-      this.#keys = createLocalJWKSet({ keys: jwks.keys });
-      this.#keyIssuer = keyIssuer;
+      const current = { keys: createLocalJWKSet({ keys: jwks.keys }), issuers, bound, count: jwks.keys.length };
+      this.#current = current;
       this.#version = version;
       this.#loadedAt = this.#checkedAt = Date.now();
-      return jwks.keys.length;
+      return current;
     } catch (e) {
-      this.#keys = null; // never verify with a set we could not confirm
+      this.#current = null; // never verify with a set we could not confirm
       throw e;
     }
   }
 
-  /** Reload, or refuse with 503: keys that may have been retired are not used. */
+  /** Reload, or refuse with 503: keys that may have been retired are not used. Resolves with the new snapshot. */
   async #reload(why) {
     try {
-      await this.loadKeys();
+      return await this.#loadShared();
     } catch (e) {
       this.log(`cannot load the key set (${why}): ${e.message}`);
       throw new AuthError(503, undefined, 'the key set cannot be loaded; try again shortly');
     }
   }
 
-  /** The key set, re-read if it is due or its file changed. */
+  /** The key set snapshot ({ keys, issuers, bound }), re-read if it is due or its file changed. */
   async #currentKeys() {
     const now = Date.now();
-    if (!this.#keys) {
-      await this.#reload('not loaded');
+    if (!this.#current) {
+      return this.#reload('not loaded');
     } else if (now - this.#loadedAt >= this.refreshInterval) {
-      await this.#reload('periodic');
+      return this.#reload('periodic');
     } else if (this.jwksFile && now - this.#checkedAt >= this.fileCheckInterval) {
       this.#checkedAt = now;
       let version;
@@ -194,9 +214,9 @@ export class TokenVerifier {
       } catch {
         version = 'gone';
       }
-      if (version !== this.#version) await this.#reload('the file changed');
+      if (version !== this.#version) return this.#reload('the file changed');
     }
-    return this.#keys;
+    return this.#current;
   }
 
   async #verifyJwt(token) {
@@ -207,10 +227,19 @@ export class TokenVerifier {
       requiredClaims: ['exp', 'iat', 'jti', 'sub'],
     };
     if (this.issuer) options.issuer = this.issuer;
+    // The key is looked up by kid: without one, jose would pick the only key that fits, and
+    // which key that was (so its issuer) is not known here.
+    const byKid = (keys) => (header, jws) => {
+      if (typeof header?.kid !== 'string') throw new AuthError(401, 'invalid_token', 'the token names no key (kid)');
+      return keys(header, jws);
+    };
+    // One snapshot for the signature and the issuer check: a reload meanwhile must not
+    // change the issuer the key is checked against.
+    let current = await this.#currentKeys();
     let payload;
     let header;
     try {
-      ({ payload, protectedHeader: header } = await jwtVerify(token, await this.#currentKeys(), options));
+      ({ payload, protectedHeader: header } = await jwtVerify(token, byKid(current.keys), options));
     } catch (e) {
       // A key rotated in since we loaded: reload once (at most every 10 s) and try again.
       // Throttled on its own clock: the periodic reload must not make a key rotated in just
@@ -221,11 +250,12 @@ export class TokenVerifier {
         throw e;
       }
       this.#unknownKidAt = Date.now();
-      await this.#reload('unknown kid');
-      ({ payload, protectedHeader: header } = await jwtVerify(token, this.#keys, options));
+      current = await this.#reload('unknown kid');
+      ({ payload, protectedHeader: header } = await jwtVerify(token, byKid(current.keys), options));
     }
-    const bound = this.#keyIssuer.get(header.kid);
-    if (bound === null || (bound !== undefined && payload.iss !== bound)) {
+    if (typeof header.kid !== 'string') throw new AuthError(401, 'invalid_token', 'the token names no key (kid)');
+    const bound = current.issuers.get(header.kid);
+    if (bound === undefined ? current.bound : (bound === null || payload.iss !== bound)) {
       throw new AuthError(401, 'invalid_token', 'the token\'s iss is not the issuer of the key that signed it');
     }
     // The broker never signs a longer life nor a future iat: such a token was not made by it

@@ -22,10 +22,10 @@ function newKey(kid) {
   return { kid, privateKey, jwk: { ...publicKey.export({ format: 'jwk' }), kid, alg: 'EdDSA', use: 'sig' } };
 }
 
-/** A token as the broker signs it, claims overridable. */
-function mint(key, claims = {}) {
+/** A token as the broker signs it, claims and header overridable (an undefined member is left out). */
+function mint(key, claims = {}, header = {}) {
   const now = Math.floor(Date.now() / 1000);
-  const input = `${b64({ alg: 'EdDSA', typ: 'at+jwt', kid: key.kid })}.${b64({
+  const input = `${b64({ alg: 'EdDSA', typ: 'at+jwt', kid: key.kid, ...header })}.${b64({
     iss: 'urn:unit', sub: 'agent', aud: RESOURCE, scope: 'notes:read', iat: now, nbf: now, exp: now + 300,
     jti: crypto.randomBytes(8).toString('hex'), ...claims,
   })}`;
@@ -201,6 +201,52 @@ describe('TokenVerifier: each key signs for its own issuer', () => {
     const twice = { keys: [{ ...a.jwk, iss: 'urn:host-a' }, { ...a.jwk, iss: 'urn:host-b' }] };
     v = new TokenVerifier({ resource: RESOURCE, broker: from(twice), introspect: false });
     assert.equal(await verdict(v, mint(a, { iss: 'urn:host-a' })), 401);
+  });
+
+  test('a token without a kid is refused, even where only one key could have signed it', async () => {
+    // jose picks the only matching key itself: without a kid there is no key to look the issuer up by
+    const v = new TokenVerifier({ resource: RESOURCE, broker: from({ keys: [a.jwk], issuer: 'urn:host-a' }), introspect: false });
+    assert.equal(await verdict(v, mint(a, { iss: 'urn:host-a' })), 'agent');
+    assert.equal(await verdict(v, mint(a, { iss: 'urn:host-b' }, { kid: undefined })), 401, 'host A\'s key, host B\'s name, no kid');
+    assert.equal(await verdict(v, mint(a, { iss: 'urn:host-a' }, { kid: undefined })), 401, 'the broker always sets kid');
+    await assert.rejects(v.authenticate(mint(a, {}, { kid: 42 })), (e) => e instanceof AuthError && e.status === 401);
+    // nor in a set that binds no key
+    const plain = new TokenVerifier({ resource: RESOURCE, broker: from({ keys: [a.jwk] }), introspect: false });
+    assert.equal(await verdict(plain, mint(a)), 'agent');
+    assert.equal(await verdict(plain, mint(a, {}, { kid: undefined })), 401);
+  });
+
+  test('in a set that binds keys, a key it does not bind verifies nothing', async () => {
+    const v = new TokenVerifier({ resource: RESOURCE, broker: from({ keys: [{ ...a.jwk, iss: 'urn:host-a' }, b.jwk] }),
+      introspect: false });
+    assert.equal(await verdict(v, mint(a, { iss: 'urn:host-a' })), 'agent');
+    assert.equal(await verdict(v, mint(b, { iss: 'urn:host-a' })), 401, 'an unbound key, a bound host\'s name');
+    assert.equal(await verdict(v, mint(b, { iss: 'urn:host-b' })), 401);
+  });
+
+  test('a reload while a token is checked: the key and its issuer come from the same set', async () => {
+    // A's set, then (reloaded while A's key verifies a token) a set without A's kid that binds
+    // no key: the issuer check must use the set that verified the token, not the one loaded since
+    let set = { keys: [a.jwk], issuer: 'urn:host-a' };
+    let loads = 0;
+    const v = new TokenVerifier({ resource: RESOURCE, broker: { getKeys: async () => { loads++; return set; } },
+      introspect: false });
+    await v.loadKeys();
+    set = { keys: [b.jwk] };
+    const subtle = globalThis.crypto.subtle;
+    const verify = subtle.verify;
+    subtle.verify = async (...args) => { // called once jose has picked the key: reload then
+      subtle.verify = verify;
+      await v.loadKeys();
+      return verify.apply(subtle, args);
+    };
+    try {
+      assert.equal(await verdict(v, mint(a, { iss: 'urn:host-b' })), 401, 'host A\'s key, host B\'s name');
+    } finally {
+      subtle.verify = verify;
+    }
+    assert.equal(loads, 2, 'the reload happened during the check');
+    assert.equal(await verdict(v, mint(a, { iss: 'urn:host-a' })), 401, 'A\'s key is gone now');
   });
 });
 
