@@ -84,26 +84,86 @@ static void print_record(json_t *rec, bool as_json)
         printf("\n");
 }
 
+/*
+ * The longest line a trail can hold: a record of at most AB_AUDIT_MAX_RECORD
+ * bytes and its newline. Longer lines are none the broker wrote.
+ */
+#define LINE_MAX_BYTES (AB_AUDIT_MAX_RECORD + 1)
+
+/*
+ * Read one line of in into buf (LINE_MAX_BYTES): its bytes, the newline
+ * included if there is one, and *ret_len how many of them buf holds. A
+ * longer line is read to its end in buf-sized pieces and not kept whole:
+ * *ret_len is then LINE_MAX_BYTES and *ret_long is set. Returns 1 for a
+ * line, 0 at the end of the file, -errno if the file cannot be read (a
+ * directory, EIO): never a short verdict on a file read in part.
+ */
+static int read_line(FILE *in, char *buf, size_t *ret_len, bool *ret_long)
+{
+        size_t n = 0;
+        bool longer = false;
+        int c;
+
+        for (;;) {
+                c = getc_unlocked(in);
+                if (c == EOF)
+                        break;
+                if (n < LINE_MAX_BYTES)
+                        buf[n++] = (char)c;
+                else
+                        longer = true;
+                if (c == '\n')
+                        break;
+        }
+        if (c == EOF && ferror(in))
+                return errno ? -errno : -EIO;
+        if (n == 0)
+                return 0;
+        *ret_len = n;
+        *ret_long = longer;
+        return 1;
+}
+
 static int list_file(const char *path, const filter *f, bool as_json)
 {
         FILE *in = fopen(path, "re");
-        char *line = NULL;
-        size_t cap = 0;
-        ssize_t n;
+        char *line = malloc(LINE_MAX_BYTES);
+        size_t n, lineno = 0;
+        bool longer;
+        int r, ex = EXIT_OK;
 
-        if (!in) {
+        if (!in || !line) {
                 fprintf(stderr, "agent-brokerctl: audit: %s: %s\n", path, strerror(errno));
+                if (in)
+                        fclose(in);
+                free(line);
                 return EXIT_ERROR;
         }
-        while ((n = getline(&line, &cap, in)) > 0) {
-                json_t *rec = json_loadb(line, (size_t)n, 0, NULL);
+        while ((r = read_line(in, line, &n, &longer)) > 0) {
+                lineno++;
+                if (longer) {
+                        /* not a record the broker wrote: say so, and list the rest */
+                        fflush(stdout);
+                        fprintf(stderr,
+                                "agent-brokerctl: audit: %s:%zu: a line longer than any audit record (%d bytes), "
+                                "skipped: run 'agent-brokerctl audit verify'\n",
+                                path, lineno, AB_AUDIT_MAX_RECORD);
+                        continue;
+                }
+                json_t *rec = json_loadb(line, n, 0, NULL);
                 if (rec && matches(rec, f))
                         print_record(rec, as_json);
                 json_decref(rec);
         }
+        if (r < 0) {
+                fflush(stdout);
+                fprintf(stderr, "agent-brokerctl: audit: %s: cannot read line %zu: %s\n", path, lineno + 1,
+                        strerror(-r));
+                ex = EXIT_ERROR;
+        }
         free(line);
         fclose(in);
-        return EXIT_OK;
+        return ex;
 }
 
 static int list_broker(const opts *o, const filter *f, bool as_json)
@@ -125,11 +185,20 @@ static int list_broker(const opts *o, const filter *f, bool as_json)
                         return ex;
                 json_array_foreach(json_object_get(reply, "records"), i, rec)
                         print_record(rec, as_json);
-                after = json_integer_value(json_object_get(reply, "next_seq"));
+                long long next = json_integer_value(json_object_get(reply, "next_seq"));
                 bool more = json_is_true(json_object_get(reply, "more"));
                 json_decref(reply);
                 if (!more)
                         return EXIT_OK;
+                if (next <= after) {
+                        /* asking again would get the same page for ever */
+                        fprintf(stderr,
+                                "agent-brokerctl: audit: the broker's page after seq %lld does not advance "
+                                "(next_seq %lld); stopping\n",
+                                after, next);
+                        return EXIT_ERROR;
+                }
+                after = next;
         }
 }
 
@@ -168,16 +237,29 @@ static int fail_at(verifier *v, const char *file, size_t line, long long seq, co
         return EXIT_DENIED;
 }
 
+/* k is an Ed25519 public JWK with a kid: its key into out. */
+static bool ed25519_jwk(json_t *k, const char **ret_kid, uint8_t out[32])
+{
+        const char *x = json_string_value(json_object_get(k, "x"));
+        const char *kty = json_string_value(json_object_get(k, "kty"));
+        const char *crv = json_string_value(json_object_get(k, "crv"));
+        size_t n = 0;
+
+        if (!x || !kty || !crv || strcmp(kty, "OKP") != 0 || strcmp(crv, "Ed25519") != 0 ||
+            !json_is_string(json_object_get(k, "kid")) || ab_b64url_decode(x, strlen(x), out, 32, &n) != 0 || n != 32)
+                return false;
+        *ret_kid = json_string_value(json_object_get(k, "kid"));
+        return true;
+}
+
 static const uint8_t *find_key(verifier *v, const char *kid, uint8_t out[32])
 {
-        size_t i, n = 0;
+        size_t i;
         json_t *k;
+        const char *id;
 
         json_array_foreach(v->keys, i, k) {
-                const char *x = json_string_value(json_object_get(k, "x"));
-                const char *id = json_string_value(json_object_get(k, "kid"));
-                if (id && x && kid && strcmp(id, kid) == 0 &&
-                    ab_b64url_decode(x, strlen(x), out, 32, &n) == 0 && n == 32)
+                if (kid && ed25519_jwk(k, &id, out) && strcmp(id, kid) == 0)
                         return out;
         }
         return NULL;
@@ -186,16 +268,19 @@ static const uint8_t *find_key(verifier *v, const char *kid, uint8_t out[32])
 static int verify_file(verifier *v, const char *path)
 {
         FILE *in = fopen(path, "re");
-        char *line = NULL;
-        size_t cap = 0, lineno = 0;
-        ssize_t n;
-        int ex = EXIT_OK;
+        char *line = malloc(LINE_MAX_BYTES);
+        size_t n, lineno = 0;
+        bool longer;
+        int r = 0, ex = EXIT_OK;
 
-        if (!in) {
+        if (!in || !line) {
                 fprintf(stderr, "agent-brokerctl: audit verify: %s: %s\n", path, strerror(errno));
+                if (in)
+                        fclose(in);
+                free(line);
                 return EXIT_ERROR;
         }
-        while (ex == EXIT_OK && (n = getline(&line, &cap, in)) > 0) {
+        while (ex == EXIT_OK && (r = read_line(in, line, &n, &longer)) > 0) {
                 json_error_t jerr;
                 json_t *rec, *jseq;
                 const char *prev, *event;
@@ -205,6 +290,13 @@ static int verify_file(verifier *v, const char *path)
                 bool verified = false; /* a checkpoint whose signature verified: the chain up to it is signed */
 
                 lineno++;
+                if (longer) {
+                        char what[96];
+                        snprintf(what, sizeof what, "a line longer than any audit record (%d bytes)",
+                                 AB_AUDIT_MAX_RECORD);
+                        ex = fail_at(v, path, lineno, v->seq + 1, what);
+                        break;
+                }
                 if (line[n - 1] != '\n') {
                         ex = fail_at(v, path, lineno, v->seq + 1, "the last record is incomplete (torn write)");
                         break;
@@ -219,9 +311,9 @@ static int verify_file(verifier *v, const char *path)
                         break;
                 }
                 seq = json_integer_value(jseq);
-                if (seq < 1 || seq > AB_AUDIT_MAX_SEQ) {
-                        /* v->seq < 0 means "no record yet", and v->seq + 1 must not overflow */
-                        ex = fail_at(v, path, lineno, seq, "seq out of range (1 to 2^53)");
+                if (seq < 1 || seq >= AB_AUDIT_MAX_SEQ) {
+                        /* as the broker's recovery: it does not go on from 2^53 (and v->seq + 1 must not overflow) */
+                        ex = fail_at(v, path, lineno, seq, "seq out of range (1 to 2^53 - 1)");
                 } else if (v->seq < 0 && seq != 1 && strcmp(event, "audit.rotated") != 0 &&
                            strcmp(event, "audit.reopened") != 0) {
                         /* only a file begun by rotation (or after the old one was moved away) may start mid-chain */
@@ -276,6 +368,12 @@ static int verify_file(verifier *v, const char *path)
                 v->records++;
                 json_decref(rec);
         }
+        if (r < 0) {
+                /* a file read in part is no verdict: the lines not read may be the forged ones */
+                fprintf(stderr, "agent-brokerctl: audit verify: %s: cannot read line %zu: %s\n", path, lineno + 1,
+                        strerror(-r));
+                ex = EXIT_ERROR;
+        }
         free(line);
         fclose(in);
         return ex;
@@ -310,6 +408,26 @@ static int load_keys(const opts *o, const char *keys_file, verifier *v)
         if (jwks && json_is_array(json_object_get(jwks, "keys")))
                 v->keys = json_incref(json_object_get(jwks, "keys"));
         json_decref(jwks);
+        if (keys_file) {
+                /* keys the user named must be keys: a set that checks nothing would let every
+                 * checkpoint through as "not checked", and a rewritten chain pass as intact */
+                size_t i, usable = 0;
+                json_t *k;
+                const char *id;
+                uint8_t pk[32];
+                json_array_foreach(v->keys, i, k) {
+                        if (ed25519_jwk(k, &id, pk))
+                                usable++;
+                }
+                if (usable == 0) {
+                        fprintf(stderr,
+                                "agent-brokerctl: audit verify: %s: no Ed25519 key in it (a JWKS: "
+                                "{\"keys\": [{\"kty\": \"OKP\", \"crv\": \"Ed25519\", \"kid\": ..., \"x\": ...}]}, "
+                                "as 'agent-brokerctl keys' prints)\n",
+                                keys_file);
+                        return EXIT_USAGE;
+                }
+        }
         return EXIT_OK;
 }
 

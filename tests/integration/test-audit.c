@@ -22,8 +22,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -3257,6 +3259,307 @@ static void test_journald(void **state)
         json_decref(entries);
 }
 
+/* ---- reading what the broker did not write (helper-54) ------------------------------ */
+
+/* `agent-brokerctl ARGS...` (no sockets named) under `ulimit -v kib` when kib > 0. */
+static void ctl_limited(unsigned kib, const char *const *args, hx_run_result *res)
+{
+        char ctl[PATH_MAX], limit[96];
+        char *argv[40];
+        size_t n = 0;
+
+        assert_int_equal(hx_build_path("agent-brokerctl", ctl, sizeof ctl), 0);
+        if (kib) {
+                snprintf(limit, sizeof limit, "ulimit -v %u && exec \"$@\"", kib);
+                argv[n++] = (char *)"/bin/sh";
+                argv[n++] = (char *)"-c";
+                argv[n++] = limit;
+                argv[n++] = (char *)"sh";
+        }
+        argv[n++] = ctl;
+        for (size_t i = 0; args[i]; i++) {
+                assert_true(n < 39);
+                argv[n++] = (char *)args[i];
+        }
+        argv[n] = NULL;
+        assert_int_equal(hx_run(argv, NULL, -1, HX_RUN_TIMEOUT_MS, res), 0);
+        assert_false(res->timed_out);
+}
+
+/*
+ * A file that cannot be read (a directory: EISDIR) is exit 4 for `audit
+ * verify` and `audit --file`, never "intact: 0 records". A line longer than
+ * any record (160 MiB, a hole in the file) is a broken record at its line,
+ * read in pieces: under a 96 MiB address-space limit, where getline failed
+ * with ENOMEM and the forged record after it was never read, verify names
+ * it and the listing goes on past it.
+ */
+static void test_verify_read_errors_and_long_lines(void **state)
+{
+        fx *f = *state;
+        char apath[PATH_MAX], jwks[PATH_MAX], copy[PATH_MAX], where[PATH_MAX + 32];
+        hx_run_result res;
+        lines l;
+        FILE *out;
+
+        {
+                const char *args[] = { "audit", "verify", "--file", f->work, NULL };
+                ctl_limited(0, args, &res);
+                if (res.exit_code != 4)
+                        fprintf(stderr, "verify of a directory: exit %d:\n%s%s\n", res.exit_code, res.out, res.err);
+                assert_int_equal(res.exit_code, 4);
+                assert_null(strstr(res.out, "intact"));
+                assert_non_null(strstr(res.err, strerror(EISDIR)));
+                hx_run_result_done(&res);
+        }
+        {
+                const char *args[] = { "audit", "--file", f->work, NULL };
+                ctl_limited(0, args, &res);
+                assert_int_equal(res.exit_code, 4);
+                assert_non_null(strstr(res.err, strerror(EISDIR)));
+                hx_run_result_done(&res);
+        }
+
+        make_trail(f, 8, apath, sizeof apath, jwks, sizeof jwks);
+        lines_load(&l, apath);
+        assert_int_equal(l.n, 12);
+        hx_path_in(copy, sizeof copy, f->work, "long-line.jsonl");
+        out = fopen(copy, "we");
+        assert_non_null(out);
+        for (size_t i = 0; i < 5; i++)
+                assert_int_equal(fwrite(l.line[i], 1, l.len[i], out), l.len[i]);
+        assert_int_equal(fflush(out), 0);
+        /* line 6: 160 MiB of NUL bytes (a hole: no disk) and a newline, then a forged record */
+        assert_int_equal(fseeko(out, 160LL << 20, SEEK_CUR), 0);
+        fputs("\n{\"seq\":999,\"prev\":\"bogus\",\"event\":\"token.issued\",\"agent\":\"forged\"}\n", out);
+        for (size_t i = 5; i < l.n; i++)
+                assert_int_equal(fwrite(l.line[i], 1, l.len[i], out), l.len[i]);
+        assert_int_equal(fclose(out), 0);
+
+        snprintf(where, sizeof where, "%s:6: seq 6: a line longer than any audit record", copy);
+        expect_broken(&f->b, copy, jwks, where, NULL);
+        if (hx_under_wrapper()) {
+                fprintf(stderr, "SKIP the address-space limit under AB_TEST_WRAPPER\n");
+        } else {
+                const char *args[] = { "audit", "verify", "--file", copy, "--keys", jwks, NULL };
+                ctl_limited(96 * 1024, args, &res);
+                if (res.exit_code != 1 || !strstr(res.out, where))
+                        fprintf(stderr, "verify under ulimit -v: exit %d:\n%s%s\n", res.exit_code, res.out, res.err);
+                assert_int_equal(res.exit_code, 1);
+                assert_non_null(strstr(res.out, where));
+                hx_run_result_done(&res);
+
+                const char *largs[] = { "audit", "--json", "--file", copy, NULL };
+                ctl_limited(96 * 1024, largs, &res);
+                assert_int_equal(res.exit_code, 0);
+                snprintf(where, sizeof where, "%s:6: a line longer than any audit record", copy);
+                assert_non_null(strstr(res.err, where));
+                json_t *recs = parse_lines(res.out, "audit --json --file");
+                assert_int_equal(json_array_size(recs), l.n + 1); /* every record and the forged one, after it */
+                json_decref(recs);
+                hx_run_result_done(&res);
+        }
+        free(l.text);
+}
+
+/* Write text to work/name and expect `audit verify --keys` it to be a usage error naming it. */
+static void expect_keys_refused(fx *f, const char *apath, const char *name, const char *text)
+{
+        char kpath[PATH_MAX], out[4096];
+        hx_path_in(kpath, sizeof kpath, f->work, name);
+        assert_int_equal(hx_write_file(kpath, text, 0644), 0);
+        const char *args[] = { "--file", apath, "--keys", kpath, NULL };
+        int ex = ctl_verify(&f->b, args, out, sizeof out);
+        if (ex != 2 || !strstr(out, "no Ed25519 key"))
+                fprintf(stderr, "--keys %s (%s): exit %d, expected 2:\n%s\n", name, text, ex, out);
+        assert_int_equal(ex, 2);
+        assert_non_null(strstr(out, "no Ed25519 key"));
+        assert_null(strstr(out, "intact"));
+}
+
+/*
+ * A --keys file that parses but holds no usable Ed25519 key (a bare JWK,
+ * {}, [], an empty set, a set of other keys) checked no checkpoint, and the
+ * trail passed as "intact, N not checked", exit 0: now exit 2, as a --keys
+ * file that does not parse.
+ */
+static void test_verify_keys_must_hold_keys(void **state)
+{
+        fx *f = *state;
+        char apath[PATH_MAX], jwks[PATH_MAX], bare[1024];
+        json_t *set, *k;
+
+        make_trail(f, 2, apath, sizeof apath, jwks, sizeof jwks);
+        set = json_load_file(jwks, 0, NULL);
+        assert_non_null(set);
+        k = json_array_get(json_object_get(set, "keys"), 0);
+        assert_non_null(k);
+        char *kt = json_dumps(k, JSON_COMPACT);
+        assert_non_null(kt);
+        snprintf(bare, sizeof bare, "%s", kt);
+        free(kt);
+        expect_keys_refused(f, apath, "bare-jwk.json", bare);
+        expect_keys_refused(f, apath, "empty-object.json", "{}");
+        expect_keys_refused(f, apath, "empty-array.json", "[]");
+        expect_keys_refused(f, apath, "empty-set.json", "{\"keys\": []}");
+        expect_keys_refused(f, apath, "rsa-set.json",
+                            "{\"keys\": [{\"kty\": \"RSA\", \"kid\": \"r\", \"n\": \"AQAB\", \"e\": \"AQAB\"}]}");
+        /* the right key with its curve left out is not an Ed25519 key either */
+        json_object_del(k, "crv");
+        kt = json_dumps(set, JSON_COMPACT);
+        assert_non_null(kt);
+        expect_keys_refused(f, apath, "no-crv.json", kt);
+        free(kt);
+        json_decref(set);
+        {
+                const char *args[] = { "--file", apath, "--keys", jwks, NULL };
+                verify_ok(&f->b, args);
+        }
+}
+
+/*
+ * seq 2^53 is past what the broker takes over at start (recover: seq <
+ * AB_AUDIT_MAX_SEQ): verify refused seq > 2^53 only, and passed a file
+ * whose audit.rotated record carried 2^53.
+ */
+static void test_verify_seq_limit_as_broker(void **state)
+{
+        fx *f = *state;
+        char path[PATH_MAX], text[512], where[PATH_MAX + 32];
+        const long long max = 1LL << 53;
+
+        hx_path_in(path, sizeof path, f->work, "big-seq.jsonl");
+        /* the last seq the broker goes on from: intact */
+        snprintf(text, sizeof text,
+                 "{\"time\":1000000,\"event\":\"audit.rotated\",\"seq\":%lld,\"prev\":\"" ZERO64 "\","
+                 "\"previous_file\":\"/x\"}\n",
+                 max - 1);
+        assert_int_equal(hx_write_file(path, text, 0644), 0);
+        verify_file_ok(&f->b, path);
+        snprintf(text, sizeof text,
+                 "{\"time\":1000000,\"event\":\"audit.rotated\",\"seq\":%lld,\"prev\":\"" ZERO64 "\","
+                 "\"previous_file\":\"/x\"}\n",
+                 max);
+        assert_int_equal(hx_write_file(path, text, 0644), 0);
+        snprintf(where, sizeof where, "%s:1: seq %lld:", path, max);
+        expect_broken(&f->b, path, NULL, where, "seq out of range");
+}
+
+/*
+ * A line over a page (48 KiB: someone padded a record in the current file)
+ * made ReadAudit answer more=true, no records and the same next_seq, and
+ * `agent-brokerctl audit` ask again for ever. The broker passes over a line
+ * longer than any record (and logs it); the rest is listed.
+ */
+static void test_read_audit_passes_over_long_line(void **state)
+{
+        fx *f = *state;
+        hx_broker *b = &f->b;
+        char apath[PATH_MAX], jwks[PATH_MAX], *log;
+        hx_run_result res;
+        lines l;
+        FILE *out;
+
+        make_trail(f, 3, apath, sizeof apath, jwks, sizeof jwks);
+        lines_load(&l, apath);
+        out = fopen(apath, "we");
+        assert_non_null(out);
+        for (size_t i = 0; i < l.n; i++) {
+                if (i == 1) {
+                        /* line 2 with a 60,000-byte reason, its seq kept */
+                        assert_int_equal(fwrite(l.line[i], 1, l.len[i] - 2, out), l.len[i] - 2);
+                        fputs(",\"reason\":\"", out);
+                        for (int k = 0; k < 60000; k++)
+                                fputc('A', out);
+                        fputs("\"}\n", out);
+                } else {
+                        assert_int_equal(fwrite(l.line[i], 1, l.len[i], out), l.len[i]);
+                }
+        }
+        assert_int_equal(fclose(out), 0);
+        hx_start(b);
+        {
+                const char *args[] = { "audit", "--json", NULL };
+                assert_int_equal(hx_ctlv(b, -1, args, 10000, &res), 0);
+                if (res.timed_out || res.exit_code != 0)
+                        fprintf(stderr, "audit over the admin socket: %s, exit %d:\n%s\n",
+                                res.timed_out ? "timed out" : "done", res.exit_code, res.err);
+                assert_false(res.timed_out);
+                assert_int_equal(res.exit_code, 0);
+                json_t *recs = parse_lines(res.out, "agent-brokerctl audit --json");
+                assert_true(json_array_size(recs) >= l.n - 1); /* all but line 2, and this start's */
+                assert_int_equal(ri(json_array_get(recs, 0), "seq"), 1);
+                assert_int_equal(ri(json_array_get(recs, 1), "seq"), 3);
+                json_decref(recs);
+                hx_run_result_done(&res);
+        }
+        log = hx_read_text(b->log, READ_MAX, NULL);
+        assert_non_null(strstr(log, "longer than any audit record"));
+        free(log);
+        free(l.text);
+}
+
+/* A fake admin socket whose ReadAudit always says: more, and nothing read. */
+static void fake_stuck_pages(fx *f, const char *path)
+{
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        static const char reply[] = "{\"parameters\":{\"records\":[],\"next_seq\":0,\"more\":true,\"file\":\"/x\"}}";
+        int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+        assert_true(lfd >= 0);
+        assert_true(strlen(path) < sizeof sa.sun_path);
+        memcpy(sa.sun_path, path, strlen(path) + 1);
+        assert_int_equal(bind(lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+        assert_int_equal(listen(lfd, 8), 0);
+        f->helper = fork(); /* killed in teardown */
+        assert_true(f->helper >= 0);
+        if (f->helper == 0) {
+                alarm(60); /* never outlive the test by much */
+                for (;;) {
+                        int fd = accept(lfd, NULL, NULL);
+                        char buf[4096];
+                        ssize_t k;
+                        if (fd < 0)
+                                _exit(0);
+                        /* one reply per request (each ends with a NUL) */
+                        while ((k = read(fd, buf, sizeof buf)) > 0)
+                                for (ssize_t i = 0; i < k; i++)
+                                        if (buf[i] == '\0' && write(fd, reply, sizeof reply) != (ssize_t)sizeof reply)
+                                                _exit(1);
+                        close(fd);
+                }
+        }
+        close(lfd);
+}
+
+/* The client stops, exit 4, on a page that advances nothing (else it asked again for ever). */
+static void test_audit_listing_stops_on_stuck_page(void **state)
+{
+        fx *f = *state;
+        char sock[PATH_MAX];
+        hx_run_result res;
+
+        hx_path_in(sock, sizeof sock, f->work, "stuck.sock");
+        fake_stuck_pages(f, sock);
+        const char *args[] = { "--admin-socket", sock, "audit", NULL };
+        char ctl[PATH_MAX];
+        char *argv[8];
+        size_t n = 0;
+        assert_int_equal(hx_build_path("agent-brokerctl", ctl, sizeof ctl), 0);
+        argv[n++] = ctl;
+        for (size_t i = 0; args[i]; i++)
+                argv[n++] = (char *)args[i];
+        argv[n] = NULL;
+        assert_int_equal(hx_run(argv, NULL, -1, 5000, &res), 0);
+        if (res.timed_out || res.exit_code != 4)
+                fprintf(stderr, "audit against a stuck broker: %s, exit %d:\n%s\n",
+                        res.timed_out ? "timed out" : "done", res.exit_code, res.err);
+        assert_false(res.timed_out);
+        assert_int_equal(res.exit_code, 4);
+        assert_non_null(strstr(res.err, "does not advance"));
+        hx_run_result_done(&res);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -3303,6 +3606,14 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_session_opened_recorded_after_refusal, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_usage_not_counted_when_refused, hx_fixture_setup, hx_fixture_teardown),
                 cmocka_unit_test_setup_teardown(test_failed_rotation_deletes_nothing, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_verify_read_errors_and_long_lines, hx_fixture_setup,
+                                                hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_verify_keys_must_hold_keys, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_verify_seq_limit_as_broker, hx_fixture_setup, hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_read_audit_passes_over_long_line, hx_fixture_setup,
+                                                hx_fixture_teardown),
+                cmocka_unit_test_setup_teardown(test_audit_listing_stops_on_stuck_page, hx_fixture_setup,
+                                                hx_fixture_teardown),
         };
         if (getenv("HX_FILTER"))
                 cmocka_set_test_filter(getenv("HX_FILTER"));
