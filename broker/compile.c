@@ -119,8 +119,8 @@ static bool printable_utf8(const char *s)
 {
         json_t *j;
 
-        for (const unsigned char *q = (const unsigned char *)s; *q; q++)
-                if (*q < 0x20 || *q == 0x7f)
+        for (const char *q = s; *q; q++)
+                if (ab_control_len(q))
                         return false;
         j = json_string(s); /* NULL: not valid UTF-8 */
         if (!j)

@@ -27,7 +27,7 @@ static void report(ctx *c, int sev, const char *path, const char *fmt, ...)
 
 static void report(ctx *c, int sev, const char *path, const char *fmt, ...)
 {
-        char msg[512];
+        char msg[512], where[512];
         va_list ap;
 
         if (sev == AB_DIAG_WARNING && !c->diag->lint)
@@ -35,6 +35,12 @@ static void report(ctx *c, int sev, const char *path, const char *fmt, ...)
         va_start(ap, fmt);
         vsnprintf(msg, sizeof msg, fmt, ap);
         va_end(ap);
+        /* both quote the file's text (a key, a name, jansson's "near '...'"), which goes to
+         * terminals (policy check, reload) and logs: no escape sequence of it passes (helper-54) */
+        snprintf(where, sizeof where, "%s", path);
+        path = where;
+        ab_defang(msg);
+        ab_defang(where);
         if (sev == AB_DIAG_ERROR) {
                 c->errors++;
                 c->diag->errors++;
@@ -610,8 +616,8 @@ static bool source_name_ok(const char *name, char *safe, size_t safemax)
         json_t *j;
 
         for (const unsigned char *q = (const unsigned char *)name; *q; q++) {
-                if (*q < 0x20 || *q == 0x7f)
-                        ok = false;
+                if (ab_control_len((const char *)q))
+                        ok = false; /* C1 and bidi controls too: a terminal acts on them */
                 if (i + 1 < safemax)
                         safe[i++] = *q >= 0x20 && *q < 0x7f ? (char)*q : '?';
         }

@@ -107,9 +107,17 @@ int ctl_fail(ab_client *c, int r, const char *what)
         const char *msg = c ? ab_client_error_message(c) : "";
         const char *dot = strrchr(name, '.');
 
-        if (*name)
-                fprintf(stderr, "agent-brokerctl: %s: %s%s%s\n", what, name, *msg ? ": " : "", msg);
-        else
+        if (*name) {
+                /* the broker's reason may quote a file or a name from anyone: defanged */
+                char *m = strdup(msg), *n = strdup(name);
+                if (m)
+                        ab_defang(m);
+                if (n)
+                        ab_defang(n);
+                fprintf(stderr, "agent-brokerctl: %s: %s%s%s\n", what, n ?: "?", *msg ? ": " : "", m ?: "?");
+                free(m);
+                free(n);
+        } else
                 fprintf(stderr, "agent-brokerctl: %s: %s\n", what, ab_strerror(r));
         /* the broker refused what was given on the command line (a cut-off too far ahead,
          * an overlap too short, a malformed jti): bad usage, not an internal failure */
@@ -571,9 +579,17 @@ static int cmd_whoami(const opts *o, int argc, char **argv)
 static void put_finding(FILE *f, json_t *findings, const char *file, const char *path, const char *severity,
                         const char *msg)
 {
-        if (f)
-                fprintf(f, "%s: %s: %s: %s\n", file, path, severity, msg);
-        else
+        if (f) {
+                /* the broker's findings quote the file, which may come from anyone (a broker
+                 * before it did not defang them): no escape sequence reaches the terminal */
+                char *t[3] = { strdup(file), strdup(path), strdup(msg) };
+                for (int i = 0; i < 3; i++)
+                        if (t[i])
+                                ab_defang(t[i]);
+                fprintf(f, "%s: %s: %s: %s\n", t[0] ?: "?", t[1] ?: "?", severity, t[2] ?: "?");
+                for (int i = 0; i < 3; i++)
+                        free(t[i]);
+        } else
                 json_array_append_new(findings, json_pack("{s:o, s:o, s:s, s:o}", "file", ctl_json_text(file), "path",
                                                           ctl_json_text(path), "severity", severity, "message",
                                                           ctl_json_text(msg)));

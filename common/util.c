@@ -48,6 +48,34 @@ int ab_is_printable(const char *s, size_t max)
         return i > 0;
 }
 
+size_t ab_control_len(const char *s)
+{
+        const unsigned char *p = (const unsigned char *)s;
+
+        if (p[0] < 0x20 || p[0] == 0x7f)
+                return p[0] ? 1 : 0;
+        if (p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f)
+                return 2;
+        if (p[0] == 0xe2 && p[1] == 0x80 && ((p[2] >= 0x8e && p[2] <= 0x8f) || (p[2] >= 0xaa && p[2] <= 0xae)))
+                return 3;
+        if (p[0] == 0xe2 && p[1] == 0x81 && p[2] >= 0xa6 && p[2] <= 0xa9)
+                return 3;
+        return 0;
+}
+
+void ab_defang(char *s)
+{
+        while (*s) {
+                size_t n = ab_control_len(s);
+                if (n == 0) {
+                        s++;
+                        continue;
+                }
+                memset(s, '?', n);
+                s += n;
+        }
+}
+
 size_t ab_utf8_cut(const char *s, size_t len, size_t max)
 {
         size_t n = len;

@@ -936,6 +936,43 @@ static void assert_finding_json(json_t *findings, const char *dir, const char *n
         json_decref(want);
 }
 
+/* Whether text holds a byte or character a terminal acts on: C0 but newline, DEL, C1 in UTF-8. */
+static bool has_control(const char *text)
+{
+        for (const unsigned char *p = (const unsigned char *)text; *p; p++)
+                if ((*p < 0x20 && *p != '\n') || *p == 0x7f || (p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f))
+                        return true;
+        return false;
+}
+
+/*
+ * A policy under review quotes its own text in policy check's findings (an
+ * unknown key, a scope group): an escape sequence in it reached the
+ * reviewer's terminal raw (OSC 52 writes the clipboard, CSI rewrites the
+ * screen: helper-54). And a file name with a C1 control is refused like
+ * one with a C0 control.
+ */
+static void test_policy_check_defangs_findings(void **state)
+{
+        hx_broker *b = *state;
+        hx_run_result res;
+        char dir[PATH_MAX + 64];
+
+        snprintf(dir, sizeof dir, "%s/evil.d", b->dir);
+        assert_int_equal(mkdir(dir, 0755), 0);
+        write_in(dir, "10-keys.json",
+                 "{\"version\": 1, \"agents\": [], \"\\u001b]52;c;QUJD\\u0007\": 1, \"\\u009b2J\": 2,"
+                 " \"\\u202eevil\": 3}\n");
+        write_in(dir, "20-name\xc2\x9b" "2J.json", "{\"version\": 1, \"agents\": []}\n");
+        CTL(b, -1, &res, 2, "policy", "check", dir);
+        if (has_control(res.out) || has_control(res.err))
+                fail_msg("a control character reached the terminal:\n%s\n%s", res.out, res.err);
+        assert_null(strstr(res.out, "\xe2\x80\xae")); /* nor a right-to-left override */
+        assert_non_null(strstr(res.out, "not printable UTF-8")); /* the file name */
+        assert_non_null(strstr(res.out, "unknown key"));
+        hx_run_result_done(&res);
+}
+
 /*
  * policy check DIR counts the sources it compiles (each *.json of the
  * directory, not hidden ones), as policy check DIR/\*.json does: it said
@@ -1252,6 +1289,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_admin_socket_permission_denied, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_bash_completion, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_policy_check_counts_directory_sources, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_policy_check_defangs_findings, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_policy_reload_shows_findings, hx_setup, hx_teardown),
         };
         if (getenv("HX_FILTER"))
