@@ -1945,11 +1945,15 @@ int ab_config_load_file(ab_config *c, const char *path)
         size_t len = 0;
         int r, lineno = 0;
 
-        r = ab_read_file(path, 64 * 1024, &text, &len);
+        /* it decides require_signed, trusted_keys and admin_group: held to what a policy source
+         * is (owned by root or the broker, writable by no one else); before, anyone who could
+         * write it turned signature checks off (helper-54) */
+        r = ab_read_trusted_file(path, 64 * 1024, &text, &len);
         if (r == -ENOENT)
                 return 0;
         if (r < 0) {
-                ab_log(LOG_ERR, "%s: %s", path, ab_strerror(r));
+                ab_log(LOG_ERR, "%s: %s", path,
+                       r == -EPERM ? "owned by another user or writable by others: not read" : ab_strerror(r));
                 return r;
         }
         if (strlen(text) != len) {

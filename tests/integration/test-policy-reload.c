@@ -1171,9 +1171,27 @@ static void test_config_read_on_reload(void **state)
         hx_run_result_done(&res);
         assert_write_refused(f);
 
-        /* off again: the unsigned source is served after the next reload */
+        /* turned off by a file that anyone could have written (another owner, or writable by
+         * others): not applied, as a policy source would not be (before, it was: helper-54) */
         snprintf(conf, sizeof conf, "require_signed = false\ntrusted_keys = %s\n", f->keys);
         assert_int_equal(hx_write_file(f->conf, conf, 0644), 0);
+        for (int how = 0; how < 2; how++) {
+                if (how == 0)
+                        assert_int_equal(chown(f->conf, HX_NOBODY_UID, HX_NOBODY_UID), 0);
+                else
+                        assert_int_equal(chown(f->conf, 0, 0) || chmod(f->conf, 0666), 0);
+                assert_int_equal(hx_ctl(&f->b, -1, &res, "policy", "reload", NULL), 0);
+                if (res.exit_code != 1)
+                        fprintf(stderr, "GAP: a broker.conf %s turned require_signed off: exit %d\n",
+                                how ? "writable by others" : "owned by nobody", res.exit_code);
+                assert_int_equal(res.exit_code, 1);
+                assert_non_null(strstr(res.err, "was not applied"));
+                hx_run_result_done(&res);
+                assert_write_refused(f);
+        }
+
+        /* off again: the unsigned source is served after the next reload */
+        assert_int_equal(chmod(f->conf, 0644), 0);
         assert_int_equal(hx_ctl(&f->b, -1, &res, "policy", "reload", NULL), 0);
         run_ok(&res, "policy reload");
         hx_run_result_done(&res);
