@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <stdbool.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -202,6 +203,16 @@ int main(int argc, char **argv)
 
         const char *trusted_flag = NULL;
         bool signed_flag = false;
+
+        /* SIGTERM, SIGINT and SIGHUP wait (blocked, in every thread made later) for the event
+         * loop's signalfd: before, one during start-up (a reload racing a start, a stop right
+         * after the socket appeared) killed the broker with no shutdown checkpoint (helper-54) */
+        sigset_t ss;
+        sigemptyset(&ss);
+        sigaddset(&ss, SIGTERM);
+        sigaddset(&ss, SIGINT);
+        sigaddset(&ss, SIGHUP);
+        sigprocmask(SIG_BLOCK, &ss, NULL);
 
         ab_config_defaults(&cfg);
         r = parse_args(argc, argv, &cfg, &trusted_flag, &signed_flag);
