@@ -1859,24 +1859,33 @@ static int startup_policy(ab_manager *m)
 }
 
 #define AB_PURGE_INTERVAL_USEC (10ull * 60 * 1000000)
+#define AB_PURGE_SOON_USEC (30ull * 1000000) /* a full store asks for a purge at most this often */
 
 /* Drop expired sessions and stale revocation entries, and store which earlier keys ended,
- * now and every 10 min. */
+ * now and every 10 min; a pass that left some for later runs again after a second. */
 static int on_purge_timer(sd_event_source *s, uint64_t usec, void *userdata)
 {
         ab_manager *m = userdata;
         unsigned n = 0;
-        int r = ab_session_purge(m->store, ab_manager_now(m), ab_process_running, &n);
+        bool more = false;
+        int r = ab_session_purge(m->store, ab_manager_now(m), ab_process_running, &n, &more);
 
+        (void)usec;
+        m->purged_at = ab_mono_usec();
         store_key_ends(m);
-
         if (r < 0)
                 ab_log(LOG_WARNING, "purging expired sessions failed: %s", ab_strerror(r));
         else if (n > 0)
-                ab_log(LOG_INFO, "purged %u expired session and revocation records", n);
+                ab_log(LOG_INFO, "purged %u expired session and revocation records%s", n, more ? "; more next" : "");
         if (s)
-                sd_event_source_set_time(s, usec + AB_PURGE_INTERVAL_USEC);
+                sd_event_source_set_time(s, m->purged_at + (more ? 1000000 : AB_PURGE_INTERVAL_USEC));
         return 0;
+}
+
+void ab_manager_purge_soon(ab_manager *m)
+{
+        if (m->purge_timer && ab_mono_usec() - m->purged_at >= AB_PURGE_SOON_USEC)
+                (void)sd_event_source_set_time(m->purge_timer, ab_mono_usec());
 }
 
 static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata)

@@ -139,6 +139,7 @@ struct ab_manager {
         ab_policy *policy;
         sd_event_source *sighup, *inotify, *reload_timer, *purge_timer;
         sd_event_source *key_end_defer; /* an earlier key's overlap ran out: store that (on while due) */
+        uint64_t purged_at;             /* CLOCK_MONOTONIC µs of the last purge pass */
         gid_t admin_gid;
         bool has_admin_gid;
         ab_signer *signer;

@@ -54,13 +54,19 @@ int64_t ab_manager_now(const ab_manager *m)
 
 static void store_error(ab_conn *c, int r, const char *what)
 {
+        static uint64_t logged; /* a full store refuses every new session: one log line per 10 s */
         char reason[256];
 
+        if (r == -EDQUOT || r == -ENOSPC || r == -EIO)
+                ab_manager_purge_soon(c->m); /* what expired makes room (the timer waits 10 min) */
         if (r == -EDQUOT) { /* ab_txn_room_to_grow: a limit, not a failure */
                 snprintf(reason, sizeof reason,
                          "%s: the broker's state store is 90%% full; its last tenth is kept for revocations "
                          "(--store-max-size)", what);
-                ab_log(LOG_WARNING, "%s", reason);
+                if (logged == 0 || ab_mono_usec() - logged >= 10000000) {
+                        logged = ab_mono_usec();
+                        ab_log(LOG_WARNING, "%s", reason);
+                }
                 ab_conn_error(c, "io.agentbroker.LimitReached", reason, NULL);
                 return;
         }

@@ -49,6 +49,8 @@ int ab_attest_peer(ab_conn *c, ab_identity *id);
 
 /* Wall-clock seconds as the broker sees them. */
 int64_t ab_manager_now(const ab_manager *m);
+/* The store is full: purge expired sessions now, unless a purge ran in the last 30 s. */
+void ab_manager_purge_soon(ab_manager *m);
 
 /* Session methods (methods-session.c). */
 void ab_m_authenticate(ab_conn *c, ab_vl_call *call);

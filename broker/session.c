@@ -1006,42 +1006,66 @@ int ab_session_list(ab_store *st, const ab_policy *policy, const char *agent, co
         return 0;
 }
 
+/*
+ * The purge: a read pass collects what expired, and write transactions
+ * delete it in key order. Keys in key order touch few pages; a store at its
+ * 90% mark (sessions are refused from there) or on a full disk had no room
+ * for one transaction deleting them in the order found, and the purge that
+ * would have made room failed every time, after restarts too: no agent got
+ * a session again (helper-50). A batch that does not fit is split in halves.
+ */
+#define PURGE_PASS_MAX 20000 /* keys per pass; what is left goes in the next, soon after */
+#define PURGE_BATCH_MIN 16
+
+typedef struct purge_key {
+        uint8_t key[1 + AB_SID_LEN + AB_PAM_ID_LEN];
+        uint8_t len;
+        uint8_t db; /* ab_db */
+} purge_key;
+
 typedef struct purger {
         ab_txn *t;
         int64_t now;
         int64_t cutoff; /* cutoff_of, read once for the pass */
         bool (*running)(pid_t pid, uint64_t start_time);
-        uint8_t (*keys)[1 + AB_SID_LEN + AB_PAM_ID_LEN];
-        size_t *lens;
+        purge_key *keys;
         size_t n, cap;
+        bool more; /* the pass stopped at PURGE_PASS_MAX */
 } purger;
 
-static int purge_add(purger *p, const void *key, size_t klen)
+static int purge_add(purger *p, ab_db db, const void *key, size_t klen)
 {
-        if (klen > sizeof p->keys[0])
+        if (klen > sizeof p->keys[0].key)
                 return 0;
         if (p->n == p->cap) {
                 size_t nc = p->cap ? p->cap * 2 : 64;
-                void *k = realloc(p->keys, nc * sizeof *p->keys), *l;
+                purge_key *k = realloc(p->keys, nc * sizeof *p->keys);
                 if (!k)
                         return -ENOMEM;
                 p->keys = k;
-                l = realloc(p->lens, nc * sizeof *p->lens);
-                if (!l)
-                        return -ENOMEM;
-                p->lens = l;
                 p->cap = nc;
         }
-        memcpy(p->keys[p->n], key, klen);
-        p->lens[p->n++] = klen;
-        return p->n >= 100000 ? 1 : 0; /* bounded per pass */
+        memcpy(p->keys[p->n].key, key, klen);
+        p->keys[p->n].len = (uint8_t)klen;
+        p->keys[p->n++].db = (uint8_t)db;
+        return 0;
+}
+
+/* Whether the pass is full: checked before a session (or revocation) is taken, so that a
+ * session always goes with all its keys (before, the bound could cut it from its PAM
+ * records and its process binding, which nothing else finds: kept for ever). */
+static bool purge_full(purger *p)
+{
+        if (p->n >= PURGE_PASS_MAX)
+                p->more = true;
+        return p->more;
 }
 
 static int purge_pam(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
 {
         (void)val;
         (void)vlen;
-        return purge_add(ud, key, klen);
+        return purge_add(ud, AB_DB_SESSIONS, key, klen);
 }
 
 static int purge_session(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
@@ -1065,7 +1089,9 @@ static int purge_session(void *ud, const void *key, size_t klen, const void *val
         /* "a revoked session stays bound to its process": while it runs */
         if (s.state == AB_SESSION_REVOKED && p->running && p->running(s.pid, s.start_time))
                 return 0;
-        r = purge_add(p, key, klen);
+        if (purge_full(p))
+                return 1;
+        r = purge_add(p, AB_DB_SESSIONS, key, klen);
         if (r != 0)
                 return r;
         /* its PAM records go with it */
@@ -1078,7 +1104,7 @@ static int purge_session(void *ud, const void *key, size_t klen, const void *val
         proc_key(pk, s.pid, s.start_time);
         if (ab_txn_get(p->t, AB_DB_SESSIONS, pk, sizeof pk, &bound, &bl) == 0 && bl == AB_SID_LEN &&
             memcmp(bound, (const char *)key + 1, AB_SID_LEN) == 0)
-                return purge_add(p, pk, sizeof pk);
+                return purge_add(p, AB_DB_SESSIONS, pk, sizeof pk);
         return 0;
 }
 
@@ -1087,38 +1113,69 @@ static int purge_jti(void *ud, const void *key, size_t klen, const void *val, si
         purger *p = ud;
         if (vlen != 8 || (int64_t)get_be64(val) > p->now)
                 return 0;
-        return purge_add(p, key, klen);
+        if (purge_full(p))
+                return 1;
+        return purge_add(p, AB_DB_REVOCATIONS, key, klen);
 }
 
-int ab_session_purge(ab_store *st, int64_t now, bool (*running)(pid_t pid, uint64_t start_time), unsigned *ret_n)
+/* LMDB's order (memcmp, then the shorter first), within each db. A session's PAM records
+ * ('m') and process binding ('p') sort before the sessions ('s'): a pass that stops half
+ * way leaves the sessions, which the next pass finds again with what is left of them. */
+static int cmp_purge_key(const void *a, const void *b)
+{
+        const purge_key *x = a, *y = b;
+        int c;
+
+        if (x->db != y->db)
+                return x->db < y->db ? -1 : 1;
+        c = memcmp(x->key, y->key, x->len < y->len ? x->len : y->len);
+        if (c != 0)
+                return c;
+        return x->len < y->len ? -1 : x->len > y->len;
+}
+
+int ab_session_purge(ab_store *st, int64_t now, bool (*running)(pid_t pid, uint64_t start_time), unsigned *ret_n,
+                     bool *ret_more)
 {
         purger p = { .now = now, .running = running };
         ab_txn *t = NULL;
-        size_t n_sess;
-        int r = ab_store_begin(st, true, &t);
+        size_t done = 0, batch;
+        int r = ab_store_begin(st, false, &t);
 
+        if (ret_n)
+                *ret_n = 0;
+        if (ret_more)
+                *ret_more = false;
         if (r < 0)
                 return r;
         p.t = t;
         p.cutoff = cutoff_of(t);
         r = ab_txn_foreach(t, AB_DB_SESSIONS, "s", 1, purge_session, &p);
-        n_sess = p.n;
-        if (r >= 0)
+        if (r >= 0 && !p.more)
                 r = ab_txn_foreach(t, AB_DB_REVOCATIONS, "j", 1, purge_jti, &p);
-        for (size_t i = 0; r >= 0 && i < p.n; i++) {
-                ab_db db = i < n_sess ? AB_DB_SESSIONS : AB_DB_REVOCATIONS;
-                r = ab_txn_del(t, db, p.keys[i], p.lens[i]);
+        ab_txn_abort(t);
+        if (r >= 0)
+                qsort(p.keys, p.n, sizeof *p.keys, cmp_purge_key);
+        /* one transaction when it fits (one sync); halves while the store has no room for it */
+        batch = p.n;
+        while (r >= 0 && done < p.n) {
+                size_t end = done + batch < p.n ? done + batch : p.n;
+                r = ab_store_begin(st, true, &t);
+                for (size_t i = done; r >= 0 && i < end; i++)
+                        r = ab_txn_del(t, (ab_db)p.keys[i].db, p.keys[i].key, p.keys[i].len);
+                r = ab_txn_end(t, r);
+                if (r == -ENOSPC && batch > PURGE_BATCH_MIN) {
+                        batch /= 2;
+                        r = 0;
+                        continue;
+                }
+                if (r >= 0)
+                        done = end;
         }
         free(p.keys);
-        free(p.lens);
-        if (r < 0 || p.n == 0) {
-                ab_txn_abort(t);
-                if (ret_n)
-                        *ret_n = 0;
-                return r < 0 ? r : 0;
-        }
-        r = ab_txn_commit(t);
-        if (r == 0 && ret_n)
-                *ret_n = (unsigned)p.n;
-        return r;
+        if (ret_n)
+                *ret_n = (unsigned)done;
+        if (ret_more)
+                *ret_more = p.more && r >= 0;
+        return r < 0 ? r : 0;
 }

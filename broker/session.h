@@ -195,8 +195,10 @@ json_t *ab_session_json(const ab_session *s, const ab_agent *a, int64_t now);
  * Drop expired sessions and stale revocation entries. *ret_n: records
  * dropped. A revoked session whose process is still running (running(pid,
  * start_time) says so; NULL: none is) is kept past its expiry, so that the
- * process stays refused instead of getting a new session.
+ * process stays refused instead of getting a new session. At most
+ * PURGE_PASS_MAX keys a call: *ret_more says there are more to drop.
  */
-int ab_session_purge(ab_store *st, int64_t now, bool (*running)(pid_t pid, uint64_t start_time), unsigned *ret_n);
+int ab_session_purge(ab_store *st, int64_t now, bool (*running)(pid_t pid, uint64_t start_time), unsigned *ret_n,
+                     bool *ret_more);
 
 #endif

@@ -2521,6 +2521,57 @@ static void test_full_store_keeps_room_for_revocation(void **state)
 }
 
 /*
+ * A store filled to its 90% mark by sessions that then all expire is purged
+ * (at start, and by the timer): before, the purge deleted in the order it
+ * found keys, one transaction that did not fit in the last tenth, failed
+ * every time, and no agent got a session again, restarts or not
+ * (helper-50).
+ */
+static void test_full_store_recovers_by_purge(void **state)
+{
+        hx_broker *b = *state;
+        char clock_path[PATH_MAX], *log = NULL;
+        unsigned opened = 0;
+        bool refused = false;
+        hx_conn *c, *a;
+        json_t *arr;
+        script sc = { 0 };
+
+        hx_add_arg(b, "--store-max-size");
+        hx_add_arg(b, "1");
+        start_clocked(b, clock_path, sizeof clock_path, &c, &a);
+        for (int i = 0; i < 3000 && !refused; i++) {
+                script one = { 0 };
+                json_t *root;
+                script_add(&one, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+                arr = run_script(&one, 0);
+                root = json_array_get(arr, 0);
+                if (hx_reply_error(root)) {
+                        assert_string_equal(hx_reply_error(root), "io.agentbroker.LimitReached");
+                        refused = true;
+                } else {
+                        opened++;
+                }
+                json_decref(arr);
+        }
+        assert_true(refused);
+        /* all of them expire (policy allows no max_lifetime over 30 days); the purge runs at start */
+        hx_set_test_clock(clock_path, 31 * 86400);
+        restart_clocked(b, &c, &a);
+        script_add(&sc, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+        arr = run_script(&sc, 0);
+        if (hx_reply_error(json_array_get(arr, 0))) {
+                hx_broker_dump_log(b);
+                fail_msg("after %u sessions expired: %s", opened, err_or_ok(json_array_get(arr, 0)));
+        }
+        json_decref(arr);
+        assert_int_equal(hx_read_file(b->log, 1 << 20, &log, NULL), 0);
+        assert_null(strstr(log, "purging expired sessions failed"));
+        assert_non_null(strstr(log, "purged "));
+        free(log);
+}
+
+/*
  * An agent may make up jtis of its own sessions and revoke them: each one a
  * new key in the store. Those stop at 90% like new sessions (LimitReached),
  * so the last tenth stays for the administrator, whose revocation of the
@@ -3789,6 +3840,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_revoke_admin, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revoke_before, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_full_store_keeps_room_for_revocation, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_full_store_recovers_by_purge, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_agent_revocations_keep_the_reserve, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revoke_before_same_second_fails_closed, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_other_uid_cannot_touch, hx_setup, teardown),
