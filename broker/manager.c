@@ -1159,6 +1159,14 @@ static bool admin_allowed(const ab_manager *m, const ab_peer *p)
         return p->uid == 0 || (m->has_admin_gid && (p->gid == m->admin_gid || ab_peer_in_group(p, m->admin_gid)));
 }
 
+/*
+ * Connections past --max-connections for root and the admin socket: a few
+ * uids holding every connection (1,024 each by default) locked out root's
+ * agents, PAM logins (the module runs in sshd, as root) and the admin CLI
+ * (helper-50).
+ */
+#define AB_CONN_RESERVE 64
+
 static void accept_one(ab_manager *m, int lfd, bool admin)
 {
         ab_conn *c;
@@ -1219,7 +1227,7 @@ static void accept_one(ab_manager *m, int lfd, bool admin)
         if (admin && !admin_allowed(m, &c->peer)) {
                 ab_conn_error(c, "io.agentbroker.PermissionDenied", "the admin socket is for root only", NULL);
                 c->closing = true;
-        } else if (m->n_conns > m->cfg.max_connections) {
+        } else if (m->n_conns > m->cfg.max_connections + (admin || c->peer.charge_uid == 0 ? AB_CONN_RESERVE : 0)) {
                 ab_conn_error(c, "io.agentbroker.TooManyConnections", "the broker holds its maximum of connections",
                               NULL);
                 c->closing = true;

@@ -25,6 +25,7 @@
 #include <unistd.h>
 #include <dirent.h>
 #include <cmocka.h>
+#include <grp.h>
 #include "harness.h"
 #include "../../client/agentbroker.h"
 
@@ -1639,6 +1640,52 @@ static void test_setuid_peer_charged_to_real_uid(void **state)
                 hx_conn_close(b, cs[i]);
 }
 
+/*
+ * Other uids holding every connection leave root (its agents, the PAM module
+ * in sshd) and the admin socket a reserve: before, uids 2001-2004 with 1,030
+ * idle connections each locked out both (helper-50).
+ */
+static void test_connection_reserve_for_root(void **state)
+{
+        hx_broker *b = *state;
+        int ready[2], hold[2], st = 0;
+        hx_conn *c, *a;
+        char byte;
+        pid_t pid;
+
+        b->extra_args[b->n_extra_args++] = "--max-connections";
+        b->extra_args[b->n_extra_args++] = "2";
+        start_with(b, "\"uid\": 0");
+        assert_int_equal(pipe2(ready, O_CLOEXEC), 0);
+        assert_int_equal(pipe2(hold, O_CLOEXEC), 0);
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) { /* nobody takes every connection and holds them */
+                hx_conn *mine[3] = { 0 };
+                alarm(30);
+                if (setgroups(0, NULL) < 0 || setgid(HX_NOBODY_GID) < 0 || setuid(HX_NOBODY_UID) < 0)
+                        _exit(2);
+                for (int i = 0; i < 3; i++)
+                        (void)hx_conn_open(NULL, b->sock, &mine[i]); /* the third is refused */
+                (void)!write(ready[1], "r", 1);
+                (void)!read(hold[0], &byte, 1); /* until the parent closes its end */
+                _exit(0);
+        }
+        close(ready[1]);
+        close(hold[0]);
+        assert_int_equal(read(ready[0], &byte, 1), 1);
+        hx_sleep_ms(100); /* the broker accepted them */
+        c = hx_connect(b, b->sock);
+        assert_getinfo_works(c);
+        a = hx_connect(b, b->admin_sock);
+        assert_getinfo_works(a);
+        hx_conn_close(b, c);
+        hx_conn_close(b, a);
+        close(hold[1]);
+        close(ready[0]);
+        assert_int_equal(waitpid(pid, &st, 0), pid);
+}
+
 /* Connection caps: per uid and in total; a refused connection is told why and closed. */
 static void test_connection_caps(void **state)
 {
@@ -2120,6 +2167,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_admin_socket, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_refused_client_learns_why, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_connection_caps, hx_setup, hx_teardown),
+                cmocka_unit_test_setup_teardown(test_connection_reserve_for_root, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_fd_exhaustion_pauses_accept, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_rate_limit_per_uid, hx_setup, hx_teardown),
                 cmocka_unit_test_setup_teardown(test_rate_limit_survives_reconnect, hx_setup, hx_teardown),
