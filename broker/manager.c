@@ -1869,6 +1869,8 @@ static int startup_policy(ab_manager *m)
 #define AB_PURGE_INTERVAL_USEC (10ull * 60 * 1000000)
 #define AB_PURGE_SOON_USEC (30ull * 1000000) /* a full store asks for a purge at most this often */
 
+static void recount_sessions(ab_manager *m);
+
 /* Drop expired sessions and stale revocation entries, and store which earlier keys ended,
  * now and every 10 min; a pass that left some for later runs again after a second. */
 static int on_purge_timer(sd_event_source *s, uint64_t usec, void *userdata)
@@ -1880,6 +1882,7 @@ static int on_purge_timer(sd_event_source *s, uint64_t usec, void *userdata)
 
         (void)usec;
         m->purged_at = ab_mono_usec();
+        recount_sessions(m);
         store_key_ends(m);
         if (r < 0)
                 ab_log(LOG_WARNING, "purging expired sessions failed: %s", ab_strerror(r));
@@ -1888,6 +1891,75 @@ static int on_purge_timer(sd_event_source *s, uint64_t usec, void *userdata)
         if (s)
                 sd_event_source_set_time(s, m->purged_at + (more ? 1000000 : AB_PURGE_INTERVAL_USEC));
         return 0;
+}
+
+/*
+ * Sessions per uid: counted at start and after each purge (every session
+ * record the store holds, expired or not, until it is purged), and one more
+ * for each session opened, so that a uid holding most of them is stopped
+ * before the store is full for everyone (ab_session_authenticate).
+ */
+typedef struct ab_uid_count {
+        uint32_t uid;
+        uint64_t n;
+} ab_uid_count;
+
+static ab_uid_count *uid_count_at(const ab_manager *m, uint32_t uid, size_t *ret_pos)
+{
+        size_t lo = 0, hi = m->n_uid_sessions;
+        while (lo < hi) {
+                size_t mid = lo + (hi - lo) / 2;
+                if (m->uid_sessions[mid].uid < uid)
+                        lo = mid + 1;
+                else
+                        hi = mid;
+        }
+        *ret_pos = lo;
+        return lo < m->n_uid_sessions && m->uid_sessions[lo].uid == uid ? &m->uid_sessions[lo] : NULL;
+}
+
+static void uid_count_add(void *ud, uint32_t uid)
+{
+        ab_manager *m = ud;
+        size_t pos;
+        ab_uid_count *u = uid_count_at(m, uid, &pos);
+
+        m->sessions_total++;
+        if (u) {
+                u->n++;
+                return;
+        }
+        if (m->n_uid_sessions == m->max_uid_sessions) {
+                size_t nm = m->max_uid_sessions ? m->max_uid_sessions * 2 : 16;
+                ab_uid_count *v = realloc(m->uid_sessions, nm * sizeof *v);
+                if (!v)
+                        return; /* not counted: the 90% limit still holds */
+                m->uid_sessions = v;
+                m->max_uid_sessions = nm;
+        }
+        memmove(&m->uid_sessions[pos + 1], &m->uid_sessions[pos], (m->n_uid_sessions - pos) * sizeof *m->uid_sessions);
+        m->uid_sessions[pos] = (ab_uid_count){ .uid = uid, .n = 1 };
+        m->n_uid_sessions++;
+}
+
+static void recount_sessions(ab_manager *m)
+{
+        m->n_uid_sessions = 0;
+        m->sessions_total = 0;
+        if (ab_session_count_uids(m->store, uid_count_add, m) < 0)
+                m->n_uid_sessions = m->sessions_total = 0; /* unknown: nobody is held to a share */
+}
+
+bool ab_manager_uid_holds_most(const ab_manager *m, uid_t uid)
+{
+        size_t pos;
+        const ab_uid_count *u = uid_count_at(m, uid, &pos);
+        return u && u->n * 2 > m->sessions_total;
+}
+
+void ab_manager_session_opened(ab_manager *m, uid_t uid)
+{
+        uid_count_add(m, uid);
 }
 
 void ab_manager_purge_soon(ab_manager *m)
@@ -2447,6 +2519,7 @@ void ab_manager_free(ab_manager *m)
         m->exit_timer = NULL;
         ab_policy_free(m->policy);
         ab_signer_free(m->signer);
+        free(m->uid_sessions);
         ab_exe_cache_free(m->exe_cache);
         ab_store_close(m->store);
         ab_close(m->state_fd);

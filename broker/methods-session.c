@@ -57,8 +57,17 @@ static void store_error(ab_conn *c, int r, const char *what)
         static uint64_t logged; /* a full store refuses every new session: one log line per 10 s */
         char reason[256];
 
-        if (r == -EDQUOT || r == -ENOSPC || r == -EIO)
+        if (r == -EDQUOT || r == -EUSERS || r == -ENOSPC || r == -EIO)
                 ab_manager_purge_soon(c->m); /* what expired makes room (the timer waits 10 min) */
+        if (r == -EUSERS) { /* ab_session_authenticate: one uid's share */
+                snprintf(reason, sizeof reason,
+                         "%s: uid %u holds most of the broker's sessions and its state store is %d%% full; the "
+                         "rest is kept for other users (sessions end with max_lifetime, also those of exited "
+                         "processes)",
+                         what, (unsigned)c->peer.uid, AB_STORE_UID_SHARE_PERCENT);
+                ab_conn_error(c, "io.agentbroker.LimitReached", reason, NULL);
+                return;
+        }
         if (r == -EDQUOT) { /* ab_txn_room_to_grow: a limit, not a failure */
                 snprintf(reason, sizeof reason,
                          "%s: the broker's state store is 90%% full; its last tenth is kept for revocations "
@@ -123,7 +132,8 @@ int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a,
         case AB_SESSION_OK:
                 return 0;
         case AB_SESSION_NONE:
-                r = ab_session_authenticate(c->m->store, id, a, now, ret, &created);
+                r = ab_session_authenticate(c->m->store, id, a, now, ret, &created,
+                                            ab_manager_uid_holds_most(c->m, id->uid));
                 if (r == -EAGAIN) {
                         /* the record first: a refusal waits for its own record like any reply */
                         audit_session(c, "token.denied", "deny", CUTOFF_REASON, id, a, NULL, deny_fields);
@@ -137,6 +147,8 @@ int ab_session_for_request(ab_conn *c, const ab_identity *id, const ab_agent *a,
                 }
                 ab_log(LOG_INFO, "session %s opened for agent %s pid %d uid %u", ret->sid, a->id, (int)id->pid,
                        (unsigned)id->uid);
+                if (created)
+                        ab_manager_session_opened(c->m, id->uid);
                 audit_session(c, "session.opened", "grant", NULL, id, a, ret, NULL);
                 return 0;
         case AB_SESSION_NEED_REAUTH:
@@ -196,7 +208,7 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
         if (!a)
                 return;
         now = ab_manager_now(c->m);
-        r = ab_session_authenticate(c->m->store, &id, a, now, &s, &created);
+        r = ab_session_authenticate(c->m->store, &id, a, now, &s, &created, ab_manager_uid_holds_most(c->m, id.uid));
         if (r == -EAGAIN) {
                 audit_session(c, "session.reauthenticated", "deny", CUTOFF_REASON, &id, a, NULL, NULL);
                 cutoff_pending(c);
@@ -207,6 +219,7 @@ void ab_m_authenticate(ab_conn *c, ab_vl_call *call)
                 return;
         }
         if (created) {
+                ab_manager_session_opened(c->m, id.uid);
                 audit_session(c, "session.opened", "grant", NULL, &id, a, &s, NULL);
                 ab_log(LOG_INFO, "session %s opened for agent %s pid %d uid %u", s.sid, a->id, (int)id.pid,
                        (unsigned)id.uid);

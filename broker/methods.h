@@ -51,6 +51,9 @@ int ab_attest_peer(ab_conn *c, ab_identity *id);
 int64_t ab_manager_now(const ab_manager *m);
 /* The store is full: purge expired sessions now, unless a purge ran in the last 30 s. */
 void ab_manager_purge_soon(ab_manager *m);
+/* Whether uid holds more than half of the sessions in the store; one more session of uid. */
+bool ab_manager_uid_holds_most(const ab_manager *m, uid_t uid);
+void ab_manager_session_opened(ab_manager *m, uid_t uid);
 
 /* Session methods (methods-session.c). */
 void ab_m_authenticate(ab_conn *c, ab_vl_call *call);

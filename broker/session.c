@@ -235,7 +235,7 @@ ab_session_verdict ab_session_check(ab_store *st, const ab_identity *id, const a
 }
 
 int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent *a, int64_t now,
-                            ab_session *ret, bool *ret_new)
+                            ab_session *ret, bool *ret_new, bool uid_holds_most)
 {
         ab_session cur, old;
         ab_session_verdict v = ab_session_check(st, id, a, now, &cur);
@@ -304,6 +304,13 @@ int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent 
                         ab_txn_abort(t);
                         *ret_new = false;
                         return -EDQUOT;
+                }
+                /* one uid holding most sessions stops at 75%: its processes (each a session until
+                 * max_lifetime, also after it exits) denied every other user a session (helper-50) */
+                if (uid_holds_most && ab_txn_used_percent(t) >= AB_STORE_UID_SHARE_PERCENT) {
+                        ab_txn_abort(t);
+                        *ret_new = false;
+                        return -EUSERS;
                 }
         }
         r = store_session(t, &cur);
@@ -1004,6 +1011,34 @@ int ab_session_list(ab_store *st, const ab_policy *policy, const char *agent, co
         *ret = l.out;
         snprintf(ret_next, AB_SID_LEN + 1, "%s", l.more ? l.last : "");
         return 0;
+}
+
+typedef struct uid_counter {
+        void (*fn)(void *ud, uint32_t uid);
+        void *ud;
+} uid_counter;
+
+static int count_uid(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
+{
+        uid_counter *u = ud;
+        ab_session s;
+        if (klen != 1 + AB_SID_LEN || vlen != sizeof s)
+                return 0;
+        memcpy(&s, val, sizeof s);
+        u->fn(u->ud, s.uid);
+        return 0;
+}
+
+int ab_session_count_uids(ab_store *st, void (*fn)(void *ud, uint32_t uid), void *ud)
+{
+        uid_counter u = { fn, ud };
+        ab_txn *t = NULL;
+        int r = ab_store_begin(st, false, &t);
+        if (r < 0)
+                return r;
+        r = ab_txn_foreach(t, AB_DB_SESSIONS, "s", 1, count_uid, &u);
+        ab_txn_abort(t);
+        return r;
 }
 
 /*

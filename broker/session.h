@@ -27,6 +27,7 @@
 #define AB_SID_LEN 22     /* base64url of 16 bytes */
 #define AB_TOKEN_JTI_LEN 43 /* base64url of 32 bytes */
 #define AB_PAM_ID_LEN 43 /* like a jti: names its session */
+#define AB_STORE_UID_SHARE_PERCENT 75 /* see ab_session_authenticate */
 #define AB_NBF_LEEWAY 5   /* seconds an nbf/iat may lie in the future */
 #define AB_SESSION_EXE_MAX 256
 
@@ -73,9 +74,13 @@ ab_session_verdict ab_session_check(ab_store *st, const ab_identity *id, const a
  * auth_time = now. Durable on return. *ret_new says which. -EPERM with
  * *ret set when the process's session is revoked, also a new one opened
  * before the host-wide revocation cut-off (stored revoked: *ret_new true).
+ * A new session is refused with -EDQUOT once the store is 90% full, and
+ * with -EUSERS from 75% when uid_holds_most (the caller's uid holds more
+ * than half of the sessions): one user's processes leave the rest to
+ * everyone else.
  */
 int ab_session_authenticate(ab_store *st, const ab_identity *id, const ab_agent *a, int64_t now,
-                            ab_session *ret, bool *ret_new);
+                            ab_session *ret, bool *ret_new, bool uid_holds_most);
 
 /* Effective expiry and re-authentication deadline under the current policy (a may be NULL). */
 int64_t ab_session_expires(const ab_session *s, const ab_agent *a);
@@ -198,6 +203,9 @@ json_t *ab_session_json(const ab_session *s, const ab_agent *a, int64_t now);
  * process stays refused instead of getting a new session. At most
  * PURGE_PASS_MAX keys a call: *ret_more says there are more to drop.
  */
+/* fn(ud, uid) for each session record in the store (expired ones too, until purged). */
+int ab_session_count_uids(ab_store *st, void (*fn)(void *ud, uint32_t uid), void *ud);
+
 int ab_session_purge(ab_store *st, int64_t now, bool (*running)(pid_t pid, uint64_t start_time), unsigned *ret_n,
                      bool *ret_more);
 

@@ -176,7 +176,8 @@ static size_t db_pages(MDB_txn *txn, MDB_dbi dbi)
         return mdb_stat(txn, dbi, &st) == 0 ? st.ms_branch_pages + st.ms_leaf_pages + st.ms_overflow_pages : 0;
 }
 
-bool ab_txn_room_to_grow(ab_txn *t)
+/* Pages in use and pages the map holds (false if they cannot be read). */
+static bool pages_used(ab_txn *t, size_t *ret_used, size_t *ret_total)
 {
         MDB_envinfo info;
         MDB_stat env;
@@ -189,7 +190,23 @@ bool ab_txn_room_to_grow(ab_txn *t)
                 used += db_pages(t->txn, t->s->dbi[i]);
         if (mdb_dbi_open(t->txn, NULL, 0, &main_dbi) == 0)
                 used += db_pages(t->txn, main_dbi);
-        return used * 10 < info.me_mapsize / env.ms_psize * 9;
+        *ret_used = used;
+        *ret_total = info.me_mapsize / env.ms_psize;
+        return *ret_total > 0;
+}
+
+bool ab_txn_room_to_grow(ab_txn *t)
+{
+        size_t used, total;
+        return pages_used(t, &used, &total) && used * 10 < total * 9;
+}
+
+unsigned ab_txn_used_percent(ab_txn *t)
+{
+        size_t used, total;
+        if (!pages_used(t, &used, &total))
+                return 100;
+        return used >= total ? 100 : (unsigned)(used * 100 / total);
 }
 
 int ab_store_begin(ab_store *s, bool write, ab_txn **ret)

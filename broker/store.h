@@ -55,6 +55,8 @@ int ab_txn_end(ab_txn *t, int r);
  * always be recordable, keep the last tenth.
  */
 bool ab_txn_room_to_grow(ab_txn *t);
+/* The pages in use, in percent of the map (100 if it cannot be read). */
+unsigned ab_txn_used_percent(ab_txn *t);
 
 /*
  * Look up key. *ret_val points into the map, valid until the transaction

@@ -2454,11 +2454,13 @@ static void test_full_store_keeps_room_for_revocation(void **state)
         start_with(b, NULL, -1);
         c = hx_connect(b, b->sock);
         tok0 = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
+        /* nobody's processes and root's in turn: neither holds most of the sessions, so both go on
+         * to the 90% mark (one uid alone stops at 75%: test_one_uid_leaves_room_for_others) */
         for (int i = 0; i < 3000 && !refused; i++) {
                 script sc = { 0 };
                 json_t *arr;
                 script_add(&sc, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-                arr = run_script(&sc, 0);
+                arr = run_script(&sc, i % 2 ? 0 : HX_NOBODY_UID);
                 root = json_array_get(arr, 0);
                 if (hx_reply_error(root)) {
                         if (strcmp(hx_reply_error(root), "io.agentbroker.LimitReached") != 0)
@@ -2467,7 +2469,7 @@ static void test_full_store_keeps_room_for_revocation(void **state)
                         assert_non_null(strstr(hx_reply_str(root, "reason"), "90%"));
                         refused = true;
                 } else {
-                        if (!first)
+                        if (!first && i % 2) /* one of root's: its agent is revoked below */
                                 first = json_incref(root);
                         opened++;
                 }
@@ -2518,6 +2520,47 @@ static void test_full_store_keeps_room_for_revocation(void **state)
         hx_run_result_done(&res);
         json_decref(first);
         free(tok0);
+}
+
+/*
+ * One user's processes (each a session until max_lifetime, also after it
+ * exits) stop at 75% of the store once that user holds most sessions, so
+ * that another user still gets one: before, root's processes took the
+ * store to its 90% mark and every other user got LimitReached (helper-50).
+ */
+static void test_one_uid_leaves_room_for_others(void **state)
+{
+        hx_broker *b = *state;
+        unsigned opened = 0;
+        const char *why = NULL;
+        json_t *arr = NULL;
+        char *t;
+
+        hx_add_arg(b, "--store-max-size");
+        hx_add_arg(b, "1");
+        start_with(b, NULL, -1);
+        for (int i = 0; i < 3000 && !why; i++) {
+                script sc = { 0 };
+                json_t *root;
+                json_decref(arr);
+                script_add(&sc, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+                arr = run_script(&sc, 0);
+                root = json_array_get(arr, 0);
+                if (hx_reply_error(root)) {
+                        assert_string_equal(hx_reply_error(root), "io.agentbroker.LimitReached");
+                        why = hx_reply_str(root, "reason");
+                } else {
+                        opened++;
+                }
+        }
+        assert_non_null(why);
+        fprintf(stderr, "one uid: %u sessions, then: %s\n", opened, why);
+        assert_non_null(strstr(why, "holds most"));
+        json_decref(arr);
+        /* another user's process still gets a session and a token */
+        t = issue_as(b, HX_NOBODY_UID, AUD_GIT, "repo:read", NULL);
+        assert_non_null(t);
+        free(t);
 }
 
 /*
@@ -3841,6 +3884,7 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_revoke_before, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_full_store_keeps_room_for_revocation, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_full_store_recovers_by_purge, hx_setup, teardown),
+                cmocka_unit_test_setup_teardown(test_one_uid_leaves_room_for_others, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_agent_revocations_keep_the_reserve, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_revoke_before_same_second_fails_closed, hx_setup, teardown),
                 cmocka_unit_test_setup_teardown(test_other_uid_cannot_touch, hx_setup, teardown),
