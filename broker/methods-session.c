@@ -80,7 +80,9 @@ static void store_error(ab_conn *c, int r, const char *what)
                 return;
         }
         snprintf(reason, sizeof reason, "%s: %s", what,
-                 r == -ENOSPC ? "the broker's state store is full (disk or map)" : ab_strerror(r));
+                 r == -ENOSPC ? "the broker's state store is full (disk or map)"
+                 : r == -EIO  ? "the broker's state store cannot be written (a full file system reads so too)"
+                              : ab_strerror(r));
         ab_log(LOG_ERR, "%s", reason);
         ab_conn_error(c, "io.agentbroker.InternalError", reason, NULL);
 }
