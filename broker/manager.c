@@ -2437,12 +2437,7 @@ int ab_manager_startup(ab_manager *m)
                 if (r < 0)
                         return r;
         }
-        sigset_t ss;
-        sigemptyset(&ss);
-        sigaddset(&ss, SIGTERM);
-        sigaddset(&ss, SIGINT);
-        sigaddset(&ss, SIGHUP);
-        sigprocmask(SIG_BLOCK, &ss, NULL);
+        /* SIGTERM, SIGINT and SIGHUP are blocked since main() began (see there) */
         signal(SIGPIPE, SIG_IGN);
         r = sd_event_add_signal(m->event, &m->sigterm, SIGTERM, on_signal, m);
         if (r >= 0)

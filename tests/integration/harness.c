@@ -618,6 +618,20 @@ int hx_wait_notify(hx_broker *b, const char *needle, int timeout_ms, char *out, 
 
 /* ---- raw varlink ---------------------------------------------------------- */
 
+int hx_listen_unix(const char *path, int backlog)
+{
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+        assert_true(fd >= 0);
+        assert_true(strlen(path) < sizeof sa.sun_path);
+        memcpy(sa.sun_path, path, strlen(path) + 1);
+        unlink(path);
+        assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+        assert_int_equal(listen(fd, backlog), 0);
+        return fd;
+}
+
 int hx_conn_open(hx_broker *b, const char *path, hx_conn **ret)
 {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };

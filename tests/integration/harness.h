@@ -138,6 +138,8 @@ int hx_wait_notify(hx_broker *b, const char *needle, int timeout_ms, char *out, 
 
 /* Connect to a Unix stream socket (registered with b for cleanup if b). */
 int hx_conn_open(hx_broker *b, const char *path, hx_conn **ret);
+/* A listening Unix socket at path (replacing whatever is there), close-on-exec: its fd; fails the test if not. */
+int hx_listen_unix(const char *path, int backlog);
 void hx_conn_close(hx_broker *b, hx_conn *c);
 /* Send all of buf (MSG_NOSIGNAL). Returns 0 or -errno (e.g. -EPIPE). */
 int hx_conn_send(hx_conn *c, const void *buf, size_t len);

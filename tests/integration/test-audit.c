@@ -3502,15 +3502,9 @@ static void test_read_audit_passes_over_long_line(void **state)
 /* A fake admin socket whose ReadAudit always says: more, and nothing read. */
 static void fake_stuck_pages(fx *f, const char *path)
 {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
         static const char reply[] = "{\"parameters\":{\"records\":[],\"next_seq\":0,\"more\":true,\"file\":\"/x\"}}";
-        int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int lfd = hx_listen_unix(path, 8);
 
-        assert_true(lfd >= 0);
-        assert_true(strlen(path) < sizeof sa.sun_path);
-        memcpy(sa.sun_path, path, strlen(path) + 1);
-        assert_int_equal(bind(lfd, (struct sockaddr *)&sa, sizeof sa), 0);
-        assert_int_equal(listen(lfd, 8), 0);
         f->helper = fork(); /* killed in teardown */
         assert_true(f->helper >= 0);
         if (f->helper == 0) {

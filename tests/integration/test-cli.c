@@ -439,16 +439,12 @@ static void test_reply_without_token(void **state)
 {
         hx_broker *b = *state;
         char path[PATH_MAX], out[PATH_MAX], ctl[PATH_MAX];
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int lfd;
         pid_t pid;
 
         snprintf(path, sizeof path, "%s/fake.sock", b->dir);
         snprintf(out, sizeof out, "%s/token.out", b->dir);
-        snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
-        assert_true(lfd >= 0);
-        assert_int_equal(bind(lfd, (struct sockaddr *)&sa, sizeof sa), 0);
-        assert_int_equal(listen(lfd, 8), 0);
+        lfd = hx_listen_unix(path, 8);
         pid = fork();
         assert_true(pid >= 0);
         if (pid == 0) {

@@ -1829,20 +1829,6 @@ static const char *issue_on(hx_conn *c, json_t **keep)
         return hx_reply_error(root) ? hx_reply_error(root) : "ok";
 }
 
-/* A listening socket at path with the given backlog; the fd. */
-static int listen_at(const char *path, int backlog)
-{
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-        assert_true(fd >= 0);
-        snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
-        unlink(path);
-        assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
-        assert_int_equal(listen(fd, backlog), 0);
-        return fd;
-}
-
 /*
  * The library against servers that are not the broker: one whose listen
  * queue is full (connect's EAGAIN means nothing is connected: it waits
@@ -1862,7 +1848,7 @@ static void test_library_odd_servers(void **state)
 
         snprintf(path, sizeof path, "%s/odd.sock", b->dir);
         snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
-        lfd = listen_at(path, 0);
+        lfd = hx_listen_unix(path, 0);
         /* fill the queue */
         for (int i = 0; i < 4; i++) {
                 int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
@@ -1910,7 +1896,7 @@ static void test_library_odd_servers(void **state)
         close(lfd);
 
         /* two replies to one call */
-        lfd = listen_at(path, 8);
+        lfd = hx_listen_unix(path, 8);
         pid = fork();
         assert_true(pid >= 0);
         if (pid == 0) {
@@ -1936,7 +1922,7 @@ static void test_library_odd_servers(void **state)
 
         /* a second reply that comes after the first, between calls: not the next call's answer
          * (before, the next call returned it as its own reply) */
-        lfd = listen_at(path, 8);
+        lfd = hx_listen_unix(path, 8);
         pid = fork();
         assert_true(pid >= 0);
         if (pid == 0) {

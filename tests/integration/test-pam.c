@@ -510,7 +510,6 @@ static void test_broker_down(void **state)
 {
         fixture *f = *state;
         char *tok = issue(f, AUD, "login", 0), stack[PATH_MAX * 2], sock[PATH_MAX];
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
         long long t0, ms;
         int fd;
 
@@ -523,11 +522,7 @@ static void test_broker_down(void **state)
 
         /* a socket that accepts connections and never answers */
         snprintf(sock, sizeof sock, "%s/mute.sock", f->b.dir);
-        snprintf(sa.sun_path, sizeof sa.sun_path, "%s", sock);
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        assert_true(fd >= 0);
-        assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
-        assert_int_equal(listen(fd, 16), 0);
+        fd = hx_listen_unix(sock, 16);
         snprintf(stack, sizeof stack, "auth required MODULE socket=%s timeout_ms=300\n", sock);
         write_conf(f, SERVICE, stack);
         t0 = hx_now_ms();

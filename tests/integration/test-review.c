@@ -998,14 +998,8 @@ static void fake_conn(int fd, int mode)
 /* Start a fake admin server on path in a child. */
 static void fake_start(fx *f, const char *path, int mode)
 {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int lfd = hx_listen_unix(path, 8);
 
-        assert_true(lfd >= 0);
-        assert_true(strlen(path) < sizeof sa.sun_path);
-        memcpy(sa.sun_path, path, strlen(path) + 1);
-        assert_int_equal(bind(lfd, (struct sockaddr *)&sa, sizeof sa), 0);
-        assert_int_equal(listen(lfd, 8), 0);
         f->helper = fork(); /* the fake admin server, killed in teardown */
         assert_true(f->helper >= 0);
         if (f->helper == 0) {
