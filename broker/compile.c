@@ -293,45 +293,6 @@ static int collect_key(void *ud, const void *key, size_t klen, const void *val, 
         return json_array_append_new(arr, json_stringn_nocheck(key, klen)) < 0 ? -ENOMEM : 0;
 }
 
-/*
- * A signed source compiled before and absent now was withdrawn (removing a
- * file is how a grant is taken back): its content counts as superseded, so
- * that copying it back, under its name or another, is refused like a
- * rollback. Before, anyone who could write to the policy directory could
- * put a withdrawn signed file back without any key (helper-54). Unsigned
- * sources are not buried: where they are taken, writing one is no harder.
- */
-static int bury_removed(ab_txn *t, const char *name, const source *s, size_t n)
-{
-        char key[sizeof SUPERSEDED_PREFIX + 64];
-        const void *v;
-        size_t vl;
-        json_t *j;
-        uint8_t ver[8];
-        const char *sha;
-        int r;
-
-        for (size_t i = 0; i < n; i++)
-                if (strcmp(s[i].name, name) == 0)
-                        return 0; /* still there */
-        r = ab_txn_get(t, AB_DB_POLICY, name, strlen(name), &v, &vl);
-        if (r < 0)
-                return r == -ENOENT ? 0 : r;
-        j = json_loadb(v, vl, 0, NULL);
-        sha = json_string_value(json_object_get(j, "sha256"));
-        for (size_t i = 0; sha && i < n; i++)
-                if (strcmp(s[i].sha256, sha) == 0)
-                        sha = NULL; /* renamed, not removed */
-        r = 0;
-        if (json_is_string(json_object_get(j, "signed_by")) && sha && strlen(sha) == 64) {
-                put_be64(ver, (uint64_t)json_integer_value(json_object_get(j, "version")));
-                snprintf(key, sizeof key, SUPERSEDED_PREFIX "%s", sha);
-                r = ab_txn_put(t, AB_DB_META, key, strlen(key), ver, sizeof ver);
-        }
-        json_decref(j);
-        return r;
-}
-
 int ab_policy_compile(ab_store *st, const ab_compile_opts *o, ab_diag *diag, ab_policy **ret, char *reason,
                       size_t reasonmax)
 {
@@ -432,8 +393,7 @@ int ab_policy_compile(ab_store *st, const ab_compile_opts *o, ab_diag *diag, ab_
                 if (r > 0) {
                         snprintf(reason, reasonmax,
                                  "%s: this content (version %lld) was once replaced by a newer version under its "
-                                 "own name, or removed while signed: rollback refused (deploy it with a higher "
-                                 "version)",
+                                 "own name: rollback refused (deploy it with a higher version)",
                                  s[i].path, (long long)sv);
                         r = -ESTALE;
                         goto out;
@@ -449,9 +409,7 @@ int ab_policy_compile(ab_store *st, const ab_compile_opts *o, ab_diag *diag, ab_
         r = ab_txn_foreach(t, AB_DB_POLICY, NULL, 0, collect_key, old_keys);
         for (size_t k = 0; r == 0 && k < json_array_size(old_keys); k++) {
                 json_t *key = json_array_get(old_keys, k);
-                r = bury_removed(t, json_string_value(key), s, n);
-                if (r == 0)
-                        r = ab_txn_del(t, AB_DB_POLICY, json_string_value(key), json_string_length(key));
+                r = ab_txn_del(t, AB_DB_POLICY, json_string_value(key), json_string_length(key));
         }
         for (i = 0; r == 0 && i < n; i++) {
                 char key[320], *rec;
