@@ -1271,7 +1271,7 @@ static int on_listen(sd_event_source *s, int fd, uint32_t revents, void *userdat
 static void fit_fd_limit(ab_manager *m)
 {
         struct rlimit rl;
-        rlim_t need = (rlim_t)m->cfg.max_connections * 2 + 256;
+        rlim_t need = ((rlim_t)m->cfg.max_connections + AB_CONN_RESERVE) * 2 + 256;
 
         if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= need)
                 return;
@@ -1881,6 +1881,7 @@ static int on_purge_timer(sd_event_source *s, uint64_t usec, void *userdata)
         int r = ab_session_purge(m->store, ab_manager_now(m), ab_process_running, &n, &more);
 
         (void)usec;
+        m->purge_more = more; /* at start (s NULL): the timer is armed by it */
         m->purged_at = ab_mono_usec();
         recount_sessions(m);
         store_key_ends(m);
@@ -2425,8 +2426,8 @@ int ab_manager_startup(ab_manager *m)
         if (r < 0)
                 return r;
         (void)sd_event_source_set_enabled(m->usage_timer, SD_EVENT_OFF);
-        r = sd_event_add_time_relative(m->event, &m->purge_timer, CLOCK_MONOTONIC, AB_PURGE_INTERVAL_USEC, 0,
-                                       on_purge_timer, m);
+        r = sd_event_add_time_relative(m->event, &m->purge_timer, CLOCK_MONOTONIC,
+                                       m->purge_more ? 1000000 : AB_PURGE_INTERVAL_USEC, 0, on_purge_timer, m);
         if (r < 0)
                 return r;
         (void)sd_event_source_set_enabled(m->purge_timer, SD_EVENT_ON);

@@ -140,6 +140,7 @@ struct ab_manager {
         sd_event_source *sighup, *inotify, *reload_timer, *purge_timer;
         sd_event_source *key_end_defer; /* an earlier key's overlap ran out: store that (on while due) */
         uint64_t purged_at;             /* CLOCK_MONOTONIC µs of the last purge pass */
+        bool purge_more;                /* it left some for the next */
         struct ab_uid_count *uid_sessions; /* sessions in the store per uid, sorted by uid */
         size_t n_uid_sessions, max_uid_sessions;
         uint64_t sessions_total;

@@ -65,6 +65,10 @@ static void store_error(ab_conn *c, int r, const char *what)
                          "rest is kept for other users (sessions end with max_lifetime, also those of exited "
                          "processes)",
                          what, (unsigned)c->peer.uid, AB_STORE_UID_SHARE_PERCENT);
+                if (logged == 0 || ab_mono_usec() - logged >= 10000000) {
+                        logged = ab_mono_usec();
+                        ab_log(LOG_WARNING, "%s", reason);
+                }
                 ab_conn_error(c, "io.agentbroker.LimitReached", reason, NULL);
                 return;
         }

@@ -1204,8 +1204,10 @@ int ab_session_purge(ab_store *st, int64_t now, bool (*running)(pid_t pid, uint6
                         r = 0;
                         continue;
                 }
-                if (r >= 0)
+                if (r >= 0) {
                         done = end;
+                        batch = batch * 2 < p.n ? batch * 2 : p.n; /* room again, fewer syncs */
+                }
         }
         free(p.keys);
         if (ret_n)

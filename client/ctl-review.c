@@ -154,6 +154,8 @@ static int admin_call(admin *a, const char *method, json_t *params, json_t **ret
                 const char *m = ab_client_error_message(a->c);
                 snprintf(a->name, sizeof a->name, "%s", ab_client_error_name(a->c));
                 snprintf(a->msg, sizeof a->msg, "%s", *m ? m : ab_strerror(r));
+                ab_defang(a->name); /* printed to a terminal (admin_fail) */
+                ab_defang(a->msg);
                 if (r != AB_ERR_DENIED && r != AB_ERR_REMOTE)
                         admin_done(a); /* the handle is unusable after a transport failure */
                 return r;

@@ -56,6 +56,8 @@ size_t ab_control_len(const char *s)
                 return p[0] ? 1 : 0;
         if (p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f)
                 return 2;
+        if (p[0] == 0xd8 && p[1] == 0x9c) /* U+061C ARABIC LETTER MARK, a bidi control */
+                return 2;
         if (p[0] == 0xe2 && p[1] == 0x80 && ((p[2] >= 0x8e && p[2] <= 0x8f) || (p[2] >= 0xaa && p[2] <= 0xae)))
                 return 3;
         if (p[0] == 0xe2 && p[1] == 0x81 && p[2] >= 0xa6 && p[2] <= 0xa9)

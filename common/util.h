@@ -28,7 +28,7 @@ int ab_is_printable(const char *s, size_t max);
 /* The length of s (len bytes of UTF-8) cut to at most max bytes, never inside a character. */
 size_t ab_utf8_cut(const char *s, size_t len, size_t max);
 /* The bytes of the character at s if it is one a terminal acts on (C0, DEL, C1 U+0080..U+009F in
- * UTF-8, a bidi control U+200E/F, U+202A..E, U+2066..9), else 0. */
+ * UTF-8, a bidi control U+061C, U+200E/F, U+202A..E, U+2066..9), else 0. */
 size_t ab_control_len(const char *s);
 /* Each byte of such a character in s replaced by '?', in place: text from files for a terminal. */
 void ab_defang(char *s);

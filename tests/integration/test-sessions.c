@@ -2587,10 +2587,13 @@ static void test_full_store_recovers_by_purge(void **state)
                 script one = { 0 };
                 json_t *root;
                 script_add(&one, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-                arr = run_script(&one, 0);
+                /* two users in turn: neither holds most sessions, so the store fills to its 90% mark
+                 * (one user alone stops at 75%, where even the old purge fitted: helper-57) */
+                arr = run_script(&one, i % 2 ? 0 : HX_NOBODY_UID);
                 root = json_array_get(arr, 0);
                 if (hx_reply_error(root)) {
                         assert_string_equal(hx_reply_error(root), "io.agentbroker.LimitReached");
+                        assert_non_null(strstr(hx_reply_str(root, "reason"), "90%"));
                         refused = true;
                 } else {
                         opened++;
