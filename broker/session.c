@@ -1189,7 +1189,7 @@ int ab_session_purge(ab_store *st, int64_t now, bool (*running)(pid_t pid, uint6
         if (r >= 0 && !p.more)
                 r = ab_txn_foreach(t, AB_DB_REVOCATIONS, "j", 1, purge_jti, &p);
         ab_txn_abort(t);
-        if (r >= 0)
+        if (r >= 0 && p.n > 0)
                 qsort(p.keys, p.n, sizeof *p.keys, cmp_purge_key);
         /* one transaction when it fits (one sync); halves while the store has no room for it */
         batch = p.n;
