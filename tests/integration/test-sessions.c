@@ -2430,6 +2430,41 @@ static void test_revoke_before_same_second_fails_closed(void **state)
 }
 
 /*
+ * New processes ask for a token until the store refuses (LimitReached):
+ * root's only, or (two_users) nobody's and root's in turn, so that neither
+ * holds most of the sessions and the store fills to its 90% mark (one user
+ * alone stops at 75%). Returns how many got one; *ret_reason (malloc'd):
+ * the refusal's reason; *ret_first (if given): the first of root's replies.
+ */
+static unsigned fill_store(hx_broker *b, bool two_users, char **ret_reason, json_t **ret_first)
+{
+        unsigned opened = 0;
+
+        *ret_reason = NULL;
+        for (int i = 0; i < 3000 && !*ret_reason; i++) {
+                bool as_root = !two_users || i % 2;
+                script sc = { 0 };
+                json_t *arr, *root;
+                script_add(&sc, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
+                arr = run_script(&sc, as_root ? 0 : HX_NOBODY_UID);
+                root = json_array_get(arr, 0);
+                if (hx_reply_error(root)) {
+                        if (strcmp(hx_reply_error(root), "io.agentbroker.LimitReached") != 0)
+                                fprintf(stderr, "process %d: %s\n", i, err_or_ok(root));
+                        assert_string_equal(hx_reply_error(root), "io.agentbroker.LimitReached");
+                        *ret_reason = strdup(hx_reply_str(root, "reason"));
+                } else {
+                        if (ret_first && !*ret_first && as_root)
+                                *ret_first = json_incref(root);
+                        opened++;
+                }
+                json_decref(arr);
+        }
+        assert_non_null(*ret_reason);
+        return opened;
+}
+
+/*
  * A store filled by one agent's processes (each a session) must still take
  * a revocation: with --store-max-size 1 (a 1 MiB map), processes of the
  * agent open sessions until the store is 90% full; the next one gets
@@ -2444,9 +2479,8 @@ static void test_full_store_keeps_room_for_revocation(void **state)
         hx_broker *b = *state;
         hx_run_result res;
         json_t *first = NULL, *root;
-        char *tok0;
-        unsigned opened = 0;
-        bool refused = false;
+        char *tok0, *why;
+        unsigned opened;
         hx_conn *c;
 
         hx_add_arg(b, "--store-max-size");
@@ -2454,29 +2488,12 @@ static void test_full_store_keeps_room_for_revocation(void **state)
         start_with(b, NULL, -1);
         c = hx_connect(b, b->sock);
         tok0 = issue(c, AUD_GIT, "repo:read", NULL, 0, NULL);
-        /* nobody's processes and root's in turn: neither holds most of the sessions, so both go on
-         * to the 90% mark (one uid alone stops at 75%: test_one_uid_leaves_room_for_others) */
-        for (int i = 0; i < 3000 && !refused; i++) {
-                script sc = { 0 };
-                json_t *arr;
-                script_add(&sc, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-                arr = run_script(&sc, i % 2 ? 0 : HX_NOBODY_UID);
-                root = json_array_get(arr, 0);
-                if (hx_reply_error(root)) {
-                        if (strcmp(hx_reply_error(root), "io.agentbroker.LimitReached") != 0)
-                                fprintf(stderr, "process %d: %s\n", i, err_or_ok(root));
-                        assert_string_equal(hx_reply_error(root), "io.agentbroker.LimitReached");
-                        assert_non_null(strstr(hx_reply_str(root, "reason"), "90%"));
-                        refused = true;
-                } else {
-                        if (!first && i % 2) /* one of root's: its agent is revoked below */
-                                first = json_incref(root);
-                        opened++;
-                }
-                json_decref(arr);
-        }
+        /* two users: the 90% mark (one uid alone stops at 75%: test_one_uid_leaves_room_for_others);
+         * first is one of root's, whose agent is revoked below */
+        opened = fill_store(b, true, &why, &first);
         fprintf(stderr, "full store: %u sessions opened in a 1 MiB map before LimitReached\n", opened);
-        assert_true(refused);
+        assert_non_null(strstr(why, "90%"));
+        free(why);
         assert_true(opened >= 50);
         assert_non_null(first);
         /* the process that has a session goes on (no new record needed) */
@@ -2531,32 +2548,16 @@ static void test_full_store_keeps_room_for_revocation(void **state)
 static void test_one_uid_leaves_room_for_others(void **state)
 {
         hx_broker *b = *state;
-        unsigned opened = 0;
-        const char *why = NULL;
-        json_t *arr = NULL;
-        char *t;
+        unsigned opened;
+        char *t, *why;
 
         hx_add_arg(b, "--store-max-size");
         hx_add_arg(b, "1");
         start_with(b, NULL, -1);
-        for (int i = 0; i < 3000 && !why; i++) {
-                script sc = { 0 };
-                json_t *root;
-                json_decref(arr);
-                script_add(&sc, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-                arr = run_script(&sc, 0);
-                root = json_array_get(arr, 0);
-                if (hx_reply_error(root)) {
-                        assert_string_equal(hx_reply_error(root), "io.agentbroker.LimitReached");
-                        why = hx_reply_str(root, "reason");
-                } else {
-                        opened++;
-                }
-        }
-        assert_non_null(why);
+        opened = fill_store(b, false, &why, NULL);
         fprintf(stderr, "one uid: %u sessions, then: %s\n", opened, why);
         assert_non_null(strstr(why, "holds most"));
-        json_decref(arr);
+        free(why);
         /* another user's process still gets a session and a token */
         t = issue_as(b, HX_NOBODY_UID, AUD_GIT, "repo:read", NULL);
         assert_non_null(t);
@@ -2573,9 +2574,8 @@ static void test_one_uid_leaves_room_for_others(void **state)
 static void test_full_store_recovers_by_purge(void **state)
 {
         hx_broker *b = *state;
-        char clock_path[PATH_MAX], *log = NULL;
-        unsigned opened = 0;
-        bool refused = false;
+        char clock_path[PATH_MAX], *log = NULL, *why;
+        unsigned opened;
         hx_conn *c, *a;
         json_t *arr;
         script sc = { 0 };
@@ -2583,24 +2583,11 @@ static void test_full_store_recovers_by_purge(void **state)
         hx_add_arg(b, "--store-max-size");
         hx_add_arg(b, "1");
         start_clocked(b, clock_path, sizeof clock_path, &c, &a);
-        for (int i = 0; i < 3000 && !refused; i++) {
-                script one = { 0 };
-                json_t *root;
-                script_add(&one, b->sock, M_ISSUE, issue_params(AUD_GIT, "repo:read", 0));
-                /* two users in turn: neither holds most sessions, so the store fills to its 90% mark
-                 * (one user alone stops at 75%, where even the old purge fitted: helper-57) */
-                arr = run_script(&one, i % 2 ? 0 : HX_NOBODY_UID);
-                root = json_array_get(arr, 0);
-                if (hx_reply_error(root)) {
-                        assert_string_equal(hx_reply_error(root), "io.agentbroker.LimitReached");
-                        assert_non_null(strstr(hx_reply_str(root, "reason"), "90%"));
-                        refused = true;
-                } else {
-                        opened++;
-                }
-                json_decref(arr);
-        }
-        assert_true(refused);
+        /* two users: the 90% mark (one user alone stops at 75%, where even the old purge fitted:
+         * helper-57) */
+        opened = fill_store(b, true, &why, NULL);
+        assert_non_null(strstr(why, "90%"));
+        free(why);
         /* all of them expire (policy allows no max_lifetime over 30 days); the purge runs at start */
         hx_set_test_clock(clock_path, 31 * 86400);
         restart_clocked(b, &c, &a);
