@@ -632,6 +632,37 @@ int hx_listen_unix(const char *path, int backlog)
         return fd;
 }
 
+pid_t hx_fake_server(const char *path, void (*serve)(int fd, const void *ud), const void *ud)
+{
+        int lfd = hx_listen_unix(path, 8);
+        pid_t pid = fork();
+
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                alarm(60); /* never outlive the test by much */
+                for (;;) {
+                        int fd = accept(lfd, NULL, NULL);
+                        if (fd < 0)
+                                _exit(0);
+                        serve(fd, ud);
+                        close(fd);
+                }
+        }
+        close(lfd);
+        return pid;
+}
+
+void hx_serve_reply(int fd, const void *reply)
+{
+        char buf[4096];
+        ssize_t n;
+
+        while ((n = recv(fd, buf, sizeof buf, 0)) > 0)
+                for (ssize_t i = 0; i < n; i++)
+                        if (buf[i] == '\0')
+                                (void)send(fd, reply, strlen(reply) + 1, MSG_NOSIGNAL);
+}
+
 int hx_conn_open(hx_broker *b, const char *path, hx_conn **ret)
 {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };

@@ -140,6 +140,14 @@ int hx_wait_notify(hx_broker *b, const char *needle, int timeout_ms, char *out, 
 int hx_conn_open(hx_broker *b, const char *path, hx_conn **ret);
 /* A listening Unix socket at path (replacing whatever is there), close-on-exec: its fd; fails the test if not. */
 int hx_listen_unix(const char *path, int backlog);
+/*
+ * A fake server at path, in a child (gone after 60 s at most, or when
+ * killed): serve(fd, ud) for each connection it accepts. Returns its pid.
+ * hx_serve_reply is such a serve: it answers each message (NUL-ended) with
+ * the string ud and its NUL, as long as the connection stays.
+ */
+pid_t hx_fake_server(const char *path, void (*serve)(int fd, const void *ud), const void *ud);
+void hx_serve_reply(int fd, const void *reply);
 void hx_conn_close(hx_broker *b, hx_conn *c);
 /* Send all of buf (MSG_NOSIGNAL). Returns 0 or -errno (e.g. -EPIPE). */
 int hx_conn_send(hx_conn *c, const void *buf, size_t len);

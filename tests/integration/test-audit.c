@@ -3508,27 +3508,8 @@ static void test_read_audit_passes_over_long_line(void **state)
 static void fake_stuck_pages(fx *f, const char *path)
 {
         static const char reply[] = "{\"parameters\":{\"records\":[],\"next_seq\":0,\"more\":true,\"file\":\"/x\"}}";
-        int lfd = hx_listen_unix(path, 8);
 
-        f->helper = fork(); /* killed in teardown */
-        assert_true(f->helper >= 0);
-        if (f->helper == 0) {
-                alarm(60); /* never outlive the test by much */
-                for (;;) {
-                        int fd = accept(lfd, NULL, NULL);
-                        char buf[4096];
-                        ssize_t k;
-                        if (fd < 0)
-                                _exit(0);
-                        /* one reply per request (each ends with a NUL) */
-                        while ((k = read(fd, buf, sizeof buf)) > 0)
-                                for (ssize_t i = 0; i < k; i++)
-                                        if (buf[i] == '\0' && write(fd, reply, sizeof reply) != (ssize_t)sizeof reply)
-                                                _exit(1);
-                        close(fd);
-                }
-        }
-        close(lfd);
+        f->helper = hx_fake_server(path, hx_serve_reply, reply); /* killed in teardown */
 }
 
 /* The client stops, exit 4, on a page that advances nothing (else it asked again for ever). */

@@ -439,32 +439,11 @@ static void test_reply_without_token(void **state)
 {
         hx_broker *b = *state;
         char path[PATH_MAX], out[PATH_MAX], ctl[PATH_MAX];
-        int lfd;
         pid_t pid;
 
         snprintf(path, sizeof path, "%s/fake.sock", b->dir);
         snprintf(out, sizeof out, "%s/token.out", b->dir);
-        lfd = hx_listen_unix(path, 8);
-        pid = fork();
-        assert_true(pid >= 0);
-        if (pid == 0) {
-                static const char reply[] = "{\"parameters\":{\"expires_in\":60,\"jti\":\"x\"}}";
-                alarm(30); /* gone even if the test fails before it kills this */
-                for (;;) {
-                        int fd = accept(lfd, NULL, NULL);
-                        char buf[4096];
-                        ssize_t n;
-                        if (fd < 0)
-                                _exit(0);
-                        /* one reply per message, as long as the connection stays */
-                        while ((n = recv(fd, buf, sizeof buf, 0)) > 0)
-                                for (ssize_t i = 0; i < n; i++)
-                                        if (buf[i] == '\0')
-                                                (void)send(fd, reply, sizeof reply, MSG_NOSIGNAL);
-                        close(fd);
-                }
-        }
-        close(lfd);
+        pid = hx_fake_server(path, hx_serve_reply, "{\"parameters\":{\"expires_in\":60,\"jti\":\"x\"}}");
         assert_int_equal(hx_build_path("agent-brokerctl", ctl, sizeof ctl), 0);
         {
                 char *argv[] = { ctl, (char *)"--socket", path, (char *)"token", (char *)"--audience", (char *)AUD,

@@ -996,23 +996,14 @@ static void fake_conn(int fd, int mode)
 }
 
 /* Start a fake admin server on path in a child. */
+static void fake_serve(int fd, const void *mode)
+{
+        fake_conn(fd, *(const int *)mode);
+}
+
 static void fake_start(fx *f, const char *path, int mode)
 {
-        int lfd = hx_listen_unix(path, 8);
-
-        f->helper = fork(); /* the fake admin server, killed in teardown */
-        assert_true(f->helper >= 0);
-        if (f->helper == 0) {
-                alarm(60); /* never outlive the test by much */
-                for (;;) {
-                        int fd = accept(lfd, NULL, NULL);
-                        if (fd < 0)
-                                _exit(0);
-                        fake_conn(fd, mode);
-                        close(fd);
-                }
-        }
-        close(lfd);
+        f->helper = hx_fake_server(path, fake_serve, &mode); /* the fake admin server, killed in teardown */
 }
 
 static void test_review_without_get_usage(void **state)
