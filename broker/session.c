@@ -71,6 +71,21 @@ static bool agent_revoked_at(ab_txn *t, const char *agent, int64_t *ret)
 }
 
 /* The session as stored (load_session adds what one-key revocations say). */
+/*
+ * A session record (a key of klen bytes, "s" + sid; the value an
+ * ab_session) into *ret, its strings terminated; false if it is not one.
+ * Every reader of session records goes through it (a lookup, and each
+ * pass over them).
+ */
+static bool session_rec(size_t klen, const void *val, size_t vlen, ab_session *ret)
+{
+        if (klen != 1 + AB_SID_LEN || vlen != sizeof *ret)
+                return false;
+        memcpy(ret, val, sizeof *ret); /* LMDB values are not aligned */
+        ret->sid[AB_SID_LEN] = ret->agent[AB_ID_MAX] = ret->sha256[64] = ret->exe[AB_SESSION_EXE_MAX - 1] = '\0';
+        return true;
+}
+
 static int load_session_raw(ab_txn *t, const char *sid, ab_session *ret)
 {
         char k[1 + AB_SID_LEN];
@@ -83,12 +98,8 @@ static int load_session_raw(ab_txn *t, const char *sid, ab_session *ret)
         r = ab_txn_get(t, AB_DB_SESSIONS, k, sess_key(k, sid), &v, &vl);
         if (r < 0)
                 return r;
-        if (vl != sizeof *ret)
+        if (!session_rec(sizeof k, v, vl, ret) || ret->version != SESSION_VERSION)
                 return AB_ERR_STORE;
-        memcpy(ret, v, sizeof *ret); /* LMDB values are not aligned */
-        if (ret->version != SESSION_VERSION)
-                return AB_ERR_STORE;
-        ret->sid[AB_SID_LEN] = ret->agent[AB_ID_MAX] = ret->sha256[64] = ret->exe[AB_SESSION_EXE_MAX - 1] = '\0';
         return 0;
 }
 
@@ -394,10 +405,8 @@ static int collect(void *ud, const void *key, size_t klen, const void *val, size
         sweep *w = ud;
         ab_session s;
 
-        if (klen != 1 + AB_SID_LEN || vlen != sizeof s)
+        if (!session_rec(klen, val, vlen, &s))
                 return 0;
-        memcpy(&s, val, sizeof s);
-        s.agent[AB_ID_MAX] = '\0';
         if (s.state == AB_SESSION_REVOKED)
                 return 0;
         /* Every session that exists was opened before this revocation: one opened "in the
@@ -952,12 +961,10 @@ static int list_one(void *ud, const void *key, size_t klen, const void *val, siz
         pam_adder pa = { 0 };
         size_t n;
 
-        if (klen != 1 + AB_SID_LEN || vlen != sizeof s)
+        if (!session_rec(klen, val, vlen, &s))
                 return 0;
         if (l->after && memcmp((const char *)key + 1, l->after, AB_SID_LEN) <= 0)
                 return 0;
-        memcpy(&s, val, sizeof s);
-        s.sid[AB_SID_LEN] = s.agent[AB_ID_MAX] = s.sha256[64] = s.exe[AB_SESSION_EXE_MAX - 1] = '\0';
         if ((l->agent && strcmp(s.agent, l->agent) != 0) || (l->uid && s.uid != *l->uid))
                 return 0;
         apply_marks(l->t, &s, l->cutoff); /* as every other reader sees it */
@@ -1022,10 +1029,8 @@ static int count_uid(void *ud, const void *key, size_t klen, const void *val, si
 {
         uid_counter *u = ud;
         ab_session s;
-        if (klen != 1 + AB_SID_LEN || vlen != sizeof s)
-                return 0;
-        memcpy(&s, val, sizeof s);
-        u->fn(u->ud, s.uid);
+        if (session_rec(klen, val, vlen, &s))
+                u->fn(u->ud, s.uid);
         return 0;
 }
 
@@ -1113,13 +1118,9 @@ static int purge_session(void *ud, const void *key, size_t klen, const void *val
         size_t bl;
         int r;
 
-        if (klen != 1 + AB_SID_LEN || vlen != sizeof s)
-                return 0;
-        memcpy(&s, val, sizeof s);
-        if (s.expires > p->now)
+        if (!session_rec(klen, val, vlen, &s) || s.expires > p->now)
                 return 0;
         /* revoked by a one-key revocation whose sweep could not mark it, too (helper-43) */
-        s.agent[AB_ID_MAX] = '\0';
         apply_marks(p->t, &s, p->cutoff);
         /* "a revoked session stays bound to its process": while it runs */
         if (s.state == AB_SESSION_REVOKED && p->running && p->running(s.pid, s.start_time))
