@@ -59,23 +59,18 @@ static void store_error(ab_conn *c, int r, const char *what)
 
         if (r == -EDQUOT || r == -EUSERS || r == -ENOSPC || r == -EIO)
                 ab_manager_purge_soon(c->m); /* what expired makes room (the timer waits 10 min) */
-        if (r == -EUSERS) { /* ab_session_authenticate: one uid's share */
-                snprintf(reason, sizeof reason,
-                         "%s: uid %u holds most of the broker's sessions and its state store is %d%% full; the "
-                         "rest is kept for other users (sessions end with max_lifetime, also those of exited "
-                         "processes)",
-                         what, (unsigned)c->peer.uid, AB_STORE_UID_SHARE_PERCENT);
-                if (logged == 0 || ab_mono_usec() - logged >= 10000000) {
-                        logged = ab_mono_usec();
-                        ab_log(LOG_WARNING, "%s", reason);
-                }
-                ab_conn_error(c, "io.agentbroker.LimitReached", reason, NULL);
-                return;
-        }
-        if (r == -EDQUOT) { /* ab_txn_room_to_grow: a limit, not a failure */
-                snprintf(reason, sizeof reason,
-                         "%s: the broker's state store is 90%% full; its last tenth is kept for revocations "
-                         "(--store-max-size)", what);
+        if (r == -EDQUOT || r == -EUSERS) { /* limits, not failures (ab_session_authenticate) */
+                if (r == -EUSERS) /* one uid's share */
+                        snprintf(reason, sizeof reason,
+                                 "%s: uid %u holds most of the broker's sessions and its state store is %d%% full; "
+                                 "the rest is kept for other users (sessions end with max_lifetime, also those of "
+                                 "exited processes)",
+                                 what, (unsigned)c->peer.uid, AB_STORE_UID_SHARE_PERCENT);
+                else /* ab_txn_room_to_grow */
+                        snprintf(reason, sizeof reason,
+                                 "%s: the broker's state store is 90%% full; its last tenth is kept for revocations "
+                                 "(--store-max-size)",
+                                 what);
                 if (logged == 0 || ab_mono_usec() - logged >= 10000000) {
                         logged = ab_mono_usec();
                         ab_log(LOG_WARNING, "%s", reason);
