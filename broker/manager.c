@@ -1436,18 +1436,26 @@ static int load_retired(void *ud, const void *key, size_t klen, const void *val,
         return 0;
 }
 
+/* The kid in key (klen bytes: prefix and kid) into kid (64 bytes); false if it is none. */
+static bool kid_of(const void *key, size_t klen, const char *prefix, char kid[64])
+{
+        size_t plen = strlen(prefix);
+
+        if (klen <= plen || klen - plen >= 64)
+                return false;
+        memcpy(kid, (const char *)key + plen, klen - plen);
+        kid[klen - plen] = '\0';
+        return true;
+}
+
 static int load_retired_end(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
 {
         ab_manager *m = ud;
-        size_t plen = strlen(RETIRED_END_PREFIX);
         char kid[64];
         (void)val;
         (void)vlen;
-        if (klen <= plen || klen - plen >= sizeof kid)
-                return 0;
-        memcpy(kid, (const char *)key + plen, klen - plen);
-        kid[klen - plen] = '\0';
-        ab_signer_end_key(m->signer, kid);
+        if (kid_of(key, klen, RETIRED_END_PREFIX, kid))
+                ab_signer_end_key(m->signer, kid);
         return 0;
 }
 
@@ -1515,18 +1523,15 @@ static int find_longer(void *ud, const void *key, size_t klen, const void *val, 
 static int find_ended(void *ud, const void *key, size_t klen, const void *val, size_t vlen)
 {
         retired_cap *cap = ud;
-        size_t plen = strlen(RETIRED_PREFIX);
         retired_rec r;
         char kid[64], end_key[sizeof cap->v[0].key];
         const void *v;
         size_t vl;
         int rc;
 
-        if (vlen != sizeof r || klen <= plen || klen - plen >= sizeof kid)
+        if (vlen != sizeof r || !kid_of(key, klen, RETIRED_PREFIX, kid))
                 return 0;
         memcpy(&r, val, sizeof r);
-        memcpy(kid, (const char *)key + plen, klen - plen);
-        kid[klen - plen] = '\0';
         if (r.until <= r.retired_at || (cap->now < r.until && !ab_signer_key_ended(cap->m->signer, kid)))
                 return 0;
         snprintf(end_key, sizeof end_key, RETIRED_END_PREFIX "%s", kid);
