@@ -1084,32 +1084,6 @@ void ab_audit_close(ab_audit *a)
         free(a);
 }
 
-/*
- * One line of f into buf (AB_AUDIT_MAX_RECORD + 1 bytes: a record and its
- * newline): *ret_kept bytes of it are in buf. Returns the bytes the line
- * took in the file (its newline included; 0 at the end of the file), or
- * -errno. A longer line is read to its end without being kept whole: no
- * line someone wrote into the file costs more memory than a record.
- */
-static ssize_t read_line(FILE *f, char *buf, size_t *ret_kept)
-{
-        size_t kept = 0;
-        ssize_t took = 0;
-        int c;
-
-        while ((c = getc_unlocked(f)) != EOF) {
-                took++;
-                if (kept < AB_AUDIT_MAX_RECORD + 1)
-                        buf[kept++] = (char)c;
-                if (c == '\n')
-                        break;
-        }
-        if (c == EOF && ferror(f))
-                return errno ? -errno : -EIO;
-        *ret_kept = kept;
-        return took;
-}
-
 int ab_audit_read(const ab_audit *a, uint64_t after_seq, uint64_t since_usec, const char *agent, const char *event,
                   size_t limit, size_t max_bytes, json_t **ret_records, uint64_t *ret_next_seq, bool *ret_more)
 {
@@ -1144,7 +1118,7 @@ int ab_audit_read(const ab_audit *a, uint64_t after_seq, uint64_t since_usec, co
         if (a->hint->off > 0 && after_seq >= a->hint->seq && (uint64_t)a->hint->off <= a->size &&
             fseeko(f, a->hint->off, SEEK_SET) == 0)
                 pos = a->hint->off;
-        while ((n = read_line(f, line, &kept)) > 0) {
+        while ((n = ab_read_line(f, line, AB_AUDIT_MAX_RECORD + 1, &kept)) > 0) {
                 json_t *rec, *seq;
                 off_t start = pos;
                 pos += n;

@@ -90,47 +90,13 @@ static void print_record(json_t *rec, bool as_json)
  */
 #define LINE_MAX_BYTES (AB_AUDIT_MAX_RECORD + 1)
 
-/*
- * Read one line of in into buf (LINE_MAX_BYTES): its bytes, the newline
- * included if there is one, and *ret_len how many of them buf holds. A
- * longer line is read to its end in buf-sized pieces and not kept whole:
- * *ret_len is then LINE_MAX_BYTES and *ret_long is set. Returns 1 for a
- * line, 0 at the end of the file, -errno if the file cannot be read (a
- * directory, EIO): never a short verdict on a file read in part.
- */
-static int read_line(FILE *in, char *buf, size_t *ret_len, bool *ret_long)
-{
-        size_t n = 0;
-        bool longer = false;
-        int c;
-
-        for (;;) {
-                c = getc_unlocked(in);
-                if (c == EOF)
-                        break;
-                if (n < LINE_MAX_BYTES)
-                        buf[n++] = (char)c;
-                else
-                        longer = true;
-                if (c == '\n')
-                        break;
-        }
-        if (c == EOF && ferror(in))
-                return errno ? -errno : -EIO;
-        if (n == 0)
-                return 0;
-        *ret_len = n;
-        *ret_long = longer;
-        return 1;
-}
-
 static int list_file(const char *path, const filter *f, bool as_json)
 {
         FILE *in = fopen(path, "re");
         char *line = malloc(LINE_MAX_BYTES);
         size_t n, lineno = 0;
-        bool longer;
-        int r, ex = EXIT_OK;
+        ssize_t r; /* the bytes of a line in the file: more than n for a longer line (ab_read_line) */
+        int ex = EXIT_OK;
 
         if (!in || !line) {
                 fprintf(stderr, "agent-brokerctl: audit: %s: %s\n", path, strerror(errno));
@@ -139,9 +105,9 @@ static int list_file(const char *path, const filter *f, bool as_json)
                 free(line);
                 return EXIT_ERROR;
         }
-        while ((r = read_line(in, line, &n, &longer)) > 0) {
+        while ((r = ab_read_line(in, line, LINE_MAX_BYTES, &n)) > 0) {
                 lineno++;
-                if (longer) {
+                if ((size_t)r > n) {
                         /* not a record the broker wrote: say so, and list the rest */
                         fflush(stdout);
                         fprintf(stderr,
@@ -158,7 +124,7 @@ static int list_file(const char *path, const filter *f, bool as_json)
         if (r < 0) {
                 fflush(stdout);
                 fprintf(stderr, "agent-brokerctl: audit: %s: cannot read line %zu: %s\n", path, lineno + 1,
-                        strerror(-r));
+                        strerror((int)-r));
                 ex = EXIT_ERROR;
         }
         free(line);
@@ -270,8 +236,8 @@ static int verify_file(verifier *v, const char *path)
         FILE *in = fopen(path, "re");
         char *line = malloc(LINE_MAX_BYTES);
         size_t n, lineno = 0;
-        bool longer;
-        int r = 0, ex = EXIT_OK;
+        ssize_t r = 0; /* as in list_file */
+        int ex = EXIT_OK;
 
         if (!in || !line) {
                 fprintf(stderr, "agent-brokerctl: audit verify: %s: %s\n", path, strerror(errno));
@@ -280,7 +246,7 @@ static int verify_file(verifier *v, const char *path)
                 free(line);
                 return EXIT_ERROR;
         }
-        while (ex == EXIT_OK && (r = read_line(in, line, &n, &longer)) > 0) {
+        while (ex == EXIT_OK && (r = ab_read_line(in, line, LINE_MAX_BYTES, &n)) > 0) {
                 json_error_t jerr;
                 json_t *rec, *jseq;
                 const char *prev, *event;
@@ -290,7 +256,7 @@ static int verify_file(verifier *v, const char *path)
                 bool verified = false; /* a checkpoint whose signature verified: the chain up to it is signed */
 
                 lineno++;
-                if (longer) {
+                if ((size_t)r > n) {
                         char what[96];
                         snprintf(what, sizeof what, "a line longer than any audit record (%d bytes)",
                                  AB_AUDIT_MAX_RECORD);
@@ -371,7 +337,7 @@ static int verify_file(verifier *v, const char *path)
         if (r < 0) {
                 /* a file read in part is no verdict: the lines not read may be the forged ones */
                 fprintf(stderr, "agent-brokerctl: audit verify: %s: cannot read line %zu: %s\n", path, lineno + 1,
-                        strerror(-r));
+                        strerror((int)-r));
                 ex = EXIT_ERROR;
         }
         free(line);

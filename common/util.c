@@ -65,6 +65,25 @@ size_t ab_control_len(const char *s)
         return 0;
 }
 
+ssize_t ab_read_line(FILE *f, char *buf, size_t max, size_t *ret_kept)
+{
+        size_t kept = 0;
+        ssize_t took = 0;
+        int c;
+
+        while ((c = getc_unlocked(f)) != EOF) {
+                took++;
+                if (kept < max)
+                        buf[kept++] = (char)c;
+                if (c == '\n')
+                        break;
+        }
+        if (c == EOF && ferror(f))
+                return errno ? -errno : -EIO;
+        *ret_kept = kept;
+        return took;
+}
+
 void ab_defang(char *s)
 {
         while (*s) {

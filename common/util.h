@@ -5,6 +5,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <sys/types.h>
 #include <string.h>
 #include "../client/agentbroker.h" /* the AB_ERR_* table is public ABI */
 
@@ -32,6 +34,14 @@ size_t ab_utf8_cut(const char *s, size_t len, size_t max);
 size_t ab_control_len(const char *s);
 /* Each byte of such a character in s replaced by '?', in place: text from files for a terminal. */
 void ab_defang(char *s);
+/*
+ * One line of f into buf (max bytes), its newline included; *ret_kept:
+ * the bytes buf holds. Returns the bytes the line took in f (0 at the end
+ * of the file), more than *ret_kept for a longer line, which is read to
+ * its end without being kept whole; -errno if f cannot be read (never a
+ * short end: a file read in part is no verdict on it).
+ */
+ssize_t ab_read_line(FILE *f, char *buf, size_t max, size_t *ret_kept);
 
 /* A 64-bit number in 8 bytes, big-endian (LMDB keys and values sort and compare as numbers). */
 static inline void put_be64(uint8_t *p, uint64_t v)
