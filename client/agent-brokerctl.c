@@ -101,6 +101,21 @@ int ctl_exit_for(int r)
         }
 }
 
+/* s on f, each character a terminal acts on (ab_control_len) shown as '?', as ab_defang does. */
+static void put_defanged(FILE *f, const char *s)
+{
+        while (*s) {
+                size_t n = ab_control_len(s);
+                if (n == 0) {
+                        fputc(*s++, f);
+                        continue;
+                }
+                for (size_t i = 0; i < n; i++)
+                        fputc('?', f);
+                s += n;
+        }
+}
+
 int ctl_fail(ab_client *c, int r, const char *what)
 {
         const char *name = c ? ab_client_error_name(c) : "";
@@ -109,14 +124,13 @@ int ctl_fail(ab_client *c, int r, const char *what)
 
         if (*name) {
                 /* the broker's reason may quote a file or a name from anyone: defanged */
-                char *m = strdup(msg), *n = strdup(name);
-                if (m)
-                        ab_defang(m);
-                if (n)
-                        ab_defang(n);
-                fprintf(stderr, "agent-brokerctl: %s: %s%s%s\n", what, n ?: "?", *msg ? ": " : "", m ?: "?");
-                free(m);
-                free(n);
+                fprintf(stderr, "agent-brokerctl: %s: ", what);
+                put_defanged(stderr, name);
+                if (*msg) {
+                        fputs(": ", stderr);
+                        put_defanged(stderr, msg);
+                }
+                fputc('\n', stderr);
         } else
                 fprintf(stderr, "agent-brokerctl: %s: %s\n", what, ab_strerror(r));
         /* the broker refused what was given on the command line (a cut-off too far ahead,
@@ -582,13 +596,12 @@ static void put_finding(FILE *f, json_t *findings, const char *file, const char 
         if (f) {
                 /* the broker's findings quote the file, which may come from anyone (a broker
                  * before it did not defang them): no escape sequence reaches the terminal */
-                char *t[3] = { strdup(file), strdup(path), strdup(msg) };
-                for (int i = 0; i < 3; i++)
-                        if (t[i])
-                                ab_defang(t[i]);
-                fprintf(f, "%s: %s: %s: %s\n", t[0] ?: "?", t[1] ?: "?", severity, t[2] ?: "?");
-                for (int i = 0; i < 3; i++)
-                        free(t[i]);
+                put_defanged(f, file);
+                fputs(": ", f);
+                put_defanged(f, path);
+                fprintf(f, ": %s: ", severity);
+                put_defanged(f, msg);
+                fputc('\n', f);
         } else
                 json_array_append_new(findings, json_pack("{s:o, s:o, s:s, s:o}", "file", ctl_json_text(file), "path",
                                                           ctl_json_text(path), "severity", severity, "message",
