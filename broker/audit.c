@@ -795,16 +795,6 @@ static int sync_once(ab_audit *a)
         return 0;
 }
 
-/*
- * Whether PATH still names the file the broker writes, looked at once a
- * second at most, before a batch: logrotate's rename (without
- * copytruncate), a mv or an rm left the broker writing, until a restart,
- * into a file nobody looked at or that was gone (compressed away, say).
- * Returns why it does not (then ab_audit_sync goes on in a new file at
- * PATH: reopen), or NULL. A file truncated in place (copytruncate) is
- * logged and its durable size corrected, so that a failed write is never
- * "cut back" past the end, which would fill the gap with NUL bytes.
- */
 /* What PATH names: 0 the file the broker writes (*fst its stat), 1 another file, < 0 none (-ENOENT) or unknown. */
 static int path_state(const ab_audit *a, struct stat *fst)
 {
@@ -817,6 +807,16 @@ static int path_state(const ab_audit *a, struct stat *fst)
         return pst.st_dev == fst->st_dev && pst.st_ino == fst->st_ino ? 0 : 1;
 }
 
+/*
+ * Whether PATH still names the file the broker writes, looked at once a
+ * second at most, before a batch: logrotate's rename (without
+ * copytruncate), a mv or an rm left the broker writing, until a restart,
+ * into a file nobody looked at or that was gone (compressed away, say).
+ * Returns why it does not (then ab_audit_sync goes on in a new file at
+ * PATH: reopen), or NULL. A file truncated in place (copytruncate) is
+ * logged and its durable size corrected, so that a failed write is never
+ * "cut back" past the end, which would fill the gap with NUL bytes.
+ */
 static const char *file_moved(ab_audit *a)
 {
         struct stat fst;
