@@ -38,22 +38,13 @@ export async function discoverResource(url, { pinned, fetchImpl = fetch } = {}) 
   u.hash = '';
   const expected = pinned ?? u.href;
   const metaUrl = new URL(`/.well-known/oauth-protected-resource${u.pathname === '/' ? '' : u.pathname}`, u);
-  let res;
-  try {
-    res = await fetchImpl(metaUrl);
-  } catch (e) {
-    if (pinned) return pinned;
-    throw e;
-  }
-  if (!res.ok) {
-    if (pinned) return pinned;
-    throw new Error(`no protected resource metadata at ${metaUrl} (HTTP ${res.status})`);
-  }
   let meta;
   try {
+    const res = await fetchImpl(metaUrl);
+    if (!res.ok) throw new Error(`no protected resource metadata at ${metaUrl} (HTTP ${res.status})`);
     meta = await res.json();
   } catch (e) {
-    if (pinned) return pinned;
+    if (pinned) return pinned; // no metadata to be had: taken at the pinned id
     throw e;
   }
   if (typeof meta?.resource !== 'string') throw new Error('the protected resource metadata names no resource');
